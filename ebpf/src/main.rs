@@ -1,0 +1,171 @@
+//! The XDP steering program.
+//!
+//! It runs on every packet the underlay NIC receives and redirects to the
+//! AF_XDP socket of the packet's RX queue only GRE (47) and IPIP (4) packets
+//! whose outer destination is a configured local endpoint and whose outer
+//! source is that endpoint's configured remote. Everything else is
+//! `XDP_PASS`, untouched. Every packet is counted as seen and once more under
+//! the reason for its verdict.
+//!
+//! Built for `bpfel-unknown-none` by `gateway/build.rs`; on the host it
+//! compiles to an empty binary so that workspace-wide lints work.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        macros::{map, xdp},
+        maps::{HashMap, PerCpuArray, XskMap},
+        programs::XdpContext,
+    };
+    use gateway_common::{
+        EndpointKey, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, MAX_ENDPOINTS, MAX_QUEUES,
+        XDP_COUNTER_COUNT,
+    };
+
+    const ETH_HLEN: usize = 14;
+    const VLAN_HLEN: usize = 4;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const ETH_P_8021Q: u16 = 0x8100;
+    const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
+
+    #[map(name = "ENDPOINTS")]
+    static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+    #[map(name = "XSKS")]
+    static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+
+    #[map(name = "COUNTERS")]
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XDP_COUNTER_COUNT, 0);
+
+    #[inline(always)]
+    fn count(counter: XdpCounter) {
+        if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+            // SAFETY: the pointer is this CPU's slot of a per-CPU array; XDP
+            // programs do not preempt each other on one CPU.
+            unsafe { *slot += 1 };
+        }
+    }
+
+    /// The `N` bytes at `offset` from the start of the packet, or `None` when
+    /// the packet is shorter. The check against `data_end` comes right before
+    /// the read, as the verifier wants.
+    #[inline(always)]
+    fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
+        let start = ctx.data();
+        let end = ctx.data_end();
+        if start + offset + N > end {
+            return None;
+        }
+        // SAFETY: `start + offset .. start + offset + N` lies inside the
+        // packet, checked just above; `[u8; N]` has alignment 1.
+        Some(unsafe { &*((start + offset) as *const [u8; N]) })
+    }
+
+    #[xdp]
+    pub fn gateway_steer(ctx: XdpContext) -> u32 {
+        count(XdpCounter::Seen);
+        match classify(&ctx) {
+            Ok(()) => match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+                Ok(action) => {
+                    count(XdpCounter::Redirected);
+                    action
+                }
+                Err(_) => {
+                    count(XdpCounter::PassNoSocket);
+                    xdp_action::XDP_PASS
+                }
+            },
+            Err(reason) => {
+                count(reason);
+                xdp_action::XDP_PASS
+            }
+        }
+    }
+
+    /// `Ok` when the packet belongs to a configured tunnel endpoint, else the
+    /// reason it is passed to the kernel.
+    #[inline(always)]
+    fn classify(ctx: &XdpContext) -> Result<(), XdpCounter> {
+        let eth = bytes::<ETH_HLEN>(ctx, 0).ok_or(XdpCounter::PassTruncated)?;
+        let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+        let mut l3 = ETH_HLEN;
+        if ethertype == ETH_P_8021Q {
+            let tag = bytes::<VLAN_HLEN>(ctx, ETH_HLEN).ok_or(XdpCounter::PassTruncated)?;
+            ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+            l3 = ETH_HLEN + VLAN_HLEN;
+        }
+        let key = match ethertype {
+            ETH_P_IP => {
+                let ip = bytes::<20>(ctx, l3).ok_or(XdpCounter::PassTruncated)?;
+                if ip[0] >> 4 != 4 || ip[0] & 0x0f < 5 {
+                    return Err(XdpCounter::PassNotIp);
+                }
+                let proto = ip[9];
+                if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
+                    return Err(XdpCounter::PassOtherProto);
+                }
+                // More-fragments flag or a non-zero offset.
+                if ip[6] & 0x3f != 0 || ip[7] != 0 {
+                    return Err(XdpCounter::PassFragment);
+                }
+                EndpointKey::v4(
+                    [ip[16], ip[17], ip[18], ip[19]],
+                    [ip[12], ip[13], ip[14], ip[15]],
+                    proto,
+                )
+            }
+            ETH_P_IPV6 => {
+                let ip = bytes::<40>(ctx, l3).ok_or(XdpCounter::PassTruncated)?;
+                if ip[0] >> 4 != 6 {
+                    return Err(XdpCounter::PassNotIp);
+                }
+                let next = ip[6];
+                if next == IPV6_NEXTHDR_FRAGMENT {
+                    return Err(XdpCounter::PassFragment);
+                }
+                if next != IPPROTO_GRE && next != IPPROTO_IPIP {
+                    return Err(if is_ipv6_ext_header(next) {
+                        XdpCounter::PassIpv6ExtHeader
+                    } else {
+                        XdpCounter::PassOtherProto
+                    });
+                }
+                let mut local = [0u8; 16];
+                let mut remote = [0u8; 16];
+                local.copy_from_slice(&ip[24..40]);
+                remote.copy_from_slice(&ip[8..24]);
+                EndpointKey::v6(local, remote, next)
+            }
+            _ => return Err(XdpCounter::PassNotIp),
+        };
+        // SAFETY: the value is a plain `u32` that userspace only replaces
+        // whole; the reference does not outlive this lookup.
+        match unsafe { ENDPOINTS.get(&key) } {
+            Some(_) => Ok(()),
+            None => Err(XdpCounter::PassNoEndpoint),
+        }
+    }
+
+    /// IPv6 extension headers that may stand between the fixed header and a
+    /// tunnel header (hop-by-hop, routing, destination options, AH, mobility).
+    #[inline(always)]
+    fn is_ipv6_ext_header(next: u8) -> bool {
+        matches!(next, 0 | 43 | 60 | 51 | 135)
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[link_section = "license"]
+    #[no_mangle]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

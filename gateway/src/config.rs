@@ -1,0 +1,699 @@
+//! The configuration file: TOML in iproute2's words, so that
+//! `ip tunnel add tun100 mode gre remote 192.168.0.58 local 192.168.0.8 ttl 64`
+//! becomes a `[[tunnel]]` table with the same keys. Parsing is two steps:
+//! serde reads the raw shape (unknown keys refused), then [`Config::validate`]
+//! checks meaning and reports the first problem in one line that names the
+//! field and the fix.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::tunnel::{DeviceKind, Mode};
+
+/// Where the gateway looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/gateway/gateway.toml";
+
+/// A configuration problem, in one line: the field, what is wrong, the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw shape
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    gateway: RawGlobal,
+    #[serde(default)]
+    tunnel: Vec<RawTunnel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    iface: Option<String>,
+    queues: Option<toml::Value>,
+    cores: Option<toml::Value>,
+    batch_size: Option<i64>,
+    poll: Option<String>,
+    xdp_mode: Option<String>,
+    xsk_bind: Option<String>,
+    frames_per_queue: Option<i64>,
+    ring_size: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    name: Option<String>,
+    mode: Option<String>,
+    local: Option<String>,
+    remote: Option<String>,
+    key: Option<toml::Value>,
+    ikey: Option<toml::Value>,
+    okey: Option<toml::Value>,
+    csum: Option<bool>,
+    icsum: Option<bool>,
+    ocsum: Option<bool>,
+    ttl: Option<toml::Value>,
+    mtu: Option<i64>,
+    device: Option<String>,
+    device_kind: Option<String>,
+    address: Option<String>,
+    peer: Option<String>,
+    persistent: Option<bool>,
+}
+
+// ---------------------------------------------------------------- validated
+
+/// Which NIC RX queues get an AF_XDP socket and a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queues {
+    All,
+    List(Vec<u32>),
+}
+
+/// Which cores workers are pinned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cores {
+    /// Worker `i` on the last cores, leaving core 0 to the rest of the host.
+    Auto,
+    List(Vec<usize>),
+}
+
+/// How a worker waits when its rings are empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin on the rings; the worker's core is given to it.
+    Busy,
+    /// Spin briefly, then block in poll(2) until packets arrive.
+    Adaptive,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// How AF_XDP sockets are bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XskBind {
+    /// Let the kernel pick (zero-copy where the driver has it).
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+/// Outer TTL: a fixed value, or copied from the inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    Fixed(u8),
+    Inherit,
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub name: String,
+    pub mode: Mode,
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    pub ikey: Option<u32>,
+    pub okey: Option<u32>,
+    pub icsum: bool,
+    pub ocsum: bool,
+    pub ttl: Ttl,
+    /// `None`: the underlay's MTU less the tunnel overhead, found at start.
+    pub mtu: Option<u16>,
+    pub device: String,
+    pub device_kind: DeviceKind,
+    pub address: Option<IpAddr>,
+    pub peer: Option<IpAddr>,
+    /// Keep the device when the gateway stops.
+    pub persistent: bool,
+}
+
+impl TunnelConfig {
+    /// Bytes the outer headers add (outer IP + GRE with its options).
+    pub fn overhead(&self) -> u16 {
+        let ip = match self.local {
+            IpAddr::V4(_) => 20,
+            IpAddr::V6(_) => 40,
+        };
+        let gre = match self.mode {
+            Mode::Ipip => 0,
+            Mode::Gre => 4 + 4 * u16::from(self.okey.is_some()) + 4 * u16::from(self.ocsum),
+        };
+        ip + gre
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub iface: Option<String>,
+    pub queues: Queues,
+    pub cores: Cores,
+    pub batch_size: usize,
+    pub poll: PollMode,
+    pub xdp_attach: XdpAttach,
+    pub xsk_bind: XskBind,
+    pub frames_per_queue: u32,
+    pub ring_size: u32,
+    pub tunnels: Vec<TunnelConfig>,
+}
+
+impl Config {
+    /// Reads and validates a file. The error names the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                path.display().to_string(),
+                format!("cannot read it ({e}); give an existing file with --config FILE"),
+            )
+        })?;
+        Config::parse(&text).map_err(|e| err(format!("{}: {}", path.display(), e.field), e.message))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start].lines().count().max(1))
+                .unwrap_or(0);
+            err(
+                format!("line {line}"),
+                e.message().trim().replace('\n', " "),
+            )
+        })?;
+        validate(raw)
+    }
+}
+
+fn enum_field<T: Copy>(
+    field: &str,
+    value: Option<&str>,
+    default: T,
+    choices: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            err(
+                field,
+                format!("\"{v}\" is not a choice; use one of {}", names.join(", ")),
+            )
+        })
+}
+
+fn validate(raw: RawFile) -> Result<Config, ConfigError> {
+    let g = raw.gateway;
+    let queues = match g.queues {
+        None => Queues::All,
+        Some(toml::Value::String(s)) if s == "all" => Queues::All,
+        Some(toml::Value::Array(a)) => {
+            let mut list = Vec::new();
+            for v in a {
+                match v.as_integer() {
+                    Some(n) if (0..i64::from(gateway_common::MAX_QUEUES)).contains(&n) => {
+                        list.push(n as u32)
+                    }
+                    _ => {
+                        return Err(err(
+                            "gateway.queues",
+                            format!(
+                                "{v} is not a queue number; use integers 0..{}",
+                                gateway_common::MAX_QUEUES
+                            ),
+                        ))
+                    }
+                }
+            }
+            if list.is_empty() {
+                return Err(err("gateway.queues", "is empty; use \"all\" or e.g. [0]"));
+            }
+            list.sort_unstable();
+            list.dedup();
+            Queues::List(list)
+        }
+        Some(v) => {
+            return Err(err(
+                "gateway.queues",
+                format!("{v} is not valid; use \"all\" or a list such as [0, 1]"),
+            ))
+        }
+    };
+    let cores = match g.cores {
+        None => Cores::Auto,
+        Some(toml::Value::String(s)) if s == "auto" => Cores::Auto,
+        Some(toml::Value::Array(a)) => {
+            let mut list = Vec::new();
+            for v in a {
+                match v.as_integer() {
+                    Some(n) if (0..4096).contains(&n) => list.push(n as usize),
+                    _ => {
+                        return Err(err(
+                            "gateway.cores",
+                            format!("{v} is not a core number; use integers such as [1]"),
+                        ))
+                    }
+                }
+            }
+            if list.is_empty() {
+                return Err(err("gateway.cores", "is empty; use \"auto\" or e.g. [1]"));
+            }
+            Cores::List(list)
+        }
+        Some(v) => {
+            return Err(err(
+                "gateway.cores",
+                format!("{v} is not valid; use \"auto\" or a list such as [1]"),
+            ))
+        }
+    };
+    let batch_size = match g.batch_size {
+        None => 64,
+        Some(n) if (1..=256).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(err(
+                "gateway.batch_size",
+                format!("{n} is out of range; use 1..=256 (64 is the default)"),
+            ))
+        }
+    };
+    let poll = enum_field(
+        "gateway.poll",
+        g.poll.as_deref(),
+        PollMode::Busy,
+        &[("busy", PollMode::Busy), ("adaptive", PollMode::Adaptive)],
+    )?;
+    let xdp_attach = enum_field(
+        "gateway.xdp_mode",
+        g.xdp_mode.as_deref(),
+        XdpAttach::Auto,
+        &[
+            ("auto", XdpAttach::Auto),
+            ("native", XdpAttach::Native),
+            ("generic", XdpAttach::Generic),
+        ],
+    )?;
+    let xsk_bind = enum_field(
+        "gateway.xsk_bind",
+        g.xsk_bind.as_deref(),
+        XskBind::Auto,
+        &[
+            ("auto", XskBind::Auto),
+            ("copy", XskBind::Copy),
+            ("zerocopy", XskBind::ZeroCopy),
+        ],
+    )?;
+    let ring_size = match g.ring_size {
+        None => 2048,
+        Some(n) if (64..=16384).contains(&n) && (n as u64).is_power_of_two() => n as u32,
+        Some(n) => {
+            return Err(err(
+                "gateway.ring_size",
+                format!("{n} is not valid; use a power of two in 64..=16384 (2048 is the default)"),
+            ))
+        }
+    };
+    let frames_per_queue = match g.frames_per_queue {
+        None => ring_size * 2,
+        Some(n) if n > i64::from(ring_size) && n <= 1 << 20 => n as u32,
+        Some(n) => {
+            return Err(err(
+                "gateway.frames_per_queue",
+                format!(
+                    "{n} is not valid; it must exceed ring_size ({ring_size}) so frames in flight \
+                     do not starve the fill ring; use at least {}",
+                    ring_size * 2
+                ),
+            ))
+        }
+    };
+    if let Some(iface) = &g.iface {
+        check_ifname("gateway.iface", iface)?;
+    }
+
+    if raw.tunnel.is_empty() {
+        return Err(err(
+            "tunnel",
+            "no [[tunnel]] is configured; add one (see configs/ in the repository for examples)",
+        ));
+    }
+    let mut tunnels = Vec::new();
+    for (i, t) in raw.tunnel.into_iter().enumerate() {
+        tunnels.push(validate_tunnel(i, t)?);
+    }
+    let mut names = HashSet::new();
+    let mut devices = HashSet::new();
+    let mut endpoints = HashSet::new();
+    for t in &tunnels {
+        let f = format!("tunnel \"{}\"", t.name);
+        if !names.insert(t.name.clone()) {
+            return Err(err(f, "name is used twice; give each tunnel its own name"));
+        }
+        if !devices.insert(t.device.clone()) {
+            return Err(err(
+                format!("{f}.device"),
+                format!("\"{}\" is already another tunnel's device; give each tunnel its own", t.device),
+            ));
+        }
+        if !endpoints.insert((t.local, t.remote, t.mode, t.ikey)) {
+            return Err(err(
+                f,
+                "another tunnel has the same mode, local, remote and key; \
+                 tell them apart with different keys",
+            ));
+        }
+    }
+    Ok(Config {
+        iface: g.iface,
+        queues,
+        cores,
+        batch_size,
+        poll,
+        xdp_attach,
+        xsk_bind,
+        frames_per_queue,
+        ring_size,
+        tunnels,
+    })
+}
+
+fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+        return Err(err(
+            field,
+            format!("\"{name}\" is not a valid interface name; use 1 to 15 characters without '/', ':' or spaces"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_ip(field: &str, v: &str) -> Result<IpAddr, ConfigError> {
+    v.parse().map_err(|_| {
+        err(
+            field,
+            format!("\"{v}\" is not an IP address; write one such as \"192.168.0.58\""),
+        )
+    })
+}
+
+fn parse_key(field: &str, v: &toml::Value) -> Result<u32, ConfigError> {
+    match v {
+        toml::Value::Integer(n) if (0..=i64::from(u32::MAX)).contains(n) => Ok(*n as u32),
+        toml::Value::String(s) => s
+            .parse::<Ipv4Addr>()
+            .map(u32::from)
+            .or_else(|_| s.parse::<u32>())
+            .map_err(|_| {
+                err(
+                    field,
+                    format!("\"{s}\" is not a key; use a number 0..=4294967295 or a dotted quad like \"0.0.0.100\""),
+                )
+            }),
+        other => Err(err(
+            field,
+            format!("{other} is not a key; use a number 0..=4294967295 or a dotted quad"),
+        )),
+    }
+}
+
+fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> {
+    let name = t
+        .name
+        .ok_or_else(|| err(format!("tunnel[{i}].name"), "is missing; add name = \"tun100\""))?;
+    let f = |k: &str| format!("tunnel \"{name}\".{k}");
+    check_ifname(&f("name"), &name)?;
+    let mode_s = t.mode.ok_or_else(|| {
+        err(f("mode"), "is missing; add mode = \"gre\" or mode = \"ipip\"")
+    })?;
+    let mode = match mode_s.as_str() {
+        "gre" => Mode::Gre,
+        "ipip" => Mode::Ipip,
+        "gretap" | "sit" | "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => {
+            return Err(err(
+                f("mode"),
+                format!("\"{mode_s}\" is not supported yet; use \"gre\" or \"ipip\""),
+            ))
+        }
+        other => {
+            return Err(err(
+                f("mode"),
+                format!("\"{other}\" is not a tunnel mode; use \"gre\" or \"ipip\""),
+            ))
+        }
+    };
+    let local = parse_ip(
+        &f("local"),
+        t.local
+            .as_deref()
+            .ok_or_else(|| err(f("local"), "is missing; add local = \"<this host's underlay address>\""))?,
+    )?;
+    let remote = parse_ip(
+        &f("remote"),
+        t.remote
+            .as_deref()
+            .ok_or_else(|| err(f("remote"), "is missing; add remote = \"<the peer's underlay address>\""))?,
+    )?;
+    for (k, a) in [("local", local), ("remote", remote)] {
+        if a.is_unspecified() || a.is_multicast() || matches!(a, IpAddr::V4(v) if v.is_broadcast()) {
+            return Err(err(f(k), format!("{a} cannot be a tunnel endpoint; use a unicast address")));
+        }
+        if a.is_ipv6() {
+            return Err(err(
+                f(k),
+                format!("{a}: an IPv6 underlay (ip6gre/ip6tnl) is not supported yet; use IPv4 addresses"),
+            ));
+        }
+    }
+    if local == remote {
+        return Err(err(f("remote"), "equals local; use the peer's address"));
+    }
+
+    let gre_only = |k: &str, present: bool| -> Result<(), ConfigError> {
+        if present && mode != Mode::Gre {
+            Err(err(f(k), format!("mode \"{mode_s}\" has no GRE header; remove {k}")))
+        } else {
+            Ok(())
+        }
+    };
+    gre_only("key", t.key.is_some())?;
+    gre_only("ikey", t.ikey.is_some())?;
+    gre_only("okey", t.okey.is_some())?;
+    gre_only("csum", t.csum.is_some())?;
+    gre_only("icsum", t.icsum.is_some())?;
+    gre_only("ocsum", t.ocsum.is_some())?;
+    if t.key.is_some() && (t.ikey.is_some() || t.okey.is_some()) {
+        return Err(err(f("key"), "is given with ikey/okey; use key alone, or ikey and okey"));
+    }
+    if t.csum.is_some() && (t.icsum.is_some() || t.ocsum.is_some()) {
+        return Err(err(f("csum"), "is given with icsum/ocsum; use csum alone, or icsum and ocsum"));
+    }
+    let key = t.key.as_ref().map(|v| parse_key(&f("key"), v)).transpose()?;
+    let ikey = t.ikey.as_ref().map(|v| parse_key(&f("ikey"), v)).transpose()?.or(key);
+    let okey = t.okey.as_ref().map(|v| parse_key(&f("okey"), v)).transpose()?.or(key);
+    let icsum = t.icsum.or(t.csum).unwrap_or(false);
+    let ocsum = t.ocsum.or(t.csum).unwrap_or(false);
+
+    let ttl = match &t.ttl {
+        None => Ttl::Inherit,
+        Some(toml::Value::String(s)) if s == "inherit" => Ttl::Inherit,
+        Some(toml::Value::Integer(n)) if (1..=255).contains(n) => Ttl::Fixed(*n as u8),
+        Some(v) => {
+            return Err(err(f("ttl"), format!("{v} is not valid; use 1..=255 or \"inherit\"")))
+        }
+    };
+    let mtu = match t.mtu {
+        None => None,
+        Some(n) if (68..=65535).contains(&n) => Some(n as u16),
+        Some(n) => return Err(err(f("mtu"), format!("{n} is out of range; use 68..=65535, e.g. 1400"))),
+    };
+    let device = t.device.ok_or_else(|| {
+        err(f("device"), "is missing; name the inner device, e.g. device = \"tap1\"")
+    })?;
+    check_ifname(&f("device"), &device)?;
+    let device_kind = enum_field(
+        &f("device_kind"),
+        t.device_kind.as_deref(),
+        DeviceKind::Tap,
+        &[("tap", DeviceKind::Tap), ("tun", DeviceKind::Tun)],
+    )?;
+    let address = t.address.as_deref().map(|a| parse_ip(&f("address"), a)).transpose()?;
+    let peer = t.peer.as_deref().map(|a| parse_ip(&f("peer"), a)).transpose()?;
+    match (address, peer) {
+        (Some(a), Some(p)) if a.is_ipv4() != p.is_ipv4() => {
+            return Err(err(f("peer"), "is of another address family than address; use the same"))
+        }
+        (Some(_), None) => {
+            return Err(err(f("peer"), "is missing; give the far end's inner address, e.g. peer = \"10.1.1.2\""))
+        }
+        (None, Some(_)) => {
+            return Err(err(f("address"), "is missing; give this end's inner address, e.g. address = \"10.1.1.1\""))
+        }
+        (Some(a), Some(p)) if a == p => {
+            return Err(err(f("peer"), "equals address; use the far end's inner address"))
+        }
+        _ => {}
+    }
+    if mode == Mode::Ipip && address.is_some_and(|a| a.is_ipv6()) {
+        return Err(err(f("address"), "ipip carries IPv4 only; use IPv4 inner addresses (or mode \"gre\")"));
+    }
+    let cfg = TunnelConfig {
+        name,
+        mode,
+        local,
+        remote,
+        ikey,
+        okey,
+        icsum,
+        ocsum,
+        ttl,
+        mtu,
+        device,
+        device_kind,
+        address,
+        peer,
+        persistent: t.persistent.unwrap_or(false),
+    };
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+[gateway]
+iface = "ens0"
+poll = "adaptive"
+
+[[tunnel]]
+name = "tun100"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+ttl = 64
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+
+[[tunnel]]
+name = "tun200"
+mode = "ipip"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tap2"
+device_kind = "tun"
+address = "20.1.1.1"
+peer = "20.1.1.2"
+"#;
+
+    #[test]
+    fn lab_parses() {
+        let c = Config::parse(LAB).unwrap();
+        assert_eq!(c.tunnels.len(), 2);
+        assert_eq!(c.poll, PollMode::Adaptive);
+        assert_eq!(c.batch_size, 64);
+        assert_eq!(c.queues, Queues::All);
+        let t = &c.tunnels[0];
+        assert_eq!(t.mode, Mode::Gre);
+        assert_eq!(t.ttl, Ttl::Fixed(64));
+        assert_eq!(t.mtu, Some(1400));
+        assert_eq!(t.device_kind, DeviceKind::Tap);
+        assert_eq!(c.tunnels[1].device_kind, DeviceKind::Tun);
+        assert_eq!(c.tunnels[1].ttl, Ttl::Inherit);
+        assert_eq!(t.overhead(), 24);
+        assert_eq!(c.tunnels[1].overhead(), 20);
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    fn lab_with(from: &str, to: &str) -> String {
+        assert!(LAB.contains(from), "{from}");
+        LAB.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let e = error_of(&lab_with("remote = \"192.168.0.58\"", "remote = \"192.168.0\""));
+        assert!(e.starts_with("tunnel \"tun100\".remote:"), "{e}");
+        assert!(e.contains("192.168.0.58"), "{e}");
+
+        let e = error_of(&lab_with("mode = \"gre\"", "mode = \"vxlan\""));
+        assert!(e.contains("tunnel \"tun100\".mode") && e.contains("\"gre\""), "{e}");
+
+        let e = error_of(&lab_with("ttl = 64", "ttl = 300"));
+        assert!(e.contains(".ttl") && e.contains("inherit"), "{e}");
+
+        let e = error_of(&lab_with("mode = \"ipip\"", "mode = \"ipip\"\nkey = 5"));
+        assert!(e.contains("tun200\".key") && e.contains("remove key"), "{e}");
+
+        let e = error_of(&lab_with("device = \"tap2\"", "device = \"tap1\""));
+        assert!(e.contains(".device") && e.contains("already"), "{e}");
+
+        let e = error_of(&lab_with("peer = \"10.1.1.2\"", ""));
+        assert!(e.contains("tun100\".peer: is missing"), "{e}");
+
+        let e = error_of(&lab_with("mtu = 1400", "mtu = 20"));
+        assert!(e.contains(".mtu") && e.contains("68"), "{e}");
+
+        let e = error_of(&lab_with("poll = \"adaptive\"", "poll = \"lazy\""));
+        assert!(e.contains("gateway.poll") && e.contains("\"busy\""), "{e}");
+
+        let e = error_of(&lab_with("ttl = 64", "tll = 64"));
+        assert!(e.contains("line") && e.contains("tll"), "{e}");
+
+        let e = error_of("[gateway]\n");
+        assert!(e.contains("no [[tunnel]]"), "{e}");
+
+        let e = error_of(&lab_with("local = \"192.168.0.8\"", "local = \"2001:db8::8\""));
+        assert!(e.contains("IPv6 underlay"), "{e}");
+    }
+
+    #[test]
+    fn keys() {
+        let c = Config::parse(&lab_with("ttl = 64", "ttl = 64\nkey = \"0.0.1.44\"")).unwrap();
+        assert_eq!(c.tunnels[0].ikey, Some(300));
+        assert_eq!(c.tunnels[0].okey, Some(300));
+        let c = Config::parse(&lab_with("ttl = 64", "ttl = 64\nikey = 1\nokey = 2")).unwrap();
+        assert_eq!((c.tunnels[0].ikey, c.tunnels[0].okey), (Some(1), Some(2)));
+        let e = error_of(&lab_with("ttl = 64", "ttl = 64\nkey = 1\nikey = 2"));
+        assert!(e.contains("key alone"), "{e}");
+    }
+
+    #[test]
+    fn same_endpoints_need_different_keys() {
+        let dup = format!(
+            "{LAB}\n[[tunnel]]\nname = \"tun101\"\nmode = \"gre\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\ndevice = \"tap3\"\n"
+        );
+        assert!(error_of(&dup).contains("different keys"));
+        let keyed = dup.replace("device = \"tap3\"", "device = \"tap3\"\nkey = 7");
+        assert_eq!(Config::parse(&keyed).unwrap().tunnels.len(), 3);
+    }
+}

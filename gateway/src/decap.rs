@@ -1,0 +1,397 @@
+//! Decapsulation, sans-IO: a function over the bytes of one received frame
+//! that returns where the inner packet (with its new Ethernet header, for a
+//! tap) lies in that same buffer, or the reason to drop it. No syscalls, no
+//! clock, no allocation: unit-tested and fuzzed without root.
+
+use crate::drop_reason::DropReason;
+use crate::tunnel::{endpoint_key, DeviceKind, LookupError, TunnelId, TunnelTable};
+use crate::wire::{ethernet, gre, ipv4, ipv6, Error, IpProtocol};
+use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP};
+
+/// A packet to deliver: `frame[offset..offset + len]` goes to the device of
+/// `tunnel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub tunnel: TunnelId,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Inner network protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inner {
+    V4,
+    V6,
+}
+
+/// Decapsulates the Ethernet frame in `frame` in place. For a tap device an
+/// Ethernet header (destination: the tap's MAC) is written just in front of
+/// the inner packet, over the outer headers, so the result is one contiguous
+/// slice of `frame`.
+#[inline]
+pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReason> {
+    let eth = ethernet::Frame::new_checked(&*frame).map_err(|_| DropReason::Truncated)?;
+    let (ethertype, l3) = match eth.network() {
+        Ok(v) => v,
+        Err(Error::Truncated) => return Err(DropReason::Truncated),
+        Err(Error::Malformed) => return Err(DropReason::NotIp),
+    };
+
+    // The outer header: its addresses make the lookup key; `payload` is the
+    // byte range of what follows it, cut at the length it declares.
+    let (key, payload) = match ethertype {
+        ethernet::EtherType::Ipv4 => {
+            let ip = ipv4::Packet::new_checked(&frame[l3..]).map_err(outer_error)?;
+            if !ip.verify_checksum() {
+                return Err(DropReason::OuterChecksum);
+            }
+            if ip.is_fragment() {
+                return Err(DropReason::OuterFragment);
+            }
+            let proto = u8::from(ip.protocol());
+            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
+                return Err(DropReason::NotTunnelProtocol);
+            }
+            let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
+            (key, l3 + ip.header_len()..l3 + usize::from(ip.total_len()))
+        }
+        ethernet::EtherType::Ipv6 => {
+            let ip = ipv6::Packet::new_checked(&frame[l3..]).map_err(outer_error)?;
+            let proto = u8::from(ip.next_header());
+            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
+                return Err(match ip.next_header() {
+                    IpProtocol::Unknown(0 | 43 | 44 | 60 | 51 | 135) => {
+                        DropReason::OuterIpv6ExtHeader
+                    }
+                    _ => DropReason::NotTunnelProtocol,
+                });
+            }
+            let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
+            (key, l3 + ipv6::HEADER_LEN..l3 + ip.total_len())
+        }
+        _ => return Err(DropReason::NotIp),
+    };
+
+    let (tunnel, inner, inner_start) = if key.proto == IPPROTO_GRE {
+        let g = gre::Packet::new_checked(&frame[payload.clone()]).map_err(|e| match e {
+            gre::HeaderError::Truncated => DropReason::GreTruncated,
+            gre::HeaderError::Version => DropReason::GreVersion,
+            gre::HeaderError::ReservedFlags => DropReason::GreReservedFlags,
+        })?;
+        if !g.verify_checksum() {
+            return Err(DropReason::GreChecksumBad);
+        }
+        let id = table.lookup(&key, g.key()).map_err(lookup_error)?;
+        let t = table.get(id);
+        match (g.has_checksum(), t.icsum) {
+            (false, true) => return Err(DropReason::GreChecksumMissing),
+            (true, false) => return Err(DropReason::GreChecksumUnexpected),
+            _ => {}
+        }
+        let inner = match g.protocol() {
+            ethernet::EtherType::Ipv4 => Inner::V4,
+            ethernet::EtherType::Ipv6 => Inner::V6,
+            _ => return Err(DropReason::GreProtocolUnsupported),
+        };
+        (id, inner, payload.start + g.header_len())
+    } else {
+        let id = table.lookup(&key, None).map_err(lookup_error)?;
+        (id, Inner::V4, payload.start)
+    };
+
+    let rest = &frame[inner_start..payload.end];
+    let inner_len = match inner {
+        Inner::V4 => ipv4::Packet::new_checked(rest)
+            .map_err(|_| DropReason::InnerMalformed)?
+            .total_len()
+            .into(),
+        Inner::V6 => ipv6::Packet::new_checked(rest)
+            .map_err(|_| DropReason::InnerMalformed)?
+            .total_len(),
+    };
+    let t = table.get(tunnel);
+    if inner_len > usize::from(t.mtu) {
+        return Err(DropReason::InnerTooBig);
+    }
+
+    match t.device_kind {
+        DeviceKind::Tun => Ok(Delivery {
+            tunnel,
+            offset: inner_start,
+            len: inner_len,
+        }),
+        DeviceKind::Tap => {
+            // The outer Ethernet and IP headers (at least 34 bytes) lie in
+            // front of the inner packet, so there is room for 14 here.
+            let offset = inner_start - ethernet::HEADER_LEN;
+            let repr = ethernet::Repr {
+                dst: t.device_mac,
+                src: t.peer_mac,
+                ethertype: match inner {
+                    Inner::V4 => ethernet::EtherType::Ipv4,
+                    Inner::V6 => ethernet::EtherType::Ipv6,
+                },
+            };
+            repr.emit(&mut ethernet::Frame::new_unchecked(
+                &mut frame[offset..inner_start],
+            ));
+            Ok(Delivery {
+                tunnel,
+                offset,
+                len: inner_len + ethernet::HEADER_LEN,
+            })
+        }
+    }
+}
+
+fn outer_error(e: Error) -> DropReason {
+    match e {
+        Error::Truncated => DropReason::Truncated,
+        Error::Malformed => DropReason::OuterMalformed,
+    }
+}
+
+fn lookup_error(e: LookupError) -> DropReason {
+    match e {
+        LookupError::UnknownEndpoint => DropReason::UnknownEndpoint,
+        LookupError::KeyMismatch => DropReason::KeyMismatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::{Mode, TunnelRx};
+    use crate::wire::checksum;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 8);
+    const REMOTE: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 58);
+    const TAP_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+    const PEER_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 2];
+
+    fn tunnel(name: &str, mode: Mode, ikey: Option<u32>, kind: DeviceKind) -> TunnelRx {
+        TunnelRx {
+            name: name.into(),
+            mode,
+            local: LOCAL.into(),
+            remote: REMOTE.into(),
+            ikey,
+            icsum: false,
+            device_kind: kind,
+            device_mac: TAP_MAC,
+            peer_mac: PEER_MAC,
+            mtu: 1400,
+        }
+    }
+
+    fn lab() -> TunnelTable {
+        TunnelTable::new(vec![
+            tunnel("tun100", Mode::Gre, None, DeviceKind::Tap),
+            tunnel("tun200", Mode::Ipip, None, DeviceKind::Tun),
+            tunnel("tun300", Mode::Gre, Some(300), DeviceKind::Tun),
+        ])
+    }
+
+    /// An ICMP echo request 10.1.1.2 -> 10.1.1.1, built by hand.
+    fn inner_v4() -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 1, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1, // IPv4
+            8, 0, 0, 0, 0x12, 0x34, 0, 1, // ICMP echo
+        ];
+        let c = checksum::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let c = checksum::checksum(&p[20..]);
+        p[22..24].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn outer_v4(proto: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 58]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(payload);
+        let repr = ipv4::Repr {
+            src: REMOTE,
+            dst: LOCAL,
+            protocol: IpProtocol::from(proto),
+            payload_len: payload.len(),
+            ttl: 64,
+            dscp_ecn: 0,
+            dont_frag: false,
+            ident: 7,
+        };
+        repr.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..]));
+        f
+    }
+
+    fn gre(flags_and_options: &[u8], protocol: u16, inner: &[u8]) -> Vec<u8> {
+        let mut g = flags_and_options.to_vec();
+        g.splice(2..2, protocol.to_be_bytes());
+        g.extend_from_slice(inner);
+        g
+    }
+
+    #[test]
+    fn gre_to_tap_gets_ethernet_header() {
+        let inner = inner_v4();
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        let d = decap(&mut f, &lab()).unwrap();
+        assert_eq!(d.tunnel, 0);
+        let out = &f[d.offset..d.offset + d.len];
+        assert_eq!(&out[0..6], &TAP_MAC);
+        assert_eq!(&out[6..12], &PEER_MAC);
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        assert_eq!(&out[14..], &inner[..]);
+    }
+
+    #[test]
+    fn ipip_to_tun_is_bare_packet() {
+        let inner = inner_v4();
+        let mut f = outer_v4(4, &inner);
+        let d = decap(&mut f, &lab()).unwrap();
+        assert_eq!(d.tunnel, 1);
+        assert_eq!(&f[d.offset..d.offset + d.len], &inner[..]);
+    }
+
+    #[test]
+    fn ethernet_padding_is_trimmed() {
+        let inner = inner_v4();
+        let mut f = outer_v4(4, &inner);
+        f.extend_from_slice(&[0xee; 10]);
+        let d = decap(&mut f, &lab()).unwrap();
+        assert_eq!(d.len, inner.len());
+    }
+
+    #[test]
+    fn keys_select_tunnels() {
+        let inner = inner_v4();
+        let mut f = outer_v4(47, &gre(&[0x20, 0, 0, 0, 1, 0x2c], 0x0800, &inner));
+        assert_eq!(decap(&mut f, &lab()).unwrap().tunnel, 2);
+        let mut wrong = outer_v4(47, &gre(&[0x20, 0, 0, 0, 1, 0x2d], 0x0800, &inner));
+        assert_eq!(decap(&mut wrong, &lab()), Err(DropReason::KeyMismatch));
+        // A keyless packet goes to the keyless tunnel only.
+        let only_keyed = TunnelTable::new(vec![tunnel("k", Mode::Gre, Some(5), DeviceKind::Tun)]);
+        let mut keyless = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        assert_eq!(decap(&mut keyless, &only_keyed), Err(DropReason::KeyMismatch));
+    }
+
+    #[test]
+    fn unknown_remote_is_dropped() {
+        let inner = inner_v4();
+        let mut f = outer_v4(4, &inner);
+        f[14 + 12..14 + 16].copy_from_slice(&[192, 168, 0, 99]);
+        ipv4::Packet::new_unchecked(&mut f[14..]).fill_checksum();
+        assert_eq!(decap(&mut f, &lab()), Err(DropReason::UnknownEndpoint));
+    }
+
+    #[test]
+    fn gre_header_rules() {
+        let inner = inner_v4();
+        let t = lab();
+        let mut v1 = outer_v4(47, &gre(&[0, 1], 0x0800, &inner));
+        assert_eq!(decap(&mut v1, &t), Err(DropReason::GreVersion));
+        let mut routing = outer_v4(47, &gre(&[0x40, 0, 0, 0, 0, 0], 0x0800, &inner));
+        assert_eq!(decap(&mut routing, &t), Err(DropReason::GreReservedFlags));
+        let mut eth = outer_v4(47, &gre(&[0, 0], 0x6558, &inner));
+        assert_eq!(decap(&mut eth, &t), Err(DropReason::GreProtocolUnsupported));
+        let mut short = outer_v4(47, &[0x20, 0, 0x08]);
+        assert_eq!(decap(&mut short, &t), Err(DropReason::GreTruncated));
+    }
+
+    #[test]
+    fn gre_checksum_rules() {
+        let inner = inner_v4();
+        let mut g = gre(&[0x80, 0, 0, 0, 0, 0], 0x0800, &inner);
+        gre::Packet::new_unchecked(&mut g[..]).fill_checksum();
+        // Right checksum, but the tunnel does not expect one.
+        let mut f = outer_v4(47, &g);
+        assert_eq!(decap(&mut f, &lab()), Err(DropReason::GreChecksumUnexpected));
+        let mut expecting = tunnel("c", Mode::Gre, None, DeviceKind::Tun);
+        expecting.icsum = true;
+        let table = TunnelTable::new(vec![expecting]);
+        let mut f = outer_v4(47, &g);
+        assert!(decap(&mut f, &table).is_ok());
+        let mut bad = g.clone();
+        *bad.last_mut().unwrap() ^= 0xff;
+        let mut f = outer_v4(47, &bad);
+        assert_eq!(decap(&mut f, &table), Err(DropReason::GreChecksumBad));
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        assert_eq!(decap(&mut f, &table), Err(DropReason::GreChecksumMissing));
+    }
+
+    #[test]
+    fn outer_rules() {
+        let inner = inner_v4();
+        let t = lab();
+        let mut bad_sum = outer_v4(4, &inner);
+        bad_sum[14 + 10] ^= 1;
+        assert_eq!(decap(&mut bad_sum, &t), Err(DropReason::OuterChecksum));
+        let mut frag = outer_v4(4, &inner);
+        frag[14 + 6] = 0x20;
+        ipv4::Packet::new_unchecked(&mut frag[14..]).fill_checksum();
+        assert_eq!(decap(&mut frag, &t), Err(DropReason::OuterFragment));
+        let mut udp = outer_v4(17, &inner);
+        assert_eq!(decap(&mut udp, &t), Err(DropReason::NotTunnelProtocol));
+        let mut arp = outer_v4(4, &inner);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(decap(&mut arp, &t), Err(DropReason::NotIp));
+        let mut cut = outer_v4(4, &inner);
+        cut.truncate(40);
+        assert_eq!(decap(&mut cut, &t), Err(DropReason::Truncated));
+        assert_eq!(decap(&mut [0u8; 10], &t), Err(DropReason::Truncated));
+    }
+
+    #[test]
+    fn inner_rules() {
+        let t = lab();
+        let mut inner = inner_v4();
+        inner[0] = 0x65; // IPv6 version in an IPIP packet
+        let mut f = outer_v4(4, &inner);
+        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerMalformed));
+        let mut inner = inner_v4();
+        inner[3] = 200; // claims more than there is
+        let mut f = outer_v4(4, &inner);
+        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerMalformed));
+        let mut big = inner_v4();
+        big.resize(1500, 0);
+        big[2..4].copy_from_slice(&1500u16.to_be_bytes());
+        let mut f = outer_v4(4, &big);
+        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerTooBig));
+    }
+
+    #[test]
+    fn ipv6_outer_gre_carrying_ipv6() {
+        let local: Ipv6Addr = "2001:db8::8".parse().unwrap();
+        let remote: Ipv6Addr = "2001:db8::58".parse().unwrap();
+        let mut t = tunnel("v6", Mode::Gre, None, DeviceKind::Tap);
+        t.local = IpAddr::V6(local);
+        t.remote = IpAddr::V6(remote);
+        let table = TunnelTable::new(vec![t]);
+        let mut inner = vec![0u8; 48];
+        inner[0] = 0x60;
+        inner[5] = 8;
+        inner[6] = 17;
+        inner[7] = 64;
+        let g = gre(&[0, 0], 0x86dd, &inner);
+        let mut f = vec![0u8; 14 + 40];
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        {
+            let mut ip = ipv6::Packet::new_unchecked(&mut f[14..]);
+            ip.set_version_and_traffic_class(0);
+            ip.set_payload_len(g.len() as u16);
+            ip.set_next_header(IpProtocol::Gre);
+            ip.set_hop_limit(64);
+            ip.set_src_addr(remote);
+            ip.set_dst_addr(local);
+        }
+        f.extend_from_slice(&g);
+        let d = decap(&mut f, &table).unwrap();
+        assert_eq!(&f[d.offset + 12..d.offset + 14], &[0x86, 0xdd]);
+        assert_eq!(&f[d.offset + 14..d.offset + d.len], &inner[..]);
+        // A hop-by-hop header in front of GRE is refused by name.
+        f[14 + 6] = 0;
+        assert_eq!(decap(&mut f, &table), Err(DropReason::OuterIpv6ExtHeader));
+    }
+}

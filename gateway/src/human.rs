@@ -1,0 +1,46 @@
+//! A person's view of the counters.
+
+use serde_json::Value;
+
+/// Renders a stats snapshot (see [`crate::run::snapshot`]) as a few aligned
+/// lines; zero drop counters are left out.
+pub fn render(s: &Value) -> String {
+    let mut out = String::new();
+    out.push_str("tunnel        rx_packets        rx_bytes\n");
+    for t in s["tunnels"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<12} {:>11} {:>15}\n",
+            t["name"].as_str().unwrap_or("?"),
+            t["rx_packets"],
+            t["rx_bytes"]
+        ));
+    }
+    let drops: Vec<String> = s["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.push_str(&format!(
+        "drops: {}\n",
+        if drops.is_empty() { "none".into() } else { drops.join(" ") }
+    ));
+    let xdp: Vec<String> = s["xdp"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.push_str(&format!("xdp: {}\n", xdp.join(" ")));
+    for w in s["workers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "worker q{} core {}: rx {} delivered {} batches {}; frames total {} free {} in_kernel {} in_flight {}; xsk rx_dropped {} ring_full {} fill_empty {}\n",
+            w["queue"], w["core"], w["rx_frames"], w["delivered"], w["batches"],
+            w["frames"]["total"], w["frames"]["free"], w["frames"]["in_kernel"], w["frames"]["in_flight"],
+            w["xsk"]["rx_dropped"], w["xsk"]["rx_ring_full"], w["xsk"]["fill_ring_empty"],
+        ));
+    }
+    out
+}

@@ -1,0 +1,17 @@
+//! The gateway library: packet logic (sans-IO), configuration, and the
+//! runtime that wires the XDP program, AF_XDP sockets, io_uring and tap/tun
+//! devices together. All `unsafe` lives in [`sys`].
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod decap;
+pub mod drop_reason;
+pub mod human;
+pub mod netlink;
+pub mod run;
+pub mod stats;
+pub mod sys;
+pub mod tunnel;
+pub mod wire;
+pub mod worker;
+pub mod xdp;

@@ -1,0 +1,152 @@
+//! `gateway`: GRE/IPIP tunnels with an XDP + AF_XDP + io_uring fast path.
+//!
+//! ```text
+//! gateway --iface ens0 [--config FILE]     run in the foreground
+//! gateway check [--config FILE]            validate and print the plan
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::{Config, Ttl, DEFAULT_PATH};
+use gateway::tunnel::DeviceKind;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gateway",
+    version,
+    about = "GRE and IPIP tunnels on an XDP + AF_XDP + io_uring fast path",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Underlay interface to attach to (overrides gateway.iface in the config).
+    #[arg(long, value_name = "IFACE")]
+    iface: Option<String>,
+    /// Configuration file.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Log level filter (error, warn, info, debug, trace), or RUST_LOG.
+    #[arg(long, default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration and print what the gateway would set up.
+    Check,
+}
+
+fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = PathBuf::from(DEFAULT_PATH);
+            if !p.exists() {
+                return Err(format!(
+                    "no configuration: {DEFAULT_PATH} does not exist; write one (configs/lab-host1.toml in the repository is an example) or pass --config FILE"
+                ));
+            }
+            p
+        }
+    };
+    Config::load(&path).map(|c| (c, path)).map_err(|e| e.to_string())
+}
+
+fn print_plan(cfg: &Config, path: &Path) {
+    println!("config: {}", path.display());
+    println!(
+        "gateway: iface {} queues {:?} cores {:?} batch {} poll {:?} xdp {:?} xsk {:?} frames/queue {} ring {}",
+        cfg.iface.as_deref().unwrap_or("(from --iface)"),
+        cfg.queues,
+        cfg.cores,
+        cfg.batch_size,
+        cfg.poll,
+        cfg.xdp_attach,
+        cfg.xsk_bind,
+        cfg.frames_per_queue,
+        cfg.ring_size
+    );
+    for t in &cfg.tunnels {
+        let mut line = format!(
+            "tunnel {} mode {:?} local {} remote {}",
+            t.name, t.mode, t.local, t.remote
+        )
+        .to_lowercase();
+        if let Some(k) = t.ikey {
+            line.push_str(&format!(" ikey {k}"));
+        }
+        if let Some(k) = t.okey {
+            line.push_str(&format!(" okey {k}"));
+        }
+        if t.icsum {
+            line.push_str(" icsum");
+        }
+        if t.ocsum {
+            line.push_str(" ocsum");
+        }
+        match t.ttl {
+            Ttl::Fixed(n) => line.push_str(&format!(" ttl {n}")),
+            Ttl::Inherit => line.push_str(" ttl inherit"),
+        }
+        match t.mtu {
+            Some(m) => line.push_str(&format!(" mtu {m}")),
+            None => line.push_str(&format!(" mtu auto (underlay - {})", t.overhead())),
+        }
+        line.push_str(&format!(
+            " device {} ({})",
+            t.device,
+            match t.device_kind {
+                DeviceKind::Tap => "tap",
+                DeviceKind::Tun => "tun",
+            }
+        ));
+        if let (Some(a), Some(p)) = (t.address, t.peer) {
+            line.push_str(&format!(" address {a} peer {p}"));
+        }
+        if t.persistent {
+            line.push_str(" persistent");
+        }
+        println!("{line}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let (cfg, path) = match load(cli.config.as_deref()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => {
+            print_plan(&cfg, &path);
+            ExitCode::SUCCESS
+        }
+        None => {
+            tracing::info!("read configuration from {}", path.display());
+            let Some(iface) = cli.iface.clone().or_else(|| cfg.iface.clone()) else {
+                eprintln!("error: no interface: pass --iface IFACE or set gateway.iface in {}", path.display());
+                return ExitCode::from(2);
+            };
+            match gateway::run::run(cfg, &iface) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Link and address configuration through rtnetlink (never by running `ip`).
+//! rtnetlink is asynchronous; this module gives the control thread a small
+//! blocking interface over a current-thread tokio runtime.
+
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+/// What the gateway needs to know of an interface.
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket ({0})")]
+    Connect(std::io::Error),
+    #[error("{what}: {reason}")]
+    Request { what: String, reason: String },
+}
+
+pub struct Netlink {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn describe(e: &rtnetlink::Error) -> String {
+    match errno(e) {
+        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+        None => e.to_string(),
+    }
+}
+
+impl Netlink {
+    pub fn new() -> Result<Netlink, NetlinkError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(NetlinkError::Connect)?;
+        let handle = rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            Ok::<_, std::io::Error>(handle)
+        });
+        Ok(Netlink {
+            handle: handle.map_err(NetlinkError::Connect)?,
+            rt,
+        })
+    }
+
+    /// The interface called `name`, or `None` when there is none.
+    pub fn link(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+        let handle = self.handle.clone();
+        let res = self.rt.block_on(async move {
+            handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute()
+                .try_next()
+                .await
+        });
+        match res {
+            Ok(Some(msg)) => Ok(Some(link_info(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(NetlinkError::Request {
+                what: format!("looking up interface {name}"),
+                reason: describe(&e),
+            }),
+        }
+    }
+
+    /// Sets the MTU (when given) and brings the link up.
+    pub fn set_up(&self, link: &LinkInfo, mtu: Option<u32>) -> Result<(), NetlinkError> {
+        let mut b = LinkUnspec::new_with_index(link.index).up();
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        let msg = b.build();
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.link().set(msg).execute().await })
+            .map_err(|e| NetlinkError::Request {
+                what: format!("setting {} up (mtu {:?})", link.name, mtu),
+                reason: describe(&e),
+            })
+    }
+
+    /// Adds `local peer PEER` to the link, as `ip addr add LOCAL peer PEER
+    /// dev LINK` does: the kernel then routes PEER into the link. An address
+    /// already present is fine.
+    pub fn add_peer_address(
+        &self,
+        link: &LinkInfo,
+        local: IpAddr,
+        peer: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let prefix = if peer.is_ipv4() { 32 } else { 128 };
+        let handle = self.handle.clone();
+        let res = self.rt.block_on(async move {
+            let mut req = handle.address().add(link.index, local, prefix);
+            let msg = req.message_mut();
+            msg.attributes.retain(|a| !matches!(a, AddressAttribute::Address(_)));
+            msg.attributes.push(AddressAttribute::Address(peer));
+            if local.is_ipv4() && !msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Local(_))) {
+                msg.attributes.push(AddressAttribute::Local(local));
+            }
+            req.execute().await
+        });
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(NetlinkError::Request {
+                what: format!("adding {local} peer {peer} to {}", link.name),
+                reason: describe(&e),
+            }),
+        }
+    }
+}
+
+fn link_info(msg: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Mtu(m) => info.mtu = *m,
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(a);
+                info.mac = Some(m);
+            }
+            _ => {}
+        }
+    }
+    info
+}

@@ -1,0 +1,320 @@
+//! Bringing the gateway up, running it, and taking it down cleanly.
+//!
+//! Order matters: devices first (so steered packets have somewhere to go),
+//! then the XDP program is loaded and its endpoint table filled, then one
+//! AF_XDP socket per queue is bound and put into the XSKMAP, and only then
+//! is the program attached. On the way down the workers stop and drain
+//! first, then the program detaches (dropping the bpf_link), then the
+//! device queues close (devices the gateway created disappear with them).
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use gateway_common::XdpCounter;
+use serde_json::{json, Map, Value};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+
+use crate::config::{Config, Cores, Queues, TunnelConfig};
+use crate::drop_reason::DropReason;
+use crate::netlink::{LinkInfo, Netlink};
+use crate::stats::WorkerStats;
+use crate::sys::{tap, xsk::Xsk};
+use crate::tunnel::{DeviceKind, TunnelRx, TunnelTable};
+use crate::worker::Worker;
+use crate::xdp::Steering;
+
+/// Number of RX queues of `iface`, from sysfs.
+pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
+    let dir = format!("/sys/class/net/{iface}/queues");
+    let n = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok(n.max(1) as u32)
+}
+
+/// The queues to serve.
+pub fn plan_queues(cfg: &Config, iface: &str) -> anyhow::Result<Vec<u32>> {
+    let available = rx_queue_count(iface)?;
+    match &cfg.queues {
+        Queues::All => Ok((0..available).collect()),
+        Queues::List(list) => {
+            if let Some(q) = list.iter().find(|&&q| q >= available) {
+                bail!("gateway.queues: {iface} has {available} RX queue(s), so queue {q} does not exist; use queues below {available} or \"all\"");
+            }
+            Ok(list.clone())
+        }
+    }
+}
+
+/// The core for each worker.
+pub fn plan_cores(cfg: &Config, workers: usize) -> anyhow::Result<Vec<Option<usize>>> {
+    let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match &cfg.cores {
+        // Highest cores first: core 0 usually takes the host's interrupts
+        // and housekeeping.
+        Cores::Auto => Ok((0..workers)
+            .map(|i| Some((ncores - 1 - (i % ncores)) % ncores))
+            .collect()),
+        Cores::List(list) => {
+            if let Some(c) = list.iter().find(|&&c| c >= ncores) {
+                bail!("gateway.cores: core {c} does not exist on this host ({ncores} cores); use cores below {ncores}");
+            }
+            Ok((0..workers).map(|i| Some(list[i % list.len()])).collect())
+        }
+    }
+}
+
+/// A locally administered MAC that stands for the far side of tunnel `i`
+/// in the Ethernet headers written into its tap.
+fn peer_mac(i: usize) -> [u8; 6] {
+    [0x02, 0x47, 0x57, 0x00, (i >> 8) as u8, i as u8]
+}
+
+/// A tunnel device opened for `queues` workers.
+struct Device {
+    queues: Vec<OwnedFd>,
+    link: LinkInfo,
+    created: bool,
+}
+
+fn open_device(nl: &Netlink, t: &TunnelConfig, mtu: u16, workers: usize) -> anyhow::Result<Device> {
+    let existed = nl.link(&t.device)?.is_some();
+    let mut queues = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        queues.push(tap::open_queue(&t.device, t.device_kind)?);
+    }
+    if t.persistent {
+        tap::set_persistent(&queues[0], &t.device, true)?;
+    }
+    let link = nl
+        .link(&t.device)?
+        .ok_or_else(|| anyhow!("device {} vanished right after it was opened", t.device))?;
+    nl.set_up(&link, Some(u32::from(mtu)))?;
+    if let (Some(a), Some(p)) = (t.address, t.peer) {
+        nl.add_peer_address(&link, a, p)?;
+    }
+    Ok(Device {
+        queues,
+        link,
+        created: !existed,
+    })
+}
+
+/// The tunnel MTU: configured, or the underlay's less the overhead.
+pub fn tunnel_mtu(t: &TunnelConfig, underlay_mtu: u32) -> anyhow::Result<u16> {
+    match t.mtu {
+        Some(m) => Ok(m),
+        None => {
+            let m = underlay_mtu.saturating_sub(u32::from(t.overhead()));
+            if m < 68 {
+                bail!("tunnel \"{}\".mtu: the underlay MTU {underlay_mtu} leaves no room; set mtu explicitly", t.name);
+            }
+            Ok(m.min(65535) as u16)
+        }
+    }
+}
+
+/// Runs the gateway on `iface` until SIGINT or SIGTERM.
+pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
+    let nl = Netlink::new()?;
+    let underlay = nl.link(iface)?.ok_or_else(|| {
+        anyhow!("interface {iface} does not exist in this network namespace; give an existing one with --iface (see `ip link`)")
+    })?;
+    if !underlay.up {
+        tracing::warn!("{iface} is down; the gateway will receive nothing until it is up");
+    }
+    let queues = plan_queues(&cfg, iface)?;
+    let cores = plan_cores(&cfg, queues.len())?;
+    let workers = queues.len();
+
+    // Devices.
+    let mut devices = Vec::new();
+    let mut rx_tunnels = Vec::new();
+    for (i, t) in cfg.tunnels.iter().enumerate() {
+        let mtu = tunnel_mtu(t, underlay.mtu)?;
+        let dev = open_device(&nl, t, mtu, workers)?;
+        let device_mac = match t.device_kind {
+            DeviceKind::Tap => dev
+                .link
+                .mac
+                .ok_or_else(|| anyhow!("tap {} has no MAC address", t.device))?,
+            DeviceKind::Tun => [0; 6],
+        };
+        tracing::info!(
+            tunnel = %t.name,
+            device = %t.device,
+            kind = ?t.device_kind,
+            mtu,
+            created = dev.created,
+            "device ready"
+        );
+        rx_tunnels.push(TunnelRx {
+            name: t.name.clone(),
+            mode: t.mode,
+            local: t.local,
+            remote: t.remote,
+            ikey: t.ikey,
+            icsum: t.icsum,
+            device_kind: t.device_kind,
+            device_mac,
+            peer_mac: peer_mac(i),
+            mtu,
+        });
+        devices.push(dev);
+    }
+    let table = Arc::new(TunnelTable::new(rx_tunnels));
+
+    // XDP program and sockets.
+    let mut steering = Steering::load()?;
+    for key in table.endpoint_keys() {
+        steering.add_endpoint(key)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut stats = Vec::new();
+    let mut pending = Vec::new();
+    for (w, (&queue, &core)) in queues.iter().zip(&cores).enumerate() {
+        let (xsk, frames) = Xsk::new(
+            iface,
+            queue,
+            cfg.frames_per_queue,
+            cfg.ring_size,
+            cfg.xsk_bind,
+        )?;
+        steering.set_socket(queue, xsk.fd())?;
+        let st = Arc::new(WorkerStats::new(queue, core, table.len()));
+        let fds: Vec<OwnedFd> = devices
+            .iter_mut()
+            .map(|d| d.queues.pop().expect("one queue per worker"))
+            .collect();
+        let _ = w;
+        pending.push(Worker::new(
+            queue,
+            core,
+            cfg.batch_size,
+            cfg.poll,
+            xsk,
+            frames,
+            fds,
+            table.clone(),
+            st.clone(),
+            stop.clone(),
+        ));
+        stats.push(st);
+    }
+    let mode = steering.attach(iface, cfg.xdp_attach)?;
+    tracing::info!(
+        iface,
+        xdp = mode,
+        queues = ?queues,
+        cores = ?cores,
+        poll = ?cfg.poll,
+        batch = cfg.batch_size,
+        tunnels = table.len(),
+        "gateway running"
+    );
+
+    let mut handles = Vec::new();
+    for w in pending {
+        let name = format!("gw-q{}", w.queue);
+        handles.push(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || w.run())
+                .context("spawning a worker thread")?,
+        );
+    }
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .context("installing signal handlers")?;
+    let mut failure: Option<anyhow::Error> = None;
+    'outer: loop {
+        for sig in signals.pending() {
+            match sig {
+                SIGUSR1 => print_stats(&table, &steering, &stats, "stats"),
+                _ => {
+                    tracing::info!("signal {sig}: stopping");
+                    break 'outer;
+                }
+            }
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            failure = Some(anyhow!("a worker stopped unexpectedly"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| anyhow!(e));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| anyhow!("a worker panicked"));
+            }
+        }
+    }
+    print_stats(&table, &steering, &stats, "final");
+    drop(steering);
+    drop(devices);
+    tracing::info!("XDP program detached; devices released");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Everything counted, as one JSON object.
+pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerStats>]) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tunnels = Vec::new();
+    for (i, t) in table.iter().enumerate() {
+        let packets: u64 = workers.iter().map(|w| w.tunnel_rx_packets[i].load(Relaxed)).sum();
+        let bytes: u64 = workers.iter().map(|w| w.tunnel_rx_bytes[i].load(Relaxed)).sum();
+        tunnels.push(json!({
+            "name": t.name,
+            "mode": t.mode,
+            "local": ip(t.local),
+            "remote": ip(t.remote),
+            "device_kind": t.device_kind,
+            "rx_packets": packets,
+            "rx_bytes": bytes,
+        }));
+    }
+    let mut drops = Map::new();
+    for r in DropReason::ALL {
+        let n: u64 = workers.iter().map(|w| w.drops[r as usize].load(Relaxed)).sum();
+        drops.insert(r.name().into(), json!(n));
+    }
+    let xdp_values = steering.counters();
+    let mut xdp = Map::new();
+    for c in XdpCounter::ALL {
+        xdp.insert(c.name().into(), json!(xdp_values[c as usize]));
+    }
+    json!({
+        "tunnels": tunnels,
+        "drops": drops,
+        "xdp": xdp,
+        "workers": workers.iter().map(|w| w.to_json()).collect::<Vec<_>>(),
+    })
+}
+
+fn ip(a: IpAddr) -> String {
+    a.to_string()
+}
+
+fn print_stats(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerStats>], event: &str) {
+    let mut snap = snapshot(table, steering, workers);
+    snap["event"] = json!(event);
+    // One JSON line on stdout for programs; a readable summary on stderr.
+    println!("{snap}");
+    eprintln!("{}", crate::human::render(&snap));
+}

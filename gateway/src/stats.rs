@@ -1,0 +1,155 @@
+//! Counters shared between a worker (the only writer) and the control
+//! thread (which prints them). Workers count into plain locals on the hot
+//! path and publish with relaxed stores once per loop iteration.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::{json, Map, Value};
+
+use crate::drop_reason::DropReason;
+
+/// Published counters of one worker.
+pub struct WorkerStats {
+    pub queue: u32,
+    pub core: Option<usize>,
+    pub rx_frames: AtomicU64,
+    pub delivered: AtomicU64,
+    pub batches: AtomicU64,
+    pub drops: [AtomicU64; DropReason::COUNT],
+    pub tunnel_rx_packets: Vec<AtomicU64>,
+    pub tunnel_rx_bytes: Vec<AtomicU64>,
+    pub frames_total: AtomicU64,
+    pub frames_free: AtomicU64,
+    pub frames_in_kernel: AtomicU64,
+    pub frames_in_flight: AtomicU64,
+    pub busy_polls: AtomicU64,
+    pub idle_polls: AtomicU64,
+    pub sleeps: AtomicU64,
+    pub xsk_rx_dropped: AtomicU64,
+    pub xsk_rx_ring_full: AtomicU64,
+    pub xsk_fill_ring_empty: AtomicU64,
+    pub xsk_rx_invalid_descs: AtomicU64,
+}
+
+/// The worker's private copy, written per packet.
+#[derive(Debug, Clone)]
+pub struct LocalStats {
+    pub rx_frames: u64,
+    pub delivered: u64,
+    pub batches: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub tunnel_rx_packets: Vec<u64>,
+    pub tunnel_rx_bytes: Vec<u64>,
+    pub busy_polls: u64,
+    pub idle_polls: u64,
+    pub sleeps: u64,
+}
+
+impl LocalStats {
+    pub fn new(tunnels: usize) -> Self {
+        LocalStats {
+            rx_frames: 0,
+            delivered: 0,
+            batches: 0,
+            drops: [0; DropReason::COUNT],
+            tunnel_rx_packets: vec![0; tunnels],
+            tunnel_rx_bytes: vec![0; tunnels],
+            busy_polls: 0,
+            idle_polls: 0,
+            sleeps: 0,
+        }
+    }
+
+    #[inline]
+    pub fn drop(&mut self, r: DropReason) {
+        self.drops[r as usize] += 1;
+    }
+}
+
+fn atomics(n: usize) -> Vec<AtomicU64> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl WorkerStats {
+    pub fn new(queue: u32, core: Option<usize>, tunnels: usize) -> Self {
+        WorkerStats {
+            queue,
+            core,
+            rx_frames: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            tunnel_rx_packets: atomics(tunnels),
+            tunnel_rx_bytes: atomics(tunnels),
+            frames_total: AtomicU64::new(0),
+            frames_free: AtomicU64::new(0),
+            frames_in_kernel: AtomicU64::new(0),
+            frames_in_flight: AtomicU64::new(0),
+            busy_polls: AtomicU64::new(0),
+            idle_polls: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
+            xsk_rx_dropped: AtomicU64::new(0),
+            xsk_rx_ring_full: AtomicU64::new(0),
+            xsk_fill_ring_empty: AtomicU64::new(0),
+            xsk_rx_invalid_descs: AtomicU64::new(0),
+        }
+    }
+
+    /// Copies the worker's locals into the shared counters.
+    pub fn publish(&self, l: &LocalStats) {
+        self.rx_frames.store(l.rx_frames, Relaxed);
+        self.delivered.store(l.delivered, Relaxed);
+        self.batches.store(l.batches, Relaxed);
+        for (a, v) in self.drops.iter().zip(l.drops.iter()) {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in self.tunnel_rx_packets.iter().zip(&l.tunnel_rx_packets) {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in self.tunnel_rx_bytes.iter().zip(&l.tunnel_rx_bytes) {
+            a.store(*v, Relaxed);
+        }
+        self.busy_polls.store(l.busy_polls, Relaxed);
+        self.idle_polls.store(l.idle_polls, Relaxed);
+        self.sleeps.store(l.sleeps, Relaxed);
+    }
+
+    pub fn publish_frames(&self, total: u64, free: u64, in_kernel: u64, in_flight: u64) {
+        self.frames_total.store(total, Relaxed);
+        self.frames_free.store(free, Relaxed);
+        self.frames_in_kernel.store(in_kernel, Relaxed);
+        self.frames_in_flight.store(in_flight, Relaxed);
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut drops = Map::new();
+        for r in DropReason::ALL {
+            drops.insert(r.name().into(), json!(self.drops[r as usize].load(Relaxed)));
+        }
+        json!({
+            "queue": self.queue,
+            "core": self.core,
+            "rx_frames": self.rx_frames.load(Relaxed),
+            "delivered": self.delivered.load(Relaxed),
+            "batches": self.batches.load(Relaxed),
+            "drops": drops,
+            "polls": {
+                "busy": self.busy_polls.load(Relaxed),
+                "idle": self.idle_polls.load(Relaxed),
+                "sleeps": self.sleeps.load(Relaxed),
+            },
+            "frames": {
+                "total": self.frames_total.load(Relaxed),
+                "free": self.frames_free.load(Relaxed),
+                "in_kernel": self.frames_in_kernel.load(Relaxed),
+                "in_flight": self.frames_in_flight.load(Relaxed),
+            },
+            "xsk": {
+                "rx_dropped": self.xsk_rx_dropped.load(Relaxed),
+                "rx_ring_full": self.xsk_rx_ring_full.load(Relaxed),
+                "fill_ring_empty": self.xsk_fill_ring_empty.load(Relaxed),
+                "rx_invalid_descs": self.xsk_rx_invalid_descs.load(Relaxed),
+            },
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! io_uring writes of packets straight from UMEM frames into tap/tun queues.
+//!
+//! The UMEM is registered as one fixed buffer and the device queues as
+//! registered files, so each write is a `WriteFixed` with no copy and no
+//! per-write page pinning. The writer, not its caller, keeps the memory
+//! alive until the kernel is done: it holds a handle on the UMEM and owns
+//! each [`Frame`] while its write is in flight, handing it back only with
+//! the completion.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, types, IoUring};
+use xsk_rs::Umem;
+
+use super::xsk::{Frame, Region, Xsk};
+
+/// A write whose completion has arrived.
+#[derive(Debug)]
+pub struct Completed {
+    pub frame: Frame,
+    /// Caller's tag (the tunnel id).
+    pub tag: u16,
+    /// Bytes the write offered.
+    pub expected: u32,
+    /// Bytes written, or the negated errno.
+    pub result: i32,
+}
+
+struct InFlight {
+    frame: Frame,
+    tag: u16,
+    expected: u32,
+}
+
+/// One ring per worker.
+pub struct DeviceWriter {
+    ring: IoUring,
+    /// Keeps the registered UMEM mapped while writes are in flight.
+    _umem: Umem,
+    region: Region,
+    /// Indexed by frame index; a frame is in flight at most once.
+    in_flight: Vec<Option<InFlight>>,
+    count: usize,
+    unsubmitted: usize,
+}
+
+impl DeviceWriter {
+    /// Creates a ring with `entries` submission slots, registers `files`
+    /// (the worker's device queue fds, in tunnel order) and the UMEM of
+    /// `xsk` as fixed buffer 0.
+    pub fn new(entries: u32, files: &[RawFd], xsk: &Xsk) -> io::Result<DeviceWriter> {
+        let ring = IoUring::builder().build(entries)?;
+        let region = xsk.region();
+        if !files.is_empty() {
+            ring.submitter().register_files(files)?;
+        }
+        let iov = libc::iovec {
+            iov_base: region.base.as_ptr().cast(),
+            iov_len: region.len,
+        };
+        // SAFETY: the iovec describes the UMEM mapping, which stays mapped
+        // for as long as this writer lives: it holds a clone of the `Umem`
+        // handle, and the mapping is only unmapped when the last one drops.
+        unsafe { ring.submitter().register_buffers(&[iov])? };
+        let mut in_flight = Vec::new();
+        in_flight.resize_with(xsk.frame_count() as usize, || None);
+        Ok(DeviceWriter {
+            ring,
+            _umem: xsk.umem().clone(),
+            region,
+            in_flight,
+            count: 0,
+            unsubmitted: 0,
+        })
+    }
+
+    /// Writes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.count
+    }
+
+    /// Queues a write of `frame`'s bytes `offset..offset + len` to
+    /// registered file `file`. Nothing reaches the kernel until
+    /// [`DeviceWriter::submit`]. When the submission queue is full the frame
+    /// comes back as `Err`.
+    #[inline]
+    pub fn push(
+        &mut self,
+        file: u32,
+        frame: Frame,
+        offset: usize,
+        len: usize,
+        tag: u16,
+    ) -> Result<(), Frame> {
+        let start = frame.addr() + offset;
+        let idx = Xsk::frame_index(&frame);
+        if len == 0
+            || offset + len > frame.len()
+            || start + len > self.region.len
+            || idx >= self.in_flight.len()
+            || self.in_flight[idx].is_some()
+        {
+            // Not a write this writer can make safely; the caller counts it.
+            return Err(frame);
+        }
+        let ptr = self.region.base.as_ptr().wrapping_add(start);
+        let sqe = opcode::WriteFixed::new(types::Fixed(file), ptr, len as u32, 0)
+            .offset(0)
+            .build()
+            .user_data(idx as u64);
+        // SAFETY: `ptr..ptr + len` lies inside fixed buffer 0 (checked
+        // above) and belongs to `frame`, which this writer now owns until the
+        // completion for `idx` arrives, so nothing else touches the bytes;
+        // the UMEM handle held by `self` keeps them mapped.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return Err(frame);
+        }
+        self.in_flight[idx] = Some(InFlight {
+            frame,
+            tag,
+            expected: len as u32,
+        });
+        self.count += 1;
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Hands every queued write to the kernel in one system call.
+    #[inline]
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Takes every completion that has arrived, handing each frame back.
+    #[inline]
+    pub fn reap(&mut self, mut done: impl FnMut(Completed)) -> usize {
+        let mut n = 0;
+        let in_flight = &mut self.in_flight;
+        for cqe in self.ring.completion() {
+            let idx = cqe.user_data() as usize;
+            if let Some(f) = in_flight.get_mut(idx).and_then(Option::take) {
+                n += 1;
+                done(Completed {
+                    frame: f.frame,
+                    tag: f.tag,
+                    expected: f.expected,
+                    result: cqe.result(),
+                });
+            }
+        }
+        self.count -= n;
+        n
+    }
+
+    /// Waits for every write in flight and hands the frames back.
+    pub fn drain(&mut self, mut done: impl FnMut(Completed)) -> io::Result<()> {
+        self.submit()?;
+        while self.count > 0 {
+            self.ring.submit_and_wait(1)?;
+            self.reap(&mut done);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeviceWriter {
+    fn drop(&mut self) {
+        // The kernel may still be reading frames; wait for it before the
+        // ring (and with it our hold on the UMEM) goes away.
+        let _ = self.drain(|_| {});
+    }
+}

@@ -1,0 +1,300 @@
+//! One AF_XDP socket with its own UMEM (xsk-rs underneath), and the frame
+//! ownership discipline around it.
+//!
+//! A UMEM frame has exactly one owner at a time: the fill ring, the RX ring,
+//! the worker (as a [`Frame`] value), an in-flight io_uring write (held by
+//! [`super::uring::DeviceWriter`]), the TX ring or the completion ring.
+//! [`Frame`] is deliberately neither `Copy` nor `Clone`: handing it on moves
+//! it, so a frame cannot be in two places.
+
+use std::io;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use crate::config::XskBind;
+
+/// Size of one UMEM frame; the kernel requires a power of two.
+pub const FRAME_SIZE: u32 = 4096;
+
+/// A UMEM frame owned by the worker. Created only from frames of this
+/// socket's UMEM.
+#[derive(Debug)]
+#[repr(transparent)]
+pub struct Frame(FrameDesc);
+
+impl Frame {
+    /// Offset of the packet data from the start of the UMEM.
+    pub fn addr(&self) -> usize {
+        self.0.addr()
+    }
+
+    /// Bytes of packet data in the frame.
+    pub fn len(&self) -> usize {
+        self.0.lengths().data()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("{iface} queue {queue}: cannot create the UMEM ({reason}); raise the locked-memory limit (ulimit -l) or lower frames_per_queue")]
+    Umem {
+        iface: String,
+        queue: u32,
+        reason: String,
+    },
+    #[error("{iface} queue {queue}: cannot bind an AF_XDP socket ({reason}); check that the queue exists (ethtool -l {iface}), that no other AF_XDP program holds it, and that the kernel has CONFIG_XDP_SOCKETS")]
+    Socket {
+        iface: String,
+        queue: u32,
+        reason: String,
+    },
+    #[error("invalid ring size {0}: use a power of two")]
+    RingSize(u32),
+}
+
+/// The memory the UMEM occupies, for registering it with io_uring.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub base: NonNull<u8>,
+    pub len: usize,
+}
+
+// SAFETY: `Region` only describes memory; access to the frames in it is
+// governed by `Frame` ownership, not by who holds a `Region`.
+unsafe impl Send for Region {}
+
+/// Kernel-side counters of one AF_XDP socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct XskStats {
+    /// Dropped by the kernel (for instance no room in the RX ring).
+    pub rx_dropped: u64,
+    pub rx_ring_full: u64,
+    pub rx_invalid_descs: u64,
+    pub fill_ring_empty: u64,
+    pub tx_invalid_descs: u64,
+}
+
+/// An AF_XDP socket bound to one NIC queue, with its rings and UMEM.
+pub struct Xsk {
+    umem: Umem,
+    fill: FillQueue,
+    _comp: CompQueue,
+    _tx: TxQueue,
+    rx: RxQueue,
+    region: Region,
+    frames: u32,
+    scratch: Vec<FrameDesc>,
+}
+
+impl Xsk {
+    /// Creates the UMEM (`frames` frames) and binds a socket to `queue` of
+    /// `iface`. Returns the socket and every frame, all owned by the caller.
+    /// The XDP program is not touched: the caller puts [`Xsk::fd`] into its
+    /// XSKMAP.
+    pub fn new(
+        iface: &str,
+        queue: u32,
+        frames: u32,
+        ring_size: u32,
+        bind: XskBind,
+    ) -> Result<(Xsk, Vec<Frame>), XskError> {
+        let qs = QueueSize::new(ring_size).map_err(|_| XskError::RingSize(ring_size))?;
+        let umem_err = |reason: String| XskError::Umem {
+            iface: iface.into(),
+            queue,
+            reason,
+        };
+        let umem_config = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| umem_err(e.to_string()))?)
+            .fill_queue_size(qs)
+            .comp_queue_size(qs)
+            .build()
+            .map_err(|e| umem_err(e.to_string()))?;
+        let count = NonZeroU32::new(frames).ok_or_else(|| umem_err("no frames".into()))?;
+        let (umem, descs) =
+            Umem::new(umem_config, count, false).map_err(|e| umem_err(error_chain(&e)))?;
+
+        let mut bind_flags = BindFlags::XDP_USE_NEED_WAKEUP;
+        match bind {
+            XskBind::Auto => {}
+            XskBind::Copy => bind_flags |= BindFlags::XDP_COPY,
+            XskBind::ZeroCopy => bind_flags |= BindFlags::XDP_ZEROCOPY,
+        }
+        let socket_config = SocketConfig::builder()
+            .rx_queue_size(qs)
+            .tx_queue_size(qs)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind_flags)
+            .build();
+        let name = std::ffi::CString::new(iface).map_err(|e| XskError::Socket {
+            iface: iface.into(),
+            queue,
+            reason: e.to_string(),
+        })?;
+        // SAFETY: the UMEM is not shared with another socket, so the
+        // shared-UMEM precondition of `Socket::new` does not apply; libxdp's
+        // own program load is inhibited.
+        let (tx, rx, rings) =
+            unsafe { Socket::new(socket_config, &umem, &Interface::new(name), queue) }.map_err(
+                |e| XskError::Socket {
+                    iface: iface.into(),
+                    queue,
+                    reason: error_chain(&e),
+                },
+            )?;
+        let (fill, comp) = rings.ok_or_else(|| XskError::Socket {
+            iface: iface.into(),
+            queue,
+            reason: "no fill/completion rings returned".into(),
+        })?;
+
+        // The UMEM is one mapping; a frame's `addr` is its offset from the
+        // start. Recover the start from the first frame.
+        // SAFETY: `descs[0]` is a frame of this UMEM and no ring holds it yet.
+        let first = unsafe { umem.data(&descs[0]) }.contents().as_ptr();
+        let base = first.wrapping_sub(descs[0].addr()) as *mut u8;
+        let region = Region {
+            base: NonNull::new(base).ok_or_else(|| umem_err("null mapping".into()))?,
+            len: frames as usize * FRAME_SIZE as usize,
+        };
+        let owned = descs.into_iter().map(Frame).collect();
+        Ok((
+            Xsk {
+                umem,
+                fill,
+                _comp: comp,
+                _tx: tx,
+                rx,
+                region,
+                frames,
+                scratch: vec![FrameDesc::default(); 256],
+            },
+            owned,
+        ))
+    }
+
+    /// The socket's file descriptor, for the XSKMAP.
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    pub fn umem(&self) -> &Umem {
+        &self.umem
+    }
+
+    pub fn region(&self) -> Region {
+        self.region
+    }
+
+    /// Frames in the UMEM.
+    pub fn frame_count(&self) -> u32 {
+        self.frames
+    }
+
+    /// Moves up to `max` received frames from the RX ring into `out`.
+    /// Returns how many.
+    #[inline]
+    pub fn receive(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        let max = max.min(self.scratch.len());
+        // SAFETY: the RX ring only hands out frames of this socket's UMEM,
+        // which the scratch descriptors then describe.
+        let n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
+        out.extend(self.scratch[..n].iter().map(|d| Frame(*d)));
+        n
+    }
+
+    /// Hands frames from the end of `frames` to the fill ring, as many as it
+    /// has room for. Returns how many moved.
+    #[inline]
+    pub fn fill(&mut self, frames: &mut Vec<Frame>) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let room = self.fill.nb_free(frames.len() as u32) as usize;
+        let n = room.min(frames.len());
+        if n == 0 {
+            return 0;
+        }
+        let start = frames.len() - n;
+        let tail = &frames[start..];
+        // SAFETY: `Frame` is `repr(transparent)` over `FrameDesc`, so the
+        // slice reinterprets element for element.
+        let descs: &[FrameDesc] =
+            unsafe { std::slice::from_raw_parts(tail.as_ptr().cast::<FrameDesc>(), tail.len()) };
+        // SAFETY: the frames belong to this UMEM and are owned by the caller
+        // (in no ring); after this call the fill ring owns them, and they are
+        // removed from `frames` below so they cannot be used again.
+        let produced = unsafe { self.fill.produce(descs) };
+        frames.truncate(frames.len() - produced);
+        produced
+    }
+
+    /// Kicks the kernel when it has asked to be told about new fill-ring
+    /// entries (the need-wakeup protocol).
+    #[inline]
+    pub fn wake_fill_if_needed(&mut self) -> io::Result<()> {
+        if self.fill.needs_wakeup() {
+            self.fill.wakeup(self.rx.fd_mut(), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks until the RX ring has packets or `timeout_ms` passes.
+    pub fn wait_rx(&mut self, timeout_ms: i32) -> io::Result<bool> {
+        self.rx.poll(timeout_ms)
+    }
+
+    /// The packet bytes of a frame, to read and rewrite in place.
+    #[inline]
+    pub fn data_mut<'a>(&'a self, frame: &'a mut Frame) -> &'a mut [u8] {
+        // SAFETY: `frame` came from this UMEM and is owned by the caller, so
+        // neither the kernel nor anyone else accesses it meanwhile; the
+        // returned slice borrows the frame, so it cannot be handed on while
+        // the slice lives.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        let slice = data.contents_mut();
+        let (ptr, len) = (slice.as_mut_ptr(), slice.len());
+        // SAFETY: same memory as `slice`, with the lifetime of the borrow of
+        // `frame` and `self` rather than of the temporary `DataMut`.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    pub fn stats(&self) -> io::Result<XskStats> {
+        let s = self.rx.fd().xdp_statistics()?;
+        Ok(XskStats {
+            rx_dropped: s.rx_dropped(),
+            rx_ring_full: s.rx_ring_full(),
+            rx_invalid_descs: s.rx_invalid_descs(),
+            fill_ring_empty: s.rx_fill_ring_empty_descs(),
+            tx_invalid_descs: s.tx_invalid_descs(),
+        })
+    }
+
+    /// Index of the frame a [`Frame`] lives in, `0..frame_count()`.
+    #[inline]
+    pub fn frame_index(frame: &Frame) -> usize {
+        frame.addr() / FRAME_SIZE as usize
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

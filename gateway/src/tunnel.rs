@@ -1,0 +1,153 @@
+//! The tunnel table the workers consult: what each tunnel accepts and where
+//! its inner packets go. Built once from the configuration; read-only on the
+//! hot path.
+
+use std::net::IpAddr;
+
+use gateway_common::{EndpointKey, IPPROTO_GRE, IPPROTO_IPIP};
+use rustc_hash::FxHashMap;
+
+use crate::wire::ethernet;
+
+/// Encapsulation of a tunnel, in iproute2's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// GRE (protocol 47) carrying IPv4 or IPv6.
+    Gre,
+    /// IPv4 in IPv4 (protocol 4).
+    Ipip,
+}
+
+impl Mode {
+    pub fn ip_protocol(self) -> u8 {
+        match self {
+            Mode::Gre => IPPROTO_GRE,
+            Mode::Ipip => IPPROTO_IPIP,
+        }
+    }
+}
+
+/// The inner device of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Ethernet frames (L2): the gateway adds an Ethernet header.
+    #[default]
+    Tap,
+    /// Bare IP packets (L3).
+    Tun,
+}
+
+/// What the receive path needs to know of one tunnel.
+#[derive(Debug, Clone)]
+pub struct TunnelRx {
+    pub name: String,
+    pub mode: Mode,
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    /// Key required on received packets (`ikey`); `None`: keyless only.
+    pub ikey: Option<u32>,
+    /// Received packets must carry a GRE checksum (`icsum`).
+    pub icsum: bool,
+    pub device_kind: DeviceKind,
+    /// Destination MAC of frames written into a tap: the tap's own.
+    pub device_mac: ethernet::Address,
+    /// Source MAC of frames written into a tap: stands for the far side.
+    pub peer_mac: ethernet::Address,
+    /// Largest inner packet (the tunnel MTU); longer ones are dropped.
+    pub mtu: u16,
+}
+
+impl TunnelRx {
+    /// The XDP endpoint-table key of packets arriving on this tunnel.
+    pub fn endpoint_key(&self) -> EndpointKey {
+        endpoint_key(self.local, self.remote, self.mode.ip_protocol())
+    }
+}
+
+/// Builds the endpoint key of a packet from its outer destination (our
+/// local address) and source (the remote).
+pub fn endpoint_key(local: IpAddr, remote: IpAddr, proto: u8) -> EndpointKey {
+    match (local, remote) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => EndpointKey::v4(l.octets(), r.octets(), proto),
+        (l, r) => EndpointKey::v6(to_v6(l), to_v6(r), proto),
+    }
+}
+
+fn to_v6(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Index of a tunnel in the [`TunnelTable`].
+pub type TunnelId = u16;
+
+/// Tunnels indexed by their outer (local, remote, protocol); tunnels that
+/// share endpoints are told apart by key, as the kernel does.
+#[derive(Debug, Default, Clone)]
+pub struct TunnelTable {
+    tunnels: Vec<TunnelRx>,
+    by_endpoint: FxHashMap<EndpointKey, Vec<TunnelId>>,
+}
+
+/// Why a lookup found no tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    UnknownEndpoint,
+    KeyMismatch,
+}
+
+impl TunnelTable {
+    pub fn new(tunnels: Vec<TunnelRx>) -> Self {
+        let mut by_endpoint: FxHashMap<EndpointKey, Vec<TunnelId>> = FxHashMap::default();
+        for (i, t) in tunnels.iter().enumerate() {
+            by_endpoint
+                .entry(t.endpoint_key())
+                .or_default()
+                .push(i as TunnelId);
+        }
+        TunnelTable {
+            tunnels,
+            by_endpoint,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tunnels.is_empty()
+    }
+
+    pub fn get(&self, id: TunnelId) -> &TunnelRx {
+        &self.tunnels[usize::from(id)]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TunnelRx> {
+        self.tunnels.iter()
+    }
+
+    /// Distinct endpoint keys, for the XDP program's table.
+    pub fn endpoint_keys(&self) -> impl Iterator<Item = &EndpointKey> {
+        self.by_endpoint.keys()
+    }
+
+    /// The tunnel for a packet with these outer fields and GRE key (`None`
+    /// for a keyless packet or IPIP). A keyed tunnel takes only its key; a
+    /// keyless one only keyless packets.
+    #[inline]
+    pub fn lookup(&self, key: &EndpointKey, gre_key: Option<u32>) -> Result<TunnelId, LookupError> {
+        let ids = self
+            .by_endpoint
+            .get(key)
+            .ok_or(LookupError::UnknownEndpoint)?;
+        ids.iter()
+            .copied()
+            .find(|&id| self.tunnels[usize::from(id)].ikey == gre_key)
+            .ok_or(LookupError::KeyMismatch)
+    }
+}

@@ -1,0 +1,136 @@
+//! Loading the XDP steering program, filling its maps, attaching it, and
+//! reading its counters. The program detaches when [`Steering`] is dropped
+//! or the process dies (aya attaches through a bpf_link).
+
+use std::os::fd::RawFd;
+
+use aya::maps::{HashMap, PerCpuArray, XskMap};
+use aya::programs::{Xdp, XdpMode};
+use aya::Ebpf;
+use gateway_common::{maps, EndpointKey, XdpCounter, PROGRAM_NAME, XDP_COUNTER_COUNT};
+
+use crate::config::XdpAttach;
+
+/// The object built from `ebpf/` by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("this gateway binary was built without its XDP program (AYA_BUILD_SKIP); rebuild it with `cargo build` after `cargo xtask setup`")]
+    NoObject,
+    #[error("loading the XDP program failed ({0}); run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with BPF and BTF")]
+    Load(String),
+    #[error("XDP map {0}: {1}")]
+    Map(&'static str, String),
+    #[error("attaching XDP to {iface} failed ({reason}); if another XDP program is attached, detach it first (ip link set dev {iface} xdp off)")]
+    Attach { iface: String, reason: String },
+}
+
+pub struct Steering {
+    ebpf: Ebpf,
+    mode: Option<&'static str>,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Steering {
+    /// Loads the program and its maps into the kernel, not yet attached.
+    pub fn load() -> Result<Steering, XdpError> {
+        if OBJECT.is_empty() {
+            return Err(XdpError::NoObject);
+        }
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| XdpError::Load(chain(&e)))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME} in the object")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(chain(&e)))?;
+        prog.load().map_err(|e| XdpError::Load(chain(&e)))?;
+        Ok(Steering { ebpf, mode: None })
+    }
+
+    /// Lets packets with this outer (local, remote, protocol) through to the
+    /// AF_XDP sockets.
+    pub fn add_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINTS)
+            .ok_or(XdpError::Map(maps::ENDPOINTS, "missing".into()))?;
+        let mut table: HashMap<_, EndpointKey, u32> =
+            HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))?;
+        table
+            .insert(key, 1, 0)
+            .map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
+    }
+
+    /// Puts the AF_XDP socket of RX queue `queue` into the XSKMAP.
+    pub fn set_socket(&mut self, queue: u32, fd: RawFd) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::XSKS)
+            .ok_or(XdpError::Map(maps::XSKS, "missing".into()))?;
+        let mut xsks = XskMap::try_from(map).map_err(|e| XdpError::Map(maps::XSKS, chain(&e)))?;
+        xsks.set(queue, fd, 0)
+            .map_err(|e| XdpError::Map(maps::XSKS, chain(&e)))
+    }
+
+    /// Attaches to `iface`. Returns the mode used ("native" or "generic").
+    pub fn attach(&mut self, iface: &str, how: XdpAttach) -> Result<&'static str, XdpError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("loaded above")
+            .try_into()
+            .expect("an XDP program");
+        let attempt = |prog: &mut Xdp, mode: XdpMode| {
+            prog.attach(iface, mode).map_err(|e| XdpError::Attach {
+                iface: iface.into(),
+                reason: chain(&e),
+            })
+        };
+        let mode = match how {
+            XdpAttach::Native => attempt(prog, XdpMode::Driver).map(|_| "native")?,
+            XdpAttach::Generic => attempt(prog, XdpMode::Skb).map(|_| "generic")?,
+            XdpAttach::Auto => match attempt(prog, XdpMode::Driver) {
+                Ok(_) => "native",
+                Err(e) => {
+                    tracing::warn!("native XDP not available ({e}); falling back to generic mode, which is much slower");
+                    attempt(prog, XdpMode::Skb).map(|_| "generic")?
+                }
+            },
+        };
+        self.mode = Some(mode);
+        Ok(mode)
+    }
+
+    /// The attach mode, once attached.
+    pub fn mode(&self) -> Option<&'static str> {
+        self.mode
+    }
+
+    /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].
+    pub fn counters(&self) -> [u64; XDP_COUNTER_COUNT as usize] {
+        let mut out = [0u64; XDP_COUNTER_COUNT as usize];
+        let Some(map) = self.ebpf.map(maps::COUNTERS) else {
+            return out;
+        };
+        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
+            return out;
+        };
+        for c in XdpCounter::ALL {
+            if let Ok(values) = arr.get(&(c as u32), 0) {
+                out[c as usize] = values.iter().sum();
+            }
+        }
+        out
+    }
+}
