@@ -102,6 +102,23 @@ impl Netlink {
             })
     }
 
+    /// Deletes the link (as `ip link del` does). A link already gone is fine.
+    pub fn delete(&self, link: &LinkInfo) -> Result<(), NetlinkError> {
+        let handle = self.handle.clone();
+        let index = link.index;
+        match self
+            .rt
+            .block_on(async move { handle.link().del(index).execute().await })
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(NetlinkError::Request {
+                what: format!("deleting {}", link.name),
+                reason: describe(&e),
+            }),
+        }
+    }
+
     /// Adds `local peer PEER` to the link, as `ip addr add LOCAL peer PEER
     /// dev LINK` does: the kernel then routes PEER into the link. An address
     /// already present is fine.

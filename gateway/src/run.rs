@@ -264,6 +264,16 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
     }
     print_stats(&table, &steering, &stats, "final");
     drop(steering);
+    // Closing the queues would remove a non-persistent device, but the
+    // kernel releases fds registered with io_uring asynchronously; delete
+    // the devices we created explicitly so they are gone when we exit.
+    for (d, t) in devices.iter().zip(&cfg.tunnels) {
+        if d.created && !t.persistent {
+            if let Err(e) = nl.delete(&d.link) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
     drop(devices);
     tracing::info!("XDP program detached; devices released");
     match failure {

@@ -1,1 +1,526 @@
+//! Helpers for the integration tests: network namespaces that remove
+//! themselves, the real `gateway` binary run inside one, and raw AF_PACKET
+//! sockets opened inside a namespace to send hand-built frames and capture
+//! what reaches a device. Packets are built with etherparse, never with the
+//! gateway's own code.
+//!
+//! Everything here needs root; [`require_root`] says so and skips otherwise.
+#![allow(unsafe_code)]
 
+use std::ffi::CString;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// True when running as root; otherwise prints why the test is skipped.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {test}: needs root (network namespaces, XDP, AF_XDP)");
+    }
+    root
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop (also when the test panics).
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!(
+            "gwt-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NS ARGS...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// `ip netns exec NS ARGS...`, output and success.
+    pub fn exec(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = self.ip(&["-br", "link", "show", dev]);
+        let s = out.split_whitespace().nth(2).expect("a MAC in ip -br link");
+        parse_mac(s)
+    }
+
+    /// True when an XDP program is attached to `dev`.
+    pub fn has_xdp(&self, dev: &str) -> bool {
+        self.ip(&["link", "show", dev]).contains("xdp")
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, so sockets it
+    /// opens belong here.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
+}
+
+/// Two namespaces joined by a veth called `ens0` on both sides:
+/// `gw` (192.168.0.8/24) and `peer` (192.168.0.58/24, plus any extra
+/// addresses given).
+pub struct Wire {
+    pub gw: NetNs,
+    pub peer: NetNs,
+}
+
+impl Wire {
+    pub fn new(tag: &str, extra_peer_addrs: &[&str]) -> Wire {
+        let gw = NetNs::new(&format!("{tag}g"));
+        let peer = NetNs::new(&format!("{tag}p"));
+        sh(&[
+            "ip", "link", "add", "ens0", "netns", &gw.name, "type", "veth", "peer", "name",
+            "ens0", "netns", &peer.name,
+        ]);
+        gw.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"]);
+        peer.ip(&["addr", "add", "192.168.0.58/24", "dev", "ens0"]);
+        for a in extra_peer_addrs {
+            peer.ip(&["addr", "add", a, "dev", "ens0"]);
+        }
+        gw.ip(&["link", "set", "ens0", "up"]);
+        peer.ip(&["link", "set", "ens0", "up"]);
+        Wire { gw, peer }
+    }
+}
+
+/// Path of the gateway binary: `GATEWAY_BIN`, or the workspace's debug or
+/// release build.
+pub fn gateway_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("GATEWAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["debug", "release"] {
+        let p = root.join("target").join(profile).join("gateway");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no gateway binary: run `cargo build -p gateway` first, or set GATEWAY_BIN");
+}
+
+/// A running gateway process; killed on drop.
+pub struct Gateway {
+    child: Option<Child>,
+    lines: Receiver<String>,
+    pub stderr_path: PathBuf,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    use std::path::PathBuf;
+    /// A file removed on drop.
+    pub struct TempPath(pub PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Gateway {
+    /// Starts `gateway --iface ens0 --config <config>` in `ns` and waits
+    /// until it reports that it is running (or panics with its log).
+    pub fn start(ns: &NetNs, config: &str) -> Gateway {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let cfg_path = std::env::temp_dir().join(format!("gwt-{}-{n}.toml", std::process::id()));
+        std::fs::write(&cfg_path, config).expect("write config");
+        let stderr_path = std::env::temp_dir().join(format!("gwt-{}-{n}.log", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).expect("log file");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(gateway_bin())
+            .args(["--iface", "ens0", "--config"])
+            .arg(&cfg_path)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn gateway");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        let gw = Gateway {
+            child: Some(child),
+            lines: rx,
+            stderr_path,
+            _config: tempfile_path::TempPath(cfg_path),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = gw.log();
+            if log.contains("gateway running") {
+                break;
+            }
+            if Instant::now() > deadline || log.contains("error:") {
+                panic!("gateway did not start:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Asks for the counters (SIGUSR1) and returns the JSON it prints.
+    pub fn stats(&self) -> Value {
+        while self.lines.try_recv().is_ok() {}
+        self.signal(libc::SIGUSR1);
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("no stats from the gateway; log:\n{}", self.log()));
+        serde_json::from_str(&line).expect("stats JSON")
+    }
+
+    /// Waits for counters to stop changing (traffic drained), then returns them.
+    pub fn settled_stats(&self) -> Value {
+        let mut last = self.stats();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.stats();
+            if now["workers"] == last["workers"] && now["xdp"] == last["xdp"] {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
+    /// Sends `sig` and waits for the process to exit; returns its exit
+    /// status and the last stats line it printed.
+    pub fn stop_with(mut self, sig: i32) -> (std::process::ExitStatus, Option<Value>) {
+        self.signal(sig);
+        let mut child = self.child.take().expect("running");
+        let status = child.wait().expect("wait");
+        let mut last = None;
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            if let Ok(v) = serde_json::from_str::<Value>(&l) {
+                last = Some(v);
+            }
+        }
+        (status, last)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw AF_PACKET socket bound to one device of a namespace.
+pub struct RawSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl RawSocket {
+    /// Opens the socket inside `ns`, bound to `dev`, receiving every
+    /// protocol. `rcvbuf` bytes of receive buffer.
+    pub fn open(ns: &NetNs, dev: &str, rcvbuf: usize) -> RawSocket {
+        let dev = dev.to_string();
+        let (fd, ifindex) = ns.run(move || {
+            let name = CString::new(dev.clone()).unwrap();
+            // SAFETY: plain libc calls with valid arguments; the fd is
+            // owned right away.
+            unsafe {
+                let ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                assert!(ifindex > 0, "no device {dev}");
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                sll.sll_ifindex = ifindex;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                let size = rcvbuf as libc::c_int;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    &size as *const _ as *const libc::c_void,
+                    4,
+                );
+                (fd, ifindex)
+            }
+        });
+        RawSocket { fd, ifindex }
+    }
+
+    /// Sends one frame out of the device.
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: sockaddr_ll zeroed then filled; the buffer is valid.
+        unsafe {
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = self.ifindex;
+            sll.sll_halen = 6;
+            let rc = libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Receives frames arriving on the device (not ones it sends) until
+    /// `quiet` passes with nothing new, or `max` have arrived.
+    pub fn receive(&self, max: usize, quiet: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let tv = libc::timeval {
+            tv_sec: quiet.as_secs() as libc::time_t,
+            tv_usec: quiet.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: setsockopt with a valid timeval.
+        unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        while out.len() < max {
+            // SAFETY: recvfrom into a live buffer with a sockaddr_ll.
+            let (n, pkttype) = unsafe {
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                let n = libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    &mut sll as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                );
+                (n, sll.sll_pkttype)
+            };
+            if n < 0 {
+                break;
+            }
+            if pkttype == libc::PACKET_OUTGOING as u8 {
+                continue;
+            }
+            out.push(buf[..n as usize].to_vec());
+        }
+        out
+    }
+}
+
+/// Builders for the packets the tests send, with etherparse.
+pub mod pkt {
+    use etherparse::{IpNumber, PacketBuilder};
+
+    /// An ICMP echo request, as a bare IPv4 packet.
+    pub fn icmp_echo(src: [u8; 4], dst: [u8; 4], seq: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).icmpv4_echo_request(0x4242, seq);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// A UDP datagram, as a bare IPv4 packet.
+    pub fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// A UDP datagram, as a bare IPv6 packet.
+    pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv6(src, dst, 64).udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// Ethernet + outer IPv4 (protocol `proto`) around `payload`.
+    pub fn outer(
+        dst_mac: [u8; 6],
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut hdr =
+            etherparse::Ipv4Header::new(payload.len() as u16, 64, IpNumber(proto), src, dst)
+                .unwrap();
+        hdr.header_checksum = hdr.calc_header_checksum();
+        let eth = etherparse::Ethernet2Header {
+            source: [0x02, 0, 0, 0, 0, 0x58],
+            destination: dst_mac,
+            ether_type: etherparse::EtherType::IPV4,
+        };
+        let mut out = Vec::new();
+        eth.write(&mut out).unwrap();
+        hdr.write(&mut out).unwrap();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A GRE header (RFC 2784/2890) in front of `inner`: `flags` is the
+    /// flags-and-version word; key and sequence are written when their bit
+    /// is set; a checksum is computed when C is set.
+    pub fn gre(flags: u16, protocol: u16, key: u32, seq: u32, inner: &[u8]) -> Vec<u8> {
+        let mut g = Vec::new();
+        g.extend_from_slice(&flags.to_be_bytes());
+        g.extend_from_slice(&protocol.to_be_bytes());
+        let csum_at = g.len();
+        if flags & 0x8000 != 0 {
+            g.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        if flags & 0x2000 != 0 {
+            g.extend_from_slice(&key.to_be_bytes());
+        }
+        if flags & 0x1000 != 0 {
+            g.extend_from_slice(&seq.to_be_bytes());
+        }
+        g.extend_from_slice(inner);
+        if flags & 0x8000 != 0 {
+            let c = internet_checksum(&g);
+            g[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        g
+    }
+
+    /// RFC 1071, written here independently of the gateway's own.
+    pub fn internet_checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            sum += u32::from(w);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+}

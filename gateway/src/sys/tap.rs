@@ -46,6 +46,24 @@ pub enum TapError {
 /// device is read from it. The device disappears when its last queue closes
 /// unless it was made persistent.
 pub fn open_queue(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
+    // A device whose previous owner just exited can answer EBUSY while the
+    // kernel releases that owner's io_uring-registered queues; give it a
+    // moment.
+    let mut tries = 0;
+    loop {
+        match open_queue_once(name, kind) {
+            Err(TapError::Mismatch { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && tries < 30 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     let file: File = OpenOptions::new()
         .read(true)
         .write(true)
