@@ -22,7 +22,9 @@ fn main() -> anyhow::Result<()> {
     // `cargo:warning`, which cargo then repeats on every build; keep the
     // nested build quiet so only its real warnings and errors show.
     std::env::set_var("CARGO_TERM_QUIET", "true");
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "gateway-ebpf",

@@ -376,7 +376,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         if !devices.insert(t.device.clone()) {
             return Err(err(
                 format!("{f}.device"),
-                format!("\"{}\" is already another tunnel's device; give each tunnel its own", t.device),
+                format!(
+                    "\"{}\" is already another tunnel's device; give each tunnel its own",
+                    t.device
+                ),
             ));
         }
         if !endpoints.insert((t.local, t.remote, t.mode, t.ikey)) {
@@ -402,7 +405,12 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
 }
 
 fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', ':'])
+        || name == "."
+        || name == ".."
+    {
         return Err(err(
             field,
             format!("\"{name}\" is not a valid interface name; use 1 to 15 characters without '/', ':' or spaces"),
@@ -441,13 +449,19 @@ fn parse_key(field: &str, v: &toml::Value) -> Result<u32, ConfigError> {
 }
 
 fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> {
-    let name = t
-        .name
-        .ok_or_else(|| err(format!("tunnel[{i}].name"), "is missing; add name = \"tun100\""))?;
+    let name = t.name.ok_or_else(|| {
+        err(
+            format!("tunnel[{i}].name"),
+            "is missing; add name = \"tun100\"",
+        )
+    })?;
     let f = |k: &str| format!("tunnel \"{name}\".{k}");
     check_ifname(&f("name"), &name)?;
     let mode_s = t.mode.ok_or_else(|| {
-        err(f("mode"), "is missing; add mode = \"gre\" or mode = \"ipip\"")
+        err(
+            f("mode"),
+            "is missing; add mode = \"gre\" or mode = \"ipip\"",
+        )
     })?;
     let mode = match mode_s.as_str() {
         "gre" => Mode::Gre,
@@ -467,19 +481,29 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     };
     let local = parse_ip(
         &f("local"),
-        t.local
-            .as_deref()
-            .ok_or_else(|| err(f("local"), "is missing; add local = \"<this host's underlay address>\""))?,
+        t.local.as_deref().ok_or_else(|| {
+            err(
+                f("local"),
+                "is missing; add local = \"<this host's underlay address>\"",
+            )
+        })?,
     )?;
     let remote = parse_ip(
         &f("remote"),
-        t.remote
-            .as_deref()
-            .ok_or_else(|| err(f("remote"), "is missing; add remote = \"<the peer's underlay address>\""))?,
+        t.remote.as_deref().ok_or_else(|| {
+            err(
+                f("remote"),
+                "is missing; add remote = \"<the peer's underlay address>\"",
+            )
+        })?,
     )?;
     for (k, a) in [("local", local), ("remote", remote)] {
-        if a.is_unspecified() || a.is_multicast() || matches!(a, IpAddr::V4(v) if v.is_broadcast()) {
-            return Err(err(f(k), format!("{a} cannot be a tunnel endpoint; use a unicast address")));
+        if a.is_unspecified() || a.is_multicast() || matches!(a, IpAddr::V4(v) if v.is_broadcast())
+        {
+            return Err(err(
+                f(k),
+                format!("{a} cannot be a tunnel endpoint; use a unicast address"),
+            ));
         }
         if a.is_ipv6() {
             return Err(err(
@@ -494,7 +518,10 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
 
     let gre_only = |k: &str, present: bool| -> Result<(), ConfigError> {
         if present && mode != Mode::Gre {
-            Err(err(f(k), format!("mode \"{mode_s}\" has no GRE header; remove {k}")))
+            Err(err(
+                f(k),
+                format!("mode \"{mode_s}\" has no GRE header; remove {k}"),
+            ))
         } else {
             Ok(())
         }
@@ -506,14 +533,34 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     gre_only("icsum", t.icsum.is_some())?;
     gre_only("ocsum", t.ocsum.is_some())?;
     if t.key.is_some() && (t.ikey.is_some() || t.okey.is_some()) {
-        return Err(err(f("key"), "is given with ikey/okey; use key alone, or ikey and okey"));
+        return Err(err(
+            f("key"),
+            "is given with ikey/okey; use key alone, or ikey and okey",
+        ));
     }
     if t.csum.is_some() && (t.icsum.is_some() || t.ocsum.is_some()) {
-        return Err(err(f("csum"), "is given with icsum/ocsum; use csum alone, or icsum and ocsum"));
+        return Err(err(
+            f("csum"),
+            "is given with icsum/ocsum; use csum alone, or icsum and ocsum",
+        ));
     }
-    let key = t.key.as_ref().map(|v| parse_key(&f("key"), v)).transpose()?;
-    let ikey = t.ikey.as_ref().map(|v| parse_key(&f("ikey"), v)).transpose()?.or(key);
-    let okey = t.okey.as_ref().map(|v| parse_key(&f("okey"), v)).transpose()?.or(key);
+    let key = t
+        .key
+        .as_ref()
+        .map(|v| parse_key(&f("key"), v))
+        .transpose()?;
+    let ikey = t
+        .ikey
+        .as_ref()
+        .map(|v| parse_key(&f("ikey"), v))
+        .transpose()?
+        .or(key);
+    let okey = t
+        .okey
+        .as_ref()
+        .map(|v| parse_key(&f("okey"), v))
+        .transpose()?
+        .or(key);
     let icsum = t.icsum.or(t.csum).unwrap_or(false);
     let ocsum = t.ocsum.or(t.csum).unwrap_or(false);
 
@@ -522,16 +569,27 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         Some(toml::Value::String(s)) if s == "inherit" => Ttl::Inherit,
         Some(toml::Value::Integer(n)) if (1..=255).contains(n) => Ttl::Fixed(*n as u8),
         Some(v) => {
-            return Err(err(f("ttl"), format!("{v} is not valid; use 1..=255 or \"inherit\"")))
+            return Err(err(
+                f("ttl"),
+                format!("{v} is not valid; use 1..=255 or \"inherit\""),
+            ))
         }
     };
     let mtu = match t.mtu {
         None => None,
         Some(n) if (68..=65535).contains(&n) => Some(n as u16),
-        Some(n) => return Err(err(f("mtu"), format!("{n} is out of range; use 68..=65535, e.g. 1400"))),
+        Some(n) => {
+            return Err(err(
+                f("mtu"),
+                format!("{n} is out of range; use 68..=65535, e.g. 1400"),
+            ))
+        }
     };
     let device = t.device.ok_or_else(|| {
-        err(f("device"), "is missing; name the inner device, e.g. device = \"tap1\"")
+        err(
+            f("device"),
+            "is missing; name the inner device, e.g. device = \"tap1\"",
+        )
     })?;
     check_ifname(&f("device"), &device)?;
     let device_kind = enum_field(
@@ -540,25 +598,48 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         DeviceKind::Tap,
         &[("tap", DeviceKind::Tap), ("tun", DeviceKind::Tun)],
     )?;
-    let address = t.address.as_deref().map(|a| parse_ip(&f("address"), a)).transpose()?;
-    let peer = t.peer.as_deref().map(|a| parse_ip(&f("peer"), a)).transpose()?;
+    let address = t
+        .address
+        .as_deref()
+        .map(|a| parse_ip(&f("address"), a))
+        .transpose()?;
+    let peer = t
+        .peer
+        .as_deref()
+        .map(|a| parse_ip(&f("peer"), a))
+        .transpose()?;
     match (address, peer) {
         (Some(a), Some(p)) if a.is_ipv4() != p.is_ipv4() => {
-            return Err(err(f("peer"), "is of another address family than address; use the same"))
+            return Err(err(
+                f("peer"),
+                "is of another address family than address; use the same",
+            ))
         }
         (Some(_), None) => {
-            return Err(err(f("peer"), "is missing; give the far end's inner address, e.g. peer = \"10.1.1.2\""))
+            return Err(err(
+                f("peer"),
+                "is missing; give the far end's inner address, e.g. peer = \"10.1.1.2\"",
+            ))
         }
         (None, Some(_)) => {
-            return Err(err(f("address"), "is missing; give this end's inner address, e.g. address = \"10.1.1.1\""))
+            return Err(err(
+                f("address"),
+                "is missing; give this end's inner address, e.g. address = \"10.1.1.1\"",
+            ))
         }
         (Some(a), Some(p)) if a == p => {
-            return Err(err(f("peer"), "equals address; use the far end's inner address"))
+            return Err(err(
+                f("peer"),
+                "equals address; use the far end's inner address",
+            ))
         }
         _ => {}
     }
     if mode == Mode::Ipip && address.is_some_and(|a| a.is_ipv6()) {
-        return Err(err(f("address"), "ipip carries IPv4 only; use IPv4 inner addresses (or mode \"gre\")"));
+        return Err(err(
+            f("address"),
+            "ipip carries IPv4 only; use IPv4 inner addresses (or mode \"gre\")",
+        ));
     }
     let cfg = TunnelConfig {
         name,
@@ -641,18 +722,27 @@ peer = "20.1.1.2"
 
     #[test]
     fn errors_name_the_field_and_the_fix() {
-        let e = error_of(&lab_with("remote = \"192.168.0.58\"", "remote = \"192.168.0\""));
+        let e = error_of(&lab_with(
+            "remote = \"192.168.0.58\"",
+            "remote = \"192.168.0\"",
+        ));
         assert!(e.starts_with("tunnel \"tun100\".remote:"), "{e}");
         assert!(e.contains("192.168.0.58"), "{e}");
 
         let e = error_of(&lab_with("mode = \"gre\"", "mode = \"vxlan\""));
-        assert!(e.contains("tunnel \"tun100\".mode") && e.contains("\"gre\""), "{e}");
+        assert!(
+            e.contains("tunnel \"tun100\".mode") && e.contains("\"gre\""),
+            "{e}"
+        );
 
         let e = error_of(&lab_with("ttl = 64", "ttl = 300"));
         assert!(e.contains(".ttl") && e.contains("inherit"), "{e}");
 
         let e = error_of(&lab_with("mode = \"ipip\"", "mode = \"ipip\"\nkey = 5"));
-        assert!(e.contains("tun200\".key") && e.contains("remove key"), "{e}");
+        assert!(
+            e.contains("tun200\".key") && e.contains("remove key"),
+            "{e}"
+        );
 
         let e = error_of(&lab_with("device = \"tap2\"", "device = \"tap1\""));
         assert!(e.contains(".device") && e.contains("already"), "{e}");
@@ -672,7 +762,10 @@ peer = "20.1.1.2"
         let e = error_of("[gateway]\n");
         assert!(e.contains("no [[tunnel]]"), "{e}");
 
-        let e = error_of(&lab_with("local = \"192.168.0.8\"", "local = \"2001:db8::8\""));
+        let e = error_of(&lab_with(
+            "local = \"192.168.0.8\"",
+            "local = \"2001:db8::8\"",
+        ));
         assert!(e.contains("IPv6 underlay"), "{e}");
     }
 

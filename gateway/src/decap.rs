@@ -274,7 +274,10 @@ mod tests {
         // A keyless packet goes to the keyless tunnel only.
         let only_keyed = TunnelTable::new(vec![tunnel("k", Mode::Gre, Some(5), DeviceKind::Tun)]);
         let mut keyless = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
-        assert_eq!(decap(&mut keyless, &only_keyed), Err(DropReason::KeyMismatch));
+        assert_eq!(
+            decap(&mut keyless, &only_keyed),
+            Err(DropReason::KeyMismatch)
+        );
     }
 
     #[test]
@@ -307,7 +310,10 @@ mod tests {
         gre::Packet::new_unchecked(&mut g[..]).fill_checksum();
         // Right checksum, but the tunnel does not expect one.
         let mut f = outer_v4(47, &g);
-        assert_eq!(decap(&mut f, &lab()), Err(DropReason::GreChecksumUnexpected));
+        assert_eq!(
+            decap(&mut f, &lab()),
+            Err(DropReason::GreChecksumUnexpected)
+        );
         let mut expecting = tunnel("c", Mode::Gre, None, DeviceKind::Tun);
         expecting.icsum = true;
         let table = TunnelTable::new(vec![expecting]);

@@ -24,7 +24,11 @@ pub fn render(s: &Value) -> String {
         .collect();
     out.push_str(&format!(
         "drops: {}\n",
-        if drops.is_empty() { "none".into() } else { drops.join(" ") }
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(" ")
+        }
     ));
     let xdp: Vec<String> = s["xdp"]
         .as_object()

@@ -2,6 +2,7 @@
 //! runtime that wires the XDP program, AF_XDP sockets, io_uring and tap/tun
 //! devices together. All `unsafe` lives in [`sys`].
 #![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
 pub mod decap;

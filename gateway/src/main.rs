@@ -52,7 +52,9 @@ fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
             p
         }
     };
-    Config::load(&path).map(|c| (c, path)).map_err(|e| e.to_string())
+    Config::load(&path)
+        .map(|c| (c, path))
+        .map_err(|e| e.to_string())
 }
 
 fn print_plan(cfg: &Config, path: &Path) {
@@ -137,7 +139,10 @@ fn main() -> ExitCode {
         None => {
             tracing::info!("read configuration from {}", path.display());
             let Some(iface) = cli.iface.clone().or_else(|| cfg.iface.clone()) else {
-                eprintln!("error: no interface: pass --iface IFACE or set gateway.iface in {}", path.display());
+                eprintln!(
+                    "error: no interface: pass --iface IFACE or set gateway.iface in {}",
+                    path.display()
+                );
                 return ExitCode::from(2);
             };
             match gateway::run::run(cfg, &iface) {

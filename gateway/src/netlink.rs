@@ -133,9 +133,15 @@ impl Netlink {
         let res = self.rt.block_on(async move {
             let mut req = handle.address().add(link.index, local, prefix);
             let msg = req.message_mut();
-            msg.attributes.retain(|a| !matches!(a, AddressAttribute::Address(_)));
+            msg.attributes
+                .retain(|a| !matches!(a, AddressAttribute::Address(_)));
             msg.attributes.push(AddressAttribute::Address(peer));
-            if local.is_ipv4() && !msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Local(_))) {
+            if local.is_ipv4()
+                && !msg
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::Local(_)))
+            {
                 msg.attributes.push(AddressAttribute::Local(local));
             }
             req.execute().await

@@ -287,8 +287,14 @@ pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerS
     use std::sync::atomic::Ordering::Relaxed;
     let mut tunnels = Vec::new();
     for (i, t) in table.iter().enumerate() {
-        let packets: u64 = workers.iter().map(|w| w.tunnel_rx_packets[i].load(Relaxed)).sum();
-        let bytes: u64 = workers.iter().map(|w| w.tunnel_rx_bytes[i].load(Relaxed)).sum();
+        let packets: u64 = workers
+            .iter()
+            .map(|w| w.tunnel_rx_packets[i].load(Relaxed))
+            .sum();
+        let bytes: u64 = workers
+            .iter()
+            .map(|w| w.tunnel_rx_bytes[i].load(Relaxed))
+            .sum();
         tunnels.push(json!({
             "name": t.name,
             "mode": t.mode,
@@ -301,7 +307,10 @@ pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerS
     }
     let mut drops = Map::new();
     for r in DropReason::ALL {
-        let n: u64 = workers.iter().map(|w| w.drops[r as usize].load(Relaxed)).sum();
+        let n: u64 = workers
+            .iter()
+            .map(|w| w.drops[r as usize].load(Relaxed))
+            .sum();
         drops.insert(r.name().into(), json!(n));
     }
     let xdp_values = steering.counters();
@@ -321,7 +330,12 @@ fn ip(a: IpAddr) -> String {
     a.to_string()
 }
 
-fn print_stats(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerStats>], event: &str) {
+fn print_stats(
+    table: &TunnelTable,
+    steering: &Steering,
+    workers: &[Arc<WorkerStats>],
+    event: &str,
+) {
     let mut snap = snapshot(table, steering, workers);
     snap["event"] = json!(event);
     // One JSON line on stdout for programs; a readable summary on stderr.

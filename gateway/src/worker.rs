@@ -96,12 +96,16 @@ impl Worker {
         let mut writer = DeviceWriter::new(entries, &fds, &self.xsk)
             .map_err(|source| WorkerError::Uring { queue, source })?;
 
-        let total = self.free.len() as u64 + 0;
+        let total = self.free.len() as u64;
         let mut in_kernel: u64 = 0;
         in_kernel += self.xsk.fill(&mut self.free) as u64;
         self.xsk
             .wake_fill_if_needed()
-            .map_err(|source| WorkerError::Io { queue, what: "fill-ring wakeup", source })?;
+            .map_err(|source| WorkerError::Io {
+                queue,
+                what: "fill-ring wakeup",
+                source,
+            })?;
 
         let mut local = LocalStats::new(self.table.len());
         let mut rx: Vec<Frame> = Vec::with_capacity(self.batch);
@@ -129,7 +133,8 @@ impl Worker {
                                     what: "io_uring submit",
                                     source,
                                 })?;
-                                res = writer.push(u32::from(d.tunnel), f, d.offset, d.len, d.tunnel);
+                                res =
+                                    writer.push(u32::from(d.tunnel), f, d.offset, d.len, d.tunnel);
                             }
                             if let Err(f) = res {
                                 local.drop(DropReason::DeviceWriteError);
@@ -152,11 +157,13 @@ impl Worker {
             let filled = self.xsk.fill(&mut self.free);
             in_kernel += filled as u64;
             if filled > 0 || n == 0 {
-                self.xsk.wake_fill_if_needed().map_err(|source| WorkerError::Io {
-                    queue,
-                    what: "fill-ring wakeup",
-                    source,
-                })?;
+                self.xsk
+                    .wake_fill_if_needed()
+                    .map_err(|source| WorkerError::Io {
+                        queue,
+                        what: "fill-ring wakeup",
+                        source,
+                    })?;
             }
 
             if n > 0 || reaped > 0 {
@@ -171,7 +178,7 @@ impl Worker {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            if idle % IDLE_REFRESH == 0 {
+            if idle.is_multiple_of(IDLE_REFRESH) {
                 self.publish(&local, total, in_kernel, writer.in_flight());
                 self.refresh_xsk_stats();
             }
@@ -219,7 +226,8 @@ impl Worker {
             let st = &self.stats;
             st.xsk_rx_dropped.store(s.rx_dropped, Ordering::Relaxed);
             st.xsk_rx_ring_full.store(s.rx_ring_full, Ordering::Relaxed);
-            st.xsk_fill_ring_empty.store(s.fill_ring_empty, Ordering::Relaxed);
+            st.xsk_fill_ring_empty
+                .store(s.fill_ring_empty, Ordering::Relaxed);
             st.xsk_rx_invalid_descs
                 .store(s.rx_invalid_descs, Ordering::Relaxed);
         }

@@ -125,7 +125,9 @@ impl Drop for NetNs {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -150,8 +152,8 @@ impl Wire {
         let gw = NetNs::new(&format!("{tag}g"));
         let peer = NetNs::new(&format!("{tag}p"));
         sh(&[
-            "ip", "link", "add", "ens0", "netns", &gw.name, "type", "veth", "peer", "name",
-            "ens0", "netns", &peer.name,
+            "ip", "link", "add", "ens0", "netns", &gw.name, "type", "veth", "peer", "name", "ens0",
+            "netns", &peer.name,
         ]);
         gw.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"]);
         peer.ip(&["addr", "add", "192.168.0.58/24", "dev", "ens0"]);
@@ -380,7 +382,12 @@ impl RawSocket {
                 &sll as *const _ as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
-            assert_eq!(rc, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 
@@ -421,7 +428,7 @@ impl RawSocket {
             if n < 0 {
                 break;
             }
-            if pkttype == libc::PACKET_OUTGOING as u8 {
+            if pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             out.push(buf[..n as usize].to_vec());

@@ -131,7 +131,11 @@ fn assert_accounting(stats: &Value) {
     assert_eq!(rx, delivered + total_drops(stats), "accounting: {stats}");
     for w in stats["workers"].as_array().unwrap() {
         let f = &w["frames"];
-        assert_eq!(u64_at(f, &["in_flight"]), 0, "frames in flight after traffic: {w}");
+        assert_eq!(
+            u64_at(f, &["in_flight"]),
+            0,
+            "frames in flight after traffic: {w}"
+        );
         assert_eq!(
             u64_at(f, &["free"]) + u64_at(f, &["in_kernel"]),
             u64_at(f, &["total"]),
@@ -158,7 +162,13 @@ fn gre_and_ipip_arrive_as_exact_inner_packets_on_tap_and_tun() {
     let icmp = pkt::icmp_echo([10, 1, 1, 2], [10, 1, 1, 1], 1, b"through gre into a tap");
     let udp = pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 5000, b"udp via gre/tap");
     for inner in [icmp, udp] {
-        let f = pkt::outer(l.gw_mac, REMOTE, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &inner));
+        let f = pkt::outer(
+            l.gw_mac,
+            REMOTE,
+            LOCAL,
+            47,
+            &pkt::gre(0, 0x0800, 0, 0, &inner),
+        );
         cases.push(("tap1", inner, f));
     }
     let icmp = pkt::icmp_echo([30, 1, 1, 2], [30, 1, 1, 1], 2, b"keyed gre into a tun");
@@ -170,17 +180,35 @@ fn gre_and_ipip_arrive_as_exact_inner_packets_on_tap_and_tun() {
         b"ipv6 inside gre",
     );
     for (inner, proto) in [(icmp, 0x0800u16), (udp6, 0x86dd)] {
-        let f = pkt::outer(l.gw_mac, REMOTE, LOCAL, 47, &pkt::gre(0x2000, proto, 300, 0, &inner));
+        let f = pkt::outer(
+            l.gw_mac,
+            REMOTE,
+            LOCAL,
+            47,
+            &pkt::gre(0x2000, proto, 300, 0, &inner),
+        );
         cases.push(("tun1", inner, f));
     }
     let icmp = pkt::icmp_echo([20, 1, 1, 2], [20, 1, 1, 1], 3, b"ipip into a tun");
-    let udp = pkt::udp([20, 1, 1, 2], [20, 1, 1, 1], 4000, 5000, b"udp via ipip/tun");
+    let udp = pkt::udp(
+        [20, 1, 1, 2],
+        [20, 1, 1, 1],
+        4000,
+        5000,
+        b"udp via ipip/tun",
+    );
     for inner in [icmp, udp] {
         let f = pkt::outer(l.gw_mac, REMOTE, LOCAL, 4, &inner);
         cases.push(("tun2", inner, f));
     }
     let icmp = pkt::icmp_echo([40, 1, 1, 2], [40, 1, 1, 1], 4, b"ipip into a tap");
-    let udp = pkt::udp([40, 1, 1, 2], [40, 1, 1, 1], 4000, 5000, b"udp via ipip/tap");
+    let udp = pkt::udp(
+        [40, 1, 1, 2],
+        [40, 1, 1, 1],
+        4000,
+        5000,
+        b"udp via ipip/tap",
+    );
     for inner in [icmp, udp] {
         let f = pkt::outer(l.gw_mac, REMOTE2, LOCAL, 4, &inner);
         cases.push(("tap2", inner, f));
@@ -251,17 +279,83 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
 
     let sends: Vec<(&str, Vec<u8>)> = vec![
         // Unconfigured remote: the XDP program passes it to the kernel.
-        ("xdp:pass_no_endpoint", pkt::outer(m, OTHER, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &inner))),
-        ("key_mismatch", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0x2000, 0x0800, 301, 0, &inner))),
+        (
+            "xdp:pass_no_endpoint",
+            pkt::outer(m, OTHER, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &inner)),
+        ),
+        (
+            "key_mismatch",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0x2000, 0x0800, 301, 0, &inner),
+            ),
+        ),
         // Key 5: neither the keyless tunnel nor key 300.
-        ("key_mismatch", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0x2000, 0x0800, 5, 0, &inner))),
-        ("gre_version", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0x0001, 0x0800, 0, 0, &inner))),
-        ("gre_reserved_flags", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0x4000, 0x0800, 0, 0, &[&[0u8; 4][..], &inner[..]].concat()))),
-        ("gre_truncated", pkt::outer(m, REMOTE, LOCAL, 47, &[0x20, 0x00, 0x08, 0x00, 0x00, 0x00])),
-        ("inner_malformed", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &truncated_inner))),
-        ("inner_malformed", pkt::outer(m, REMOTE, LOCAL, 4, &v6_in_ipip)),
-        ("gre_protocol_unsupported", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0, 0x6558, 0, 0, &[0u8; 60]))),
-        ("gre_checksum_unexpected", pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0x8000, 0x0800, 0, 0, &inner))),
+        (
+            "key_mismatch",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0x2000, 0x0800, 5, 0, &inner),
+            ),
+        ),
+        (
+            "gre_version",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0x0001, 0x0800, 0, 0, &inner),
+            ),
+        ),
+        (
+            "gre_reserved_flags",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0x4000, 0x0800, 0, 0, &[&[0u8; 4][..], &inner[..]].concat()),
+            ),
+        ),
+        (
+            "gre_truncated",
+            pkt::outer(m, REMOTE, LOCAL, 47, &[0x20, 0x00, 0x08, 0x00, 0x00, 0x00]),
+        ),
+        (
+            "inner_malformed",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0, 0x0800, 0, 0, &truncated_inner),
+            ),
+        ),
+        (
+            "inner_malformed",
+            pkt::outer(m, REMOTE, LOCAL, 4, &v6_in_ipip),
+        ),
+        (
+            "gre_protocol_unsupported",
+            pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0, 0x6558, 0, 0, &[0u8; 60])),
+        ),
+        (
+            "gre_checksum_unexpected",
+            pkt::outer(
+                m,
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0x8000, 0x0800, 0, 0, &inner),
+            ),
+        ),
         ("outer_checksum", bad_outer_sum),
     ];
     for (_, f) in &sends {
@@ -292,11 +386,17 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
 
     // The kernel still gets everything that is not a tunnel's: ARP and
     // ping to the underlay address work while the gateway runs.
-    let (ok, out) = l.wire.peer.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.0.8"]);
+    let (ok, out) = l
+        .wire
+        .peer
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.0.8"]);
     assert!(ok, "ping to the underlay while the gateway runs: {out}");
     let s = l.gw.settled_stats();
     assert!(u64_at(&s, &["xdp", "pass_not_ip"]) >= 1, "ARP passed: {s}");
-    assert!(u64_at(&s, &["xdp", "pass_other_proto"]) >= 3, "ICMP passed: {s}");
+    assert!(
+        u64_at(&s, &["xdp", "pass_other_proto"]) >= 3,
+        "ICMP passed: {s}"
+    );
 }
 
 #[test]
@@ -315,14 +415,26 @@ fn hundred_thousand_packets_are_all_accounted_for() {
         REMOTE,
         LOCAL,
         47,
-        &pkt::gre(0, 0x0800, 0, 0, &pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 9, &[0x5a; 64])),
+        &pkt::gre(
+            0,
+            0x0800,
+            0,
+            0,
+            &pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 9, &[0x5a; 64]),
+        ),
     );
     let bad = pkt::outer(
         l.gw_mac,
         REMOTE,
         LOCAL,
         47,
-        &pkt::gre(0x2000, 0x0800, 77, 0, &pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 9, &[0xa5; 64])),
+        &pkt::gre(
+            0x2000,
+            0x0800,
+            77,
+            0,
+            &pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 9, &[0xa5; 64]),
+        ),
     );
     let start = Instant::now();
     let mut sent_bad = 0u64;
@@ -347,7 +459,11 @@ fn hundred_thousand_packets_are_all_accounted_for() {
 
     assert_eq!(u64_at(&s, &["xdp", "redirected"]), TOTAL as u64, "{s}");
     for w in s["workers"].as_array().unwrap() {
-        assert_eq!(u64_at(w, &["xsk", "rx_dropped"]), 0, "kernel-side drops: {w}");
+        assert_eq!(
+            u64_at(w, &["xsk", "rx_dropped"]),
+            0,
+            "kernel-side drops: {w}"
+        );
         assert_eq!(u64_at(w, &["xsk", "rx_ring_full"]), 0, "{w}");
     }
     assert_eq!(worker_sum(&s, "rx_frames"), TOTAL as u64);
@@ -388,7 +504,10 @@ fn sigterm_and_sigkill_leave_no_xdp_program_behind() {
         !wire.gw.exec(&["ip", "link", "show", "tap1"]).0,
         "the tap the gateway created is gone"
     );
-    assert!(underlay_answers(&wire.peer), "underlay answers ping after SIGTERM");
+    assert!(
+        underlay_answers(&wire.peer),
+        "underlay answers ping after SIGTERM"
+    );
 
     let gw = Gateway::start(&wire.gw, CONFIG);
     assert!(wire.gw.has_xdp("ens0"));
@@ -399,5 +518,8 @@ fn sigterm_and_sigkill_leave_no_xdp_program_behind() {
     });
     eprintln!("XDP gone {:?} after SIGKILL", killed.elapsed());
     drop(gw);
-    assert!(underlay_answers(&wire.peer), "underlay answers ping after SIGKILL");
+    assert!(
+        underlay_answers(&wire.peer),
+        "underlay answers ping after SIGKILL"
+    );
 }

@@ -1,1 +1,227 @@
-fn main() {}
+//! `cargo xtask`: orchestration only. Nothing here is needed to build the
+//! gateway; it installs what a fresh machine lacks, runs the tests, and
+//! (as they arrive) the demo and the bench.
+//!
+//! ```text
+//! cargo xtask setup     install toolchain pieces and Debian packages
+//! cargo xtask test      setup, build, unit tests, integration tests (root)
+//! cargo xtask lint      rustfmt --check and clippy -D warnings
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent; says what it does).
+    Setup,
+    /// Setup, build, then run the unit and integration tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt --check and clippy with warnings denied.
+    Lint,
+}
+
+/// Debian packages: building (LLVM 22 for bpf-linker, clang-22 and friends
+/// for libxdp), and testing (iproute2, ping, capture tools).
+const DEB_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "clang-22",
+    "libelf-dev",
+    "m4",
+    "pkg-config",
+    "iproute2",
+    "iputils-ping",
+    "tcpdump",
+    "tshark",
+    "iperf3",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("[xtask] {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    say(&format!("running {cmd:?}"));
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"))
+        .join("bin")
+}
+
+fn setup() -> Result<()> {
+    // Debian packages.
+    let missing: Vec<&str> = DEB_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        say("Debian packages: all present");
+    } else if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them as root: apt-get update && apt-get install -y {}",
+            missing.join(" ")
+        );
+    } else {
+        say(&format!("installing Debian packages {missing:?}"));
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // Nightly with rust-src: the XDP program is built with -Z build-std=core.
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the nightly Rust toolchain is missing; install it with `rustup toolchain install nightly --component rust-src`");
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup component list")?;
+    if String::from_utf8_lossy(&components.stdout).contains("rust-src") {
+        say("nightly rust-src: present");
+    } else {
+        say("adding rust-src to the nightly toolchain (for -Z build-std=core)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // bpf-linker built against Debian's LLVM 22.
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let have = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if have {
+        say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+    } else {
+        say(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s, once)"
+        ));
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path)
+            .env("LLVM_SYS_220_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).args(args);
+    c
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    run(&mut cargo(&["build", "--workspace"]))?;
+    let bin = root().join("target/debug/gateway");
+    if !Path::new(&bin).exists() {
+        bail!("build produced no {}", bin.display());
+    }
+    say("unit tests (no root needed)");
+    run(cargo(&["test", "--workspace", "--exclude", "gateway-tests"]).args(args))?;
+    if !is_root() {
+        bail!("the integration tests need root (network namespaces, XDP, AF_XDP): run `sudo -E cargo xtask test`");
+    }
+    say(
+        "integration tests: the real binary, XDP, AF_XDP and tap/tun devices in network namespaces",
+    );
+    run(cargo(&["test", "-p", "gateway-tests", "--"])
+        .arg("--test-threads=1")
+        .args(args)
+        .env("GATEWAY_BIN", &bin))?;
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Lint => lint(),
+    }
+}

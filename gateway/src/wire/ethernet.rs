@@ -194,12 +194,21 @@ mod tests {
         let f = Frame::new_checked(&b[..]).unwrap();
         assert_eq!(f.network(), Ok((EtherType::Ipv6, 18)));
         b[16..18].copy_from_slice(&[0x81, 0x00]);
-        assert_eq!(Frame::new_unchecked(&b[..]).network(), Err(Error::Malformed));
-        assert_eq!(Frame::new_unchecked(&b[..16]).network(), Err(Error::Truncated));
+        assert_eq!(
+            Frame::new_unchecked(&b[..]).network(),
+            Err(Error::Malformed)
+        );
+        assert_eq!(
+            Frame::new_unchecked(&b[..16]).network(),
+            Err(Error::Truncated)
+        );
     }
 
     #[test]
     fn truncated() {
-        assert_eq!(Frame::new_checked(&FRAME[..13]).err(), Some(Error::Truncated));
+        assert_eq!(
+            Frame::new_checked(&FRAME[..13]).err(),
+            Some(Error::Truncated)
+        );
     }
 }

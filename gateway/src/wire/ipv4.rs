@@ -288,10 +288,16 @@ mod tests {
         assert_eq!(Packet::new_checked(&v6[..]).err(), Some(Error::Malformed));
         let mut short_ihl = b;
         short_ihl[0] = 0x44;
-        assert_eq!(Packet::new_checked(&short_ihl[..]).err(), Some(Error::Malformed));
+        assert_eq!(
+            Packet::new_checked(&short_ihl[..]).err(),
+            Some(Error::Malformed)
+        );
         let mut short_total = b;
         short_total[3] = 19;
-        assert_eq!(Packet::new_checked(&short_total[..]).err(), Some(Error::Malformed));
+        assert_eq!(
+            Packet::new_checked(&short_total[..]).err(),
+            Some(Error::Malformed)
+        );
         let mut long_ihl = b;
         long_ihl[0] = 0x4f; // 60-byte header in a 28-byte packet
         assert!(Packet::new_checked(&long_ihl[..]).is_err());
