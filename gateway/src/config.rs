@@ -75,6 +75,7 @@ struct RawTunnel {
     device_kind: Option<String>,
     address: Option<String>,
     peer: Option<String>,
+    accept_from: Option<Vec<String>>,
     persistent: Option<bool>,
 }
 
@@ -146,6 +147,8 @@ pub struct TunnelConfig {
     pub device_kind: DeviceKind,
     pub address: Option<IpAddr>,
     pub peer: Option<IpAddr>,
+    /// Inner source prefixes accepted besides `peer`.
+    pub accept_from: Vec<crate::tunnel::Prefix>,
     /// Keep the device when the gateway stops.
     pub persistent: bool,
 }
@@ -641,6 +644,28 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             "ipip carries IPv4 only; use IPv4 inner addresses (or mode \"gre\")",
         ));
     }
+    let mut accept_from = Vec::new();
+    for a in t.accept_from.iter().flatten() {
+        let p = crate::tunnel::Prefix::parse(a).ok_or_else(|| {
+            err(
+                f("accept_from"),
+                format!("\"{a}\" is not a prefix; write one such as \"172.16.0.0/24\""),
+            )
+        })?;
+        if mode == Mode::Ipip && p.addr.is_ipv6() {
+            return Err(err(
+                f("accept_from"),
+                format!("{p}: ipip carries IPv4 only"),
+            ));
+        }
+        accept_from.push(p);
+    }
+    if !accept_from.is_empty() && peer.is_none() {
+        return Err(err(
+            f("accept_from"),
+            "needs peer: without peer every inner source is accepted; add peer = \"<far inner address>\"",
+        ));
+    }
     let cfg = TunnelConfig {
         name,
         mode,
@@ -656,6 +681,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         device_kind,
         address,
         peer,
+        accept_from,
         persistent: t.persistent.unwrap_or(false),
     };
     Ok(cfg)

@@ -100,16 +100,23 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
     };
 
     let rest = &frame[inner_start..payload.end];
-    let inner_len = match inner {
-        Inner::V4 => ipv4::Packet::new_checked(rest)
-            .map_err(|_| DropReason::InnerMalformed)?
-            .total_len()
-            .into(),
-        Inner::V6 => ipv6::Packet::new_checked(rest)
-            .map_err(|_| DropReason::InnerMalformed)?
-            .total_len(),
+    let (inner_len, inner_src) = match inner {
+        Inner::V4 => {
+            let p = ipv4::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
+            (
+                usize::from(p.total_len()),
+                std::net::IpAddr::V4(p.src_addr()),
+            )
+        }
+        Inner::V6 => {
+            let p = ipv6::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
+            (p.total_len(), std::net::IpAddr::V6(p.src_addr()))
+        }
     };
     let t = table.get(tunnel);
+    if !t.accepts_source(inner_src) {
+        return Err(DropReason::InnerSourceNotPeer);
+    }
     if inner_len > usize::from(t.mtu) {
         return Err(DropReason::InnerTooBig);
     }
@@ -182,6 +189,7 @@ mod tests {
             device_mac: TAP_MAC,
             peer_mac: PEER_MAC,
             mtu: 1400,
+            allowed_sources: Vec::new(),
         }
     }
 
@@ -365,6 +373,20 @@ mod tests {
         big[2..4].copy_from_slice(&1500u16.to_be_bytes());
         let mut f = outer_v4(4, &big);
         assert_eq!(decap(&mut f, &t), Err(DropReason::InnerTooBig));
+    }
+
+    #[test]
+    fn only_the_peer_gets_in() {
+        let mut t = tunnel("p", Mode::Ipip, None, DeviceKind::Tun);
+        t.allowed_sources = vec![crate::tunnel::Prefix::parse("10.1.1.2").unwrap()];
+        let table = TunnelTable::new(vec![t]);
+        let mut f = outer_v4(4, &inner_v4());
+        assert!(decap(&mut f, &table).is_ok());
+        let mut spoofed = inner_v4();
+        spoofed[12..16].copy_from_slice(&[10, 1, 1, 9]);
+        ipv4::Packet::new_unchecked(&mut spoofed[..]).fill_checksum();
+        let mut f = outer_v4(4, &spoofed);
+        assert_eq!(decap(&mut f, &table), Err(DropReason::InnerSourceNotPeer));
     }
 
     #[test]

@@ -47,10 +47,39 @@ pub enum DropReason {
     DeviceWriteError,
     /// The device took fewer bytes than offered.
     DeviceWriteShort,
+    /// Inner source is not the tunnel's peer (nor a network behind it).
+    InnerSourceNotPeer,
+
+    // ---- the way out: packets read from a tunnel's device ----
+    /// Reading from the device failed.
+    TxDeviceReadError,
+    /// A frame from a tap that is neither IP nor an ARP request we answer.
+    TxNotIp,
+    /// Inner packet with a bad header or inconsistent lengths.
+    TxMalformed,
+    /// Kernel chatter that must not enter a tunnel: IPv6 link-local or
+    /// multicast (router solicitations, MLD reports), IPv4 multicast and
+    /// broadcast, ARP that is not a request.
+    TxChatter,
+    /// An inner family the tunnel does not carry (IPv6 into IPIP).
+    TxFamilyNotCarried,
+    /// Larger than the tunnel MTU without DF (not fragmented; counted).
+    TxTooBig,
+    /// Larger than the tunnel MTU with DF (IPv4) or any IPv6: answered with
+    /// ICMP "fragmentation needed" / "packet too big" into the device.
+    TxTooBigIcmpSent,
+    /// The next hop's MAC is not known (yet): resolution was requested.
+    TxNoNeighbour,
+    /// No room in the AF_XDP TX ring.
+    TxRingFull,
+    /// Writing an ARP/ND answer or an ICMP error back into the device failed.
+    TxReplyWriteError,
+    /// Read from a device but not sent because the gateway was stopping.
+    TxShutdown,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 32;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -73,9 +102,26 @@ impl DropReason {
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
         DropReason::DeviceWriteShort,
+        DropReason::InnerSourceNotPeer,
+        DropReason::TxDeviceReadError,
+        DropReason::TxNotIp,
+        DropReason::TxMalformed,
+        DropReason::TxChatter,
+        DropReason::TxFamilyNotCarried,
+        DropReason::TxTooBig,
+        DropReason::TxTooBigIcmpSent,
+        DropReason::TxNoNeighbour,
+        DropReason::TxRingFull,
+        DropReason::TxReplyWriteError,
+        DropReason::TxShutdown,
     ];
 
     /// Stable snake_case name for stats output and metrics.
+    /// True for reasons of the way out (packets read from a device).
+    pub const fn is_tx(self) -> bool {
+        (self as u8) >= (DropReason::TxDeviceReadError as u8)
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             DropReason::Truncated => "truncated",
@@ -98,6 +144,18 @@ impl DropReason {
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",
             DropReason::DeviceWriteShort => "device_write_short",
+            DropReason::InnerSourceNotPeer => "inner_source_not_peer",
+            DropReason::TxDeviceReadError => "tx_device_read_error",
+            DropReason::TxNotIp => "tx_not_ip",
+            DropReason::TxMalformed => "tx_malformed",
+            DropReason::TxChatter => "tx_chatter",
+            DropReason::TxFamilyNotCarried => "tx_family_not_carried",
+            DropReason::TxTooBig => "tx_too_big",
+            DropReason::TxTooBigIcmpSent => "tx_too_big_icmp_sent",
+            DropReason::TxNoNeighbour => "tx_no_neighbour",
+            DropReason::TxRingFull => "tx_ring_full",
+            DropReason::TxReplyWriteError => "tx_reply_write_error",
+            DropReason::TxShutdown => "tx_shutdown",
         }
     }
 }

@@ -6,13 +6,16 @@ use serde_json::Value;
 /// lines; zero drop counters are left out.
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
-    out.push_str("tunnel        rx_packets        rx_bytes\n");
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    out.push_str("tunnel        rx_packets        rx_bytes  tx_packets        tx_bytes\n");
     for t in s["tunnels"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<12} {:>11} {:>15}\n",
+            "{:<12} {:>11} {:>15} {:>11} {:>15}\n",
             t["name"].as_str().unwrap_or("?"),
-            t["rx_packets"],
-            t["rx_bytes"]
+            n(&t["rx_packets"]),
+            n(&t["rx_bytes"]),
+            n(&t["tx_packets"]),
+            n(&t["tx_bytes"]),
         ));
     }
     let drops: Vec<String> = s["drops"]
@@ -40,9 +43,10 @@ pub fn render(s: &Value) -> String {
     out.push_str(&format!("xdp: {}\n", xdp.join(" ")));
     for w in s["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "worker q{} core {}: rx {} delivered {} batches {}; frames total {} free {} in_kernel {} in_flight {}; xsk rx_dropped {} ring_full {} fill_empty {}\n",
+            "worker q{} core {}: rx {} delivered {} batches {}; read {} sent {} replies {}; frames total {} free {} in_kernel {} in_flight {} in_tx {}; xsk rx_dropped {} ring_full {} fill_empty {}\n",
             w["queue"], w["core"], w["rx_frames"], w["delivered"], w["batches"],
-            w["frames"]["total"], w["frames"]["free"], w["frames"]["in_kernel"], w["frames"]["in_flight"],
+            w["tx_read"], w["tx_sent"], w["tx_replies"],
+            w["frames"]["total"], w["frames"]["free"], w["frames"]["in_kernel"], w["frames"]["in_flight"], w["frames"]["in_tx"],
             w["xsk"]["rx_dropped"], w["xsk"]["rx_ring_full"], w["xsk"]["fill_ring_empty"],
         ));
     }

@@ -7,7 +7,9 @@
 pub mod config;
 pub mod decap;
 pub mod drop_reason;
+pub mod encap;
 pub mod human;
+pub mod neighbour;
 pub mod netlink;
 pub mod run;
 pub mod stats;

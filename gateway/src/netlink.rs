@@ -179,3 +179,145 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
     }
     info
 }
+
+/// Neighbour-table state of a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeighState {
+    /// A usable MAC (reachable, permanent, noarp, or being re-checked).
+    Valid,
+    /// A MAC the kernel no longer vouches for: usable, but refresh it.
+    Stale,
+    /// Being resolved, failed, or not there.
+    Missing,
+}
+
+impl Netlink {
+    /// The kernel's route to `dst`: the gateway (if any) and the output
+    /// interface index.
+    pub fn route_to(&self, dst: IpAddr) -> Result<Option<(Option<IpAddr>, u32)>, NetlinkError> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let msg = match dst {
+            IpAddr::V4(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let handle = self.handle.clone();
+        let res = self
+            .rt
+            .block_on(async move { handle.route().get(msg).execute().try_next().await });
+        let route = match res {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(e)
+                if matches!(
+                    errno(&e),
+                    Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(NetlinkError::Request {
+                    what: format!("looking up the route to {dst}"),
+                    reason: describe(&e),
+                })
+            }
+        };
+        let mut gateway = None;
+        let mut oif = None;
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        Ok(oif.map(|o| (gateway, o)))
+    }
+
+    /// The neighbour entry of `ip` on interface `index`.
+    pub fn neighbour(
+        &self,
+        index: u32,
+        ip: IpAddr,
+    ) -> Result<(NeighState, Option<[u8; 6]>), NetlinkError> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let handle = self.handle.clone();
+        let res: Result<Vec<_>, _> = self
+            .rt
+            .block_on(async move { handle.neighbours().get().execute().try_collect().await });
+        let list = res.map_err(|e| NetlinkError::Request {
+            what: "reading the neighbour table".into(),
+            reason: describe(&e),
+        })?;
+        for n in list {
+            if n.header.ifindex != index {
+                continue;
+            }
+            let mut dst = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                        dst = Some(IpAddr::V4(*v))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                        dst = Some(IpAddr::V6(*v))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        let mut m = [0u8; 6];
+                        m.copy_from_slice(l);
+                        mac = Some(m);
+                    }
+                    _ => {}
+                }
+            }
+            if dst != Some(ip) {
+                continue;
+            }
+            let state = match n.header.state {
+                NeighbourState::Reachable
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+                | NeighbourState::Delay
+                | NeighbourState::Probe => NeighState::Valid,
+                NeighbourState::Stale => NeighState::Stale,
+                _ => NeighState::Missing,
+            };
+            if mac.is_none() {
+                return Ok((NeighState::Missing, None));
+            }
+            return Ok((state, mac));
+        }
+        Ok((NeighState::Missing, None))
+    }
+
+    /// Asks the kernel to resolve (or re-confirm) `ip` on interface `index`,
+    /// as `ip neigh replace IP dev DEV use` does (NTF_USE): the kernel sends
+    /// its ARP/ND probe; no packet of ours goes out.
+    pub fn resolve(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
+        use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move {
+                handle
+                    .neighbours()
+                    .add(index, ip)
+                    .flags(NeighbourFlags::Use)
+                    .state(NeighbourState::None)
+                    .replace()
+                    .execute()
+                    .await
+            })
+            .map_err(|e| NetlinkError::Request {
+                what: format!("asking the kernel to resolve {ip}"),
+                reason: describe(&e),
+            })
+    }
+}

@@ -20,11 +20,13 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 
 use crate::config::{Config, Cores, Queues, TunnelConfig};
 use crate::drop_reason::DropReason;
+use crate::encap::TunnelTx;
+use crate::neighbour::{run_resolver, NextHops};
 use crate::netlink::{LinkInfo, Netlink};
 use crate::stats::WorkerStats;
 use crate::sys::{tap, xsk::Xsk};
 use crate::tunnel::{DeviceKind, TunnelRx, TunnelTable};
-use crate::worker::Worker;
+use crate::worker::{Shared, Worker};
 use crate::xdp::Steering;
 
 /// Number of RX queues of `iface`, from sysfs.
@@ -136,6 +138,7 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
     // Devices.
     let mut devices = Vec::new();
     let mut rx_tunnels = Vec::new();
+    let mut tx_tunnels = Vec::new();
     for (i, t) in cfg.tunnels.iter().enumerate() {
         let mtu = tunnel_mtu(t, underlay.mtu)?;
         let dev = open_device(&nl, t, mtu, workers)?;
@@ -165,10 +168,42 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
             device_mac,
             peer_mac: peer_mac(i),
             mtu,
+            allowed_sources: t
+                .peer
+                .map(|p| {
+                    let mut v = vec![crate::tunnel::Prefix::host(p)];
+                    v.extend(t.accept_from.iter().copied());
+                    v
+                })
+                .unwrap_or_default(),
+        });
+        let (IpAddr::V4(local), IpAddr::V4(remote)) = (t.local, t.remote) else {
+            bail!(
+                "tunnel \"{}\": an IPv6 underlay is not supported yet",
+                t.name
+            );
+        };
+        tx_tunnels.push(TunnelTx {
+            mode: t.mode,
+            local,
+            remote,
+            okey: t.okey,
+            ocsum: t.ocsum,
+            ttl: t.ttl,
+            mtu,
+            device_kind: t.device_kind,
+            device_mac,
+            peer_mac: peer_mac(i),
+            address: t.address,
+            peer: t.peer,
         });
         devices.push(dev);
     }
     let table = Arc::new(TunnelTable::new(rx_tunnels));
+    let tx_table = Arc::new(tx_tunnels);
+    let src_mac = underlay.mac.ok_or_else(|| {
+        anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
+    })?;
 
     // XDP program and sockets.
     let mut steering = Steering::load()?;
@@ -176,6 +211,22 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
         steering.add_endpoint(key)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let next_hops = Arc::new(NextHops::new(table.len()));
+    let resolver = {
+        let remotes: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.remote).collect();
+        let (hops, stop, index, name) = (
+            next_hops.clone(),
+            stop.clone(),
+            underlay.index,
+            iface.to_string(),
+        );
+        std::thread::Builder::new()
+            .name("gw-neigh".into())
+            .spawn(move || {
+                run_resolver(remotes, index, name, hops, stop, Duration::from_millis(500))
+            })
+            .context("spawning the neighbour resolver")?
+    };
     let mut stats = Vec::new();
     let mut pending = Vec::new();
     for (w, (&queue, &core)) in queues.iter().zip(&cores).enumerate() {
@@ -201,9 +252,14 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
             xsk,
             frames,
             fds,
-            table.clone(),
+            Shared {
+                rx: table.clone(),
+                tx: tx_table.clone(),
+                next_hops: next_hops.clone(),
+                src_mac,
+                stop: stop.clone(),
+            },
             st.clone(),
-            stop.clone(),
         ));
         stats.push(st);
     }
@@ -262,6 +318,7 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = resolver.join();
     print_stats(&table, &steering, &stats, "final");
     drop(steering);
     // Closing the queues would remove a non-persistent device, but the
@@ -295,6 +352,14 @@ pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerS
             .iter()
             .map(|w| w.tunnel_rx_bytes[i].load(Relaxed))
             .sum();
+        let tx_packets: u64 = workers
+            .iter()
+            .map(|w| w.tunnel_tx_packets[i].load(Relaxed))
+            .sum();
+        let tx_bytes: u64 = workers
+            .iter()
+            .map(|w| w.tunnel_tx_bytes[i].load(Relaxed))
+            .sum();
         tunnels.push(json!({
             "name": t.name,
             "mode": t.mode,
@@ -303,6 +368,8 @@ pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerS
             "device_kind": t.device_kind,
             "rx_packets": packets,
             "rx_bytes": bytes,
+            "tx_packets": tx_packets,
+            "tx_bytes": tx_bytes,
         }));
     }
     let mut drops = Map::new();

@@ -8,6 +8,27 @@ use serde_json::{json, Map, Value};
 
 use crate::drop_reason::DropReason;
 
+/// Where a worker's UMEM frames are. `free + in_kernel + in_flight +
+/// in_tx == total` always.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameCounts {
+    pub total: u64,
+    /// Held by the worker: the free list and frames waiting for TX room.
+    pub free: u64,
+    /// In the fill or RX ring.
+    pub in_kernel: u64,
+    /// In an io_uring read or write.
+    pub in_flight: u64,
+    /// In the TX or completion ring.
+    pub in_tx: u64,
+}
+
+impl FrameCounts {
+    pub fn balanced(&self) -> bool {
+        self.free + self.in_kernel + self.in_flight + self.in_tx == self.total
+    }
+}
+
 /// Published counters of one worker.
 pub struct WorkerStats {
     pub queue: u32,
@@ -18,10 +39,16 @@ pub struct WorkerStats {
     pub drops: [AtomicU64; DropReason::COUNT],
     pub tunnel_rx_packets: Vec<AtomicU64>,
     pub tunnel_rx_bytes: Vec<AtomicU64>,
+    pub tunnel_tx_packets: Vec<AtomicU64>,
+    pub tunnel_tx_bytes: Vec<AtomicU64>,
+    pub tx_read: AtomicU64,
+    pub tx_sent: AtomicU64,
+    pub tx_replies: AtomicU64,
     pub frames_total: AtomicU64,
     pub frames_free: AtomicU64,
     pub frames_in_kernel: AtomicU64,
     pub frames_in_flight: AtomicU64,
+    pub frames_in_tx: AtomicU64,
     pub busy_polls: AtomicU64,
     pub idle_polls: AtomicU64,
     pub sleeps: AtomicU64,
@@ -40,6 +67,11 @@ pub struct LocalStats {
     pub drops: [u64; DropReason::COUNT],
     pub tunnel_rx_packets: Vec<u64>,
     pub tunnel_rx_bytes: Vec<u64>,
+    pub tunnel_tx_packets: Vec<u64>,
+    pub tunnel_tx_bytes: Vec<u64>,
+    pub tx_read: u64,
+    pub tx_sent: u64,
+    pub tx_replies: u64,
     pub busy_polls: u64,
     pub idle_polls: u64,
     pub sleeps: u64,
@@ -54,6 +86,11 @@ impl LocalStats {
             drops: [0; DropReason::COUNT],
             tunnel_rx_packets: vec![0; tunnels],
             tunnel_rx_bytes: vec![0; tunnels],
+            tunnel_tx_packets: vec![0; tunnels],
+            tunnel_tx_bytes: vec![0; tunnels],
+            tx_read: 0,
+            tx_sent: 0,
+            tx_replies: 0,
             busy_polls: 0,
             idle_polls: 0,
             sleeps: 0,
@@ -81,10 +118,16 @@ impl WorkerStats {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             tunnel_rx_packets: atomics(tunnels),
             tunnel_rx_bytes: atomics(tunnels),
+            tunnel_tx_packets: atomics(tunnels),
+            tunnel_tx_bytes: atomics(tunnels),
+            tx_read: AtomicU64::new(0),
+            tx_sent: AtomicU64::new(0),
+            tx_replies: AtomicU64::new(0),
             frames_total: AtomicU64::new(0),
             frames_free: AtomicU64::new(0),
             frames_in_kernel: AtomicU64::new(0),
             frames_in_flight: AtomicU64::new(0),
+            frames_in_tx: AtomicU64::new(0),
             busy_polls: AtomicU64::new(0),
             idle_polls: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
@@ -109,16 +152,26 @@ impl WorkerStats {
         for (a, v) in self.tunnel_rx_bytes.iter().zip(&l.tunnel_rx_bytes) {
             a.store(*v, Relaxed);
         }
+        for (a, v) in self.tunnel_tx_packets.iter().zip(&l.tunnel_tx_packets) {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in self.tunnel_tx_bytes.iter().zip(&l.tunnel_tx_bytes) {
+            a.store(*v, Relaxed);
+        }
+        self.tx_read.store(l.tx_read, Relaxed);
+        self.tx_sent.store(l.tx_sent, Relaxed);
+        self.tx_replies.store(l.tx_replies, Relaxed);
         self.busy_polls.store(l.busy_polls, Relaxed);
         self.idle_polls.store(l.idle_polls, Relaxed);
         self.sleeps.store(l.sleeps, Relaxed);
     }
 
-    pub fn publish_frames(&self, total: u64, free: u64, in_kernel: u64, in_flight: u64) {
-        self.frames_total.store(total, Relaxed);
-        self.frames_free.store(free, Relaxed);
-        self.frames_in_kernel.store(in_kernel, Relaxed);
-        self.frames_in_flight.store(in_flight, Relaxed);
+    pub fn publish_frames(&self, f: &FrameCounts) {
+        self.frames_total.store(f.total, Relaxed);
+        self.frames_free.store(f.free, Relaxed);
+        self.frames_in_kernel.store(f.in_kernel, Relaxed);
+        self.frames_in_flight.store(f.in_flight, Relaxed);
+        self.frames_in_tx.store(f.in_tx, Relaxed);
     }
 
     pub fn to_json(&self) -> Value {
@@ -131,6 +184,9 @@ impl WorkerStats {
             "core": self.core,
             "rx_frames": self.rx_frames.load(Relaxed),
             "delivered": self.delivered.load(Relaxed),
+            "tx_read": self.tx_read.load(Relaxed),
+            "tx_sent": self.tx_sent.load(Relaxed),
+            "tx_replies": self.tx_replies.load(Relaxed),
             "batches": self.batches.load(Relaxed),
             "drops": drops,
             "polls": {
@@ -143,6 +199,7 @@ impl WorkerStats {
                 "free": self.frames_free.load(Relaxed),
                 "in_kernel": self.frames_in_kernel.load(Relaxed),
                 "in_flight": self.frames_in_flight.load(Relaxed),
+                "in_tx": self.frames_in_tx.load(Relaxed),
             },
             "xsk": {
                 "rx_dropped": self.xsk_rx_dropped.load(Relaxed),

@@ -57,6 +57,72 @@ pub struct TunnelRx {
     pub peer_mac: ethernet::Address,
     /// Largest inner packet (the tunnel MTU); longer ones are dropped.
     pub mtu: u16,
+    /// Inner source prefixes accepted from this tunnel: the peer's address
+    /// and `accept_from`. Empty: any source (no `peer` configured).
+    pub allowed_sources: Vec<Prefix>,
+}
+
+/// An IP prefix, `address/length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// The host prefix of one address.
+    pub fn host(addr: IpAddr) -> Prefix {
+        Prefix {
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
+    /// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a host prefix).
+    pub fn parse(s: &str) -> Option<Prefix> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().ok().filter(|&l| l <= max)?,
+            None => max,
+        };
+        Some(Prefix { addr, len })
+    }
+
+    #[inline]
+    pub fn contains(&self, a: IpAddr) -> bool {
+        match (self.addr, a) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(p) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(p) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl TunnelRx {
+    /// True when this tunnel accepts inner packets from `src`.
+    #[inline]
+    pub fn accepts_source(&self, src: IpAddr) -> bool {
+        self.allowed_sources.is_empty() || self.allowed_sources.iter().any(|p| p.contains(src))
+    }
 }
 
 impl TunnelRx {
@@ -149,5 +215,30 @@ impl TunnelTable {
             .copied()
             .find(|&id| self.tunnels[usize::from(id)].ikey == gre_key)
             .ok_or(LookupError::KeyMismatch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let p = Prefix::parse("10.1.0.0/16").unwrap();
+        assert!(p.contains("10.1.200.3".parse().unwrap()));
+        assert!(!p.contains("10.2.0.1".parse().unwrap()));
+        assert!(!p.contains("::1".parse().unwrap()));
+        let h = Prefix::parse("10.1.1.2").unwrap();
+        assert_eq!(h.len, 32);
+        assert!(h.contains("10.1.1.2".parse().unwrap()));
+        assert!(!h.contains("10.1.1.3".parse().unwrap()));
+        let all = Prefix::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        let v6 = Prefix::parse("fd00::/64").unwrap();
+        assert!(v6.contains("fd00::2".parse().unwrap()));
+        assert!(!v6.contains("fd01::2".parse().unwrap()));
+        assert!(Prefix::parse("10.0.0.0/33").is_none());
+        assert!(Prefix::parse("banana/8").is_none());
+        assert_eq!(v6.to_string(), "fd00::/64");
     }
 }

@@ -2,11 +2,18 @@
 //! io_uring and one queue fd of every tunnel device. Nothing on its path is
 //! shared or locked; it publishes counters with relaxed stores.
 //!
-//! Loop: reap write completions (frames back to the free list) → take a
-//! batch from the RX ring → decapsulate each frame in place → queue a
-//! `WriteFixed` per packet → one submit for the batch → top up the fill
-//! ring. Every frame taken from the RX ring is either written (and counted
-//! delivered once its write completes) or dropped under a named reason.
+//! Inbound: take a batch from the RX ring → decapsulate each frame in place
+//! → queue a `WriteFixed` per packet → one submit per loop → the frame goes
+//! back to the fill ring when its write completes.
+//!
+//! Outbound: each device queue always has a few `ReadFixed`s outstanding,
+//! each into a free UMEM frame at the offset that leaves room for the
+//! tunnel's outer headers. A completed read is encapsulated in place and
+//! the frame goes to the TX ring; the completion ring hands it back. ARP,
+//! neighbour solicitations and too-big packets are answered with a write
+//! back into the device from the same frame.
+//!
+//! Every frame is always in exactly one place (see [`FrameCounts`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +22,10 @@ use std::sync::Arc;
 use crate::config::PollMode;
 use crate::decap::decap;
 use crate::drop_reason::DropReason;
-use crate::stats::{LocalStats, WorkerStats};
-use crate::sys::uring::{Completed, DeviceWriter};
+use crate::encap::{encap, NextHop, TunnelTx, Verdict};
+use crate::neighbour::NextHops;
+use crate::stats::{FrameCounts, LocalStats, WorkerStats};
+use crate::sys::uring::{Completed, DeviceIo, Op};
 use crate::sys::xsk::{Frame, Xsk};
 use crate::tunnel::TunnelTable;
 
@@ -27,6 +36,13 @@ const ADAPTIVE_SPINS: u32 = 2048;
 const ADAPTIVE_SLEEP_MS: i32 = 10;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
+/// Reads kept outstanding on each device queue.
+const READS_PER_DEVICE: u32 = 32;
+/// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
+/// decapsulated packet.
+const REPLY: u16 = 0x8000;
+/// Tag bit of writes of an ICMP "too big" error into the device.
+const REPLY_ICMP: u16 = 0x4000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -40,6 +56,16 @@ pub enum WorkerError {
     },
 }
 
+/// What a worker shares with the rest of the gateway.
+pub struct Shared {
+    pub rx: Arc<TunnelTable>,
+    pub tx: Arc<Vec<TunnelTx>>,
+    pub next_hops: Arc<NextHops>,
+    /// The underlay interface's MAC: the outer source.
+    pub src_mac: [u8; 6],
+    pub stop: Arc<AtomicBool>,
+}
+
 pub struct Worker {
     pub queue: u32,
     pub core: Option<usize>,
@@ -49,9 +75,18 @@ pub struct Worker {
     free: Vec<Frame>,
     /// This worker's queue of each tunnel's device, in tunnel order.
     devices: Vec<OwnedFd>,
-    table: Arc<TunnelTable>,
+    shared: Shared,
     stats: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
+}
+
+/// The worker's loop state.
+struct State {
+    local: LocalStats,
+    frames: FrameCounts,
+    reads: Vec<u32>,
+    writes_in_flight: usize,
+    tx_pending: Vec<Frame>,
+    ident: u16,
 }
 
 impl Worker {
@@ -64,9 +99,8 @@ impl Worker {
         xsk: Xsk,
         frames: Vec<Frame>,
         devices: Vec<OwnedFd>,
-        table: Arc<TunnelTable>,
+        shared: Shared,
         stats: Arc<WorkerStats>,
-        stop: Arc<AtomicBool>,
     ) -> Worker {
         Worker {
             queue,
@@ -76,14 +110,21 @@ impl Worker {
             xsk,
             free: frames,
             devices,
-            table,
+            shared,
             stats,
-            stop,
         }
     }
 
-    /// Runs until the stop flag is set. Returns with every frame back in the
-    /// free list or the kernel's fill/RX rings, none in flight.
+    fn io_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WorkerError {
+        let queue = self.queue;
+        move |source| WorkerError::Io {
+            queue,
+            what,
+            source,
+        }
+    }
+
+    /// Runs until the stop flag is set. Returns with no frame in flight.
     pub fn run(mut self) -> Result<(), WorkerError> {
         if let Some(core) = self.core {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -91,106 +132,118 @@ impl Worker {
             }
         }
         let queue = self.queue;
+        let ntun = self.shared.rx.len();
         let fds: Vec<_> = self.devices.iter().map(|d| d.as_raw_fd()).collect();
-        let entries = (self.batch as u32 * 4).next_power_of_two().max(64);
-        let mut writer = DeviceWriter::new(entries, &fds, &self.xsk)
+        let entries = ((self.batch as u32 * 4) + READS_PER_DEVICE * ntun as u32 * 2)
+            .next_power_of_two()
+            .max(64);
+        let mut io = DeviceIo::new(entries, &fds, &self.xsk)
             .map_err(|source| WorkerError::Uring { queue, source })?;
 
-        let total = self.free.len() as u64;
-        let mut in_kernel: u64 = 0;
-        in_kernel += self.xsk.fill(&mut self.free) as u64;
+        let mut st = State {
+            local: LocalStats::new(ntun),
+            frames: FrameCounts {
+                total: self.free.len() as u64,
+                ..Default::default()
+            },
+            reads: vec![0; ntun],
+            writes_in_flight: 0,
+            tx_pending: Vec::with_capacity(self.batch * 2),
+            ident: (queue as u16).wrapping_mul(0x9e37),
+        };
+        // The fill ring first: received packets are what we must not lose.
+        st.frames.in_kernel += self.xsk.fill(&mut self.free) as u64;
         self.xsk
             .wake_fill_if_needed()
-            .map_err(|source| WorkerError::Io {
-                queue,
-                what: "fill-ring wakeup",
-                source,
-            })?;
+            .map_err(self.io_err("fill-ring wakeup"))?;
 
-        let mut local = LocalStats::new(self.table.len());
         let mut rx: Vec<Frame> = Vec::with_capacity(self.batch);
+        let mut done: Vec<Completed> = Vec::with_capacity(entries as usize);
         let mut idle: u32 = 0;
 
         loop {
-            let reaped = writer.reap(|c| complete(c, &mut local, &mut self.free));
+            // 1. io_uring completions: finished writes and reads.
+            io.reap(|c| done.push(c));
+            let progressed = !done.is_empty();
+            for c in done.drain(..) {
+                self.completed(c, &mut io, &mut st)?;
+            }
 
+            // 2. Inbound batch.
             let n = self.xsk.receive(&mut rx, self.batch);
             if n > 0 {
-                in_kernel -= n as u64;
-                local.rx_frames += n as u64;
-                local.batches += 1;
+                st.frames.in_kernel -= n as u64;
+                st.local.rx_frames += n as u64;
+                st.local.batches += 1;
                 for mut frame in rx.drain(..) {
                     let data = self.xsk.data_mut(&mut frame);
-                    match decap(data, &self.table) {
+                    match decap(data, &self.shared.rx) {
                         Ok(d) => {
-                            let mut res =
-                                writer.push(u32::from(d.tunnel), frame, d.offset, d.len, d.tunnel);
-                            if let Err(f) = res {
-                                // Submission queue full: hand the kernel what
-                                // is queued and try once more.
-                                writer.submit().map_err(|source| WorkerError::Io {
-                                    queue,
-                                    what: "io_uring submit",
-                                    source,
-                                })?;
-                                res =
-                                    writer.push(u32::from(d.tunnel), f, d.offset, d.len, d.tunnel);
-                            }
-                            if let Err(f) = res {
-                                local.drop(DropReason::DeviceWriteError);
-                                self.free.push(f);
-                            }
+                            let file = u32::from(d.tunnel);
+                            self.write(&mut io, &mut st, file, frame, d.offset, d.len, d.tunnel)?;
                         }
                         Err(reason) => {
-                            local.drop(reason);
+                            st.local.drop(reason);
                             self.free.push(frame);
                         }
                     }
                 }
-                writer.submit().map_err(|source| WorkerError::Io {
-                    queue,
-                    what: "io_uring submit",
-                    source,
-                })?;
             }
 
+            // 3. Outbound: hand encapsulated frames to the TX ring, take
+            // back the ones it has sent.
+            let sent = self
+                .xsk
+                .transmit(&mut st.tx_pending)
+                .map_err(self.io_err("TX kick"))?;
+            st.frames.in_tx += sent as u64;
+            let completed = self.xsk.complete(&mut self.free);
+            st.frames.in_tx -= completed as u64;
+
+            // 4. Keep the fill ring topped up, then reads posted.
             let filled = self.xsk.fill(&mut self.free);
-            in_kernel += filled as u64;
+            st.frames.in_kernel += filled as u64;
             if filled > 0 || n == 0 {
                 self.xsk
                     .wake_fill_if_needed()
-                    .map_err(|source| WorkerError::Io {
-                        queue,
-                        what: "fill-ring wakeup",
-                        source,
-                    })?;
+                    .map_err(self.io_err("fill-ring wakeup"))?;
             }
+            self.post_reads(&mut io, &mut st);
+            io.submit().map_err(self.io_err("io_uring submit"))?;
 
-            if n > 0 || reaped > 0 {
+            st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
+            st.frames.in_flight = io.in_flight() as u64;
+            if n > 0 || progressed || sent > 0 || completed > 0 {
                 idle = 0;
-                local.busy_polls += 1;
-                self.publish(&local, total, in_kernel, writer.in_flight());
+                st.local.busy_polls += 1;
+                self.publish(&st);
                 continue;
             }
 
             idle = idle.wrapping_add(1);
-            local.idle_polls += 1;
-            if self.stop.load(Ordering::Relaxed) {
+            st.local.idle_polls += 1;
+            if self.shared.stop.load(Ordering::Relaxed) {
                 break;
             }
             if idle.is_multiple_of(IDLE_REFRESH) {
-                self.publish(&local, total, in_kernel, writer.in_flight());
+                self.publish(&st);
                 self.refresh_xsk_stats();
             }
             match self.poll {
                 PollMode::Busy => std::hint::spin_loop(),
                 PollMode::Adaptive => {
-                    if idle >= ADAPTIVE_SPINS && writer.in_flight() == 0 {
-                        self.publish(&local, total, in_kernel, 0);
+                    if idle >= ADAPTIVE_SPINS
+                        && st.writes_in_flight == 0
+                        && st.tx_pending.is_empty()
+                        && st.frames.in_tx == 0
+                    {
+                        self.publish(&st);
                         self.refresh_xsk_stats();
-                        local.sleeps += 1;
-                        // EINTR and the like only shorten the sleep.
-                        let _ = self.xsk.wait_rx(ADAPTIVE_SLEEP_MS);
+                        st.local.sleeps += 1;
+                        // Wake on received packets or on io_uring
+                        // completions (a read from a device finishing).
+                        let _ =
+                            crate::sys::wait_readable(&[self.xsk.fd(), io.fd()], ADAPTIVE_SLEEP_MS);
                     } else {
                         std::hint::spin_loop();
                     }
@@ -198,26 +251,164 @@ impl Worker {
             }
         }
 
-        writer
-            .drain(|c| complete(c, &mut local, &mut self.free))
-            .map_err(|source| WorkerError::Io {
-                queue,
-                what: "draining io_uring",
-                source,
-            })?;
-        self.publish(&local, total, in_kernel, writer.in_flight());
+        // Cancel the reads, wait for the writes, take every frame back.
+        let mut rest = Vec::new();
+        io.drain(|c| rest.push(c))
+            .map_err(self.io_err("draining io_uring"))?;
+        for c in rest {
+            self.account_drained(c, &mut st);
+        }
+        // Frames still waiting for TX room are not sent.
+        let pending = st.tx_pending.len();
+        self.free.append(&mut st.tx_pending);
+        st.local.tx_sent -= pending as u64;
+        for _ in 0..pending {
+            st.local.drop(DropReason::TxShutdown);
+        }
+        st.frames.in_tx -= self.xsk.complete(&mut self.free) as u64;
+        st.frames.free = self.free.len() as u64;
+        st.frames.in_flight = io.in_flight() as u64;
+        self.publish(&st);
         self.refresh_xsk_stats();
         Ok(())
     }
 
-    fn publish(&self, local: &LocalStats, total: u64, in_kernel: u64, in_flight: usize) {
-        self.stats.publish(local);
-        self.stats
-            .publish_frames(total, self.free.len() as u64, in_kernel, in_flight as u64);
-        debug_assert_eq!(
-            self.free.len() as u64 + in_kernel + in_flight as u64,
-            total,
-            "a UMEM frame went missing"
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn write(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        file: u32,
+        frame: Frame,
+        offset: usize,
+        len: usize,
+        tag: u16,
+    ) -> Result<(), WorkerError> {
+        let mut res = io.push(file, frame, offset, len, tag);
+        if let Err(f) = res {
+            // Submission queue full: hand the kernel what is queued and
+            // try once more.
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            res = io.push(file, f, offset, len, tag);
+        }
+        match res {
+            Ok(()) => st.writes_in_flight += 1,
+            Err(f) => {
+                st.local.drop(DropReason::DeviceWriteError);
+                self.free.push(f);
+            }
+        }
+        Ok(())
+    }
+
+    fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
+        // Leave the fill ring's worth of frames for receiving: reads only
+        // take frames beyond what the RX side may need.
+        for (t, reads) in st.reads.iter_mut().enumerate() {
+            while *reads < READS_PER_DEVICE && self.free.len() > self.batch {
+                let Some(frame) = self.free.pop() else { break };
+                let offset = self.shared.tx[t].read_offset();
+                match io.push_read(t as u32, frame, offset, t as u16) {
+                    Ok(()) => *reads += 1,
+                    Err(f) => {
+                        self.free.push(f);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn completed(
+        &mut self,
+        c: Completed,
+        io: &mut DeviceIo,
+        st: &mut State,
+    ) -> Result<(), WorkerError> {
+        match c.op {
+            Op::Write => {
+                st.writes_in_flight -= 1;
+                account_write(&c, &mut st.local);
+                self.free.push(c.frame);
+            }
+            Op::Read { .. } => {
+                let t = usize::from(c.tag);
+                st.reads[t] -= 1;
+                let mut frame = c.frame;
+                if c.result < 0 {
+                    if c.result != -libc::ECANCELED {
+                        st.local.drop(DropReason::TxDeviceReadError);
+                    }
+                    self.free.push(frame);
+                    return Ok(());
+                }
+                st.local.tx_read += 1;
+                let tunnel = &self.shared.tx[t];
+                let hop = self.shared.next_hops.get(t).map(|dst| NextHop {
+                    dst,
+                    src: self.shared.src_mac,
+                });
+                st.ident = st.ident.wrapping_add(1);
+                let buf = self.xsk.buffer_mut(&mut frame);
+                match encap(buf, c.result as usize, tunnel, hop, st.ident) {
+                    Verdict::Transmit { len } => {
+                        self.xsk.set_len(&mut frame, len);
+                        st.local.tx_sent += 1;
+                        st.local.tunnel_tx_packets[t] += 1;
+                        st.local.tunnel_tx_bytes[t] += len as u64;
+                        st.tx_pending.push(frame);
+                    }
+                    Verdict::Reply {
+                        offset,
+                        len,
+                        reason,
+                    } => {
+                        // Counted when the write completes.
+                        let tag = if reason.is_some() { REPLY_ICMP } else { REPLY };
+                        self.xsk.set_len(&mut frame, offset + len);
+                        self.write(io, st, t as u32, frame, offset, len, tag | t as u16)?;
+                    }
+                    Verdict::Drop(r) => {
+                        if r == DropReason::TxNoNeighbour {
+                            self.shared.next_hops.request();
+                        }
+                        st.local.drop(r);
+                        self.xsk.set_len(&mut frame, 0);
+                        self.free.push(frame);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn account_drained(&mut self, c: Completed, st: &mut State) {
+        match c.op {
+            Op::Write => {
+                st.writes_in_flight -= 1;
+                account_write(&c, &mut st.local);
+            }
+            Op::Read { .. } => {
+                st.reads[usize::from(c.tag)] -= 1;
+                // A read that completed with data just before the cancel is
+                // counted as read and dropped: the gateway is stopping.
+                if c.result > 0 {
+                    st.local.tx_read += 1;
+                    st.local.drop(DropReason::TxShutdown);
+                }
+            }
+        }
+        self.free.push(c.frame);
+    }
+
+    fn publish(&self, st: &State) {
+        self.stats.publish(&st.local);
+        self.stats.publish_frames(&st.frames);
+        debug_assert!(
+            st.frames.balanced(),
+            "a UMEM frame went missing: {:?}",
+            st.frames
         );
     }
 
@@ -234,10 +425,20 @@ impl Worker {
     }
 }
 
-/// Accounts for one finished device write and takes its frame back.
+/// Accounts for one finished device write: an inbound delivery, or an
+/// answer to something read from the device.
 #[inline]
-fn complete(c: Completed, local: &mut LocalStats, free: &mut Vec<Frame>) {
-    if c.result < 0 {
+fn account_write(c: &Completed, local: &mut LocalStats) {
+    let ok = c.result >= 0 && c.result as u32 == c.expected;
+    if c.tag & (REPLY | REPLY_ICMP) != 0 {
+        if !ok {
+            local.drop(DropReason::TxReplyWriteError);
+        } else if c.tag & REPLY_ICMP != 0 {
+            local.drop(DropReason::TxTooBigIcmpSent);
+        } else {
+            local.tx_replies += 1;
+        }
+    } else if c.result < 0 {
         local.drop(DropReason::DeviceWriteError);
     } else if c.result as u32 != c.expected {
         local.drop(DropReason::DeviceWriteShort);
@@ -247,5 +448,4 @@ fn complete(c: Completed, local: &mut LocalStats, free: &mut Vec<Frame>) {
         local.tunnel_rx_packets[t] += 1;
         local.tunnel_rx_bytes[t] += u64::from(c.expected);
     }
-    free.push(c.frame);
 }

@@ -40,6 +40,7 @@ device = "tun1"
 device_kind = "tun"
 address = "30.1.1.1"
 peer = "30.1.1.2"
+accept_from = ["fd00::/64"]
 
 [[tunnel]]
 name = "ipip-tun"

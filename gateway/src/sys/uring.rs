@@ -1,4 +1,5 @@
-//! io_uring writes of packets straight from UMEM frames into tap/tun queues.
+//! io_uring reads and writes of packets straight between UMEM frames and
+//! tap/tun queues.
 //!
 //! The UMEM is registered as one fixed buffer and the device queues as
 //! registered files, so each write is a `WriteFixed` with no copy and no
@@ -15,26 +16,40 @@ use xsk_rs::Umem;
 
 use super::xsk::{Frame, Region, Xsk};
 
-/// A write whose completion has arrived.
+/// Which operation a completion belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A packet written into a device.
+    Write,
+    /// A packet read from a device into the frame at `offset`.
+    Read { offset: u32 },
+}
+
+/// An operation whose completion has arrived.
 #[derive(Debug)]
 pub struct Completed {
+    pub op: Op,
     pub frame: Frame,
     /// Caller's tag (the tunnel id).
     pub tag: u16,
-    /// Bytes the write offered.
+    /// Bytes the write offered (0 for a read).
     pub expected: u32,
-    /// Bytes written, or the negated errno.
+    /// Bytes written or read, or the negated errno.
     pub result: i32,
 }
 
 struct InFlight {
+    op: Op,
     frame: Frame,
     tag: u16,
     expected: u32,
 }
 
+/// user_data of cancel requests; not a frame index.
+const CANCEL_TAG: u64 = u64::MAX;
+
 /// One ring per worker.
-pub struct DeviceWriter {
+pub struct DeviceIo {
     ring: IoUring,
     /// Keeps the registered UMEM mapped while writes are in flight.
     _umem: Umem,
@@ -45,11 +60,11 @@ pub struct DeviceWriter {
     unsubmitted: usize,
 }
 
-impl DeviceWriter {
+impl DeviceIo {
     /// Creates a ring with `entries` submission slots, registers `files`
     /// (the worker's device queue fds, in tunnel order) and the UMEM of
     /// `xsk` as fixed buffer 0.
-    pub fn new(entries: u32, files: &[RawFd], xsk: &Xsk) -> io::Result<DeviceWriter> {
+    pub fn new(entries: u32, files: &[RawFd], xsk: &Xsk) -> io::Result<DeviceIo> {
         let ring = IoUring::builder().build(entries)?;
         let region = xsk.region();
         if !files.is_empty() {
@@ -65,7 +80,7 @@ impl DeviceWriter {
         unsafe { ring.submitter().register_buffers(&[iov])? };
         let mut in_flight = Vec::new();
         in_flight.resize_with(xsk.frame_count() as usize, || None);
-        Ok(DeviceWriter {
+        Ok(DeviceIo {
             ring,
             _umem: xsk.umem().clone(),
             region,
@@ -75,14 +90,20 @@ impl DeviceWriter {
         })
     }
 
-    /// Writes in flight.
+    /// Operations (reads and writes) in flight.
     pub fn in_flight(&self) -> usize {
         self.count
     }
 
+    /// The ring's fd: readable when completions are waiting.
+    pub fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+
     /// Queues a write of `frame`'s bytes `offset..offset + len` to
     /// registered file `file`. Nothing reaches the kernel until
-    /// [`DeviceWriter::submit`]. When the submission queue is full the frame
+    /// [`DeviceIo::submit`]. When the submission queue is full the frame
     /// comes back as `Err`.
     #[inline]
     pub fn push(
@@ -117,9 +138,56 @@ impl DeviceWriter {
             return Err(frame);
         }
         self.in_flight[idx] = Some(InFlight {
+            op: Op::Write,
             frame,
             tag,
             expected: len as u32,
+        });
+        self.count += 1;
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Queues a read from registered file `file` into `frame` at `offset`,
+    /// up to the end of the frame. When the submission queue is full the
+    /// frame comes back as `Err`.
+    #[inline]
+    pub fn push_read(
+        &mut self,
+        file: u32,
+        frame: Frame,
+        offset: usize,
+        tag: u16,
+    ) -> Result<(), Frame> {
+        let idx = Xsk::frame_index(&frame);
+        let cap = Xsk::capacity(&frame);
+        let start = frame.addr() + offset;
+        if offset >= cap
+            || frame.addr() + cap > self.region.len
+            || idx >= self.in_flight.len()
+            || self.in_flight[idx].is_some()
+        {
+            return Err(frame);
+        }
+        let len = cap - offset;
+        let ptr = self.region.base.as_ptr().wrapping_add(start);
+        let sqe = opcode::ReadFixed::new(types::Fixed(file), ptr, len as u32, 0)
+            .offset(0)
+            .build()
+            .user_data(idx as u64);
+        // SAFETY: `ptr..ptr + len` lies inside fixed buffer 0 and inside
+        // `frame` (checked above); the writer owns the frame until the
+        // completion arrives, and holds the UMEM mapped.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return Err(frame);
+        }
+        self.in_flight[idx] = Some(InFlight {
+            op: Op::Read {
+                offset: offset as u32,
+            },
+            frame,
+            tag,
+            expected: 0,
         });
         self.count += 1;
         self.unsubmitted += 1;
@@ -146,6 +214,7 @@ impl DeviceWriter {
             if let Some(f) = in_flight.get_mut(idx).and_then(Option::take) {
                 n += 1;
                 done(Completed {
+                    op: f.op,
                     frame: f.frame,
                     tag: f.tag,
                     expected: f.expected,
@@ -157,9 +226,19 @@ impl DeviceWriter {
         n
     }
 
-    /// Waits for every write in flight and hands the frames back.
+    /// Cancels outstanding reads (a read from an idle device would wait
+    /// forever), waits for everything in flight and hands the frames back.
     pub fn drain(&mut self, mut done: impl FnMut(Completed)) -> io::Result<()> {
         self.submit()?;
+        if self.count > 0 {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(CANCEL_TAG);
+            // SAFETY: a cancel request references no memory.
+            while unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                self.ring.submit()?;
+            }
+        }
         while self.count > 0 {
             self.ring.submit_and_wait(1)?;
             self.reap(&mut done);
@@ -168,7 +247,7 @@ impl DeviceWriter {
     }
 }
 
-impl Drop for DeviceWriter {
+impl Drop for DeviceIo {
     fn drop(&mut self) {
         // The kernel may still be reading frames; wait for it before the
         // ring (and with it our hold on the UMEM) goes away.

@@ -89,8 +89,8 @@ pub struct XskStats {
 pub struct Xsk {
     umem: Umem,
     fill: FillQueue,
-    _comp: CompQueue,
-    _tx: TxQueue,
+    comp: CompQueue,
+    tx: TxQueue,
     rx: RxQueue,
     region: Region,
     frames: u32,
@@ -173,8 +173,8 @@ impl Xsk {
             Xsk {
                 umem,
                 fill,
-                _comp: comp,
-                _tx: tx,
+                comp,
+                tx,
                 rx,
                 region,
                 frames,
@@ -268,6 +268,76 @@ impl Xsk {
         // SAFETY: same memory as `slice`, with the lifetime of the borrow of
         // `frame` and `self` rather than of the temporary `DataMut`.
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// The whole packet-data area of a frame (to its end), with the frame's
+    /// length set to all of it; set the real length with [`Xsk::set_len`].
+    #[inline]
+    pub fn buffer_mut<'a>(&'a self, frame: &'a mut Frame) -> &'a mut [u8] {
+        // SAFETY: as in `data_mut`: the caller owns the frame.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        let mut cursor = data.cursor();
+        let cap = cursor.buf_len();
+        cursor.set_pos(cap);
+        let slice = data.contents_mut();
+        let (ptr, len) = (slice.as_mut_ptr(), slice.len());
+        // SAFETY: same memory as `slice`, borrowed for as long as `frame`.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// Sets the number of packet bytes in a frame (capped at its capacity).
+    #[inline]
+    pub fn set_len(&self, frame: &mut Frame, len: usize) {
+        // SAFETY: as in `data_mut`: the caller owns the frame.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        data.cursor().set_pos(len);
+    }
+
+    /// Bytes from the start of a frame's packet data to the end of the frame.
+    #[inline]
+    pub fn capacity(frame: &Frame) -> usize {
+        FRAME_SIZE as usize - (frame.addr() & (FRAME_SIZE as usize - 1))
+    }
+
+    /// Hands frames from the front of `frames` to the TX ring, as many as it
+    /// has room for, and kicks the kernel when it asks for it (copy mode
+    /// always does). Returns how many moved; the rest stay in `frames`.
+    #[inline]
+    pub fn transmit(&mut self, frames: &mut Vec<Frame>) -> io::Result<usize> {
+        if frames.is_empty() {
+            return Ok(0);
+        }
+        let room = self.tx.nb_free(frames.len() as u32) as usize;
+        let n = room.min(frames.len());
+        if n > 0 {
+            // SAFETY: `Frame` is `repr(transparent)` over `FrameDesc`.
+            let descs: &[FrameDesc] =
+                unsafe { std::slice::from_raw_parts(frames.as_ptr().cast::<FrameDesc>(), n) };
+            // SAFETY: the frames belong to this UMEM and are owned by the
+            // caller; the TX ring owns them from here until the completion
+            // ring returns them, and they leave `frames` below.
+            let produced = unsafe { self.tx.produce(descs) };
+            frames.drain(..produced);
+            if self.tx.needs_wakeup() {
+                self.tx.wakeup()?;
+            }
+            return Ok(produced);
+        }
+        if self.tx.needs_wakeup() {
+            self.tx.wakeup()?;
+        }
+        Ok(0)
+    }
+
+    /// Takes frames the kernel has finished sending back from the
+    /// completion ring.
+    #[inline]
+    pub fn complete(&mut self, out: &mut Vec<Frame>) -> usize {
+        let max = self.scratch.len();
+        // SAFETY: the completion ring only returns frames of this UMEM.
+        let n = unsafe { self.comp.consume(&mut self.scratch[..max]) };
+        out.extend(self.scratch[..n].iter().map(|d| Frame(*d)));
+        n
     }
 
     pub fn stats(&self) -> io::Result<XskStats> {

@@ -1,0 +1,176 @@
+//! The outer destination MAC of each tunnel, from the kernel's routing and
+//! neighbour tables (never a hard-coded MAC). A resolver thread follows the
+//! tables through rtnetlink and publishes each tunnel's next-hop MAC in an
+//! atomic the workers read per packet; a worker that finds none drops the
+//! packet (counted as `tx_no_neighbour`) and asks for resolution.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::netlink::{NeighState, Netlink};
+
+const VALID: u64 = 1 << 63;
+
+/// Next-hop MACs, one slot per tunnel.
+pub struct NextHops {
+    slots: Vec<AtomicU64>,
+    wanted: AtomicBool,
+}
+
+impl NextHops {
+    pub fn new(tunnels: usize) -> NextHops {
+        NextHops {
+            slots: (0..tunnels).map(|_| AtomicU64::new(0)).collect(),
+            wanted: AtomicBool::new(false),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, tunnel: usize) -> Option<[u8; 6]> {
+        // Relaxed: the MAC is one self-contained value; a worker seeing the
+        // old one for a moment sends a packet or two to the old MAC, as the
+        // kernel would while its own entry changes.
+        let v = self.slots[tunnel].load(Ordering::Relaxed);
+        if v & VALID == 0 {
+            return None;
+        }
+        let b = v.to_be_bytes();
+        Some([b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+
+    pub fn set(&self, tunnel: usize, mac: Option<[u8; 6]>) {
+        let v = match mac {
+            Some(m) => VALID | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]),
+            None => 0,
+        };
+        self.slots[tunnel].store(v, Ordering::Relaxed);
+    }
+
+    /// A worker had a packet for a tunnel without a next hop.
+    #[inline]
+    pub fn request(&self) {
+        self.wanted.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Follows the route and neighbour entry of each tunnel's remote until
+/// `stop` is set: every `interval`, or at once when a worker asks.
+pub fn run_resolver(
+    remotes: Vec<IpAddr>,
+    underlay_index: u32,
+    underlay_name: String,
+    hops: Arc<NextHops>,
+    stop: Arc<AtomicBool>,
+    interval: Duration,
+) {
+    let nl = match Netlink::new() {
+        Ok(nl) => nl,
+        Err(e) => {
+            tracing::error!("neighbour resolver: {e}; tunnels cannot send");
+            return;
+        }
+    };
+    let mut warned = vec![false; remotes.len()];
+    let mut last = vec![None; remotes.len()];
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let asked = hops.wanted.swap(false, Ordering::Relaxed);
+        if !asked && Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        next = Instant::now() + interval;
+        for (i, remote) in remotes.iter().enumerate() {
+            let mac = resolve_one(&nl, *remote, underlay_index, &underlay_name, &mut warned[i]);
+            if mac != last[i] {
+                match mac {
+                    Some(m) => tracing::info!(
+                        remote = %remote,
+                        mac = %format_mac(&m),
+                        "next hop resolved"
+                    ),
+                    None => tracing::info!(remote = %remote, "next hop unresolved"),
+                }
+                last[i] = mac;
+            }
+            hops.set(i, mac);
+        }
+    }
+}
+
+fn resolve_one(
+    nl: &Netlink,
+    remote: IpAddr,
+    underlay_index: u32,
+    underlay_name: &str,
+    warned: &mut bool,
+) -> Option<[u8; 6]> {
+    let (gateway, oif) = match nl.route_to(remote) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            if !*warned {
+                tracing::warn!(
+                    "no route to {remote}; add one (it must leave through {underlay_name})"
+                );
+                *warned = true;
+            }
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            return None;
+        }
+    };
+    if oif != underlay_index {
+        if !*warned {
+            tracing::warn!("the route to {remote} leaves through interface #{oif}, not {underlay_name}; the gateway only sends on {underlay_name}");
+            *warned = true;
+        }
+        return None;
+    }
+    *warned = false;
+    let hop = gateway.unwrap_or(remote);
+    match nl.neighbour(oif, hop) {
+        Ok((NeighState::Valid, mac)) => mac,
+        Ok((NeighState::Stale, mac)) => {
+            let _ = nl.resolve(oif, hop);
+            mac
+        }
+        Ok((NeighState::Missing, _)) => {
+            if let Err(e) = nl.resolve(oif, hop) {
+                tracing::warn!("{e}");
+            }
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    }
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_round_trip() {
+        let h = NextHops::new(2);
+        assert_eq!(h.get(0), None);
+        h.set(1, Some([0, 1, 2, 3, 4, 0xff]));
+        assert_eq!(h.get(1), Some([0, 1, 2, 3, 4, 0xff]));
+        h.set(1, Some([0; 6]));
+        assert_eq!(h.get(1), Some([0; 6]));
+        h.set(1, None);
+        assert_eq!(h.get(1), None);
+    }
+}
