@@ -3,6 +3,7 @@
 //! (as they arrive) the demo and the bench.
 //!
 //! ```text
+//! cargo xtask demo      the two-host lab in network namespaces (root)
 //! cargo xtask setup     install toolchain pieces and Debian packages
 //! cargo xtask test      setup, build, unit tests, integration tests (root)
 //! cargo xtask lint      rustfmt --check and clippy -D warnings
@@ -10,9 +11,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -23,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The lab: two gateways in namespaces, ping through GRE and IPIP, the
+    /// wire decoded by tshark, the counters; then everything removed.
+    Demo,
     /// Install what building and testing need (idempotent; says what it does).
     Setup,
     /// Setup, build, then run the unit and integration tests.
@@ -221,6 +229,20 @@ fn lint() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
+        Cmd::Demo => {
+            setup()?;
+            run(&mut cargo(&["build", "--release", "-p", "gateway"]))?;
+            if !is_root() {
+                bail!(
+                    "the demo needs root (network namespaces, XDP): run `sudo -E cargo xtask demo`"
+                );
+            }
+            let interrupted = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, interrupted.clone())?;
+            }
+            demo::demo(&root(), &root().join("target/release/gateway"), interrupted)
+        }
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
     }
