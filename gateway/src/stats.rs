@@ -19,6 +19,8 @@ pub struct FrameCounts {
     pub in_kernel: u64,
     /// In an io_uring read or write.
     pub in_flight: u64,
+    /// Of those, reads parked on a device (the rest are writes).
+    pub in_reads: u64,
     /// In the TX or completion ring.
     pub in_tx: u64,
 }
@@ -49,6 +51,7 @@ pub struct WorkerStats {
     pub frames_in_kernel: AtomicU64,
     pub frames_in_flight: AtomicU64,
     pub frames_in_tx: AtomicU64,
+    pub frames_in_reads: AtomicU64,
     pub busy_polls: AtomicU64,
     pub idle_polls: AtomicU64,
     pub sleeps: AtomicU64,
@@ -128,6 +131,7 @@ impl WorkerStats {
             frames_in_kernel: AtomicU64::new(0),
             frames_in_flight: AtomicU64::new(0),
             frames_in_tx: AtomicU64::new(0),
+            frames_in_reads: AtomicU64::new(0),
             busy_polls: AtomicU64::new(0),
             idle_polls: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
@@ -172,6 +176,7 @@ impl WorkerStats {
         self.frames_in_kernel.store(f.in_kernel, Relaxed);
         self.frames_in_flight.store(f.in_flight, Relaxed);
         self.frames_in_tx.store(f.in_tx, Relaxed);
+        self.frames_in_reads.store(f.in_reads, Relaxed);
     }
 
     pub fn to_json(&self) -> Value {
@@ -200,6 +205,7 @@ impl WorkerStats {
                 "in_kernel": self.frames_in_kernel.load(Relaxed),
                 "in_flight": self.frames_in_flight.load(Relaxed),
                 "in_tx": self.frames_in_tx.load(Relaxed),
+                "in_reads": self.frames_in_reads.load(Relaxed),
             },
             "xsk": {
                 "rx_dropped": self.xsk_rx_dropped.load(Relaxed),

@@ -213,6 +213,7 @@ impl Worker {
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
+            st.frames.in_reads = st.reads.iter().map(|&r| u64::from(r)).sum();
             if n > 0 || progressed || sent > 0 || completed > 0 {
                 idle = 0;
                 st.local.busy_polls += 1;
@@ -268,6 +269,7 @@ impl Worker {
         st.frames.in_tx -= self.xsk.complete(&mut self.free) as u64;
         st.frames.free = self.free.len() as u64;
         st.frames.in_flight = io.in_flight() as u64;
+        st.frames.in_reads = st.reads.iter().map(|&r| u64::from(r)).sum();
         self.publish(&st);
         self.refresh_xsk_stats();
         Ok(())

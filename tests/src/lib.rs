@@ -166,6 +166,129 @@ impl Wire {
     }
 }
 
+/// The lab: `host1` (192.168.0.8) and `host2` (192.168.0.58), each with a
+/// veth `ens0` into a bridge in a third namespace, the wire, where captures
+/// see every packet (the gateways' XDP programs take tunnel packets before
+/// a capture on the hosts' own `ens0` could).
+pub struct Lab {
+    pub host1: NetNs,
+    pub host2: NetNs,
+    pub wire: NetNs,
+}
+
+impl Lab {
+    pub fn new(tag: &str) -> Lab {
+        let host1 = NetNs::new(&format!("{tag}1"));
+        let host2 = NetNs::new(&format!("{tag}2"));
+        let wire = NetNs::new(&format!("{tag}w"));
+        wire.ip(&["link", "add", "br0", "type", "bridge"]);
+        wire.ip(&["link", "set", "br0", "up"]);
+        for (i, (host, addr)) in [(&host1, "192.168.0.8/24"), (&host2, "192.168.0.58/24")]
+            .into_iter()
+            .enumerate()
+        {
+            let port = format!("port{}", i + 1);
+            sh(&[
+                "ip", "link", "add", "ens0", "netns", &host.name, "type", "veth", "peer", "name",
+                &port, "netns", &wire.name,
+            ]);
+            wire.ip(&["link", "set", &port, "master", "br0"]);
+            wire.ip(&["link", "set", &port, "up"]);
+            host.ip(&["addr", "add", addr, "dev", "ens0"]);
+            host.ip(&["link", "set", "ens0", "up"]);
+        }
+        Lab { host1, host2, wire }
+    }
+}
+
+/// Deterministic test data (xorshift), so the receiver can check every byte
+/// without the sender's copy.
+pub struct TestData(u64);
+
+impl TestData {
+    pub fn new(seed: u64) -> TestData {
+        TestData(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Sends `bytes` of [`TestData`] over TCP from `client` to `server_ip:port`
+/// in `server`; returns the bytes received intact and the time taken. Any
+/// difference panics.
+pub fn tcp_transfer(
+    server: &NetNs,
+    server_ip: &str,
+    client: &NetNs,
+    bytes: usize,
+) -> (usize, Duration) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let addr = format!("{server_ip}:5201");
+    let bind = addr.clone();
+    let listener: TcpListener = server.run(move || TcpListener::bind(&bind).expect("bind"));
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // The sender fills 64 KiB blocks from the generator; so does this.
+        let mut expect = TestData::new(7);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut want = vec![0u8; 1 << 16];
+        let (mut want_pos, mut want_len) = (0usize, 0usize);
+        let mut got = 0usize;
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            let mut off = 0;
+            while off < n {
+                if want_pos == want_len {
+                    expect.fill(&mut want);
+                    want_pos = 0;
+                    want_len = want.len();
+                }
+                let take = (n - off).min(want_len - want_pos);
+                assert!(
+                    buf[off..off + take] == want[want_pos..want_pos + take],
+                    "the stream is corrupted near byte {got}"
+                );
+                off += take;
+                want_pos += take;
+                got += take;
+            }
+        }
+        got
+    });
+    let start = Instant::now();
+    let target = addr.clone();
+    let mut stream: TcpStream = client.run(move || {
+        TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(5))
+            .expect("connect")
+    });
+    let mut data = TestData::new(7);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len());
+        data.fill(&mut buf[..n]);
+        stream.write_all(&buf[..n]).expect("write");
+        left -= n;
+    }
+    drop(stream);
+    let got = receiver.join().expect("receiver");
+    (got, start.elapsed())
+}
+
 /// Path of the gateway binary: `GATEWAY_BIN`, or the workspace's debug or
 /// release build.
 pub fn gateway_bin() -> PathBuf {

@@ -1,0 +1,340 @@
+//! The lab end to end (shared/seed-lab.md): two gateways, each in its own
+//! namespace with the repository's lab configs, joined through a bridge in
+//! a third namespace where captures see the wire. Ping and TCP through both
+//! tunnels, nothing else crossing, the wire decoded by tshark (not by the
+//! gateway's code), path-MTU discovery, and a next-hop MAC change.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::{require_root, tcp_transfer, Gateway, Lab, NetNs};
+
+const HOST1: &str = include_str!("../../configs/lab-host1.toml");
+const HOST2: &str = include_str!("../../configs/lab-host2.toml");
+
+struct Running {
+    lab: Lab,
+    gw1: Gateway,
+    gw2: Gateway,
+}
+
+fn lab(tag: &str) -> Running {
+    let lab = Lab::new(tag);
+    let gw1 = Gateway::start(&lab.host1, HOST1);
+    let gw2 = Gateway::start(&lab.host2, HOST2);
+    Running { lab, gw1, gw2 }
+}
+
+fn ping(ns: &NetNs, args: &[&str]) -> (bool, String) {
+    let mut v = vec!["ping", "-c", "3", "-i", "0.2", "-W", "2"];
+    v.extend_from_slice(args);
+    ns.exec(&v)
+}
+
+/// Pings until one answer comes back (neighbour resolution on first use).
+fn ping_until_up(ns: &NetNs, dst: &str) {
+    let start = Instant::now();
+    while !ns.exec(&["ping", "-c", "1", "-W", "1", dst]).0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{dst} never answered"
+        );
+    }
+}
+
+fn drops(stats: &serde_json::Value, reason: &str) -> u64 {
+    stats["drops"][reason].as_u64().unwrap()
+}
+
+#[test]
+fn both_tunnels_ping_both_ways_and_nothing_else_crosses() {
+    if !require_root("both_tunnels_ping_both_ways_and_nothing_else_crosses") {
+        return;
+    }
+    let r = lab("lb1");
+    ping_until_up(&r.lab.host1, "10.1.1.2");
+    for (ns, dst) in [
+        (&r.lab.host1, "10.1.1.2"),
+        (&r.lab.host1, "20.1.1.2"),
+        (&r.lab.host2, "10.1.1.1"),
+        (&r.lab.host2, "20.1.1.1"),
+    ] {
+        let (ok, out) = ping(ns, &[dst]);
+        assert!(ok, "ping {dst} from {}: {out}", ns.name);
+        assert!(out.contains(" 0% packet loss"), "{out}");
+    }
+    // Cross traffic: the kernel would route 20.1.1.2 into tap2 with source
+    // 10.1.1.1; the far gateway must refuse it.
+    let before = drops(&r.gw2.settled_stats(), "inner_source_not_peer");
+    let (ok, out) = ping(&r.lab.host1, &["-I", "10.1.1.1", "20.1.1.2"]);
+    assert!(!ok, "10.1.1.1 reached 20.1.1.2: {out}");
+    let (ok, out) = ping(&r.lab.host2, &["-I", "10.1.1.2", "20.1.1.1"]);
+    assert!(!ok, "10.1.1.2 reached 20.1.1.1: {out}");
+    let after2 = drops(&r.gw2.settled_stats(), "inner_source_not_peer");
+    let after1 = drops(&r.gw1.settled_stats(), "inner_source_not_peer");
+    assert_eq!(
+        after2 - before,
+        3,
+        "host2 refused host1's three cross pings"
+    );
+    assert_eq!(after1, 3, "host1 refused host2's three cross pings");
+}
+
+#[test]
+fn fifty_megabytes_of_tcp_arrive_intact_through_each_tunnel() {
+    if !require_root("fifty_megabytes_of_tcp_arrive_intact_through_each_tunnel") {
+        return;
+    }
+    let r = lab("lb2");
+    ping_until_up(&r.lab.host1, "10.1.1.2");
+    ping_until_up(&r.lab.host1, "20.1.1.2");
+    const BYTES: usize = 50_000_000;
+    for (server_ip, name) in [("10.1.1.2", "tun100 (GRE)"), ("20.1.1.2", "tun200 (IPIP)")] {
+        let (got, took) = tcp_transfer(&r.lab.host2, server_ip, &r.lab.host1, BYTES);
+        assert_eq!(got, BYTES, "{name}: bytes received");
+        eprintln!(
+            "{name}: {BYTES} bytes intact in {took:?} ({:.0} Mbit/s)",
+            BYTES as f64 * 8.0 / took.as_secs_f64() / 1e6
+        );
+    }
+    for gw in [&r.gw1, &r.gw2] {
+        let s = gw.settled_stats();
+        for w in s["workers"].as_array().unwrap() {
+            let f = &w["frames"];
+            let sum: u64 = ["free", "in_kernel", "in_flight", "in_tx"]
+                .iter()
+                .map(|k| f[*k].as_u64().unwrap())
+                .sum();
+            assert_eq!(sum, f["total"].as_u64().unwrap(), "frames balance: {w}");
+        }
+    }
+}
+
+/// Runs tshark in the wire namespace for the duration of `f`, then returns
+/// the requested fields of every captured tunnel packet, one row each.
+fn capture_fields(wire: &NetNs, fields: &[&str], f: impl FnOnce()) -> Vec<Vec<String>> {
+    let pcap = std::env::temp_dir().join(format!("gwt-{}-{}.pcap", std::process::id(), wire.name));
+    let mut tshark = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &wire.name,
+            "tshark",
+            "-q",
+            "-i",
+            "br0",
+            "-f",
+            "ip proto 47 or ip proto 4",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tshark (apt-get install tshark)");
+    // tshark needs a moment before it captures.
+    std::thread::sleep(Duration::from_millis(2000));
+    f();
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGINT makes tshark finish the file.
+    let _ = Command::new("kill")
+        .args(["-INT", &tshark.id().to_string()])
+        .status();
+    let _ = tshark.wait();
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&pcap).args([
+        "-o",
+        "ip.check_checksum:TRUE",
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-E",
+        "occurrence=a",
+        "-E",
+        "aggregator=,",
+    ]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd.output().expect("tshark -r");
+    let _ = std::fs::remove_file(&pcap);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('|').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn the_wire_shows_what_the_kernel_would_send() {
+    if !require_root("the_wire_shows_what_the_kernel_would_send") {
+        return;
+    }
+    let r = lab("lb3");
+    ping_until_up(&r.lab.host1, "10.1.1.2");
+    ping_until_up(&r.lab.host1, "20.1.1.2");
+    let fields = [
+        "ip.src",
+        "ip.dst",
+        "ip.proto",
+        "ip.ttl",
+        "ip.checksum.status",
+        "ip.flags.df",
+        "gre",
+        "gre.proto",
+        "icmp.type",
+        "icmp.seq",
+        "icmp.checksum.status",
+        "data.data",
+    ];
+    // tun200 has ttl inherit: a ping with TTL 33 must leave with outer TTL 33.
+    let rows = capture_fields(&r.lab.wire, &fields, || {
+        assert!(ping(&r.lab.host1, &["-c", "2", "-p", "c0ffee", "10.1.1.2"]).0);
+        assert!(
+            ping(
+                &r.lab.host1,
+                &["-c", "2", "-t", "33", "-p", "c0ffee", "20.1.1.2"]
+            )
+            .0
+        );
+    });
+    let col = |row: &Vec<String>, i: usize| -> Vec<String> {
+        row.get(i)
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut gre_seen = 0;
+    let mut ipip_seen = 0;
+    for row in &rows {
+        let src = col(row, 0);
+        let dst = col(row, 1);
+        let proto = col(row, 2);
+        let ttl = col(row, 3);
+        let sum = col(row, 4);
+        let gre = &row[6];
+        assert_eq!(src.len(), 2, "outer and inner IPv4 headers: {row:?}");
+        assert_eq!(
+            sum,
+            ["1", "1"],
+            "outer and inner header checksums are good: {row:?}"
+        );
+        assert_eq!(
+            col(row, 10),
+            ["1"],
+            "inner ICMP checksum good (inner unchanged): {row:?}"
+        );
+        assert!(
+            row[11].contains("c0ffee"),
+            "payload pattern intact: {row:?}"
+        );
+        let outer = (src[0].as_str(), dst[0].as_str());
+        assert!(
+            outer == ("192.168.0.8", "192.168.0.58") || outer == ("192.168.0.58", "192.168.0.8"),
+            "outer addresses are the configured endpoints: {row:?}"
+        );
+        match proto[0].as_str() {
+            "47" => {
+                gre_seen += 1;
+                assert!(!gre.is_empty(), "a GRE header: {row:?}");
+                assert_eq!(row[7], "0x0800", "GRE carries IPv4: {row:?}");
+                assert_eq!(ttl[0], "64", "tun100 has ttl 64: {row:?}");
+                assert!(
+                    src[1].starts_with("10.1.1.") && dst[1].starts_with("10.1.1."),
+                    "{row:?}"
+                );
+            }
+            "4" => {
+                ipip_seen += 1;
+                assert!(gre.is_empty(), "no GRE header in IPIP: {row:?}");
+                assert_eq!(proto[1], "1", "the inner ICMP packet right behind: {row:?}");
+                assert!(
+                    src[1].starts_with("20.1.1.") && dst[1].starts_with("20.1.1."),
+                    "{row:?}"
+                );
+                if src[0] == "192.168.0.8" {
+                    assert_eq!(ttl[0], "33", "ttl inherit copies the inner TTL: {row:?}");
+                }
+            }
+            p => panic!("unexpected protocol {p}: {row:?}"),
+        }
+        assert_eq!(
+            col(row, 5)[0],
+            "1",
+            "outer DF set (the kernel's pmtudisc default): {row:?}"
+        );
+    }
+    assert_eq!(gre_seen, 4, "two GRE requests and two replies: {rows:?}");
+    assert_eq!(ipip_seen, 4, "two IPIP requests and two replies: {rows:?}");
+}
+
+#[test]
+fn too_big_packets_get_fragmentation_needed_and_tcp_adapts() {
+    if !require_root("too_big_packets_get_fragmentation_needed_and_tcp_adapts") {
+        return;
+    }
+    let r = lab("lb4");
+    ping_until_up(&r.lab.host1, "10.1.1.2");
+    // The device takes 1500-byte packets now, the tunnel still 1400: the
+    // gateway itself must answer with ICMP.
+    r.lab.host1.ip(&["link", "set", "tap1", "mtu", "1500"]);
+    let (ok, out) = r.lab.host1.exec(&[
+        "ping", "-c", "2", "-i", "0.3", "-W", "1", "-M", "do", "-s", "1472", "10.1.1.2",
+    ]);
+    assert!(
+        !ok,
+        "a 1500-byte DF ping must not pass a 1400-byte tunnel: {out}"
+    );
+    assert!(
+        out.contains("mtu = 1400") || out.contains("mtu=1400"),
+        "the sender learns the tunnel MTU: {out}"
+    );
+    let s = r.gw1.settled_stats();
+    assert!(drops(&s, "tx_too_big_icmp_sent") >= 1, "{s}");
+
+    // A new TCP connection starts with 1500-byte segments and must adapt.
+    r.lab.host1.exec(&["ip", "route", "flush", "cache"]);
+    let (got, took) = tcp_transfer(&r.lab.host2, "10.1.1.2", &r.lab.host1, 5_000_000);
+    assert_eq!(got, 5_000_000);
+    eprintln!("5 MB after path-MTU discovery in {took:?}");
+}
+
+#[test]
+fn a_next_hop_mac_change_is_followed_within_seconds() {
+    if !require_root("a_next_hop_mac_change_is_followed_within_seconds") {
+        return;
+    }
+    let r = lab("lb5");
+    ping_until_up(&r.lab.host1, "10.1.1.2");
+    // host2 announces its new MAC (gratuitous ARP on address change).
+    r.lab
+        .host2
+        .exec(&["sysctl", "-w", "net.ipv4.conf.ens0.arp_notify=1"]);
+    std::thread::sleep(Duration::from_millis(1200)); // past the ARP locktime
+    let new_mac = "02:00:00:00:05:58";
+    r.lab.host2.ip(&["link", "set", "ens0", "address", new_mac]);
+    let changed = Instant::now();
+    while !r.gw1.log().contains(new_mac) {
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "the gateway did not follow the new MAC within 10 s:\n{}",
+            r.gw1.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "next hop followed {:?} after the MAC change",
+        changed.elapsed()
+    );
+    // And the packets on the wire now go to the new MAC.
+    let rows = capture_fields(&r.lab.wire, &["eth.src", "eth.dst", "ip.src"], || {
+        assert!(ping(&r.lab.host1, &["-c", "2", "10.1.1.2"]).0);
+    });
+    let from_host1: Vec<_> = rows
+        .iter()
+        .filter(|r| r[2].starts_with("192.168.0.8,"))
+        .collect();
+    assert_eq!(from_host1.len(), 2, "{rows:?}");
+    for row in from_host1 {
+        assert_eq!(row[1], new_mac, "tunnel packets go to the new MAC: {row:?}");
+    }
+}
