@@ -444,3 +444,287 @@ fn too_big(
         reason: Some(DropReason::TxTooBigIcmpSent),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
+
+    const TAP_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+    const PEER_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 2];
+    const HOP: NextHop = NextHop {
+        dst: [0x02, 0, 0, 0, 0, 0x58],
+        src: [0x02, 0, 0, 0, 0, 0x08],
+    };
+
+    fn tunnel(mode: Mode, kind: DeviceKind) -> TunnelTx {
+        TunnelTx {
+            mode,
+            local: Ipv4Addr::new(192, 168, 0, 8),
+            remote: Ipv4Addr::new(192, 168, 0, 58),
+            okey: None,
+            ocsum: false,
+            ttl: Ttl::Fixed(64),
+            mtu: 1400,
+            device_kind: kind,
+            device_mac: TAP_MAC,
+            peer_mac: PEER_MAC,
+            address: Some("10.1.1.1".parse().unwrap()),
+            peer: Some("10.1.1.2".parse().unwrap()),
+        }
+    }
+
+    /// An ICMP echo request 10.1.1.1 -> 10.1.1.2 built by etherparse.
+    fn inner(payload_len: usize, ttl: u8) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4([10, 1, 1, 1], [10, 1, 1, 2], ttl)
+            .icmpv4_echo_request(7, 1);
+        let mut out = Vec::new();
+        b.write(&mut out, &vec![0x5a; payload_len]).unwrap();
+        out
+    }
+
+    /// The frame buffer as the worker has it after a device read.
+    fn read_into(t: &TunnelTx, packet: &[u8]) -> (Vec<u8>, usize) {
+        let mut buf = vec![0u8; 3840];
+        let off = t.read_offset();
+        let mut n = 0;
+        if t.device_kind == DeviceKind::Tap {
+            buf[off..off + 6].copy_from_slice(&PEER_MAC);
+            buf[off + 6..off + 12].copy_from_slice(&TAP_MAC);
+            let et = if packet[0] >> 4 == 6 {
+                [0x86, 0xdd]
+            } else {
+                [0x08, 0x00]
+            };
+            buf[off + 12..off + 14].copy_from_slice(&et);
+            n = 14;
+        }
+        buf[off + n..off + n + packet.len()].copy_from_slice(packet);
+        (buf, n + packet.len())
+    }
+
+    fn ones_complement_ok(data: &[u8]) -> bool {
+        let mut sum: u32 = 0;
+        for c in data.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    #[test]
+    fn gre_from_a_tap() {
+        let t = tunnel(Mode::Gre, DeviceKind::Tap);
+        let pkt = inner(56, 64);
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+            panic!("not sent")
+        };
+        assert_eq!(len, 14 + 20 + 4 + pkt.len());
+        let s = SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let eth = s.link.unwrap().to_header().unwrap().ethernet2().unwrap();
+        assert_eq!(eth.destination, HOP.dst);
+        assert_eq!(eth.source, HOP.src);
+        let Some(NetSlice::Ipv4(ip)) = s.net else {
+            panic!()
+        };
+        let h = ip.header();
+        assert_eq!(h.source(), [192, 168, 0, 8]);
+        assert_eq!(h.destination(), [192, 168, 0, 58]);
+        assert_eq!(h.protocol(), etherparse::IpNumber(47));
+        assert_eq!(h.ttl(), 64);
+        assert!(h.dont_fragment());
+        assert_eq!(h.to_header().calc_header_checksum(), h.header_checksum());
+        assert_eq!(&buf[34..38], &[0, 0, 0x08, 0x00]);
+        assert_eq!(&buf[38..len], &pkt[..]);
+    }
+
+    #[test]
+    fn ipip_from_a_tun_inherits_ttl_and_maps_ecn() {
+        let mut t = tunnel(Mode::Ipip, DeviceKind::Tun);
+        t.ttl = Ttl::Inherit;
+        let mut pkt = inner(20, 33);
+        pkt[1] = 0x03; // CE
+        let mut h = etherparse::Ipv4Header::from_slice(&pkt).unwrap().0;
+        h.ecn = etherparse::IpEcn::CongestionExperienced;
+        h.header_checksum = h.calc_header_checksum();
+        pkt[10..12].copy_from_slice(&h.header_checksum.to_be_bytes());
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+            panic!()
+        };
+        let s = SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = s.net else {
+            panic!()
+        };
+        assert_eq!(ip.header().protocol(), etherparse::IpNumber(4));
+        assert_eq!(ip.header().ttl(), 33);
+        assert_eq!(
+            ip.header().ecn().value(),
+            0x02,
+            "CE is carried as ECT(0) outside"
+        );
+        assert_eq!(&buf[34..len], &pkt[..]);
+    }
+
+    #[test]
+    fn gre_key_and_checksum() {
+        let mut t = tunnel(Mode::Gre, DeviceKind::Tun);
+        t.okey = Some(0x0102_0304);
+        t.ocsum = true;
+        let pkt = inner(31, 64);
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+            panic!()
+        };
+        let gre = &buf[34..len];
+        assert_eq!(&gre[0..4], &[0xa0, 0x00, 0x08, 0x00]);
+        assert_eq!(&gre[8..12], &[1, 2, 3, 4]);
+        assert!(
+            ones_complement_ok(gre),
+            "GRE checksum over header and payload"
+        );
+        assert_eq!(&gre[12..], &pkt[..]);
+    }
+
+    #[test]
+    fn arp_for_the_peer_is_answered_in_place() {
+        let t = tunnel(Mode::Gre, DeviceKind::Tap);
+        let off = t.read_offset();
+        let mut buf = vec![0u8; 3840];
+        let req = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0xaa, 0, 0, 0, 1, 0x08, 0x06, // eth
+            0, 1, 8, 0, 6, 4, 0, 1, // request
+            0x02, 0xaa, 0, 0, 0, 1, 10, 1, 1, 1, // sender
+            0, 0, 0, 0, 0, 0, 10, 1, 1, 2, // target
+        ];
+        buf[off..off + req.len()].copy_from_slice(&req);
+        let v = encap(&mut buf, req.len(), &t, Some(HOP), 0);
+        assert_eq!(
+            v,
+            Verdict::Reply {
+                offset: off,
+                len: 42,
+                reason: None
+            }
+        );
+        let r = &buf[off..off + 42];
+        assert_eq!(&r[0..6], &TAP_MAC);
+        assert_eq!(&r[6..12], &PEER_MAC);
+        assert_eq!(&r[20..22], &[0, 2], "a reply");
+        assert_eq!(&r[22..28], &PEER_MAC);
+        assert_eq!(&r[28..32], &[10, 1, 1, 2]);
+        assert_eq!(&r[32..38], &TAP_MAC);
+        assert_eq!(&r[38..42], &[10, 1, 1, 1]);
+        // A question about this end's own address is not ours to answer.
+        let mut own = req;
+        own[38..42].copy_from_slice(&[10, 1, 1, 1]);
+        own[28..32].copy_from_slice(&[10, 1, 1, 9]);
+        buf[off..off + own.len()].copy_from_slice(&own);
+        assert_eq!(
+            encap(&mut buf, own.len(), &t, Some(HOP), 0),
+            Verdict::Drop(DropReason::TxChatter)
+        );
+    }
+
+    #[test]
+    fn chatter_and_families() {
+        let t = tunnel(Mode::Ipip, DeviceKind::Tap);
+        // A router solicitation to ff02::2 from a link-local address.
+        let b = etherparse::PacketBuilder::ipv6(
+            [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 133,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        });
+        let mut rs = Vec::new();
+        b.write(&mut rs, &[]).unwrap();
+        let (mut buf, n) = read_into(&t, &rs);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), 0),
+            Verdict::Drop(DropReason::TxChatter)
+        );
+        // Global IPv6 is not carried by IPIP.
+        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(1, 2);
+        let mut v6 = Vec::new();
+        b.write(&mut v6, &[1, 2, 3]).unwrap();
+        let (mut buf, n) = read_into(&t, &v6);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), 0),
+            Verdict::Drop(DropReason::TxFamilyNotCarried)
+        );
+        // Without a next hop nothing is sent.
+        let (mut buf, n) = read_into(&t, &inner(8, 64));
+        assert_eq!(
+            encap(&mut buf, n, &t, None, 0),
+            Verdict::Drop(DropReason::TxNoNeighbour)
+        );
+        // Garbage from a tun.
+        let tun = tunnel(Mode::Gre, DeviceKind::Tun);
+        let (mut buf, n) = read_into(&tun, &[0x12, 0x34]);
+        assert_eq!(
+            encap(&mut buf, n, &tun, Some(HOP), 0),
+            Verdict::Drop(DropReason::TxMalformed)
+        );
+    }
+
+    #[test]
+    fn too_big_with_df_gets_fragmentation_needed() {
+        let t = tunnel(Mode::Gre, DeviceKind::Tap);
+        let pkt = inner(1472, 64); // 1500 bytes with DF (etherparse's default)
+        assert_eq!(pkt.len(), 1500);
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Reply {
+            offset,
+            len,
+            reason,
+        } = encap(&mut buf, n, &t, Some(HOP), 0)
+        else {
+            panic!("no ICMP")
+        };
+        assert_eq!(reason, Some(DropReason::TxTooBigIcmpSent));
+        let s = SlicedPacket::from_ethernet(&buf[offset..offset + len]).unwrap();
+        let eth = s.link.unwrap().to_header().unwrap().ethernet2().unwrap();
+        assert_eq!(eth.destination, TAP_MAC);
+        let Some(NetSlice::Ipv4(ip)) = s.net else {
+            panic!()
+        };
+        assert_eq!(ip.header().source(), [10, 1, 1, 2]);
+        assert_eq!(ip.header().destination(), [10, 1, 1, 1]);
+        assert!(len <= 14 + 576);
+        let Some(TransportSlice::Icmpv4(icmp)) = s.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400
+                }
+            )
+        );
+        assert!(
+            ones_complement_ok(&buf[offset + 34..offset + len]),
+            "ICMP checksum"
+        );
+        // The quoted header is the original one.
+        assert_eq!(&buf[offset + 42..offset + 62], &pkt[..20]);
+        // Without DF it is dropped and counted, not fragmented.
+        let mut no_df = pkt.clone();
+        no_df[6] = 0;
+        let mut h = etherparse::Ipv4Header::from_slice(&no_df).unwrap().0;
+        h.header_checksum = h.calc_header_checksum();
+        no_df[10..12].copy_from_slice(&h.header_checksum.to_be_bytes());
+        let (mut buf, n) = read_into(&t, &no_df);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), 0),
+            Verdict::Drop(DropReason::TxTooBig)
+        );
+    }
+}
