@@ -98,10 +98,13 @@ pub enum XdpCounter {
     PassIpv6ExtHeader,
     /// Passed: matched, but no AF_XDP socket is bound on this RX queue.
     PassNoSocket,
+    /// Passed: unicast to another host's MAC (a NIC in promiscuous mode, or
+    /// a bridge flooding); the kernel drops these too.
+    PassOtherHost,
 }
 
 /// Number of [`XdpCounter`] values; the size of the counter array map.
-pub const XDP_COUNTER_COUNT: u32 = 9;
+pub const XDP_COUNTER_COUNT: u32 = 10;
 
 impl XdpCounter {
     pub const ALL: [XdpCounter; XDP_COUNTER_COUNT as usize] = [
@@ -114,6 +117,7 @@ impl XdpCounter {
         XdpCounter::PassFragment,
         XdpCounter::PassIpv6ExtHeader,
         XdpCounter::PassNoSocket,
+        XdpCounter::PassOtherHost,
     ];
 
     /// Stable name used in logs, stats output and metrics.
@@ -128,6 +132,7 @@ impl XdpCounter {
             XdpCounter::PassFragment => "pass_fragment",
             XdpCounter::PassIpv6ExtHeader => "pass_ipv6_ext_header",
             XdpCounter::PassNoSocket => "pass_no_socket",
+            XdpCounter::PassOtherHost => "pass_other_host",
         }
     }
 }
@@ -137,7 +142,25 @@ pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const XSKS: &str = "XSKS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SETTINGS: &str = "SETTINGS";
 }
+
+/// The program's settings (one entry of the `SETTINGS` array map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The interface's MAC: unicast frames to any other are passed.
+    pub mac: [u8; 6],
+    /// Non-zero once userspace has filled `mac`.
+    pub mac_set: u8,
+    pub pad: u8,
+}
+
+// SAFETY: `repr(C)`, eight one-byte fields, no padding; any bit pattern is
+// a valid value.
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for Settings {}
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "gateway_steer";

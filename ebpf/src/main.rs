@@ -17,11 +17,11 @@ mod prog {
     use aya_ebpf::{
         bindings::xdp_action,
         macros::{map, xdp},
-        maps::{HashMap, PerCpuArray, XskMap},
+        maps::{Array, HashMap, PerCpuArray, XskMap},
         programs::XdpContext,
     };
     use gateway_common::{
-        EndpointKey, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, MAX_ENDPOINTS, MAX_QUEUES,
+        EndpointKey, Settings, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, MAX_ENDPOINTS, MAX_QUEUES,
         XDP_COUNTER_COUNT,
     };
 
@@ -40,6 +40,9 @@ mod prog {
 
     #[map(name = "COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XDP_COUNTER_COUNT, 0);
+
+    #[map(name = "SETTINGS")]
+    static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
     #[inline(always)]
     fn count(counter: XdpCounter) {
@@ -91,6 +94,14 @@ mod prog {
     #[inline(always)]
     fn classify(ctx: &XdpContext) -> Result<(), XdpCounter> {
         let eth = bytes::<ETH_HLEN>(ctx, 0).ok_or(XdpCounter::PassTruncated)?;
+        // Unicast to another host: not ours, whatever it carries.
+        if eth[0] & 1 == 0 {
+            if let Some(s) = SETTINGS.get(0) {
+                if s.mac_set != 0 && eth[0..6] != s.mac {
+                    return Err(XdpCounter::PassOtherHost);
+                }
+            }
+        }
         let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
         let mut l3 = ETH_HLEN;
         if ethertype == ETH_P_8021Q {

@@ -16,15 +16,40 @@ const VALID: u64 = 1 << 63;
 /// Next-hop MACs, one slot per tunnel.
 pub struct NextHops {
     slots: Vec<AtomicU64>,
+    /// The underlay interface's own MAC: the outer source.
+    local: AtomicU64,
     wanted: AtomicBool,
+}
+
+fn pack(m: [u8; 6]) -> u64 {
+    VALID | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
+}
+
+fn unpack(v: u64) -> Option<[u8; 6]> {
+    if v & VALID == 0 {
+        return None;
+    }
+    let b = v.to_be_bytes();
+    Some([b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
 impl NextHops {
     pub fn new(tunnels: usize) -> NextHops {
         NextHops {
             slots: (0..tunnels).map(|_| AtomicU64::new(0)).collect(),
+            local: AtomicU64::new(0),
             wanted: AtomicBool::new(false),
         }
+    }
+
+    /// The underlay interface's MAC, once known.
+    #[inline]
+    pub fn local(&self) -> Option<[u8; 6]> {
+        unpack(self.local.load(Ordering::Relaxed))
+    }
+
+    pub fn set_local(&self, mac: [u8; 6]) {
+        self.local.store(pack(mac), Ordering::Relaxed);
     }
 
     #[inline]
@@ -32,20 +57,11 @@ impl NextHops {
         // Relaxed: the MAC is one self-contained value; a worker seeing the
         // old one for a moment sends a packet or two to the old MAC, as the
         // kernel would while its own entry changes.
-        let v = self.slots[tunnel].load(Ordering::Relaxed);
-        if v & VALID == 0 {
-            return None;
-        }
-        let b = v.to_be_bytes();
-        Some([b[2], b[3], b[4], b[5], b[6], b[7]])
+        unpack(self.slots[tunnel].load(Ordering::Relaxed))
     }
 
     pub fn set(&self, tunnel: usize, mac: Option<[u8; 6]>) {
-        let v = match mac {
-            Some(m) => VALID | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]),
-            None => 0,
-        };
-        self.slots[tunnel].store(v, Ordering::Relaxed);
+        self.slots[tunnel].store(mac.map_or(0, pack), Ordering::Relaxed);
     }
 
     /// A worker had a packet for a tunnel without a next hop.

@@ -207,11 +207,13 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
 
     // XDP program and sockets.
     let mut steering = Steering::load()?;
+    steering.set_mac(src_mac)?;
     for key in table.endpoint_keys() {
         steering.add_endpoint(key)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let next_hops = Arc::new(NextHops::new(table.len()));
+    next_hops.set_local(src_mac);
     let resolver = {
         let remotes: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.remote).collect();
         let (hops, stop, index, name) = (
@@ -256,7 +258,6 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
                 rx: table.clone(),
                 tx: tx_table.clone(),
                 next_hops: next_hops.clone(),
-                src_mac,
                 stop: stop.clone(),
             },
             st.clone(),
@@ -289,7 +290,27 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
         .context("installing signal handlers")?;
     let mut failure: Option<anyhow::Error> = None;
+    let mut local_mac = src_mac;
+    let mut last_link_check = std::time::Instant::now();
     'outer: loop {
+        // Follow the underlay's own MAC: the outer source, and what the XDP
+        // program takes as ours.
+        if last_link_check.elapsed() >= Duration::from_millis(500) {
+            last_link_check = std::time::Instant::now();
+            if let Ok(Some(LinkInfo { mac: Some(m), .. })) = nl.link(iface) {
+                if m != local_mac {
+                    tracing::info!(
+                        "{iface} changed its MAC to {}",
+                        crate::neighbour::format_mac(&m)
+                    );
+                    local_mac = m;
+                    next_hops.set_local(m);
+                    if let Err(e) = steering.set_mac(m) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+        }
         for sig in signals.pending() {
             match sig {
                 SIGUSR1 => print_stats(&table, &steering, &stats, "stats"),

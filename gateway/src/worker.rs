@@ -60,9 +60,8 @@ pub enum WorkerError {
 pub struct Shared {
     pub rx: Arc<TunnelTable>,
     pub tx: Arc<Vec<TunnelTx>>,
+    /// Next-hop MACs per tunnel, and the underlay's own MAC.
     pub next_hops: Arc<NextHops>,
-    /// The underlay interface's MAC: the outer source.
-    pub src_mac: [u8; 6],
     pub stop: Arc<AtomicBool>,
 }
 
@@ -347,10 +346,11 @@ impl Worker {
                 }
                 st.local.tx_read += 1;
                 let tunnel = &self.shared.tx[t];
-                let hop = self.shared.next_hops.get(t).map(|dst| NextHop {
-                    dst,
-                    src: self.shared.src_mac,
-                });
+                let hops = &self.shared.next_hops;
+                let hop = match (hops.get(t), hops.local()) {
+                    (Some(dst), Some(src)) => Some(NextHop { dst, src }),
+                    _ => None,
+                };
                 st.ident = st.ident.wrapping_add(1);
                 let buf = self.xsk.buffer_mut(&mut frame);
                 match encap(buf, c.result as usize, tunnel, hop, st.ident) {

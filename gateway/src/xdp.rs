@@ -4,10 +4,10 @@
 
 use std::os::fd::RawFd;
 
-use aya::maps::{HashMap, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
-use gateway_common::{maps, EndpointKey, XdpCounter, PROGRAM_NAME, XDP_COUNTER_COUNT};
+use gateway_common::{maps, EndpointKey, Settings, XdpCounter, PROGRAM_NAME, XDP_COUNTER_COUNT};
 
 use crate::config::XdpAttach;
 
@@ -70,6 +70,24 @@ impl Steering {
         table
             .insert(key, 1, 0)
             .map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
+    }
+
+    /// Tells the program the interface's MAC, so frames unicast to other
+    /// hosts are left to the kernel.
+    pub fn set_mac(&mut self, mac: [u8; 6]) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::SETTINGS)
+            .ok_or(XdpError::Map(maps::SETTINGS, "missing".into()))?;
+        let mut arr: Array<_, Settings> =
+            Array::try_from(map).map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))?;
+        let s = Settings {
+            mac,
+            mac_set: 1,
+            pad: 0,
+        };
+        arr.set(0, s, 0)
+            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))
     }
 
     /// Puts the AF_XDP socket of RX queue `queue` into the XSKMAP.

@@ -395,6 +395,17 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
             ),
         ),
         ("outer_checksum", bad_outer_sum),
+        // A good packet, but unicast to another host's MAC.
+        (
+            "xdp:pass_other_host",
+            pkt::outer(
+                [0x02, 0, 0, 0, 0, 0x99],
+                REMOTE,
+                LOCAL,
+                47,
+                &pkt::gre(0, 0x0800, 0, 0, &inner),
+            ),
+        ),
     ];
     for (_, f) in &sends {
         l.tx.send(f);
@@ -421,8 +432,9 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
         assert_eq!(drops(&s, reason), want, "drops.{reason} in {s}");
     }
     assert_eq!(u64_at(&s, &["xdp", "pass_no_endpoint"]), 1, "{s}");
+    assert_eq!(u64_at(&s, &["xdp", "pass_other_host"]), 1, "{s}");
     assert_eq!(worker_sum(&s, "delivered"), 0);
-    assert_eq!(worker_sum(&s, "rx_frames"), sends.len() as u64 - 1);
+    assert_eq!(worker_sum(&s, "rx_frames"), sends.len() as u64 - 2);
     assert_accounting(&s);
 
     // The kernel still gets everything that is not a tunnel's: ARP and
