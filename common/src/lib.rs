@@ -164,3 +164,11 @@ unsafe impl aya::Pod for Settings {}
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "gateway_steer";
+
+/// Programs in the same object used only by the bench harness.
+pub mod bench_programs {
+    /// Counts every packet as `Seen` and drops it: the wire's ceiling.
+    pub const DROP: &str = "bench_drop";
+    /// Redirects every packet to the AF_XDP socket of its queue.
+    pub const REDIRECT_ALL: &str = "bench_redirect_all";
+}

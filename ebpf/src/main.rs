@@ -89,6 +89,29 @@ mod prog {
         }
     }
 
+    /// For the bench's wire ceiling: counts and drops everything.
+    #[xdp]
+    pub fn bench_drop(_ctx: XdpContext) -> u32 {
+        count(XdpCounter::Seen);
+        xdp_action::XDP_DROP
+    }
+
+    /// For the bench's generator: every packet to its AF_XDP socket.
+    #[xdp]
+    pub fn bench_redirect_all(ctx: XdpContext) -> u32 {
+        count(XdpCounter::Seen);
+        match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+            Ok(action) => {
+                count(XdpCounter::Redirected);
+                action
+            }
+            Err(_) => {
+                count(XdpCounter::PassNoSocket);
+                xdp_action::XDP_PASS
+            }
+        }
+    }
+
     /// `Ok` when the packet belongs to a configured tunnel endpoint, else the
     /// reason it is passed to the kernel.
     #[inline(always)]

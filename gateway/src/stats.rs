@@ -55,6 +55,8 @@ pub struct WorkerStats {
     pub busy_polls: AtomicU64,
     pub idle_polls: AtomicU64,
     pub sleeps: AtomicU64,
+    pub busy_ns: AtomicU64,
+    pub idle_ns: AtomicU64,
     pub xsk_rx_dropped: AtomicU64,
     pub xsk_rx_ring_full: AtomicU64,
     pub xsk_fill_ring_empty: AtomicU64,
@@ -78,6 +80,10 @@ pub struct LocalStats {
     pub busy_polls: u64,
     pub idle_polls: u64,
     pub sleeps: u64,
+    /// Time in loop iterations that moved packets.
+    pub busy_ns: u64,
+    /// Time in loop iterations that found nothing (spinning or asleep).
+    pub idle_ns: u64,
 }
 
 impl LocalStats {
@@ -97,6 +103,8 @@ impl LocalStats {
             busy_polls: 0,
             idle_polls: 0,
             sleeps: 0,
+            busy_ns: 0,
+            idle_ns: 0,
         }
     }
 
@@ -135,6 +143,8 @@ impl WorkerStats {
             busy_polls: AtomicU64::new(0),
             idle_polls: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            idle_ns: AtomicU64::new(0),
             xsk_rx_dropped: AtomicU64::new(0),
             xsk_rx_ring_full: AtomicU64::new(0),
             xsk_fill_ring_empty: AtomicU64::new(0),
@@ -168,6 +178,8 @@ impl WorkerStats {
         self.busy_polls.store(l.busy_polls, Relaxed);
         self.idle_polls.store(l.idle_polls, Relaxed);
         self.sleeps.store(l.sleeps, Relaxed);
+        self.busy_ns.store(l.busy_ns, Relaxed);
+        self.idle_ns.store(l.idle_ns, Relaxed);
     }
 
     pub fn publish_frames(&self, f: &FrameCounts) {
@@ -198,6 +210,8 @@ impl WorkerStats {
                 "busy": self.busy_polls.load(Relaxed),
                 "idle": self.idle_polls.load(Relaxed),
                 "sleeps": self.sleeps.load(Relaxed),
+                "busy_ns": self.busy_ns.load(Relaxed),
+                "idle_ns": self.idle_ns.load(Relaxed),
             },
             "frames": {
                 "total": self.frames_total.load(Relaxed),

@@ -159,6 +159,10 @@ impl Worker {
         let mut rx: Vec<Frame> = Vec::with_capacity(self.batch);
         let mut done: Vec<Completed> = Vec::with_capacity(entries as usize);
         let mut idle: u32 = 0;
+        // One clock read per loop iteration (not per packet): how the
+        // worker's time splits between moving packets and waiting for them,
+        // as a poll-mode driver reports it.
+        let mut t0 = std::time::Instant::now();
 
         loop {
             // 1. io_uring completions: finished writes and reads.
@@ -213,12 +217,17 @@ impl Worker {
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
             st.frames.in_reads = st.reads.iter().map(|&r| u64::from(r)).sum();
+            let t1 = std::time::Instant::now();
+            let spent = t1.duration_since(t0).as_nanos() as u64;
+            t0 = t1;
             if n > 0 || progressed || sent > 0 || completed > 0 {
                 idle = 0;
                 st.local.busy_polls += 1;
+                st.local.busy_ns += spent;
                 self.publish(&st);
                 continue;
             }
+            st.local.idle_ns += spent;
 
             idle = idle.wrapping_add(1);
             st.local.idle_polls += 1;

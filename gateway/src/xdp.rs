@@ -28,6 +28,7 @@ pub enum XdpError {
 
 pub struct Steering {
     ebpf: Ebpf,
+    program: &'static str,
     mode: Option<&'static str>,
 }
 
@@ -43,19 +44,30 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Steering {
-    /// Loads the program and its maps into the kernel, not yet attached.
+    /// Loads the steering program and its maps into the kernel, not yet
+    /// attached.
     pub fn load() -> Result<Steering, XdpError> {
+        Self::load_program(PROGRAM_NAME)
+    }
+
+    /// Loads another program of the object (the bench harness's
+    /// `gateway_common::bench_programs`), with the same maps.
+    pub fn load_program(program: &'static str) -> Result<Steering, XdpError> {
         if OBJECT.is_empty() {
             return Err(XdpError::NoObject);
         }
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| XdpError::Load(chain(&e)))?;
         let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME} in the object")))?
+            .program_mut(program)
+            .ok_or_else(|| XdpError::Load(format!("no program {program} in the object")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(chain(&e)))?;
         prog.load().map_err(|e| XdpError::Load(chain(&e)))?;
-        Ok(Steering { ebpf, mode: None })
+        Ok(Steering {
+            ebpf,
+            program,
+            mode: None,
+        })
     }
 
     /// Lets packets with this outer (local, remote, protocol) through to the
@@ -105,7 +117,7 @@ impl Steering {
     pub fn attach(&mut self, iface: &str, how: XdpAttach) -> Result<&'static str, XdpError> {
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(PROGRAM_NAME)
+            .program_mut(self.program)
             .expect("loaded above")
             .try_into()
             .expect("an XDP program");
