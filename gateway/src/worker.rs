@@ -253,6 +253,11 @@ impl Worker {
                         // completions (a read from a device finishing).
                         let _ =
                             crate::sys::wait_readable(&[self.xsk.fd(), io.fd()], ADAPTIVE_SLEEP_MS);
+                        // The sleep is idle time, whatever the next
+                        // iteration finds.
+                        let now = std::time::Instant::now();
+                        st.local.idle_ns += now.duration_since(t0).as_nanos() as u64;
+                        t0 = now;
                     } else {
                         std::hint::spin_loop();
                     }
