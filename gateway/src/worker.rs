@@ -34,6 +34,8 @@ const ADAPTIVE_SPINS: u32 = 2048;
 /// How long an adaptive worker blocks at most before looking at its
 /// completions and the stop flag again.
 const ADAPTIVE_SLEEP_MS: i32 = 10;
+/// Idle polls between yields of a busy-polling worker.
+const BUSY_YIELD_EVERY: u32 = 64;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
 /// Reads kept outstanding on each device queue.
@@ -239,7 +241,17 @@ impl Worker {
                 self.refresh_xsk_stats();
             }
             match self.poll {
-                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Busy => {
+                    // Kernel work this core owes (softirq processing
+                    // deferred to ksoftirqd: the tap's backlog, veth NAPI)
+                    // would otherwise wait a whole scheduler slice behind
+                    // this spinning thread; let it run when idle.
+                    if idle.is_multiple_of(BUSY_YIELD_EVERY) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
                 PollMode::Adaptive => {
                     if idle >= ADAPTIVE_SPINS
                         && st.writes_in_flight == 0

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo xtask demo      the two-host lab in network namespaces (root)
+//! cargo xtask bench     throughput, latency and ceilings in one run (root)
 //! cargo xtask setup     install toolchain pieces and Debian packages
 //! cargo xtask test      setup, build, unit tests, integration tests (root)
 //! cargo xtask lint      rustfmt --check and clippy -D warnings
@@ -31,6 +32,13 @@ enum Cmd {
     /// The lab: two gateways in namespaces, ping through GRE and IPIP, the
     /// wire decoded by tshark, the counters; then everything removed.
     Demo,
+    /// The bench harness: throughput, latency histograms and the machine's
+    /// own ceilings in one run (root). Arguments go to gateway-bench
+    /// (--quick, --payload 1372, --mode ipip, --poll adaptive, --out DIR).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install what building and testing need (idempotent; says what it does).
     Setup,
     /// Setup, build, then run the unit and integration tests.
@@ -229,6 +237,25 @@ fn lint() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
+        Cmd::Bench { args } => {
+            setup()?;
+            run(&mut cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "gateway",
+                "-p",
+                "gateway-bench",
+            ]))?;
+            if !is_root() {
+                bail!("the bench needs root (network namespaces, XDP, AF_XDP): run `sudo -E cargo xtask bench`");
+            }
+            run(Command::new(root().join("target/release/gateway-bench"))
+                .current_dir(root())
+                .arg("--gateway")
+                .arg(root().join("target/release/gateway"))
+                .args(&args))
+        }
         Cmd::Demo => {
             setup()?;
             run(&mut cargo(&["build", "--release", "-p", "gateway"]))?;

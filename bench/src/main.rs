@@ -1,0 +1,700 @@
+//! `gateway-bench` (run by `cargo xtask bench`): how fast the gateway is,
+//! and how close it comes to what the machine allows, in one run.
+//!
+//! Topology (network namespaces on this machine): the generator's namespace
+//! `gwb-gen` (192.168.0.58 on `gen0`) and the gateway's `gwb-gw`
+//! (192.168.0.8 on `ens0`) joined by a veth. The generator is an AF_XDP
+//! socket on `gen0`; the gateway runs as a separate process with its
+//! configuration in the bench's output directory; the inner endpoint that
+//! answers is the gateway host's own kernel (ICMP echo behind the tap).
+//!
+//! Method (as CSIT measures): find the no-drop rate by binary search
+//! (highest offered rate with zero loss over a trial), measure latency at
+//! 10%, 50% and 90% of it, and throughput and loss at maximum offered load;
+//! for decapsulation only and for the round trip. Ceilings in the same
+//! run: the wire (XDP drop on the gateway's veth), the device (one core
+//! writing the same frames into a tap with write(2) and with io_uring), and
+//! the bare veth's round trip for latency.
+
+#![deny(unsafe_code)]
+
+mod ceiling;
+mod gen;
+mod ns;
+mod report;
+mod templates;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::gen::{Generator, Template, Trial};
+use crate::ns::NetNs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gateway-bench",
+    about = "Throughput, latency and ceilings of the gateway in one run"
+)]
+struct Args {
+    /// A smoke run under a minute: short trials, few search steps.
+    #[arg(long)]
+    quick: bool,
+    /// Where the results go (default: bench-results/<UTC time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The gateway binary.
+    #[arg(long, default_value = "target/release/gateway")]
+    gateway: PathBuf,
+    /// Inner UDP/ICMP payload in bytes (64 by default; 1372 fills a 1400 MTU).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Flows (ICMP ids / UDP source ports) the generator cycles through.
+    #[arg(long, default_value_t = 16)]
+    flows: u16,
+    /// Tunnel mode under test.
+    #[arg(long, default_value = "gre", value_parser = ["gre", "ipip"])]
+    mode: String,
+    /// How the gateway worker waits: "busy" (the product's default) or "adaptive".
+    #[arg(long, default_value = "busy", value_parser = ["busy", "adaptive"])]
+    poll: String,
+}
+
+const GEN_CORE: usize = 0;
+const GW_CORE: usize = 1;
+
+fn say(msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+/// The gateway under test, with its counters on request.
+struct GatewayProc {
+    child: Child,
+    lines: Receiver<String>,
+    log: PathBuf,
+}
+
+impl GatewayProc {
+    fn start(ns: &NetNs, bin: &Path, config: &Path, log: &Path) -> Result<GatewayProc> {
+        let err = std::fs::File::create(log)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(bin)
+            .args(["--iface", "ens0", "--config"])
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let gp = GatewayProc {
+            child,
+            lines: rx,
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("gateway running") {
+                return Ok(gp);
+            }
+            if text.contains("error:") || Instant::now() > deadline {
+                bail!("the gateway did not start:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stats(&self) -> Result<Value> {
+        while self.lines.try_recv().is_ok() {}
+        Command::new("kill")
+            .args(["-USR1", &self.child.id().to_string()])
+            .status()?;
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| anyhow!("no stats from the gateway; see {}", self.log.display()))?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sums a per-worker field of a stats snapshot.
+fn workers(s: &Value, path: &[&str]) -> u64 {
+    s["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let mut v = w;
+            for p in path {
+                v = &v[*p];
+            }
+            v.as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+/// One decapsulation trial: offered, delivered into the tap, worker time.
+#[derive(Debug, Clone, Copy)]
+struct DecapTrial {
+    offered_pps: f64,
+    delivered_pps: f64,
+    sent: u64,
+    delivered: u64,
+    busy_ns: u64,
+}
+
+struct Bench {
+    args: Args,
+    trial: Duration,
+    steps: u32,
+    gen: Generator,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Bench {
+    fn check(&self) -> Result<()> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    fn run(&self, template: &Template, rate: Option<f64>) -> Result<gen::Outcome> {
+        self.check()?;
+        self.gen.run(Trial {
+            template: template.clone(),
+            rate,
+            duration: self.trial,
+            flows: self.args.flows,
+        })
+    }
+
+    fn decap_trial(&self, gw: &GatewayProc, t: &Template, rate: Option<f64>) -> Result<DecapTrial> {
+        let before = gw.stats()?;
+        let out = self.run(t, rate)?;
+        std::thread::sleep(Duration::from_millis(200));
+        let after = gw.stats()?;
+        let delivered = workers(&after, &["delivered"]) - workers(&before, &["delivered"]);
+        let busy_ns =
+            workers(&after, &["polls", "busy_ns"]) - workers(&before, &["polls", "busy_ns"]);
+        let secs = out.elapsed.as_secs_f64();
+        Ok(DecapTrial {
+            offered_pps: out.sent as f64 / secs,
+            delivered_pps: delivered as f64 / secs,
+            sent: out.sent,
+            delivered,
+            busy_ns,
+        })
+    }
+
+    /// Binary search for the highest rate with zero loss; `lossless(rate)`
+    /// runs one trial.
+    fn search(
+        &self,
+        what: &str,
+        max: f64,
+        mut lossless: impl FnMut(f64) -> Result<bool>,
+    ) -> Result<f64> {
+        let (mut lo, mut hi) = (0.0f64, max);
+        for step in 0..self.steps {
+            let mid = (lo + hi) / 2.0;
+            let ok = lossless(mid)?;
+            say(&format!(
+                "{what}: step {}/{} at {:.0} pps: {}",
+                step + 1,
+                self.steps,
+                mid,
+                if ok { "no loss" } else { "loss" }
+            ));
+            if ok {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+fn machine() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    json!({
+        "kernel": kernel.trim(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+fn percentiles(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_us": us(0.50),
+        "p90_us": us(0.90),
+        "p99_us": us(0.99),
+        "p99_9_us": us(0.999),
+        "p99_99_us": us(0.9999),
+        "max_us": h.max() as f64 / 1000.0,
+    })
+}
+
+fn timestamp() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if out.is_empty() {
+        "run".into()
+    } else {
+        out
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+    {
+        bail!("the bench needs root (network namespaces, XDP, AF_XDP)");
+    }
+    if !args.gateway.exists() {
+        bail!(
+            "no gateway binary at {}; build it with `cargo build --release -p gateway` (cargo xtask bench does)",
+            args.gateway.display()
+        );
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench-results").join(timestamp()));
+    std::fs::create_dir_all(&out_dir)?;
+    let started = Instant::now();
+
+    // Topology.
+    let gen_ns = NetNs::new("gwb-gen")?;
+    let gw_ns = NetNs::new("gwb-gw")?;
+    ns::sh(&[
+        "ip",
+        "link",
+        "add",
+        "gen0",
+        "netns",
+        &gen_ns.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ens0",
+        "netns",
+        &gw_ns.name,
+    ])?;
+    gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
+    gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
+    gen_ns.ip(&["link", "set", "gen0", "up"])?;
+    gw_ns.ip(&["link", "set", "ens0", "up"])?;
+    let gen_mac = gen_ns.mac("gen0")?;
+    let gw_mac = gw_ns.mac("ens0")?;
+    // Everything reaching gen0 goes to the generator's socket, so its kernel
+    // never answers ARP: give the gateway side a permanent entry.
+    let mac_s = gen_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    gw_ns.ip(&[
+        "neigh",
+        "replace",
+        "192.168.0.58",
+        "lladdr",
+        &mac_s,
+        "dev",
+        "ens0",
+        "nud",
+        "permanent",
+    ])?;
+
+    let gre = args.mode == "gre";
+    let udp = templates::tunnel_udp(gw_mac, gen_mac, gre, args.payload);
+    let echo = templates::tunnel_echo(gw_mac, gen_mac, gre, args.payload);
+    let bare = templates::bare_echo(gw_mac, gen_mac, args.payload);
+
+    let gen = Generator::start(&gen_ns, "gen0", GEN_CORE)?;
+    let bench = Bench {
+        trial: if args.quick {
+            Duration::from_millis(700)
+        } else {
+            Duration::from_secs(3)
+        },
+        steps: if args.quick { 3 } else { 7 },
+        gen,
+        interrupted: interrupted.clone(),
+        args,
+    };
+    let a = &bench.args;
+    say(&format!(
+        "mode {} payload {} B flows {} poll {}; trials of {:?}, {} search steps; results in {}",
+        a.mode,
+        a.payload,
+        a.flows,
+        a.poll,
+        bench.trial,
+        bench.steps,
+        out_dir.display()
+    ));
+
+    // Ceiling (a): the wire.
+    say("ceiling: the wire (generator into the gateway's veth, XDP drop, no gateway)");
+    let wire_pps = {
+        let probe = ceiling::DropProbe::attach(&gw_ns, "ens0")?;
+        let s0 = probe.seen()?;
+        let out = bench.run(&udp, None)?;
+        let s1 = probe.seen()?;
+        let pps = (s1 - s0) as f64 / out.elapsed.as_secs_f64();
+        say(&format!(
+            "  wire: {:.0} pps (generator offered {:.0})",
+            pps,
+            out.sent as f64 / out.elapsed.as_secs_f64()
+        ));
+        pps
+    };
+    bench.check()?;
+
+    // Ceiling (b): the device.
+    say("ceiling: one core writing the same inner frames into a tap");
+    let dev = ceiling::device(&gw_ns, GW_CORE, bench.args.payload, bench.trial)?;
+    say(&format!(
+        "  tap write(2): {:.0} pps; io_uring batches of {}: {:.0} pps",
+        dev.write_pps, dev.batch, dev.uring_pps
+    ));
+    bench.check()?;
+
+    // The gateway.
+    let config = out_dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[gateway]
+poll = "{}"
+cores = [{GW_CORE}]
+
+[[tunnel]]
+name = "tun100"
+mode = "{}"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+ttl = 64
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+"#,
+            bench.args.poll, bench.args.mode
+        ),
+    )?;
+    let gw = GatewayProc::start(
+        &gw_ns,
+        &bench.args.gateway,
+        &config,
+        &out_dir.join("gateway.log"),
+    )?;
+    // Let the gateway resolve its next hop before measuring.
+    std::thread::sleep(Duration::from_millis(1000));
+
+    say("decapsulation only: maximum offered load");
+    let dmax = bench.decap_trial(&gw, &udp, None)?;
+    say(&format!(
+        "  offered {:.0} pps, delivered {:.0} pps ({:.2}% loss); worker {:.0} ns per packet",
+        dmax.offered_pps,
+        dmax.delivered_pps,
+        100.0 * (1.0 - dmax.delivered as f64 / dmax.sent.max(1) as f64),
+        dmax.busy_ns as f64 / dmax.delivered.max(1) as f64
+    ));
+    let decap_ndr = bench.search("decap no-drop rate", dmax.offered_pps, |r| {
+        let t = bench.decap_trial(&gw, &udp, Some(r))?;
+        Ok(t.delivered >= t.sent)
+    })?;
+    let dndr = bench.decap_trial(&gw, &udp, Some(decap_ndr))?;
+
+    say("round trip: maximum offered load");
+    let rmax = bench.run(&echo, None)?;
+    let rmax_secs = rmax.elapsed.as_secs_f64();
+    say(&format!(
+        "  offered {:.0} pps, answered {:.0} pps",
+        rmax.sent as f64 / rmax_secs,
+        rmax.received as f64 / rmax_secs
+    ));
+    let rt_ndr = bench.search(
+        "round-trip no-drop rate",
+        rmax.sent as f64 / rmax_secs,
+        |r| {
+            let o = bench.run(&echo, Some(r))?;
+            Ok(o.received >= o.sent)
+        },
+    )?;
+    let levels = [10u32, 50, 90];
+    let mut tunnel_lat = Vec::new();
+    for pct in levels {
+        let rate = (rt_ndr * f64::from(pct) / 100.0).max(100.0);
+        let o = bench.run(&echo, Some(rate))?;
+        say(&format!(
+            "  latency at {pct}% of the no-drop rate ({rate:.0} pps): p50 {:.1} µs p99 {:.1} µs ({} samples, {} lost)",
+            o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
+            o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
+            o.rtt.len(),
+            o.sent.saturating_sub(o.received)
+        ));
+        tunnel_lat.push((pct, rate, o));
+    }
+    let gw_final = gw.stats()?;
+    drop(gw);
+
+    // Ceiling (c): the bare veth's round trip at the same rates.
+    say("ceiling: bare veth round trip (the gateway host's kernel answers ping), same rates");
+    let mut bare_lat = Vec::new();
+    for (pct, rate, _) in &tunnel_lat {
+        let o = bench.run(&bare, Some(*rate))?;
+        say(&format!(
+            "  bare at {rate:.0} pps: p50 {:.1} µs p99 {:.1} µs",
+            o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
+            o.rtt.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+        bare_lat.push((*pct, *rate, o));
+    }
+
+    // Files.
+    let mut lat_json = Vec::new();
+    for ((pct, rate, t), (_, _, b)) in tunnel_lat.iter().zip(&bare_lat) {
+        let tf = format!("latency-tunnel-{pct}pct.hgrm");
+        let bf = format!("latency-bare-{pct}pct.hgrm");
+        std::fs::write(out_dir.join(&tf), report::hgrm(&t.rtt))?;
+        std::fs::write(out_dir.join(&bf), report::hgrm(&b.rtt))?;
+        let tp = percentiles(&t.rtt);
+        let bp = percentiles(&b.rtt);
+        lat_json.push(json!({
+            "load_pct_of_ndr": pct,
+            "rate_pps": rate,
+            "tunnel": tp, "tunnel_lost": t.sent.saturating_sub(t.received), "tunnel_hgrm": tf,
+            "bare": bp, "bare_lost": b.sent.saturating_sub(b.received), "bare_hgrm": bf,
+            "ratio_p50": tp["p50_us"].as_f64().unwrap_or(0.0) / bp["p50_us"].as_f64().unwrap_or(1.0).max(1e-9),
+            "ratio_p99": tp["p99_us"].as_f64().unwrap_or(0.0) / bp["p99_us"].as_f64().unwrap_or(1.0).max(1e-9),
+        }));
+    }
+    let ns_per_pkt = dmax.busy_ns as f64 / dmax.delivered.max(1) as f64;
+    let write_ns = 1e9 / dev.write_pps.max(1.0);
+    let result = json!({
+        "settings": {
+            "mode": bench.args.mode,
+            "payload_bytes": bench.args.payload,
+            "flows": bench.args.flows,
+            "poll": bench.args.poll,
+            "quick": bench.args.quick,
+            "trial_s": bench.trial.as_secs_f64(),
+            "search_steps": bench.steps,
+            "generator_core": GEN_CORE,
+            "gateway_core": GW_CORE,
+            "topology": "namespaces: AF_XDP generator on gen0 <-veth-> ens0 with the gateway; the gateway host's kernel answers behind tap1",
+        },
+        "machine": machine(),
+        "ceilings": {
+            "wire_xdp_drop_pps": wire_pps,
+            "tap_write_pps": dev.write_pps,
+            "tap_io_uring_pps": dev.uring_pps,
+            "tap_io_uring_batch": dev.batch,
+        },
+        "decap": {
+            "max_offered_pps": dmax.offered_pps,
+            "max_delivered_pps": dmax.delivered_pps,
+            "max_loss_ratio": 1.0 - dmax.delivered as f64 / dmax.sent.max(1) as f64,
+            "ndr_pps": decap_ndr,
+            "ndr_check_delivered_pps": dndr.delivered_pps,
+            "worker_ns_per_packet_at_max": ns_per_pkt,
+            "worker_capacity_pps": 1e9 / ns_per_pkt.max(1e-9),
+            "ratio_ndr_to_wire": decap_ndr / wire_pps.max(1.0),
+            "ratio_max_delivered_to_tap_write": dmax.delivered_pps / dev.write_pps.max(1.0),
+            "ratio_max_delivered_to_tap_io_uring": dmax.delivered_pps / dev.uring_pps.max(1.0),
+            "ratio_worker_cost_to_one_write": ns_per_pkt / write_ns,
+        },
+        "round_trip": {
+            "max_offered_pps": rmax.sent as f64 / rmax_secs,
+            "max_answered_pps": rmax.received as f64 / rmax_secs,
+            "ndr_pps": rt_ndr,
+            "latency": lat_json,
+        },
+        "gateway_final_stats": gw_final,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+
+    let colours = ["#1f77b4", "#2ca02c", "#d62728"];
+    let mut curves = Vec::new();
+    for (i, ((pct, _, t), (_, _, b))) in tunnel_lat.iter().zip(&bare_lat).enumerate() {
+        curves.push(report::Curve {
+            label: format!("tunnel at {pct}% NDR"),
+            colour: colours[i],
+            dashed: false,
+            hist: &t.rtt,
+        });
+        curves.push(report::Curve {
+            label: "bare veth, same rate".to_string(),
+            colour: colours[i],
+            dashed: true,
+            hist: &b.rtt,
+        });
+    }
+    let bars = vec![
+        report::Bar {
+            label: "wire ceiling (XDP drop)".into(),
+            pps: wire_pps,
+            colour: "#999",
+        },
+        report::Bar {
+            label: "tap ceiling, io_uring".into(),
+            pps: dev.uring_pps,
+            colour: "#bbb",
+        },
+        report::Bar {
+            label: "tap ceiling, write(2)".into(),
+            pps: dev.write_pps,
+            colour: "#bbb",
+        },
+        report::Bar {
+            label: "gateway decap, max delivered".into(),
+            pps: dmax.delivered_pps,
+            colour: "#1f77b4",
+        },
+        report::Bar {
+            label: "gateway decap, no-drop rate".into(),
+            pps: decap_ndr,
+            colour: "#1f77b4",
+        },
+        report::Bar {
+            label: "gateway round trip, no-drop rate".into(),
+            pps: rt_ndr,
+            colour: "#2ca02c",
+        },
+    ];
+    let title = format!(
+        "gateway bench: {} {} B payload, {} poll ({})",
+        bench.args.mode,
+        bench.args.payload,
+        bench.args.poll,
+        result["machine"]["kernel"].as_str().unwrap_or("")
+    );
+    std::fs::write(
+        out_dir.join("plot.svg"),
+        report::svg(&title, &curves, &bars),
+    )?;
+
+    // The summary table.
+    println!();
+    println!("{:<44} {:>14} {:>12}", "", "packets/s", "ratio");
+    println!("{:<44} {:>14.0}", "wire ceiling (XDP drop)", wire_pps);
+    println!(
+        "{:<44} {:>14.0}",
+        "tap ceiling: write(2), one core", dev.write_pps
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "tap ceiling: io_uring batches, one core", dev.uring_pps
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "decap: max delivered (vs tap write(2))",
+        dmax.delivered_pps,
+        dmax.delivered_pps / dev.write_pps.max(1.0)
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "decap: no-drop rate (vs wire)",
+        decap_ndr,
+        decap_ndr / wire_pps.max(1.0)
+    );
+    println!("{:<44} {:>14.0}", "round trip: no-drop rate", rt_ndr);
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "worker ns/packet at max (vs one write(2))",
+        ns_per_pkt,
+        ns_per_pkt / write_ns
+    );
+    println!();
+    println!(
+        "{:<12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "latency", "rate pps", "p50 µs", "p99 µs", "bare p50", "bare p99", "p50 x", "p99 x"
+    );
+    for l in &lat_json {
+        println!(
+            "{:<12} {:>12.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2}",
+            format!("{}% NDR", l["load_pct_of_ndr"]),
+            l["rate_pps"].as_f64().unwrap_or(0.0),
+            l["tunnel"]["p50_us"].as_f64().unwrap_or(0.0),
+            l["tunnel"]["p99_us"].as_f64().unwrap_or(0.0),
+            l["bare"]["p50_us"].as_f64().unwrap_or(0.0),
+            l["bare"]["p99_us"].as_f64().unwrap_or(0.0),
+            l["ratio_p50"].as_f64().unwrap_or(0.0),
+            l["ratio_p99"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "\nfiles: {}/results.json, plot.svg, latency-*.hgrm, gateway.log",
+        out_dir.display()
+    );
+    say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    drop(gen_ns);
+    drop(gw_ns);
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Network namespaces for the bench, removed on drop (also on Ctrl-C, via
+//! the caller's signal flag and normal unwinding), and running closures on
+//! threads that live inside a namespace.
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: &str) -> Result<NetNs> {
+        if std::path::Path::new("/var/run/netns").join(name).exists() {
+            bail!("network namespace {name} already exists (another bench running, or left over?); remove it with `ip netns del {name}`");
+        }
+        sh(&["ip", "netns", "add", name])?;
+        let ns = NetNs { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
+        let out = self.ip(&["-br", "link", "show", dev])?;
+        let s = out.split_whitespace().nth(2).context("no MAC")?;
+        let v: Vec<u8> = s
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s}"))
+    }
+
+    /// Spawns a thread that enters this namespace and runs `f` there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                enter(&path);
+                f()
+            })
+            .expect("spawn")
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+fn enter(path: &str) {
+    let file = std::fs::File::open(path).expect("open netns");
+    // SAFETY: setns(2) on the calling thread with a namespace fd.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn pin(core: usize) {
+    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+}
