@@ -92,11 +92,14 @@ pub fn svg(title: &str, curves: &[Curve], bars: &[Bar]) -> String {
     // Left: latency by percentile.
     let (x0, y0, pw, ph) = (70.0, 60.0, 560.0, 340.0);
     let max_exp = 5.0; // up to 99.999%
+                       // Log scale of latency: from 1 µs to the next power of ten above the
+                       // largest value shown.
     let ymax = curves
         .iter()
         .map(|c| c.hist.value_at_quantile(0.99999) as f64 / 1000.0)
-        .fold(1.0, f64::max);
-    let ymax = nice(ymax);
+        .fold(10.0, f64::max);
+    let decades = ymax.log10().ceil().max(1.0);
+    let ypos = |us: f64| y0 + ph - ph * (us.max(1.0).log10() / decades).min(1.0);
     let _ = writeln!(
         s,
         r#"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
@@ -111,12 +114,12 @@ pub fn svg(title: &str, curves: &[Curve], bars: &[Bar]) -> String {
             y0 + ph + 16.0
         );
     }
-    for i in 0..=5 {
-        let v = ymax * f64::from(i) / 5.0;
-        let y = y0 + ph - ph * f64::from(i) / 5.0;
+    for d in 0..=(decades as i32) {
+        let v = 10f64.powi(d);
+        let y = ypos(v);
         let _ = writeln!(
             s,
-            r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{v:.0}</text>"##,
+            r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{v}</text>"##,
             x0 + pw,
             x0 - 6.0,
             y + 4.0
@@ -130,7 +133,7 @@ pub fn svg(title: &str, curves: &[Curve], bars: &[Bar]) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">round trip (µs)</text>"#,
+        r#"<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">round trip (µs, log scale)</text>"#,
         y0 + ph / 2.0,
         y0 + ph / 2.0
     );
@@ -144,7 +147,7 @@ pub fn svg(title: &str, curves: &[Curve], bars: &[Bar]) -> String {
             let q = 1.0 - 10f64.powf(-e);
             let v = c.hist.value_at_quantile(q.min(1.0)) as f64 / 1000.0;
             let x = x0 + pw * e / max_exp;
-            let y = y0 + ph - ph * (v / ymax).min(1.0);
+            let y = ypos(v);
             let _ = write!(pts, "{x:.1},{y:.1} ");
         }
         let dash = if c.dashed {
