@@ -130,6 +130,63 @@ pub enum Ttl {
     Inherit,
 }
 
+// Displayed in the configuration's own words.
+impl std::fmt::Display for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Queues::All => f.write_str("\"all\""),
+            Queues::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Cores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cores::Auto => f.write_str("\"auto\""),
+            Cores::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
+impl std::fmt::Display for PollMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PollMode::Busy => "busy",
+            PollMode::Adaptive => "adaptive",
+        })
+    }
+}
+
+impl std::fmt::Display for XdpAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpAttach::Auto => "auto",
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        })
+    }
+}
+
+impl std::fmt::Display for XskBind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XskBind::Auto => "auto",
+            XskBind::Copy => "copy",
+            XskBind::ZeroCopy => "zerocopy",
+        })
+    }
+}
+
+impl std::fmt::Display for Ttl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ttl::Fixed(n) => write!(f, "{n}"),
+            Ttl::Inherit => f.write_str("inherit"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
     pub name: String,
@@ -385,6 +442,17 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+        if let Some(p) = t.peer {
+            if let Some(other) = tunnels
+                .iter()
+                .find(|o| o.name != t.name && o.peer == Some(p))
+            {
+                return Err(err(
+                    format!("{f}.peer"),
+                    format!("{p} is also tunnel \"{}\"'s peer; one inner address can be routed into one device only", other.name),
+                ));
+            }
+        }
         if !endpoints.insert((t.local, t.remote, t.mode, t.ikey)) {
             return Err(err(
                 f,
@@ -423,6 +491,14 @@ fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_ip(field: &str, v: &str) -> Result<IpAddr, ConfigError> {
+    if let Some((a, _)) = v.split_once('/') {
+        if a.parse::<IpAddr>().is_ok() {
+            return Err(err(
+                field,
+                format!("\"{v}\" has a prefix length; give the bare address \"{a}\" (the gateway adds it as a host address with a peer)"),
+            ));
+        }
+    }
     v.parse().map_err(|_| {
         err(
             field,

@@ -9,21 +9,24 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gateway::config::{Config, Ttl, DEFAULT_PATH};
-use gateway::tunnel::DeviceKind;
+use gateway::config::{Config, DEFAULT_PATH};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "gateway",
     version,
     about = "GRE and IPIP tunnels on an XDP + AF_XDP + io_uring fast path",
+    after_help = "Runs in the foreground and logs to stderr. Signals: SIGUSR1 prints the counters \
+(one JSON line on stdout, a summary on stderr); SIGINT or SIGTERM stop cleanly (XDP detached, \
+created devices removed). The configuration is /etc/gateway/gateway.toml unless --config names \
+another; `gateway check` validates one.",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
     /// Underlay interface to attach to (overrides gateway.iface in the config).
     #[arg(long, value_name = "IFACE")]
     iface: Option<String>,
-    /// Configuration file.
+    /// Configuration file [default: /etc/gateway/gateway.toml].
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Log level filter (error, warn, info, debug, trace), or RUST_LOG.
@@ -60,7 +63,7 @@ fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
 fn print_plan(cfg: &Config, path: &Path) {
     println!("config: {}", path.display());
     println!(
-        "gateway: iface {} queues {:?} cores {:?} batch {} poll {:?} xdp {:?} xsk {:?} frames/queue {} ring {}",
+        "gateway: iface {} queues {} cores {} batch_size {} poll {} xdp_mode {} xsk_bind {} frames_per_queue {} ring_size {}",
         cfg.iface.as_deref().unwrap_or("(from --iface)"),
         cfg.queues,
         cfg.cores,
@@ -73,10 +76,9 @@ fn print_plan(cfg: &Config, path: &Path) {
     );
     for t in &cfg.tunnels {
         let mut line = format!(
-            "tunnel {} mode {:?} local {} remote {}",
+            "tunnel {}: mode {} local {} remote {}",
             t.name, t.mode, t.local, t.remote
-        )
-        .to_lowercase();
+        );
         if let Some(k) = t.ikey {
             line.push_str(&format!(" ikey {k}"));
         }
@@ -89,29 +91,29 @@ fn print_plan(cfg: &Config, path: &Path) {
         if t.ocsum {
             line.push_str(" ocsum");
         }
-        match t.ttl {
-            Ttl::Fixed(n) => line.push_str(&format!(" ttl {n}")),
-            Ttl::Inherit => line.push_str(" ttl inherit"),
-        }
+        line.push_str(&format!(" ttl {}", t.ttl));
         match t.mtu {
             Some(m) => line.push_str(&format!(" mtu {m}")),
             None => line.push_str(&format!(" mtu auto (underlay - {})", t.overhead())),
         }
-        line.push_str(&format!(
-            " device {} ({})",
-            t.device,
-            match t.device_kind {
-                DeviceKind::Tap => "tap",
-                DeviceKind::Tun => "tun",
-            }
-        ));
+        line.push_str(&format!(" device {} ({})", t.device, t.device_kind));
         if let (Some(a), Some(p)) = (t.address, t.peer) {
             line.push_str(&format!(" address {a} peer {p}"));
+        }
+        for p in &t.accept_from {
+            line.push_str(&format!(" accept_from {p}"));
         }
         if t.persistent {
             line.push_str(" persistent");
         }
         println!("{line}");
+    }
+    // Host-dependent settings are checked here only against this host.
+    let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let gateway::config::Cores::List(l) = &cfg.cores {
+        if let Some(c) = l.iter().find(|&&c| c >= ncores) {
+            println!("warning: core {c} does not exist on this host ({ncores} cores); the gateway will refuse to start here");
+        }
     }
 }
 
@@ -122,6 +124,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let (cfg, path) = match load(cli.config.as_deref()) {

@@ -74,7 +74,7 @@ impl NextHops {
 /// Follows the route and neighbour entry of each tunnel's remote until
 /// `stop` is set: every `interval`, or at once when a worker asks.
 pub fn run_resolver(
-    remotes: Vec<IpAddr>,
+    remotes: Vec<(String, IpAddr)>,
     underlay_index: u32,
     underlay_name: String,
     hops: Arc<NextHops>,
@@ -98,16 +98,17 @@ pub fn run_resolver(
             continue;
         }
         next = Instant::now() + interval;
-        for (i, remote) in remotes.iter().enumerate() {
+        for (i, (name, remote)) in remotes.iter().enumerate() {
             let mac = resolve_one(&nl, *remote, underlay_index, &underlay_name, &mut warned[i]);
             if mac != last[i] {
                 match mac {
                     Some(m) => tracing::info!(
+                        tunnel = %name,
                         remote = %remote,
                         mac = %format_mac(&m),
                         "next hop resolved"
                     ),
-                    None => tracing::info!(remote = %remote, "next hop unresolved"),
+                    None => tracing::info!(tunnel = %name, remote = %remote, "next hop unresolved"),
                 }
                 last[i] = mac;
             }

@@ -152,7 +152,7 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
         tracing::info!(
             tunnel = %t.name,
             device = %t.device,
-            kind = ?t.device_kind,
+            kind = %t.device_kind,
             mtu,
             created = dev.created,
             "device ready"
@@ -215,7 +215,11 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
     let next_hops = Arc::new(NextHops::new(table.len()));
     next_hops.set_local(src_mac);
     let resolver = {
-        let remotes: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.remote).collect();
+        let remotes: Vec<(String, IpAddr)> = cfg
+            .tunnels
+            .iter()
+            .map(|t| (t.name.clone(), t.remote))
+            .collect();
         let (hops, stop, index, name) = (
             next_hops.clone(),
             stop.clone(),
@@ -269,8 +273,8 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
         iface,
         xdp = mode,
         queues = ?queues,
-        cores = ?cores,
-        poll = ?cfg.poll,
+        cores = ?cores.iter().flatten().collect::<Vec<_>>(),
+        poll = %cfg.poll,
         batch = cfg.batch_size,
         tunnels = table.len(),
         "gateway running"

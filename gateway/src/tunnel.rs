@@ -28,6 +28,15 @@ impl Mode {
     }
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Gre => "gre",
+            Mode::Ipip => "ipip",
+        })
+    }
+}
+
 /// The inner device of a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +46,15 @@ pub enum DeviceKind {
     Tap,
     /// Bare IP packets (L3).
     Tun,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Tap => "tap",
+            DeviceKind::Tun => "tun",
+        })
+    }
 }
 
 /// What the receive path needs to know of one tunnel.

@@ -37,15 +37,19 @@ fn exists(ns: &str) -> bool {
 /// Removes what the demo creates; runs on every exit path.
 struct Cleanup {
     children: Vec<Child>,
+    tmp: Option<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for c in &mut self.children {
             // SIGTERM first so the gateways detach and tidy up.
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            if let Ok(None) = c.try_wait() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
         for c in &mut self.children {
@@ -63,7 +67,10 @@ impl Drop for Cleanup {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
         }
-        eprintln!("[demo] removed namespaces host1, host2, {WIRE}");
+        if let Some(t) = &self.tmp {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        eprintln!("[demo] removed namespaces host1, host2, {WIRE} and the demo's files");
     }
 }
 
@@ -94,13 +101,14 @@ fn topology() -> Result<()> {
 
 fn start_gateway(bin: &Path, host: &str, config: &Path, log: &Path) -> Result<Child> {
     let err = std::fs::File::create(log)?;
+    let out = std::fs::File::create(log.with_extension("json"))?;
     let child = Command::new("ip")
         .args(["netns", "exec", host])
         .arg(bin)
         .arg("--config")
         .arg(config)
         .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
+        .stdout(out)
         .stderr(err)
         .spawn()
         .context("starting the gateway")?;
@@ -147,15 +155,43 @@ fn rtt_line(out: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The counters block the gateway prints on SIGUSR1 (stderr).
-fn counters(child: &Child, log: &Path) -> String {
+/// Asks a gateway for its counters (SIGUSR1): the summary it prints on
+/// stderr, and the value of one drop counter from the JSON on stdout.
+fn counters(child: &Child, log: &Path, drop_reason: &str) -> (String, Option<u64>) {
     let before = std::fs::read_to_string(log).unwrap_or_default().len();
     let _ = Command::new("kill")
         .args(["-USR1", &child.id().to_string()])
         .status();
     std::thread::sleep(Duration::from_millis(400));
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.get(before..).unwrap_or("").trim_end().to_string()
+    let summary = text.get(before..).unwrap_or("").trim_end().to_string();
+    let json = std::fs::read_to_string(log.with_extension("json")).unwrap_or_default();
+    let key = format!("\"{drop_reason}\":");
+    let value = json.lines().rev().find_map(|l| {
+        let at = l.find(&key)? + key.len();
+        l[at..].split([',', '}']).next()?.trim().parse().ok()
+    });
+    (summary, value)
+}
+
+/// Stops the demo when it was interrupted or a gateway has died.
+fn step(interrupted: &AtomicBool, cleanup: &mut Cleanup, logs: &[PathBuf]) -> Result<()> {
+    if interrupted.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    for (i, c) in cleanup.children.iter_mut().take(HOSTS.len()).enumerate() {
+        if let Ok(Some(status)) = c.try_wait() {
+            let log = std::fs::read_to_string(&logs[i]).unwrap_or_default();
+            let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
+            tail.reverse();
+            bail!(
+                "the gateway in {} exited ({status}); its last lines:\n{}",
+                HOSTS[i],
+                tail.join("\n")
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn demo(root: &Path, bin: &Path, interrupted: Arc<AtomicBool>) -> Result<()> {
@@ -164,13 +200,13 @@ pub fn demo(root: &Path, bin: &Path, interrupted: Arc<AtomicBool>) -> Result<()>
             bail!("network namespace {ns} already exists (a demo still running, or left over?); remove it with `ip netns del {ns}`");
         }
     }
+    let tmp = std::env::temp_dir().join(format!("gateway-demo-{}", std::process::id()));
     let mut cleanup = Cleanup {
         children: Vec::new(),
+        tmp: Some(tmp.clone()),
     };
     topology()?;
     println!("host1 ens0 192.168.0.8/24 --- [{WIRE}: br0] --- host2 ens0 192.168.0.58/24");
-
-    let tmp = std::env::temp_dir().join(format!("gateway-demo-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let logs: Vec<PathBuf> = HOSTS.iter().map(|h| tmp.join(format!("{h}.log"))).collect();
     for (i, host) in HOSTS.iter().enumerate() {
@@ -182,11 +218,11 @@ pub fn demo(root: &Path, bin: &Path, interrupted: Arc<AtomicBool>) -> Result<()>
         );
         cleanup.children.push(child);
     }
-    check_interrupt(&interrupted)?;
+    step(&interrupted, &mut cleanup, &logs)?;
 
     // Capture tunnel packets on the wire while the pings run.
     let pcap = tmp.join("wire.pcap");
-    let mut tshark = Command::new("ip")
+    let tshark = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -206,35 +242,53 @@ pub fn demo(root: &Path, bin: &Path, interrupted: Arc<AtomicBool>) -> Result<()>
         .stderr(Stdio::null())
         .spawn()
         .context("starting tshark (apt-get install tshark, or cargo xtask setup)")?;
+    cleanup.children.push(tshark);
     std::thread::sleep(Duration::from_millis(1500));
 
-    show("ping through tun100 (GRE): host1 -> 10.1.1.2");
+    println!("(tun100 and tun200 are the tunnels' names; their devices are tap1 and tap2)");
+    show("ping through tun100 (GRE, device tap1): host1 -> 10.1.1.2");
     let (ok1, out) = run_in("host1", &["ping", "-c", "5", "-i", "0.2", "10.1.1.2"]);
+    step(&interrupted, &mut cleanup, &logs)?;
     print!("{out}");
-    show("ping through tun200 (IPIP): host1 -> 20.1.1.2");
+    show("ping through tun200 (IPIP, device tap2): host1 -> 20.1.1.2");
     let (ok2, out) = run_in("host1", &["ping", "-c", "5", "-i", "0.2", "20.1.1.2"]);
+    step(&interrupted, &mut cleanup, &logs)?;
     print!("{out}");
     show("bare underlay for comparison: host1 -> 192.168.0.58");
     let (_, bare) = run_in("host1", &["ping", "-c", "5", "-i", "0.2", "192.168.0.58"]);
+    step(&interrupted, &mut cleanup, &logs)?;
     println!("{}", rtt_line(&bare));
     show("nothing else crosses: from 10.1.1.1 to 20.1.1.2 (must fail)");
+    let (_, before) = counters(&cleanup.children[1], &logs[1], "inner_source_not_peer");
     let (crossed, out) = run_in(
         "host1",
         &[
             "ping", "-c", "2", "-i", "0.3", "-W", "1", "-I", "10.1.1.1", "20.1.1.2",
         ],
     );
+    step(&interrupted, &mut cleanup, &logs)?;
+    let (_, after) = counters(&cleanup.children[1], &logs[1], "inner_source_not_peer");
     println!("{}", rtt_line(&out));
-    println!(
-        "{}",
-        if crossed {
-            "UNEXPECTED: 10.1.1.1 reached 20.1.1.2"
-        } else {
-            "blocked: host2's gateway drops inner sources that are not tun200's peer (counted as inner_source_not_peer)"
+    let refused = after.unwrap_or(0).saturating_sub(before.unwrap_or(0));
+    let blocked = !crossed && refused > 0;
+    if crossed {
+        println!("UNEXPECTED: 10.1.1.1 reached 20.1.1.2");
+    } else if blocked {
+        println!("blocked: host2's gateway refused {refused} packet(s) whose inner source is not tun200's peer (drops.inner_source_not_peer)");
+    } else {
+        println!("NOT confirmed: the ping failed, but host2's gateway counted no refusal");
+    }
+    // Let tshark finish its capture (it stops by itself after 8 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(t) = cleanup.children.get_mut(2) {
+            if let Ok(Some(_)) = t.try_wait() {
+                break;
+            }
         }
-    );
-    check_interrupt(&interrupted)?;
-    let _ = tshark.wait();
+        step(&interrupted, &mut cleanup, &logs)?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     show("on the wire (decoded by tshark)");
     for (proto, name) in [("47", "tun100 GRE"), ("4", "tun200 IPIP")] {
@@ -307,19 +361,14 @@ pub fn demo(root: &Path, bin: &Path, interrupted: Arc<AtomicBool>) -> Result<()>
 
     for (i, host) in HOSTS.iter().enumerate() {
         show(&format!("{host} gateway counters"));
-        println!("{}", counters(&cleanup.children[i], &logs[i]));
+        println!(
+            "{}",
+            counters(&cleanup.children[i], &logs[i], "inner_source_not_peer").0
+        );
     }
-    let _ = std::fs::remove_dir_all(&tmp);
-    if !(ok1 && ok2) || crossed {
+    if !(ok1 && ok2) || !blocked {
         bail!("the demo did not behave as the lab requires (see above)");
     }
     println!("\nthe lab works: both tunnels ping, nothing else crosses. Cleaning up.");
-    Ok(())
-}
-
-fn check_interrupt(flag: &AtomicBool) -> Result<()> {
-    if flag.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
     Ok(())
 }
