@@ -8,6 +8,7 @@
 //! cargo xtask setup     install toolchain pieces and Debian packages
 //! cargo xtask test      setup, build, unit tests, integration tests (root)
 //! cargo xtask lint      rustfmt --check and clippy -D warnings
+//! cargo xtask fuzz      each fuzz target for a while (cargo-fuzz, nightly)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,15 @@ enum Cmd {
     },
     /// rustfmt --check and clippy with warnings denied.
     Lint,
+    /// Runs each fuzz target (decap, encap, config) with cargo-fuzz, from the
+    /// seed corpus in fuzz/seeds, for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only this target.
+        target: Option<String>,
+    },
 }
 
 /// Debian packages: building (LLVM 22 for bpf-linker, clang-22 and friends
@@ -221,6 +231,33 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+const FUZZ_TARGETS: &[&str] = &["decap", "encap", "config"];
+
+fn fuzz(time: u64, only: Option<&str>) -> Result<()> {
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        say("installing cargo-fuzz (once)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
+    }
+    for target in FUZZ_TARGETS.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+        // Work in a scratch corpus so the committed seeds stay small.
+        let corpus = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        for e in std::fs::read_dir(root().join("fuzz/seeds").join(target))? {
+            let e = e?;
+            std::fs::copy(e.path(), corpus.join(e.file_name()))?;
+        }
+        say(&format!("fuzzing {target} for {time} s"));
+        run(Command::new("cargo")
+            .current_dir(root().join("fuzz"))
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={time}"))
+            .arg("-print_final_stats=1"))?;
+    }
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
     run(&mut cargo(&[
@@ -272,5 +309,6 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::Fuzz { time, target } => fuzz(time, target.as_deref()),
     }
 }

@@ -1,0 +1,46 @@
+//! Any bytes as a packet read from a tunnel device, under tunnel settings
+//! taken from the first bytes: encap must transmit, reply or drop within
+//! the frame, never panic or write out of bounds.
+#![no_main]
+
+use std::net::Ipv4Addr;
+
+use gateway::config::Ttl;
+use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
+use gateway::tunnel::{DeviceKind, Mode};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&knobs, packet)) = data.split_first() else { return };
+    let t = TunnelTx {
+        mode: if knobs & 1 == 0 { Mode::Gre } else { Mode::Ipip },
+        local: Ipv4Addr::new(192, 168, 0, 8),
+        remote: Ipv4Addr::new(192, 168, 0, 58),
+        okey: (knobs & 2 != 0).then_some(0x0102_0304),
+        ocsum: knobs & 4 != 0,
+        ttl: if knobs & 8 != 0 { Ttl::Inherit } else { Ttl::Fixed(64) },
+        mtu: if knobs & 16 != 0 { 1280 } else { 68 },
+        device_kind: if knobs & 32 != 0 { DeviceKind::Tun } else { DeviceKind::Tap },
+        device_mac: [2, 0, 0, 0, 0, 1],
+        peer_mac: [2, 0, 0, 0, 0, 2],
+        address: (knobs & 64 != 0).then(|| "10.1.1.1".parse().unwrap()),
+        peer: (knobs & 64 != 0).then(|| "10.1.1.2".parse().unwrap()),
+    };
+    let hop = (knobs & 128 == 0).then_some(NextHop {
+        dst: [2, 0, 0, 0, 0, 0x58],
+        src: [2, 0, 0, 0, 0, 8],
+    });
+    // The frame as the worker has it: the read lands at the read offset,
+    // the buffer runs to the end of a UMEM frame.
+    let mut buf = vec![0u8; 3840];
+    let off = t.read_offset();
+    if off + packet.len() > buf.len() {
+        return;
+    }
+    buf[off..off + packet.len()].copy_from_slice(packet);
+    match encap(&mut buf, packet.len(), &t, hop, 7) {
+        Verdict::Transmit { len } => assert!(len <= buf.len()),
+        Verdict::Reply { offset, len, .. } => assert!(offset + len <= buf.len()),
+        Verdict::Drop(_) => {}
+    }
+});
