@@ -93,12 +93,12 @@ pub struct DeviceCeiling {
 /// Creates a tap in `ns` (10.9.9.1 peer 10.9.9.2), and on `core` writes
 /// frames addressed to its own IP, like the gateway's decapsulated ones.
 pub fn device(
-    ns: &NetNs,
+    ns: Option<&NetNs>,
     core: usize,
     payload: usize,
     duration: Duration,
 ) -> Result<DeviceCeiling> {
-    ns.spawn("bench-tap", move || -> Result<DeviceCeiling> {
+    let body = move || -> Result<DeviceCeiling> {
         crate::ns::pin(core);
         let fd: OwnedFd = tap::open_queue("bench0", DeviceKind::Tap)?;
         let nl = Netlink::new()?;
@@ -161,7 +161,12 @@ pub fn device(
             uring_pps,
             batch,
         })
-    })
-    .join()
-    .map_err(|_| anyhow!("device ceiling thread panicked"))?
+    };
+    let handle = match ns {
+        Some(ns) => ns.spawn("bench-tap", body),
+        None => std::thread::spawn(body),
+    };
+    handle
+        .join()
+        .map_err(|_| anyhow!("device ceiling thread panicked"))?
 }

@@ -62,20 +62,54 @@ pub struct Generator {
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What the generator's XDP program hands to its socket.
+#[derive(Clone, Copy, Debug)]
+pub enum Capture {
+    /// Everything (a veth in a namespace of the bench's own).
+    All,
+    /// Only GRE/IPIP from the gateway to us: safe on a host's real NIC,
+    /// where ARP, SSH and the rest must still reach the kernel.
+    Tunnel {
+        local: [u8; 4],
+        remote: [u8; 4],
+        proto: u8,
+        mac: [u8; 6],
+    },
+}
+
 impl Generator {
-    /// Starts the generator thread in `ns` on interface `iface`, pinned to
-    /// `core`. Fails if the socket or the XDP program cannot be set up.
-    pub fn start(ns: &crate::ns::NetNs, iface: &str, core: usize) -> Result<Generator> {
+    /// Starts the generator thread on interface `iface`, inside `ns` (or
+    /// in the current namespace), pinned to `core`. Fails if the socket or
+    /// the XDP program cannot be set up.
+    pub fn start(
+        ns: Option<&crate::ns::NetNs>,
+        iface: &str,
+        core: usize,
+        capture: Capture,
+    ) -> Result<Generator> {
         let (cmd_tx, cmd_rx) = channel::<Cmd>();
         let (out_tx, out_rx) = channel::<Result<Outcome, String>>();
         let iface = iface.to_string();
-        let handle = ns.spawn("bench-gen", move || {
+        let body = move || {
             crate::ns::pin(core);
             let setup = (|| -> Result<(Xsk, Vec<Frame>, Steering)> {
                 let (xsk, frames) = Xsk::new(&iface, 0, 8192, 2048, XskBind::Auto)?;
-                let mut prog = Steering::load_program(bench_programs::REDIRECT_ALL)?;
+                let mut prog = match capture {
+                    Capture::All => Steering::load_program(bench_programs::REDIRECT_ALL)?,
+                    Capture::Tunnel {
+                        local,
+                        remote,
+                        proto,
+                        mac,
+                    } => {
+                        let mut p = Steering::load()?;
+                        p.add_endpoint(&gateway_common::EndpointKey::v4(local, remote, proto))?;
+                        p.set_mac(mac)?;
+                        p
+                    }
+                };
                 prog.set_socket(0, xsk.fd())?;
-                prog.attach(&iface, XdpAttach::Native)?;
+                prog.attach(&iface, XdpAttach::Auto)?;
                 Ok((xsk, frames, prog))
             })();
             let (mut xsk, frames, _prog) = match setup {
@@ -95,7 +129,14 @@ impl Generator {
                     break;
                 }
             }
-        });
+        };
+        let handle = match ns {
+            Some(ns) => ns.spawn("bench-gen", body),
+            None => std::thread::Builder::new()
+                .name("bench-gen".into())
+                .spawn(body)
+                .map_err(|e| anyhow!("spawning the generator: {e}"))?,
+        };
         match out_rx.recv() {
             Ok(Ok(_)) => Ok(Generator {
                 cmd: cmd_tx,

@@ -37,8 +37,9 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::gen::{Generator, Template, Trial};
+use crate::gen::{Capture, Generator, Template, Trial};
 use crate::ns::NetNs;
+use crate::templates::Addrs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,6 +68,26 @@ struct Args {
     /// How the gateway worker waits: "busy" (the product's default) or "adaptive".
     #[arg(long, default_value = "busy", value_parser = ["busy", "adaptive"])]
     poll: String,
+    /// Two hosts: run the generator on this host's IFACE against a gateway
+    /// started by hand on another host (see the README).
+    #[arg(long, value_name = "IFACE")]
+    iface: Option<String>,
+    /// Two hosts: the gateway host's underlay IPv4 address.
+    #[arg(long, value_name = "IP")]
+    gateway_ip: Option<std::net::Ipv4Addr>,
+    /// Two hosts: the gateway host's MAC (default: from the neighbour table).
+    #[arg(long, value_name = "MAC")]
+    gateway_mac: Option<String>,
+    /// Two hosts: the gateway side's inner address, which answers ping.
+    #[arg(long, default_value = "10.1.1.1")]
+    inner_gateway: std::net::Ipv4Addr,
+    /// Two hosts: this side's inner address (the gateway's peer).
+    #[arg(long, default_value = "10.1.1.2")]
+    inner_local: std::net::Ipv4Addr,
+    /// Only measure this host's device ceiling (tap write(2) and io_uring),
+    /// e.g. on the gateway host of a two-host run.
+    #[arg(long)]
+    device_ceiling: bool,
 }
 
 const GEN_CORE: usize = 0;
@@ -252,6 +273,48 @@ impl Bench {
     }
 }
 
+/// The round-trip phase: maximum load, the no-drop rate, latency at 10,
+/// 50 and 90% of it.
+struct RoundTrip {
+    max_offered: f64,
+    max_answered: f64,
+    ndr: f64,
+    levels: Vec<(u32, f64, gen::Outcome)>,
+}
+
+fn round_trip(bench: &Bench, echo: &Template) -> Result<RoundTrip> {
+    say("round trip: maximum offered load");
+    let rmax = bench.run(echo, None)?;
+    let secs = rmax.elapsed.as_secs_f64();
+    let (max_offered, max_answered) = (rmax.sent as f64 / secs, rmax.received as f64 / secs);
+    say(&format!(
+        "  offered {max_offered:.0} pps, answered {max_answered:.0} pps"
+    ));
+    let ndr = bench.search("round-trip no-drop rate", max_offered, |r| {
+        let o = bench.run(echo, Some(r))?;
+        Ok(o.received >= o.sent)
+    })?;
+    let mut levels = Vec::new();
+    for pct in [10u32, 50, 90] {
+        let rate = (ndr * f64::from(pct) / 100.0).max(100.0);
+        let o = bench.run(echo, Some(rate))?;
+        say(&format!(
+            "  latency at {pct}% of the no-drop rate ({rate:.0} pps): p50 {:.1} µs p99 {:.1} µs ({} samples, {} lost)",
+            o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
+            o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
+            o.rtt.len(),
+            o.sent.saturating_sub(o.received)
+        ));
+        levels.push((pct, rate, o));
+    }
+    Ok(RoundTrip {
+        max_offered,
+        max_answered,
+        ndr,
+        levels,
+    })
+}
+
 fn machine() -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -305,21 +368,45 @@ fn main() -> Result<()> {
     {
         bail!("the bench needs root (network namespaces, XDP, AF_XDP)");
     }
-    if !args.gateway.exists() {
-        bail!(
-            "no gateway binary at {}; build it with `cargo build --release -p gateway` (cargo xtask bench does)",
-            args.gateway.display()
-        );
-    }
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, interrupted.clone())?;
+    }
+    if args.device_ceiling {
+        let trial = if args.quick {
+            Duration::from_millis(700)
+        } else {
+            Duration::from_secs(3)
+        };
+        let core = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+        let d = ceiling::device(None, core, args.payload, trial)?;
+        println!(
+            "{}",
+            json!({
+                "tap_write_pps": d.write_pps,
+                "tap_io_uring_pps": d.uring_pps,
+                "tap_io_uring_batch": d.batch,
+                "payload_bytes": args.payload,
+                "core": core,
+                "machine": machine(),
+            })
+        );
+        return Ok(());
     }
     let out_dir = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("bench-results").join(timestamp()));
     std::fs::create_dir_all(&out_dir)?;
+    if let Some(iface) = args.iface.clone() {
+        return two_hosts(args, &iface, &out_dir, interrupted);
+    }
+    if !args.gateway.exists() {
+        bail!(
+            "no gateway binary at {}; build it with `cargo build --release -p gateway` (cargo xtask bench does)",
+            args.gateway.display()
+        );
+    }
     let started = Instant::now();
 
     // Topology.
@@ -366,11 +453,12 @@ fn main() -> Result<()> {
     ])?;
 
     let gre = args.mode == "gre";
-    let udp = templates::tunnel_udp(gw_mac, gen_mac, gre, args.payload);
-    let echo = templates::tunnel_echo(gw_mac, gen_mac, gre, args.payload);
-    let bare = templates::bare_echo(gw_mac, gen_mac, args.payload);
+    let a = Addrs::LAB;
+    let udp = templates::tunnel_udp(&a, gw_mac, gen_mac, gre, args.payload);
+    let echo = templates::tunnel_echo(&a, gw_mac, gen_mac, gre, args.payload);
+    let bare = templates::bare_echo(&a, gw_mac, gen_mac, args.payload);
 
-    let gen = Generator::start(&gen_ns, "gen0", GEN_CORE)?;
+    let gen = Generator::start(Some(&gen_ns), "gen0", GEN_CORE, Capture::All)?;
     let bench = Bench {
         trial: if args.quick {
             Duration::from_millis(700)
@@ -413,7 +501,7 @@ fn main() -> Result<()> {
 
     // Ceiling (b): the device.
     say("ceiling: one core writing the same inner frames into a tap");
-    let dev = ceiling::device(&gw_ns, GW_CORE, bench.args.payload, bench.trial)?;
+    let dev = ceiling::device(Some(&gw_ns), GW_CORE, bench.args.payload, bench.trial)?;
     say(&format!(
         "  tap write(2): {:.0} pps; io_uring batches of {}: {:.0} pps",
         dev.write_pps, dev.batch, dev.uring_pps
@@ -467,36 +555,9 @@ peer = "10.1.1.2"
     })?;
     let dndr = bench.decap_trial(&gw, &udp, Some(decap_ndr))?;
 
-    say("round trip: maximum offered load");
-    let rmax = bench.run(&echo, None)?;
-    let rmax_secs = rmax.elapsed.as_secs_f64();
-    say(&format!(
-        "  offered {:.0} pps, answered {:.0} pps",
-        rmax.sent as f64 / rmax_secs,
-        rmax.received as f64 / rmax_secs
-    ));
-    let rt_ndr = bench.search(
-        "round-trip no-drop rate",
-        rmax.sent as f64 / rmax_secs,
-        |r| {
-            let o = bench.run(&echo, Some(r))?;
-            Ok(o.received >= o.sent)
-        },
-    )?;
-    let levels = [10u32, 50, 90];
-    let mut tunnel_lat = Vec::new();
-    for pct in levels {
-        let rate = (rt_ndr * f64::from(pct) / 100.0).max(100.0);
-        let o = bench.run(&echo, Some(rate))?;
-        say(&format!(
-            "  latency at {pct}% of the no-drop rate ({rate:.0} pps): p50 {:.1} µs p99 {:.1} µs ({} samples, {} lost)",
-            o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
-            o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
-            o.rtt.len(),
-            o.sent.saturating_sub(o.received)
-        ));
-        tunnel_lat.push((pct, rate, o));
-    }
+    let rt = round_trip(&bench, &echo)?;
+    let rt_ndr = rt.ndr;
+    let tunnel_lat = rt.levels;
     let gw_final = gw.stats()?;
     drop(gw);
 
@@ -535,6 +596,7 @@ peer = "10.1.1.2"
     let write_ns = 1e9 / dev.write_pps.max(1.0);
     let result = json!({
         "settings": {
+            "hosts": "one (namespaces)",
             "mode": bench.args.mode,
             "payload_bytes": bench.args.payload,
             "flows": bench.args.flows,
@@ -567,8 +629,8 @@ peer = "10.1.1.2"
             "ratio_worker_cost_to_one_write": ns_per_pkt / write_ns,
         },
         "round_trip": {
-            "max_offered_pps": rmax.sent as f64 / rmax_secs,
-            "max_answered_pps": rmax.received as f64 / rmax_secs,
+            "max_offered_pps": rt.max_offered,
+            "max_answered_pps": rt.max_answered,
             "ndr_pps": rt_ndr,
             "latency": lat_json,
         },
@@ -696,5 +758,204 @@ peer = "10.1.1.2"
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     drop(gen_ns);
     drop(gw_ns);
+    Ok(())
+}
+
+/// The first IPv4 address of `iface`.
+fn iface_ipv4(iface: &str) -> Result<[u8; 4]> {
+    let out = ns::sh(&["ip", "-4", "-o", "addr", "show", "dev", iface])?;
+    let a = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .ok_or_else(|| anyhow!("{iface} has no IPv4 address"))?;
+    Ok(a.parse::<std::net::Ipv4Addr>()?.octets())
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let v: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad MAC {s}"))?;
+    v.try_into().map_err(|_| anyhow!("bad MAC {s}"))
+}
+
+/// Two hosts: the generator here on `iface`, the gateway on another host,
+/// started there by hand with a tunnel whose remote is this host. Measures
+/// the round trip (maximum, no-drop rate, latency); the gateway host's own
+/// ceilings come from `gateway-bench --device-ceiling` run there.
+fn two_hosts(args: Args, iface: &str, out_dir: &Path, interrupted: Arc<AtomicBool>) -> Result<()> {
+    let started = Instant::now();
+    let gw_ip = args.gateway_ip.ok_or_else(|| {
+        anyhow!("--iface needs --gateway-ip (the gateway host's underlay address)")
+    })?;
+    let my_ip = iface_ipv4(iface)?;
+    let my_mac = parse_mac(&std::fs::read_to_string(format!(
+        "/sys/class/net/{iface}/address"
+    ))?)?;
+    let gw_mac = match &args.gateway_mac {
+        Some(m) => parse_mac(m)?,
+        None => {
+            let _ = Command::new("ping")
+                .args(["-c", "1", "-W", "1", &gw_ip.to_string()])
+                .output();
+            let out = ns::sh(&["ip", "neigh", "show", &gw_ip.to_string(), "dev", iface])?;
+            let m = out
+                .split_whitespace()
+                .skip_while(|w| *w != "lladdr")
+                .nth(1)
+                .ok_or_else(|| {
+                    anyhow!("no neighbour entry for {gw_ip} on {iface}; give --gateway-mac")
+                })?;
+            parse_mac(m)?
+        }
+    };
+    let a = Addrs {
+        gen: my_ip,
+        gw: gw_ip.octets(),
+        inner_gen: args.inner_local.octets(),
+        inner_gw: args.inner_gateway.octets(),
+    };
+    let gre = args.mode == "gre";
+    let echo = templates::tunnel_echo(&a, gw_mac, my_mac, gre, args.payload);
+    let core = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let gen = Generator::start(
+        None,
+        iface,
+        core,
+        Capture::Tunnel {
+            local: my_ip,
+            remote: gw_ip.octets(),
+            proto: if gre { 47 } else { 4 },
+            mac: my_mac,
+        },
+    )?;
+    let bench = Bench {
+        trial: if args.quick {
+            Duration::from_millis(700)
+        } else {
+            Duration::from_secs(3)
+        },
+        steps: if args.quick { 3 } else { 7 },
+        gen,
+        interrupted,
+        args,
+    };
+    say(&format!(
+        "two hosts: generator on {iface} ({}), gateway at {gw_ip}; {} {} B payload; results in {}",
+        std::net::Ipv4Addr::from(my_ip),
+        bench.args.mode,
+        bench.args.payload,
+        out_dir.display()
+    ));
+    // One answer first: the gateway resolves us, the path is warm.
+    let probe = bench.gen.run(Trial {
+        template: echo.clone(),
+        rate: Some(100.0),
+        duration: Duration::from_millis(500),
+        flows: 1,
+    })?;
+    if probe.received == 0 {
+        bail!("no answer through the tunnel from {gw_ip}: is the gateway running there with remote = \"{}\", address {} and peer {}?",
+            std::net::Ipv4Addr::from(my_ip), bench.args.inner_gateway, bench.args.inner_local);
+    }
+    let rt = round_trip(&bench, &echo)?;
+    let mut lat_json = Vec::new();
+    for (pct, rate, o) in &rt.levels {
+        let f = format!("latency-tunnel-{pct}pct.hgrm");
+        std::fs::write(out_dir.join(&f), report::hgrm(&o.rtt))?;
+        lat_json.push(json!({
+            "load_pct_of_ndr": pct,
+            "rate_pps": rate,
+            "tunnel": percentiles(&o.rtt),
+            "tunnel_lost": o.sent.saturating_sub(o.received),
+            "tunnel_hgrm": f,
+        }));
+    }
+    let result = json!({
+        "settings": {
+            "hosts": "two",
+            "iface": iface,
+            "gateway_ip": gw_ip.to_string(),
+            "mode": bench.args.mode,
+            "payload_bytes": bench.args.payload,
+            "flows": bench.args.flows,
+            "quick": bench.args.quick,
+            "trial_s": bench.trial.as_secs_f64(),
+            "search_steps": bench.steps,
+            "generator_core": core,
+        },
+        "machine": machine(),
+        "ceilings": {
+            "note": "run `gateway-bench --device-ceiling` on the gateway host for its tap ceilings",
+        },
+        "decap": null,
+        "round_trip": {
+            "max_offered_pps": rt.max_offered,
+            "max_answered_pps": rt.max_answered,
+            "ndr_pps": rt.ndr,
+            "latency": lat_json,
+        },
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    let colours = ["#1f77b4", "#2ca02c", "#d62728"];
+    let curves: Vec<_> = rt
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(i, (pct, _, o))| report::Curve {
+            label: format!("tunnel at {pct}% NDR"),
+            colour: colours[i],
+            dashed: false,
+            hist: &o.rtt,
+        })
+        .collect();
+    let bars = vec![
+        report::Bar {
+            label: "round trip, max answered".into(),
+            pps: rt.max_answered,
+            colour: "#2ca02c",
+        },
+        report::Bar {
+            label: "round trip, no-drop rate".into(),
+            pps: rt.ndr,
+            colour: "#2ca02c",
+        },
+    ];
+    std::fs::write(
+        out_dir.join("plot.svg"),
+        report::svg(
+            &format!(
+                "gateway bench, two hosts: {} {} B",
+                bench.args.mode, bench.args.payload
+            ),
+            &curves,
+            &bars,
+        ),
+    )?;
+    println!(
+        "\nround trip: max answered {:.0} pps, no-drop rate {:.0} pps",
+        rt.max_answered, rt.ndr
+    );
+    for l in &lat_json {
+        println!(
+            "{:>3}% NDR {:>10.0} pps  p50 {:>8.1} µs  p99 {:>8.1} µs",
+            l["load_pct_of_ndr"],
+            l["rate_pps"].as_f64().unwrap_or(0.0),
+            l["tunnel"]["p50_us"].as_f64().unwrap_or(0.0),
+            l["tunnel"]["p99_us"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "files: {}/results.json, plot.svg, latency-*.hgrm",
+        out_dir.display()
+    );
     Ok(())
 }

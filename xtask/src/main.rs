@@ -238,7 +238,10 @@ fn fuzz(time: u64, only: Option<&str>) -> Result<()> {
         say("installing cargo-fuzz (once)");
         run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
     }
-    for target in FUZZ_TARGETS.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
         // Work in a scratch corpus so the committed seeds stay small.
         let corpus = root().join("target/fuzz-corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
@@ -250,6 +253,8 @@ fn fuzz(time: u64, only: Option<&str>) -> Result<()> {
         run(Command::new("cargo")
             .current_dir(root().join("fuzz"))
             .args(["+nightly", "fuzz", "run", target])
+            // The fuzz targets need no XDP object: skip building it.
+            .env("AYA_BUILD_SKIP", "1")
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={time}"))
