@@ -72,18 +72,25 @@ mod prog {
     pub fn gateway_steer(ctx: XdpContext) -> u32 {
         count(XdpCounter::Seen);
         match classify(&ctx) {
-            Ok(()) => match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
-                Ok(action) => {
-                    count(XdpCounter::Redirected);
-                    action
-                }
-                Err(_) => {
-                    count(XdpCounter::PassNoSocket);
-                    xdp_action::XDP_PASS
-                }
-            },
+            Ok(()) => to_socket(&ctx),
             Err(reason) => {
                 count(reason);
+                xdp_action::XDP_PASS
+            }
+        }
+    }
+
+    /// Redirects to the AF_XDP socket of the packet's RX queue; a queue
+    /// without one passes the packet to the kernel.
+    #[inline(always)]
+    fn to_socket(ctx: &XdpContext) -> u32 {
+        match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+            Ok(action) => {
+                count(XdpCounter::Redirected);
+                action
+            }
+            Err(_) => {
+                count(XdpCounter::PassNoSocket);
                 xdp_action::XDP_PASS
             }
         }
@@ -100,16 +107,7 @@ mod prog {
     #[xdp]
     pub fn bench_redirect_all(ctx: XdpContext) -> u32 {
         count(XdpCounter::Seen);
-        match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
-            Ok(action) => {
-                count(XdpCounter::Redirected);
-                action
-            }
-            Err(_) => {
-                count(XdpCounter::PassNoSocket);
-                xdp_action::XDP_PASS
-            }
-        }
+        to_socket(&ctx)
     }
 
     /// `Ok` when the packet belongs to a configured tunnel endpoint, else the

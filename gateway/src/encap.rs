@@ -303,15 +303,14 @@ fn neighbour_advert(buf: &mut [u8], off: usize, n: usize, t: &TunnelTx) -> Optio
     if buf.len() < ip_at + ipv6::HEADER_LEN + NA_LEN {
         return Some(Verdict::Drop(DropReason::TxMalformed));
     }
-    {
-        let mut ip = ipv6::Packet::new_unchecked(&mut buf[ip_at..]);
-        ip.set_version_and_traffic_class(0);
-        ip.set_payload_len(NA_LEN as u16);
-        ip.set_next_header(IpProtocol::Icmpv6);
-        ip.set_hop_limit(255);
-        ip.set_src_addr(target);
-        ip.set_dst_addr(asker);
+    ipv6::Repr {
+        src: target,
+        dst: asker,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: NA_LEN,
+        hop_limit: 255,
     }
+    .emit(&mut ipv6::Packet::new_unchecked(&mut buf[ip_at..]));
     let icmp = ip_at + ipv6::HEADER_LEN;
     let na = &mut buf[icmp..icmp + NA_LEN];
     na[0] = 136;
@@ -420,13 +419,14 @@ fn too_big(
                 &buf[ip_at + ip_hdr..quoted_at + quoted],
             );
             buf[ip_at + ip_hdr + 2..ip_at + ip_hdr + 4].copy_from_slice(&c.to_be_bytes());
-            let mut ip = ipv6::Packet::new_unchecked(&mut buf[ip_at..]);
-            ip.set_version_and_traffic_class(0);
-            ip.set_payload_len(icmp_len as u16);
-            ip.set_next_header(IpProtocol::Icmpv6);
-            ip.set_hop_limit(64);
-            ip.set_src_addr(from);
-            ip.set_dst_addr(to);
+            ipv6::Repr {
+                src: from,
+                dst: to,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp_len,
+                hop_limit: 64,
+            }
+            .emit(&mut ipv6::Packet::new_unchecked(&mut buf[ip_at..]));
         }
         _ => return Verdict::Drop(DropReason::TxTooBig),
     }
@@ -627,6 +627,68 @@ mod tests {
             encap(&mut buf, own.len(), &t, Some(HOP), 0),
             Verdict::Drop(DropReason::TxChatter)
         );
+    }
+
+    #[test]
+    fn neighbour_solicitation_for_the_far_side_is_answered() {
+        let mut t = tunnel(Mode::Gre, DeviceKind::Tap);
+        t.address = Some("fd00::1".parse().unwrap());
+        t.peer = Some("fd00::2".parse().unwrap());
+        let target: [u8; 16] = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let asker: [u8; 16] = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let mut body = target.to_vec();
+        body.extend_from_slice(&[1, 1, 0x02, 0xaa, 0, 0, 0, 1]); // source link-layer option
+        let b = etherparse::PacketBuilder::ipv6(
+            asker,
+            [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        });
+        let mut ns = Vec::new();
+        b.write(&mut ns, &body).unwrap();
+        let (mut buf, n) = read_into(&t, &ns);
+        let Verdict::Reply {
+            offset,
+            len,
+            reason,
+        } = encap(&mut buf, n, &t, Some(HOP), 0)
+        else {
+            panic!("no advertisement")
+        };
+        assert_eq!(reason, None);
+        let r = &buf[offset..offset + len];
+        assert_eq!(&r[0..6], &TAP_MAC, "to the asker's MAC");
+        assert_eq!(&r[6..12], &PEER_MAC);
+        assert_eq!(&r[22..38], &target, "from the target");
+        assert_eq!(&r[38..54], &asker, "to the asker");
+        assert_eq!(r[21], 255, "hop limit 255");
+        let icmp = &r[54..];
+        assert_eq!(icmp[0], 136, "neighbour advertisement");
+        assert_eq!(icmp[4] & 0x40, 0x40, "solicited");
+        assert_eq!(&icmp[8..24], &target);
+        assert_eq!(&icmp[24..26], &[2, 1], "target link-layer option");
+        assert_eq!(&icmp[26..32], &PEER_MAC);
+        // The ICMPv6 checksum over the pseudo-header, computed here.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&target);
+        pseudo.extend_from_slice(&asker);
+        pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(icmp);
+        assert!(ones_complement_ok(&pseudo), "ICMPv6 checksum");
+        // Not for this end's own address.
+        let mut own = ns.clone();
+        let at = 40 + 8;
+        own[at..at + 16].copy_from_slice(&asker);
+        let (mut buf, n) = read_into(&t, &own);
+        assert!(matches!(
+            encap(&mut buf, n, &t, Some(HOP), 0),
+            Verdict::Drop(_)
+        ));
     }
 
     #[test]

@@ -131,21 +131,10 @@ impl DeviceIo {
             .build()
             .user_data(idx as u64);
         // SAFETY: `ptr..ptr + len` lies inside fixed buffer 0 (checked
-        // above) and belongs to `frame`, which this writer now owns until the
-        // completion for `idx` arrives, so nothing else touches the bytes;
-        // the UMEM handle held by `self` keeps them mapped.
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            return Err(frame);
-        }
-        self.in_flight[idx] = Some(InFlight {
-            op: Op::Write,
-            frame,
-            tag,
-            expected: len as u32,
-        });
-        self.count += 1;
-        self.unsubmitted += 1;
-        Ok(())
+        // above) and belongs to `frame`, which `queue` hands to this writer
+        // until the completion for `idx` arrives, so nothing else touches
+        // the bytes; the UMEM handle held by `self` keeps them mapped.
+        unsafe { self.queue(&sqe, idx, Op::Write, frame, tag, len as u32) }
     }
 
     /// Queues a read from registered file `file` into `frame` at `offset`,
@@ -175,19 +164,40 @@ impl DeviceIo {
             .offset(0)
             .build()
             .user_data(idx as u64);
+        let op = Op::Read {
+            offset: offset as u32,
+        };
         // SAFETY: `ptr..ptr + len` lies inside fixed buffer 0 and inside
-        // `frame` (checked above); the writer owns the frame until the
-        // completion arrives, and holds the UMEM mapped.
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+        // `frame` (checked above); `queue` hands the frame to this writer
+        // until the completion arrives, and the writer holds the UMEM mapped.
+        unsafe { self.queue(&sqe, idx, op, frame, tag, 0) }
+    }
+
+    /// Pushes `sqe` and takes ownership of `frame` (index `idx`) until its
+    /// completion arrives.
+    ///
+    /// # Safety
+    /// The memory `sqe` points at must lie in the registered UMEM and
+    /// belong to `frame`.
+    unsafe fn queue(
+        &mut self,
+        sqe: &io_uring::squeue::Entry,
+        idx: usize,
+        op: Op,
+        frame: Frame,
+        tag: u16,
+        expected: u32,
+    ) -> Result<(), Frame> {
+        // SAFETY: the caller guarantees the entry's buffer; it stays valid
+        // because the frame is held in `in_flight` until its completion.
+        if unsafe { self.ring.submission().push(sqe) }.is_err() {
             return Err(frame);
         }
         self.in_flight[idx] = Some(InFlight {
-            op: Op::Read {
-                offset: offset as u32,
-            },
+            op,
             frame,
             tag,
-            expected: 0,
+            expected,
         });
         self.count += 1;
         self.unsubmitted += 1;

@@ -127,6 +127,28 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 }
 
+/// An IPv6 header without extension headers, as the gateway emits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repr {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub next_header: IpProtocol,
+    pub payload_len: usize,
+    pub hop_limit: u8,
+}
+
+impl Repr {
+    /// Writes the 40-byte header (traffic class and flow label zero).
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, p: &mut Packet<T>) {
+        p.set_version_and_traffic_class(0);
+        p.set_payload_len(self.payload_len as u16);
+        p.set_next_header(self.next_header);
+        p.set_hop_limit(self.hop_limit);
+        p.set_src_addr(self.src);
+        p.set_dst_addr(self.dst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
