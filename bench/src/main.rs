@@ -25,6 +25,7 @@ mod report;
 mod templates;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +116,9 @@ impl GatewayProc {
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(err)
+            // Its own process group: Ctrl-C reaches the bench, which then
+            // stops the gateway in order (SIGTERM in `Drop`).
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let out = child.stdout.take().context("stdout")?;

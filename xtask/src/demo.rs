@@ -4,6 +4,7 @@
 //! since the gateways' XDP programs take tunnel packets before any capture
 //! on the hosts' own interfaces could see them).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,6 +111,9 @@ fn start_gateway(bin: &Path, host: &str, config: &Path, log: &Path) -> Result<Ch
         .env("NO_COLOR", "1")
         .stdout(out)
         .stderr(err)
+        // Its own process group: Ctrl-C reaches the demo, which then stops
+        // the gateways in order (SIGTERM in `Cleanup`).
+        .process_group(0)
         .spawn()
         .context("starting the gateway")?;
     let deadline = Instant::now() + Duration::from_secs(20);
