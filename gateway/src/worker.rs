@@ -205,7 +205,12 @@ impl Worker {
             let completed = self.xsk.complete(&mut self.free);
             st.frames.in_tx -= completed as u64;
 
-            // 4. Keep the fill ring topped up, then reads posted.
+            // 4. Reads back on every device first, then the fill ring topped
+            // up with the rest. In that order: under overload the fill ring
+            // would take every free frame, starve the reads, and the
+            // replies the kernel sends into the devices would be lost
+            // (seen in the bench: 2k of 650k answered).
+            self.post_reads(&mut io, &mut st);
             let filled = self.xsk.fill(&mut self.free);
             st.frames.in_kernel += filled as u64;
             if filled > 0 || n == 0 {
@@ -213,7 +218,6 @@ impl Worker {
                     .wake_fill_if_needed()
                     .map_err(self.io_err("fill-ring wakeup"))?;
             }
-            self.post_reads(&mut io, &mut st);
             io.submit().map_err(self.io_err("io_uring submit"))?;
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
@@ -330,10 +334,11 @@ impl Worker {
     }
 
     fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
-        // Leave the fill ring's worth of frames for receiving: reads only
-        // take frames beyond what the RX side may need.
+        // Each device keeps READS_PER_DEVICE reads parked; the frames they
+        // hold are few beside the UMEM (4096 by default), so the RX side
+        // keeps plenty.
         for (t, reads) in st.reads.iter_mut().enumerate() {
-            while *reads < READS_PER_DEVICE && self.free.len() > self.batch {
+            while *reads < READS_PER_DEVICE {
                 let Some(frame) = self.free.pop() else { break };
                 let offset = self.shared.tx[t].read_offset();
                 match io.push_read(t as u32, frame, offset, t as u16) {
