@@ -9,6 +9,7 @@ pub mod decap;
 pub mod drop_reason;
 pub mod encap;
 pub mod human;
+pub mod metrics;
 pub mod neighbour;
 pub mod netlink;
 pub mod run;

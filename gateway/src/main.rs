@@ -29,6 +29,9 @@ struct Cli {
     /// Configuration file [default: /etc/gateway/gateway.toml].
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Log level filter (error, warn, info, debug, trace), or RUST_LOG.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -40,6 +43,16 @@ struct Cli {
 enum Command {
     /// Validate a configuration and print what the gateway would set up.
     Check,
+    /// Print the counters of the gateway running on IFACE in this network
+    /// namespace.
+    Stats {
+        /// The running gateway's interface (default: gateway.iface of the config).
+        #[arg(long)]
+        iface: Option<String>,
+        /// human, json or prometheus.
+        #[arg(long, default_value = "human", value_parser = ["human", "json", "prometheus"])]
+        format: String,
+    },
 }
 
 fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
@@ -127,6 +140,37 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if let Some(Command::Stats { iface, format }) = &cli.command {
+        let iface = match iface {
+            Some(i) => i.clone(),
+            None => match load(cli.config.as_deref()) {
+                Ok((c, p)) => match c.iface {
+                    Some(i) => i,
+                    None => {
+                        eprintln!(
+                            "error: which gateway? pass --iface IFACE (no gateway.iface in {})",
+                            p.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                Err(_) => {
+                    eprintln!("error: which gateway? pass --iface IFACE");
+                    return ExitCode::from(2);
+                }
+            },
+        };
+        return match gateway::metrics::query(&iface, format) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (cfg, path) = match load(cli.config.as_deref()) {
         Ok(v) => v,
         Err(e) => {
@@ -139,6 +183,7 @@ fn main() -> ExitCode {
             print_plan(&cfg, &path);
             ExitCode::SUCCESS
         }
+        Some(Command::Stats { .. }) => unreachable!("handled above"),
         None => {
             tracing::info!("read configuration from {}", path.display());
             let Some(iface) = cli.iface.clone().or_else(|| cfg.iface.clone()) else {
@@ -148,7 +193,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             };
-            match gateway::run::run(cfg, &iface) {
+            match gateway::run::run(cfg, &iface, cli.metrics.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

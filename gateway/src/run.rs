@@ -122,8 +122,9 @@ pub fn tunnel_mtu(t: &TunnelConfig, underlay_mtu: u32) -> anyhow::Result<u16> {
     }
 }
 
-/// Runs the gateway on `iface` until SIGINT or SIGTERM.
-pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
+/// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
+/// serves Prometheus text on that address.
+pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()> {
     let nl = Netlink::new()?;
     let underlay = nl.link(iface)?.ok_or_else(|| {
         anyhow!("interface {iface} does not exist in this network namespace; give an existing one with --iface (see `ip link`)")
@@ -293,6 +294,14 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
         .context("installing signal handlers")?;
+    let (req_tx, req_rx) = std::sync::mpsc::channel::<crate::metrics::Request>();
+    crate::metrics::serve_control(iface, req_tx.clone())?;
+    if let Some(addr) = metrics {
+        crate::metrics::serve_http(addr, req_tx)?;
+        tracing::info!("metrics on http://{addr}/metrics");
+    } else {
+        drop(req_tx);
+    }
     let mut failure: Option<anyhow::Error> = None;
     let mut local_mac = src_mac;
     let mut last_link_check = std::time::Instant::now();
@@ -315,9 +324,18 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
                 }
             }
         }
+        while let Ok(r) = req_rx.try_recv() {
+            let snap = snapshot(&table, &steering, &stats, &next_hops);
+            let body = match r.format {
+                crate::metrics::Format::Prometheus => crate::metrics::prometheus(&snap),
+                crate::metrics::Format::Human => crate::human::render(&snap),
+                crate::metrics::Format::Json => format!("{snap}\n"),
+            };
+            let _ = r.reply.send(body);
+        }
         for sig in signals.pending() {
             match sig {
-                SIGUSR1 => print_stats(&table, &steering, &stats, "stats"),
+                SIGUSR1 => print_stats(&table, &steering, &stats, &next_hops, "stats"),
                 _ => {
                     tracing::info!("signal {sig}: stopping");
                     break 'outer;
@@ -344,7 +362,7 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
         }
     }
     let _ = resolver.join();
-    print_stats(&table, &steering, &stats, "final");
+    print_stats(&table, &steering, &stats, &next_hops, "final");
     drop(steering);
     // Closing the queues would remove a non-persistent device, but the
     // kernel releases fds registered with io_uring asynchronously; delete
@@ -365,7 +383,12 @@ pub fn run(cfg: Config, iface: &str) -> anyhow::Result<()> {
 }
 
 /// Everything counted, as one JSON object.
-pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerStats>]) -> Value {
+pub fn snapshot(
+    table: &TunnelTable,
+    steering: &Steering,
+    workers: &[Arc<WorkerStats>],
+    next_hops: &NextHops,
+) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tunnels = Vec::new();
     for (i, t) in table.iter().enumerate() {
@@ -395,6 +418,7 @@ pub fn snapshot(table: &TunnelTable, steering: &Steering, workers: &[Arc<WorkerS
             "rx_bytes": bytes,
             "tx_packets": tx_packets,
             "tx_bytes": tx_bytes,
+            "next_hop": next_hops.get(i).map(|m| crate::neighbour::format_mac(&m)),
         }));
     }
     let mut drops = Map::new();
@@ -426,9 +450,10 @@ fn print_stats(
     table: &TunnelTable,
     steering: &Steering,
     workers: &[Arc<WorkerStats>],
+    next_hops: &NextHops,
     event: &str,
 ) {
-    let mut snap = snapshot(table, steering, workers);
+    let mut snap = snapshot(table, steering, workers, next_hops);
     snap["event"] = json!(event);
     // One JSON line on stdout for programs; a readable summary on stderr.
     println!("{snap}");

@@ -328,6 +328,11 @@ impl Gateway {
     /// Starts `gateway --iface ens0 --config <config>` in `ns` and waits
     /// until it reports that it is running (or panics with its log).
     pub fn start(ns: &NetNs, config: &str) -> Gateway {
+        Self::start_with(ns, config, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra command-line arguments.
+    pub fn start_with(ns: &NetNs, config: &str, extra: &[&str]) -> Gateway {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let cfg_path = std::env::temp_dir().join(format!("gwt-{}-{n}.toml", std::process::id()));
         std::fs::write(&cfg_path, config).expect("write config");
@@ -338,6 +343,7 @@ impl Gateway {
             .arg(gateway_bin())
             .args(["--iface", "ens0", "--config"])
             .arg(&cfg_path)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(stderr)

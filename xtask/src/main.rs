@@ -62,7 +62,8 @@ enum Cmd {
 }
 
 /// Debian packages: building (LLVM 22 for bpf-linker, clang-22 and friends
-/// for libxdp), and testing (iproute2, ping, capture tools).
+/// for libxdp), and testing (iproute2, ping, capture tools, a Prometheus
+/// server that scrapes the gateway).
 const DEB_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -77,6 +78,7 @@ const DEB_PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "iperf3",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

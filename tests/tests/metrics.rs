@@ -1,0 +1,163 @@
+//! The gateway shows what it is doing: `gateway stats` reads the running
+//! gateway's counters, and a real Prometheus server (Debian's package,
+//! started here) scrapes `--metrics` and gives a gateway metric back
+//! through its query API.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::{gateway_bin, pkt, require_root, Gateway, NetNs, RawSocket, Wire};
+
+const CONFIG: &str = r#"
+[gateway]
+poll = "adaptive"
+
+[[tunnel]]
+name = "tun100"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+"#;
+
+/// Sends `n` GRE packets for tun100 from the peer side.
+fn send_gre(wire: &Wire, n: u16) {
+    let tx = RawSocket::open(&wire.peer, "ens0", 1 << 20);
+    let mac = wire.gw.mac("ens0");
+    for i in 0..n {
+        let inner = pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000 + i, 9, b"metrics");
+        tx.send(&pkt::outer(
+            mac,
+            [192, 168, 0, 58],
+            [192, 168, 0, 8],
+            47,
+            &pkt::gre(0, 0x0800, 0, 0, &inner),
+        ));
+    }
+}
+
+/// A plain HTTP GET from inside `ns`; returns the body.
+fn http_get(ns: &NetNs, addr: &'static str, path: String) -> Option<String> {
+    ns.run(move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    })
+}
+
+#[test]
+fn gateway_stats_reads_the_running_gateway() {
+    if !require_root("gateway_stats_reads_the_running_gateway") {
+        return;
+    }
+    let wire = Wire::new("mt1", &[]);
+    let gw = Gateway::start(&wire.gw, CONFIG);
+    send_gre(&wire, 3);
+    let _ = gw.settled_stats();
+    let bin = gateway_bin();
+    let bin = bin.to_str().unwrap();
+    let (ok, human) = wire.gw.exec(&[bin, "stats", "--iface", "ens0"]);
+    assert!(ok, "{human}");
+    let line = human
+        .lines()
+        .find(|l| l.starts_with("tun100"))
+        .expect("a tun100 row");
+    assert_eq!(line.split_whitespace().nth(1), Some("3"), "{human}");
+    let (ok, json) = wire
+        .gw
+        .exec(&[bin, "stats", "--iface", "ens0", "--format", "json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    assert_eq!(v["tunnels"][0]["rx_packets"], 3);
+    // No gateway on that interface name: one clear line.
+    let (ok, err) = wire.gw.exec(&[bin, "stats", "--iface", "nosuch0"]);
+    assert!(
+        !ok && err.contains("no gateway answers for nosuch0"),
+        "{err}"
+    );
+}
+
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_metrics_endpoint() {
+    if !require_root("prometheus_scrapes_the_metrics_endpoint") {
+        return;
+    }
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("prometheus is not installed: cargo xtask setup installs Debian's package");
+    }
+    let wire = Wire::new("mt2", &[]);
+    let gw = Gateway::start_with(&wire.gw, CONFIG, &["--metrics", "127.0.0.1:9464"]);
+    send_gre(&wire, 5);
+    let _ = gw.settled_stats();
+
+    // The endpoint itself.
+    let text = http_get(&wire.gw, "127.0.0.1:9464", "/metrics".into()).expect("GET /metrics");
+    assert!(
+        text.contains("gateway_tunnel_packets_total{tunnel=\"tun100\",direction=\"rx\"} 5"),
+        "{text}"
+    );
+
+    // A real Prometheus in the same namespace, scraping every second.
+    let dir = std::env::temp_dir().join(format!("gwt-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
+    )
+    .unwrap();
+    let _prom = Prometheus(
+        Command::new("ip")
+            .args(["netns", "exec", &wire.gw.name, "prometheus"])
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:9090")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let query = "/api/v1/query?query=gateway_tunnel_packets_total%7Btunnel%3D%22tun100%22%2Cdirection%3D%22rx%22%7D";
+    let start = Instant::now();
+    let value = loop {
+        if let Some(body) = http_get(&wire.gw, "127.0.0.1:9090", query.into()) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                if let Some(val) = v["data"]["result"][0]["value"][1].as_str() {
+                    break val.to_string();
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "Prometheus never had the metric"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(value, "5", "Prometheus read the gateway's rx count back");
+    let _ = std::fs::remove_dir_all(&dir);
+}
