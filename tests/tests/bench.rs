@@ -156,3 +156,37 @@ peer = "10.1.1.2"
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The soak mode writes its series: memory, frames and latency per chunk.
+#[test]
+fn soak_mode_reports_memory_frames_and_latency_over_time() {
+    if !require_root("soak_mode_reports_memory_frames_and_latency_over_time") {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("gwt-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(bench_bin())
+        .args(["--quick", "--soak", "4", "--gateway"])
+        .arg(gateway_bin())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run the bench");
+    assert!(status.success(), "gateway-bench --soak failed");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("soak.json")).unwrap()).unwrap();
+    let series = json["series"].as_array().unwrap();
+    assert!(!series.is_empty());
+    for c in series {
+        assert!(c["rss_kib"].as_u64().unwrap() > 0, "{c}");
+        let f = &c["frames"];
+        let sum: u64 = ["free", "in_kernel", "in_flight", "in_tx"]
+            .iter()
+            .map(|k| f[*k].as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, f["total"].as_u64().unwrap(), "frames balance: {c}");
+        assert!(c["latency"]["count"].as_u64().unwrap() > 0, "{c}");
+    }
+    assert!(out.join("soak-latency.hgrm").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
