@@ -333,6 +333,12 @@ impl Gateway {
 
     /// Like [`Gateway::start`], with extra command-line arguments.
     pub fn start_with(ns: &NetNs, config: &str, extra: &[&str]) -> Gateway {
+        Self::start_wrapped(ns, config, &[], extra)
+    }
+
+    /// Like [`Gateway::start_with`], run through `prefix` (e.g. `setpriv`
+    /// with a reduced set of capabilities).
+    pub fn start_wrapped(ns: &NetNs, config: &str, prefix: &[&str], extra: &[&str]) -> Gateway {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let cfg_path = std::env::temp_dir().join(format!("gwt-{}-{n}.toml", std::process::id()));
         std::fs::write(&cfg_path, config).expect("write config");
@@ -340,6 +346,7 @@ impl Gateway {
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
+            .args(prefix)
             .arg(gateway_bin())
             .args(["--iface", "ens0", "--config"])
             .arg(&cfg_path)
