@@ -289,6 +289,24 @@ pub fn tcp_transfer(
     (got, start.elapsed())
 }
 
+/// One GRE tunnel (the lab's tun100 on host1) into `tap1`, adaptive poll:
+/// the configuration the single-gateway tests share.
+pub const ONE_GRE_TUNNEL: &str = r#"
+[gateway]
+poll = "adaptive"
+
+[[tunnel]]
+name = "tun100"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+ttl = 64
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+"#;
+
 /// Path of the gateway binary: `GATEWAY_BIN`, or the workspace's debug or
 /// release build.
 pub fn gateway_bin() -> PathBuf {

@@ -97,24 +97,7 @@ fn two_host_mode_measures_the_round_trip() {
         return;
     }
     let wire = gateway_tests::Wire::new("bt2", &[]);
-    let _gw = gateway_tests::Gateway::start(
-        &wire.gw,
-        r#"
-[gateway]
-poll = "adaptive"
-
-[[tunnel]]
-name = "tun100"
-mode = "gre"
-local = "192.168.0.8"
-remote = "192.168.0.58"
-ttl = 64
-mtu = 1400
-device = "tap1"
-address = "10.1.1.1"
-peer = "10.1.1.2"
-"#,
-    );
+    let _gw = gateway_tests::Gateway::start(&wire.gw, gateway_tests::ONE_GRE_TUNNEL);
     let out = std::env::temp_dir().join(format!("gwt-bench2-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new("ip")

@@ -9,20 +9,7 @@ use std::time::{Duration, Instant};
 
 use gateway_tests::{gateway_bin, pkt, require_root, Gateway, NetNs, RawSocket, Wire};
 
-const CONFIG: &str = r#"
-[gateway]
-poll = "adaptive"
-
-[[tunnel]]
-name = "tun100"
-mode = "gre"
-local = "192.168.0.8"
-remote = "192.168.0.58"
-mtu = 1400
-device = "tap1"
-address = "10.1.1.1"
-peer = "10.1.1.2"
-"#;
+const CONFIG: &str = gateway_tests::ONE_GRE_TUNNEL;
 
 /// Sends `n` GRE packets for tun100 from the peer side.
 fn send_gre(wire: &Wire, n: u16) {

@@ -8,20 +8,7 @@ use gateway_tests::{pkt, require_root, Gateway, RawSocket, Wire};
 
 const UNIT: &str = include_str!("../../gateway/dist/gateway.service");
 
-const CONFIG: &str = r#"
-[gateway]
-poll = "adaptive"
-
-[[tunnel]]
-name = "tun100"
-mode = "gre"
-local = "192.168.0.8"
-remote = "192.168.0.58"
-mtu = 1400
-device = "tap1"
-address = "10.1.1.1"
-peer = "10.1.1.2"
-"#;
+const CONFIG: &str = gateway_tests::ONE_GRE_TUNNEL;
 
 /// /dev/net/tun opened to a group for the test's duration.
 struct TunAccess {
