@@ -48,13 +48,13 @@ const REPLY_ICMP: u16 = 0x4000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("queue {queue}: io_uring setup failed ({source}); the kernel must allow io_uring (sysctl kernel.io_uring_disabled=0)")]
-    Uring { queue: u32, source: std::io::Error },
-    #[error("queue {queue}: {what} failed ({source})")]
+    #[error("queue {queue}: io_uring setup failed ({io}); the kernel must allow io_uring (sysctl kernel.io_uring_disabled=0)")]
+    Uring { queue: u32, io: std::io::Error },
+    #[error("queue {queue}: {what} failed ({io})")]
     Io {
         queue: u32,
         what: &'static str,
-        source: std::io::Error,
+        io: std::io::Error,
     },
 }
 
@@ -118,11 +118,7 @@ impl Worker {
 
     fn io_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WorkerError {
         let queue = self.queue;
-        move |source| WorkerError::Io {
-            queue,
-            what,
-            source,
-        }
+        move |io| WorkerError::Io { queue, what, io }
     }
 
     /// Runs until the stop flag is set. Returns with no frame in flight.
@@ -139,7 +135,7 @@ impl Worker {
             .next_power_of_two()
             .max(64);
         let mut io = DeviceIo::new(entries, &fds, &self.xsk)
-            .map_err(|source| WorkerError::Uring { queue, source })?;
+            .map_err(|io| WorkerError::Uring { queue, io })?;
 
         let mut st = State {
             local: LocalStats::new(ntun),

@@ -18,7 +18,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ga
 pub enum XdpError {
     #[error("this gateway binary was built without its XDP program (AYA_BUILD_SKIP); rebuild it with `cargo build` after `cargo xtask setup`")]
     NoObject,
-    #[error("loading the XDP program failed ({0}); run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with BPF and BTF")]
+    #[error("loading the XDP program failed: {0}")]
     Load(String),
     #[error("XDP map {0}: {1}")]
     Map(&'static str, String),
@@ -43,6 +43,31 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A load failure in one line. The verifier's log is long; when the cause
+/// is a missing privilege, say which instead of printing it.
+fn load_error(e: aya::programs::ProgramError) -> XdpError {
+    let text = chain(&e);
+    if text.contains("Permission denied") || text.contains("Operation not permitted") {
+        let why = if text.contains("prohibited for !root") {
+            "the verifier needs CAP_PERFMON for the program's pointer arithmetic"
+        } else {
+            "permission denied"
+        };
+        return XdpError::Load(format!(
+            "{why}; give the gateway CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (see gateway/dist/gateway.service)"
+        ));
+    }
+    // Anything else: the first lines of the verifier's log say enough.
+    let mut lines: Vec<&str> = text.lines().take(4).collect();
+    if text.lines().count() > 4 {
+        lines.push("...");
+    }
+    XdpError::Load(format!(
+        "{}; run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) on a kernel with BPF",
+        lines.join(" | ")
+    ))
+}
+
 impl Steering {
     /// Loads the steering program and its maps into the kernel, not yet
     /// attached.
@@ -56,13 +81,18 @@ impl Steering {
         if OBJECT.is_empty() {
             return Err(XdpError::NoObject);
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| XdpError::Load(chain(&e)))?;
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| {
+            XdpError::Load(format!(
+                "{}; run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) on a kernel with BPF",
+                chain(&e)
+            ))
+        })?;
         let prog: &mut Xdp = ebpf
             .program_mut(program)
             .ok_or_else(|| XdpError::Load(format!("no program {program} in the object")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(chain(&e)))?;
-        prog.load().map_err(|e| XdpError::Load(chain(&e)))?;
+        prog.load().map_err(load_error)?;
         Ok(Steering {
             ebpf,
             program,

@@ -26,18 +26,18 @@ struct IfReq {
 /// Why a device queue could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    #[error("cannot open /dev/net/tun ({0}); load the tun module (modprobe tun) and run as root or with CAP_NET_ADMIN")]
+    #[error("cannot open /dev/net/tun ({0}); load the tun module (modprobe tun), and run as root or give the gateway's user access to it (gateway/dist/60-gateway-tun.rules)")]
     Open(io::Error),
-    #[error("device {name}: exists with other settings ({source}); it must be a {kind} created with multi_queue: `ip link del {name}`, or `ip tuntap add {name} mode {kind} multi_queue`")]
+    #[error("device {name}: exists with other settings ({io}); it must be a {kind} created with multi_queue: `ip link del {name}`, or `ip tuntap add {name} mode {kind} multi_queue`")]
     Mismatch {
         name: String,
         kind: &'static str,
-        source: io::Error,
+        io: io::Error,
     },
-    #[error("device {name}: TUNSETIFF failed ({source}); run as root or with CAP_NET_ADMIN")]
-    SetIff { name: String, source: io::Error },
-    #[error("device {name}: TUNSETPERSIST failed ({source})")]
-    Persist { name: String, source: io::Error },
+    #[error("device {name}: TUNSETIFF failed ({io}); run as root or with CAP_NET_ADMIN")]
+    SetIff { name: String, io: io::Error },
+    #[error("device {name}: TUNSETPERSIST failed ({io})")]
+    Persist { name: String, io: io::Error },
 }
 
 /// Opens one queue of the multi-queue tap or tun device `name`, creating
@@ -52,8 +52,8 @@ pub fn open_queue(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     let mut tries = 0;
     loop {
         match open_queue_once(name, kind) {
-            Err(TapError::Mismatch { source, .. })
-                if source.raw_os_error() == Some(libc::EBUSY) && tries < 30 =>
+            Err(TapError::Mismatch { io, .. })
+                if io.raw_os_error() == Some(libc::EBUSY) && tries < 30 =>
             {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -86,7 +86,7 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     if bytes.len() >= libc::IFNAMSIZ {
         return Err(TapError::SetIff {
             name: name.into(),
-            source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+            io: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
         });
     }
     req.name[..bytes.len()].copy_from_slice(bytes);
@@ -103,11 +103,11 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
                     DeviceKind::Tap => "tap",
                     DeviceKind::Tun => "tun",
                 },
-                source: e,
+                io: e,
             },
             _ => TapError::SetIff {
                 name: name.into(),
-                source: e,
+                io: e,
             },
         });
     }
@@ -128,7 +128,7 @@ pub fn set_persistent(fd: &OwnedFd, name: &str, persistent: bool) -> Result<(), 
     if rc < 0 {
         return Err(TapError::Persist {
             name: name.into(),
-            source: io::Error::last_os_error(),
+            io: io::Error::last_os_error(),
         });
     }
     Ok(())
