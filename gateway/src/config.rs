@@ -281,7 +281,7 @@ fn enum_field<T: Copy>(
             let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
             err(
                 field,
-                format!("\"{v}\" is not a choice; use one of {}", names.join(", ")),
+                format!("{v:?} is not a choice; use one of {}", names.join(", ")),
             )
         })
 }
@@ -429,7 +429,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
     let mut devices = HashSet::new();
     let mut endpoints = HashSet::new();
     for t in &tunnels {
-        let f = format!("tunnel \"{}\"", t.name);
+        let f = format!("tunnel {:?}", t.name);
         if !names.insert(t.name.clone()) {
             return Err(err(f, "name is used twice; give each tunnel its own name"));
         }
@@ -437,7 +437,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             return Err(err(
                 format!("{f}.device"),
                 format!(
-                    "\"{}\" is already another tunnel's device; give each tunnel its own",
+                    "{:?} is already another tunnel's device; give each tunnel its own",
                     t.device
                 ),
             ));
@@ -449,7 +449,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             {
                 return Err(err(
                     format!("{f}.peer"),
-                    format!("{p} is also tunnel \"{}\"'s peer; one inner address can be routed into one device only", other.name),
+                    format!("{p} is also tunnel {:?}'s peer; one inner address can be routed into one device only", other.name),
                 ));
             }
         }
@@ -476,15 +476,19 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
 }
 
 fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
+    // The kernel's rule (dev_valid_name): no '/', ':' or whitespace; and
+    // nothing that would break a one-line message either.
     if name.is_empty()
         || name.len() > 15
-        || name.contains(['/', ' ', ':'])
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
         || name == "."
         || name == ".."
     {
         return Err(err(
             field,
-            format!("\"{name}\" is not a valid interface name; use 1 to 15 characters without '/', ':' or spaces"),
+            format!("{name:?} is not a valid interface name; use 1 to 15 characters without '/', ':', spaces or control characters"),
         ));
     }
     Ok(())
@@ -495,14 +499,14 @@ fn parse_ip(field: &str, v: &str) -> Result<IpAddr, ConfigError> {
         if a.parse::<IpAddr>().is_ok() {
             return Err(err(
                 field,
-                format!("\"{v}\" has a prefix length; give the bare address \"{a}\" (the gateway adds it as a host address with a peer)"),
+                format!("{v:?} has a prefix length; give the bare address {a:?} (the gateway adds it as a host address with a peer)"),
             ));
         }
     }
     v.parse().map_err(|_| {
         err(
             field,
-            format!("\"{v}\" is not an IP address; write one such as \"192.168.0.58\""),
+            format!("{v:?} is not an IP address; write one such as \"192.168.0.58\""),
         )
     })
 }
@@ -517,7 +521,7 @@ fn parse_key(field: &str, v: &toml::Value) -> Result<u32, ConfigError> {
             .map_err(|_| {
                 err(
                     field,
-                    format!("\"{s}\" is not a key; use a number 0..=4294967295 or a dotted quad like \"0.0.0.100\""),
+                    format!("{s:?} is not a key; use a number 0..=4294967295 or a dotted quad like \"0.0.0.100\""),
                 )
             }),
         other => Err(err(
@@ -534,7 +538,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             "is missing; add name = \"tun100\"",
         )
     })?;
-    let f = |k: &str| format!("tunnel \"{name}\".{k}");
+    let f = |k: &str| format!("tunnel {name:?}.{k}");
     check_ifname(&f("name"), &name)?;
     let mode_s = t.mode.ok_or_else(|| {
         err(
@@ -548,13 +552,13 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         "gretap" | "sit" | "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => {
             return Err(err(
                 f("mode"),
-                format!("\"{mode_s}\" is not supported yet; use \"gre\" or \"ipip\""),
+                format!("{mode_s:?} is not supported yet; use \"gre\" or \"ipip\""),
             ))
         }
         other => {
             return Err(err(
                 f("mode"),
-                format!("\"{other}\" is not a tunnel mode; use \"gre\" or \"ipip\""),
+                format!("{other:?} is not a tunnel mode; use \"gre\" or \"ipip\""),
             ))
         }
     };
@@ -599,7 +603,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         if present && mode != Mode::Gre {
             Err(err(
                 f(k),
-                format!("mode \"{mode_s}\" has no GRE header; remove {k}"),
+                format!("mode {mode_s:?} has no GRE header; remove {k}"),
             ))
         } else {
             Ok(())
@@ -725,7 +729,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         let p = crate::tunnel::Prefix::parse(a).ok_or_else(|| {
             err(
                 f("accept_from"),
-                format!("\"{a}\" is not a prefix; write one such as \"172.16.0.0/24\""),
+                format!("{a:?} is not a prefix; write one such as \"172.16.0.0/24\""),
             )
         })?;
         if mode == Mode::Ipip && p.addr.is_ipv6() {
@@ -860,6 +864,12 @@ peer = "20.1.1.2"
 
         let e = error_of(&lab_with("ttl = 64", "tll = 64"));
         assert!(e.contains("line") && e.contains("tll"), "{e}");
+
+        let e = error_of(&lab_with("name = \"tun100\"", "name = \"tu\\n100\""));
+        assert!(
+            !e.contains('\n') && e.contains("not a valid interface name"),
+            "{e}"
+        );
 
         let e = error_of("[gateway]\n");
         assert!(e.contains("no [[tunnel]]"), "{e}");
