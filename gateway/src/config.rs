@@ -302,7 +302,8 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
                         return Err(err(
                             "gateway.queues",
                             format!(
-                                "{v} is not a queue number; use integers 0..{}",
+                                "{} is not a queue number; use integers 0..{}",
+                                show(&v),
                                 gateway_common::MAX_QUEUES
                             ),
                         ))
@@ -319,7 +320,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         Some(v) => {
             return Err(err(
                 "gateway.queues",
-                format!("{v} is not valid; use \"all\" or a list such as [0, 1]"),
+                format!(
+                    "{} is not valid; use \"all\" or a list such as [0, 1]",
+                    show(&v)
+                ),
             ))
         }
     };
@@ -334,7 +338,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
                     _ => {
                         return Err(err(
                             "gateway.cores",
-                            format!("{v} is not a core number; use integers such as [1]"),
+                            format!(
+                                "{} is not a core number; use integers such as [1]",
+                                show(&v)
+                            ),
                         ))
                     }
                 }
@@ -347,7 +354,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         Some(v) => {
             return Err(err(
                 "gateway.cores",
-                format!("{v} is not valid; use \"auto\" or a list such as [1]"),
+                format!(
+                    "{} is not valid; use \"auto\" or a list such as [1]",
+                    show(&v)
+                ),
             ))
         }
     };
@@ -475,6 +485,15 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
     })
 }
 
+/// A TOML value as it appears in a one-line message: strings quoted with
+/// escapes, anything else in TOML's words with line breaks flattened.
+fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        other => other.to_string().replace(['\n', '\r'], " "),
+    }
+}
+
 fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
     // The kernel's rule (dev_valid_name): no '/', ':' or whitespace; and
     // nothing that would break a one-line message either.
@@ -526,7 +545,7 @@ fn parse_key(field: &str, v: &toml::Value) -> Result<u32, ConfigError> {
             }),
         other => Err(err(
             field,
-            format!("{other} is not a key; use a number 0..=4294967295 or a dotted quad"),
+            format!("{} is not a key; use a number 0..=4294967295 or a dotted quad", show(other)),
         )),
     }
 }
@@ -654,7 +673,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         Some(v) => {
             return Err(err(
                 f("ttl"),
-                format!("{v} is not valid; use 1..=255 or \"inherit\""),
+                format!("{} is not valid; use 1..=255 or \"inherit\"", show(v)),
             ))
         }
     };
