@@ -236,7 +236,7 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
     };
     let mut stats = Vec::new();
     let mut pending = Vec::new();
-    for (w, (&queue, &core)) in queues.iter().zip(&cores).enumerate() {
+    for (&queue, &core) in queues.iter().zip(&cores) {
         let (xsk, frames) = Xsk::new(
             iface,
             queue,
@@ -250,7 +250,6 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
             .iter_mut()
             .map(|d| d.queues.pop().expect("one queue per worker"))
             .collect();
-        let _ = w;
         pending.push(Worker::new(
             queue,
             core,
@@ -411,8 +410,8 @@ pub fn snapshot(
         tunnels.push(json!({
             "name": t.name,
             "mode": t.mode,
-            "local": ip(t.local),
-            "remote": ip(t.remote),
+            "local": t.local.to_string(),
+            "remote": t.remote.to_string(),
             "device_kind": t.device_kind,
             "rx_packets": packets,
             "rx_bytes": bytes,
@@ -440,10 +439,6 @@ pub fn snapshot(
         "xdp": xdp,
         "workers": workers.iter().map(|w| w.to_json()).collect::<Vec<_>>(),
     })
-}
-
-fn ip(a: IpAddr) -> String {
-    a.to_string()
 }
 
 fn print_stats(

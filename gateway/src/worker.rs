@@ -360,7 +360,7 @@ impl Worker {
                 account_write(&c, &mut st.local);
                 self.free.push(c.frame);
             }
-            Op::Read { .. } => {
+            Op::Read => {
                 let t = usize::from(c.tag);
                 st.reads[t] -= 1;
                 let mut frame = c.frame;
@@ -418,7 +418,7 @@ impl Worker {
                 st.writes_in_flight -= 1;
                 account_write(&c, &mut st.local);
             }
-            Op::Read { .. } => {
+            Op::Read => {
                 st.reads[usize::from(c.tag)] -= 1;
                 // A read that completed with data just before the cancel is
                 // counted as read and dropped: the gateway is stopping.

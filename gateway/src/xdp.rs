@@ -29,7 +29,6 @@ pub enum XdpError {
 pub struct Steering {
     ebpf: Ebpf,
     program: &'static str,
-    mode: Option<&'static str>,
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -93,11 +92,7 @@ impl Steering {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(chain(&e)))?;
         prog.load().map_err(load_error)?;
-        Ok(Steering {
-            ebpf,
-            program,
-            mode: None,
-        })
+        Ok(Steering { ebpf, program })
     }
 
     /// Lets packets with this outer (local, remote, protocol) through to the
@@ -168,13 +163,7 @@ impl Steering {
                 }
             },
         };
-        self.mode = Some(mode);
         Ok(mode)
-    }
-
-    /// The attach mode, once attached.
-    pub fn mode(&self) -> Option<&'static str> {
-        self.mode
     }
 
     /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].

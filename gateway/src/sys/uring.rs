@@ -21,8 +21,8 @@ use super::xsk::{Frame, Region, Xsk};
 pub enum Op {
     /// A packet written into a device.
     Write,
-    /// A packet read from a device into the frame at `offset`.
-    Read { offset: u32 },
+    /// A packet read from a device into the frame.
+    Read,
 }
 
 /// An operation whose completion has arrived.
@@ -164,13 +164,10 @@ impl DeviceIo {
             .offset(0)
             .build()
             .user_data(idx as u64);
-        let op = Op::Read {
-            offset: offset as u32,
-        };
         // SAFETY: `ptr..ptr + len` lies inside fixed buffer 0 and inside
         // `frame` (checked above); `queue` hands the frame to this writer
         // until the completion arrives, and the writer holds the UMEM mapped.
-        unsafe { self.queue(&sqe, idx, op, frame, tag, 0) }
+        unsafe { self.queue(&sqe, idx, Op::Read, frame, tag, 0) }
     }
 
     /// Pushes `sqe` and takes ownership of `frame` (index `idx`) until its

@@ -82,7 +82,6 @@ pub struct XskStats {
     pub rx_ring_full: u64,
     pub rx_invalid_descs: u64,
     pub fill_ring_empty: u64,
-    pub tx_invalid_descs: u64,
 }
 
 /// An AF_XDP socket bound to one NIC queue, with its rings and UMEM.
@@ -250,11 +249,6 @@ impl Xsk {
         Ok(())
     }
 
-    /// Blocks until the RX ring has packets or `timeout_ms` passes.
-    pub fn wait_rx(&mut self, timeout_ms: i32) -> io::Result<bool> {
-        self.rx.poll(timeout_ms)
-    }
-
     /// The packet bytes of a frame, to read and rewrite in place.
     #[inline]
     pub fn data_mut<'a>(&'a self, frame: &'a mut Frame) -> &'a mut [u8] {
@@ -347,7 +341,6 @@ impl Xsk {
             rx_ring_full: s.rx_ring_full(),
             rx_invalid_descs: s.rx_invalid_descs(),
             fill_ring_empty: s.rx_fill_ring_empty_descs(),
-            tx_invalid_descs: s.tx_invalid_descs(),
         })
     }
 
