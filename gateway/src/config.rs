@@ -187,7 +187,7 @@ impl std::fmt::Display for Ttl {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TunnelConfig {
     pub name: String,
     pub mode: Mode,
@@ -429,6 +429,16 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         return Err(err(
             "tunnel",
             "no [[tunnel]] is configured; add one (see configs/ in the repository for examples)",
+        ));
+    }
+    if raw.tunnel.len() > crate::tunnel::MAX_TUNNELS {
+        return Err(err(
+            "tunnel",
+            format!(
+                "{} tunnels are configured; the gateway takes at most {}",
+                raw.tunnel.len(),
+                crate::tunnel::MAX_TUNNELS
+            ),
         ));
     }
     let mut tunnels = Vec::new();

@@ -47,6 +47,12 @@ pub enum DropReason {
     DeviceWriteError,
     /// The device took fewer bytes than offered.
     DeviceWriteShort,
+    /// The tunnel's device was deleted from under the gateway (it is
+    /// re-created within a second).
+    DeviceGone,
+    /// The tunnel's device is administratively down (`ip link set DEV
+    /// down`); the kernel refuses packets written into it.
+    DeviceDown,
     /// Inner source is not the tunnel's peer (nor a network behind it).
     InnerSourceNotPeer,
 
@@ -79,7 +85,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 32;
+    pub const COUNT: usize = 34;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -102,6 +108,8 @@ impl DropReason {
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
         DropReason::DeviceWriteShort,
+        DropReason::DeviceGone,
+        DropReason::DeviceDown,
         DropReason::InnerSourceNotPeer,
         DropReason::TxDeviceReadError,
         DropReason::TxNotIp,
@@ -143,6 +151,8 @@ impl DropReason {
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",
+            DropReason::DeviceGone => "device_gone",
+            DropReason::DeviceDown => "device_down",
             DropReason::DeviceWriteShort => "device_write_short",
             DropReason::InnerSourceNotPeer => "inner_source_not_peer",
             DropReason::TxDeviceReadError => "tx_device_read_error",

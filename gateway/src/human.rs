@@ -7,6 +7,35 @@ use serde_json::Value;
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
     let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let g = &s["gateway"];
+    if g.is_object() {
+        let events: Vec<String> = g["events"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64() != Some(0))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        out.push_str(&format!(
+            "underlay {} {}; xdp {}; events: {}\n",
+            g["underlay"].as_str().unwrap_or("?"),
+            if g["underlay_up"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "DOWN"
+            },
+            if g["xdp_attached"].as_bool() == Some(true) {
+                "attached"
+            } else {
+                "NOT ATTACHED (see the log)"
+            },
+            if events.is_empty() {
+                "none".into()
+            } else {
+                events.join(" ")
+            },
+        ));
+    }
     out.push_str("tunnel        rx_packets        rx_bytes  tx_packets        tx_bytes\n");
     for t in s["tunnels"].as_array().into_iter().flatten() {
         out.push_str(&format!(

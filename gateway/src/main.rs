@@ -17,7 +17,8 @@ use gateway::config::{Config, DEFAULT_PATH};
     version,
     about = "GRE and IPIP tunnels on an XDP + AF_XDP + io_uring fast path",
     after_help = "Runs in the foreground and logs to stderr. Signals: SIGUSR1 prints the counters \
-(one JSON line on stdout, a summary on stderr); SIGINT or SIGTERM stop cleanly (XDP detached, \
+(one JSON line on stdout, a summary on stderr); SIGHUP reads the configuration again and \
+applies it (as `gateway reload` does); SIGINT or SIGTERM stop cleanly (XDP detached, \
 created devices removed). The configuration is /etc/gateway/gateway.toml unless --config names \
 another; `gateway check` validates one.",
     args_conflicts_with_subcommands = true
@@ -52,6 +53,14 @@ enum Command {
         /// human, json or prometheus.
         #[arg(long, default_value = "human", value_parser = ["human", "json", "prometheus"])]
         format: String,
+    },
+    /// Make the gateway running on IFACE in this network namespace read its
+    /// configuration file again and apply it (as SIGHUP does). Prints what
+    /// changed, or why nothing did (then exits 1).
+    Reload {
+        /// The running gateway's interface (default: gateway.iface of the config).
+        #[arg(long)]
+        iface: Option<String>,
     },
 }
 
@@ -140,7 +149,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    if let Some(Command::Stats { iface, format }) = &cli.command {
+    let control = match &cli.command {
+        Some(Command::Stats { iface, format }) => Some((iface, format.as_str())),
+        Some(Command::Reload { iface }) => Some((iface, "reload")),
+        _ => None,
+    };
+    if let Some((iface, format)) = control {
         let iface = match iface {
             Some(i) => i.clone(),
             None => match load(cli.config.as_deref()) {
@@ -161,6 +175,10 @@ fn main() -> ExitCode {
             },
         };
         return match gateway::metrics::query(&iface, format) {
+            Ok(text) if format == "reload" && !text.starts_with("reloaded") => {
+                eprintln!("{}", text.trim_end());
+                ExitCode::FAILURE
+            }
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -183,7 +201,7 @@ fn main() -> ExitCode {
             print_plan(&cfg, &path);
             ExitCode::SUCCESS
         }
-        Some(Command::Stats { .. }) => unreachable!("handled above"),
+        Some(Command::Stats { .. } | Command::Reload { .. }) => unreachable!("handled above"),
         None => {
             tracing::info!("read configuration from {}", path.display());
             let Some(iface) = cli.iface.clone().or_else(|| cfg.iface.clone()) else {
@@ -193,7 +211,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             };
-            match gateway::run::run(cfg, &iface, cli.metrics.as_deref()) {
+            match gateway::run::run(cfg, &path, &iface, cli.metrics.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

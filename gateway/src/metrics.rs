@@ -20,10 +20,16 @@ pub enum Format {
     Json,
 }
 
-/// A request for a snapshot, answered by the control thread.
-pub struct Request {
-    pub format: Format,
-    pub reply: Sender<String>,
+/// A request answered by the control thread.
+pub enum Request {
+    /// The counters, rendered.
+    Stats {
+        format: Format,
+        reply: Sender<String>,
+    },
+    /// Read the configuration file again and apply it; the answer is one
+    /// line, starting with `error:` when nothing changed.
+    Reload { reply: Sender<String> },
 }
 
 /// Renders a snapshot in Prometheus' text exposition format.
@@ -104,6 +110,36 @@ pub fn prometheus(s: &Value) -> String {
         "The XDP program's counters: seen, redirected, and why others went to the kernel.",
         xdp,
     );
+    let g = &s["gateway"];
+    if g.is_object() {
+        let b = |v: &Value| u64::from(v.as_bool().unwrap_or(false));
+        family(
+            "gateway_underlay_up",
+            "gauge",
+            "1 while the underlay interface is up.",
+            vec![(String::new(), b(&g["underlay_up"]))],
+        );
+        family(
+            "gateway_xdp_attached",
+            "gauge",
+            "1 while the gateway's XDP program is the one attached to the underlay.",
+            vec![(String::new(), b(&g["xdp_attached"]))],
+        );
+        let events = g["events"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (format!("event=\"{k}\""), n(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        family(
+            "gateway_events_total",
+            "counter",
+            "Reloads (and refused ones), devices re-created after deletion, underlay down events, XDP program lost.",
+            events,
+        );
+    }
 
     let per_worker = |path: &[&str]| -> Vec<(String, u64)> {
         workers
@@ -242,7 +278,7 @@ pub fn serve_http(addr: &str, requests: Sender<Request>) -> anyhow::Result<()> {
 
 fn ask(requests: &Sender<Request>, format: Format) -> Option<String> {
     let (tx, rx) = channel();
-    requests.send(Request { format, reply: tx }).ok()?;
+    requests.send(Request::Stats { format, reply: tx }).ok()?;
     rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
 }
 
@@ -268,11 +304,20 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
                 let mut word = [0u8; 16];
                 let n = conn.read(&mut word).unwrap_or(0);
                 let format = match std::str::from_utf8(&word[..n]).unwrap_or("").trim() {
-                    "json" => Format::Json,
-                    "prometheus" => Format::Prometheus,
-                    _ => Format::Human,
+                    "reload" => None,
+                    "json" => Some(Format::Json),
+                    "prometheus" => Some(Format::Prometheus),
+                    _ => Some(Format::Human),
                 };
-                if let Some(body) = ask(&requests, format) {
+                let body = match format {
+                    Some(f) => ask(&requests, f),
+                    None => {
+                        let (tx, rx) = channel();
+                        requests.send(Request::Reload { reply: tx }).ok();
+                        rx.recv_timeout(std::time::Duration::from_secs(30)).ok()
+                    }
+                };
+                if let Some(body) = body {
                     let _ = conn.write_all(body.as_bytes());
                 }
             }
@@ -280,8 +325,9 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
     Ok(())
 }
 
-/// `gateway stats`: asks the gateway running on `iface` in this network
-/// namespace.
+/// `gateway stats` and `gateway reload`: asks the gateway running on
+/// `iface` in this network namespace (`format` is `human`, `json`,
+/// `prometheus` or `reload`).
 pub fn query(iface: &str, format: &str) -> anyhow::Result<String> {
     let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::netlink::{NeighState, Netlink};
@@ -71,16 +71,27 @@ impl NextHops {
     }
 }
 
+/// What the resolver follows: each tunnel's name and remote, and where to
+/// publish the MACs. Replaced whole when a reload changes the tunnels.
+pub struct Targets {
+    pub remotes: Vec<(String, IpAddr)>,
+    pub hops: Arc<NextHops>,
+}
+
 /// Follows the route and neighbour entry of each tunnel's remote until
 /// `stop` is set: every `interval`, or at once when a worker asks.
 pub fn run_resolver(
-    remotes: Vec<(String, IpAddr)>,
+    targets: Arc<Mutex<Targets>>,
     underlay_index: u32,
     underlay_name: String,
-    hops: Arc<NextHops>,
     stop: Arc<AtomicBool>,
     interval: Duration,
 ) {
+    let current = || {
+        let t = targets.lock().unwrap_or_else(|p| p.into_inner());
+        (t.remotes.clone(), t.hops.clone())
+    };
+    let (mut remotes, mut hops) = current();
     let nl = match Netlink::new() {
         Ok(nl) => nl,
         Err(e) => {
@@ -92,6 +103,15 @@ pub fn run_resolver(
     let mut last = vec![None; remotes.len()];
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        let (r, h) = current();
+        if !Arc::ptr_eq(&h, &hops) {
+            // A reload: the new list starts from what the control thread
+            // carried over, and is resolved at once.
+            (remotes, hops) = (r, h);
+            warned = vec![false; remotes.len()];
+            last = (0..remotes.len()).map(|i| hops.get(i)).collect();
+            next = Instant::now();
+        }
         let asked = hops.wanted.swap(false, Ordering::Relaxed);
         if !asked && Instant::now() < next {
             std::thread::sleep(Duration::from_millis(20));

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp};
 use rtnetlink::{Handle, LinkUnspec};
 
 /// What the gateway needs to know of an interface.
@@ -17,6 +17,8 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+    /// The XDP program attached to the link (0: none).
+    pub xdp_prog: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +159,42 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Removes what [`Netlink::add_peer_address`] added. An address already
+    /// gone is fine.
+    pub fn del_peer_address(&self, link: &LinkInfo, local: IpAddr) -> Result<(), NetlinkError> {
+        let handle = self.handle.clone();
+        let index = link.index;
+        let res = self.rt.block_on(async move {
+            let mut found = Vec::new();
+            let mut s = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            while let Some(m) = s.try_next().await? {
+                let ours = m.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Local(l) | AddressAttribute::Address(l) if *l == local)
+                });
+                if ours {
+                    found.push(m);
+                }
+            }
+            for m in found {
+                match handle.address().del(m).execute().await {
+                    Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                    other => other?,
+                }
+            }
+            Ok::<(), rtnetlink::Error>(())
+        });
+        res.map_err(|e| NetlinkError::Request {
+            what: format!("removing {local} from {}", link.name),
+            reason: describe(&e),
+        })
+    }
+}
+
 fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
@@ -164,6 +202,7 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         mac: None,
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
+        xdp_prog: 0,
     };
     for a in &msg.attributes {
         match a {
@@ -173,6 +212,14 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
                 let mut m = [0u8; 6];
                 m.copy_from_slice(a);
                 info.mac = Some(m);
+            }
+            LinkAttribute::Xdp(x) => {
+                for a in x {
+                    if let LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) = a
+                    {
+                        info.xdp_prog = *id;
+                    }
+                }
             }
             _ => {}
         }

@@ -9,24 +9,26 @@
 
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use gateway_common::XdpCounter;
 use serde_json::{json, Map, Value};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 use crate::config::{Config, Cores, Queues, TunnelConfig};
 use crate::drop_reason::DropReason;
 use crate::encap::TunnelTx;
-use crate::neighbour::{run_resolver, NextHops};
+use crate::metrics::{Format, Request};
+use crate::neighbour::{run_resolver, NextHops, Targets};
 use crate::netlink::{LinkInfo, Netlink};
 use crate::stats::WorkerStats;
 use crate::sys::{tap, xsk::Xsk};
 use crate::tunnel::{DeviceKind, TunnelRx, TunnelTable};
-use crate::worker::{Shared, Worker};
+use crate::worker::{DeviceQueue, Reconfig, Shared, Tunnels, Worker, WorkerError};
 use crate::xdp::Steering;
 
 /// Number of RX queues of `iface`, from sysfs.
@@ -72,8 +74,9 @@ pub fn plan_cores(cfg: &Config, workers: usize) -> anyhow::Result<Vec<Option<usi
     }
 }
 
-/// A locally administered MAC that stands for the far side of tunnel `i`
-/// in the Ethernet headers written into its tap.
+/// A locally administered MAC that stands for the far side of a tunnel in
+/// the Ethernet headers written into its tap. Numbered per device for the
+/// life of the process, so a reload never changes a running tunnel's.
 fn peer_mac(i: usize) -> [u8; 6] {
     [0x02, 0x47, 0x57, 0x00, (i >> 8) as u8, i as u8]
 }
@@ -91,21 +94,34 @@ fn open_device(nl: &Netlink, t: &TunnelConfig, mtu: u16, workers: usize) -> anyh
     for _ in 0..workers {
         queues.push(tap::open_queue(&t.device, t.device_kind)?);
     }
-    if t.persistent {
-        tap::set_persistent(&queues[0], &t.device, true)?;
+    let setup = || -> anyhow::Result<LinkInfo> {
+        if t.persistent {
+            tap::set_persistent(&queues[0], &t.device, true)?;
+        }
+        let link = nl
+            .link(&t.device)?
+            .ok_or_else(|| anyhow!("device {} vanished right after it was opened", t.device))?;
+        nl.set_up(&link, Some(u32::from(mtu)))?;
+        if let (Some(a), Some(p)) = (t.address, t.peer) {
+            nl.add_peer_address(&link, a, p)?;
+        }
+        Ok(link)
+    };
+    match setup() {
+        Ok(link) => Ok(Device {
+            queues,
+            link,
+            created: !existed,
+        }),
+        Err(e) => {
+            if !existed {
+                if let Ok(Some(l)) = nl.link(&t.device) {
+                    let _ = nl.delete(&l);
+                }
+            }
+            Err(e)
+        }
     }
-    let link = nl
-        .link(&t.device)?
-        .ok_or_else(|| anyhow!("device {} vanished right after it was opened", t.device))?;
-    nl.set_up(&link, Some(u32::from(mtu)))?;
-    if let (Some(a), Some(p)) = (t.address, t.peer) {
-        nl.add_peer_address(&link, a, p)?;
-    }
-    Ok(Device {
-        queues,
-        link,
-        created: !existed,
-    })
 }
 
 /// The tunnel MTU: configured, or the underlay's less the overhead.
@@ -122,9 +138,190 @@ pub fn tunnel_mtu(t: &TunnelConfig, underlay_mtu: u32) -> anyhow::Result<u16> {
     }
 }
 
+/// A running tunnel and its device.
+struct Slot {
+    cfg: TunnelConfig,
+    mtu: u16,
+    link: LinkInfo,
+    /// The gateway created the device (and deletes it when done).
+    created: bool,
+    device_mac: [u8; 6],
+    peer_mac: [u8; 6],
+}
+
+impl Slot {
+    fn rx(&self) -> TunnelRx {
+        let t = &self.cfg;
+        TunnelRx {
+            name: t.name.clone(),
+            mode: t.mode,
+            local: t.local,
+            remote: t.remote,
+            ikey: t.ikey,
+            icsum: t.icsum,
+            device_kind: t.device_kind,
+            device_mac: self.device_mac,
+            peer_mac: self.peer_mac,
+            mtu: self.mtu,
+            allowed_sources: t
+                .peer
+                .map(|p| {
+                    let mut v = vec![crate::tunnel::Prefix::host(p)];
+                    v.extend(t.accept_from.iter().copied());
+                    v
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    fn tx(&self) -> TunnelTx {
+        let t = &self.cfg;
+        let (IpAddr::V4(local), IpAddr::V4(remote)) = (t.local, t.remote) else {
+            unreachable!("checked by underlay_v4 before the slot was made")
+        };
+        TunnelTx {
+            mode: t.mode,
+            local,
+            remote,
+            okey: t.okey,
+            ocsum: t.ocsum,
+            ttl: t.ttl,
+            mtu: self.mtu,
+            device_kind: t.device_kind,
+            device_mac: self.device_mac,
+            peer_mac: self.peer_mac,
+            address: t.address,
+            peer: t.peer,
+        }
+    }
+
+    /// Deletes the device if the gateway made it and is not to keep it.
+    fn release(&self, nl: &Netlink) {
+        if self.created && !self.cfg.persistent {
+            if let Err(e) = nl.delete(&self.link) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+fn underlay_v4(t: &TunnelConfig) -> anyhow::Result<()> {
+    if !(t.local.is_ipv4() && t.remote.is_ipv4()) {
+        bail!(
+            "tunnel \"{}\": an IPv6 underlay is not supported yet",
+            t.name
+        );
+    }
+    Ok(())
+}
+
+/// Opens (creating if needed) the device of `t` with one queue per worker.
+fn open_slot(
+    nl: &Netlink,
+    t: &TunnelConfig,
+    underlay_mtu: u32,
+    workers: usize,
+    peer_id: usize,
+) -> anyhow::Result<(Slot, Vec<OwnedFd>)> {
+    underlay_v4(t)?;
+    let mtu = tunnel_mtu(t, underlay_mtu)?;
+    let dev = open_device(nl, t, mtu, workers)?;
+    let device_mac = match t.device_kind {
+        DeviceKind::Tap => dev
+            .link
+            .mac
+            .ok_or_else(|| anyhow!("tap {} has no MAC address", t.device))?,
+        DeviceKind::Tun => [0; 6],
+    };
+    tracing::info!(
+        tunnel = %t.name,
+        device = %t.device,
+        kind = %t.device_kind,
+        mtu,
+        created = dev.created,
+        "device ready"
+    );
+    Ok((
+        Slot {
+            cfg: t.clone(),
+            mtu,
+            link: dev.link,
+            created: dev.created,
+            device_mac,
+            peer_mac: peer_mac(peer_id),
+        },
+        dev.queues,
+    ))
+}
+
+fn tunnels_of(slots: &[Slot], next_hops: Arc<NextHops>) -> Tunnels {
+    Tunnels {
+        rx: Arc::new(TunnelTable::new(slots.iter().map(Slot::rx).collect())),
+        tx: Arc::new(slots.iter().map(Slot::tx).collect()),
+        next_hops,
+    }
+}
+
+/// Why a reload did not happen.
+enum ReloadError {
+    /// Refused before anything changed: the running configuration stays.
+    Refused(anyhow::Error),
+    /// A worker did not take the new list; the gateway must stop.
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ReloadError {
+    fn from(e: anyhow::Error) -> Self {
+        ReloadError::Refused(e)
+    }
+}
+
+/// Counts of what happened to the gateway while it ran.
+#[derive(Debug, Default)]
+struct Events {
+    reloads: u64,
+    reload_failures: u64,
+    devices_recreated: u64,
+    underlay_down: u64,
+    xdp_lost: u64,
+}
+
+struct WorkerHandle {
+    control: crossbeam::channel::Sender<Reconfig>,
+    stats: Arc<WorkerStats>,
+    thread: std::thread::JoinHandle<Result<(), WorkerError>>,
+}
+
+/// The running gateway, as the control thread holds it.
+struct Gateway {
+    iface: String,
+    nl: Netlink,
+    cfg: Config,
+    underlay: LinkInfo,
+    slots: Vec<Slot>,
+    tunnels: Tunnels,
+    targets: Arc<Mutex<Targets>>,
+    steering: Steering,
+    workers: Vec<WorkerHandle>,
+    /// Next number for [`peer_mac`].
+    next_peer: usize,
+    events: Events,
+    xdp_id: Option<u32>,
+    xdp_attached: bool,
+    /// Devices found missing, and when the last attempt to re-create each
+    /// failed (to keep the log quiet while it keeps failing).
+    recreate_failed: Vec<Option<std::time::Instant>>,
+}
+
 /// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
-/// serves Prometheus text on that address.
-pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()> {
+/// serves Prometheus text on that address. SIGHUP (or `gateway reload`)
+/// reads `config_path` again and applies it.
+pub fn run(
+    cfg: Config,
+    config_path: &Path,
+    iface: &str,
+    metrics: Option<&str>,
+) -> anyhow::Result<()> {
     let nl = Netlink::new()?;
     let underlay = nl.link(iface)?.ok_or_else(|| {
         anyhow!("interface {iface} does not exist in this network namespace; give an existing one with --iface (see `ip link`)")
@@ -134,108 +331,62 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
     }
     let queues = plan_queues(&cfg, iface)?;
     let cores = plan_cores(&cfg, queues.len())?;
-    let workers = queues.len();
-
-    // Devices.
-    let mut devices = Vec::new();
-    let mut rx_tunnels = Vec::new();
-    let mut tx_tunnels = Vec::new();
-    for (i, t) in cfg.tunnels.iter().enumerate() {
-        let mtu = tunnel_mtu(t, underlay.mtu)?;
-        let dev = open_device(&nl, t, mtu, workers)?;
-        let device_mac = match t.device_kind {
-            DeviceKind::Tap => dev
-                .link
-                .mac
-                .ok_or_else(|| anyhow!("tap {} has no MAC address", t.device))?,
-            DeviceKind::Tun => [0; 6],
-        };
-        tracing::info!(
-            tunnel = %t.name,
-            device = %t.device,
-            kind = %t.device_kind,
-            mtu,
-            created = dev.created,
-            "device ready"
-        );
-        rx_tunnels.push(TunnelRx {
-            name: t.name.clone(),
-            mode: t.mode,
-            local: t.local,
-            remote: t.remote,
-            ikey: t.ikey,
-            icsum: t.icsum,
-            device_kind: t.device_kind,
-            device_mac,
-            peer_mac: peer_mac(i),
-            mtu,
-            allowed_sources: t
-                .peer
-                .map(|p| {
-                    let mut v = vec![crate::tunnel::Prefix::host(p)];
-                    v.extend(t.accept_from.iter().copied());
-                    v
-                })
-                .unwrap_or_default(),
-        });
-        let (IpAddr::V4(local), IpAddr::V4(remote)) = (t.local, t.remote) else {
-            bail!(
-                "tunnel \"{}\": an IPv6 underlay is not supported yet",
-                t.name
-            );
-        };
-        tx_tunnels.push(TunnelTx {
-            mode: t.mode,
-            local,
-            remote,
-            okey: t.okey,
-            ocsum: t.ocsum,
-            ttl: t.ttl,
-            mtu,
-            device_kind: t.device_kind,
-            device_mac,
-            peer_mac: peer_mac(i),
-            address: t.address,
-            peer: t.peer,
-        });
-        devices.push(dev);
-    }
-    let table = Arc::new(TunnelTable::new(rx_tunnels));
-    let tx_table = Arc::new(tx_tunnels);
+    let nworkers = queues.len();
     let src_mac = underlay.mac.ok_or_else(|| {
         anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
     })?;
 
+    // Devices.
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut device_queues = Vec::new();
+    for (i, t) in cfg.tunnels.iter().enumerate() {
+        match open_slot(&nl, t, underlay.mtu, nworkers, i) {
+            Ok((slot, q)) => {
+                slots.push(slot);
+                device_queues.push(q);
+            }
+            Err(e) => {
+                drop(device_queues);
+                for s in &slots {
+                    s.release(&nl);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let next_hops = Arc::new(NextHops::new(slots.len()));
+    next_hops.set_local(src_mac);
+    let tunnels = tunnels_of(&slots, next_hops.clone());
+
     // XDP program and sockets.
     let mut steering = Steering::load()?;
     steering.set_mac(src_mac)?;
-    for key in table.endpoint_keys() {
+    for key in tunnels.rx.endpoint_keys() {
         steering.add_endpoint(key)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let next_hops = Arc::new(NextHops::new(table.len()));
-    next_hops.set_local(src_mac);
-    let resolver = {
-        let remotes: Vec<(String, IpAddr)> = cfg
-            .tunnels
+    let targets = Arc::new(Mutex::new(Targets {
+        remotes: slots
             .iter()
-            .map(|t| (t.name.clone(), t.remote))
-            .collect();
-        let (hops, stop, index, name) = (
-            next_hops.clone(),
+            .map(|s| (s.cfg.name.clone(), s.cfg.remote))
+            .collect(),
+        hops: next_hops.clone(),
+    }));
+    let resolver = {
+        let (targets, stop, index, name) = (
+            targets.clone(),
             stop.clone(),
             underlay.index,
             iface.to_string(),
         );
         std::thread::Builder::new()
             .name("gw-neigh".into())
-            .spawn(move || {
-                run_resolver(remotes, index, name, hops, stop, Duration::from_millis(500))
-            })
+            .spawn(move || run_resolver(targets, index, name, stop, Duration::from_millis(500)))
             .context("spawning the neighbour resolver")?
     };
-    let mut stats = Vec::new();
     let mut pending = Vec::new();
+    let mut stats = Vec::new();
+    let mut controls = Vec::new();
     for (&queue, &core) in queues.iter().zip(&cores) {
         let (xsk, frames) = Xsk::new(
             iface,
@@ -245,11 +396,12 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
             cfg.xsk_bind,
         )?;
         steering.set_socket(queue, xsk.fd())?;
-        let st = Arc::new(WorkerStats::new(queue, core, table.len()));
-        let fds: Vec<OwnedFd> = devices
+        let st = Arc::new(WorkerStats::new(queue, core, slots.len()));
+        let fds: Vec<OwnedFd> = device_queues
             .iter_mut()
-            .map(|d| d.queues.pop().expect("one queue per worker"))
+            .map(|d: &mut Vec<OwnedFd>| d.pop().expect("one queue per worker"))
             .collect();
+        let (ctl_tx, ctl_rx) = crossbeam::channel::bounded(1);
         pending.push(Worker::new(
             queue,
             core,
@@ -259,14 +411,14 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
             frames,
             fds,
             Shared {
-                rx: table.clone(),
-                tx: tx_table.clone(),
-                next_hops: next_hops.clone(),
+                tunnels: tunnels.clone(),
                 stop: stop.clone(),
+                control: ctl_rx,
             },
             st.clone(),
         ));
         stats.push(st);
+        controls.push(ctl_tx);
     }
     let mode = steering.attach(iface, cfg.xdp_attach)?;
     tracing::info!(
@@ -276,81 +428,49 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
         cores = ?cores.iter().flatten().collect::<Vec<_>>(),
         poll = %cfg.poll,
         batch = cfg.batch_size,
-        tunnels = table.len(),
+        tunnels = slots.len(),
         "gateway running"
     );
 
-    let mut handles = Vec::new();
-    for w in pending {
+    let mut workers = Vec::new();
+    for ((w, st), control) in pending.into_iter().zip(stats).zip(controls) {
         let name = format!("gw-q{}", w.queue);
-        handles.push(
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || w.run())
-                .context("spawning a worker thread")?,
-        );
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || w.run())
+            .context("spawning a worker thread")?;
+        workers.push(WorkerHandle {
+            control,
+            stats: st,
+            thread,
+        });
     }
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
-        .context("installing signal handlers")?;
-    let (req_tx, req_rx) = std::sync::mpsc::channel::<crate::metrics::Request>();
-    crate::metrics::serve_control(iface, req_tx.clone())?;
-    if let Some(addr) = metrics {
-        crate::metrics::serve_http(addr, req_tx)?;
-        tracing::info!("metrics on http://{addr}/metrics");
-    } else {
-        drop(req_tx);
-    }
-    let mut failure: Option<anyhow::Error> = None;
-    let mut local_mac = src_mac;
-    let mut last_link_check = std::time::Instant::now();
-    'outer: loop {
-        // Follow the underlay's own MAC: the outer source, and what the XDP
-        // program takes as ours.
-        if last_link_check.elapsed() >= Duration::from_millis(500) {
-            last_link_check = std::time::Instant::now();
-            if let Ok(Some(LinkInfo { mac: Some(m), .. })) = nl.link(iface) {
-                if m != local_mac {
-                    tracing::info!(
-                        "{iface} changed its MAC to {}",
-                        crate::neighbour::format_mac(&m)
-                    );
-                    local_mac = m;
-                    next_hops.set_local(m);
-                    if let Err(e) = steering.set_mac(m) {
-                        tracing::warn!("{e}");
-                    }
-                }
-            }
-        }
-        while let Ok(r) = req_rx.try_recv() {
-            let snap = snapshot(&table, &steering, &stats, &next_hops);
-            let body = match r.format {
-                crate::metrics::Format::Prometheus => crate::metrics::prometheus(&snap),
-                crate::metrics::Format::Human => crate::human::render(&snap),
-                crate::metrics::Format::Json => format!("{snap}\n"),
-            };
-            let _ = r.reply.send(body);
-        }
-        for sig in signals.pending() {
-            match sig {
-                SIGUSR1 => print_stats(&table, &steering, &stats, &next_hops, "stats"),
-                _ => {
-                    tracing::info!("signal {sig}: stopping");
-                    break 'outer;
-                }
-            }
-        }
-        if handles.iter().any(|h| h.is_finished()) {
-            failure = Some(anyhow!("a worker stopped unexpectedly"));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let xdp_id = steering.program_id();
+    let mut gw = Gateway {
+        iface: iface.to_string(),
+        nl,
+        recreate_failed: slots.iter().map(|_| None).collect(),
+        next_peer: slots.len(),
+        cfg,
+        underlay,
+        slots,
+        tunnels,
+        targets,
+        steering,
+        workers,
+        events: Events::default(),
+        xdp_id,
+        xdp_attached: true,
+    };
+    let failure = gw.serve(config_path, metrics).err();
 
     stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        match h.join() {
+    let mut failure = failure;
+    let workers = std::mem::take(&mut gw.workers);
+    let stats: Vec<_> = workers.iter().map(|w| w.stats.clone()).collect();
+    for w in workers {
+        match w.thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 failure.get_or_insert_with(|| anyhow!(e));
@@ -361,23 +481,515 @@ pub fn run(cfg: Config, iface: &str, metrics: Option<&str>) -> anyhow::Result<()
         }
     }
     let _ = resolver.join();
-    print_stats(&table, &steering, &stats, &next_hops, "final");
+    print_stats(&gw.snapshot_of(&stats), "final");
+    let Gateway {
+        nl,
+        slots,
+        steering,
+        ..
+    } = gw;
     drop(steering);
     // Closing the queues would remove a non-persistent device, but the
     // kernel releases fds registered with io_uring asynchronously; delete
     // the devices we created explicitly so they are gone when we exit.
-    for (d, t) in devices.iter().zip(&cfg.tunnels) {
-        if d.created && !t.persistent {
-            if let Err(e) = nl.delete(&d.link) {
-                tracing::warn!("{e}");
-            }
-        }
+    for s in &slots {
+        s.release(&nl);
     }
-    drop(devices);
     tracing::info!("XDP program detached; devices released");
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+impl Gateway {
+    /// The control loop: signals, requests, and watching the host.
+    fn serve(&mut self, config_path: &Path, metrics: Option<&str>) -> anyhow::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
+            .context("installing signal handlers")?;
+        let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
+        crate::metrics::serve_control(&self.iface, req_tx.clone())?;
+        if let Some(addr) = metrics {
+            crate::metrics::serve_http(addr, req_tx)?;
+            tracing::info!("metrics on http://{addr}/metrics");
+        } else {
+            drop(req_tx);
+        }
+        let mut last_check = std::time::Instant::now();
+        loop {
+            if last_check.elapsed() >= Duration::from_millis(500) {
+                last_check = std::time::Instant::now();
+                self.watch()?;
+            }
+            while let Ok(r) = req_rx.try_recv() {
+                match r {
+                    Request::Stats { format, reply } => {
+                        let snap = self.snapshot();
+                        let body = match format {
+                            Format::Prometheus => crate::metrics::prometheus(&snap),
+                            Format::Human => crate::human::render(&snap),
+                            Format::Json => format!("{snap}\n"),
+                        };
+                        let _ = reply.send(body);
+                    }
+                    Request::Reload { reply } => {
+                        let answer = self.reload_from(config_path)?;
+                        let _ = reply.send(answer);
+                    }
+                }
+            }
+            for sig in signals.pending() {
+                match sig {
+                    SIGUSR1 => print_stats(&self.snapshot(), "stats"),
+                    SIGHUP => {
+                        self.reload_from(config_path)?;
+                    }
+                    _ => {
+                        tracing::info!("signal {sig}: stopping");
+                        return Ok(());
+                    }
+                }
+            }
+            if self.workers.iter().any(|w| w.thread.is_finished()) {
+                bail!("a worker stopped unexpectedly");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads the configuration again and applies it. The answer is one
+    /// line: what changed, or why nothing did. Errs only when the gateway
+    /// cannot go on.
+    fn reload_from(&mut self, path: &Path) -> anyhow::Result<String> {
+        let new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.events.reload_failures += 1;
+                let line = format!("error: reload refused, the running configuration stays: {e}");
+                tracing::error!("{line}");
+                return Ok(line);
+            }
+        };
+        match self.apply(new, None) {
+            Ok(summary) => {
+                self.events.reloads += 1;
+                let line = format!("reloaded {}: {summary}", path.display());
+                tracing::info!("{line}");
+                Ok(line)
+            }
+            Err(ReloadError::Refused(e)) => {
+                self.events.reload_failures += 1;
+                let line = format!("error: reload refused, the running configuration stays: {e:#}");
+                tracing::error!("{line}");
+                Ok(line)
+            }
+            Err(ReloadError::Fatal(e)) => Err(e),
+        }
+    }
+
+    /// Switches to `new`. Devices of tunnels that keep their device stay
+    /// open (their workers never stop reading them); `renew` names a
+    /// tunnel whose device must be opened afresh (it was deleted).
+    fn apply(&mut self, new: Config, renew: Option<usize>) -> Result<String, ReloadError> {
+        if let Some(field) = restart_only_change(&self.cfg, &new) {
+            return Err(anyhow!(
+                "gateway.{field} changed, and [gateway] settings take effect only when the gateway restarts; restart it, or reload with the old value"
+            )
+            .into());
+        }
+        // Which running tunnel each new one continues, by device.
+        let mut reuse: Vec<Option<usize>> = Vec::with_capacity(new.tunnels.len());
+        for t in &new.tunnels {
+            underlay_v4(t)?;
+            tunnel_mtu(t, self.underlay.mtu)?;
+            let old = self
+                .slots
+                .iter()
+                .position(|s| s.cfg.device == t.device)
+                .filter(|&j| Some(j) != renew);
+            if let Some(j) = old {
+                if self.slots[j].cfg.device_kind != t.device_kind {
+                    return Err(anyhow!(
+                        "tunnel \"{}\": device {} would change from {} to {}; remove the tunnel in one reload and add it back in the next, or restart",
+                        t.name, t.device, self.slots[j].cfg.device_kind, t.device_kind
+                    )
+                    .into());
+                }
+            }
+            reuse.push(old);
+        }
+
+        // Open the new devices; on failure close what was opened.
+        let workers = self.workers.len();
+        let mut opened: Vec<Option<(Slot, Vec<OwnedFd>)>> = Vec::new();
+        let mut next_peer = self.next_peer;
+        for (t, r) in new.tunnels.iter().zip(&reuse) {
+            if r.is_some() {
+                opened.push(None);
+                continue;
+            }
+            match open_slot(&self.nl, t, self.underlay.mtu, workers, next_peer) {
+                Ok(o) => {
+                    next_peer += 1;
+                    opened.push(Some(o));
+                }
+                Err(e) => {
+                    for (s, _) in opened.into_iter().flatten() {
+                        s.release(&self.nl);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+
+        // The new slots; devices carried over get their new MTU and
+        // addresses.
+        let mut slots = Vec::with_capacity(new.tunnels.len());
+        let mut queues: Vec<Option<Vec<OwnedFd>>> = Vec::with_capacity(new.tunnels.len());
+        for ((t, r), o) in new.tunnels.iter().zip(&reuse).zip(opened) {
+            match (r, o) {
+                (Some(j), _) => {
+                    let old = &self.slots[*j];
+                    slots.push(Slot {
+                        cfg: t.clone(),
+                        mtu: tunnel_mtu(t, self.underlay.mtu)?,
+                        link: old.link.clone(),
+                        created: old.created,
+                        device_mac: old.device_mac,
+                        peer_mac: old.peer_mac,
+                    });
+                    queues.push(None);
+                }
+                (None, Some((mut slot, q))) => {
+                    // A device opened again stays ours if it was.
+                    if let Some(old) = renew.and_then(|j| self.slots.get(j)) {
+                        if old.cfg.device == slot.cfg.device {
+                            slot.created |= old.created;
+                        }
+                    }
+                    slots.push(slot);
+                    queues.push(Some(q));
+                }
+                (None, None) => unreachable!("a tunnel not carried over was opened"),
+            }
+        }
+        for (s, r) in slots.iter().zip(&reuse) {
+            let Some(j) = r else { continue };
+            if let Err(e) = self.adjust_device(&self.slots[*j], &s.cfg, s.mtu) {
+                for (s, q) in slots.iter().zip(&queues) {
+                    if q.is_some() {
+                        s.release(&self.nl);
+                    }
+                }
+                return Err(e.into());
+            }
+        }
+
+        // New tables; next hops carried over by remote so no packet waits
+        // for resolution.
+        let next_hops = Arc::new(NextHops::new(slots.len()));
+        if let Some(m) = self.tunnels.next_hops.local() {
+            next_hops.set_local(m);
+        }
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(j) = self.slots.iter().position(|o| o.cfg.remote == s.cfg.remote) {
+                next_hops.set(i, self.tunnels.next_hops.get(j));
+            }
+        }
+        let tunnels = tunnels_of(&slots, next_hops.clone());
+        for key in tunnels.rx.endpoint_keys() {
+            if let Err(e) = self.steering.add_endpoint(key) {
+                let old = self.tunnels.rx.clone();
+                self.remove_endpoints(&tunnels.rx, &old);
+                for (s, q) in slots.iter().zip(&queues) {
+                    if q.is_some() {
+                        s.release(&self.nl);
+                    }
+                }
+                return Err(anyhow!(e).into());
+            }
+        }
+
+        // Switch the workers, all of them, then tidy up.
+        let counters_from: Vec<Option<usize>> = slots
+            .iter()
+            .map(|s| self.slots.iter().position(|o| o.cfg.name == s.cfg.name))
+            .collect();
+        let (done_tx, done_rx) = crossbeam::channel::unbounded();
+        for w in &self.workers {
+            let devices = reuse
+                .iter()
+                .zip(queues.iter_mut())
+                .map(|(r, q)| match (r, q) {
+                    (Some(j), _) => DeviceQueue::Keep(*j),
+                    (None, Some(q)) => DeviceQueue::New(q.pop().expect("one queue per worker")),
+                    (None, None) => unreachable!(),
+                })
+                .collect();
+            let msg = Reconfig {
+                tunnels: tunnels.clone(),
+                devices,
+                counters_from: counters_from.clone(),
+                done: done_tx.clone(),
+            };
+            if w.control.send(msg).is_err() {
+                return Err(ReloadError::Fatal(anyhow!(
+                    "a worker stopped during a reload"
+                )));
+            }
+        }
+        for _ in &self.workers {
+            match done_rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ReloadError::Fatal(anyhow!("reload: {e}"))),
+                Err(_) => {
+                    return Err(ReloadError::Fatal(anyhow!(
+                        "reload: a worker did not take the new tunnels within 5 s"
+                    )))
+                }
+            }
+        }
+        {
+            let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+            *t = Targets {
+                remotes: slots
+                    .iter()
+                    .map(|s| (s.cfg.name.clone(), s.cfg.remote))
+                    .collect(),
+                hops: next_hops,
+            };
+        }
+        let old = self.tunnels.rx.clone();
+        self.remove_endpoints(&old, &tunnels.rx);
+        let mut summary = Summary::default();
+        for (j, old) in self.slots.iter().enumerate() {
+            if !reuse.contains(&Some(j)) {
+                if Some(j) != renew {
+                    old.release(&self.nl);
+                }
+                if !new.tunnels.iter().any(|t| t.name == old.cfg.name) {
+                    summary.removed.push(old.cfg.name.clone());
+                }
+            }
+        }
+        for s in &slots {
+            match self.slots.iter().find(|o| o.cfg.name == s.cfg.name) {
+                None => summary.added.push(s.cfg.name.clone()),
+                Some(o) if o.cfg != s.cfg || o.link.index != s.link.index => {
+                    summary.changed.push(s.cfg.name.clone())
+                }
+                Some(_) => summary.unchanged += 1,
+            }
+        }
+        self.recreate_failed = slots.iter().map(|_| None).collect();
+        self.slots = slots;
+        self.tunnels = tunnels;
+        self.cfg = new;
+        self.next_peer = next_peer;
+        Ok(summary.to_string())
+    }
+
+    /// Brings a carried-over device in line with its new settings.
+    fn adjust_device(&self, old: &Slot, t: &TunnelConfig, mtu: u16) -> anyhow::Result<()> {
+        if mtu != old.mtu {
+            self.nl.set_up(&old.link, Some(u32::from(mtu)))?;
+        }
+        if (t.address, t.peer) != (old.cfg.address, old.cfg.peer) {
+            if let Some(a) = old.cfg.address {
+                self.nl.del_peer_address(&old.link, a)?;
+            }
+            if let (Some(a), Some(p)) = (t.address, t.peer) {
+                self.nl.add_peer_address(&old.link, a, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes out of the XDP program's table the endpoints of `from` that no
+    /// tunnel of `keep` has.
+    fn remove_endpoints(&mut self, from: &TunnelTable, keep: &TunnelTable) {
+        let wanted: Vec<_> = keep.endpoint_keys().collect();
+        for key in from.endpoint_keys() {
+            if !wanted.contains(&key) {
+                if let Err(e) = self.steering.remove_endpoint(key) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Looks at the underlay, the XDP attachment and the devices.
+    fn watch(&mut self) -> anyhow::Result<()> {
+        let iface = self.iface.clone();
+        let link = match self.nl.link(&iface) {
+            Ok(Some(l)) => l,
+            Ok(None) => bail!("{iface} disappeared; the gateway cannot go on without its underlay"),
+            Err(e) => {
+                tracing::warn!("{e}");
+                return Ok(());
+            }
+        };
+        // The underlay's MAC: the outer source, and what the XDP program
+        // takes as ours.
+        if let (Some(m), old) = (link.mac, self.underlay.mac) {
+            if Some(m) != old {
+                tracing::info!(
+                    "{iface} changed its MAC to {}",
+                    crate::neighbour::format_mac(&m)
+                );
+                self.tunnels.next_hops.set_local(m);
+                if let Err(e) = self.steering.set_mac(m) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        if link.up != self.underlay.up {
+            if link.up {
+                tracing::info!("{iface} is up again; tunnel traffic resumes");
+            } else {
+                self.events.underlay_down += 1;
+                tracing::warn!("{iface} went down; no tunnel traffic until it is up");
+            }
+        }
+        // Our XDP program, still attached?
+        let ours = self.xdp_id.is_some_and(|id| id == link.xdp_prog);
+        if ours != self.xdp_attached {
+            if ours {
+                tracing::info!("the gateway's XDP program is attached to {iface} again");
+            } else {
+                self.events.xdp_lost += 1;
+                if link.xdp_prog == 0 {
+                    tracing::error!("the gateway's XDP program was detached from {iface} by something else; tunnel packets now go to the kernel; restart the gateway to attach it again");
+                } else {
+                    tracing::error!("another XDP program (id {}) replaced the gateway's on {iface}; tunnel packets now go to it; detach it and restart the gateway", link.xdp_prog);
+                }
+            }
+            self.xdp_attached = ours;
+        }
+        self.underlay = link;
+
+        // Devices deleted from under us (or failing) come back.
+        let failed: Vec<bool> = {
+            let counters: Vec<_> = self.workers.iter().map(|w| w.stats.tunnels()).collect();
+            (0..self.slots.len())
+                .map(|i| {
+                    counters.iter().any(|c| {
+                        c.device_failed
+                            .get(i)
+                            .is_some_and(|f| f.load(Ordering::Relaxed))
+                    })
+                })
+                .collect()
+        };
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let present = match self.nl.link(&s.cfg.device) {
+                Ok(l) => l.is_some_and(|l| l.index == s.link.index),
+                Err(_) => true,
+            };
+            if present && !failed[i] {
+                continue;
+            }
+            if self.recreate_failed[i].is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                continue;
+            }
+            let name = s.cfg.name.clone();
+            let device = s.cfg.device.clone();
+            let what = if present { "failed" } else { "was deleted" };
+            match self.apply(self.cfg.clone(), Some(i)) {
+                Ok(_) => {
+                    self.events.devices_recreated += 1;
+                    tracing::warn!(tunnel = %name, "device {device} {what} under the gateway; opened it again");
+                }
+                Err(ReloadError::Refused(e)) => {
+                    if self.recreate_failed[i].is_none() {
+                        tracing::error!(tunnel = %name, "device {device} {what} and cannot be opened again yet: {e:#}");
+                    }
+                    self.recreate_failed[i] = Some(std::time::Instant::now());
+                }
+                Err(ReloadError::Fatal(e)) => return Err(e),
+            }
+            // The slots changed; look again next time.
+            break;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Value {
+        let stats: Vec<_> = self.workers.iter().map(|w| w.stats.clone()).collect();
+        self.snapshot_of(&stats)
+    }
+
+    fn snapshot_of(&self, stats: &[Arc<WorkerStats>]) -> Value {
+        let mut v = snapshot(
+            &self.tunnels.rx,
+            &self.steering,
+            stats,
+            &self.tunnels.next_hops,
+        );
+        v["gateway"] = json!({
+            "underlay": self.iface,
+            "underlay_up": self.underlay.up,
+            "xdp_attached": self.xdp_attached,
+            "xdp_program_id": self.xdp_id,
+            "events": {
+                "reloads": self.events.reloads,
+                "reload_failures": self.events.reload_failures,
+                "devices_recreated": self.events.devices_recreated,
+                "underlay_down": self.events.underlay_down,
+                "xdp_lost": self.events.xdp_lost,
+            },
+        });
+        v
+    }
+}
+
+/// The first `[gateway]` setting that differs (they need a restart).
+fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
+    [
+        ("iface", old.iface != new.iface),
+        ("queues", old.queues != new.queues),
+        ("cores", old.cores != new.cores),
+        ("batch_size", old.batch_size != new.batch_size),
+        ("poll", old.poll != new.poll),
+        ("xdp_mode", old.xdp_attach != new.xdp_attach),
+        ("xsk_bind", old.xsk_bind != new.xsk_bind),
+        (
+            "frames_per_queue",
+            old.frames_per_queue != new.frames_per_queue,
+        ),
+        ("ring_size", old.ring_size != new.ring_size),
+    ]
+    .into_iter()
+    .find(|(_, changed)| *changed)
+    .map(|(f, _)| f)
+}
+
+#[derive(Default)]
+struct Summary {
+    added: Vec<String>,
+    removed: Vec<String>,
+    changed: Vec<String>,
+    unchanged: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "added {}; removed {}; changed {}; {} unchanged",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.changed),
+            self.unchanged
+        )
     }
 }
 
@@ -390,23 +1002,19 @@ pub fn snapshot(
 ) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tunnels = Vec::new();
+    let counters: Vec<_> = workers.iter().map(|w| w.tunnels()).collect();
+    let sum = |f: &dyn Fn(&crate::stats::TunnelCounters) -> &Vec<std::sync::atomic::AtomicU64>,
+               i: usize| {
+        counters
+            .iter()
+            .map(|c| f(c).get(i).map_or(0, |a| a.load(Relaxed)))
+            .sum::<u64>()
+    };
     for (i, t) in table.iter().enumerate() {
-        let packets: u64 = workers
-            .iter()
-            .map(|w| w.tunnel_rx_packets[i].load(Relaxed))
-            .sum();
-        let bytes: u64 = workers
-            .iter()
-            .map(|w| w.tunnel_rx_bytes[i].load(Relaxed))
-            .sum();
-        let tx_packets: u64 = workers
-            .iter()
-            .map(|w| w.tunnel_tx_packets[i].load(Relaxed))
-            .sum();
-        let tx_bytes: u64 = workers
-            .iter()
-            .map(|w| w.tunnel_tx_bytes[i].load(Relaxed))
-            .sum();
+        let packets = sum(&|c| &c.rx_packets, i);
+        let bytes = sum(&|c| &c.rx_bytes, i);
+        let tx_packets = sum(&|c| &c.tx_packets, i);
+        let tx_bytes = sum(&|c| &c.tx_bytes, i);
         tunnels.push(json!({
             "name": t.name,
             "mode": t.mode,
@@ -441,14 +1049,8 @@ pub fn snapshot(
     })
 }
 
-fn print_stats(
-    table: &TunnelTable,
-    steering: &Steering,
-    workers: &[Arc<WorkerStats>],
-    next_hops: &NextHops,
-    event: &str,
-) {
-    let mut snap = snapshot(table, steering, workers, next_hops);
+fn print_stats(snap: &Value, event: &str) {
+    let mut snap = snap.clone();
     snap["event"] = json!(event);
     // One JSON line on stdout for programs; a readable summary on stderr.
     println!("{snap}");

@@ -2,7 +2,8 @@
 //! thread (which prints them). Workers count into plain locals on the hot
 //! path and publish with relaxed stores once per loop iteration.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
@@ -39,10 +40,10 @@ pub struct WorkerStats {
     pub delivered: AtomicU64,
     pub batches: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
-    pub tunnel_rx_packets: Vec<AtomicU64>,
-    pub tunnel_rx_bytes: Vec<AtomicU64>,
-    pub tunnel_tx_packets: Vec<AtomicU64>,
-    pub tunnel_tx_bytes: Vec<AtomicU64>,
+    /// Per-tunnel counters of the tunnel list in force; replaced whole when
+    /// a reload changes the list (the worker keeps its own handle and
+    /// publishes into it; the lock is taken once per reload and per read).
+    tunnels: Mutex<Arc<TunnelCounters>>,
     pub tx_read: AtomicU64,
     pub tx_sent: AtomicU64,
     pub tx_replies: AtomicU64,
@@ -118,6 +119,48 @@ fn atomics(n: usize) -> Vec<AtomicU64> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
 }
 
+/// One worker's per-tunnel counters, indexed by tunnel.
+pub struct TunnelCounters {
+    pub rx_packets: Vec<AtomicU64>,
+    pub rx_bytes: Vec<AtomicU64>,
+    pub tx_packets: Vec<AtomicU64>,
+    pub tx_bytes: Vec<AtomicU64>,
+    /// Set by the worker when the device failed under it (deleted, or a
+    /// read error): it stopped using its queue, and the control thread
+    /// opens a new one.
+    pub device_failed: Vec<AtomicBool>,
+}
+
+impl TunnelCounters {
+    pub fn new(tunnels: usize) -> Self {
+        TunnelCounters {
+            rx_packets: atomics(tunnels),
+            rx_bytes: atomics(tunnels),
+            tx_packets: atomics(tunnels),
+            tx_bytes: atomics(tunnels),
+            device_failed: (0..tunnels).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+}
+
+impl LocalStats {
+    /// The per-tunnel counts carried over to a new tunnel list: new tunnel
+    /// `i` continues old tunnel `from[i]`, or starts at zero.
+    pub fn remap_tunnels(&mut self, from: &[Option<usize>]) {
+        fn remap(v: &mut Vec<u64>, from: &[Option<usize>]) {
+            let old = std::mem::take(v);
+            *v = from
+                .iter()
+                .map(|o| o.and_then(|i| old.get(i).copied()).unwrap_or(0))
+                .collect();
+        }
+        remap(&mut self.tunnel_rx_packets, from);
+        remap(&mut self.tunnel_rx_bytes, from);
+        remap(&mut self.tunnel_tx_packets, from);
+        remap(&mut self.tunnel_tx_bytes, from);
+    }
+}
+
 impl WorkerStats {
     pub fn new(queue: u32, core: Option<usize>, tunnels: usize) -> Self {
         WorkerStats {
@@ -127,10 +170,7 @@ impl WorkerStats {
             delivered: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
-            tunnel_rx_packets: atomics(tunnels),
-            tunnel_rx_bytes: atomics(tunnels),
-            tunnel_tx_packets: atomics(tunnels),
-            tunnel_tx_bytes: atomics(tunnels),
+            tunnels: Mutex::new(Arc::new(TunnelCounters::new(tunnels))),
             tx_read: AtomicU64::new(0),
             tx_sent: AtomicU64::new(0),
             tx_replies: AtomicU64::new(0),
@@ -152,24 +192,37 @@ impl WorkerStats {
         }
     }
 
+    /// The per-tunnel counters in force.
+    pub fn tunnels(&self) -> Arc<TunnelCounters> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts in the counters of a new tunnel list.
+    pub fn set_tunnels(&self, t: Arc<TunnelCounters>) {
+        *self.tunnels.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
     /// Copies the worker's locals into the shared counters.
-    pub fn publish(&self, l: &LocalStats) {
+    pub fn publish(&self, l: &LocalStats, tunnels: &TunnelCounters) {
         self.rx_frames.store(l.rx_frames, Relaxed);
         self.delivered.store(l.delivered, Relaxed);
         self.batches.store(l.batches, Relaxed);
         for (a, v) in self.drops.iter().zip(l.drops.iter()) {
             a.store(*v, Relaxed);
         }
-        for (a, v) in self.tunnel_rx_packets.iter().zip(&l.tunnel_rx_packets) {
+        for (a, v) in tunnels.rx_packets.iter().zip(&l.tunnel_rx_packets) {
             a.store(*v, Relaxed);
         }
-        for (a, v) in self.tunnel_rx_bytes.iter().zip(&l.tunnel_rx_bytes) {
+        for (a, v) in tunnels.rx_bytes.iter().zip(&l.tunnel_rx_bytes) {
             a.store(*v, Relaxed);
         }
-        for (a, v) in self.tunnel_tx_packets.iter().zip(&l.tunnel_tx_packets) {
+        for (a, v) in tunnels.tx_packets.iter().zip(&l.tunnel_tx_packets) {
             a.store(*v, Relaxed);
         }
-        for (a, v) in self.tunnel_tx_bytes.iter().zip(&l.tunnel_tx_bytes) {
+        for (a, v) in tunnels.tx_bytes.iter().zip(&l.tunnel_tx_bytes) {
             a.store(*v, Relaxed);
         }
         self.tx_read.store(l.tx_read, Relaxed);

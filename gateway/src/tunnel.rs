@@ -169,6 +169,10 @@ fn to_v6(a: IpAddr) -> [u8; 16] {
 /// Index of a tunnel in the [`TunnelTable`].
 pub type TunnelId = u16;
 
+/// Most tunnels one gateway serves: one endpoint entry each in the XDP
+/// program's table, and one registered file each in a worker's io_uring.
+pub const MAX_TUNNELS: usize = gateway_common::MAX_ENDPOINTS as usize;
+
 /// Tunnels indexed by their outer (local, remote, protocol); tunnels that
 /// share endpoints are told apart by key, as the kernel does.
 #[derive(Debug, Default, Clone)]

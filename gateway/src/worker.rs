@@ -15,19 +15,21 @@
 //!
 //! Every frame is always in exactly one place (see [`FrameCounts`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use crossbeam::channel::{Receiver, Sender};
 
 use crate::config::PollMode;
 use crate::decap::decap;
 use crate::drop_reason::DropReason;
 use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
-use crate::stats::{FrameCounts, LocalStats, WorkerStats};
+use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
 use crate::sys::uring::{Completed, DeviceIo, Op};
 use crate::sys::xsk::{Frame, Xsk};
-use crate::tunnel::TunnelTable;
+use crate::tunnel::{TunnelTable, MAX_TUNNELS};
 
 /// Empty polls before an adaptive worker blocks in poll(2).
 const ADAPTIVE_SPINS: u32 = 2048;
@@ -38,7 +40,8 @@ const ADAPTIVE_SLEEP_MS: i32 = 10;
 const BUSY_YIELD_EVERY: u32 = 64;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
-/// Reads kept outstanding on each device queue.
+/// Reads kept outstanding on each device queue (fewer with many tunnels:
+/// parked reads take at most a quarter of the UMEM).
 const READS_PER_DEVICE: u32 = 32;
 /// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
 /// decapsulated packet.
@@ -58,13 +61,41 @@ pub enum WorkerError {
     },
 }
 
-/// What a worker shares with the rest of the gateway.
-pub struct Shared {
+/// The tunnel list in force, in one piece: replaced whole on a reload.
+#[derive(Clone)]
+pub struct Tunnels {
     pub rx: Arc<TunnelTable>,
     pub tx: Arc<Vec<TunnelTx>>,
     /// Next-hop MACs per tunnel, and the underlay's own MAC.
     pub next_hops: Arc<NextHops>,
+}
+
+/// What a worker shares with the rest of the gateway.
+pub struct Shared {
+    pub tunnels: Tunnels,
     pub stop: Arc<AtomicBool>,
+    /// Reconfigurations from the control thread.
+    pub control: Receiver<Reconfig>,
+}
+
+/// A device queue of the new tunnel list.
+pub enum DeviceQueue {
+    /// The worker's queue of old tunnel `i`'s device.
+    Keep(usize),
+    /// A newly opened queue.
+    New(OwnedFd),
+}
+
+/// A new tunnel list for a running worker. The worker finishes with the
+/// old devices (cancels its reads, waits for its writes), switches, and
+/// answers on `done`. Packets in the RX ring wait meanwhile; none is lost.
+pub struct Reconfig {
+    pub tunnels: Tunnels,
+    /// One per new tunnel, in order.
+    pub devices: Vec<DeviceQueue>,
+    /// For each new tunnel, the old tunnel whose counters it continues.
+    pub counters_from: Vec<Option<usize>>,
+    pub done: Sender<Result<(), String>>,
 }
 
 pub struct Worker {
@@ -74,10 +105,15 @@ pub struct Worker {
     pub poll: PollMode,
     xsk: Xsk,
     free: Vec<Frame>,
-    /// This worker's queue of each tunnel's device, in tunnel order.
-    devices: Vec<OwnedFd>,
+    /// This worker's queue of each tunnel's device, in tunnel order;
+    /// `None` once the device was deleted from under the gateway.
+    devices: Vec<Option<OwnedFd>>,
     shared: Shared,
     stats: Arc<WorkerStats>,
+    tunnel_counters: Arc<TunnelCounters>,
+    /// Fault injection for the failure tests: panic once this many frames
+    /// were received (`GATEWAY_FAULT_PANIC_AFTER_RX`).
+    panic_after_rx: u64,
 }
 
 /// The worker's loop state.
@@ -85,6 +121,9 @@ struct State {
     local: LocalStats,
     frames: FrameCounts,
     reads: Vec<u32>,
+    reads_per_device: u32,
+    /// Devices deleted from under the gateway: no reads, writes dropped.
+    gone: Vec<bool>,
     writes_in_flight: usize,
     tx_pending: Vec<Frame>,
     ident: u16,
@@ -103,6 +142,11 @@ impl Worker {
         shared: Shared,
         stats: Arc<WorkerStats>,
     ) -> Worker {
+        let panic_after_rx = std::env::var("GATEWAY_FAULT_PANIC_AFTER_RX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        let tunnel_counters = stats.tunnels();
         Worker {
             queue,
             core,
@@ -110,9 +154,11 @@ impl Worker {
             poll,
             xsk,
             free: frames,
-            devices,
+            devices: devices.into_iter().map(Some).collect(),
             shared,
             stats,
+            tunnel_counters,
+            panic_after_rx,
         }
     }
 
@@ -129,21 +175,29 @@ impl Worker {
             }
         }
         let queue = self.queue;
-        let ntun = self.shared.rx.len();
-        let fds: Vec<_> = self.devices.iter().map(|d| d.as_raw_fd()).collect();
-        let entries = ((self.batch as u32 * 4) + READS_PER_DEVICE * ntun as u32 * 2)
+        let ntun = self.shared.tunnels.rx.len();
+        let total = self.free.len() as u64;
+        let reads_per_device = reads_per_device(total, ntun);
+        let entries = ((self.batch as u32 * 4) + reads_per_device * ntun as u32 * 2)
             .next_power_of_two()
-            .max(64);
-        let mut io = DeviceIo::new(entries, &fds, &self.xsk)
-            .map_err(|io| WorkerError::Uring { queue, io })?;
+            .clamp(64, 32768);
+        let mut io = DeviceIo::new(
+            entries,
+            MAX_TUNNELS as u32,
+            &raw_fds(&self.devices),
+            &self.xsk,
+        )
+        .map_err(|io| WorkerError::Uring { queue, io })?;
 
         let mut st = State {
             local: LocalStats::new(ntun),
             frames: FrameCounts {
-                total: self.free.len() as u64,
+                total,
                 ..Default::default()
             },
             reads: vec![0; ntun],
+            reads_per_device,
+            gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(self.batch * 2),
             ident: (queue as u16).wrapping_mul(0x9e37),
@@ -163,6 +217,11 @@ impl Worker {
         let mut t0 = std::time::Instant::now();
 
         loop {
+            // 0. A new tunnel list from the control thread.
+            if let Ok(r) = self.shared.control.try_recv() {
+                self.reconfigure(&mut io, &mut st, r)?;
+            }
+
             // 1. io_uring completions: finished writes and reads.
             io.reap(|c| done.push(c));
             let progressed = !done.is_empty();
@@ -176,9 +235,16 @@ impl Worker {
                 st.frames.in_kernel -= n as u64;
                 st.local.rx_frames += n as u64;
                 st.local.batches += 1;
+                if st.local.rx_frames >= self.panic_after_rx {
+                    panic!("fault injection: GATEWAY_FAULT_PANIC_AFTER_RX reached");
+                }
                 for mut frame in rx.drain(..) {
                     let data = self.xsk.data_mut(&mut frame);
-                    match decap(data, &self.shared.rx) {
+                    match decap(data, &self.shared.tunnels.rx) {
+                        Ok(d) if st.gone[usize::from(d.tunnel)] => {
+                            st.local.drop(DropReason::DeviceGone);
+                            self.free.push(frame);
+                        }
                         Ok(d) => {
                             let file = u32::from(d.tunnel);
                             self.write(&mut io, &mut st, file, frame, d.offset, d.len, d.tunnel)?;
@@ -334,9 +400,12 @@ impl Worker {
         // hold are few beside the UMEM (4096 by default), so the RX side
         // keeps plenty.
         for (t, reads) in st.reads.iter_mut().enumerate() {
-            while *reads < READS_PER_DEVICE {
+            if st.gone[t] {
+                continue;
+            }
+            while *reads < st.reads_per_device {
                 let Some(frame) = self.free.pop() else { break };
-                let offset = self.shared.tx[t].read_offset();
+                let offset = self.shared.tunnels.tx[t].read_offset();
                 match io.push_read(t as u32, frame, offset, t as u16) {
                     Ok(()) => *reads += 1,
                     Err(f) => {
@@ -357,6 +426,9 @@ impl Worker {
         match c.op {
             Op::Write => {
                 st.writes_in_flight -= 1;
+                if c.result == -libc::EBADFD {
+                    self.device_gone(st, c.tag);
+                }
                 account_write(&c, &mut st.local);
                 self.free.push(c.frame);
             }
@@ -365,15 +437,29 @@ impl Worker {
                 st.reads[t] -= 1;
                 let mut frame = c.frame;
                 if c.result < 0 {
-                    if c.result != -libc::ECANCELED {
-                        st.local.drop(DropReason::TxDeviceReadError);
+                    match -c.result {
+                        // Cancelled (a reload or the stop): a read parked
+                        // in the kernel ends with ECANCELED, one a kernel
+                        // worker was blocked in with EINTR. Neither had
+                        // taken a packet.
+                        libc::ECANCELED | libc::EINTR => {}
+                        // The device was deleted: a read in progress ends
+                        // with EFAULT, later ones with EBADFD. No packet
+                        // was lost.
+                        libc::EBADFD | libc::EFAULT => self.device_gone(st, c.tag),
+                        _ => {
+                            // Reading again at once would fail again (and
+                            // spin); the control thread opens a new queue.
+                            st.local.drop(DropReason::TxDeviceReadError);
+                            self.device_gone(st, c.tag);
+                        }
                     }
                     self.free.push(frame);
                     return Ok(());
                 }
                 st.local.tx_read += 1;
-                let tunnel = &self.shared.tx[t];
-                let hops = &self.shared.next_hops;
+                let tunnel = &self.shared.tunnels.tx[t];
+                let hops = &self.shared.tunnels.next_hops;
                 let hop = match (hops.get(t), hops.local()) {
                     (Some(dst), Some(src)) => Some(NextHop { dst, src }),
                     _ => None,
@@ -400,7 +486,7 @@ impl Worker {
                     }
                     Verdict::Drop(r) => {
                         if r == DropReason::TxNoNeighbour {
-                            self.shared.next_hops.request();
+                            self.shared.tunnels.next_hops.request();
                         }
                         st.local.drop(r);
                         self.xsk.set_len(&mut frame, 0);
@@ -409,6 +495,77 @@ impl Worker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The device of tunnel `tag` failed under us (most likely deleted):
+    /// stop using it and tell the control thread, which opens a new queue.
+    fn device_gone(&mut self, st: &mut State, tag: u16) {
+        let t = usize::from(tag & !(REPLY | REPLY_ICMP));
+        if let Some(g) = st.gone.get_mut(t) {
+            if !*g {
+                *g = true;
+                if let Some(f) = self.tunnel_counters.device_failed.get(t) {
+                    f.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Switches to a new tunnel list (see [`Reconfig`]).
+    fn reconfigure(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        r: Reconfig,
+    ) -> Result<(), WorkerError> {
+        // Finish with the old devices. Reads cancelled with data in them
+        // are encapsulated and sent as usual, and answers they produce
+        // (ARP, ICMP) are written and waited for in the next round.
+        loop {
+            let mut rest = Vec::new();
+            io.drain(|c| rest.push(c))
+                .map_err(self.io_err("draining io_uring"))?;
+            if rest.is_empty() {
+                break;
+            }
+            for c in rest {
+                self.completed(c, io, st)?;
+            }
+        }
+        let old_len = self.devices.len();
+        let mut old = std::mem::take(&mut self.devices);
+        self.devices = r
+            .devices
+            .into_iter()
+            .map(|d| match d {
+                DeviceQueue::Keep(i) => old.get_mut(i).and_then(Option::take),
+                DeviceQueue::New(fd) => Some(fd),
+            })
+            .collect();
+        let ntun = self.devices.len();
+        let mut fds = raw_fds(&self.devices);
+        fds.resize(old_len.max(ntun), -1);
+        let result = io.update_files(&fds);
+        // The old queues not carried over close here.
+        drop(old);
+        if let Err(e) = result {
+            let _ = r.done.send(Err(format!("queue {}: {e}", self.queue)));
+            return Err(WorkerError::Io {
+                queue: self.queue,
+                what: "replacing io_uring files",
+                io: e,
+            });
+        }
+        st.reads = vec![0; ntun];
+        st.reads_per_device = reads_per_device(st.frames.total, ntun);
+        st.gone = self.devices.iter().map(Option::is_none).collect();
+        st.local.remap_tunnels(&r.counters_from);
+        self.shared.tunnels = r.tunnels;
+        self.tunnel_counters = Arc::new(TunnelCounters::new(ntun));
+        self.publish(st);
+        self.stats.set_tunnels(self.tunnel_counters.clone());
+        let _ = r.done.send(Ok(()));
         Ok(())
     }
 
@@ -432,7 +589,7 @@ impl Worker {
     }
 
     fn publish(&self, st: &State) {
-        self.stats.publish(&st.local);
+        self.stats.publish(&st.local, &self.tunnel_counters);
         self.stats.publish_frames(&st.frames);
         debug_assert!(
             st.frames.balanced(),
@@ -454,6 +611,17 @@ impl Worker {
     }
 }
 
+fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
+    devices
+        .iter()
+        .map(|d| d.as_ref().map_or(-1, |f| f.as_raw_fd()))
+        .collect()
+}
+
+fn reads_per_device(frames: u64, tunnels: usize) -> u32 {
+    (frames / 4 / tunnels.max(1) as u64).clamp(1, u64::from(READS_PER_DEVICE)) as u32
+}
+
 /// Accounts for one finished device write: an inbound delivery, or an
 /// answer to something read from the device.
 #[inline]
@@ -467,6 +635,10 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
         } else {
             local.tx_replies += 1;
         }
+    } else if c.result == -libc::EBADFD {
+        local.drop(DropReason::DeviceGone);
+    } else if c.result == -libc::EIO {
+        local.drop(DropReason::DeviceDown);
     } else if c.result < 0 {
         local.drop(DropReason::DeviceWriteError);
     } else if c.result as u32 != c.expected {

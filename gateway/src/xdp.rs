@@ -109,6 +109,27 @@ impl Steering {
             .map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
     }
 
+    /// Stops steering packets with this outer (local, remote, protocol).
+    pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINTS)
+            .ok_or(XdpError::Map(maps::ENDPOINTS, "missing".into()))?;
+        let mut table: HashMap<_, EndpointKey, u32> =
+            HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))?;
+        match table.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(XdpError::Map(maps::ENDPOINTS, chain(&e))),
+        }
+    }
+
+    /// The kernel's id of the loaded program (what `ip link` shows as
+    /// `prog/xdp id N` once attached).
+    pub fn program_id(&self) -> Option<u32> {
+        let prog: &Xdp = self.ebpf.program(self.program)?.try_into().ok()?;
+        prog.info().ok().map(|i| i.id())
+    }
+
     /// Tells the program the interface's MAC, so frames unicast to other
     /// hosts are left to the kernel.
     pub fn set_mac(&mut self, mac: [u8; 6]) -> Result<(), XdpError> {

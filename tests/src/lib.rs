@@ -102,6 +102,14 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace, so sockets it
     /// opens belong here.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("namespace thread")
+    }
+
+    /// Like [`NetNs::run`], without waiting for `f`.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
@@ -110,8 +118,6 @@ impl NetNs {
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("namespace thread")
     }
 }
 
@@ -412,6 +418,42 @@ impl Gateway {
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// Replaces the configuration file the gateway was started with.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self._config.0, config).expect("write config");
+    }
+
+    /// Runs `gateway reload --iface ens0` in `ns`: its success and what it
+    /// printed (stdout and stderr).
+    pub fn reload(&self, ns: &NetNs) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(gateway_bin())
+            .args(["reload", "--iface", "ens0"])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run gateway reload");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Waits for the process to exit by itself (up to `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -522,6 +564,14 @@ impl RawSocket {
 
     /// Sends one frame out of the device.
     pub fn send(&self, frame: &[u8]) {
+        if let Err(e) = self.try_send(frame) {
+            panic!("sendto: {e}");
+        }
+    }
+
+    /// Sends one frame out of the device; an error (no carrier, say) is
+    /// returned, not a panic.
+    pub fn try_send(&self, frame: &[u8]) -> std::io::Result<()> {
         // SAFETY: sockaddr_ll zeroed then filled; the buffer is valid.
         unsafe {
             let mut sll: libc::sockaddr_ll = std::mem::zeroed();
@@ -536,12 +586,16 @@ impl RawSocket {
                 &sll as *const _ as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
-            assert_eq!(
-                rc,
-                frame.len() as isize,
-                "sendto: {}",
-                std::io::Error::last_os_error()
-            );
+            if rc == frame.len() as isize {
+                Ok(())
+            } else if rc < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "sent {rc} of {} bytes",
+                    frame.len()
+                )))
+            }
         }
     }
 
@@ -683,5 +737,93 @@ pub mod pkt {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         !(sum as u16)
+    }
+}
+
+/// Reading the gateway's stats JSON, and the accounting every test checks.
+pub mod stats {
+    use serde_json::Value;
+
+    pub fn u64_at(v: &Value, path: &[&str]) -> u64 {
+        let mut cur = v;
+        for p in path {
+            cur = &cur[*p];
+        }
+        cur.as_u64()
+            .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+    }
+
+    pub fn tunnel_rx(stats: &Value, name: &str) -> u64 {
+        stats["tunnels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["rx_packets"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no tunnel {name}"))
+    }
+
+    pub fn drops(stats: &Value, reason: &str) -> u64 {
+        u64_at(stats, &["drops", reason])
+    }
+
+    /// Drops of received packets (the `tx_` reasons belong to the way out).
+    pub fn total_drops(stats: &Value) -> u64 {
+        stats["drops"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("tx_"))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum()
+    }
+
+    pub fn total_tx_drops(stats: &Value) -> u64 {
+        stats["drops"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tx_"))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum()
+    }
+
+    pub fn worker_sum(stats: &Value, field: &str) -> u64 {
+        stats["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w[field].as_u64().unwrap())
+            .sum()
+    }
+
+    /// received = delivered + counted drops, and every UMEM frame is home.
+    pub fn assert_accounting(stats: &Value) {
+        let rx = worker_sum(stats, "rx_frames");
+        let delivered = worker_sum(stats, "delivered");
+        assert_eq!(rx, delivered + total_drops(stats), "accounting: {stats}");
+        let read = worker_sum(stats, "tx_read");
+        let out = worker_sum(stats, "tx_sent") + worker_sum(stats, "tx_replies");
+        assert_eq!(
+            read,
+            out + total_tx_drops(stats),
+            "outbound accounting: {stats}"
+        );
+        for w in stats["workers"].as_array().unwrap() {
+            let f = &w["frames"];
+            // Once traffic stops, the only io_uring operations left are the
+            // reads parked on the devices.
+            assert_eq!(
+                u64_at(f, &["in_flight"]),
+                u64_at(f, &["in_reads"]),
+                "writes still in flight after traffic: {w}"
+            );
+            assert_eq!(u64_at(f, &["in_tx"]), 0, "frames stuck in TX: {w}");
+            assert_eq!(
+                u64_at(f, &["free"]) + u64_at(f, &["in_kernel"]) + u64_at(f, &["in_flight"]),
+                u64_at(f, &["total"]),
+                "a UMEM frame is missing: {w}"
+            );
+        }
     }
 }

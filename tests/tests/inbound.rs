@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use gateway_tests::stats::{assert_accounting, drops, total_drops, tunnel_rx, u64_at, worker_sum};
 use gateway_tests::{pkt, require_root, Gateway, NetNs, RawSocket, Wire};
-use serde_json::Value;
 
 const LOCAL: [u8; 4] = [192, 168, 0, 8];
 const REMOTE: [u8; 4] = [192, 168, 0, 58];
@@ -84,50 +84,6 @@ fn lab(tag: &str) -> Lab {
     }
 }
 
-fn u64_at(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
-}
-
-fn tunnel_rx(stats: &Value, name: &str) -> u64 {
-    stats["tunnels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .map(|t| t["rx_packets"].as_u64().unwrap())
-        .unwrap_or_else(|| panic!("no tunnel {name}"))
-}
-
-fn drops(stats: &Value, reason: &str) -> u64 {
-    u64_at(stats, &["drops", reason])
-}
-
-/// Drops of received packets (the `tx_` reasons belong to the way out).
-fn total_drops(stats: &Value) -> u64 {
-    stats["drops"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| !k.starts_with("tx_"))
-        .map(|(_, v)| v.as_u64().unwrap())
-        .sum()
-}
-
-fn total_tx_drops(stats: &Value) -> u64 {
-    stats["drops"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("tx_"))
-        .map(|(_, v)| v.as_u64().unwrap())
-        .sum()
-}
-
 /// Frames the kernel itself sends into a tap (ARP for the peer, which the
 /// gateway answers) are not what these tests look at.
 fn without_arp(frames: Vec<Vec<u8>>, is_tap: bool) -> Vec<Vec<u8>> {
@@ -138,45 +94,6 @@ fn without_arp(frames: Vec<Vec<u8>>, is_tap: bool) -> Vec<Vec<u8>> {
         .into_iter()
         .filter(|f| f.len() < 14 || f[12..14] != [0x08, 0x06])
         .collect()
-}
-
-fn worker_sum(stats: &Value, field: &str) -> u64 {
-    stats["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w[field].as_u64().unwrap())
-        .sum()
-}
-
-/// received = delivered + counted drops, and every UMEM frame is home.
-fn assert_accounting(stats: &Value) {
-    let rx = worker_sum(stats, "rx_frames");
-    let delivered = worker_sum(stats, "delivered");
-    assert_eq!(rx, delivered + total_drops(stats), "accounting: {stats}");
-    let read = worker_sum(stats, "tx_read");
-    let out = worker_sum(stats, "tx_sent") + worker_sum(stats, "tx_replies");
-    assert_eq!(
-        read,
-        out + total_tx_drops(stats),
-        "outbound accounting: {stats}"
-    );
-    for w in stats["workers"].as_array().unwrap() {
-        let f = &w["frames"];
-        // Once traffic stops, the only io_uring operations left are the
-        // reads parked on the devices.
-        assert_eq!(
-            u64_at(f, &["in_flight"]),
-            u64_at(f, &["in_reads"]),
-            "writes still in flight after traffic: {w}"
-        );
-        assert_eq!(u64_at(f, &["in_tx"]), 0, "frames stuck in TX: {w}");
-        assert_eq!(
-            u64_at(f, &["free"]) + u64_at(f, &["in_kernel"]) + u64_at(f, &["in_flight"]),
-            u64_at(f, &["total"]),
-            "a UMEM frame is missing: {w}"
-        );
-    }
 }
 
 #[test]

@@ -61,14 +61,15 @@ pub struct DeviceIo {
 }
 
 impl DeviceIo {
-    /// Creates a ring with `entries` submission slots, registers `files`
-    /// (the worker's device queue fds, in tunnel order) and the UMEM of
-    /// `xsk` as fixed buffer 0.
-    pub fn new(entries: u32, files: &[RawFd], xsk: &Xsk) -> io::Result<DeviceIo> {
+    /// Creates a ring with `entries` submission slots, a table of
+    /// `file_slots` registered files holding `files` (the worker's device
+    /// queue fds, in tunnel order) and the UMEM of `xsk` as fixed buffer 0.
+    pub fn new(entries: u32, file_slots: u32, files: &[RawFd], xsk: &Xsk) -> io::Result<DeviceIo> {
         let ring = IoUring::builder().build(entries)?;
         let region = xsk.region();
+        ring.submitter().register_files_sparse(file_slots)?;
         if !files.is_empty() {
-            ring.submitter().register_files(files)?;
+            ring.submitter().register_files_update(0, files)?;
         }
         let iov = libc::iovec {
             iov_base: region.base.as_ptr().cast(),
@@ -88,6 +89,19 @@ impl DeviceIo {
             count: 0,
             unsubmitted: 0,
         })
+    }
+
+    /// Puts `files` in the registered file table from slot 0 (-1 empties a
+    /// slot). Only with nothing in flight: an operation holds its file by
+    /// slot number.
+    pub fn update_files(&mut self, files: &[RawFd]) -> io::Result<()> {
+        if self.count > 0 {
+            return Err(io::Error::other("files replaced with operations in flight"));
+        }
+        if !files.is_empty() {
+            self.ring.submitter().register_files_update(0, files)?;
+        }
+        Ok(())
     }
 
     /// Operations (reads and writes) in flight.
