@@ -881,13 +881,13 @@ impl Gateway {
                 })
                 .collect()
         };
-        for i in 0..self.slots.len() {
+        for (i, &failed) in failed.iter().enumerate() {
             let s = &self.slots[i];
             let present = match self.nl.link(&s.cfg.device) {
                 Ok(l) => l.is_some_and(|l| l.index == s.link.index),
                 Err(_) => true,
             };
-            if present && !failed[i] {
+            if present && !failed {
                 continue;
             }
             if self.recreate_failed[i].is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
