@@ -308,6 +308,8 @@ struct Gateway {
     events: Events,
     xdp_id: Option<u32>,
     xdp_attached: bool,
+    /// The program id last seen attached to the underlay.
+    xdp_seen: u32,
     /// Devices found missing, and when the last attempt to re-create each
     /// failed (to keep the log quiet while it keeps failing).
     recreate_failed: Vec<Option<std::time::Instant>>,
@@ -462,6 +464,7 @@ pub fn run(
         events: Events::default(),
         xdp_id,
         xdp_attached: true,
+        xdp_seen: xdp_id.unwrap_or(0),
     };
     let failure = gw.serve(config_path, metrics).err();
 
@@ -851,20 +854,23 @@ impl Gateway {
                 tracing::warn!("{iface} went down; no tunnel traffic until it is up");
             }
         }
-        // Our XDP program, still attached?
-        let ours = self.xdp_id.is_some_and(|id| id == link.xdp_prog);
-        if ours != self.xdp_attached {
+        // Our XDP program, still attached? Reported at each change.
+        if link.xdp_prog != self.xdp_seen {
+            let ours = self.xdp_id == Some(link.xdp_prog);
             if ours {
                 tracing::info!("the gateway's XDP program is attached to {iface} again");
             } else {
-                self.events.xdp_lost += 1;
+                if self.xdp_attached {
+                    self.events.xdp_lost += 1;
+                }
                 if link.xdp_prog == 0 {
                     tracing::error!("the gateway's XDP program was detached from {iface} by something else; tunnel packets now go to the kernel; restart the gateway to attach it again");
                 } else {
-                    tracing::error!("another XDP program (id {}) replaced the gateway's on {iface}; tunnel packets now go to it; detach it and restart the gateway", link.xdp_prog);
+                    tracing::error!("another XDP program (id {}) is attached to {iface} in place of the gateway's; tunnel packets now go to it; detach it and restart the gateway", link.xdp_prog);
                 }
             }
             self.xdp_attached = ours;
+            self.xdp_seen = link.xdp_prog;
         }
         self.underlay = link;
 

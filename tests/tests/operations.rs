@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use gateway_tests::stats::{
     assert_accounting, drops, total_drops, total_tx_drops, tunnel_rx, worker_sum,
 };
-use gateway_tests::{pkt, require_root, Gateway, NetNs, RawSocket, Wire, ONE_GRE_TUNNEL};
+use gateway_tests::{pkt, require_root, sh, Gateway, NetNs, RawSocket, Wire, ONE_GRE_TUNNEL};
 use serde_json::Value;
 
 const LOCAL: [u8; 4] = [192, 168, 0, 8];
@@ -433,4 +433,251 @@ fn the_underlay_going_down_and_up_is_followed() {
     let s = gw.settled_stats();
     assert_eq!(worker_sum(&s, "rx_frames"), rx0 + 300);
     assert_accounting(&s);
+}
+
+#[test]
+fn another_xdp_program_in_our_place_is_noticed_and_left_alone() {
+    if !require_root("another_xdp_program_in_our_place_is_noticed_and_left_alone") {
+        return;
+    }
+    let wire = Wire::new("xr", &[]);
+    let gw = start(&wire, ONE_GRE_TUNNEL);
+    let gw_mac = wire.gw.mac("ens0");
+    let ours = gw.stats()["gateway"]["xdp_program_id"].as_u64().unwrap();
+
+    // Detach the gateway's link the way an operator's tool would.
+    let links: Value = serde_json::from_str(&sh(&["bpftool", "-j", "link", "show"])).unwrap();
+    let link = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["prog_id"].as_u64() == Some(ours))
+        .unwrap_or_else(|| panic!("no bpf link for program {ours}: {links}"));
+    sh(&["bpftool", "link", "detach", "id", &link["id"].to_string()]);
+    wait_until("the detach to be noticed", Duration::from_secs(5), || {
+        gw.stats()["gateway"]["xdp_attached"] == false
+    });
+    assert!(gw.log().contains("was detached from ens0"), "{}", gw.log());
+
+    // Another program takes the interface.
+    let dir = std::env::temp_dir().join(format!("gwt-xdp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("pass.c");
+    std::fs::write(
+        &src,
+        "__attribute__((section(\"xdp\"), used)) int pass_all(void *ctx) { return 2; }\n\
+         char _license[] __attribute__((section(\"license\"), used)) = \"GPL\";\n",
+    )
+    .unwrap();
+    let obj = dir.join("pass.o");
+    sh(&[
+        "clang-22",
+        "-O2",
+        "-target",
+        "bpf",
+        "-c",
+        src.to_str().unwrap(),
+        "-o",
+        obj.to_str().unwrap(),
+    ]);
+    wire.gw.ip(&[
+        "link",
+        "set",
+        "dev",
+        "ens0",
+        "xdpdrv",
+        "obj",
+        obj.to_str().unwrap(),
+        "sec",
+        "xdp",
+    ]);
+    let shown = wire.gw.ip(&["link", "show", "ens0"]);
+    let other: u64 = shown
+        .split("prog/xdp id ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no XDP program id in {shown}"));
+    assert_ne!(other, ours);
+    wait_until(
+        "the other program to be reported",
+        Duration::from_secs(5),
+        || {
+            gw.log().contains(&format!(
+                "another XDP program (id {other}) is attached to ens0"
+            ))
+        },
+    );
+
+    // Tunnel packets now go where that program sends them: not to us.
+    let rx0 = worker_sum(&gw.stats(), "rx_frames");
+    let sent = stream(&wire, 100, 2000, move |i| gre_udp(gw_mac, 6000, i));
+    assert_eq!(sent.join().unwrap(), 100);
+    let s = gw.settled_stats();
+    assert_eq!(worker_sum(&s, "rx_frames"), rx0, "{s}");
+    assert_eq!(event(&s, "xdp_lost"), 1, "{s}");
+    let (_, metrics) = wire.gw.exec(&[
+        gateway_tests::gateway_bin().to_str().unwrap(),
+        "stats",
+        "--iface",
+        "ens0",
+        "--format",
+        "prometheus",
+    ]);
+    assert!(metrics.contains("gateway_xdp_attached 0"), "{metrics}");
+
+    // The gateway stops cleanly and leaves the other program in place.
+    let (status, _) = gw.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        wire.gw
+            .ip(&["link", "show", "ens0"])
+            .contains(&format!("prog/xdp id {other}")),
+        "the other program was removed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_panic_ends_the_process_with_an_error_and_leaves_the_host_clean() {
+    if !require_root("a_worker_panic_ends_the_process_with_an_error_and_leaves_the_host_clean") {
+        return;
+    }
+    let wire = Wire::new("wp", &[]);
+    let mut gw = Gateway::start_wrapped(
+        &wire.gw,
+        ONE_GRE_TUNNEL,
+        &["env", "GATEWAY_FAULT_PANIC_AFTER_RX=100"],
+        &[],
+    );
+    let gw_mac = wire.gw.mac("ens0");
+    assert!(wire.gw.has_xdp("ens0"));
+    stream(&wire, 1000, 2000, move |i| gre_udp(gw_mac, 6000, i))
+        .join()
+        .unwrap();
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running after a worker panicked:\n{}", gw.log()));
+    assert!(!status.success(), "exit status {status:?}");
+    let log = gw.log();
+    assert!(log.contains("fault injection"), "{log}");
+    assert!(
+        log.lines().last().unwrap_or("").starts_with("error: "),
+        "the last line is not the error: {log}"
+    );
+    // Nothing of the gateway is left: no XDP program, no device, and the
+    // host still answers on the underlay.
+    assert!(!wire.gw.has_xdp("ens0"), "XDP program left attached");
+    assert!(
+        !wire.gw.exec(&["ip", "link", "show", "tap1"]).0,
+        "tap1 left behind"
+    );
+    let (ok, out) = wire
+        .peer
+        .exec(&["ping", "-c", "1", "-W", "2", "192.168.0.8"]);
+    assert!(ok, "{out}");
+}
+
+/// Makes `socket(AF_XDP, ...)` fail with EAFNOSUPPORT in this process and
+/// what it executes, as on a kernel built without CONFIG_XDP_SOCKETS.
+fn deny_af_xdp() -> std::io::Result<()> {
+    const AF_XDP: u32 = 44;
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xC000_00B7;
+    let stmt = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let filter = [
+        stmt(ld, 4), // seccomp_data.arch
+        jeq(ARCH, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(ld, 0), // seccomp_data.nr
+        jeq(libc::SYS_socket as u32, 0, 3),
+        stmt(ld, 16), // seccomp_data.args[0], low half
+        jeq(AF_XDP, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl with a filter program that outlives the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn no_af_xdp_or_no_interface_gets_one_clear_line_and_leaves_nothing_behind() {
+    use std::os::unix::process::CommandExt;
+    if !require_root("no_af_xdp_or_no_interface_gets_one_clear_line_and_leaves_nothing_behind") {
+        return;
+    }
+    let wire = Wire::new("nx", &[]);
+    let cfg = std::env::temp_dir().join(format!("gwt-nx-{}.toml", std::process::id()));
+    std::fs::write(&cfg, ONE_GRE_TUNNEL).unwrap();
+    let run = |iface: &str, deny: bool| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &wire.gw.name])
+            .arg(gateway_tests::gateway_bin())
+            .args(["--iface", iface, "--config"])
+            .arg(&cfg)
+            .env("NO_COLOR", "1");
+        if deny {
+            // SAFETY: deny_af_xdp only calls prctl, which is
+            // async-signal-safe.
+            unsafe { cmd.pre_exec(deny_af_xdp) };
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (iface, deny, says) in [
+        ("ens0", true, "this kernel offers no AF_XDP sockets"),
+        ("nosuch0", false, "interface nosuch0 does not exist"),
+    ] {
+        let (ok, err) = run(iface, deny);
+        assert!(!ok, "started anyway: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "not one error line: {err}");
+        assert!(
+            errors[0].starts_with("error: ") && errors[0].contains(says),
+            "{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+        assert!(!wire.gw.has_xdp("ens0"), "XDP program left attached");
+        assert!(
+            !wire.gw.exec(&["ip", "link", "show", "tap1"]).0,
+            "tap1 left behind"
+        );
+    }
+    let _ = std::fs::remove_file(&cfg);
 }

@@ -79,6 +79,8 @@ const DEB_PACKAGES: &[&str] = &[
     "tshark",
     "iperf3",
     "prometheus",
+    // The failure tests detach the gateway's XDP link as another tool would.
+    "bpftool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

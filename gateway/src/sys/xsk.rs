@@ -61,6 +61,14 @@ pub enum XskError {
     },
     #[error("invalid ring size {0}: use a power of two")]
     RingSize(u32),
+    #[error("this kernel offers no AF_XDP sockets ({reason}); the gateway needs a kernel built with CONFIG_XDP_SOCKETS=y (Linux 5.4 or later)")]
+    NoAfXdp { reason: String },
+}
+
+/// The kernel refused the socket family itself (built without
+/// CONFIG_XDP_SOCKETS, or a seccomp policy forbids it).
+fn no_af_xdp(reason: &str) -> bool {
+    reason.contains(&std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT).to_string())
 }
 
 /// The memory the UMEM occupies, for registering it with io_uring.
@@ -121,8 +129,14 @@ impl Xsk {
             .build()
             .map_err(|e| umem_err(e.to_string()))?;
         let count = NonZeroU32::new(frames).ok_or_else(|| umem_err("no frames".into()))?;
-        let (umem, descs) =
-            Umem::new(umem_config, count, false).map_err(|e| umem_err(error_chain(&e)))?;
+        let (umem, descs) = Umem::new(umem_config, count, false).map_err(|e| {
+            let reason = error_chain(&e);
+            if no_af_xdp(&reason) {
+                XskError::NoAfXdp { reason }
+            } else {
+                umem_err(reason)
+            }
+        })?;
 
         let mut bind_flags = BindFlags::XDP_USE_NEED_WAKEUP;
         match bind {
@@ -146,10 +160,17 @@ impl Xsk {
         // own program load is inhibited.
         let (tx, rx, rings) =
             unsafe { Socket::new(socket_config, &umem, &Interface::new(name), queue) }.map_err(
-                |e| XskError::Socket {
-                    iface: iface.into(),
-                    queue,
-                    reason: error_chain(&e),
+                |e| {
+                    let reason = error_chain(&e);
+                    if no_af_xdp(&reason) {
+                        XskError::NoAfXdp { reason }
+                    } else {
+                        XskError::Socket {
+                            iface: iface.into(),
+                            queue,
+                            reason,
+                        }
+                    }
                 },
             )?;
         let (fill, comp) = rings.ok_or_else(|| XskError::Socket {
