@@ -186,6 +186,8 @@ struct State {
     base: Instant,
     rx_free: Vec<Frame>,
     tx_free: Vec<Frame>,
+    /// Frames set aside for sending (free, or in the TX/completion ring).
+    tx_total: usize,
     seq: u64,
 }
 
@@ -201,6 +203,7 @@ impl State {
         State {
             base: Instant::now(),
             rx_free,
+            tx_total: tx_free.len(),
             tx_free,
             seq: 0,
         }
@@ -269,7 +272,8 @@ impl State {
             }
             if !tx.is_empty() {
                 let before = tx.len();
-                let _ = xsk.transmit(&mut tx);
+                let outstanding = (self.tx_total - self.tx_free.len() - tx.len()) as u64;
+                let _ = xsk.transmit(&mut tx, outstanding);
                 out.sent += (before - tx.len()) as u64;
                 // Frames the TX ring had no room for go back to the pool.
                 self.tx_free.append(&mut tx);
@@ -281,6 +285,9 @@ impl State {
         while drain.elapsed() < Duration::from_millis(300) {
             self.receive(xsk, &mut rx, &mut out);
             xsk.complete(&mut self.tx_free);
+            // Frames still in the TX ring go out too.
+            let outstanding = (self.tx_total - self.tx_free.len()) as u64;
+            let _ = xsk.transmit(&mut Vec::new(), outstanding);
         }
         out
     }

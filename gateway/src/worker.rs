@@ -259,13 +259,13 @@ impl Worker {
 
             // 3. Outbound: hand encapsulated frames to the TX ring, take
             // back the ones it has sent.
-            let sent = self
-                .xsk
-                .transmit(&mut st.tx_pending)
-                .map_err(self.io_err("TX kick"))?;
-            st.frames.in_tx += sent as u64;
             let completed = self.xsk.complete(&mut self.free);
             st.frames.in_tx -= completed as u64;
+            let sent = self
+                .xsk
+                .transmit(&mut st.tx_pending, st.frames.in_tx)
+                .map_err(self.io_err("TX kick"))?;
+            st.frames.in_tx += sent as u64;
 
             // 4. Reads back on every device first, then the fill ring topped
             // up with the rest. In that order: under overload the fill ring

@@ -569,6 +569,39 @@ impl RawSocket {
         }
     }
 
+    /// Sends `frames` with one sendmmsg(2); returns how many the kernel
+    /// took (0 when it refused the first, for want of buffer space, say).
+    pub fn send_batch(&self, frames: &[Vec<u8>]) -> usize {
+        // SAFETY: every msghdr points at a live sockaddr_ll and a live
+        // iovec over a frame that outlives the call.
+        unsafe {
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = self.ifindex;
+            sll.sll_halen = 6;
+            let mut iovs: Vec<libc::iovec> = frames
+                .iter()
+                .map(|f| libc::iovec {
+                    iov_base: f.as_ptr() as *mut libc::c_void,
+                    iov_len: f.len(),
+                })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .map(|iov| {
+                    let mut m: libc::mmsghdr = std::mem::zeroed();
+                    m.msg_hdr.msg_name = &mut sll as *mut _ as *mut libc::c_void;
+                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let n = libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0);
+            n.max(0) as usize
+        }
+    }
+
     /// Sends one frame out of the device; an error (no carrier, say) is
     /// returned, not a panic.
     pub fn try_send(&self, frame: &[u8]) -> std::io::Result<()> {

@@ -318,12 +318,10 @@ impl Xsk {
     /// has room for, and kicks the kernel when it asks for it (copy mode
     /// always does). Returns how many moved; the rest stay in `frames`.
     #[inline]
-    pub fn transmit(&mut self, frames: &mut Vec<Frame>) -> io::Result<usize> {
-        if frames.is_empty() {
-            return Ok(0);
-        }
+    pub fn transmit(&mut self, frames: &mut Vec<Frame>, outstanding: u64) -> io::Result<usize> {
         let room = self.tx.nb_free(frames.len() as u32) as usize;
         let n = room.min(frames.len());
+        let mut produced = 0;
         if n > 0 {
             // SAFETY: `Frame` is `repr(transparent)` over `FrameDesc`.
             let descs: &[FrameDesc] =
@@ -331,17 +329,17 @@ impl Xsk {
             // SAFETY: the frames belong to this UMEM and are owned by the
             // caller; the TX ring owns them from here until the completion
             // ring returns them, and they leave `frames` below.
-            let produced = unsafe { self.tx.produce(descs) };
+            produced = unsafe { self.tx.produce(descs) };
             frames.drain(..produced);
-            if self.tx.needs_wakeup() {
-                self.tx.wakeup()?;
-            }
-            return Ok(produced);
         }
-        if self.tx.needs_wakeup() {
+        // Kick whenever the ring holds frames not yet sent, new or not: in
+        // copy mode each kick sends only a budget of them (32), so frames
+        // left over from a burst would otherwise wait for the next packet
+        // to go out, which may never come.
+        if (produced > 0 || outstanding > 0) && self.tx.needs_wakeup() {
             self.tx.wakeup()?;
         }
-        Ok(0)
+        Ok(produced)
     }
 
     /// Takes frames the kernel has finished sending back from the
