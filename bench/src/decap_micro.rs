@@ -121,7 +121,14 @@ fn main() {
             for _ in 0..iters / BATCH {
                 for f in batch.iter_mut() {
                     f.copy_from_slice(black_box(&template));
-                    let _ = black_box(decap(black_box(f), &rx));
+                    match decap(black_box(f), &rx) {
+                        Ok(d) => {
+                            black_box(d);
+                        }
+                        Err(e) => {
+                            black_box(e);
+                        }
+                    }
                 }
             }
             runs.push(start.elapsed().as_nanos() as f64 / (iters / BATCH * BATCH) as f64);
