@@ -311,6 +311,10 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
                 };
                 let body = match format {
                     Some(f) => ask(&requests, f),
+                    None if !may_reload(&conn) => Some(
+                        "error: reload refused: only root or the gateway's own user may ask for one\n"
+                            .into(),
+                    ),
                     None => {
                         let (tx, rx) = channel();
                         requests.send(Request::Reload { reply: tx }).ok();
@@ -323,6 +327,14 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
             }
         })?;
     Ok(())
+}
+
+/// Whether the peer of `conn` may make the gateway reload: root, or the
+/// user the gateway runs as. (Anyone in the network namespace can reach
+/// the abstract socket; reading counters is harmless, a reload is not.)
+fn may_reload(conn: &UnixStream) -> bool {
+    use std::os::fd::AsFd;
+    crate::sys::peer_is_root_or_self(conn.as_fd())
 }
 
 /// `gateway stats` and `gateway reload`: asks the gateway running on

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use gateway_common::XdpCounter;
+use gateway_common::{EndpointKey, XdpCounter};
 use serde_json::{json, Map, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
@@ -262,6 +262,35 @@ fn tunnels_of(slots: &[Slot], next_hops: Arc<NextHops>) -> Tunnels {
     }
 }
 
+/// A change a reload made to a device it carries over, and how to put it
+/// back.
+enum DeviceChange {
+    /// The MTU it had.
+    Mtu(LinkInfo, u16),
+    /// An address added (to remove).
+    AddressAdded(LinkInfo, IpAddr),
+    /// An address and peer removed (to add back).
+    AddressRemoved(LinkInfo, IpAddr, IpAddr),
+    /// The persistence it had.
+    Persistent(TunnelConfig, bool),
+}
+
+/// What a reload changed before it could fail.
+#[derive(Default)]
+struct Undo {
+    endpoints_added: Vec<EndpointKey>,
+    endpoints_removed: Vec<EndpointKey>,
+    devices: Vec<DeviceChange>,
+}
+
+/// Sets a device's persistence through a queue opened for the purpose
+/// (TUNSETPERSIST needs one; the workers' stay untouched).
+fn set_persistent(t: &TunnelConfig, on: bool) -> anyhow::Result<()> {
+    let q = tap::open_queue(&t.device, t.device_kind)?;
+    tap::set_persistent(&q, &t.device, on)?;
+    Ok(())
+}
+
 /// Why a reload did not happen.
 enum ReloadError {
     /// Refused before anything changed: the running configuration stays.
@@ -310,6 +339,9 @@ struct Gateway {
     xdp_attached: bool,
     /// The program id last seen attached to the underlay.
     xdp_seen: u32,
+    /// Devices opened by a reload that failed half-way (the gateway is
+    /// stopping); deleted at exit with the others.
+    orphans: Vec<Slot>,
     /// Devices found missing, and when the last attempt to re-create each
     /// failed (to keep the log quiet while it keeps failing).
     recreate_failed: Vec<Option<std::time::Instant>>,
@@ -453,6 +485,7 @@ pub fn run(
         iface: iface.to_string(),
         nl,
         recreate_failed: slots.iter().map(|_| None).collect(),
+        orphans: Vec::new(),
         next_peer: slots.len(),
         cfg,
         underlay,
@@ -472,7 +505,17 @@ pub fn run(
     let mut failure = failure;
     let workers = std::mem::take(&mut gw.workers);
     let stats: Vec<_> = workers.iter().map(|w| w.stats.clone()).collect();
+    // A worker gets 5 s to drain; one that does not is left behind (the
+    // process exit ends it) so the XDP program and devices still go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|w| !w.thread.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for w in workers {
+        if !w.thread.is_finished() {
+            failure.get_or_insert_with(|| anyhow!("a worker did not stop within 5 s"));
+            continue;
+        }
         match w.thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -488,6 +531,7 @@ pub fn run(
     let Gateway {
         nl,
         slots,
+        orphans,
         steering,
         ..
     } = gw;
@@ -495,7 +539,7 @@ pub fn run(
     // Closing the queues would remove a non-persistent device, but the
     // kernel releases fds registered with io_uring asynchronously; delete
     // the devices we created explicitly so they are gone when we exit.
-    for s in &slots {
+    for s in slots.iter().chain(&orphans) {
         s.release(&nl);
     }
     tracing::info!("XDP program detached; devices released");
@@ -645,11 +689,13 @@ impl Gateway {
             }
         }
 
-        // The new slots; devices carried over get their new MTU and
-        // addresses.
+        // The new slots. A device opened again (`renew`) stays ours if it
+        // was, but only once the reload has gone through: until then a
+        // failure must not delete a device the workers still use.
         let mut slots = Vec::with_capacity(new.tunnels.len());
         let mut queues: Vec<Option<Vec<OwnedFd>>> = Vec::with_capacity(new.tunnels.len());
-        for ((t, r), o) in new.tunnels.iter().zip(&reuse).zip(opened) {
+        let mut renewed_created = None;
+        for (i, ((t, r), o)) in new.tunnels.iter().zip(&reuse).zip(opened).enumerate() {
             match (r, o) {
                 (Some(j), _) => {
                     let old = &self.slots[*j];
@@ -663,11 +709,10 @@ impl Gateway {
                     });
                     queues.push(None);
                 }
-                (None, Some((mut slot, q))) => {
-                    // A device opened again stays ours if it was.
+                (None, Some((slot, q))) => {
                     if let Some(old) = renew.and_then(|j| self.slots.get(j)) {
-                        if old.cfg.device == slot.cfg.device {
-                            slot.created |= old.created;
+                        if old.cfg.device == slot.cfg.device && old.created {
+                            renewed_created = Some(i);
                         }
                     }
                     slots.push(slot);
@@ -676,9 +721,15 @@ impl Gateway {
                 (None, None) => unreachable!("a tunnel not carried over was opened"),
             }
         }
-        for (s, r) in slots.iter().zip(&reuse) {
-            let Some(j) = r else { continue };
-            if let Err(e) = self.adjust_device(&self.slots[*j], &s.cfg, s.mtu) {
+
+        // Everything below that can fail is undone when it does, so a
+        // refused reload leaves the host as it found it.
+        let mut undo = Undo::default();
+        let result = self.prepare(&slots, &reuse, &mut undo);
+        let tunnels = match result {
+            Ok(t) => t,
+            Err(e) => {
+                self.undo(undo);
                 for (s, q) in slots.iter().zip(&queues) {
                     if q.is_some() {
                         s.release(&self.nl);
@@ -686,32 +737,11 @@ impl Gateway {
                 }
                 return Err(e.into());
             }
+        };
+        if let Some(i) = renewed_created {
+            slots[i].created = true;
         }
-
-        // New tables; next hops carried over by remote so no packet waits
-        // for resolution.
-        let next_hops = Arc::new(NextHops::new(slots.len()));
-        if let Some(m) = self.tunnels.next_hops.local() {
-            next_hops.set_local(m);
-        }
-        for (i, s) in slots.iter().enumerate() {
-            if let Some(j) = self.slots.iter().position(|o| o.cfg.remote == s.cfg.remote) {
-                next_hops.set(i, self.tunnels.next_hops.get(j));
-            }
-        }
-        let tunnels = tunnels_of(&slots, next_hops.clone());
-        for key in tunnels.rx.endpoint_keys() {
-            if let Err(e) = self.steering.add_endpoint(key) {
-                let old = self.tunnels.rx.clone();
-                self.remove_endpoints(&tunnels.rx, &old);
-                for (s, q) in slots.iter().zip(&queues) {
-                    if q.is_some() {
-                        s.release(&self.nl);
-                    }
-                }
-                return Err(anyhow!(e).into());
-            }
-        }
+        let next_hops = tunnels.next_hops.clone();
 
         // Switch the workers, all of them, then tidy up.
         let counters_from: Vec<Option<usize>> = slots
@@ -719,6 +749,7 @@ impl Gateway {
             .map(|s| self.slots.iter().position(|o| o.cfg.name == s.cfg.name))
             .collect();
         let (done_tx, done_rx) = crossbeam::channel::unbounded();
+        let mut fatal = None;
         for w in &self.workers {
             let devices = reuse
                 .iter()
@@ -736,21 +767,35 @@ impl Gateway {
                 done: done_tx.clone(),
             };
             if w.control.send(msg).is_err() {
-                return Err(ReloadError::Fatal(anyhow!(
-                    "a worker stopped during a reload"
-                )));
+                fatal = Some(anyhow!("a worker stopped during a reload"));
+                break;
             }
         }
-        for _ in &self.workers {
-            match done_rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(ReloadError::Fatal(anyhow!("reload: {e}"))),
-                Err(_) => {
-                    return Err(ReloadError::Fatal(anyhow!(
-                        "reload: a worker did not take the new tunnels within 5 s"
-                    )))
+        if fatal.is_none() {
+            for _ in &self.workers {
+                match done_rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        fatal = Some(anyhow!("reload: {e}"));
+                        break;
+                    }
+                    Err(_) => {
+                        fatal = Some(anyhow!(
+                            "reload: a worker did not take the new tunnels within 5 s"
+                        ));
+                        break;
+                    }
                 }
             }
+        }
+        if let Some(e) = fatal {
+            // The gateway stops; the devices this reload made go too.
+            for (s, q) in slots.into_iter().zip(&queues) {
+                if q.is_some() {
+                    self.orphans.push(s);
+                }
+            }
+            return Err(ReloadError::Fatal(e));
         }
         {
             let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
@@ -762,8 +807,6 @@ impl Gateway {
                 hops: next_hops,
             };
         }
-        let old = self.tunnels.rx.clone();
-        self.remove_endpoints(&old, &tunnels.rx);
         let mut summary = Summary::default();
         for (j, old) in self.slots.iter().enumerate() {
             if !reuse.contains(&Some(j)) {
@@ -792,33 +835,112 @@ impl Gateway {
         Ok(summary.to_string())
     }
 
-    /// Brings a carried-over device in line with its new settings.
-    fn adjust_device(&self, old: &Slot, t: &TunnelConfig, mtu: u16) -> anyhow::Result<()> {
+    /// The steps of a reload that can fail, each recorded in `undo`:
+    /// endpoints in the XDP program (stale ones out first, so both lists
+    /// need not fit in the table at once), then the settings of devices
+    /// carried over. Returns the new tables.
+    fn prepare(
+        &mut self,
+        slots: &[Slot],
+        reuse: &[Option<usize>],
+        undo: &mut Undo,
+    ) -> anyhow::Result<Tunnels> {
+        // New tables; next hops carried over by remote so no packet waits
+        // for resolution.
+        let next_hops = Arc::new(NextHops::new(slots.len()));
+        if let Some(m) = self.tunnels.next_hops.local() {
+            next_hops.set_local(m);
+        }
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(j) = self.slots.iter().position(|o| o.cfg.remote == s.cfg.remote) {
+                next_hops.set(i, self.tunnels.next_hops.get(j));
+            }
+        }
+        let tunnels = tunnels_of(slots, next_hops);
+        let wanted: Vec<EndpointKey> = tunnels.rx.endpoint_keys().copied().collect();
+        let running: Vec<EndpointKey> = self.tunnels.rx.endpoint_keys().copied().collect();
+        for key in running.iter().filter(|k| !wanted.contains(k)) {
+            self.steering.remove_endpoint(key)?;
+            undo.endpoints_removed.push(*key);
+        }
+        for key in wanted.iter().filter(|k| !running.contains(k)) {
+            self.steering.add_endpoint(key)?;
+            undo.endpoints_added.push(*key);
+        }
+        for (s, r) in slots.iter().zip(reuse) {
+            let Some(j) = r else { continue };
+            self.adjust_device(j.to_owned(), &s.cfg, s.mtu, undo)?;
+        }
+        Ok(tunnels)
+    }
+
+    /// Puts back what a refused reload changed, newest first.
+    fn undo(&mut self, undo: Undo) {
+        for change in undo.devices.into_iter().rev() {
+            let r = match change {
+                DeviceChange::Mtu(link, mtu) => self
+                    .nl
+                    .set_up(&link, Some(u32::from(mtu)))
+                    .map_err(anyhow::Error::from),
+                DeviceChange::AddressAdded(link, a) => self
+                    .nl
+                    .del_peer_address(&link, a)
+                    .map_err(anyhow::Error::from),
+                DeviceChange::AddressRemoved(link, a, p) => self
+                    .nl
+                    .add_peer_address(&link, a, p)
+                    .map_err(anyhow::Error::from),
+                DeviceChange::Persistent(t, was) => set_persistent(&t, was),
+            };
+            if let Err(e) = r {
+                tracing::warn!("putting a device back after a refused reload: {e:#}");
+            }
+        }
+        for key in &undo.endpoints_added {
+            if let Err(e) = self.steering.remove_endpoint(key) {
+                tracing::warn!("{e}");
+            }
+        }
+        for key in &undo.endpoints_removed {
+            if let Err(e) = self.steering.add_endpoint(key) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Brings the device of running tunnel `j` in line with its new
+    /// settings, recording each change in `undo`.
+    fn adjust_device(
+        &self,
+        j: usize,
+        t: &TunnelConfig,
+        mtu: u16,
+        undo: &mut Undo,
+    ) -> anyhow::Result<()> {
+        let old = &self.slots[j];
         if mtu != old.mtu {
             self.nl.set_up(&old.link, Some(u32::from(mtu)))?;
+            undo.devices
+                .push(DeviceChange::Mtu(old.link.clone(), old.mtu));
         }
         if (t.address, t.peer) != (old.cfg.address, old.cfg.peer) {
-            if let Some(a) = old.cfg.address {
+            if let (Some(a), Some(p)) = (old.cfg.address, old.cfg.peer) {
                 self.nl.del_peer_address(&old.link, a)?;
+                undo.devices
+                    .push(DeviceChange::AddressRemoved(old.link.clone(), a, p));
             }
             if let (Some(a), Some(p)) = (t.address, t.peer) {
                 self.nl.add_peer_address(&old.link, a, p)?;
+                undo.devices
+                    .push(DeviceChange::AddressAdded(old.link.clone(), a));
             }
+        }
+        if t.persistent != old.cfg.persistent {
+            set_persistent(t, t.persistent)?;
+            undo.devices
+                .push(DeviceChange::Persistent(t.clone(), old.cfg.persistent));
         }
         Ok(())
-    }
-
-    /// Takes out of the XDP program's table the endpoints of `from` that no
-    /// tunnel of `keep` has.
-    fn remove_endpoints(&mut self, from: &TunnelTable, keep: &TunnelTable) {
-        let wanted: Vec<_> = keep.endpoint_keys().collect();
-        for key in from.endpoint_keys() {
-            if !wanted.contains(&key) {
-                if let Err(e) = self.steering.remove_endpoint(key) {
-                    tracing::warn!("{e}");
-                }
-            }
-        }
     }
 
     /// Looks at the underlay, the XDP attachment and the devices.

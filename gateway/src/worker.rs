@@ -178,7 +178,11 @@ impl Worker {
         let ntun = self.shared.tunnels.rx.len();
         let total = self.free.len() as u64;
         let reads_per_device = reads_per_device(total, ntun);
-        let entries = ((self.batch as u32 * 4) + reads_per_device * ntun as u32 * 2)
+        // Room for a few batches of writes and for every read the worker
+        // can park, with as many tunnels as a reload may bring (parked
+        // reads take at most a quarter of the frames, or one per device).
+        let max_reads = (total as u32 / 4).max(MAX_TUNNELS as u32);
+        let entries = (self.batch as u32 * 4 + max_reads)
             .next_power_of_two()
             .clamp(64, 32768);
         let mut io = DeviceIo::new(
@@ -505,6 +509,10 @@ impl Worker {
         if let Some(g) = st.gone.get_mut(t) {
             if !*g {
                 *g = true;
+                // Our queue is dead: a reload that keeps this device keeps
+                // it gone, until the control thread opens a new one. (The
+                // registered file holds its own reference meanwhile.)
+                self.devices[t] = None;
                 if let Some(f) = self.tunnel_counters.device_failed.get(t) {
                     f.store(true, Ordering::Relaxed);
                 }

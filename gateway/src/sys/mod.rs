@@ -28,3 +28,29 @@ pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout_ms: i32) -> std::io::Re
     }
     Ok(rc > 0)
 }
+
+/// Whether the peer of a connected unix socket is root or runs as the
+/// same user as this process (SO_PEERCRED).
+pub fn peer_is_root_or_self(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live
+    // ucred of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    rc == 0 && (cred.uid == 0 || cred.uid == me)
+}
