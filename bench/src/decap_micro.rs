@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use gateway::config::Ttl;
-use gateway::decap::decap;
+use gateway::decap::{decap, RxState};
 use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
 use gateway::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
 
@@ -53,6 +53,7 @@ fn main() {
             remote: Ipv4Addr::new(192, 168, 0, 58).into(),
             ikey: None,
             icsum: false,
+            iseq: false,
             device_kind: DeviceKind::Tap,
             device_mac: [2, 0, 0, 0, 0, 1],
             peer_mac: [2, 0, 0, 0, 0, 2],
@@ -66,6 +67,7 @@ fn main() {
             remote: Ipv4Addr::new(192, 168, 0, 58).into(),
             ikey: None,
             icsum: false,
+            iseq: false,
             device_kind: DeviceKind::Tun,
             device_mac: [0; 6],
             peer_mac: [2, 0, 0, 0, 0, 2],
@@ -104,12 +106,13 @@ fn main() {
     garbage.push(inner_bad);
     for g in garbage {
         let mut probe = g.clone();
-        let reason = match decap(&mut probe, &rx) {
+        let reason = match decap(&mut probe, &rx, &mut RxState::new(2)) {
             Ok(_) => "delivered".to_string(),
             Err(r) => r.name().to_string(),
         };
         cases.push((format!("drop {reason}"), g));
     }
+    let mut state = RxState::new(2);
     for (name, template) in cases {
         let mut batch: Vec<Vec<u8>> = (0..BATCH).map(|_| template.clone()).collect();
         // decap rewrites the frame in place, so each round restores it
@@ -121,7 +124,7 @@ fn main() {
             for _ in 0..iters / BATCH {
                 for f in batch.iter_mut() {
                     f.copy_from_slice(black_box(&template));
-                    match decap(black_box(f), &rx) {
+                    match decap(black_box(f), &rx, &mut state) {
                         Ok(d) => {
                             black_box(d);
                         }
@@ -154,6 +157,10 @@ fn main() {
         remote: Ipv4Addr::new(192, 168, 0, 58),
         okey: None,
         ocsum: false,
+        oseq: None,
+        tos: gateway::config::Tos::Fixed(0),
+        pmtudisc: true,
+        ignore_df: false,
         ttl: Ttl::Fixed(64),
         mtu: 1400,
         device_kind: DeviceKind::Tun,

@@ -5,7 +5,10 @@
 
 use std::net::Ipv4Addr;
 
-use gateway::config::Ttl;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use gateway::config::{Tos, Ttl};
 use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
 use gateway::tunnel::{DeviceKind, Mode};
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +21,13 @@ fuzz_target!(|data: &[u8]| {
         remote: Ipv4Addr::new(192, 168, 0, 58),
         okey: (knobs & 2 != 0).then_some(0x0102_0304),
         ocsum: knobs & 4 != 0,
+        // Sequence numbers with the key; TOS, DF and ignore-df follow the
+        // TTL choice, in the combinations the configuration allows.
+        oseq: (knobs & 2 != 0).then(|| Arc::new(AtomicU32::new(u32::MAX))),
         ttl: if knobs & 8 != 0 { Ttl::Inherit } else { Ttl::Fixed(64) },
+        tos: if knobs & 8 != 0 { Tos::Inherit } else { Tos::Fixed(0xb8) },
+        pmtudisc: knobs & 8 == 0,
+        ignore_df: knobs & 8 != 0 && knobs & 4 != 0,
         mtu: if knobs & 16 != 0 { 1280 } else { 68 },
         device_kind: if knobs & 32 != 0 { DeviceKind::Tun } else { DeviceKind::Tap },
         device_mac: [2, 0, 0, 0, 0, 1],

@@ -69,7 +69,13 @@ struct RawTunnel {
     csum: Option<bool>,
     icsum: Option<bool>,
     ocsum: Option<bool>,
+    seq: Option<bool>,
+    iseq: Option<bool>,
+    oseq: Option<bool>,
     ttl: Option<toml::Value>,
+    tos: Option<toml::Value>,
+    pmtudisc: Option<bool>,
+    ignore_df: Option<bool>,
     mtu: Option<i64>,
     device: Option<String>,
     device_kind: Option<String>,
@@ -128,6 +134,23 @@ pub enum XskBind {
 pub enum Ttl {
     Fixed(u8),
     Inherit,
+}
+
+/// Outer TOS (DSCP; the ECN bits always follow the inner packet, RFC
+/// 6040): a fixed value, or copied from the inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tos {
+    Fixed(u8),
+    Inherit,
+}
+
+impl std::fmt::Display for Tos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tos::Fixed(n) => write!(f, "0x{n:02x}"),
+            Tos::Inherit => f.write_str("inherit"),
+        }
+    }
 }
 
 // Displayed in the configuration's own words.
@@ -197,7 +220,17 @@ pub struct TunnelConfig {
     pub okey: Option<u32>,
     pub icsum: bool,
     pub ocsum: bool,
+    /// Received packets must carry a sequence number, newer than the last.
+    pub iseq: bool,
+    /// Sent packets carry a sequence number (1, 2, ...).
+    pub oseq: bool,
     pub ttl: Ttl,
+    pub tos: Tos,
+    /// Path MTU discovery: the outer DF bit always set (the kernel's
+    /// default). Without it DF follows the inner packet.
+    pub pmtudisc: bool,
+    /// With `pmtudisc = false`: never set DF on the outer header.
+    pub ignore_df: bool,
     /// `None`: the underlay's MTU less the tunnel overhead, found at start.
     pub mtu: Option<u16>,
     pub device: String,
@@ -219,7 +252,11 @@ impl TunnelConfig {
         };
         let gre = match self.mode {
             Mode::Ipip => 0,
-            Mode::Gre => 4 + 4 * u16::from(self.okey.is_some()) + 4 * u16::from(self.ocsum),
+            Mode::Gre => {
+                4 + 4 * u16::from(self.okey.is_some())
+                    + 4 * u16::from(self.ocsum)
+                    + 4 * u16::from(self.oseq)
+            }
         };
         ip + gre
     }
@@ -644,6 +681,17 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     gre_only("csum", t.csum.is_some())?;
     gre_only("icsum", t.icsum.is_some())?;
     gre_only("ocsum", t.ocsum.is_some())?;
+    gre_only("seq", t.seq.is_some())?;
+    gre_only("iseq", t.iseq.is_some())?;
+    gre_only("oseq", t.oseq.is_some())?;
+    if t.seq.is_some() && (t.iseq.is_some() || t.oseq.is_some()) {
+        return Err(err(
+            f("seq"),
+            "is given with iseq/oseq; use seq alone, or iseq and oseq",
+        ));
+    }
+    let iseq = t.iseq.or(t.seq).unwrap_or(false);
+    let oseq = t.oseq.or(t.seq).unwrap_or(false);
     if t.key.is_some() && (t.ikey.is_some() || t.okey.is_some()) {
         return Err(err(
             f("key"),
@@ -687,6 +735,35 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             ))
         }
     };
+    let tos =
+        match &t.tos {
+            None => Tos::Fixed(0),
+            Some(toml::Value::String(s)) if s == "inherit" => Tos::Inherit,
+            Some(toml::Value::Integer(n)) if (0..=255).contains(n) => Tos::Fixed(*n as u8),
+            Some(v) => return Err(err(
+                f("tos"),
+                format!(
+                    "{} is not valid; use 0..=255 (the TOS byte, e.g. 0xb8 for EF) or \"inherit\"",
+                    show(v)
+                ),
+            )),
+        };
+    let pmtudisc = t.pmtudisc.unwrap_or(true);
+    let ignore_df = t.ignore_df.unwrap_or(false);
+    // The kernel's combination rules (iproute2 and ip_gre/ipip refuse the
+    // same combinations).
+    if let (Ttl::Fixed(n), false) = (ttl, pmtudisc) {
+        return Err(err(
+            f("ttl"),
+            format!("{n} needs pmtudisc (a fixed TTL implies DF, as the kernel says: \"ttl != 0 and nopmtudisc are incompatible\"); use ttl = \"inherit\" or remove pmtudisc = false"),
+        ));
+    }
+    if ignore_df && pmtudisc {
+        return Err(err(
+            f("ignore_df"),
+            "needs pmtudisc = false (the kernel refuses ignore-df with pmtudisc); add pmtudisc = false",
+        ));
+    }
     let mtu = match t.mtu {
         None => None,
         Some(n) if (68..=65535).contains(&n) => Some(n as u16),
@@ -784,7 +861,12 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         okey,
         icsum,
         ocsum,
+        iseq,
+        oseq,
         ttl,
+        tos,
+        pmtudisc,
+        ignore_df,
         mtu,
         device,
         device_kind,
@@ -929,5 +1011,42 @@ peer = "20.1.1.2"
         assert!(error_of(&dup).contains("different keys"));
         let keyed = dup.replace("device = \"tap3\"", "device = \"tap3\"\nkey = 7");
         assert_eq!(Config::parse(&keyed).unwrap().tunnels.len(), 3);
+    }
+
+    #[test]
+    fn outer_header_options_follow_the_kernels_combination_rules() {
+        let base = "[[tunnel]]\nname = \"t\"\nmode = \"gre\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\ndevice = \"tap1\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{base}{extra}"));
+        let t = parse("").unwrap().tunnels.remove(0);
+        assert!(t.pmtudisc && !t.ignore_df && !t.iseq && !t.oseq);
+        assert_eq!(t.tos, Tos::Fixed(0));
+        let t = parse("seq = true\ntos = \"inherit\"\n")
+            .unwrap()
+            .tunnels
+            .remove(0);
+        assert!(t.iseq && t.oseq);
+        assert_eq!(t.tos, Tos::Inherit);
+        assert_eq!(t.overhead(), 20 + 8);
+        let e = parse("ttl = 64\npmtudisc = false\n").unwrap_err();
+        assert!(
+            e.field.ends_with(".ttl") && e.message.contains("nopmtudisc"),
+            "{e}"
+        );
+        let e = parse("ignore_df = true\n").unwrap_err();
+        assert!(
+            e.field.ends_with(".ignore_df") && e.message.contains("pmtudisc = false"),
+            "{e}"
+        );
+        assert!(parse("pmtudisc = false\nignore_df = true\n").is_ok());
+        let e = parse("seq = true\niseq = true\n").unwrap_err();
+        assert!(e.field.ends_with(".seq"), "{e}");
+        let e = parse("tos = 300\n").unwrap_err();
+        assert!(e.field.ends_with(".tos"), "{e}");
+        let ipip = base.replace("\"gre\"", "\"ipip\"");
+        let e = Config::parse(&format!("{ipip}oseq = true\n")).unwrap_err();
+        assert!(
+            e.field.ends_with(".oseq") && e.message.contains("no GRE header"),
+            "{e}"
+        );
     }
 }

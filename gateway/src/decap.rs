@@ -17,6 +17,23 @@ pub struct Delivery {
     pub len: usize,
 }
 
+/// What decapsulation remembers between packets, per worker: the next
+/// sequence number expected on each tunnel with `iseq` (0: any). A NIC
+/// hashes a tunnel's packets (same outer addresses) onto one queue, so one
+/// worker sees them all.
+#[derive(Debug, Clone, Default)]
+pub struct RxState {
+    pub next_seq: Vec<u32>,
+}
+
+impl RxState {
+    pub fn new(tunnels: usize) -> RxState {
+        RxState {
+            next_seq: vec![0; tunnels],
+        }
+    }
+}
+
 /// Inner network protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
@@ -29,7 +46,11 @@ enum Inner {
 /// the inner packet, over the outer headers, so the result is one contiguous
 /// slice of `frame`.
 #[inline]
-pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReason> {
+pub fn decap(
+    frame: &mut [u8],
+    table: &TunnelTable,
+    state: &mut RxState,
+) -> Result<Delivery, DropReason> {
     let eth = ethernet::Frame::new_checked(&*frame).map_err(|_| DropReason::Truncated)?;
     let (ethertype, l3) = match eth.network() {
         Ok(v) => v,
@@ -39,7 +60,7 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
 
     // The outer header: its addresses make the lookup key; `payload` is the
     // byte range of what follows it, cut at the length it declares.
-    let (key, payload) = match ethertype {
+    let (key, payload, outer_ecn) = match ethertype {
         ethernet::EtherType::Ipv4 => {
             let ip = ipv4::Packet::new_checked(&frame[l3..]).map_err(outer_error)?;
             if !ip.verify_checksum() {
@@ -53,7 +74,11 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
                 return Err(DropReason::NotTunnelProtocol);
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
-            (key, l3 + ip.header_len()..l3 + usize::from(ip.total_len()))
+            (
+                key,
+                l3 + ip.header_len()..l3 + usize::from(ip.total_len()),
+                ip.dscp_ecn() & ECN_MASK,
+            )
         }
         ethernet::EtherType::Ipv6 => {
             let ip = ipv6::Packet::new_checked(&frame[l3..]).map_err(outer_error)?;
@@ -67,7 +92,11 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
                 });
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
-            (key, l3 + ipv6::HEADER_LEN..l3 + ip.total_len())
+            (
+                key,
+                l3 + ipv6::HEADER_LEN..l3 + ip.total_len(),
+                ip.traffic_class() & ECN_MASK,
+            )
         }
         _ => return Err(DropReason::NotIp),
     };
@@ -88,6 +117,19 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
             (true, false) => return Err(DropReason::GreChecksumUnexpected),
             _ => {}
         }
+        // The kernel's rule (ip_tunnel_rcv): with iseq, a packet must carry
+        // a number, and one older than the next expected is refused; the
+        // first packet, and any after the counter wraps to 0, set it.
+        // Without iseq a number is ignored.
+        if t.iseq {
+            let seq = g.sequence().ok_or(DropReason::GreSequenceMissing)?;
+            if let Some(next) = state.next_seq.get_mut(usize::from(id)) {
+                if *next != 0 && (seq.wrapping_sub(*next) as i32) < 0 {
+                    return Err(DropReason::GreSequenceOld);
+                }
+                *next = seq.wrapping_add(1);
+            }
+        }
         let inner = match g.protocol() {
             ethernet::EtherType::Ipv4 => Inner::V4,
             ethernet::EtherType::Ipv6 => Inner::V6,
@@ -100,17 +142,22 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
     };
 
     let rest = &frame[inner_start..payload.end];
-    let (inner_len, inner_src) = match inner {
+    let (inner_len, inner_src, inner_ecn) = match inner {
         Inner::V4 => {
             let p = ipv4::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
             (
                 usize::from(p.total_len()),
                 std::net::IpAddr::V4(p.src_addr()),
+                p.dscp_ecn() & ECN_MASK,
             )
         }
         Inner::V6 => {
             let p = ipv6::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
-            (p.total_len(), std::net::IpAddr::V6(p.src_addr()))
+            (
+                p.total_len(),
+                std::net::IpAddr::V6(p.src_addr()),
+                p.traffic_class() & ECN_MASK,
+            )
         }
     };
     let t = table.get(tunnel);
@@ -119,6 +166,29 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
     }
     if inner_len > usize::from(t.mtu) {
         return Err(DropReason::InnerTooBig);
+    }
+    // ECN, RFC 6040 as the kernel does it (INET_ECN_decapsulate):
+    // congestion marked on the outer header is carried to an ECN-capable
+    // inner packet; a not-ECT inner packet under a CE outer is dropped.
+    // Otherwise the inner ECN field stands.
+    if outer_ecn == ECN_CE && inner_ecn != ECN_CE {
+        if inner_ecn == 0 {
+            return Err(DropReason::EcnCeOnNotEct);
+        }
+        let inner_bytes = &mut frame[inner_start..inner_start + inner_len];
+        match inner {
+            Inner::V4 => {
+                let mut p = ipv4::Packet::new_unchecked(inner_bytes);
+                let tos = p.dscp_ecn();
+                p.set_dscp_ecn(tos | ECN_CE);
+                p.fill_checksum();
+            }
+            Inner::V6 => {
+                let mut p = ipv6::Packet::new_unchecked(inner_bytes);
+                let tc = p.traffic_class();
+                p.set_traffic_class(tc | ECN_CE);
+            }
+        }
     }
 
     match t.device_kind {
@@ -150,6 +220,9 @@ pub fn decap(frame: &mut [u8], table: &TunnelTable) -> Result<Delivery, DropReas
         }
     }
 }
+
+const ECN_MASK: u8 = 0x03;
+const ECN_CE: u8 = 0x03;
 
 fn outer_error(e: Error) -> DropReason {
     match e {
@@ -185,6 +258,7 @@ mod tests {
             remote: REMOTE.into(),
             ikey,
             icsum: false,
+            iseq: false,
             device_kind: kind,
             device_mac: TAP_MAC,
             peer_mac: PEER_MAC,
@@ -245,7 +319,7 @@ mod tests {
     fn gre_to_tap_gets_ethernet_header() {
         let inner = inner_v4();
         let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
-        let d = decap(&mut f, &lab()).unwrap();
+        let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.tunnel, 0);
         let out = &f[d.offset..d.offset + d.len];
         assert_eq!(&out[0..6], &TAP_MAC);
@@ -258,7 +332,7 @@ mod tests {
     fn ipip_to_tun_is_bare_packet() {
         let inner = inner_v4();
         let mut f = outer_v4(4, &inner);
-        let d = decap(&mut f, &lab()).unwrap();
+        let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.tunnel, 1);
         assert_eq!(&f[d.offset..d.offset + d.len], &inner[..]);
     }
@@ -268,7 +342,7 @@ mod tests {
         let inner = inner_v4();
         let mut f = outer_v4(4, &inner);
         f.extend_from_slice(&[0xee; 10]);
-        let d = decap(&mut f, &lab()).unwrap();
+        let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.len, inner.len());
     }
 
@@ -276,14 +350,20 @@ mod tests {
     fn keys_select_tunnels() {
         let inner = inner_v4();
         let mut f = outer_v4(47, &gre(&[0x20, 0, 0, 0, 1, 0x2c], 0x0800, &inner));
-        assert_eq!(decap(&mut f, &lab()).unwrap().tunnel, 2);
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)).unwrap().tunnel,
+            2
+        );
         let mut wrong = outer_v4(47, &gre(&[0x20, 0, 0, 0, 1, 0x2d], 0x0800, &inner));
-        assert_eq!(decap(&mut wrong, &lab()), Err(DropReason::KeyMismatch));
+        assert_eq!(
+            decap(&mut wrong, &lab(), &mut RxState::new(8)),
+            Err(DropReason::KeyMismatch)
+        );
         // A keyless packet goes to the keyless tunnel only.
         let only_keyed = TunnelTable::new(vec![tunnel("k", Mode::Gre, Some(5), DeviceKind::Tun)]);
         let mut keyless = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
         assert_eq!(
-            decap(&mut keyless, &only_keyed),
+            decap(&mut keyless, &only_keyed, &mut RxState::new(8)),
             Err(DropReason::KeyMismatch)
         );
     }
@@ -294,7 +374,10 @@ mod tests {
         let mut f = outer_v4(4, &inner);
         f[14 + 12..14 + 16].copy_from_slice(&[192, 168, 0, 99]);
         ipv4::Packet::new_unchecked(&mut f[14..]).fill_checksum();
-        assert_eq!(decap(&mut f, &lab()), Err(DropReason::UnknownEndpoint));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::UnknownEndpoint)
+        );
     }
 
     #[test]
@@ -302,13 +385,25 @@ mod tests {
         let inner = inner_v4();
         let t = lab();
         let mut v1 = outer_v4(47, &gre(&[0, 1], 0x0800, &inner));
-        assert_eq!(decap(&mut v1, &t), Err(DropReason::GreVersion));
+        assert_eq!(
+            decap(&mut v1, &t, &mut RxState::new(8)),
+            Err(DropReason::GreVersion)
+        );
         let mut routing = outer_v4(47, &gre(&[0x40, 0, 0, 0, 0, 0], 0x0800, &inner));
-        assert_eq!(decap(&mut routing, &t), Err(DropReason::GreReservedFlags));
+        assert_eq!(
+            decap(&mut routing, &t, &mut RxState::new(8)),
+            Err(DropReason::GreReservedFlags)
+        );
         let mut eth = outer_v4(47, &gre(&[0, 0], 0x6558, &inner));
-        assert_eq!(decap(&mut eth, &t), Err(DropReason::GreProtocolUnsupported));
+        assert_eq!(
+            decap(&mut eth, &t, &mut RxState::new(8)),
+            Err(DropReason::GreProtocolUnsupported)
+        );
         let mut short = outer_v4(47, &[0x20, 0, 0x08]);
-        assert_eq!(decap(&mut short, &t), Err(DropReason::GreTruncated));
+        assert_eq!(
+            decap(&mut short, &t, &mut RxState::new(8)),
+            Err(DropReason::GreTruncated)
+        );
     }
 
     #[test]
@@ -319,20 +414,26 @@ mod tests {
         // Right checksum, but the tunnel does not expect one.
         let mut f = outer_v4(47, &g);
         assert_eq!(
-            decap(&mut f, &lab()),
+            decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::GreChecksumUnexpected)
         );
         let mut expecting = tunnel("c", Mode::Gre, None, DeviceKind::Tun);
         expecting.icsum = true;
         let table = TunnelTable::new(vec![expecting]);
         let mut f = outer_v4(47, &g);
-        assert!(decap(&mut f, &table).is_ok());
+        assert!(decap(&mut f, &table, &mut RxState::new(8)).is_ok());
         let mut bad = g.clone();
         *bad.last_mut().unwrap() ^= 0xff;
         let mut f = outer_v4(47, &bad);
-        assert_eq!(decap(&mut f, &table), Err(DropReason::GreChecksumBad));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(8)),
+            Err(DropReason::GreChecksumBad)
+        );
         let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
-        assert_eq!(decap(&mut f, &table), Err(DropReason::GreChecksumMissing));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(8)),
+            Err(DropReason::GreChecksumMissing)
+        );
     }
 
     #[test]
@@ -341,20 +442,38 @@ mod tests {
         let t = lab();
         let mut bad_sum = outer_v4(4, &inner);
         bad_sum[14 + 10] ^= 1;
-        assert_eq!(decap(&mut bad_sum, &t), Err(DropReason::OuterChecksum));
+        assert_eq!(
+            decap(&mut bad_sum, &t, &mut RxState::new(8)),
+            Err(DropReason::OuterChecksum)
+        );
         let mut frag = outer_v4(4, &inner);
         frag[14 + 6] = 0x20;
         ipv4::Packet::new_unchecked(&mut frag[14..]).fill_checksum();
-        assert_eq!(decap(&mut frag, &t), Err(DropReason::OuterFragment));
+        assert_eq!(
+            decap(&mut frag, &t, &mut RxState::new(8)),
+            Err(DropReason::OuterFragment)
+        );
         let mut udp = outer_v4(17, &inner);
-        assert_eq!(decap(&mut udp, &t), Err(DropReason::NotTunnelProtocol));
+        assert_eq!(
+            decap(&mut udp, &t, &mut RxState::new(8)),
+            Err(DropReason::NotTunnelProtocol)
+        );
         let mut arp = outer_v4(4, &inner);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(decap(&mut arp, &t), Err(DropReason::NotIp));
+        assert_eq!(
+            decap(&mut arp, &t, &mut RxState::new(8)),
+            Err(DropReason::NotIp)
+        );
         let mut cut = outer_v4(4, &inner);
         cut.truncate(40);
-        assert_eq!(decap(&mut cut, &t), Err(DropReason::Truncated));
-        assert_eq!(decap(&mut [0u8; 10], &t), Err(DropReason::Truncated));
+        assert_eq!(
+            decap(&mut cut, &t, &mut RxState::new(8)),
+            Err(DropReason::Truncated)
+        );
+        assert_eq!(
+            decap(&mut [0u8; 10], &t, &mut RxState::new(8)),
+            Err(DropReason::Truncated)
+        );
     }
 
     #[test]
@@ -363,16 +482,25 @@ mod tests {
         let mut inner = inner_v4();
         inner[0] = 0x65; // IPv6 version in an IPIP packet
         let mut f = outer_v4(4, &inner);
-        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerMalformed));
+        assert_eq!(
+            decap(&mut f, &t, &mut RxState::new(8)),
+            Err(DropReason::InnerMalformed)
+        );
         let mut inner = inner_v4();
         inner[3] = 200; // claims more than there is
         let mut f = outer_v4(4, &inner);
-        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerMalformed));
+        assert_eq!(
+            decap(&mut f, &t, &mut RxState::new(8)),
+            Err(DropReason::InnerMalformed)
+        );
         let mut big = inner_v4();
         big.resize(1500, 0);
         big[2..4].copy_from_slice(&1500u16.to_be_bytes());
         let mut f = outer_v4(4, &big);
-        assert_eq!(decap(&mut f, &t), Err(DropReason::InnerTooBig));
+        assert_eq!(
+            decap(&mut f, &t, &mut RxState::new(8)),
+            Err(DropReason::InnerTooBig)
+        );
     }
 
     #[test]
@@ -381,12 +509,15 @@ mod tests {
         t.allowed_sources = vec![crate::tunnel::Prefix::parse("10.1.1.2").unwrap()];
         let table = TunnelTable::new(vec![t]);
         let mut f = outer_v4(4, &inner_v4());
-        assert!(decap(&mut f, &table).is_ok());
+        assert!(decap(&mut f, &table, &mut RxState::new(8)).is_ok());
         let mut spoofed = inner_v4();
         spoofed[12..16].copy_from_slice(&[10, 1, 1, 9]);
         ipv4::Packet::new_unchecked(&mut spoofed[..]).fill_checksum();
         let mut f = outer_v4(4, &spoofed);
-        assert_eq!(decap(&mut f, &table), Err(DropReason::InnerSourceNotPeer));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(8)),
+            Err(DropReason::InnerSourceNotPeer)
+        );
     }
 
     #[test]
@@ -415,11 +546,101 @@ mod tests {
             ip.set_dst_addr(local);
         }
         f.extend_from_slice(&g);
-        let d = decap(&mut f, &table).unwrap();
+        let d = decap(&mut f, &table, &mut RxState::new(8)).unwrap();
         assert_eq!(&f[d.offset + 12..d.offset + 14], &[0x86, 0xdd]);
         assert_eq!(&f[d.offset + 14..d.offset + d.len], &inner[..]);
         // A hop-by-hop header in front of GRE is refused by name.
         f[14 + 6] = 0;
-        assert_eq!(decap(&mut f, &table), Err(DropReason::OuterIpv6ExtHeader));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(8)),
+            Err(DropReason::OuterIpv6ExtHeader)
+        );
+    }
+
+    fn with_ecn(mut f: Vec<u8>, outer: u8, inner: u8, inner_at: usize) -> Vec<u8> {
+        f[15] = (f[15] & !3) | outer;
+        let mut p = ipv4::Packet::new_unchecked(&mut f[14..]);
+        p.fill_checksum();
+        f[inner_at + 1] = (f[inner_at + 1] & !3) | inner;
+        let mut q = ipv4::Packet::new_unchecked(&mut f[inner_at..]);
+        q.fill_checksum();
+        f
+    }
+
+    #[test]
+    fn ecn_follows_rfc_6040_as_the_kernel_does() {
+        let inner = inner_v4();
+        let base = outer_v4(4, &inner);
+        let t = lab();
+        let at = 34;
+        // Outer CE onto an ECT inner packet: the inner one becomes CE, with
+        // a right header checksum.
+        for ect in [1, 2] {
+            let mut f = with_ecn(base.clone(), 3, ect, at);
+            let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
+            let p = ipv4::Packet::new_checked(&f[d.offset..d.offset + d.len]).unwrap();
+            assert_eq!(p.dscp_ecn() & 3, 3);
+            assert!(p.verify_checksum());
+        }
+        // Outer CE on a not-ECT inner packet: dropped.
+        let mut f = with_ecn(base.clone(), 3, 0, at);
+        assert_eq!(
+            decap(&mut f, &t, &mut RxState::new(8)),
+            Err(DropReason::EcnCeOnNotEct)
+        );
+        // Anything else leaves the inner field alone (the kernel does not
+        // carry ECT(1) over, nor ECT onto not-ECT).
+        for (outer, inner_ecn) in [(0, 0), (1, 0), (2, 0), (1, 2), (2, 1), (0, 3), (1, 3)] {
+            let mut f = with_ecn(base.clone(), outer, inner_ecn, at);
+            let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
+            assert_eq!(
+                f[d.offset + 1] & 3,
+                inner_ecn,
+                "outer {outer} inner {inner_ecn}"
+            );
+        }
+    }
+
+    #[test]
+    fn iseq_takes_numbers_in_order_as_the_kernel_does() {
+        let mut t = tunnel("tun100", Mode::Gre, None, DeviceKind::Tun);
+        t.iseq = true;
+        let table = TunnelTable::new(vec![t]);
+        let mut st = RxState::new(1);
+        let inner = inner_v4();
+        let mut send = |seq: Option<u32>| {
+            let g = match seq {
+                Some(n) => {
+                    let mut h = vec![0x10, 0];
+                    h.extend_from_slice(&n.to_be_bytes());
+                    gre(&h, 0x0800, &inner)
+                }
+                None => gre(&[0, 0], 0x0800, &inner),
+            };
+            let mut f = outer_v4(47, &g);
+            decap(&mut f, &table, &mut st).map(|_| ())
+        };
+        assert_eq!(send(None), Err(DropReason::GreSequenceMissing));
+        assert_eq!(send(Some(10)), Ok(()));
+        assert_eq!(send(Some(10)), Err(DropReason::GreSequenceOld));
+        assert_eq!(send(Some(9)), Err(DropReason::GreSequenceOld));
+        assert_eq!(send(Some(12)), Ok(()), "a gap is fine");
+        assert_eq!(send(Some(11)), Err(DropReason::GreSequenceOld));
+        // Serial-number arithmetic across the wrap.
+        assert_eq!(send(Some(0x8000_0000)), Ok(()));
+        assert_eq!(send(Some(u32::MAX)), Ok(()));
+        // next is now 0: the kernel takes anything then.
+        assert_eq!(send(Some(5)), Ok(()));
+        assert_eq!(send(Some(4)), Err(DropReason::GreSequenceOld));
+    }
+
+    #[test]
+    fn a_tunnel_without_iseq_ignores_sequence_numbers() {
+        let t = lab();
+        let mut st = RxState::new(8);
+        for _ in 0..2 {
+            let mut f = outer_v4(47, &gre(&[0x10, 0, 0, 0, 0, 7], 0x0800, &inner_v4()));
+            assert!(decap(&mut f, &t, &mut st).is_ok());
+        }
     }
 }

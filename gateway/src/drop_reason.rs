@@ -39,6 +39,13 @@ pub enum DropReason {
     GreChecksumUnexpected,
     /// GRE protocol type the tunnel does not carry.
     GreProtocolUnsupported,
+    /// The tunnel expects sequence numbers (`iseq`) and the packet has none.
+    GreSequenceMissing,
+    /// A sequence number older than (or equal to) the last accepted one.
+    GreSequenceOld,
+    /// Outer ECN says congestion (CE) but the inner packet is not
+    /// ECN-capable: RFC 6040 (and the kernel) drop it.
+    EcnCeOnNotEct,
     /// Inner packet of the wrong IP version or with inconsistent lengths.
     InnerMalformed,
     /// Inner packet larger than the device takes.
@@ -85,7 +92,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 34;
+    pub const COUNT: usize = 37;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -104,6 +111,9 @@ impl DropReason {
         DropReason::GreChecksumMissing,
         DropReason::GreChecksumUnexpected,
         DropReason::GreProtocolUnsupported,
+        DropReason::GreSequenceMissing,
+        DropReason::GreSequenceOld,
+        DropReason::EcnCeOnNotEct,
         DropReason::InnerMalformed,
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
@@ -148,6 +158,9 @@ impl DropReason {
             DropReason::GreChecksumMissing => "gre_checksum_missing",
             DropReason::GreChecksumUnexpected => "gre_checksum_unexpected",
             DropReason::GreProtocolUnsupported => "gre_protocol_unsupported",
+            DropReason::GreSequenceMissing => "gre_sequence_missing",
+            DropReason::GreSequenceOld => "gre_sequence_old",
+            DropReason::EcnCeOnNotEct => "ecn_ce_on_not_ect",
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",

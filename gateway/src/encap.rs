@@ -6,8 +6,10 @@
 //! too big for the tunnel, which get ICMP back into the device.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
-use crate::config::Ttl;
+use crate::config::{Tos, Ttl};
 use crate::drop_reason::DropReason;
 use crate::tunnel::{DeviceKind, Mode};
 use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, IpProtocol};
@@ -20,7 +22,15 @@ pub struct TunnelTx {
     pub remote: Ipv4Addr,
     pub okey: Option<u32>,
     pub ocsum: bool,
+    /// `oseq`: the last sequence number sent, shared by every worker that
+    /// sends on this tunnel (and kept across reloads).
+    pub oseq: Option<Arc<AtomicU32>>,
     pub ttl: Ttl,
+    pub tos: Tos,
+    /// Outer DF always set; without it DF follows an IPv4 inner packet
+    /// (never set with `ignore_df`).
+    pub pmtudisc: bool,
+    pub ignore_df: bool,
     pub mtu: u16,
     pub device_kind: DeviceKind,
     /// The tap's own MAC (ARP replies and ICMP are addressed to it).
@@ -39,7 +49,7 @@ impl TunnelTx {
             protocol,
             checksum: self.ocsum,
             key: self.okey,
-            sequence: None,
+            sequence: self.oseq.as_ref().map(|_| 0),
         }
     }
 
@@ -133,7 +143,7 @@ pub fn encap(
     let inner_n = n - (inner_start - off);
 
     // The inner packet: check it, decide TTL, ECN and DF from it.
-    let (inner_len, inner_ttl, inner_ecn, inner_df) = match family {
+    let (inner_len, inner_ttl, inner_tos, inner_df) = match family {
         ethernet::EtherType::Ipv4 => {
             let Ok(ip) = ipv4::Packet::new_checked(&buf[inner_start..inner_start + inner_n]) else {
                 return Verdict::Drop(DropReason::TxMalformed);
@@ -145,7 +155,7 @@ pub fn encap(
             (
                 usize::from(ip.total_len()),
                 ip.ttl(),
-                ip.dscp_ecn() & 0x03,
+                ip.dscp_ecn(),
                 ip.dont_frag(),
             )
         }
@@ -163,12 +173,7 @@ pub fn encap(
             if t.mode == Mode::Ipip {
                 return Verdict::Drop(DropReason::TxFamilyNotCarried);
             }
-            (
-                ip.total_len(),
-                ip.hop_limit(),
-                (ip.traffic_class() & 0x03),
-                true,
-            )
+            (ip.total_len(), ip.hop_limit(), ip.traffic_class(), true)
         }
     };
 
@@ -185,7 +190,11 @@ pub fn encap(
     // Outer headers, back to front.
     let mut at = inner_start;
     if t.mode == Mode::Gre {
-        let repr = t.gre_repr(family);
+        let mut repr = t.gre_repr(family);
+        if let Some(last) = &t.oseq {
+            // As the kernel numbers them: 1, 2, ...
+            repr.sequence = Some(last.fetch_add(1, Ordering::Relaxed).wrapping_add(1));
+        }
         at -= repr.header_len();
         repr.emit(&mut buf[at..]);
         if t.ocsum {
@@ -194,8 +203,17 @@ pub fn encap(
     }
     let payload_len = inner_start + inner_len - at;
     at -= ipv4::HEADER_LEN;
-    // RFC 6040 normal mode: copy ECN, but never CE onto the outer header.
+    // DSCP fixed or inherited; ECN per RFC 6040 normal mode: copied, but
+    // never CE onto the outer header (CE is sent as ECT(0)).
+    let inner_ecn = inner_tos & 0x03;
     let ecn = if inner_ecn == 0x03 { 0x02 } else { inner_ecn };
+    let dscp = match t.tos {
+        Tos::Fixed(v) => v,
+        Tos::Inherit => inner_tos,
+    } & !0x03;
+    // The kernel's DF: always with pmtudisc; otherwise the inner IPv4
+    // packet's, unless ignore_df.
+    let dont_frag = t.pmtudisc || (!t.ignore_df && family == ethernet::EtherType::Ipv4 && inner_df);
     let repr = ipv4::Repr {
         src: t.local,
         dst: t.remote,
@@ -208,9 +226,8 @@ pub fn encap(
             Ttl::Fixed(v) => v,
             Ttl::Inherit => inner_ttl,
         },
-        dscp_ecn: ecn,
-        // The kernel's default (pmtudisc): outer DF set.
-        dont_frag: true,
+        dscp_ecn: dscp | ecn,
+        dont_frag,
         ident,
     };
     repr.emit(&mut ipv4::Packet::new_unchecked(&mut buf[at..]));
@@ -464,6 +481,10 @@ mod tests {
             remote: Ipv4Addr::new(192, 168, 0, 58),
             okey: None,
             ocsum: false,
+            oseq: None,
+            tos: crate::config::Tos::Fixed(0),
+            pmtudisc: true,
+            ignore_df: false,
             ttl: Ttl::Fixed(64),
             mtu: 1400,
             device_kind: kind,
@@ -587,6 +608,72 @@ mod tests {
             "GRE checksum over header and payload"
         );
         assert_eq!(&gre[12..], &pkt[..]);
+    }
+
+    #[test]
+    fn oseq_numbers_from_one_and_goes_on() {
+        let mut t = tunnel(Mode::Gre, DeviceKind::Tun);
+        t.oseq = Some(std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0)));
+        let pkt = inner(31, 64);
+        for want in 1..=3u32 {
+            let (mut buf, n) = read_into(&t, &pkt);
+            let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+                panic!()
+            };
+            let gre = &buf[34..len];
+            assert_eq!(&gre[0..4], &[0x10, 0x00, 0x08, 0x00]);
+            assert_eq!(&gre[4..8], &want.to_be_bytes());
+            assert_eq!(&gre[8..], &pkt[..]);
+        }
+    }
+
+    #[test]
+    fn tos_and_df_follow_the_kernels_rules() {
+        // Inner: DSCP AF41 (0x88), ECN CE, DF set.
+        let mut pkt = inner(31, 64);
+        pkt[1] = 0x88 | 3;
+        let c = checksum::checksum(&{
+            let mut h = pkt[..20].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        let outer = |t: &TunnelTx, pkt: &[u8]| {
+            let (mut buf, n) = read_into(t, pkt);
+            let Verdict::Transmit { .. } = encap(&mut buf, n, t, Some(HOP), 9) else {
+                panic!()
+            };
+            let ip = ipv4::Packet::new_checked(buf[14..].to_vec()).unwrap();
+            (ip.dscp_ecn(), ip.dont_frag())
+        };
+        let mut t = tunnel(Mode::Ipip, DeviceKind::Tun);
+        // Default: TOS 0, ECN from the inner packet (CE sent as ECT(0)), DF.
+        assert_eq!(outer(&t, &pkt), (0x02, true));
+        t.tos = crate::config::Tos::Inherit;
+        assert_eq!(outer(&t, &pkt), (0x88 | 0x02, true));
+        t.tos = crate::config::Tos::Fixed(0xb8 | 1);
+        assert_eq!(
+            outer(&t, &pkt),
+            (0xb8 | 0x02, true),
+            "ECN bits of tos are not used"
+        );
+        // nopmtudisc: DF follows the inner packet; ignore-df clears it.
+        t.ttl = Ttl::Inherit;
+        t.pmtudisc = false;
+        assert!(outer(&t, &pkt).1);
+        let mut no_df = pkt.clone();
+        no_df[6] = 0;
+        let c = checksum::checksum(&{
+            let mut h = no_df[..20].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        no_df[10..12].copy_from_slice(&c.to_be_bytes());
+        assert!(!outer(&t, &no_df).1);
+        t.ignore_df = true;
+        assert!(!outer(&t, &pkt).1);
     }
 
     #[test]

@@ -113,7 +113,21 @@ fn print_plan(cfg: &Config, path: &Path) {
         if t.ocsum {
             line.push_str(" ocsum");
         }
-        line.push_str(&format!(" ttl {}", t.ttl));
+        if t.iseq {
+            line.push_str(" iseq");
+        }
+        if t.oseq {
+            line.push_str(" oseq");
+        }
+        line.push_str(&format!(" ttl {} tos {}", t.ttl, t.tos));
+        line.push_str(if t.pmtudisc {
+            " pmtudisc"
+        } else {
+            " nopmtudisc"
+        });
+        if t.ignore_df {
+            line.push_str(" ignore-df");
+        }
         match t.mtu {
             Some(m) => line.push_str(&format!(" mtu {m}")),
             None => line.push_str(&format!(" mtu auto (underlay - {})", t.overhead())),

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,6 +147,8 @@ struct Slot {
     created: bool,
     device_mac: [u8; 6],
     peer_mac: [u8; 6],
+    /// The last GRE sequence number sent (`oseq`).
+    oseq: Option<Arc<AtomicU32>>,
 }
 
 impl Slot {
@@ -159,6 +161,7 @@ impl Slot {
             remote: t.remote,
             ikey: t.ikey,
             icsum: t.icsum,
+            iseq: t.iseq,
             device_kind: t.device_kind,
             device_mac: self.device_mac,
             peer_mac: self.peer_mac,
@@ -185,7 +188,11 @@ impl Slot {
             remote,
             okey: t.okey,
             ocsum: t.ocsum,
+            oseq: self.oseq.clone(),
             ttl: t.ttl,
+            tos: t.tos,
+            pmtudisc: t.pmtudisc,
+            ignore_df: t.ignore_df,
             mtu: self.mtu,
             device_kind: t.device_kind,
             device_mac: self.device_mac,
@@ -249,6 +256,7 @@ fn open_slot(
             created: dev.created,
             device_mac,
             peer_mac: peer_mac(peer_id),
+            oseq: t.oseq.then(|| Arc::new(AtomicU32::new(0))),
         },
         dev.queues,
     ))
@@ -706,6 +714,12 @@ impl Gateway {
                         created: old.created,
                         device_mac: old.device_mac,
                         peer_mac: old.peer_mac,
+                        // The numbering goes on across a reload.
+                        oseq: t.oseq.then(|| {
+                            old.oseq
+                                .clone()
+                                .unwrap_or_else(|| Arc::new(AtomicU32::new(0)))
+                        }),
                     });
                     queues.push(None);
                 }

@@ -68,6 +68,9 @@ pub struct TunnelRx {
     pub ikey: Option<u32>,
     /// Received packets must carry a GRE checksum (`icsum`).
     pub icsum: bool,
+    /// Received packets must carry a sequence number newer than the last
+    /// accepted one (`iseq`).
+    pub iseq: bool,
     pub device_kind: DeviceKind,
     /// Destination MAC of frames written into a tap: the tap's own.
     pub device_mac: ethernet::Address,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crossbeam::channel::{Receiver, Sender};
 
 use crate::config::PollMode;
-use crate::decap::decap;
+use crate::decap::{decap, RxState};
 use crate::drop_reason::DropReason;
 use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
@@ -119,6 +119,7 @@ pub struct Worker {
 /// The worker's loop state.
 struct State {
     local: LocalStats,
+    rx: RxState,
     frames: FrameCounts,
     reads: Vec<u32>,
     reads_per_device: u32,
@@ -195,6 +196,7 @@ impl Worker {
 
         let mut st = State {
             local: LocalStats::new(ntun),
+            rx: RxState::new(ntun),
             frames: FrameCounts {
                 total,
                 ..Default::default()
@@ -244,7 +246,7 @@ impl Worker {
                 }
                 for mut frame in rx.drain(..) {
                     let data = self.xsk.data_mut(&mut frame);
-                    match decap(data, &self.shared.tunnels.rx) {
+                    match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
                         Ok(d) if st.gone[usize::from(d.tunnel)] => {
                             st.local.drop(DropReason::DeviceGone);
                             self.free.push(frame);
@@ -569,6 +571,13 @@ impl Worker {
         st.reads_per_device = reads_per_device(st.frames.total, ntun);
         st.gone = self.devices.iter().map(Option::is_none).collect();
         st.local.remap_tunnels(&r.counters_from);
+        // Sequence numbers expected go on for tunnels that stay.
+        let old_seq = std::mem::take(&mut st.rx.next_seq);
+        st.rx.next_seq = r
+            .counters_from
+            .iter()
+            .map(|o| o.and_then(|i| old_seq.get(i).copied()).unwrap_or(0))
+            .collect();
         self.shared.tunnels = r.tunnels;
         self.tunnel_counters = Arc::new(TunnelCounters::new(ntun));
         self.publish(st);

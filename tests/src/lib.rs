@@ -474,13 +474,37 @@ impl Gateway {
         serde_json::from_str(&line).expect("stats JSON")
     }
 
-    /// Waits for counters to stop changing (traffic drained), then returns them.
+    /// Waits for the traffic counters to stop changing (traffic drained),
+    /// then returns the stats. Poll and time counters keep moving while the
+    /// worker idles, so they are left out of the comparison.
     pub fn settled_stats(&self) -> Value {
+        fn traffic(s: &Value) -> Value {
+            let workers: Vec<Value> = s["workers"]
+                .as_array()
+                .map(|ws| {
+                    ws.iter()
+                        .map(|w| {
+                            serde_json::json!([
+                                w["rx_frames"],
+                                w["delivered"],
+                                w["tx_read"],
+                                w["tx_sent"],
+                                w["tx_replies"],
+                                w["drops"],
+                                w["frames"],
+                                w["xsk"]
+                            ])
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            serde_json::json!([workers, s["xdp"]])
+        }
         let mut last = self.stats();
-        for _ in 0..50 {
-            std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(100));
             let now = self.stats();
-            if now["workers"] == last["workers"] && now["xdp"] == last["xdp"] {
+            if traffic(&now) == traffic(&last) {
                 return now;
             }
             last = now;

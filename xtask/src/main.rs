@@ -81,6 +81,8 @@ const DEB_PACKAGES: &[&str] = &[
     "prometheus",
     // The failure tests detach the gateway's XDP link as another tool would.
     "bpftool",
+    // The conformance suite builds and dissects packets with scapy.
+    "python3-scapy",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -106,6 +106,13 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         b[3] = 0;
     }
 
+    /// Sets the traffic class, keeping the version and the flow label.
+    pub fn set_traffic_class(&mut self, tc: u8) {
+        let b = self.buffer.as_mut();
+        b[0] = (b[0] & 0xf0) | (tc >> 4);
+        b[1] = (b[1] & 0x0f) | (tc << 4);
+    }
+
     pub fn set_payload_len(&mut self, v: u16) {
         self.buffer.as_mut()[field::LENGTH].copy_from_slice(&v.to_be_bytes());
     }

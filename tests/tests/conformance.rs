@@ -1,0 +1,424 @@
+//! Conformance with the kernel's GRE and IPIP: every packet here is built,
+//! or dissected, by scapy (tests/conformance/peer.py), not by the gateway's
+//! code, sent on the wire to the real gateway, and the result (delivered,
+//! dropped under the expected reason, left to the kernel, or the fields of
+//! what it sent) is compared with what the kernel documents. The README's
+//! conformance table lists these cases.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::stats::{assert_accounting, drops, total_drops, tunnel_rx, u64_at, worker_sum};
+use gateway_tests::{require_root, Gateway, NetNs, RawSocket, Wire};
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+[gateway]
+poll = "adaptive"
+
+# The kernel's defaults: keyless, no checksum, no sequence numbers,
+# ttl inherit, tos 0, pmtudisc.
+[[tunnel]]
+name = "plain"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+
+# key 42, checksums and sequence numbers both ways, between the same
+# endpoints: told apart from "plain" by the key.
+[[tunnel]]
+name = "keyed"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+key = 42
+csum = true
+seq = true
+mtu = 1400
+device = "tun3"
+device_kind = "tun"
+address = "30.1.1.1"
+peer = "30.1.1.2"
+
+# IPIP with tos inherit and nopmtudisc (DF follows the inner packet).
+[[tunnel]]
+name = "ipip"
+mode = "ipip"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+tos = "inherit"
+pmtudisc = false
+mtu = 1400
+device = "tun2"
+device_kind = "tun"
+address = "20.1.1.1"
+peer = "20.1.1.2"
+"#;
+
+/// The scapy peer, running in a namespace.
+struct Scapy {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Scapy {
+    fn start(ns: &NetNs, gw_mac: &str) -> Scapy {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/peer.py");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "/usr/bin/python3",
+                script,
+                gw_mac,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the scapy peer (python3-scapy, installed by cargo xtask setup)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Scapy {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn ask(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("scapy peer answered {line:?} to {cmd}"));
+        assert!(v.get("error").is_none(), "scapy: {v} for {cmd}");
+        v
+    }
+
+    fn send(&mut self, expr: &str) {
+        self.ask(json!({"op": "send", "pkt": expr}));
+    }
+
+    fn decode(&mut self, frame: &[u8]) -> Value {
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        self.ask(json!({"op": "decode", "hex": hex}))
+    }
+}
+
+impl Drop for Scapy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a received packet must come to.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// Delivered into this tunnel's device.
+    Delivered(&'static str),
+    /// Dropped and counted under this reason.
+    Dropped(&'static str),
+    /// Not steered to the gateway: the XDP program passes it to the kernel
+    /// and counts it under this counter.
+    Kernel(&'static str),
+}
+
+const E: &str = "Ether(dst=GW_MAC)/IP(src=REMOTE,dst=LOCAL";
+const TO_PLAIN: &str = "IP(src='10.1.1.2',dst='10.1.1.1')/UDP(sport=1,dport=9)";
+const TO_KEYED: &str = "IP(src='30.1.1.2',dst='30.1.1.1')/UDP(sport=1,dport=9)";
+
+/// The receive rules, in order (the sequence-number cases depend on it).
+fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
+    use Expect::*;
+    let keyed = |opts: &str| format!("{E})/GRE(key_present=1,key=42{opts})/{TO_KEYED}");
+    vec![
+        (
+            "keyless packet, keyless tunnel",
+            format!("{E})/GRE()/{TO_PLAIN}"),
+            Delivered("plain"),
+        ),
+        (
+            "unknown key, same endpoints",
+            format!("{E})/GRE(key_present=1,key=99)/{TO_PLAIN}"),
+            Dropped("key_mismatch"),
+        ),
+        (
+            "key, checksum and sequence number 1",
+            keyed(",chksum_present=1,seqnum_present=1,sequence_number=1"),
+            Delivered("keyed"),
+        ),
+        (
+            "icsum tunnel, no checksum",
+            keyed(",seqnum_present=1,sequence_number=2"),
+            Dropped("gre_checksum_missing"),
+        ),
+        (
+            "icsum tunnel, wrong checksum",
+            keyed(",chksum_present=1,chksum=0x1234,seqnum_present=1,sequence_number=2"),
+            Dropped("gre_checksum_bad"),
+        ),
+        (
+            "checksum on a tunnel without icsum",
+            format!("{E})/GRE(chksum_present=1)/{TO_PLAIN}"),
+            Dropped("gre_checksum_unexpected"),
+        ),
+        (
+            "iseq tunnel, no sequence number",
+            keyed(",chksum_present=1"),
+            Dropped("gre_sequence_missing"),
+        ),
+        (
+            "iseq tunnel, sequence number repeated",
+            keyed(",chksum_present=1,seqnum_present=1,sequence_number=1"),
+            Dropped("gre_sequence_old"),
+        ),
+        (
+            "iseq tunnel, a gap (3 after 1)",
+            keyed(",chksum_present=1,seqnum_present=1,sequence_number=3"),
+            Delivered("keyed"),
+        ),
+        (
+            "iseq tunnel, older than the last (2 after 3)",
+            keyed(",chksum_present=1,seqnum_present=1,sequence_number=2"),
+            Dropped("gre_sequence_old"),
+        ),
+        (
+            "sequence number on a tunnel without iseq (ignored)",
+            format!("{E})/GRE(seqnum_present=1,sequence_number=7)/{TO_PLAIN}"),
+            Delivered("plain"),
+        ),
+        (
+            "GRE version 1",
+            format!("{E})/GRE(version=1)/{TO_PLAIN}"),
+            Dropped("gre_version"),
+        ),
+        (
+            "GRE routing bit",
+            format!("{E})/GRE(routing_present=1)/{TO_PLAIN}"),
+            Dropped("gre_reserved_flags"),
+        ),
+        (
+            "GRE recursion control",
+            format!("{E})/GRE(recursion_control=1)/{TO_PLAIN}"),
+            Dropped("gre_reserved_flags"),
+        ),
+        (
+            "GRE carrying Ethernet (gretap) on a gre tunnel",
+            format!("{E})/GRE(proto=0x6558)/Ether()/{TO_PLAIN}"),
+            Dropped("gre_protocol_unsupported"),
+        ),
+        (
+            "inner source not the tunnel's peer",
+            format!("{E})/GRE()/IP(src='10.9.9.9',dst='10.1.1.1')/UDP()"),
+            Dropped("inner_source_not_peer"),
+        ),
+        (
+            "outer header checksum wrong",
+            format!("{E},chksum=0x1234)/GRE()/{TO_PLAIN}"),
+            Dropped("outer_checksum"),
+        ),
+        (
+            "outer CE, inner not-ECT (RFC 6040)",
+            format!("{E},tos=3)/IP(src='20.1.1.2',dst='20.1.1.1',tos=0)/UDP()"),
+            Dropped("ecn_ce_on_not_ect"),
+        ),
+        (
+            "outer CE, inner ECT(0): marked CE",
+            format!("{E},tos=3)/IP(src='20.1.1.2',dst='20.1.1.1',tos=2)/UDP(dport=4242)"),
+            Delivered("ipip"),
+        ),
+        (
+            "outer ECT(1), inner ECT(0): unchanged",
+            format!("{E},tos=1)/IP(src='20.1.1.2',dst='20.1.1.1',tos=2)/UDP(dport=4243)"),
+            Delivered("ipip"),
+        ),
+        (
+            "outer fragment",
+            format!("{E},flags='MF')/GRE()/{TO_PLAIN}"),
+            Kernel("pass_fragment"),
+        ),
+        (
+            "GRE from an address that is no tunnel's remote",
+            format!("Ether(dst=GW_MAC)/IP(src='192.168.0.77',dst=LOCAL)/GRE()/{TO_PLAIN}"),
+            Kernel("pass_no_endpoint"),
+        ),
+    ]
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn receive_rules_match_the_kernel() {
+    if !require_root("receive_rules_match_the_kernel") {
+        return;
+    }
+    let wire = Wire::new("cr", &[]);
+    let gw = Gateway::start(&wire.gw, CONFIG);
+    let mac = wire.gw.ip(&["-br", "link", "show", "ens0"]);
+    let mac = mac.split_whitespace().nth(2).unwrap().to_string();
+    let mut scapy = Scapy::start(&wire.peer, &mac);
+    let tun2 = RawSocket::open(&wire.gw, "tun2", 1 << 20);
+
+    let mut failures = Vec::new();
+    let mut before = gw.settled_stats();
+    for (rule, expr, expect) in inbound_cases() {
+        scapy.send(&expr);
+        let after = gw.settled_stats();
+        let d = |f: &dyn Fn(&Value) -> u64| f(&after) - f(&before);
+        let rx = d(&|s| worker_sum(s, "rx_frames"));
+        let ok = match expect {
+            Expect::Delivered(t) => {
+                rx == 1 && d(&|s| tunnel_rx(s, t)) == 1 && d(&|s| total_drops(s)) == 0
+            }
+            Expect::Dropped(r) => {
+                rx == 1 && d(&|s| drops(s, r)) == 1 && d(&|s| total_drops(s)) == 1
+            }
+            Expect::Kernel(c) => rx == 0 && d(&|s| u64_at(s, &["xdp", c])) == 1,
+        };
+        if !ok {
+            failures.push(format!(
+                "{rule}: expected {expect:?}; counters went from\n{before}\nto\n{after}"
+            ));
+        }
+        before = after;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_accounting(&before);
+
+    // The two ECN deliveries, as they reached tun2: CE applied to the
+    // ECT(0) packet, the other left ECT(0).
+    let got = tun2.receive(usize::MAX, Duration::from_millis(300));
+    let tos_of = |port: u16| {
+        got.iter()
+            .find(|p| p.len() >= 24 && u16::from_be_bytes([p[22], p[23]]) == port)
+            .map(|p| p[1])
+            .unwrap_or_else(|| panic!("nothing to port {port} on tun2"))
+    };
+    assert_eq!(tos_of(4242) & 3, 3, "outer CE onto inner ECT(0)");
+    assert_eq!(tos_of(4243) & 3, 2, "outer ECT(1) leaves inner ECT(0)");
+}
+
+/// Sends one UDP datagram from `ns` to `dst` with the given TOS byte and
+/// DF choice.
+fn send_udp(ns: &NetNs, dst: &'static str, tos: u8, df: bool) {
+    ns.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let set = |opt: libc::c_int, v: libc::c_int| {
+            // SAFETY: setsockopt with a live int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    4,
+                )
+            };
+            assert_eq!(rc, 0, "setsockopt {opt}");
+        };
+        set(libc::IP_TOS, libc::c_int::from(tos));
+        set(
+            libc::IP_MTU_DISCOVER,
+            if df {
+                libc::IP_PMTUDISC_DO
+            } else {
+                libc::IP_PMTUDISC_DONT
+            },
+        );
+        s.send_to(b"conformance", (dst, 9)).unwrap();
+    });
+}
+
+#[test]
+fn send_rules_match_the_kernel() {
+    if !require_root("send_rules_match_the_kernel") {
+        return;
+    }
+    let wire = Wire::new("cs", &[]);
+    let gw = Gateway::start(&wire.gw, CONFIG);
+    wait_until("next hops", Duration::from_secs(5), || {
+        gw.stats()["tunnels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["next_hop"].is_string())
+    });
+    let mac = wire.gw.ip(&["-br", "link", "show", "ens0"]);
+    let mac = mac.split_whitespace().nth(2).unwrap().to_string();
+    let mut scapy = Scapy::start(&wire.peer, &mac);
+    let cap = RawSocket::open(&wire.peer, "ens0", 4 << 20);
+    // What the gateway sent for one datagram, as scapy reads it.
+    let mut sent = |dst: &'static str, tos: u8, df: bool| -> Value {
+        send_udp(&wire.gw, dst, tos, df);
+        let frames = cap.receive(usize::MAX, Duration::from_millis(300));
+        let ours: Vec<_> = frames
+            .iter()
+            .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && (f[23] == 47 || f[23] == 4))
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "one tunnel packet for {dst}, got {}",
+            ours.len()
+        );
+        scapy.decode(ours[0])
+    };
+
+    // plain: tos 0 with the inner ECN copied, DF always (pmtudisc), TTL
+    // inherited, a bare GRE header.
+    let p = sent("10.1.1.2", 0xb8 | 1, false);
+    assert_eq!(
+        (p["proto"].as_u64(), p["tos"].as_u64(), p["df"].as_bool()),
+        (Some(47), Some(1), Some(true)),
+        "{p}"
+    );
+    assert_eq!(p["ttl"], p["inner_ttl"], "{p}");
+    assert!(
+        p["gre_key"].is_null() && p["gre_seq"].is_null() && p["gre_csum_present"] == false,
+        "{p}"
+    );
+    // Inner CE goes out as ECT(0) on the outer header.
+    let p = sent("10.1.1.2", 3, true);
+    assert_eq!(p["tos"].as_u64(), Some(2), "{p}");
+
+    // keyed: key 42, a right checksum, sequence numbers 1, 2.
+    for want in [1, 2] {
+        let p = sent("30.1.1.2", 0, true);
+        assert_eq!(p["gre_key"].as_u64(), Some(42), "{p}");
+        assert_eq!(p["gre_csum_ok"].as_bool(), Some(true), "{p}");
+        assert_eq!(p["gre_seq"].as_u64(), Some(want), "{p}");
+    }
+
+    // ipip, tos inherit: the DSCP copied, ECN copied (CE as ECT(0)); and
+    // with nopmtudisc DF follows the inner packet.
+    let p = sent("20.1.1.2", 0xb8 | 3, false);
+    assert_eq!(
+        (p["proto"].as_u64(), p["tos"].as_u64(), p["df"].as_bool()),
+        (Some(4), Some(0xb8 | 2), Some(false)),
+        "{p}"
+    );
+    let p = sent("20.1.1.2", 0x28, true);
+    assert_eq!(
+        (p["tos"].as_u64(), p["df"].as_bool()),
+        (Some(0x28), Some(true)),
+        "{p}"
+    );
+
+    let s = gw.settled_stats();
+    assert_accounting(&s);
+}
