@@ -735,19 +735,20 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             ))
         }
     };
-    let tos =
-        match &t.tos {
-            None => Tos::Fixed(0),
-            Some(toml::Value::String(s)) if s == "inherit" => Tos::Inherit,
-            Some(toml::Value::Integer(n)) if (0..=255).contains(n) => Tos::Fixed(*n as u8),
-            Some(v) => return Err(err(
+    let tos = match &t.tos {
+        None => Tos::Fixed(0),
+        Some(toml::Value::String(s)) if s == "inherit" => Tos::Inherit,
+        Some(toml::Value::Integer(n)) if (0..=255).contains(n) => Tos::Fixed(*n as u8),
+        Some(v) => {
+            return Err(err(
                 f("tos"),
                 format!(
                     "{} is not valid; use 0..=255 (the TOS byte, e.g. 0xb8 for EF) or \"inherit\"",
                     show(v)
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let pmtudisc = t.pmtudisc.unwrap_or(true);
     let ignore_df = t.ignore_df.unwrap_or(false);
     // The kernel's combination rules (iproute2 and ip_gre/ipip refuse the

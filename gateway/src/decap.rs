@@ -15,6 +15,10 @@ pub struct Delivery {
     pub tunnel: TunnelId,
     pub offset: usize,
     pub len: usize,
+    /// A GRE keepalive: `frame[offset..offset + len]` is an IPv4 packet
+    /// from the tunnel's local address to its remote, to be sent back on
+    /// the underlay (as the kernel would route it), not into the device.
+    pub keepalive: bool,
 }
 
 /// What decapsulation remembers between packets, per worker: the next
@@ -142,9 +146,35 @@ pub fn decap(
     };
 
     let rest = &frame[inner_start..payload.end];
+    let t = table.get(tunnel);
     let (inner_len, inner_src, inner_ecn) = match inner {
         Inner::V4 => {
             let p = ipv4::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
+            // A GRE keepalive as routers send them (Cisco's): a GRE packet
+            // from our end to theirs, wrapped in one from theirs to ours.
+            // The kernel answers it by routing the inner packet back out;
+            // so does the gateway, without the device.
+            if key.proto == IPPROTO_GRE
+                && p.protocol() == IpProtocol::Gre
+                && std::net::IpAddr::V4(p.src_addr()) == t.local
+                && std::net::IpAddr::V4(p.dst_addr()) == t.remote
+            {
+                let len = usize::from(p.total_len());
+                let ttl = p.ttl();
+                if ttl <= 1 {
+                    return Err(DropReason::KeepaliveTtlExpired);
+                }
+                // Forwarded, as the kernel would: one hop less.
+                let mut q = ipv4::Packet::new_unchecked(&mut frame[inner_start..inner_start + len]);
+                q.set_ttl(ttl - 1);
+                q.fill_checksum();
+                return Ok(Delivery {
+                    tunnel,
+                    offset: inner_start,
+                    len,
+                    keepalive: true,
+                });
+            }
             (
                 usize::from(p.total_len()),
                 std::net::IpAddr::V4(p.src_addr()),
@@ -160,7 +190,6 @@ pub fn decap(
             )
         }
     };
-    let t = table.get(tunnel);
     if !t.accepts_source(inner_src) {
         return Err(DropReason::InnerSourceNotPeer);
     }
@@ -196,6 +225,7 @@ pub fn decap(
             tunnel,
             offset: inner_start,
             len: inner_len,
+            keepalive: false,
         }),
         DeviceKind::Tap => {
             // The outer Ethernet and IP headers (at least 34 bytes) lie in
@@ -216,6 +246,7 @@ pub fn decap(
                 tunnel,
                 offset,
                 len: inner_len + ethernet::HEADER_LEN,
+                keepalive: false,
             })
         }
     }
@@ -642,5 +673,39 @@ mod tests {
             let mut f = outer_v4(47, &gre(&[0x10, 0, 0, 0, 0, 7], 0x0800, &inner_v4()));
             assert!(decap(&mut f, &t, &mut st).is_ok());
         }
+    }
+
+    #[test]
+    fn a_gre_keepalive_is_handed_back_for_the_underlay() {
+        // Cisco's: outer remote -> local carrying GRE local -> remote with
+        // protocol 0 and nothing after it.
+        let mut inner = vec![
+            0x45, 0, 0, 24, 0, 0, 0, 0, 255, 47, 0, 0, 192, 168, 0, 8, 192, 168, 0, 58, 0, 0, 0, 0,
+        ];
+        let c = checksum::checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
+        assert!(d.keepalive);
+        assert_eq!(d.tunnel, 0);
+        let out = ipv4::Packet::new_checked(&f[d.offset..d.offset + d.len]).unwrap();
+        assert_eq!(out.ttl(), 254, "forwarded: one hop less");
+        assert!(out.verify_checksum());
+        assert_eq!((out.src_addr(), out.dst_addr()), (LOCAL, REMOTE));
+        // Not over IPIP, and not when the TTL is spent.
+        let mut f = outer_v4(4, &inner);
+        assert_ne!(
+            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.keepalive),
+            Ok(true)
+        );
+        inner[8] = 1;
+        inner[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::KeepaliveTtlExpired)
+        );
     }
 }

@@ -46,6 +46,10 @@ pub enum DropReason {
     /// Outer ECN says congestion (CE) but the inner packet is not
     /// ECN-capable: RFC 6040 (and the kernel) drop it.
     EcnCeOnNotEct,
+    /// A GRE keepalive whose inner TTL would expire on the way back.
+    KeepaliveTtlExpired,
+    /// A GRE keepalive to answer, but the tunnel's next hop is not resolved.
+    KeepaliveNoNeighbour,
     /// Inner packet of the wrong IP version or with inconsistent lengths.
     InnerMalformed,
     /// Inner packet larger than the device takes.
@@ -92,7 +96,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 37;
+    pub const COUNT: usize = 39;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -114,6 +118,8 @@ impl DropReason {
         DropReason::GreSequenceMissing,
         DropReason::GreSequenceOld,
         DropReason::EcnCeOnNotEct,
+        DropReason::KeepaliveTtlExpired,
+        DropReason::KeepaliveNoNeighbour,
         DropReason::InnerMalformed,
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
@@ -161,6 +167,8 @@ impl DropReason {
             DropReason::GreSequenceMissing => "gre_sequence_missing",
             DropReason::GreSequenceOld => "gre_sequence_old",
             DropReason::EcnCeOnNotEct => "ecn_ce_on_not_ect",
+            DropReason::KeepaliveTtlExpired => "keepalive_ttl_expired",
+            DropReason::KeepaliveNoNeighbour => "keepalive_no_neighbour",
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",

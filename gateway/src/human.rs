@@ -72,8 +72,8 @@ pub fn render(s: &Value) -> String {
     out.push_str(&format!("xdp: {}\n", xdp.join(" ")));
     for w in s["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "worker queue {} core {}: rx_frames {} delivered {} batches {}; tx_read {} tx_sent {} tx_replies {}; frames total {} free {} in_kernel {} in_flight {} in_tx {}; xsk rx_dropped {} rx_ring_full {} fill_ring_empty {}\n",
-            w["queue"], w["core"], w["rx_frames"], w["delivered"], w["batches"],
+            "worker queue {} core {}: rx_frames {} delivered {} keepalives {} batches {}; tx_read {} tx_sent {} tx_replies {}; frames total {} free {} in_kernel {} in_flight {} in_tx {}; xsk rx_dropped {} rx_ring_full {} fill_ring_empty {}\n",
+            w["queue"], w["core"], w["rx_frames"], w["delivered"], w["keepalives"], w["batches"],
             w["tx_read"], w["tx_sent"], w["tx_replies"],
             w["frames"]["total"], w["frames"]["free"], w["frames"]["in_kernel"], w["frames"]["in_flight"], w["frames"]["in_tx"],
             w["xsk"]["rx_dropped"], w["xsk"]["rx_ring_full"], w["xsk"]["fill_ring_empty"],

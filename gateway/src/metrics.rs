@@ -165,6 +165,11 @@ pub fn prometheus(s: &Value) -> String {
             "Packets written into tunnel devices.",
         ),
         (
+            "gateway_worker_keepalives_total",
+            &["keepalives"][..],
+            "GRE keepalives answered (sent back on the underlay).",
+        ),
+        (
             "gateway_worker_batches_total",
             &["batches"][..],
             "RX batches (rx_frames / batches is the mean batch size).",

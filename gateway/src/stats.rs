@@ -38,6 +38,7 @@ pub struct WorkerStats {
     pub core: Option<usize>,
     pub rx_frames: AtomicU64,
     pub delivered: AtomicU64,
+    pub keepalives: AtomicU64,
     pub batches: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
     /// Per-tunnel counters of the tunnel list in force; replaced whole when
@@ -69,6 +70,8 @@ pub struct WorkerStats {
 pub struct LocalStats {
     pub rx_frames: u64,
     pub delivered: u64,
+    /// GRE keepalives answered (sent back on the underlay).
+    pub keepalives: u64,
     pub batches: u64,
     pub drops: [u64; DropReason::COUNT],
     pub tunnel_rx_packets: Vec<u64>,
@@ -92,6 +95,7 @@ impl LocalStats {
         LocalStats {
             rx_frames: 0,
             delivered: 0,
+            keepalives: 0,
             batches: 0,
             drops: [0; DropReason::COUNT],
             tunnel_rx_packets: vec![0; tunnels],
@@ -168,6 +172,7 @@ impl WorkerStats {
             core,
             rx_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            keepalives: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             tunnels: Mutex::new(Arc::new(TunnelCounters::new(tunnels))),
@@ -209,6 +214,7 @@ impl WorkerStats {
     pub fn publish(&self, l: &LocalStats, tunnels: &TunnelCounters) {
         self.rx_frames.store(l.rx_frames, Relaxed);
         self.delivered.store(l.delivered, Relaxed);
+        self.keepalives.store(l.keepalives, Relaxed);
         self.batches.store(l.batches, Relaxed);
         for (a, v) in self.drops.iter().zip(l.drops.iter()) {
             a.store(*v, Relaxed);
@@ -254,6 +260,7 @@ impl WorkerStats {
             "core": self.core,
             "rx_frames": self.rx_frames.load(Relaxed),
             "delivered": self.delivered.load(Relaxed),
+            "keepalives": self.keepalives.load(Relaxed),
             "tx_read": self.tx_read.load(Relaxed),
             "tx_sent": self.tx_sent.load(Relaxed),
             "tx_replies": self.tx_replies.load(Relaxed),

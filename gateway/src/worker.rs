@@ -247,6 +247,9 @@ impl Worker {
                 for mut frame in rx.drain(..) {
                     let data = self.xsk.data_mut(&mut frame);
                     match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
+                        Ok(d) if d.keepalive => {
+                            self.keepalive(&mut st, frame, d.tunnel, d.offset, d.len)
+                        }
                         Ok(d) if st.gone[usize::from(d.tunnel)] => {
                             st.local.drop(DropReason::DeviceGone);
                             self.free.push(frame);
@@ -502,6 +505,39 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Sends a GRE keepalive's inner packet, `offset..offset + len` of the
+    /// frame, back on the underlay to the tunnel's next hop.
+    fn keepalive(
+        &mut self,
+        st: &mut State,
+        mut frame: Frame,
+        tunnel: u16,
+        offset: usize,
+        len: usize,
+    ) {
+        let hops = &self.shared.tunnels.next_hops;
+        let (Some(dst), Some(src)) = (hops.get(usize::from(tunnel)), hops.local()) else {
+            hops.request();
+            st.local.drop(DropReason::KeepaliveNoNeighbour);
+            self.free.push(frame);
+            return;
+        };
+        let data = self.xsk.data_mut(&mut frame);
+        let eth = crate::wire::ethernet::HEADER_LEN;
+        data.copy_within(offset..offset + len, eth);
+        crate::wire::ethernet::Repr {
+            dst,
+            src,
+            ethertype: crate::wire::ethernet::EtherType::Ipv4,
+        }
+        .emit(&mut crate::wire::ethernet::Frame::new_unchecked(
+            &mut data[..eth],
+        ));
+        self.xsk.set_len(&mut frame, eth + len);
+        st.local.keepalives += 1;
+        st.tx_pending.push(frame);
     }
 
     /// The device of tunnel `tag` failed under us (most likely deleted):

@@ -130,6 +130,8 @@ enum Expect {
     /// Not steered to the gateway: the XDP program passes it to the kernel
     /// and counts it under this counter.
     Kernel(&'static str),
+    /// A GRE keepalive: answered on the underlay, not delivered.
+    Keepalive,
 }
 
 const E: &str = "Ether(dst=GW_MAC)/IP(src=REMOTE,dst=LOCAL";
@@ -242,6 +244,11 @@ fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
             Delivered("ipip"),
         ),
         (
+            "GRE keepalive (Cisco's: GRE local to remote inside)",
+            format!("{E})/GRE()/IP(src=LOCAL,dst=REMOTE,ttl=255)/GRE(proto=0)"),
+            Keepalive,
+        ),
+        (
             "outer fragment",
             format!("{E},flags='MF')/GRE()/{TO_PLAIN}"),
             Kernel("pass_fragment"),
@@ -273,6 +280,10 @@ fn receive_rules_match_the_kernel() {
     let mac = mac.split_whitespace().nth(2).unwrap().to_string();
     let mut scapy = Scapy::start(&wire.peer, &mac);
     let tun2 = RawSocket::open(&wire.gw, "tun2", 1 << 20);
+    let on_wire = RawSocket::open(&wire.peer, "ens0", 4 << 20);
+    wait_until("next hops", Duration::from_secs(5), || {
+        gw.stats()["tunnels"][0]["next_hop"].is_string()
+    });
 
     let mut failures = Vec::new();
     let mut before = gw.settled_stats();
@@ -289,6 +300,9 @@ fn receive_rules_match_the_kernel() {
                 rx == 1 && d(&|s| drops(s, r)) == 1 && d(&|s| total_drops(s)) == 1
             }
             Expect::Kernel(c) => rx == 0 && d(&|s| u64_at(s, &["xdp", c])) == 1,
+            Expect::Keepalive => {
+                rx == 1 && d(&|s| worker_sum(s, "keepalives")) == 1 && d(&|s| total_drops(s)) == 0
+            }
         };
         if !ok {
             failures.push(format!(
@@ -311,6 +325,34 @@ fn receive_rules_match_the_kernel() {
     };
     assert_eq!(tos_of(4242) & 3, 3, "outer CE onto inner ECT(0)");
     assert_eq!(tos_of(4243) & 3, 2, "outer ECT(1) leaves inner ECT(0)");
+
+    // The keepalive came back as the plain GRE packet inside it, one hop
+    // older, as scapy reads it. (The other GRE packets on the wire are the
+    // kernel's ICMP port-unreachable answers to the UDP delivered above.)
+    let back: Vec<Value> = on_wire
+        .receive(usize::MAX, Duration::from_millis(300))
+        .iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[23] == 47)
+        .map(|f| scapy.decode(f))
+        .filter(|k| k["gre_proto"].as_u64() == Some(0))
+        .collect();
+    assert_eq!(back.len(), 1, "{back:?}");
+    let k = &back[0];
+    assert_eq!(
+        (
+            k["src"].as_str(),
+            k["dst"].as_str(),
+            k["gre_proto"].as_u64(),
+            k["ttl"].as_u64()
+        ),
+        (
+            Some("192.168.0.8"),
+            Some("192.168.0.58"),
+            Some(0),
+            Some(254)
+        ),
+        "{k}"
+    );
 }
 
 /// Sends one UDP datagram from `ns` to `dst` with the given TOS byte and
