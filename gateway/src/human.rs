@@ -9,13 +9,7 @@ pub fn render(s: &Value) -> String {
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let g = &s["gateway"];
     if g.is_object() {
-        let events: Vec<String> = g["events"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, v)| v.as_u64() != Some(0))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let events = nonzero(&g["events"]);
         out.push_str(&format!(
             "underlay {} {}; xdp {}; events: {}\n",
             g["underlay"].as_str().unwrap_or("?"),
@@ -47,13 +41,7 @@ pub fn render(s: &Value) -> String {
             n(&t["tx_bytes"]),
         ));
     }
-    let drops: Vec<String> = s["drops"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| v.as_u64() != Some(0))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let drops = nonzero(&s["drops"]);
     out.push_str(&format!(
         "drops: {}\n",
         if drops.is_empty() {
@@ -62,13 +50,7 @@ pub fn render(s: &Value) -> String {
             drops.join(" ")
         }
     ));
-    let xdp: Vec<String> = s["xdp"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| v.as_u64() != Some(0))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let xdp = nonzero(&s["xdp"]);
     out.push_str(&format!("xdp: {}\n", xdp.join(" ")));
     for w in s["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -80,4 +62,15 @@ pub fn render(s: &Value) -> String {
         ));
     }
     out
+}
+
+/// `name=value` for each counter of an object that is not zero.
+fn nonzero(counters: &Value) -> Vec<String> {
+    counters
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }

@@ -98,29 +98,27 @@ impl Steering {
     /// Lets packets with this outer (local, remote, protocol) through to the
     /// AF_XDP sockets.
     pub fn add_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::ENDPOINTS)
-            .ok_or(XdpError::Map(maps::ENDPOINTS, "missing".into()))?;
-        let mut table: HashMap<_, EndpointKey, u32> =
-            HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))?;
-        table
+        self.endpoints()?
             .insert(key, 1, 0)
             .map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
     }
 
     /// Stops steering packets with this outer (local, remote, protocol).
     pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
+        match self.endpoints()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(XdpError::Map(maps::ENDPOINTS, chain(&e))),
+        }
+    }
+
+    fn endpoints(
+        &mut self,
+    ) -> Result<HashMap<&mut aya::maps::MapData, EndpointKey, u32>, XdpError> {
         let map = self
             .ebpf
             .map_mut(maps::ENDPOINTS)
             .ok_or(XdpError::Map(maps::ENDPOINTS, "missing".into()))?;
-        let mut table: HashMap<_, EndpointKey, u32> =
-            HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))?;
-        match table.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(XdpError::Map(maps::ENDPOINTS, chain(&e))),
-        }
+        HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
     }
 
     /// The kernel's id of the loaded program (what `ip link` shows as

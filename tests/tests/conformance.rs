@@ -8,10 +8,10 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gateway_tests::stats::{assert_accounting, drops, total_drops, tunnel_rx, u64_at, worker_sum};
-use gateway_tests::{require_root, Gateway, NetNs, RawSocket, Wire};
+use gateway_tests::{require_root, wait_until, Gateway, NetNs, RawSocket, Wire};
 use serde_json::{json, Value};
 
 const CONFIG: &str = r#"
@@ -259,14 +259,6 @@ fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
             Kernel("pass_no_endpoint"),
         ),
     ]
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_tests::stats::{assert_accounting, drops, total_drops, tunnel_rx, u64_at, worker_sum};
-use gateway_tests::{pkt, require_root, Gateway, NetNs, RawSocket, Wire};
+use gateway_tests::{pkt, require_root, wait_until, Gateway, NetNs, RawSocket, Wire};
 
 const LOCAL: [u8; 4] = [192, 168, 0, 8];
 const REMOTE: [u8; 4] = [192, 168, 0, 58];
@@ -444,16 +444,6 @@ fn hundred_thousand_packets_are_all_accounted_for() {
     assert_eq!(tunnel_rx(&s, "gre-tap"), sent_good);
     assert_eq!(captured, sent_good, "packets seen on tap1");
     assert_accounting(&s);
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > limit {
-            panic!("{what}: not within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn underlay_answers(peer: &NetNs) -> bool {

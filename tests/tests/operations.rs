@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use gateway_tests::stats::{
     assert_accounting, drops, total_drops, total_tx_drops, tunnel_rx, worker_sum,
 };
-use gateway_tests::{pkt, require_root, sh, Gateway, NetNs, RawSocket, Wire, ONE_GRE_TUNNEL};
+use gateway_tests::{
+    pkt, require_root, sh, wait_until, Gateway, NetNs, RawSocket, Wire, ONE_GRE_TUNNEL,
+};
 use serde_json::Value;
 
 const LOCAL: [u8; 4] = [192, 168, 0, 8];
@@ -136,14 +138,6 @@ fn count_udp(frames: &[Vec<u8>], skip: usize, dport: u16) -> usize {
         .count()
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Starts the gateway and waits until tun100's next hop is resolved, so the
 /// way out drops nothing for want of it.
 fn start(wire: &Wire, config: &str) -> Gateway {
@@ -152,6 +146,31 @@ fn start(wire: &Wire, config: &str) -> Gateway {
         gw.stats()["tunnels"][0]["next_hop"].is_string()
     });
     gw
+}
+
+/// 300 packets in through tun100 to UDP port `port`, all on tap1; then,
+/// once the next hop is known, 300 out to port `port + 1000`, all on the
+/// wire inside GRE.
+fn assert_both_ways(wire: &Wire, gw: &Gateway, port: u16) {
+    let gw_mac = wire.gw.mac("ens0");
+    let tap = RawSocket::open(&wire.gw, "tap1", 8 << 20);
+    let on_wire = RawSocket::open(&wire.peer, "ens0", 8 << 20);
+    let sent = stream(wire, 300, 3000, move |i| gre_udp(gw_mac, port, i));
+    assert_eq!(sent.join().unwrap(), 300);
+    let inbound = tap.receive(usize::MAX, Duration::from_millis(500));
+    assert_eq!(count_udp(&inbound, 14, port), 300, "in through tap1");
+    wait_until("the next hop", Duration::from_secs(5), || {
+        gw.stats()["tunnels"][0]["next_hop"].is_string()
+    });
+    udp_stream(&wire.gw, "10.1.1.2", port + 1000, 300, 3000)
+        .join()
+        .unwrap();
+    let out: Vec<_> = on_wire
+        .receive(usize::MAX, Duration::from_millis(500))
+        .into_iter()
+        .filter(|f| f.len() > 38 && f[23] == 47)
+        .collect();
+    assert_eq!(count_udp(&out, 38, port + 1000), 300, "out through GRE");
 }
 
 fn event(stats: &Value, name: &str) -> u64 {
@@ -344,27 +363,7 @@ fn a_deleted_device_is_counted_and_re_created() {
     assert_accounting(&s);
 
     // And the new device carries traffic both ways.
-    let tap = RawSocket::open(&wire.gw, "tap1", 8 << 20);
-    let on_wire = RawSocket::open(&wire.peer, "ens0", 8 << 20);
-    let sent = stream(&wire, 300, 3000, move |i| gre_udp(gw_mac, 6002, i));
-    assert_eq!(sent.join().unwrap(), 300);
-    assert_eq!(
-        count_udp(
-            &tap.receive(usize::MAX, Duration::from_millis(500)),
-            14,
-            6002
-        ),
-        300
-    );
-    udp_stream(&wire.gw, "10.1.1.2", 7002, 300, 3000)
-        .join()
-        .unwrap();
-    let out: Vec<_> = on_wire
-        .receive(usize::MAX, Duration::from_millis(500))
-        .into_iter()
-        .filter(|f| f.len() > 38 && f[23] == 47)
-        .collect();
-    assert_eq!(count_udp(&out, 38, 7002), 300);
+    assert_both_ways(&wire, &gw, 6002);
 }
 
 #[test]
@@ -400,36 +399,10 @@ fn the_underlay_going_down_and_up_is_followed() {
     assert_accounting(&s);
     assert!(gw.log().contains("went down") && gw.log().contains("up again"));
 
-    // After the flap both directions work again: a fresh burst in, and a
-    // burst out (the next hop is resolved again after the kernel flushed
-    // its neighbour table).
-    let tap = RawSocket::open(&wire.gw, "tap1", 8 << 20);
-    let on_wire = RawSocket::open(&wire.peer, "ens0", 8 << 20);
+    // After the flap both directions work again (the next hop is resolved
+    // again after the kernel flushed its neighbour table).
     let rx0 = worker_sum(&s, "rx_frames");
-    let sent = stream(&wire, 300, 3000, move |i| gre_udp(gw_mac, 6003, i));
-    assert_eq!(sent.join().unwrap(), 300);
-    assert_eq!(
-        count_udp(
-            &tap.receive(usize::MAX, Duration::from_millis(500)),
-            14,
-            6003
-        ),
-        300
-    );
-    wait_until(
-        "the next hop to be resolved again",
-        Duration::from_secs(5),
-        || gw.stats()["tunnels"][0]["next_hop"].is_string(),
-    );
-    udp_stream(&wire.gw, "10.1.1.2", 7003, 300, 3000)
-        .join()
-        .unwrap();
-    let out: Vec<_> = on_wire
-        .receive(usize::MAX, Duration::from_millis(500))
-        .into_iter()
-        .filter(|f| f.len() > 38 && f[23] == 47)
-        .collect();
-    assert_eq!(count_udp(&out, 38, 7003), 300);
+    assert_both_ways(&wire, &gw, 6003);
     let s = gw.settled_stats();
     assert_eq!(worker_sum(&s, "rx_frames"), rx0 + 300);
     assert_accounting(&s);
