@@ -252,13 +252,16 @@ impl TunnelConfig {
         };
         let gre = match self.mode {
             Mode::Ipip => 0,
-            Mode::Gre => {
+            Mode::Gre | Mode::Gretap => {
                 4 + 4 * u16::from(self.okey.is_some())
                     + 4 * u16::from(self.ocsum)
                     + 4 * u16::from(self.oseq)
             }
         };
-        ip + gre
+        // gretap carries the inner Ethernet header too (the kernel's
+        // gretap MTU is the underlay's less 38).
+        let eth = if self.mode == Mode::Gretap { 14 } else { 0 };
+        ip + gre + eth
     }
 }
 
@@ -510,11 +513,12 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
                 ));
             }
         }
-        if !endpoints.insert((t.local, t.remote, t.mode, t.ikey)) {
+        // gre and gretap share protocol 47: told apart by key only.
+        if !endpoints.insert((t.local, t.remote, t.mode.ip_protocol(), t.ikey)) {
             return Err(err(
                 f,
-                "another tunnel has the same mode, local, remote and key; \
-                 tell them apart with different keys",
+                "another tunnel has the same local, remote, key and IP protocol \
+                 (gre and gretap both use 47); tell them apart with different keys",
             ));
         }
     }
@@ -615,16 +619,17 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     let mode = match mode_s.as_str() {
         "gre" => Mode::Gre,
         "ipip" => Mode::Ipip,
-        "gretap" | "sit" | "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => {
+        "gretap" => Mode::Gretap,
+        "sit" | "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => {
             return Err(err(
                 f("mode"),
-                format!("{mode_s:?} is not supported yet; use \"gre\" or \"ipip\""),
+                format!("{mode_s:?} is not supported yet; use \"gre\", \"gretap\" or \"ipip\""),
             ))
         }
         other => {
             return Err(err(
                 f("mode"),
-                format!("{other:?} is not a tunnel mode; use \"gre\" or \"ipip\""),
+                format!("{other:?} is not a tunnel mode; use \"gre\", \"gretap\" or \"ipip\""),
             ))
         }
     };
@@ -666,7 +671,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     }
 
     let gre_only = |k: &str, present: bool| -> Result<(), ConfigError> {
-        if present && mode != Mode::Gre {
+        if present && !mode.is_gre() {
             Err(err(
                 f(k),
                 format!("mode {mode_s:?} has no GRE header; remove {k}"),
@@ -788,6 +793,26 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         DeviceKind::Tap,
         &[("tap", DeviceKind::Tap), ("tun", DeviceKind::Tun)],
     )?;
+    if mode == Mode::Gretap {
+        if device_kind != DeviceKind::Tap {
+            return Err(err(
+                f("device_kind"),
+                "gretap carries Ethernet frames, so its device is a tap; remove device_kind or write \"tap\"",
+            ));
+        }
+        for (k, present) in [
+            ("address", t.address.is_some()),
+            ("peer", t.peer.is_some()),
+            ("accept_from", t.accept_from.is_some()),
+        ] {
+            if present {
+                return Err(err(
+                    f(k),
+                    "does not apply to gretap, which carries Ethernet frames (no inner source is checked); remove it, and bridge the tap or address it with ip addr",
+                ));
+            }
+        }
+    }
     let address = t
         .address
         .as_deref()
@@ -1049,5 +1074,30 @@ peer = "20.1.1.2"
             e.field.ends_with(".oseq") && e.message.contains("no GRE header"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn gretap_is_a_tap_without_inner_addresses() {
+        let base = "[[tunnel]]\nname = \"t\"\nmode = \"gretap\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\ndevice = \"gtap\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{base}{extra}"));
+        let t = parse("key = 5\n").unwrap().tunnels.remove(0);
+        assert_eq!(t.mode, Mode::Gretap);
+        assert_eq!(t.overhead(), 20 + 8 + 14);
+        let e = parse("device_kind = \"tun\"\n").unwrap_err();
+        assert!(e.field.ends_with(".device_kind"), "{e}");
+        let e = parse("address = \"10.0.0.1\"\npeer = \"10.0.0.2\"\n").unwrap_err();
+        assert!(
+            e.field.ends_with(".address") && e.message.contains("bridge"),
+            "{e}"
+        );
+        // A gre and a gretap tunnel between the same hosts need keys apart.
+        let two = format!(
+            "{base}{}",
+            base.replace("\"t\"", "\"u\"")
+                .replace("gretap", "gre")
+                .replace("gtap", "tap9")
+        );
+        let e = Config::parse(&two).unwrap_err();
+        assert!(e.message.contains("different keys"), "{e}");
     }
 }

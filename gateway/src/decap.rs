@@ -4,7 +4,7 @@
 //! clock, no allocation: unit-tested and fuzzed without root.
 
 use crate::drop_reason::DropReason;
-use crate::tunnel::{endpoint_key, DeviceKind, LookupError, TunnelId, TunnelTable};
+use crate::tunnel::{endpoint_key, DeviceKind, LookupError, Mode, TunnelId, TunnelTable};
 use crate::wire::{ethernet, gre, ipv4, ipv6, Error, IpProtocol};
 use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP};
 
@@ -134,19 +134,40 @@ pub fn decap(
                 *next = seq.wrapping_add(1);
             }
         }
-        let inner = match g.protocol() {
-            ethernet::EtherType::Ipv4 => Inner::V4,
-            ethernet::EtherType::Ipv6 => Inner::V6,
+        // A gre tunnel carries IP, a gretap tunnel Ethernet frames; as
+        // in the kernel, each takes only its own.
+        // (`None`: an Ethernet frame.)
+        let inner = match (g.protocol(), t.mode) {
+            (ethernet::EtherType::Ipv4, Mode::Gre) => Some(Inner::V4),
+            (ethernet::EtherType::Ipv6, Mode::Gre) => Some(Inner::V6),
+            (ethernet::EtherType::TransparentEthernet, Mode::Gretap) => None,
             _ => return Err(DropReason::GreProtocolUnsupported),
         };
         (id, inner, payload.start + g.header_len())
     } else {
         let id = table.lookup(&key, None).map_err(lookup_error)?;
-        (id, Inner::V4, payload.start)
+        (id, Some(Inner::V4), payload.start)
     };
 
-    let rest = &frame[inner_start..payload.end];
     let t = table.get(tunnel);
+    let Some(inner) = inner else {
+        // The frame goes into the tap as it came: no source check (it is
+        // bridged, not routed), one VLAN tag allowed beyond the MTU.
+        let len = payload.end - inner_start;
+        if len < ethernet::HEADER_LEN {
+            return Err(DropReason::InnerMalformed);
+        }
+        if len - ethernet::HEADER_LEN > usize::from(t.mtu) + 4 {
+            return Err(DropReason::InnerTooBig);
+        }
+        return Ok(Delivery {
+            tunnel,
+            offset: inner_start,
+            len,
+            keepalive: false,
+        });
+    };
+    let rest = &frame[inner_start..payload.end];
     let (inner_len, inner_src, inner_ecn) = match inner {
         Inner::V4 => {
             let p = ipv4::Packet::new_checked(rest).map_err(|_| DropReason::InnerMalformed)?;
@@ -706,6 +727,50 @@ mod tests {
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::KeepaliveTtlExpired)
+        );
+    }
+
+    #[test]
+    fn gretap_delivers_the_ethernet_frame_as_it_came() {
+        let mut t = tunnel("l2", Mode::Gretap, Some(9), DeviceKind::Tap);
+        t.mtu = 1400;
+        let table = TunnelTable::new(vec![t, tunnel("l3", Mode::Gre, None, DeviceKind::Tun)]);
+        // An ARP request, broadcast: bridged, not answered.
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&[2, 0, 0, 0, 0, 0x42, 0x08, 0x06]);
+        frame.extend_from_slice(&[0u8; 28]);
+        let keyed = |proto: u16, inner: &[u8]| {
+            let mut h = vec![0x20, 0];
+            h.extend_from_slice(&9u32.to_be_bytes());
+            outer_v4(47, &gre(&h, proto, inner))
+        };
+        let mut f = keyed(0x6558, &frame);
+        let d = decap(&mut f, &table, &mut RxState::new(2)).unwrap();
+        assert_eq!(d.tunnel, 0);
+        assert_eq!(&f[d.offset..d.offset + d.len], &frame[..]);
+        // IP on the gretap tunnel, Ethernet on the gre one: refused.
+        let mut f = keyed(0x0800, &inner_v4());
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(2)),
+            Err(DropReason::GreProtocolUnsupported)
+        );
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x6558, &frame));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(2)),
+            Err(DropReason::GreProtocolUnsupported)
+        );
+        // Shorter than an Ethernet header; longer than the MTU allows.
+        let mut f = keyed(0x6558, &frame[..10]);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(2)),
+            Err(DropReason::InnerMalformed)
+        );
+        let mut big = frame.clone();
+        big.resize(14 + 1405, 0);
+        let mut f = keyed(0x6558, &big);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(2)),
+            Err(DropReason::InnerTooBig)
         );
     }
 }

@@ -59,7 +59,7 @@ impl TunnelTx {
             + ipv4::HEADER_LEN
             + match self.mode {
                 Mode::Ipip => 0,
-                Mode::Gre => self.gre_repr(ethernet::EtherType::Ipv4).header_len(),
+                Mode::Gre | Mode::Gretap => self.gre_repr(ethernet::EtherType::Ipv4).header_len(),
             }
     }
 
@@ -67,9 +67,10 @@ impl TunnelTx {
     /// inner IP packet starts right after the outer headers (a tap's
     /// Ethernet header sits in front of it and is overwritten).
     pub fn read_offset(&self) -> usize {
-        match self.device_kind {
-            DeviceKind::Tap => self.outer_len() - ethernet::HEADER_LEN,
-            DeviceKind::Tun => self.outer_len(),
+        match (self.mode, self.device_kind) {
+            // gretap keeps the whole frame, its Ethernet header included.
+            (Mode::Gretap, _) | (_, DeviceKind::Tun) => self.outer_len(),
+            (_, DeviceKind::Tap) => self.outer_len() - ethernet::HEADER_LEN,
         }
     }
 }
@@ -112,6 +113,9 @@ pub fn encap(
     let off = t.read_offset();
     if off + n > buf.len() {
         return Verdict::Drop(DropReason::TxMalformed);
+    }
+    if t.mode == Mode::Gretap {
+        return encap_frame(buf, n, t, next_hop, ident);
     }
     let inner_start = t.outer_len();
     let family = match t.device_kind {
@@ -187,10 +191,42 @@ pub fn encap(
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
 
-    // Outer headers, back to front.
+    write_outer(
+        buf,
+        t,
+        hop,
+        ident,
+        Inner {
+            start: inner_start,
+            len: inner_len,
+            protocol: family,
+            ttl: inner_ttl,
+            tos: inner_tos,
+            df: family == ethernet::EtherType::Ipv4 && inner_df,
+        },
+    )
+}
+
+/// What the outer headers take from the packet they carry.
+struct Inner {
+    /// Where it lies in the buffer (the outer headers go in front).
+    start: usize,
+    len: usize,
+    /// The GRE protocol type for it.
+    protocol: ethernet::EtherType,
+    /// For `ttl = "inherit"`, `tos = "inherit"`, ECN and DF.
+    ttl: u8,
+    tos: u8,
+    df: bool,
+}
+
+/// Writes the outer Ethernet, IPv4 and (for GRE) GRE headers in front of
+/// the inner packet, which must start at `t.outer_len()`.
+fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: Inner) -> Verdict {
+    let (inner_start, inner_len) = (inner.start, inner.len);
     let mut at = inner_start;
-    if t.mode == Mode::Gre {
-        let mut repr = t.gre_repr(family);
+    if t.mode.is_gre() {
+        let mut repr = t.gre_repr(inner.protocol);
         if let Some(last) = &t.oseq {
             // As the kernel numbers them: 1, 2, ...
             repr.sequence = Some(last.fetch_add(1, Ordering::Relaxed).wrapping_add(1));
@@ -205,26 +241,27 @@ pub fn encap(
     at -= ipv4::HEADER_LEN;
     // DSCP fixed or inherited; ECN per RFC 6040 normal mode: copied, but
     // never CE onto the outer header (CE is sent as ECT(0)).
-    let inner_ecn = inner_tos & 0x03;
+    let inner_ecn = inner.tos & 0x03;
     let ecn = if inner_ecn == 0x03 { 0x02 } else { inner_ecn };
     let dscp = match t.tos {
         Tos::Fixed(v) => v,
-        Tos::Inherit => inner_tos,
+        Tos::Inherit => inner.tos,
     } & !0x03;
     // The kernel's DF: always with pmtudisc; otherwise the inner IPv4
     // packet's, unless ignore_df.
-    let dont_frag = t.pmtudisc || (!t.ignore_df && family == ethernet::EtherType::Ipv4 && inner_df);
+    let dont_frag = t.pmtudisc || (!t.ignore_df && inner.df);
     let repr = ipv4::Repr {
         src: t.local,
         dst: t.remote,
-        protocol: match t.mode {
-            Mode::Gre => IpProtocol::Gre,
-            Mode::Ipip => IpProtocol::Ipip,
+        protocol: if t.mode.is_gre() {
+            IpProtocol::Gre
+        } else {
+            IpProtocol::Ipip
         },
         payload_len,
         ttl: match t.ttl {
             Ttl::Fixed(v) => v,
-            Ttl::Inherit => inner_ttl,
+            Ttl::Inherit => inner.ttl,
         },
         dscp_ecn: dscp | ecn,
         dont_frag,
@@ -242,6 +279,54 @@ pub fn encap(
     Verdict::Transmit {
         len: inner_start + inner_len,
     }
+}
+
+/// gretap: the whole Ethernet frame read from the tap goes into the
+/// tunnel, whatever it carries (ARP, broadcast, multicast: it is a bridge
+/// port). TTL and TOS inherit from an IP packet inside, if there is one.
+fn encap_frame(
+    buf: &mut [u8],
+    n: usize,
+    t: &TunnelTx,
+    next_hop: Option<NextHop>,
+    ident: u16,
+) -> Verdict {
+    let start = t.outer_len();
+    let Ok(eth) = ethernet::Frame::new_checked(&buf[start..start + n]) else {
+        return Verdict::Drop(DropReason::TxMalformed);
+    };
+    if n - ethernet::HEADER_LEN > usize::from(t.mtu) + 4 {
+        return Verdict::Drop(DropReason::TxTooBig);
+    }
+    let body = &buf[start + ethernet::HEADER_LEN..start + n];
+    let (ttl, tos, df) = match eth.ethertype() {
+        ethernet::EtherType::Ipv4 => match ipv4::Packet::new_checked(body) {
+            Ok(ip) => (ip.ttl(), ip.dscp_ecn(), ip.dont_frag()),
+            Err(_) => (64, 0, false),
+        },
+        ethernet::EtherType::Ipv6 => match ipv6::Packet::new_checked(body) {
+            Ok(ip) => (ip.hop_limit(), ip.traffic_class(), false),
+            Err(_) => (64, 0, false),
+        },
+        _ => (64, 0, false),
+    };
+    let Some(hop) = next_hop else {
+        return Verdict::Drop(DropReason::TxNoNeighbour);
+    };
+    write_outer(
+        buf,
+        t,
+        hop,
+        ident,
+        Inner {
+            start,
+            len: n,
+            protocol: ethernet::EtherType::TransparentEthernet,
+            ttl,
+            tos,
+            df,
+        },
+    )
 }
 
 fn is_multicast(mac: &ethernet::Address) -> bool {
@@ -674,6 +759,40 @@ mod tests {
         assert!(!outer(&t, &no_df).1);
         t.ignore_df = true;
         assert!(!outer(&t, &pkt).1);
+    }
+
+    #[test]
+    fn gretap_sends_whole_frames_whatever_they_carry() {
+        let mut t = tunnel(Mode::Gretap, DeviceKind::Tap);
+        t.ttl = Ttl::Inherit;
+        t.okey = Some(9);
+        // A broadcast ARP request from the bridge: carried, not answered.
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&[2, 0, 0, 0, 0, 0x42, 0x08, 0x06]);
+        frame.extend_from_slice(&[1u8; 28]);
+        let off = t.read_offset();
+        assert_eq!(off, t.outer_len(), "the frame's own header is kept");
+        let mut buf = vec![0u8; 3840];
+        buf[off..off + frame.len()].copy_from_slice(&frame);
+        let Verdict::Transmit { len } = encap(&mut buf, frame.len(), &t, Some(HOP), 9) else {
+            panic!()
+        };
+        let ip = ipv4::Packet::new_checked(&buf[14..len]).unwrap();
+        assert_eq!(ip.protocol(), IpProtocol::Gre);
+        assert_eq!(ip.ttl(), 64, "no IP inside: the default TTL");
+        let gre = &buf[34..len];
+        assert_eq!(&gre[0..4], &[0x20, 0x00, 0x65, 0x58]);
+        assert_eq!(&gre[4..8], &9u32.to_be_bytes());
+        assert_eq!(&gre[8..], &frame[..]);
+        // An IPv4 packet inside lends its TTL.
+        let mut framed = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0x42, 0x08, 0x00];
+        framed.extend_from_slice(&inner(31, 33));
+        let mut buf = vec![0u8; 3840];
+        buf[off..off + framed.len()].copy_from_slice(&framed);
+        let Verdict::Transmit { len } = encap(&mut buf, framed.len(), &t, Some(HOP), 9) else {
+            panic!()
+        };
+        assert_eq!(ipv4::Packet::new_checked(&buf[14..len]).unwrap().ttl(), 33);
     }
 
     #[test]

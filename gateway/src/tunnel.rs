@@ -17,14 +17,22 @@ pub enum Mode {
     Gre,
     /// IPv4 in IPv4 (protocol 4).
     Ipip,
+    /// GRE carrying Ethernet frames (protocol type 0x6558) to and from a
+    /// tap, which can be bridged.
+    Gretap,
 }
 
 impl Mode {
     pub fn ip_protocol(self) -> u8 {
         match self {
-            Mode::Gre => IPPROTO_GRE,
+            Mode::Gre | Mode::Gretap => IPPROTO_GRE,
             Mode::Ipip => IPPROTO_IPIP,
         }
+    }
+
+    /// Has a GRE header (and with it keys, checksums, sequence numbers).
+    pub fn is_gre(self) -> bool {
+        matches!(self, Mode::Gre | Mode::Gretap)
     }
 }
 
@@ -33,6 +41,7 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::Gre => "gre",
             Mode::Ipip => "ipip",
+            Mode::Gretap => "gretap",
         })
     }
 }

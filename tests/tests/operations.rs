@@ -202,9 +202,10 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
     // Both directions of tun100 carry a steady stream for the whole test:
     // 4 s at 4000 packets/s each way.
     const N: u32 = 16_000;
-    let t0 = Instant::now();
     let inbound = stream(&wire, N, 4000, move |i| gre_udp(gw_mac, 6000, i));
-    let outbound = udp_stream(&wire.gw, "10.1.1.2", 7000, N, 4000);
+    // The way out: half before the change of tun100 (port 7000), half
+    // after it (port 7001), so the TTL each half must carry is known.
+    let outbound = udp_stream(&wire.gw, "10.1.1.2", 7000, N / 2, 4000);
     let captured_tap = std::thread::spawn(move || tap.receive(usize::MAX, Duration::from_secs(2)));
     let captured_wire =
         std::thread::spawn(move || on_wire.receive(usize::MAX, Duration::from_secs(2)));
@@ -248,13 +249,13 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
     // 3. Change tun100 (its TTL and MTU) with `gateway reload`.
     gw.write_config(&TWO_TUNNELS.replacen("ttl = 64\nmtu = 1400", "ttl = 32\nmtu = 1380", 1));
     let (ok, out) = gw.reload(&wire.gw);
-    let changed_at = t0.elapsed();
     assert!(ok, "{out}");
     assert!(
         out.contains("changed tun100") && out.contains("1 unchanged"),
         "{out}"
     );
     assert!(wire.gw.ip(&["link", "show", "tap1"]).contains("mtu 1380"));
+    let outbound_after = udp_stream(&wire.gw, "10.1.1.2", 7001, N / 2, 4000);
 
     // 4. Remove tun200: its device goes, its packets go to the kernel.
     gw.write_config(&ONE_GRE_TUNNEL.replace("ttl = 64\nmtu = 1400", "ttl = 32\nmtu = 1380"));
@@ -267,6 +268,7 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
 
     assert_eq!(inbound.join().unwrap(), N);
     outbound.join().unwrap();
+    outbound_after.join().unwrap();
     let on_tap = captured_tap.join().unwrap();
     let sent_out = captured_wire.join().unwrap();
     let s = gw.settled_stats();
@@ -286,20 +288,28 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
         .filter(|f| f.len() > 38 && f[23] == 47)
         .cloned()
         .collect();
-    assert_eq!(
-        count_udp(&gre_out, 14 + 20 + 4, 7000),
-        N as usize,
-        "outbound through tun100"
-    );
-    // The outer TTL followed the change.
-    let mut ttls = std::collections::BTreeMap::<u8, usize>::new();
-    for f in &gre_out {
-        *ttls.entry(f[22]).or_default() += 1;
+    for port in [7000, 7001] {
+        assert_eq!(
+            count_udp(&gre_out, 14 + 20 + 4, port),
+            (N / 2) as usize,
+            "outbound through tun100 to port {port}"
+        );
     }
+    // The outer TTL followed the change: 64 before it (the first packets
+    // went out before any reload), 32 for everything sent after it.
+    let ttls = |port: u16| -> std::collections::BTreeSet<u8> {
+        gre_out
+            .iter()
+            .filter(|f| count_udp(std::slice::from_ref(f), 38, port) == 1)
+            .map(|f| f[22])
+            .collect()
+    };
     assert!(
-        ttls.contains_key(&32) && ttls.contains_key(&64),
-        "outer TTLs {ttls:?}; the change was applied {changed_at:?} after the start"
+        ttls(7000).contains(&64),
+        "before the change: {:?}",
+        ttls(7000)
     );
+    assert_eq!(ttls(7001), [32].into(), "after the change");
     assert_eq!(total_drops(&s), 0, "drops: {s}");
     // On the way out only the kernel's own chatter (IPv6 router
     // solicitations of the new devices) is dropped.
