@@ -21,8 +21,8 @@ mod prog {
         programs::XdpContext,
     };
     use gateway_common::{
-        EndpointKey, Settings, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, MAX_ENDPOINTS, MAX_QUEUES,
-        XDP_COUNTER_COUNT,
+        EndpointKey, Settings, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6, MAX_ENDPOINTS,
+        MAX_QUEUES, XDP_COUNTER_COUNT,
     };
 
     const ETH_HLEN: usize = 14;
@@ -137,7 +137,8 @@ mod prog {
                     return Err(XdpCounter::PassNotIp);
                 }
                 let proto = ip[9];
-                if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
+                // GRE, IPIP, and IPv6 in IPv4 (sit).
+                if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                     return Err(XdpCounter::PassOtherProto);
                 }
                 // More-fragments flag or a non-zero offset.

@@ -251,7 +251,7 @@ impl TunnelConfig {
             IpAddr::V6(_) => 40,
         };
         let gre = match self.mode {
-            Mode::Ipip => 0,
+            Mode::Ipip | Mode::Sit => 0,
             Mode::Gre | Mode::Gretap => {
                 4 + 4 * u16::from(self.okey.is_some())
                     + 4 * u16::from(self.ocsum)
@@ -616,23 +616,25 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             "is missing; add mode = \"gre\" or mode = \"ipip\"",
         )
     })?;
-    let mode = match mode_s.as_str() {
-        "gre" => Mode::Gre,
-        "ipip" => Mode::Ipip,
-        "gretap" => Mode::Gretap,
-        "sit" | "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => {
-            return Err(err(
+    let mode =
+        match mode_s.as_str() {
+            "gre" => Mode::Gre,
+            "ipip" => Mode::Ipip,
+            "gretap" => Mode::Gretap,
+            "sit" => Mode::Sit,
+            "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => return Err(err(
                 f("mode"),
-                format!("{mode_s:?} is not supported yet; use \"gre\", \"gretap\" or \"ipip\""),
-            ))
-        }
-        other => {
-            return Err(err(
+                format!(
+                    "{mode_s:?} is not supported yet; use \"gre\", \"gretap\", \"ipip\" or \"sit\""
+                ),
+            )),
+            other => return Err(err(
                 f("mode"),
-                format!("{other:?} is not a tunnel mode; use \"gre\", \"gretap\" or \"ipip\""),
-            ))
-        }
-    };
+                format!(
+                    "{other:?} is not a tunnel mode; use \"gre\", \"gretap\", \"ipip\" or \"sit\""
+                ),
+            )),
+        };
     let local = parse_ip(
         &f("local"),
         t.local.as_deref().ok_or_else(|| {
@@ -856,6 +858,12 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             "ipip carries IPv4 only; use IPv4 inner addresses (or mode \"gre\")",
         ));
     }
+    if mode == Mode::Sit && address.is_some_and(|a| a.is_ipv4()) {
+        return Err(err(
+            f("address"),
+            "sit carries IPv6 only; use IPv6 inner addresses (or mode \"gre\")",
+        ));
+    }
     let mut accept_from = Vec::new();
     for a in t.accept_from.iter().flatten() {
         let p = crate::tunnel::Prefix::parse(a).ok_or_else(|| {
@@ -869,6 +877,9 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
                 f("accept_from"),
                 format!("{p}: ipip carries IPv4 only"),
             ));
+        }
+        if mode == Mode::Sit && p.addr.is_ipv4() {
+            return Err(err(f("accept_from"), format!("{p}: sit carries IPv6 only")));
         }
         accept_from.push(p);
     }

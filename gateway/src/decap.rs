@@ -6,7 +6,7 @@
 use crate::drop_reason::DropReason;
 use crate::tunnel::{endpoint_key, DeviceKind, LookupError, Mode, TunnelId, TunnelTable};
 use crate::wire::{ethernet, gre, ipv4, ipv6, Error, IpProtocol};
-use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP};
+use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6};
 
 /// A packet to deliver: `frame[offset..offset + len]` goes to the device of
 /// `tunnel`.
@@ -74,7 +74,7 @@ pub fn decap(
                 return Err(DropReason::OuterFragment);
             }
             let proto = u8::from(ip.protocol());
-            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
+            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                 return Err(DropReason::NotTunnelProtocol);
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
@@ -146,7 +146,13 @@ pub fn decap(
         (id, inner, payload.start + g.header_len())
     } else {
         let id = table.lookup(&key, None).map_err(lookup_error)?;
-        (id, Some(Inner::V4), payload.start)
+        // IPIP carries IPv4, sit IPv6.
+        let inner = if key.proto == IPPROTO_IPV6 {
+            Inner::V6
+        } else {
+            Inner::V4
+        };
+        (id, Some(inner), payload.start)
     };
 
     let t = table.get(tunnel);
@@ -771,6 +777,25 @@ mod tests {
         assert_eq!(
             decap(&mut f, &table, &mut RxState::new(2)),
             Err(DropReason::InnerTooBig)
+        );
+    }
+
+    #[test]
+    fn sit_carries_ipv6_in_ipv4() {
+        let table = TunnelTable::new(vec![tunnel("6in4", Mode::Sit, None, DeviceKind::Tun)]);
+        let mut inner = vec![0u8; 48];
+        inner[0] = 0x60;
+        inner[5] = 8;
+        inner[6] = 17;
+        inner[7] = 64;
+        let mut f = outer_v4(41, &inner);
+        let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
+        assert_eq!(&f[d.offset..d.offset + d.len], &inner[..]);
+        // IPv4 inside protocol 41 is not IPv6.
+        let mut f = outer_v4(41, &inner_v4());
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(1)),
+            Err(DropReason::InnerMalformed)
         );
     }
 }

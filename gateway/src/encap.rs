@@ -58,7 +58,7 @@ impl TunnelTx {
         ethernet::HEADER_LEN
             + ipv4::HEADER_LEN
             + match self.mode {
-                Mode::Ipip => 0,
+                Mode::Ipip | Mode::Sit => 0,
                 Mode::Gre | Mode::Gretap => self.gre_repr(ethernet::EtherType::Ipv4).header_len(),
             }
     }
@@ -155,6 +155,9 @@ pub fn encap(
             let dst = ip.dst_addr();
             if dst.is_multicast() || dst.is_broadcast() {
                 return Verdict::Drop(DropReason::TxChatter);
+            }
+            if t.mode == Mode::Sit {
+                return Verdict::Drop(DropReason::TxFamilyNotCarried);
             }
             (
                 usize::from(ip.total_len()),
@@ -253,10 +256,10 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
     let repr = ipv4::Repr {
         src: t.local,
         dst: t.remote,
-        protocol: if t.mode.is_gre() {
-            IpProtocol::Gre
-        } else {
-            IpProtocol::Ipip
+        protocol: match t.mode {
+            Mode::Gre | Mode::Gretap => IpProtocol::Gre,
+            Mode::Ipip => IpProtocol::Ipip,
+            Mode::Sit => IpProtocol::Ipv6,
         },
         payload_len,
         ttl: match t.ttl {

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use gateway_common::{EndpointKey, IPPROTO_GRE, IPPROTO_IPIP};
+use gateway_common::{EndpointKey, IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6};
 use rustc_hash::FxHashMap;
 
 use crate::wire::ethernet;
@@ -20,6 +20,8 @@ pub enum Mode {
     /// GRE carrying Ethernet frames (protocol type 0x6558) to and from a
     /// tap, which can be bridged.
     Gretap,
+    /// IPv6 in IPv4 (protocol 41), the kernel's sit.
+    Sit,
 }
 
 impl Mode {
@@ -27,6 +29,7 @@ impl Mode {
         match self {
             Mode::Gre | Mode::Gretap => IPPROTO_GRE,
             Mode::Ipip => IPPROTO_IPIP,
+            Mode::Sit => IPPROTO_IPV6,
         }
     }
 
@@ -42,6 +45,7 @@ impl std::fmt::Display for Mode {
             Mode::Gre => "gre",
             Mode::Ipip => "ipip",
             Mode::Gretap => "gretap",
+            Mode::Sit => "sit",
         })
     }
 }

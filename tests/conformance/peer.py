@@ -13,13 +13,14 @@ namespace and answers one JSON command per line on stdin:
 import json
 import sys
 
-from scapy.all import GRE, IP, UDP, Ether, Raw, conf, sendp  # noqa: F401
+from scapy.all import GRE, IP, UDP, Ether, IPv6, Raw, conf, sendp  # noqa: F401
 from scapy.utils import checksum
 
 conf.verb = 0
 env = {
     "Ether": Ether,
     "IP": IP,
+    "IPv6": IPv6,
     "GRE": GRE,
     "UDP": UDP,
     "Raw": Raw,
@@ -58,6 +59,7 @@ def decode(hexstr):
         inner = g.payload
     else:
         inner = ip.payload
+    out["inner_v6"] = isinstance(inner, IPv6)
     if isinstance(inner, IP):
         out.update(inner_tos=inner.tos, inner_df=bool(inner.flags & 2), inner_ttl=inner.ttl)
     return out

@@ -59,6 +59,18 @@ device = "tun2"
 device_kind = "tun"
 address = "20.1.1.1"
 peer = "20.1.1.2"
+
+# IPv6 in IPv4 (protocol 41), between the same hosts.
+[[tunnel]]
+name = "sit"
+mode = "sit"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tun5"
+device_kind = "tun"
+address = "fd00:5::1"
+peer = "fd00:5::2"
 "#;
 
 /// The scapy peer, running in a namespace.
@@ -242,6 +254,16 @@ fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
             "outer ECT(1), inner ECT(0): unchanged",
             format!("{E},tos=1)/IP(src='20.1.1.2',dst='20.1.1.1',tos=2)/UDP(dport=4243)"),
             Delivered("ipip"),
+        ),
+        (
+            "sit: IPv6 in IPv4",
+            format!("{E},proto=41)/IPv6(src='fd00:5::2',dst='fd00:5::1')/UDP(dport=9)"),
+            Delivered("sit"),
+        ),
+        (
+            "sit: IPv4 where IPv6 belongs",
+            format!("{E},proto=41)/{TO_PLAIN}"),
+            Dropped("inner_malformed"),
         ),
         (
             "GRE keepalive (Cisco's: GRE local to remote inside)",
@@ -450,6 +472,24 @@ fn send_rules_match_the_kernel() {
     assert_eq!(
         (p["tos"].as_u64(), p["df"].as_bool()),
         (Some(0x28), Some(true)),
+        "{p}"
+    );
+
+    // sit: IPv6 out in IPv4, protocol 41.
+    wire.gw.run(|| {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.send_to(b"conformance", ("fd00:5::2", 9)).unwrap();
+    });
+    let frames = cap.receive(usize::MAX, Duration::from_millis(300));
+    let sit: Vec<_> = frames
+        .iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[23] == 41)
+        .collect();
+    assert_eq!(sit.len(), 1, "one sit packet");
+    let p = scapy.decode(sit[0]);
+    assert_eq!(
+        (p["proto"].as_u64(), p["inner_v6"].as_bool()),
+        (Some(41), Some(true)),
         "{p}"
     );
 
