@@ -153,8 +153,9 @@ fn main() {
 
     let tx = TunnelTx {
         mode: Mode::Gre,
-        local: Ipv4Addr::new(192, 168, 0, 8),
-        remote: Ipv4Addr::new(192, 168, 0, 58),
+        local: Ipv4Addr::new(192, 168, 0, 8).into(),
+        remote: Ipv4Addr::new(192, 168, 0, 58).into(),
+        encap_limit: None,
         okey: None,
         ocsum: false,
         oseq: None,

@@ -31,6 +31,7 @@ mod prog {
     const ETH_P_IPV6: u16 = 0x86dd;
     const ETH_P_8021Q: u16 = 0x8100;
     const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
+    const IPV6_NEXTHDR_DSTOPTS: u8 = 60;
 
     #[map(name = "ENDPOINTS")]
     static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -156,11 +157,18 @@ mod prog {
                 if ip[0] >> 4 != 6 {
                     return Err(XdpCounter::PassNotIp);
                 }
-                let next = ip[6];
+                let mut next = ip[6];
+                // One destination-options header (RFC 2473's encapsulation
+                // limit, which ip6tnl and ip6gre send by default) is looked
+                // through; its first byte is the next header.
+                if next == IPV6_NEXTHDR_DSTOPTS {
+                    next = bytes::<1>(ctx, l3 + 40).ok_or(XdpCounter::PassTruncated)?[0];
+                }
                 if next == IPV6_NEXTHDR_FRAGMENT {
                     return Err(XdpCounter::PassFragment);
                 }
-                if next != IPPROTO_GRE && next != IPPROTO_IPIP {
+                // GRE, IPv4 in IPv6 (ipip6), IPv6 in IPv6 (ip6ip6).
+                if next != IPPROTO_GRE && next != IPPROTO_IPIP && next != IPPROTO_IPV6 {
                     return Err(if is_ipv6_ext_header(next) {
                         XdpCounter::PassIpv6ExtHeader
                     } else {

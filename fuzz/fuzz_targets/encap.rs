@@ -17,8 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&knobs, packet)) = data.split_first() else { return };
     let t = TunnelTx {
         mode: if knobs & 1 == 0 { Mode::Gre } else { Mode::Ipip },
-        local: Ipv4Addr::new(192, 168, 0, 8),
-        remote: Ipv4Addr::new(192, 168, 0, 58),
+        // IPv4 or IPv6 underlay, the latter with or without the
+        // encapsulation-limit option.
+        local: if data.len() % 3 == 0 { "2001:db8::8".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 8).into() },
+        remote: if data.len() % 3 == 0 { "2001:db8::58".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 58).into() },
+        encap_limit: (data.len() % 2 == 0).then_some(4),
         okey: (knobs & 2 != 0).then_some(0x0102_0304),
         ocsum: knobs & 4 != 0,
         // Sequence numbers with the key; TOS, DF and ignore-df follow the

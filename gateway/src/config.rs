@@ -76,6 +76,7 @@ struct RawTunnel {
     tos: Option<toml::Value>,
     pmtudisc: Option<bool>,
     ignore_df: Option<bool>,
+    encaplimit: Option<toml::Value>,
     mtu: Option<i64>,
     device: Option<String>,
     device_kind: Option<String>,
@@ -231,6 +232,10 @@ pub struct TunnelConfig {
     pub pmtudisc: bool,
     /// With `pmtudisc = false`: never set DF on the outer header.
     pub ignore_df: bool,
+    /// IPv6 underlay: the Tunnel Encapsulation Limit option sent in a
+    /// destination-options header (RFC 2473), 4 by default as the kernel's
+    /// ip6tnl and ip6gre; `None`: no option ("none").
+    pub encap_limit: Option<u8>,
     /// `None`: the underlay's MTU less the tunnel overhead, found at start.
     pub mtu: Option<u16>,
     pub device: String,
@@ -248,7 +253,7 @@ impl TunnelConfig {
     pub fn overhead(&self) -> u16 {
         let ip = match self.local {
             IpAddr::V4(_) => 20,
-            IpAddr::V6(_) => 40,
+            IpAddr::V6(_) => 40 + if self.encap_limit.is_some() { 8 } else { 0 },
         };
         let gre = match self.mode {
             Mode::Ipip | Mode::Sit => 0,
@@ -601,6 +606,22 @@ fn parse_key(field: &str, v: &toml::Value) -> Result<u32, ConfigError> {
     }
 }
 
+fn v4_equivalent(mode: &str) -> &'static str {
+    match mode {
+        "ip6gretap" => "gretap",
+        "ip6ip6" => "sit",
+        "ipip6" => "ipip",
+        _ => "gre",
+    }
+}
+
+fn v6_equivalent(mode: &str) -> &'static str {
+    match mode {
+        "sit" => "ip6ip6",
+        _ => "ipip6",
+    }
+}
+
 fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> {
     let name = t.name.ok_or_else(|| {
         err(
@@ -622,16 +643,20 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             "ipip" => Mode::Ipip,
             "gretap" => Mode::Gretap,
             "sit" => Mode::Sit,
-            "ip6gre" | "ip6gretap" | "ip6ip6" | "ipip6" | "ip6tnl" => return Err(err(
+            // The IPv6-underlay names of the kernel's ip6gre and ip6tnl: the
+            // same encapsulations with an IPv6 outer header.
+            "ip6gre" => Mode::Gre,
+            "ip6gretap" => Mode::Gretap,
+            "ip6ip6" => Mode::Sit,
+            "ipip6" => Mode::Ipip,
+            "ip6tnl" => return Err(err(
                 f("mode"),
-                format!(
-                    "{mode_s:?} is not supported yet; use \"gre\", \"gretap\", \"ipip\" or \"sit\""
-                ),
+                "\"ip6tnl\" is a device type; name the mode: \"ip6ip6\" (IPv6 inside) or \"ipip6\" (IPv4 inside)",
             )),
             other => return Err(err(
                 f("mode"),
                 format!(
-                    "{other:?} is not a tunnel mode; use \"gre\", \"gretap\", \"ipip\" or \"sit\""
+                    "{other:?} is not a tunnel mode; use \"gre\", \"gretap\", \"ipip\", \"sit\", \"ip6gre\", \"ip6gretap\", \"ip6ip6\" or \"ipip6\""
                 ),
             )),
         };
@@ -661,15 +686,33 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
                 format!("{a} cannot be a tunnel endpoint; use a unicast address"),
             ));
         }
-        if a.is_ipv6() {
-            return Err(err(
-                f(k),
-                format!("{a}: an IPv6 underlay (ip6gre/ip6tnl) is not supported yet; use IPv4 addresses"),
-            ));
-        }
     }
     if local == remote {
         return Err(err(f("remote"), "equals local; use the peer's address"));
+    }
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Err(err(
+            f("remote"),
+            "is of another address family than local; use the same",
+        ));
+    }
+    // Mode names that say which underlay they run on.
+    let v6_names = ["ip6gre", "ip6gretap", "ip6ip6", "ipip6"];
+    let v4_names = ["ipip", "sit"];
+    if local.is_ipv4() && v6_names.contains(&mode_s.as_str()) {
+        return Err(err(
+            f("local"),
+            format!(
+                "mode {mode_s:?} runs over IPv6; use IPv6 endpoints, or mode {:?}",
+                v4_equivalent(&mode_s)
+            ),
+        ));
+    }
+    if local.is_ipv6() && v4_names.contains(&mode_s.as_str()) {
+        return Err(err(
+            f("local"),
+            format!("mode {mode_s:?} runs over IPv4; use IPv4 endpoints, or mode {:?} for an IPv6 underlay", v6_equivalent(&mode_s)),
+        ));
     }
 
     let gre_only = |k: &str, present: bool| -> Result<(), ConfigError> {
@@ -766,6 +809,34 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
             format!("{n} needs pmtudisc (a fixed TTL implies DF, as the kernel says: \"ttl != 0 and nopmtudisc are incompatible\"); use ttl = \"inherit\" or remove pmtudisc = false"),
         ));
     }
+    if local.is_ipv6() && (t.pmtudisc.is_some() || t.ignore_df.is_some()) {
+        return Err(err(
+            f(if t.pmtudisc.is_some() {
+                "pmtudisc"
+            } else {
+                "ignore_df"
+            }),
+            "IPv6 has no DF bit (an IPv6 underlay never fragments in transit); remove it",
+        ));
+    }
+    let encap_limit = match (&t.encaplimit, local.is_ipv6()) {
+        (None, true) => Some(4),
+        (None, false) => None,
+        (Some(_), false) => {
+            return Err(err(
+                f("encaplimit"),
+                "applies to an IPv6 underlay only; remove it",
+            ))
+        }
+        (Some(toml::Value::String(s)), true) if s == "none" => None,
+        (Some(toml::Value::Integer(n)), true) if (0..=255).contains(n) => Some(*n as u8),
+        (Some(v), true) => {
+            return Err(err(
+                f("encaplimit"),
+                format!("{} is not valid; use 0..=255 or \"none\"", show(v)),
+            ))
+        }
+    };
     if ignore_df && pmtudisc {
         return Err(err(
             f("ignore_df"),
@@ -904,6 +975,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         tos,
         pmtudisc,
         ignore_df,
+        encap_limit,
         mtu,
         device,
         device_kind,
@@ -1026,7 +1098,32 @@ peer = "20.1.1.2"
             "local = \"192.168.0.8\"",
             "local = \"2001:db8::8\"",
         ));
-        assert!(e.contains("IPv6 underlay"), "{e}");
+        assert!(e.contains(".remote") && e.contains("address family"), "{e}");
+    }
+
+    #[test]
+    fn an_ipv6_underlay_takes_the_kernels_ip6_names_and_encaplimit() {
+        let t = |mode: &str, extra: &str| {
+            Config::parse(&format!(
+                "[[tunnel]]\nname = \"t\"\nmode = \"{mode}\"\nlocal = \"2001:db8::8\"\nremote = \"2001:db8::58\"\ndevice = \"t6\"\n{extra}"
+            ))
+        };
+        let c = t("ip6gre", "").unwrap().tunnels.remove(0);
+        assert_eq!((c.mode, c.encap_limit), (Mode::Gre, Some(4)));
+        assert_eq!(c.overhead(), 40 + 8 + 4);
+        let c = t("ip6ip6", "device_kind = \"tun\"\nencaplimit = \"none\"\n")
+            .unwrap()
+            .tunnels
+            .remove(0);
+        assert_eq!((c.mode, c.encap_limit, c.overhead()), (Mode::Sit, None, 40));
+        assert_eq!(t("ipip6", "").unwrap().tunnels[0].mode, Mode::Ipip);
+        assert_eq!(t("gre", "").unwrap().tunnels[0].mode, Mode::Gre);
+        let e = t("ipip", "").unwrap_err();
+        assert!(e.message.contains("ipip6"), "{e}");
+        let e = t("ip6gre", "pmtudisc = false\n").unwrap_err();
+        assert!(e.field.ends_with(".pmtudisc"), "{e}");
+        let e = t("ip6gre", "encaplimit = 300\n").unwrap_err();
+        assert!(e.field.ends_with(".encaplimit"), "{e}");
     }
 
     #[test]

@@ -86,21 +86,28 @@ pub fn decap(
         }
         ethernet::EtherType::Ipv6 => {
             let ip = ipv6::Packet::new_checked(&frame[l3..]).map_err(outer_error)?;
-            let proto = u8::from(ip.next_header());
-            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP {
-                return Err(match ip.next_header() {
-                    IpProtocol::Unknown(0 | 43 | 44 | 60 | 51 | 135) => {
-                        DropReason::OuterIpv6ExtHeader
-                    }
+            let end = l3 + ip.total_len();
+            let mut start = l3 + ipv6::HEADER_LEN;
+            let mut proto = u8::from(ip.next_header());
+            // One destination-options header, as ip6tnl and ip6gre send
+            // by default (RFC 2473's encapsulation limit), is stepped over.
+            if proto == IPV6_DSTOPTS {
+                let opts = frame.get(start..start + 2).ok_or(DropReason::Truncated)?;
+                let len = (usize::from(opts[1]) + 1) * 8;
+                proto = opts[0];
+                start += len;
+                if start > end {
+                    return Err(DropReason::OuterMalformed);
+                }
+            }
+            if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
+                return Err(match proto {
+                    0 | 43 | 44 | 60 | 51 | 135 => DropReason::OuterIpv6ExtHeader,
                     _ => DropReason::NotTunnelProtocol,
                 });
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
-            (
-                key,
-                l3 + ipv6::HEADER_LEN..l3 + ip.total_len(),
-                ip.traffic_class() & ECN_MASK,
-            )
+            (key, start..end, ip.traffic_class() & ECN_MASK)
         }
         _ => return Err(DropReason::NotIp),
     };
@@ -280,6 +287,7 @@ pub fn decap(
 }
 
 const ECN_MASK: u8 = 0x03;
+const IPV6_DSTOPTS: u8 = 60;
 const ECN_CE: u8 = 0x03;
 
 fn outer_error(e: Error) -> DropReason {

@@ -18,8 +18,11 @@ use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, IpProtocol};
 #[derive(Debug, Clone)]
 pub struct TunnelTx {
     pub mode: Mode,
-    pub local: Ipv4Addr,
-    pub remote: Ipv4Addr,
+    /// The outer addresses, both IPv4 or both IPv6.
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    /// IPv6 outer: the Tunnel Encapsulation Limit option to send (RFC 2473).
+    pub encap_limit: Option<u8>,
     pub okey: Option<u32>,
     pub ocsum: bool,
     /// `oseq`: the last sequence number sent, shared by every worker that
@@ -56,11 +59,27 @@ impl TunnelTx {
     /// Bytes of outer headers: Ethernet, IPv4 and GRE with its options.
     pub fn outer_len(&self) -> usize {
         ethernet::HEADER_LEN
-            + ipv4::HEADER_LEN
+            + self.outer_ip_len()
             + match self.mode {
                 Mode::Ipip | Mode::Sit => 0,
                 Mode::Gre | Mode::Gretap => self.gre_repr(ethernet::EtherType::Ipv4).header_len(),
             }
+    }
+
+    /// The outer IP header: IPv4, or IPv6 with the encapsulation-limit
+    /// destination option when there is one.
+    fn outer_ip_len(&self) -> usize {
+        match self.local {
+            IpAddr::V4(_) => ipv4::HEADER_LEN,
+            IpAddr::V6(_) => {
+                ipv6::HEADER_LEN
+                    + if self.encap_limit.is_some() {
+                        DSTOPT_LEN
+                    } else {
+                        0
+                    }
+            }
+        }
     }
 
     /// Where a read from the device must land in the frame so that the
@@ -241,7 +260,6 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
         }
     }
     let payload_len = inner_start + inner_len - at;
-    at -= ipv4::HEADER_LEN;
     // DSCP fixed or inherited; ECN per RFC 6040 normal mode: copied, but
     // never CE onto the outer header (CE is sent as ECT(0)).
     let inner_ecn = inner.tos & 0x03;
@@ -250,39 +268,86 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
         Tos::Fixed(v) => v,
         Tos::Inherit => inner.tos,
     } & !0x03;
-    // The kernel's DF: always with pmtudisc; otherwise the inner IPv4
-    // packet's, unless ignore_df.
-    let dont_frag = t.pmtudisc || (!t.ignore_df && inner.df);
-    let repr = ipv4::Repr {
-        src: t.local,
-        dst: t.remote,
-        protocol: match t.mode {
-            Mode::Gre | Mode::Gretap => IpProtocol::Gre,
-            Mode::Ipip => IpProtocol::Ipip,
-            Mode::Sit => IpProtocol::Ipv6,
-        },
-        payload_len,
-        ttl: match t.ttl {
-            Ttl::Fixed(v) => v,
-            Ttl::Inherit => inner.ttl,
-        },
-        dscp_ecn: dscp | ecn,
-        dont_frag,
-        ident,
+    let protocol = match t.mode {
+        Mode::Gre | Mode::Gretap => IpProtocol::Gre,
+        Mode::Ipip => IpProtocol::Ipip,
+        Mode::Sit => IpProtocol::Ipv6,
     };
-    repr.emit(&mut ipv4::Packet::new_unchecked(&mut buf[at..]));
+    let ttl = match t.ttl {
+        Ttl::Fixed(v) => v,
+        Ttl::Inherit => inner.ttl,
+    };
+    let ethertype = match (t.local, t.remote) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            at -= ipv4::HEADER_LEN;
+            // The kernel's DF: always with pmtudisc; otherwise the inner
+            // IPv4 packet's, unless ignore_df.
+            let dont_frag = t.pmtudisc || (!t.ignore_df && inner.df);
+            ipv4::Repr {
+                src,
+                dst,
+                protocol,
+                payload_len,
+                ttl,
+                dscp_ecn: dscp | ecn,
+                dont_frag,
+                ident,
+            }
+            .emit(&mut ipv4::Packet::new_unchecked(&mut buf[at..]));
+            ethernet::EtherType::Ipv4
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut next_header = protocol;
+            let mut payload_len = payload_len;
+            if let Some(limit) = t.encap_limit {
+                // RFC 2473's destination option, laid out as the kernel
+                // sends it: TEL (type 4, length 1) then a PadN of 1.
+                at -= DSTOPT_LEN;
+                buf[at..at + DSTOPT_LEN].copy_from_slice(&[
+                    u8::from(protocol),
+                    0,
+                    4,
+                    1,
+                    limit,
+                    1,
+                    1,
+                    0,
+                ]);
+                next_header = IpProtocol::Unknown(IPV6_DSTOPTS);
+                payload_len += DSTOPT_LEN;
+            }
+            at -= ipv6::HEADER_LEN;
+            let mut p = ipv6::Packet::new_unchecked(&mut buf[at..]);
+            ipv6::Repr {
+                src,
+                dst,
+                next_header,
+                payload_len,
+                hop_limit: ttl,
+            }
+            .emit(&mut p);
+            p.set_traffic_class(dscp | ecn);
+            ethernet::EtherType::Ipv6
+        }
+        // The configuration keeps both endpoints of one family.
+        _ => return Verdict::Drop(DropReason::TxMalformed),
+    };
     at -= ethernet::HEADER_LEN;
     debug_assert_eq!(at, 0);
     ethernet::Repr {
         dst: hop.dst,
         src: hop.src,
-        ethertype: ethernet::EtherType::Ipv4,
+        ethertype,
     }
     .emit(&mut ethernet::Frame::new_unchecked(&mut buf[at..]));
     Verdict::Transmit {
         len: inner_start + inner_len,
     }
 }
+
+/// A destination-options header with the encapsulation limit: 8 bytes.
+const DSTOPT_LEN: usize = 8;
+const IPV6_DSTOPTS: u8 = 60;
 
 /// gretap: the whole Ethernet frame read from the tap goes into the
 /// tunnel, whatever it carries (ARP, broadcast, multicast: it is a bridge
@@ -565,8 +630,9 @@ mod tests {
     fn tunnel(mode: Mode, kind: DeviceKind) -> TunnelTx {
         TunnelTx {
             mode,
-            local: Ipv4Addr::new(192, 168, 0, 8),
-            remote: Ipv4Addr::new(192, 168, 0, 58),
+            local: Ipv4Addr::new(192, 168, 0, 8).into(),
+            remote: Ipv4Addr::new(192, 168, 0, 58).into(),
+            encap_limit: None,
             okey: None,
             ocsum: false,
             oseq: None,

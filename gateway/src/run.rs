@@ -179,13 +179,11 @@ impl Slot {
 
     fn tx(&self) -> TunnelTx {
         let t = &self.cfg;
-        let (IpAddr::V4(local), IpAddr::V4(remote)) = (t.local, t.remote) else {
-            unreachable!("checked by underlay_v4 before the slot was made")
-        };
         TunnelTx {
             mode: t.mode,
-            local,
-            remote,
+            local: t.local,
+            remote: t.remote,
+            encap_limit: t.encap_limit,
             okey: t.okey,
             ocsum: t.ocsum,
             oseq: self.oseq.clone(),
@@ -212,16 +210,6 @@ impl Slot {
     }
 }
 
-fn underlay_v4(t: &TunnelConfig) -> anyhow::Result<()> {
-    if !(t.local.is_ipv4() && t.remote.is_ipv4()) {
-        bail!(
-            "tunnel \"{}\": an IPv6 underlay is not supported yet",
-            t.name
-        );
-    }
-    Ok(())
-}
-
 /// Opens (creating if needed) the device of `t` with one queue per worker.
 fn open_slot(
     nl: &Netlink,
@@ -230,7 +218,6 @@ fn open_slot(
     workers: usize,
     peer_id: usize,
 ) -> anyhow::Result<(Slot, Vec<OwnedFd>)> {
-    underlay_v4(t)?;
     let mtu = tunnel_mtu(t, underlay_mtu)?;
     let dev = open_device(nl, t, mtu, workers)?;
     let device_mac = match t.device_kind {
@@ -655,7 +642,6 @@ impl Gateway {
         // Which running tunnel each new one continues, by device.
         let mut reuse: Vec<Option<usize>> = Vec::with_capacity(new.tunnels.len());
         for t in &new.tunnels {
-            underlay_v4(t)?;
             tunnel_mtu(t, self.underlay.mtu)?;
             let old = self
                 .slots
