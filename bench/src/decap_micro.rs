@@ -156,6 +156,7 @@ fn main() {
         local: Ipv4Addr::new(192, 168, 0, 8).into(),
         remote: Ipv4Addr::new(192, 168, 0, 58).into(),
         encap_limit: None,
+        path_mtu: Default::default(),
         okey: None,
         ocsum: false,
         oseq: None,

@@ -32,6 +32,9 @@ mod prog {
     const ETH_P_8021Q: u16 = 0x8100;
     const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
     const IPV6_NEXTHDR_DSTOPTS: u8 = 60;
+    const IPPROTO_ICMP: u8 = 1;
+    const ICMP_DEST_UNREACH: u8 = 3;
+    const ICMP_FRAG_NEEDED: u8 = 4;
 
     #[map(name = "ENDPOINTS")]
     static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -138,6 +141,9 @@ mod prog {
                     return Err(XdpCounter::PassNotIp);
                 }
                 let proto = ip[9];
+                if proto == IPPROTO_ICMP {
+                    return icmp_about_a_tunnel(ctx, l3, ip[0] & 0x0f);
+                }
                 // GRE, IPIP, and IPv6 in IPv4 (sit).
                 if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                     return Err(XdpCounter::PassOtherProto);
@@ -188,6 +194,37 @@ mod prog {
         match unsafe { ENDPOINTS.get(&key) } {
             Some(_) => Ok(()),
             None => Err(XdpCounter::PassNoEndpoint),
+        }
+    }
+
+    /// An ICMP "fragmentation needed" whose quoted packet is one the gateway
+    /// sent on a configured tunnel (source = a tunnel's local address,
+    /// destination = its remote, a tunnel protocol) goes to the gateway,
+    /// which lowers that path's MTU; every other ICMP message, to the
+    /// kernel. Only outer headers without options are looked into.
+    #[inline(always)]
+    fn icmp_about_a_tunnel(ctx: &XdpContext, l3: usize, ihl: u8) -> Result<(), XdpCounter> {
+        if ihl != 5 {
+            return Err(XdpCounter::PassOtherProto);
+        }
+        let icmp = bytes::<8>(ctx, l3 + 20).ok_or(XdpCounter::PassOtherProto)?;
+        if icmp[0] != ICMP_DEST_UNREACH || icmp[1] != ICMP_FRAG_NEEDED {
+            return Err(XdpCounter::PassOtherProto);
+        }
+        let quoted = bytes::<20>(ctx, l3 + 28).ok_or(XdpCounter::PassOtherProto)?;
+        let proto = quoted[9];
+        if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
+            return Err(XdpCounter::PassOtherProto);
+        }
+        let key = EndpointKey::v4(
+            [quoted[12], quoted[13], quoted[14], quoted[15]],
+            [quoted[16], quoted[17], quoted[18], quoted[19]],
+            proto,
+        );
+        // SAFETY: as in `classify`: a plain value, not kept.
+        match unsafe { ENDPOINTS.get(&key) } {
+            Some(_) => Ok(()),
+            None => Err(XdpCounter::PassOtherProto),
         }
     }
 

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
         local: if data.len() % 3 == 0 { "2001:db8::8".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 8).into() },
         remote: if data.len() % 3 == 0 { "2001:db8::58".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 58).into() },
         encap_limit: (data.len() % 2 == 0).then_some(4),
+        path_mtu: Default::default(),
         okey: (knobs & 2 != 0).then_some(0x0102_0304),
         ocsum: knobs & 4 != 0,
         // Sequence numbers with the key; TOS, DF and ignore-df follow the

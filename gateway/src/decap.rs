@@ -5,7 +5,7 @@
 
 use crate::drop_reason::DropReason;
 use crate::tunnel::{endpoint_key, DeviceKind, LookupError, Mode, TunnelId, TunnelTable};
-use crate::wire::{ethernet, gre, ipv4, ipv6, Error, IpProtocol};
+use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, Error, IpProtocol};
 use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6};
 
 /// A packet to deliver: `frame[offset..offset + len]` goes to the device of
@@ -15,10 +15,22 @@ pub struct Delivery {
     pub tunnel: TunnelId,
     pub offset: usize,
     pub len: usize,
+    pub kind: Kind,
+}
+
+/// What a delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A packet for the tunnel's device.
+    Device,
     /// A GRE keepalive: `frame[offset..offset + len]` is an IPv4 packet
     /// from the tunnel's local address to its remote, to be sent back on
     /// the underlay (as the kernel would route it), not into the device.
-    pub keepalive: bool,
+    Keepalive,
+    /// An ICMP "fragmentation needed" about a packet the gateway sent on
+    /// this tunnel's path: the path's MTU is now at most `mtu` (nothing to
+    /// deliver; `offset` and `len` are 0).
+    PathMtu { mtu: u16 },
 }
 
 /// What decapsulation remembers between packets, per worker: the next
@@ -74,6 +86,11 @@ pub fn decap(
                 return Err(DropReason::OuterFragment);
             }
             let proto = u8::from(ip.protocol());
+            if proto == IPPROTO_ICMP {
+                let start = l3 + ip.header_len();
+                let end = l3 + usize::from(ip.total_len());
+                return path_mtu_from_icmp(&frame[start..end], table);
+            }
             if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                 return Err(DropReason::NotTunnelProtocol);
             }
@@ -177,7 +194,7 @@ pub fn decap(
             tunnel,
             offset: inner_start,
             len,
-            keepalive: false,
+            kind: Kind::Device,
         });
     };
     let rest = &frame[inner_start..payload.end];
@@ -206,7 +223,7 @@ pub fn decap(
                     tunnel,
                     offset: inner_start,
                     len,
-                    keepalive: true,
+                    kind: Kind::Keepalive,
                 });
             }
             (
@@ -259,7 +276,7 @@ pub fn decap(
             tunnel,
             offset: inner_start,
             len: inner_len,
-            keepalive: false,
+            kind: Kind::Device,
         }),
         DeviceKind::Tap => {
             // The outer Ethernet and IP headers (at least 34 bytes) lie in
@@ -280,11 +297,50 @@ pub fn decap(
                 tunnel,
                 offset,
                 len: inner_len + ethernet::HEADER_LEN,
-                keepalive: false,
+                kind: Kind::Device,
             })
         }
     }
 }
+
+/// An ICMP "fragmentation needed" from a router on the path (RFC 1191),
+/// about a packet the gateway sent: the tunnel with the quoted packet's
+/// endpoints, and the MTU it reports (no lower than the kernel's
+/// `min_pmtu`, 552).
+fn path_mtu_from_icmp(icmp: &[u8], table: &TunnelTable) -> Result<Delivery, DropReason> {
+    const ICMP_HEADER: usize = 8;
+    if icmp.len() < ICMP_HEADER + ipv4::HEADER_LEN || !checksum::verify(icmp) {
+        return Err(DropReason::IcmpMalformed);
+    }
+    if icmp[0] != 3 || icmp[1] != 4 {
+        return Err(DropReason::NotTunnelProtocol);
+    }
+    let mtu = u16::from_be_bytes([icmp[6], icmp[7]]);
+    let quoted = &icmp[ICMP_HEADER..];
+    if quoted[0] >> 4 != 4 || mtu < 68 {
+        return Err(DropReason::IcmpMalformed);
+    }
+    let src = std::net::Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]);
+    let dst = std::net::Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]);
+    // What we sent: from our local address to the remote.
+    let key = endpoint_key(src.into(), dst.into(), quoted[9]);
+    let tunnel = table
+        .any_on_endpoint(&key)
+        .ok_or(DropReason::UnknownEndpoint)?;
+    Ok(Delivery {
+        tunnel,
+        offset: 0,
+        len: 0,
+        kind: Kind::PathMtu {
+            mtu: mtu.max(MIN_PMTU),
+        },
+    })
+}
+
+/// The kernel's `net.ipv4.route.min_pmtu` default.
+pub const MIN_PMTU: u16 = 552;
+
+const IPPROTO_ICMP: u8 = 1;
 
 const ECN_MASK: u8 = 0x03;
 const IPV6_DSTOPTS: u8 = 60;
@@ -721,7 +777,7 @@ mod tests {
         inner[10..12].copy_from_slice(&c.to_be_bytes());
         let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
         let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
-        assert!(d.keepalive);
+        assert_eq!(d.kind, Kind::Keepalive);
         assert_eq!(d.tunnel, 0);
         let out = ipv4::Packet::new_checked(&f[d.offset..d.offset + d.len]).unwrap();
         assert_eq!(out.ttl(), 254, "forwarded: one hop less");
@@ -730,7 +786,7 @@ mod tests {
         // Not over IPIP, and not when the TTL is spent.
         let mut f = outer_v4(4, &inner);
         assert_ne!(
-            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.keepalive),
+            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.kind == Kind::Keepalive),
             Ok(true)
         );
         inner[8] = 1;
@@ -804,6 +860,45 @@ mod tests {
         assert_eq!(
             decap(&mut f, &table, &mut RxState::new(1)),
             Err(DropReason::InnerMalformed)
+        );
+    }
+
+    #[test]
+    fn fragmentation_needed_about_a_tunnel_packet_reports_the_path_mtu() {
+        // What a router sends back: ICMP 3/4 with the MTU, quoting our
+        // outer header (local -> remote, GRE) and 8 bytes after it.
+        let icmp = |mtu: u16, src: Ipv4Addr| {
+            let mut m = vec![3, 4, 0, 0, 0, 0];
+            m.extend_from_slice(&mtu.to_be_bytes());
+            let mut quoted = outer_v4(47, &[0u8; 8])[14..].to_vec();
+            quoted[12..16].copy_from_slice(&src.octets());
+            quoted[16..20].copy_from_slice(&REMOTE.octets());
+            m.extend_from_slice(&quoted);
+            let c = checksum::checksum(&m);
+            m[2..4].copy_from_slice(&c.to_be_bytes());
+            m
+        };
+        let mut f = outer_v4(1, &icmp(1300, LOCAL));
+        let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
+        assert_eq!(d.kind, Kind::PathMtu { mtu: 1300 });
+        // Below the kernel's min_pmtu: taken as 552.
+        let mut f = outer_v4(1, &icmp(300, LOCAL));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)).unwrap().kind,
+            Kind::PathMtu { mtu: 552 }
+        );
+        // About somebody else's packet; with a wrong checksum.
+        let mut f = outer_v4(1, &icmp(1300, Ipv4Addr::new(192, 168, 0, 99)));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::UnknownEndpoint)
+        );
+        let mut bad = icmp(1300, LOCAL);
+        bad[2] ^= 1;
+        let mut f = outer_v4(1, &bad);
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::IcmpMalformed)
         );
     }
 }

@@ -50,6 +50,9 @@ pub enum DropReason {
     KeepaliveTtlExpired,
     /// A GRE keepalive to answer, but the tunnel's next hop is not resolved.
     KeepaliveNoNeighbour,
+    /// An ICMP error about a tunnel packet that is too short, has a wrong
+    /// checksum or an impossible MTU.
+    IcmpMalformed,
     /// Inner packet of the wrong IP version or with inconsistent lengths.
     InnerMalformed,
     /// Inner packet larger than the device takes.
@@ -96,7 +99,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 39;
+    pub const COUNT: usize = 40;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -120,6 +123,7 @@ impl DropReason {
         DropReason::EcnCeOnNotEct,
         DropReason::KeepaliveTtlExpired,
         DropReason::KeepaliveNoNeighbour,
+        DropReason::IcmpMalformed,
         DropReason::InnerMalformed,
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
@@ -169,6 +173,7 @@ impl DropReason {
             DropReason::EcnCeOnNotEct => "ecn_ce_on_not_ect",
             DropReason::KeepaliveTtlExpired => "keepalive_ttl_expired",
             DropReason::KeepaliveNoNeighbour => "keepalive_no_neighbour",
+            DropReason::IcmpMalformed => "icmp_malformed",
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",

@@ -6,7 +6,7 @@
 //! too big for the tunnel, which get ICMP back into the device.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Tos, Ttl};
@@ -28,6 +28,9 @@ pub struct TunnelTx {
     /// `oseq`: the last sequence number sent, shared by every worker that
     /// sends on this tunnel (and kept across reloads).
     pub oseq: Option<Arc<AtomicU32>>,
+    /// The path MTU the underlay reported (ICMP fragmentation needed),
+    /// shared by the workers and kept across reloads.
+    pub path_mtu: Arc<PathMtu>,
     pub ttl: Ttl,
     pub tos: Tos,
     /// Outer DF always set; without it DF follows an IPv4 inner packet
@@ -91,6 +94,37 @@ impl TunnelTx {
             (Mode::Gretap, _) | (_, DeviceKind::Tun) => self.outer_len(),
             (_, DeviceKind::Tap) => self.outer_len() - ethernet::HEADER_LEN,
         }
+    }
+}
+
+/// A path MTU learned from an ICMP error, and until when it holds (the
+/// kernel's `mtu_expires`: ten minutes), in one atomic: the expiry in
+/// [`crate::clock`] seconds above, the MTU below.
+#[derive(Debug, Default)]
+pub struct PathMtu(AtomicU64);
+
+/// How long a learned path MTU holds, as the kernel's
+/// `net.ipv4.route.mtu_expires`.
+pub const PATH_MTU_EXPIRES: u32 = 600;
+
+impl PathMtu {
+    /// The path MTU, if one was learned and has not expired by `now`.
+    #[inline]
+    pub fn get(&self, now: u32) -> Option<u16> {
+        let v = self.0.load(Ordering::Relaxed);
+        let (until, mtu) = ((v >> 32) as u32, v as u16);
+        (mtu != 0 && until > now).then_some(mtu)
+    }
+
+    /// Takes `mtu` when it is lower than the one in force (or none is).
+    pub fn lower(&self, mtu: u16, now: u32) -> bool {
+        if self.get(now).is_some_and(|m| m <= mtu) {
+            return false;
+        }
+        let until = u64::from(now.saturating_add(PATH_MTU_EXPIRES));
+        self.0
+            .store(until << 32 | u64::from(mtu), Ordering::Relaxed);
+        true
     }
 }
 
@@ -203,9 +237,18 @@ pub fn encap(
         }
     };
 
-    if inner_len > usize::from(t.mtu) {
+    // The tunnel MTU, or less when the underlay reported a smaller path
+    // MTU (what is left of it after the outer headers), as the kernel's
+    // tunnels do (tnl_update_pmtu).
+    let mtu = match t.path_mtu.get(crate::clock::now()) {
+        Some(p) => t
+            .mtu
+            .min(p.saturating_sub((t.outer_len() - ethernet::HEADER_LEN) as u16)),
+        None => t.mtu,
+    };
+    if inner_len > usize::from(mtu) {
         if inner_df {
-            return too_big(buf, off, inner_start, inner_len, family, t);
+            return too_big(buf, off, inner_start, inner_len, family, t, mtu);
         }
         return Verdict::Drop(DropReason::TxTooBig);
     }
@@ -522,6 +565,8 @@ fn too_big(
     inner_len: usize,
     family: ethernet::EtherType,
     t: &TunnelTx,
+
+    mtu: u16,
 ) -> Verdict {
     let (ip_hdr, icmp_hdr, max_total) = match family {
         ethernet::EtherType::Ipv4 => (ipv4::HEADER_LEN, 8, 576),
@@ -562,7 +607,7 @@ fn too_big(
             icmp[1] = 4; // fragmentation needed and DF set
             icmp[2..4].copy_from_slice(&[0, 0]);
             icmp[4..6].copy_from_slice(&[0, 0]);
-            icmp[6..8].copy_from_slice(&t.mtu.to_be_bytes());
+            icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
             let c = checksum::checksum(&buf[ip_at + ip_hdr..quoted_at + quoted]);
             buf[ip_at + ip_hdr + 2..ip_at + ip_hdr + 4].copy_from_slice(&c.to_be_bytes());
             ipv4::Repr {
@@ -582,7 +627,7 @@ fn too_big(
             icmp[0] = 2; // packet too big
             icmp[1] = 0;
             icmp[2..4].copy_from_slice(&[0, 0]);
-            icmp[4..8].copy_from_slice(&u32::from(t.mtu.max(1280)).to_be_bytes());
+            icmp[4..8].copy_from_slice(&u32::from(mtu.max(1280)).to_be_bytes());
             let c = icmpv6_checksum(
                 &from.octets(),
                 &to.octets(),
@@ -633,6 +678,7 @@ mod tests {
             local: Ipv4Addr::new(192, 168, 0, 8).into(),
             remote: Ipv4Addr::new(192, 168, 0, 58).into(),
             encap_limit: None,
+            path_mtu: Default::default(),
             okey: None,
             ocsum: false,
             oseq: None,
@@ -862,6 +908,29 @@ mod tests {
             panic!()
         };
         assert_eq!(ipv4::Packet::new_checked(&buf[14..len]).unwrap().ttl(), 33);
+    }
+
+    #[test]
+    fn a_learned_path_mtu_lowers_what_fits_and_expires() {
+        let t = tunnel(Mode::Gre, DeviceKind::Tun);
+        let pkt = inner(1300, 64); // 1328 bytes, DF set
+        let (mut buf, n) = read_into(&t, &pkt);
+        assert!(matches!(
+            encap(&mut buf, n, &t, Some(HOP), 1),
+            Verdict::Transmit { .. }
+        ));
+        assert!(t.path_mtu.lower(1300, crate::clock::now()));
+        assert!(!t.path_mtu.lower(1400, crate::clock::now()), "only lowered");
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Reply { offset, .. } = encap(&mut buf, n, &t, Some(HOP), 1) else {
+            panic!("not refused")
+        };
+        // ICMP fragmentation needed with what fits: 1300 less IPv4 and GRE.
+        let icmp = &buf[offset + 20..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1300 - 24);
+        // Ten minutes on, the tunnel MTU holds again.
+        assert_eq!(t.path_mtu.get(crate::clock::now() + PATH_MTU_EXPIRES), None);
     }
 
     #[test]

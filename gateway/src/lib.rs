@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod clock;
 pub mod config;
 pub mod decap;
 pub mod drop_reason;

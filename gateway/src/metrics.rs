@@ -170,6 +170,11 @@ pub fn prometheus(s: &Value) -> String {
             "GRE keepalives answered (sent back on the underlay).",
         ),
         (
+            "gateway_worker_path_mtu_updates_total",
+            &["path_mtu_updates"][..],
+            "ICMP fragmentation-needed messages about tunnel packets taken (path MTU lowered).",
+        ),
+        (
             "gateway_worker_batches_total",
             &["batches"][..],
             "RX batches (rx_frames / batches is the mean batch size).",

@@ -149,6 +149,8 @@ struct Slot {
     peer_mac: [u8; 6],
     /// The last GRE sequence number sent (`oseq`).
     oseq: Option<Arc<AtomicU32>>,
+    /// The path MTU learned from the underlay.
+    path_mtu: Arc<crate::encap::PathMtu>,
 }
 
 impl Slot {
@@ -184,6 +186,7 @@ impl Slot {
             local: t.local,
             remote: t.remote,
             encap_limit: t.encap_limit,
+            path_mtu: self.path_mtu.clone(),
             okey: t.okey,
             ocsum: t.ocsum,
             oseq: self.oseq.clone(),
@@ -244,6 +247,7 @@ fn open_slot(
             device_mac,
             peer_mac: peer_mac(peer_id),
             oseq: t.oseq.then(|| Arc::new(AtomicU32::new(0))),
+            path_mtu: Default::default(),
         },
         dev.queues,
     ))
@@ -559,6 +563,7 @@ impl Gateway {
         }
         let mut last_check = std::time::Instant::now();
         loop {
+            crate::clock::tick();
             if last_check.elapsed() >= Duration::from_millis(500) {
                 last_check = std::time::Instant::now();
                 self.watch()?;
@@ -706,6 +711,12 @@ impl Gateway {
                                 .clone()
                                 .unwrap_or_else(|| Arc::new(AtomicU32::new(0)))
                         }),
+                        // The path is the same as long as the endpoints are.
+                        path_mtu: if (old.cfg.local, old.cfg.remote) == (t.local, t.remote) {
+                            old.path_mtu.clone()
+                        } else {
+                            Default::default()
+                        },
                     });
                     queues.push(None);
                 }

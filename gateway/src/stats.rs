@@ -39,6 +39,7 @@ pub struct WorkerStats {
     pub rx_frames: AtomicU64,
     pub delivered: AtomicU64,
     pub keepalives: AtomicU64,
+    pub path_mtu_updates: AtomicU64,
     pub batches: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
     /// Per-tunnel counters of the tunnel list in force; replaced whole when
@@ -72,6 +73,8 @@ pub struct LocalStats {
     pub delivered: u64,
     /// GRE keepalives answered (sent back on the underlay).
     pub keepalives: u64,
+    /// ICMP "fragmentation needed" about tunnel packets, taken.
+    pub path_mtu_updates: u64,
     pub batches: u64,
     pub drops: [u64; DropReason::COUNT],
     pub tunnel_rx_packets: Vec<u64>,
@@ -96,6 +99,7 @@ impl LocalStats {
             rx_frames: 0,
             delivered: 0,
             keepalives: 0,
+            path_mtu_updates: 0,
             batches: 0,
             drops: [0; DropReason::COUNT],
             tunnel_rx_packets: vec![0; tunnels],
@@ -173,6 +177,7 @@ impl WorkerStats {
             rx_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             keepalives: AtomicU64::new(0),
+            path_mtu_updates: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             tunnels: Mutex::new(Arc::new(TunnelCounters::new(tunnels))),
@@ -215,6 +220,7 @@ impl WorkerStats {
         self.rx_frames.store(l.rx_frames, Relaxed);
         self.delivered.store(l.delivered, Relaxed);
         self.keepalives.store(l.keepalives, Relaxed);
+        self.path_mtu_updates.store(l.path_mtu_updates, Relaxed);
         self.batches.store(l.batches, Relaxed);
         for (a, v) in self.drops.iter().zip(l.drops.iter()) {
             a.store(*v, Relaxed);
@@ -261,6 +267,7 @@ impl WorkerStats {
             "rx_frames": self.rx_frames.load(Relaxed),
             "delivered": self.delivered.load(Relaxed),
             "keepalives": self.keepalives.load(Relaxed),
+            "path_mtu_updates": self.path_mtu_updates.load(Relaxed),
             "tx_read": self.tx_read.load(Relaxed),
             "tx_sent": self.tx_sent.load(Relaxed),
             "tx_replies": self.tx_replies.load(Relaxed),

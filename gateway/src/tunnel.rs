@@ -254,6 +254,14 @@ impl TunnelTable {
             .find(|&id| self.tunnels[usize::from(id)].ikey == gre_key)
             .ok_or(LookupError::KeyMismatch)
     }
+
+    /// Any tunnel with these outer endpoints and protocol, whatever its
+    /// key (a path's MTU is the path's, not a key's).
+    pub fn any_on_endpoint(&self, key: &EndpointKey) -> Option<TunnelId> {
+        self.by_endpoint
+            .get(key)
+            .and_then(|ids| ids.first().copied())
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crossbeam::channel::{Receiver, Sender};
 
 use crate::config::PollMode;
-use crate::decap::{decap, RxState};
+use crate::decap::{decap, Delivery, Kind, RxState};
 use crate::drop_reason::DropReason;
 use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
@@ -247,8 +247,17 @@ impl Worker {
                 for mut frame in rx.drain(..) {
                     let data = self.xsk.data_mut(&mut frame);
                     match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
-                        Ok(d) if d.keepalive => {
+                        Ok(d) if d.kind == Kind::Keepalive => {
                             self.keepalive(&mut st, frame, d.tunnel, d.offset, d.len)
+                        }
+                        Ok(Delivery {
+                            tunnel,
+                            kind: Kind::PathMtu { mtu },
+                            ..
+                        }) => {
+                            self.path_mtu(usize::from(tunnel), mtu);
+                            st.local.path_mtu_updates += 1;
+                            self.free.push(frame);
                         }
                         Ok(d) if st.gone[usize::from(d.tunnel)] => {
                             st.local.drop(DropReason::DeviceGone);
@@ -505,6 +514,22 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// The underlay says the path of tunnel `t` carries at most `mtu`
+    /// bytes: every tunnel on that path (same endpoints) takes it.
+    fn path_mtu(&self, t: usize, mtu: u16) {
+        let tx = &self.shared.tunnels.tx;
+        let Some(this) = tx.get(t) else { return };
+        let now = crate::clock::now();
+        for other in tx
+            .iter()
+            .filter(|o| (o.local, o.remote) == (this.local, this.remote))
+        {
+            if other.path_mtu.lower(mtu, now) {
+                tracing::info!(queue = self.queue, path_mtu = mtu, remote = %this.remote, "path MTU lowered by the underlay");
+            }
+        }
     }
 
     /// Sends a GRE keepalive's inner packet, `offset..offset + len` of the

@@ -13,7 +13,7 @@ namespace and answers one JSON command per line on stdin:
 import json
 import sys
 
-from scapy.all import GRE, IP, UDP, Ether, IPv6, Raw, conf, sendp  # noqa: F401
+from scapy.all import GRE, ICMP, IP, UDP, Ether, IPv6, Raw, conf, sendp  # noqa: F401
 from scapy.utils import checksum
 
 conf.verb = 0
@@ -21,6 +21,7 @@ env = {
     "Ether": Ether,
     "IP": IP,
     "IPv6": IPv6,
+    "ICMP": ICMP,
     "GRE": GRE,
     "UDP": UDP,
     "Raw": Raw,

@@ -867,7 +867,9 @@ pub mod stats {
     /// received = delivered + counted drops, and every UMEM frame is home.
     pub fn assert_accounting(stats: &Value) {
         let rx = worker_sum(stats, "rx_frames");
-        let delivered = worker_sum(stats, "delivered") + worker_sum(stats, "keepalives");
+        let delivered = worker_sum(stats, "delivered")
+            + worker_sum(stats, "keepalives")
+            + worker_sum(stats, "path_mtu_updates");
         assert_eq!(rx, delivered + total_drops(stats), "accounting: {stats}");
         let read = worker_sum(stats, "tx_read");
         let out = worker_sum(stats, "tx_sent") + worker_sum(stats, "tx_replies");

@@ -493,6 +493,45 @@ fn send_rules_match_the_kernel() {
         "{p}"
     );
 
+    // Path MTU from the underlay: a router says the path to the remote
+    // carries 1300 bytes. A 1400-byte DF packet into the plain tunnel is
+    // then refused with fragmentation needed, carrying 1300 less the outer
+    // IPv4 and GRE headers, as the kernel's tunnels do; the sender's kernel
+    // takes that MTU for the route.
+    scapy.send(&format!(
+        "{E})/ICMP(type=3,code=4,nexthopmtu=1300)/IP(src=LOCAL,dst=REMOTE,proto=47)/GRE()"
+    ));
+    wait_until("the path MTU to be taken", Duration::from_secs(5), || {
+        worker_sum(&gw.stats(), "path_mtu_updates") == 1
+    });
+    wire.gw.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let v: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt with a live int.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&v as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        let _ = s.send_to(&[0u8; 1372], ("10.1.1.2", 9));
+    });
+    let big: Vec<_> = cap
+        .receive(usize::MAX, Duration::from_millis(300))
+        .into_iter()
+        .filter(|f| f.len() > 1400 && f[12..14] == [8, 0] && f[23] == 47)
+        .collect();
+    assert!(big.is_empty(), "a packet over the path MTU went out");
+    wait_until("the route to learn the MTU", Duration::from_secs(5), || {
+        wire.gw
+            .ip(&["route", "get", "10.1.1.2"])
+            .contains("mtu 1276")
+    });
     let s = gw.settled_stats();
+    assert_eq!(drops(&s, "tx_too_big_icmp_sent"), 1, "{s}");
+
     assert_accounting(&s);
 }
