@@ -148,10 +148,8 @@ mod prog {
                 if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                     return Err(XdpCounter::PassOtherProto);
                 }
-                // More-fragments flag or a non-zero offset.
-                if ip[6] & 0x3f != 0 || ip[7] != 0 {
-                    return Err(XdpCounter::PassFragment);
-                }
+                // Fragments go to the gateway too (every fragment's header
+                // has the addresses and protocol); it reassembles them.
                 EndpointKey::v4(
                     [ip[16], ip[17], ip[18], ip[19]],
                     [ip[12], ip[13], ip[14], ip[15]],

@@ -14,7 +14,8 @@ pub enum DropReason {
     OuterMalformed,
     /// Outer IPv4 header checksum wrong.
     OuterChecksum,
-    /// Outer IP fragment (reassembly not done).
+    /// Outer IP fragment: decap hands it to reassembly (the worker counts
+    /// it only if reassembly drops it, under a `fragment_` reason).
     OuterFragment,
     /// IPv6 extension headers before the tunnel header.
     OuterIpv6ExtHeader,
@@ -53,6 +54,17 @@ pub enum DropReason {
     /// An ICMP error about a tunnel packet that is too short, has a wrong
     /// checksum or an impossible MTU.
     IcmpMalformed,
+    /// An outer fragment that cannot be part of a datagram (a length not a
+    /// multiple of 8, data past the end, two ends, too many pieces).
+    FragmentMalformed,
+    /// Fragments overlapping: the whole datagram is dropped.
+    FragmentOverlap,
+    /// A reassembled datagram longer than the gateway reassembles.
+    FragmentTooBig,
+    /// Too many datagrams in reassembly (per worker, or per source).
+    FragmentTableFull,
+    /// A datagram not whole within the reassembly timeout.
+    FragmentTimeout,
     /// Inner packet of the wrong IP version or with inconsistent lengths.
     InnerMalformed,
     /// Inner packet larger than the device takes.
@@ -99,7 +111,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 40;
+    pub const COUNT: usize = 45;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -124,6 +136,11 @@ impl DropReason {
         DropReason::KeepaliveTtlExpired,
         DropReason::KeepaliveNoNeighbour,
         DropReason::IcmpMalformed,
+        DropReason::FragmentMalformed,
+        DropReason::FragmentOverlap,
+        DropReason::FragmentTooBig,
+        DropReason::FragmentTableFull,
+        DropReason::FragmentTimeout,
         DropReason::InnerMalformed,
         DropReason::InnerTooBig,
         DropReason::DeviceWriteError,
@@ -174,6 +191,11 @@ impl DropReason {
             DropReason::KeepaliveTtlExpired => "keepalive_ttl_expired",
             DropReason::KeepaliveNoNeighbour => "keepalive_no_neighbour",
             DropReason::IcmpMalformed => "icmp_malformed",
+            DropReason::FragmentMalformed => "fragment_malformed",
+            DropReason::FragmentOverlap => "fragment_overlap",
+            DropReason::FragmentTooBig => "fragment_too_big",
+            DropReason::FragmentTableFull => "fragment_table_full",
+            DropReason::FragmentTimeout => "fragment_timeout",
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::InnerTooBig => "inner_too_big",
             DropReason::DeviceWriteError => "device_write_error",

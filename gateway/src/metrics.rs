@@ -175,6 +175,11 @@ pub fn prometheus(s: &Value) -> String {
             "ICMP fragmentation-needed messages about tunnel packets taken (path MTU lowered).",
         ),
         (
+            "gateway_worker_fragments_merged_total",
+            &["fragments_merged"][..],
+            "Outer fragments merged into a reassembled datagram.",
+        ),
+        (
             "gateway_worker_batches_total",
             &["batches"][..],
             "RX batches (rx_frames / batches is the mean batch size).",
@@ -227,6 +232,12 @@ pub fn prometheus(s: &Value) -> String {
     ] {
         family(name, "counter", help, per_worker(path));
     }
+    family(
+        "gateway_worker_fragments_pending",
+        "gauge",
+        "Outer fragments held for reassembly now.",
+        per_worker(&["fragments_pending"]),
+    );
     let mut frames = Vec::new();
     for w in &workers {
         for place in [

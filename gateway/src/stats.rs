@@ -40,6 +40,8 @@ pub struct WorkerStats {
     pub delivered: AtomicU64,
     pub keepalives: AtomicU64,
     pub path_mtu_updates: AtomicU64,
+    pub fragments_merged: AtomicU64,
+    pub fragments_pending: AtomicU64,
     pub batches: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
     /// Per-tunnel counters of the tunnel list in force; replaced whole when
@@ -75,6 +77,10 @@ pub struct LocalStats {
     pub keepalives: u64,
     /// ICMP "fragmentation needed" about tunnel packets, taken.
     pub path_mtu_updates: u64,
+    /// Outer fragments merged into a datagram delivered with another one.
+    pub fragments_merged: u64,
+    /// Outer fragments held for reassembly now.
+    pub fragments_pending: u64,
     pub batches: u64,
     pub drops: [u64; DropReason::COUNT],
     pub tunnel_rx_packets: Vec<u64>,
@@ -100,6 +106,8 @@ impl LocalStats {
             delivered: 0,
             keepalives: 0,
             path_mtu_updates: 0,
+            fragments_merged: 0,
+            fragments_pending: 0,
             batches: 0,
             drops: [0; DropReason::COUNT],
             tunnel_rx_packets: vec![0; tunnels],
@@ -178,6 +186,8 @@ impl WorkerStats {
             delivered: AtomicU64::new(0),
             keepalives: AtomicU64::new(0),
             path_mtu_updates: AtomicU64::new(0),
+            fragments_merged: AtomicU64::new(0),
+            fragments_pending: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             tunnels: Mutex::new(Arc::new(TunnelCounters::new(tunnels))),
@@ -221,6 +231,8 @@ impl WorkerStats {
         self.delivered.store(l.delivered, Relaxed);
         self.keepalives.store(l.keepalives, Relaxed);
         self.path_mtu_updates.store(l.path_mtu_updates, Relaxed);
+        self.fragments_merged.store(l.fragments_merged, Relaxed);
+        self.fragments_pending.store(l.fragments_pending, Relaxed);
         self.batches.store(l.batches, Relaxed);
         for (a, v) in self.drops.iter().zip(l.drops.iter()) {
             a.store(*v, Relaxed);
@@ -268,6 +280,8 @@ impl WorkerStats {
             "delivered": self.delivered.load(Relaxed),
             "keepalives": self.keepalives.load(Relaxed),
             "path_mtu_updates": self.path_mtu_updates.load(Relaxed),
+            "fragments_merged": self.fragments_merged.load(Relaxed),
+            "fragments_pending": self.fragments_pending.load(Relaxed),
             "tx_read": self.tx_read.load(Relaxed),
             "tx_sent": self.tx_sent.load(Relaxed),
             "tx_replies": self.tx_replies.load(Relaxed),

@@ -26,6 +26,7 @@ use crate::decap::{decap, Delivery, Kind, RxState};
 use crate::drop_reason::DropReason;
 use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
+use crate::reasm::{Outcome, Reassembler};
 use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
 use crate::sys::uring::{Completed, DeviceIo, Op};
 use crate::sys::xsk::{Frame, Xsk};
@@ -38,6 +39,8 @@ const ADAPTIVE_SPINS: u32 = 2048;
 const ADAPTIVE_SLEEP_MS: i32 = 10;
 /// Idle polls between yields of a busy-polling worker.
 const BUSY_YIELD_EVERY: u32 = 64;
+/// Loop iterations between looks for fragments past their timeout.
+const EXPIRE_EVERY: u32 = 1024;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
 /// Reads kept outstanding on each device queue (fewer with many tunnels:
@@ -120,6 +123,9 @@ pub struct Worker {
 struct State {
     local: LocalStats,
     rx: RxState,
+    /// Outer fragments waiting for the rest of their datagram.
+    reasm: Reassembler,
+    loops: u32,
     frames: FrameCounts,
     reads: Vec<u32>,
     reads_per_device: u32,
@@ -197,6 +203,8 @@ impl Worker {
         let mut st = State {
             local: LocalStats::new(ntun),
             rx: RxState::new(ntun),
+            reasm: Reassembler::new(),
+            loops: 0,
             frames: FrameCounts {
                 total,
                 ..Default::default()
@@ -244,34 +252,15 @@ impl Worker {
                 if st.local.rx_frames >= self.panic_after_rx {
                     panic!("fault injection: GATEWAY_FAULT_PANIC_AFTER_RX reached");
                 }
-                for mut frame in rx.drain(..) {
-                    let data = self.xsk.data_mut(&mut frame);
-                    match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
-                        Ok(d) if d.kind == Kind::Keepalive => {
-                            self.keepalive(&mut st, frame, d.tunnel, d.offset, d.len)
-                        }
-                        Ok(Delivery {
-                            tunnel,
-                            kind: Kind::PathMtu { mtu },
-                            ..
-                        }) => {
-                            self.path_mtu(usize::from(tunnel), mtu);
-                            st.local.path_mtu_updates += 1;
-                            self.free.push(frame);
-                        }
-                        Ok(d) if st.gone[usize::from(d.tunnel)] => {
-                            st.local.drop(DropReason::DeviceGone);
-                            self.free.push(frame);
-                        }
-                        Ok(d) => {
-                            let file = u32::from(d.tunnel);
-                            self.write(&mut io, &mut st, file, frame, d.offset, d.len, d.tunnel)?;
-                        }
-                        Err(reason) => {
-                            st.local.drop(reason);
-                            self.free.push(frame);
-                        }
-                    }
+                for frame in rx.drain(..) {
+                    self.receive_one(&mut io, &mut st, frame)?;
+                }
+            }
+            st.loops = st.loops.wrapping_add(1);
+            if st.loops.is_multiple_of(EXPIRE_EVERY) {
+                let stale = st.reasm.expire(crate::clock::now());
+                for _ in 0..stale {
+                    st.local.drop(DropReason::FragmentTimeout);
                 }
             }
 
@@ -511,6 +500,78 @@ impl Worker {
                         self.free.push(frame);
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decapsulates one received frame and sends it where it belongs. An
+    /// outer fragment goes to reassembly; when it completes a datagram,
+    /// the whole datagram, written into this frame, is decapsulated.
+    #[inline]
+    fn receive_one(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        mut frame: Frame,
+    ) -> Result<(), WorkerError> {
+        let data = self.xsk.data_mut(&mut frame);
+        match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
+            Ok(d) if d.kind == Kind::Keepalive => {
+                self.keepalive(st, frame, d.tunnel, d.offset, d.len)
+            }
+            Ok(Delivery {
+                tunnel,
+                kind: Kind::PathMtu { mtu },
+                ..
+            }) => {
+                self.path_mtu(usize::from(tunnel), mtu);
+                st.local.path_mtu_updates += 1;
+                self.free.push(frame);
+            }
+            Ok(d) if st.gone[usize::from(d.tunnel)] => {
+                st.local.drop(DropReason::DeviceGone);
+                self.free.push(frame);
+            }
+            Ok(d) => {
+                let file = u32::from(d.tunnel);
+                self.write(io, st, file, frame, d.offset, d.len, d.tunnel)?;
+            }
+            Err(DropReason::OuterFragment) => {
+                let data = self.xsk.data_mut(&mut frame);
+                match st.reasm.add(data, crate::clock::now()) {
+                    Outcome::Held => self.free.push(frame),
+                    Outcome::Dropped { reason, also } => {
+                        for _ in 0..=also {
+                            st.local.drop(reason);
+                        }
+                        self.free.push(frame);
+                    }
+                    Outcome::Complete { merged } => {
+                        let buf = self.xsk.buffer_mut(&mut frame);
+                        match st.reasm.take(buf) {
+                            Some(len) => {
+                                self.xsk.set_len(&mut frame, len);
+                                st.local.fragments_merged += u64::from(merged);
+                                // Whole now (MF and offset cleared): it
+                                // cannot come back here.
+                                return self.receive_one(io, st, frame);
+                            }
+                            None => {
+                                self.xsk.set_len(&mut frame, 0);
+                                for _ in 0..=merged {
+                                    st.local.drop(DropReason::FragmentTooBig);
+                                }
+                                self.free.push(frame);
+                            }
+                        }
+                    }
+                }
+                st.local.fragments_pending = st.reasm.pending();
+            }
+            Err(reason) => {
+                st.local.drop(reason);
+                self.free.push(frame);
             }
         }
         Ok(())

@@ -13,7 +13,7 @@ namespace and answers one JSON command per line on stdin:
 import json
 import sys
 
-from scapy.all import GRE, ICMP, IP, UDP, Ether, IPv6, Raw, conf, sendp  # noqa: F401
+from scapy.all import GRE, ICMP, IP, UDP, Ether, IPv6, Raw, conf, fragment, sendp  # noqa: F401
 from scapy.utils import checksum
 
 conf.verb = 0
@@ -22,6 +22,7 @@ env = {
     "IP": IP,
     "IPv6": IPv6,
     "ICMP": ICMP,
+    "fragment": fragment,
     "GRE": GRE,
     "UDP": UDP,
     "Raw": Raw,

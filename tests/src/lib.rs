@@ -869,7 +869,9 @@ pub mod stats {
         let rx = worker_sum(stats, "rx_frames");
         let delivered = worker_sum(stats, "delivered")
             + worker_sum(stats, "keepalives")
-            + worker_sum(stats, "path_mtu_updates");
+            + worker_sum(stats, "path_mtu_updates")
+            + worker_sum(stats, "fragments_merged")
+            + worker_sum(stats, "fragments_pending");
         assert_eq!(rx, delivered + total_drops(stats), "accounting: {stats}");
         let read = worker_sum(stats, "tx_read");
         let out = worker_sum(stats, "tx_sent") + worker_sum(stats, "tx_replies");

@@ -1,0 +1,383 @@
+//! Reassembly of outer IPv4 fragments, sans-IO. A tunnel packet that a
+//! router on the way fragmented arrives in pieces; the kernel's GRE and
+//! IPIP see it whole (the IP layer reassembles first), and so does the
+//! gateway: each worker keeps a small table of incomplete datagrams.
+//!
+//! Bounded as the kernel bounds its own (and stricter): a fixed number of
+//! datagrams in progress per worker and per source, each no larger than a
+//! UMEM frame can hold, dropped whole after [`TIMEOUT`] seconds, and
+//! dropped whole when fragments overlap (RFC 5722's rule, which Linux also
+//! applies to IPv4 since FragmentSmack). Memory is allocated once, at
+//! start.
+
+use crate::drop_reason::DropReason;
+use crate::wire::{ethernet, ipv4};
+
+/// Datagrams in progress per worker.
+pub const MAX_DATAGRAMS: usize = 64;
+/// Of those, from one source address.
+pub const MAX_PER_SOURCE: usize = 16;
+/// Longest reassembled IP payload (what still fits a UMEM frame with its
+/// headers).
+pub const MAX_PAYLOAD: usize = 3800;
+/// Seconds a datagram may take to arrive whole (the kernel's
+/// `ipfrag_time` is 30).
+pub const TIMEOUT: u32 = 30;
+/// Most fragments one datagram may come in.
+const MAX_FRAGMENTS: usize = 64;
+/// Link and IP headers kept from the first fragment.
+const MAX_HEADERS: usize = ethernet::HEADER_LEN + 4 + 60;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    src: [u8; 4],
+    dst: [u8; 4],
+    id: u16,
+    proto: u8,
+}
+
+struct Datagram {
+    /// In use (slots and their buffers are allocated once and reused).
+    active: bool,
+    key: Key,
+    deadline: u32,
+    /// Fragments held (their bytes copied here).
+    held: u32,
+    /// Byte ranges of the payload received, `start..end`.
+    ranges: Vec<(u16, u16)>,
+    /// Payload length, once the last fragment came.
+    total: Option<u16>,
+    /// The first fragment's link and IP headers (`header_len` of them).
+    headers: [u8; MAX_HEADERS],
+    header_len: usize,
+    /// Where the IP header starts in `headers`.
+    l3: usize,
+    payload: Vec<u8>,
+}
+
+/// What became of a fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Kept; the datagram is not whole yet.
+    Held,
+    /// The datagram is whole: [`Reassembler::take`] writes it out. It
+    /// absorbed `merged` fragments besides this one.
+    Complete { merged: u32 },
+    /// Dropped: this fragment and `also` held ones of its datagram.
+    Dropped { reason: DropReason, also: u32 },
+}
+
+pub struct Reassembler {
+    slots: Vec<Datagram>,
+    /// Index of the datagram completed last, for `take`.
+    done: Option<usize>,
+}
+
+impl Default for Reassembler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reassembler {
+    pub fn new() -> Reassembler {
+        Reassembler {
+            slots: (0..MAX_DATAGRAMS)
+                .map(|_| Datagram {
+                    active: false,
+                    key: Key {
+                        src: [0; 4],
+                        dst: [0; 4],
+                        id: 0,
+                        proto: 0,
+                    },
+                    deadline: 0,
+                    held: 0,
+                    ranges: Vec::with_capacity(MAX_FRAGMENTS),
+                    total: None,
+                    headers: [0; MAX_HEADERS],
+                    header_len: 0,
+                    l3: 0,
+                    payload: vec![0; MAX_PAYLOAD],
+                })
+                .collect(),
+            done: None,
+        }
+    }
+
+    /// Fragments held now, over all datagrams.
+    pub fn pending(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter(|d| d.active)
+            .map(|d| u64::from(d.held))
+            .sum()
+    }
+
+    /// Drops datagrams past their deadline; returns how many fragments
+    /// they held.
+    pub fn expire(&mut self, now: u32) -> u32 {
+        let mut n = 0;
+        for d in &mut self.slots {
+            if d.active && d.deadline <= now {
+                d.active = false;
+                n += d.held;
+            }
+        }
+        n
+    }
+
+    /// Takes one outer IPv4 fragment (a whole Ethernet frame).
+    pub fn add(&mut self, frame: &[u8], now: u32) -> Outcome {
+        let drop = |reason| Outcome::Dropped { reason, also: 0 };
+        let Ok(eth) = ethernet::Frame::new_checked(frame) else {
+            return drop(DropReason::Truncated);
+        };
+        let Ok((ethernet::EtherType::Ipv4, l3)) = eth.network() else {
+            return drop(DropReason::NotIp);
+        };
+        let Ok(ip) = ipv4::Packet::new_checked(&frame[l3..]) else {
+            return drop(DropReason::OuterMalformed);
+        };
+        if !ip.verify_checksum() {
+            return drop(DropReason::OuterChecksum);
+        }
+        let hl = ip.header_len();
+        let data = &frame[l3 + hl..l3 + usize::from(ip.total_len())];
+        let start = usize::from(ip.frag_offset());
+        let end = start + data.len();
+        let last = !ip.more_frags();
+        let b = &frame[l3..];
+        let key = Key {
+            src: [b[12], b[13], b[14], b[15]],
+            dst: [b[16], b[17], b[18], b[19]],
+            id: ip.ident(),
+            proto: b[9],
+        };
+        // Every fragment but the last carries a multiple of 8 bytes.
+        if (!last && !data.len().is_multiple_of(8)) || data.is_empty() {
+            return self.drop_datagram(key, DropReason::FragmentMalformed);
+        }
+        if end > MAX_PAYLOAD {
+            return self.drop_datagram(key, DropReason::FragmentTooBig);
+        }
+        let i = match self.find(&key) {
+            Some(i) => i,
+            None => match self.open(key, now) {
+                Ok(i) => i,
+                Err(reason) => return drop(reason),
+            },
+        };
+        let d = &mut self.slots[i];
+        let (s16, e16) = (start as u16, end as u16);
+        let overlaps = d.ranges.iter().any(|&(a, b)| s16 < b && a < e16);
+        let past_end = d.total.is_some_and(|t| e16 > t);
+        let ends_early = last && d.ranges.iter().any(|&(_, b)| b > e16);
+        let second_last = last && d.total.is_some();
+        if overlaps || past_end || ends_early || second_last || d.ranges.len() >= MAX_FRAGMENTS {
+            let reason = if overlaps {
+                DropReason::FragmentOverlap
+            } else {
+                DropReason::FragmentMalformed
+            };
+            return self.drop_datagram(key, reason);
+        }
+        d.payload[start..end].copy_from_slice(data);
+        d.ranges.push((s16, e16));
+        if last {
+            d.total = Some(e16);
+        }
+        if start == 0 {
+            let n = l3 + hl;
+            d.headers[..n].copy_from_slice(&frame[..n]);
+            d.header_len = n;
+            d.l3 = l3;
+        }
+        let have: usize = d.ranges.iter().map(|&(a, b)| usize::from(b - a)).sum();
+        if d.total.is_some_and(|t| usize::from(t) == have) && d.header_len > 0 {
+            let merged = d.held;
+            // No longer held: merged into the datagram `take` writes out.
+            d.held = 0;
+            self.done = Some(i);
+            return Outcome::Complete { merged };
+        }
+        d.held += 1;
+        Outcome::Held
+    }
+
+    /// Writes the datagram just completed into `out` as one unfragmented
+    /// Ethernet frame, and forgets it. Returns its length, or `None` when
+    /// it does not fit.
+    pub fn take(&mut self, out: &mut [u8]) -> Option<usize> {
+        let d = &mut self.slots[self.done.take()?];
+        d.active = false;
+        let total = usize::from(d.total?);
+        let len = d.header_len + total;
+        if len > out.len() {
+            return None;
+        }
+        out[..d.header_len].copy_from_slice(&d.headers[..d.header_len]);
+        out[d.header_len..len].copy_from_slice(&d.payload[..total]);
+        let mut ip = ipv4::Packet::new_unchecked(&mut out[d.l3..len]);
+        let dont_frag = ip.dont_frag();
+        ip.set_total_len((len - d.l3) as u16);
+        ip.set_unfragmented(dont_frag);
+        ip.fill_checksum();
+        Some(len)
+    }
+
+    fn find(&self, key: &Key) -> Option<usize> {
+        self.slots.iter().position(|d| d.active && d.key == *key)
+    }
+
+    fn open(&mut self, key: Key, now: u32) -> Result<usize, DropReason> {
+        let from_source = self
+            .slots
+            .iter()
+            .filter(|d| d.active && d.key.src == key.src)
+            .count();
+        if from_source >= MAX_PER_SOURCE {
+            return Err(DropReason::FragmentTableFull);
+        }
+        let i = self
+            .slots
+            .iter()
+            .position(|d| !d.active)
+            .ok_or(DropReason::FragmentTableFull)?;
+        let d = &mut self.slots[i];
+        d.active = true;
+        d.key = key;
+        d.deadline = now.saturating_add(TIMEOUT);
+        d.held = 0;
+        d.ranges.clear();
+        d.total = None;
+        d.header_len = 0;
+        d.l3 = 0;
+        Ok(i)
+    }
+
+    /// Drops the datagram `key` (if any) with this fragment.
+    fn drop_datagram(&mut self, key: Key, reason: DropReason) -> Outcome {
+        let also = match self.find(&key) {
+            Some(i) => {
+                self.slots[i].active = false;
+                self.slots[i].held
+            }
+            None => 0,
+        };
+        Outcome::Dropped { reason, also }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::checksum;
+
+    /// `payload` as IPv4 fragments of `size` bytes (the last shorter),
+    /// each a whole Ethernet frame.
+    fn fragments(payload: &[u8], size: usize, id: u16) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < payload.len() {
+            let end = (off + size).min(payload.len());
+            let mut f = vec![2, 0, 0, 0, 0, 8, 2, 0, 0, 0, 0, 0x58, 8, 0];
+            let total = (20 + end - off) as u16;
+            let mf = if end < payload.len() { 0x2000 } else { 0 };
+            let flags = mf | (off / 8) as u16;
+            let mut h = vec![0x45, 0];
+            h.extend_from_slice(&total.to_be_bytes());
+            h.extend_from_slice(&id.to_be_bytes());
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&[64, 47, 0, 0, 192, 168, 0, 58, 192, 168, 0, 8]);
+            let c = checksum::checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&h);
+            f.extend_from_slice(&payload[off..end]);
+            out.push(f);
+            off = end;
+        }
+        out
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    #[test]
+    fn in_order_and_out_of_order_come_out_whole() {
+        let p = payload(2000);
+        for order in [vec![0, 1, 2], vec![2, 0, 1], vec![1, 2, 0]] {
+            let frags = fragments(&p, 800, 42);
+            let mut r = Reassembler::new();
+            let mut outcomes = Vec::new();
+            for &i in &order {
+                outcomes.push(r.add(&frags[i], 0));
+            }
+            assert_eq!(&outcomes[..2], &[Outcome::Held, Outcome::Held]);
+            assert_eq!(outcomes[2], Outcome::Complete { merged: 2 });
+            assert_eq!(r.pending(), 0);
+            let mut out = vec![0u8; 4096];
+            let n = r.take(&mut out).unwrap();
+            let ip = ipv4::Packet::new_checked(&out[14..n]).unwrap();
+            assert!(!ip.is_fragment() && ip.verify_checksum());
+            assert_eq!(usize::from(ip.total_len()), 20 + 2000);
+            assert_eq!(&out[34..n], &p[..]);
+        }
+    }
+
+    #[test]
+    fn overlapping_oversized_and_stale_trains_are_dropped_whole() {
+        let p = payload(2000);
+        let frags = fragments(&p, 800, 7);
+        let mut r = Reassembler::new();
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        // The same bytes again: an overlap, the whole train goes.
+        assert_eq!(
+            r.add(&frags[0], 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentOverlap,
+                also: 1
+            }
+        );
+        assert_eq!(r.pending(), 0);
+        // Larger than a frame can hold.
+        let big = fragments(&payload(MAX_PAYLOAD + 800), 800, 8);
+        let mut outcome = Outcome::Held;
+        for f in &big {
+            outcome = r.add(f, 0);
+            if outcome != Outcome::Held {
+                break;
+            }
+        }
+        assert!(matches!(
+            outcome,
+            Outcome::Dropped {
+                reason: DropReason::FragmentTooBig,
+                ..
+            }
+        ));
+        assert_eq!(r.pending(), 0);
+        // Never completed: gone after the timeout, counted.
+        assert_eq!(r.add(&frags[1], 0), Outcome::Held);
+        assert_eq!(r.expire(TIMEOUT - 1), 0);
+        assert_eq!(r.expire(TIMEOUT), 1);
+        assert_eq!(r.pending(), 0);
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let p = payload(1600);
+        let mut r = Reassembler::new();
+        let mut full = 0;
+        for id in 0..200u16 {
+            if let Outcome::Dropped { reason, .. } = r.add(&fragments(&p, 800, id)[0], 0) {
+                assert_eq!(reason, DropReason::FragmentTableFull);
+                full += 1;
+            }
+        }
+        // One source gets MAX_PER_SOURCE datagrams in progress, no more.
+        assert_eq!(r.pending(), MAX_PER_SOURCE as u64);
+        assert_eq!(full, 200 - MAX_PER_SOURCE);
+    }
+}
