@@ -35,6 +35,8 @@ mod prog {
     const IPPROTO_ICMP: u8 = 1;
     const ICMP_DEST_UNREACH: u8 = 3;
     const ICMP_FRAG_NEEDED: u8 = 4;
+    const IPPROTO_ICMPV6: u8 = 58;
+    const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 
     #[map(name = "ENDPOINTS")]
     static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -162,13 +164,31 @@ mod prog {
                     return Err(XdpCounter::PassNotIp);
                 }
                 let mut next = ip[6];
+                if next == IPPROTO_ICMPV6 {
+                    return icmpv6_about_a_tunnel(ctx, l3);
+                }
                 // One destination-options header (RFC 2473's encapsulation
                 // limit, which ip6tnl and ip6gre send by default) is looked
                 // through; its first byte is the next header.
                 if next == IPV6_NEXTHDR_DSTOPTS {
                     next = bytes::<1>(ctx, l3 + 40).ok_or(XdpCounter::PassTruncated)?[0];
                 }
+                let mut local = [0u8; 16];
+                let mut remote = [0u8; 16];
+                local.copy_from_slice(&ip[24..40]);
+                remote.copy_from_slice(&ip[8..24]);
                 if next == IPV6_NEXTHDR_FRAGMENT {
+                    // A fragment: only the first says which tunnel protocol
+                    // follows (the others may say "destination options"),
+                    // so any tunnel between these endpoints takes it.
+                    for proto in [IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6] {
+                        // SAFETY: as below: a plain value, not kept.
+                        if unsafe { ENDPOINTS.get(&EndpointKey::v6(local, remote, proto)) }
+                            .is_some()
+                        {
+                            return Ok(());
+                        }
+                    }
                     return Err(XdpCounter::PassFragment);
                 }
                 // GRE, IPv4 in IPv6 (ipip6), IPv6 in IPv6 (ip6ip6).
@@ -179,10 +199,6 @@ mod prog {
                         XdpCounter::PassOtherProto
                     });
                 }
-                let mut local = [0u8; 16];
-                let mut remote = [0u8; 16];
-                local.copy_from_slice(&ip[24..40]);
-                remote.copy_from_slice(&ip[8..24]);
                 EndpointKey::v6(local, remote, next)
             }
             _ => return Err(XdpCounter::PassNotIp),
@@ -221,6 +237,34 @@ mod prog {
         );
         // SAFETY: as in `classify`: a plain value, not kept.
         match unsafe { ENDPOINTS.get(&key) } {
+            Some(_) => Ok(()),
+            None => Err(XdpCounter::PassOtherProto),
+        }
+    }
+
+    /// The IPv6 counterpart: an ICMPv6 "packet too big" quoting a packet
+    /// the gateway sent on a configured tunnel (looking through the
+    /// encapsulation-limit header it sends) goes to the gateway.
+    #[inline(always)]
+    fn icmpv6_about_a_tunnel(ctx: &XdpContext, l3: usize) -> Result<(), XdpCounter> {
+        let icmp = bytes::<8>(ctx, l3 + 40).ok_or(XdpCounter::PassOtherProto)?;
+        if icmp[0] != ICMPV6_PACKET_TOO_BIG {
+            return Err(XdpCounter::PassOtherProto);
+        }
+        let quoted = bytes::<40>(ctx, l3 + 48).ok_or(XdpCounter::PassOtherProto)?;
+        let mut proto = quoted[6];
+        if proto == IPV6_NEXTHDR_DSTOPTS {
+            proto = bytes::<1>(ctx, l3 + 88).ok_or(XdpCounter::PassOtherProto)?[0];
+        }
+        if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
+            return Err(XdpCounter::PassOtherProto);
+        }
+        let mut local = [0u8; 16];
+        let mut remote = [0u8; 16];
+        local.copy_from_slice(&quoted[8..24]);
+        remote.copy_from_slice(&quoted[24..40]);
+        // SAFETY: as in `classify`: a plain value, not kept.
+        match unsafe { ENDPOINTS.get(&EndpointKey::v6(local, remote, proto)) } {
             Some(_) => Ok(()),
             None => Err(XdpCounter::PassOtherProto),
         }

@@ -106,6 +106,10 @@ pub fn decap(
             let end = l3 + ip.total_len();
             let mut start = l3 + ipv6::HEADER_LEN;
             let mut proto = u8::from(ip.next_header());
+            if proto == IPPROTO_ICMPV6 {
+                let (src, dst) = (ip.src_addr().octets(), ip.dst_addr().octets());
+                return path_mtu_from_icmpv6(&frame[start..end], &src, &dst, table);
+            }
             // One destination-options header, as ip6tnl and ip6gre send
             // by default (RFC 2473's encapsulation limit), is stepped over.
             if proto == IPV6_DSTOPTS {
@@ -117,9 +121,12 @@ pub fn decap(
                     return Err(DropReason::OuterMalformed);
                 }
             }
+            if proto == IPV6_FRAGMENT {
+                return Err(DropReason::OuterFragment);
+            }
             if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                 return Err(match proto {
-                    0 | 43 | 44 | 60 | 51 | 135 => DropReason::OuterIpv6ExtHeader,
+                    0 | 43 | 60 | 51 | 135 => DropReason::OuterIpv6ExtHeader,
                     _ => DropReason::NotTunnelProtocol,
                 });
             }
@@ -337,10 +344,67 @@ fn path_mtu_from_icmp(icmp: &[u8], table: &TunnelTable) -> Result<Delivery, Drop
     })
 }
 
+/// The IPv6 counterpart: ICMPv6 "packet too big" (RFC 4443) about a
+/// packet the gateway sent; an MTU under 1280 is taken as 1280, as the
+/// kernel does.
+fn path_mtu_from_icmpv6(
+    icmp: &[u8],
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    table: &TunnelTable,
+) -> Result<Delivery, DropReason> {
+    const ICMP_HEADER: usize = 8;
+    if icmp.len() < ICMP_HEADER + ipv6::HEADER_LEN {
+        return Err(DropReason::IcmpMalformed);
+    }
+    if icmp[0] != 2 {
+        return Err(DropReason::NotTunnelProtocol);
+    }
+    let mut zeroed = [0u8; 4];
+    zeroed[..2].copy_from_slice(&icmp[..2]);
+    let sum = crate::encap::icmpv6_checksum(src, dst, &[&zeroed[..], &icmp[4..]].concat());
+    if sum != u16::from_be_bytes([icmp[2], icmp[3]]) {
+        return Err(DropReason::IcmpMalformed);
+    }
+    let mtu = u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]);
+    let quoted = &icmp[ICMP_HEADER..];
+    if quoted[0] >> 4 != 6 {
+        return Err(DropReason::IcmpMalformed);
+    }
+    let mut proto = quoted[6];
+    if proto == IPV6_DSTOPTS {
+        proto = *quoted
+            .get(ipv6::HEADER_LEN)
+            .ok_or(DropReason::IcmpMalformed)?;
+    }
+    let mut local = [0u8; 16];
+    let mut remote = [0u8; 16];
+    local.copy_from_slice(&quoted[8..24]);
+    remote.copy_from_slice(&quoted[24..40]);
+    let key = endpoint_key(
+        std::net::Ipv6Addr::from(local).into(),
+        std::net::Ipv6Addr::from(remote).into(),
+        proto,
+    );
+    let tunnel = table
+        .any_on_endpoint(&key)
+        .ok_or(DropReason::UnknownEndpoint)?;
+    Ok(Delivery {
+        tunnel,
+        offset: 0,
+        len: 0,
+        kind: Kind::PathMtu {
+            mtu: mtu.clamp(1280, 65535) as u16,
+        },
+    })
+}
+
 /// The kernel's `net.ipv4.route.min_pmtu` default.
 pub const MIN_PMTU: u16 = 552;
 
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPV6_FRAGMENT: u8 = 44;
 
 const ECN_MASK: u8 = 0x03;
 const IPV6_DSTOPTS: u8 = 60;

@@ -1,4 +1,4 @@
-//! Reassembly of outer IPv4 fragments, sans-IO. A tunnel packet that a
+//! Reassembly of outer IPv4 and IPv6 fragments, sans-IO. A tunnel packet that a
 //! router on the way fragmented arrives in pieces; the kernel's GRE and
 //! IPIP see it whole (the IP layer reassembles first), and so does the
 //! gateway: each worker keeps a small table of incomplete datagrams.
@@ -11,7 +11,9 @@
 //! start.
 
 use crate::drop_reason::DropReason;
-use crate::wire::{ethernet, ipv4};
+use crate::wire::{ethernet, ipv4, ipv6, IpProtocol};
+
+const IPV6_FRAGMENT: u8 = 44;
 
 /// Datagrams in progress per worker.
 pub const MAX_DATAGRAMS: usize = 64;
@@ -28,11 +30,15 @@ const MAX_FRAGMENTS: usize = 64;
 /// Link and IP headers kept from the first fragment.
 const MAX_HEADERS: usize = ethernet::HEADER_LEN + 4 + 60;
 
+/// A datagram: addresses (IPv4 in the first 4 bytes), identification,
+/// and the protocol after the IP header (IPv6: the fragment header's next
+/// header).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Key {
-    src: [u8; 4],
-    dst: [u8; 4],
-    id: u16,
+    v6: bool,
+    src: [u8; 16],
+    dst: [u8; 16],
+    id: u32,
     proto: u8,
 }
 
@@ -86,8 +92,9 @@ impl Reassembler {
                 .map(|_| Datagram {
                     active: false,
                     key: Key {
-                        src: [0; 4],
-                        dst: [0; 4],
+                        v6: false,
+                        src: [0; 16],
+                        dst: [0; 16],
                         id: 0,
                         proto: 0,
                     },
@@ -133,27 +140,63 @@ impl Reassembler {
         let Ok(eth) = ethernet::Frame::new_checked(frame) else {
             return drop(DropReason::Truncated);
         };
-        let Ok((ethernet::EtherType::Ipv4, l3)) = eth.network() else {
-            return drop(DropReason::NotIp);
+        let (key, l3, hl, data, start, last) = match eth.network() {
+            Ok((ethernet::EtherType::Ipv4, l3)) => {
+                let Ok(ip) = ipv4::Packet::new_checked(&frame[l3..]) else {
+                    return drop(DropReason::OuterMalformed);
+                };
+                if !ip.verify_checksum() {
+                    return drop(DropReason::OuterChecksum);
+                }
+                let hl = ip.header_len();
+                let b = &frame[l3..];
+                let mut key = Key {
+                    v6: false,
+                    src: [0; 16],
+                    dst: [0; 16],
+                    id: u32::from(ip.ident()),
+                    proto: b[9],
+                };
+                key.src[..4].copy_from_slice(&b[12..16]);
+                key.dst[..4].copy_from_slice(&b[16..20]);
+                let data = &frame[l3 + hl..l3 + usize::from(ip.total_len())];
+                let start = usize::from(ip.frag_offset());
+                (key, l3, hl, data, start, !ip.more_frags())
+            }
+            Ok((ethernet::EtherType::Ipv6, l3)) => {
+                // The fragment header right after the fixed header (what a
+                // tunnel endpoint that fragments its own packets sends).
+                let Ok(ip) = ipv6::Packet::new_checked(&frame[l3..]) else {
+                    return drop(DropReason::OuterMalformed);
+                };
+                let end = l3 + ip.total_len();
+                let f = l3 + ipv6::HEADER_LEN;
+                if u8::from(ip.next_header()) != IPV6_FRAGMENT || end < f + 8 {
+                    return drop(DropReason::OuterIpv6ExtHeader);
+                }
+                let h = &frame[f..f + 8];
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                let key = Key {
+                    v6: true,
+                    src: ip.src_addr().octets(),
+                    dst: ip.dst_addr().octets(),
+                    id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                    proto: h[0],
+                };
+                let start = usize::from(offset_flags & 0xfff8);
+                let data = &frame[f + 8..end];
+                (
+                    key,
+                    l3,
+                    ipv6::HEADER_LEN,
+                    data,
+                    start,
+                    offset_flags & 1 == 0,
+                )
+            }
+            _ => return drop(DropReason::NotIp),
         };
-        let Ok(ip) = ipv4::Packet::new_checked(&frame[l3..]) else {
-            return drop(DropReason::OuterMalformed);
-        };
-        if !ip.verify_checksum() {
-            return drop(DropReason::OuterChecksum);
-        }
-        let hl = ip.header_len();
-        let data = &frame[l3 + hl..l3 + usize::from(ip.total_len())];
-        let start = usize::from(ip.frag_offset());
         let end = start + data.len();
-        let last = !ip.more_frags();
-        let b = &frame[l3..];
-        let key = Key {
-            src: [b[12], b[13], b[14], b[15]],
-            dst: [b[16], b[17], b[18], b[19]],
-            id: ip.ident(),
-            proto: b[9],
-        };
         // Every fragment but the last carries a multiple of 8 bytes.
         if (!last && !data.len().is_multiple_of(8)) || data.is_empty() {
             return self.drop_datagram(key, DropReason::FragmentMalformed);
@@ -218,11 +261,18 @@ impl Reassembler {
         }
         out[..d.header_len].copy_from_slice(&d.headers[..d.header_len]);
         out[d.header_len..len].copy_from_slice(&d.payload[..total]);
-        let mut ip = ipv4::Packet::new_unchecked(&mut out[d.l3..len]);
-        let dont_frag = ip.dont_frag();
-        ip.set_total_len((len - d.l3) as u16);
-        ip.set_unfragmented(dont_frag);
-        ip.fill_checksum();
+        if d.key.v6 {
+            // The fragment header goes; what it said follows the header.
+            let mut ip = ipv6::Packet::new_unchecked(&mut out[d.l3..len]);
+            ip.set_next_header(IpProtocol::from(d.key.proto));
+            ip.set_payload_len(total as u16);
+        } else {
+            let mut ip = ipv4::Packet::new_unchecked(&mut out[d.l3..len]);
+            let dont_frag = ip.dont_frag();
+            ip.set_total_len((len - d.l3) as u16);
+            ip.set_unfragmented(dont_frag);
+            ip.fill_checksum();
+        }
         Some(len)
     }
 
@@ -379,5 +429,55 @@ mod tests {
         // One source gets MAX_PER_SOURCE datagrams in progress, no more.
         assert_eq!(r.pending(), MAX_PER_SOURCE as u64);
         assert_eq!(full, 200 - MAX_PER_SOURCE);
+    }
+
+    /// `payload` (what follows the fragment header) as IPv6 fragments.
+    fn fragments6(payload: &[u8], size: usize, id: u32, next: u8) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < payload.len() {
+            let end = (off + size).min(payload.len());
+            let mut f = vec![2, 0, 0, 0, 0, 8, 2, 0, 0, 0, 0, 0x58, 0x86, 0xdd];
+            let mut h = vec![0x60, 0, 0, 0];
+            h.extend_from_slice(&((8 + end - off) as u16).to_be_bytes());
+            h.extend_from_slice(&[44, 64]);
+            h.extend_from_slice(
+                &"2001:db8::58"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            h.extend_from_slice(
+                &"2001:db8::8"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            let m = u16::from(end < payload.len());
+            h.extend_from_slice(&[next, 0]);
+            h.extend_from_slice(&((off as u16) | m).to_be_bytes());
+            h.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&h);
+            f.extend_from_slice(&payload[off..end]);
+            out.push(f);
+            off = end;
+        }
+        out
+    }
+
+    #[test]
+    fn ipv6_fragments_come_out_whole_without_their_fragment_header() {
+        let p = payload(1500);
+        let frags = fragments6(&p, 600, 99, 60);
+        let mut r = Reassembler::new();
+        assert_eq!(r.add(&frags[2], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[1], 0), Outcome::Complete { merged: 2 });
+        let mut out = vec![0u8; 4096];
+        let n = r.take(&mut out).unwrap();
+        let ip = ipv6::Packet::new_checked(&out[14..n]).unwrap();
+        assert_eq!(u8::from(ip.next_header()), 60);
+        assert_eq!(ip.total_len(), 40 + 1500);
+        assert_eq!(&out[54..n], &p[..]);
     }
 }

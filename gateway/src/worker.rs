@@ -262,6 +262,7 @@ impl Worker {
                 for _ in 0..stale {
                     st.local.drop(DropReason::FragmentTimeout);
                 }
+                st.local.fragments_pending = st.reasm.pending();
             }
 
             // 3. Outbound: hand encapsulated frames to the TX ring, take
@@ -539,7 +540,9 @@ impl Worker {
             }
             Err(DropReason::OuterFragment) => {
                 let data = self.xsk.data_mut(&mut frame);
-                match st.reasm.add(data, crate::clock::now()) {
+                let outcome = st.reasm.add(data, crate::clock::now());
+                st.local.fragments_pending = st.reasm.pending();
+                match outcome {
                     Outcome::Held => self.free.push(frame),
                     Outcome::Dropped { reason, also } => {
                         for _ in 0..=also {
@@ -567,7 +570,6 @@ impl Worker {
                         }
                     }
                 }
-                st.local.fragments_pending = st.reasm.pending();
             }
             Err(reason) => {
                 st.local.drop(reason);

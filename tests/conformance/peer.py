@@ -13,7 +13,22 @@ namespace and answers one JSON command per line on stdin:
 import json
 import sys
 
-from scapy.all import GRE, ICMP, IP, UDP, Ether, IPv6, Raw, conf, fragment, sendp  # noqa: F401
+from scapy.all import (  # noqa: F401
+    GRE,
+    ICMP,
+    IP,
+    UDP,
+    Ether,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    Raw,
+    conf,
+    fragment,
+    fragment6,
+    sendp,
+)
 from scapy.utils import checksum
 
 conf.verb = 0
@@ -23,6 +38,10 @@ env = {
     "IPv6": IPv6,
     "ICMP": ICMP,
     "fragment": fragment,
+    "ICMPv6PacketTooBig": ICMPv6PacketTooBig,
+    "IPv6ExtHdrDestOpt": IPv6ExtHdrDestOpt,
+    "IPv6ExtHdrFragment": IPv6ExtHdrFragment,
+    "fragment6": fragment6,
     "GRE": GRE,
     "UDP": UDP,
     "Raw": Raw,

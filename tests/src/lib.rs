@@ -8,15 +8,15 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -804,6 +804,67 @@ pub mod pkt {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         !(sum as u16)
+    }
+}
+
+/// The conformance suite's far end: scapy (tests/conformance/peer.py), an
+/// independent packet library, running in a namespace; it builds and sends
+/// packets from Python expressions and dissects captured frames.
+pub struct Scapy {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Scapy {
+    pub fn start(ns: &NetNs, gw_mac: &str) -> Scapy {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/peer.py");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "/usr/bin/python3",
+                script,
+                gw_mac,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the scapy peer (python3-scapy, installed by cargo xtask setup)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Scapy {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn ask(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("scapy peer answered {line:?} to {cmd}"));
+        assert!(v.get("error").is_none(), "scapy: {v} for {cmd}");
+        v
+    }
+
+    pub fn send(&mut self, expr: &str) {
+        self.ask(json!({"op": "send", "pkt": expr}));
+    }
+
+    pub fn decode(&mut self, frame: &[u8]) -> Value {
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        self.ask(json!({"op": "decode", "hex": hex}))
+    }
+}
+
+impl Drop for Scapy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -5,14 +5,12 @@
 //! what it sent) is compared with what the kernel documents. The README's
 //! conformance table lists these cases.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use gateway_tests::stats::{assert_accounting, drops, total_drops, tunnel_rx, u64_at, worker_sum};
-use gateway_tests::{require_root, wait_until, Gateway, NetNs, RawSocket, Wire};
-use serde_json::{json, Value};
+use gateway_tests::{require_root, wait_until, Gateway, NetNs, RawSocket, Scapy, Wire};
+use serde_json::Value;
 
 const CONFIG: &str = r#"
 [gateway]
@@ -72,65 +70,6 @@ device_kind = "tun"
 address = "fd00:5::1"
 peer = "fd00:5::2"
 "#;
-
-/// The scapy peer, running in a namespace.
-struct Scapy {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Scapy {
-    fn start(ns: &NetNs, gw_mac: &str) -> Scapy {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/peer.py");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "/usr/bin/python3",
-                script,
-                gw_mac,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the scapy peer (python3-scapy, installed by cargo xtask setup)");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Scapy {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn ask(&mut self, cmd: Value) -> Value {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|_| panic!("scapy peer answered {line:?} to {cmd}"));
-        assert!(v.get("error").is_none(), "scapy: {v} for {cmd}");
-        v
-    }
-
-    fn send(&mut self, expr: &str) {
-        self.ask(json!({"op": "send", "pkt": expr}));
-    }
-
-    fn decode(&mut self, frame: &[u8]) -> Value {
-        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-        self.ask(json!({"op": "decode", "hex": hex}))
-    }
-}
-
-impl Drop for Scapy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What a received packet must come to.
 #[derive(Debug, Clone, Copy)]
@@ -347,8 +286,14 @@ fn receive_rules_match_the_kernel() {
     scapy.send(&frags(4300));
     scapy.send(&format!("list(reversed({}))", frags(4301)));
     scapy.send(&format!("(lambda l: l[:1] + l)({})", frags(4302)));
+    // A train longer than reassembly takes (4004 bytes of payload in six
+    // pieces of 800): every piece dropped and counted, nothing held.
+    scapy.send(
+        "[Ether(dst=GW_MAC)/f for f in fragment(IP(src=REMOTE,dst=LOCAL,id=4303)/GRE()/IP(src='10.1.1.2',dst='10.1.1.1')/UDP(sport=1,dport=4303)/Raw(b'o'*3972), fragsize=800)]",
+    );
     let after = gw.settled_stats();
     let d = |f: &dyn Fn(&Value) -> u64| f(&after) - f(&before);
+    assert_eq!(d(&|s| drops(s, "fragment_too_big")), 6, "{after}");
     assert_eq!(
         d(&|s| tunnel_rx(s, "plain")),
         2,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gateway_tests::{require_root, sh, wait_until, Gateway, Lab, NetNs};
 
-fn config(local: &str, remote: &str) -> String {
+fn config(mode: &str, local: &str, remote: &str) -> String {
     format!(
         r#"
 [gateway]
@@ -15,7 +15,7 @@ poll = "adaptive"
 
 [[tunnel]]
 name = "l2"
-mode = "gretap"
+mode = "{mode}"
 local = "{local}"
 remote = "{remote}"
 key = 7
@@ -49,9 +49,41 @@ fn two_bridged_taps_share_a_segment_through_gretap() {
     if !require_root("two_bridged_taps_share_a_segment_through_gretap") {
         return;
     }
-    let lab = Lab::new("gt");
-    let gw1 = Gateway::start(&lab.host1, &config("192.168.0.8", "192.168.0.58"));
-    let gw2 = Gateway::start(&lab.host2, &config("192.168.0.58", "192.168.0.8"));
+    share_a_segment("gretap", "192.168.0.8", "192.168.0.58");
+}
+
+#[test]
+fn two_bridged_taps_share_a_segment_through_ip6gretap() {
+    if !require_root("two_bridged_taps_share_a_segment_through_ip6gretap") {
+        return;
+    }
+    share_a_segment("ip6gretap", "2001:db8::8", "2001:db8::58");
+}
+
+fn share_a_segment(mode: &str, a: &str, b: &str) {
+    let lab = Lab::new(&mode[..3]);
+    if a.contains(':') {
+        lab.host1.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            "ens0",
+            "nodad",
+        ]);
+        lab.host2.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{b}/64"),
+            "dev",
+            "ens0",
+            "nodad",
+        ]);
+    }
+    let gw1 = Gateway::start(&lab.host1, &config(mode, a, b));
+    let gw2 = Gateway::start(&lab.host2, &config(mode, b, a));
     let c1 = client("gc1", &lab.host1, "10.9.9.1/24");
     let c2 = client("gc2", &lab.host2, "10.9.9.2/24");
 

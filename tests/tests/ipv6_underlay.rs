@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::{require_root, wait_until, Gateway, Lab, RawSocket};
+use gateway_tests::{require_root, wait_until, Gateway, Lab, RawSocket, Scapy};
 
 fn config(local: &str, remote: &str, me: u8, far: u8) -> String {
     format!(
@@ -130,6 +130,42 @@ fn ip6gre_and_ip6ip6_ping_over_an_ipv6_underlay() {
         seen, [true; 3],
         "ip6gre, ip6ip6 and ipip6 packets on the wire"
     );
+
+    // A router on the IPv6 path says it carries 1300 bytes (ICMPv6 packet
+    // too big, quoting what host1's gateway sent on ip6gre, as scapy builds
+    // it). A 1400-byte DF ping into ip6gre then gets fragmentation needed
+    // with what is left: 1300 less IPv6, the encapsulation limit and GRE.
+    let mac1 = lab.host1.ip(&["-br", "link", "show", "ens0"]);
+    let mac1 = mac1.split_whitespace().nth(2).unwrap().to_string();
+    let mut scapy = Scapy::start(&lab.host2, &mac1);
+    scapy.send(
+        "Ether(dst=GW_MAC)/IPv6(src='2001:db8::58',dst='2001:db8::8')/ICMPv6PacketTooBig(mtu=1300)\
+         /IPv6(src='2001:db8::8',dst='2001:db8::58',nh=60)/IPv6ExtHdrDestOpt(nh=47)/GRE()",
+    );
+    wait_until("the path MTU to be taken", Duration::from_secs(5), || {
+        gateway_tests::stats::worker_sum(&gw1.stats(), "path_mtu_updates") == 1
+    });
+    let (_, out) = lab.host1.exec(&[
+        "ping", "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1372", "10.6.1.2",
+    ]);
+    assert!(
+        out.contains("mtu = 1248") || out.contains("mtu=1248"),
+        "{out}"
+    );
+
+    // IPv6 outer fragments, as a tunnel endpoint that fragments its own
+    // packets sends them (scapy's fragment6), out of order: reassembled and
+    // delivered whole.
+    let before = gw1.settled_stats();
+    scapy.send(
+        "list(reversed([Ether(dst=GW_MAC)/f for f in fragment6(IPv6(src='2001:db8::58',dst='2001:db8::8')\
+         /IPv6ExtHdrFragment()/GRE()/IP(src='10.6.1.2',dst='10.6.1.1')/UDP(dport=4400)/Raw(b'6'*1200), 600)]))",
+    );
+    let after = gw1.settled_stats();
+    let rx = |s: &serde_json::Value| s["tunnels"][0]["rx_packets"].as_u64().unwrap();
+    let merged = |s: &serde_json::Value| gateway_tests::stats::worker_sum(s, "fragments_merged");
+    assert_eq!(rx(&after) - rx(&before), 1, "{after}");
+    assert_eq!(merged(&after) - merged(&before), 2, "{after}");
 
     for gw in [&gw1, &gw2] {
         let s = gw.settled_stats();
