@@ -99,7 +99,10 @@ fn print_plan(cfg: &Config, path: &Path) {
     for t in &cfg.tunnels {
         let mut line = format!(
             "tunnel {}: mode {} local {} remote {}",
-            t.name, t.mode, t.local, t.remote
+            t.name,
+            t.mode.kernel_name(t.local.is_ipv6()),
+            t.local,
+            t.remote
         );
         if let Some(k) = t.ikey {
             line.push_str(&format!(" ikey {k}"));
@@ -120,13 +123,20 @@ fn print_plan(cfg: &Config, path: &Path) {
             line.push_str(" oseq");
         }
         line.push_str(&format!(" ttl {} tos {}", t.ttl, t.tos));
-        line.push_str(if t.pmtudisc {
-            " pmtudisc"
+        if t.local.is_ipv6() {
+            match t.encap_limit {
+                Some(n) => line.push_str(&format!(" encaplimit {n}")),
+                None => line.push_str(" encaplimit none"),
+            }
         } else {
-            " nopmtudisc"
-        });
-        if t.ignore_df {
-            line.push_str(" ignore-df");
+            line.push_str(if t.pmtudisc {
+                " pmtudisc"
+            } else {
+                " nopmtudisc"
+            });
+            if t.ignore_df {
+                line.push_str(" ignore-df");
+            }
         }
         match t.mtu {
             Some(m) => line.push_str(&format!(" mtu {m}")),

@@ -1156,7 +1156,7 @@ pub fn snapshot(
         let tx_bytes = sum(&|c| &c.tx_bytes, i);
         tunnels.push(json!({
             "name": t.name,
-            "mode": t.mode,
+            "mode": t.mode.kernel_name(t.local.is_ipv6()),
             "local": t.local.to_string(),
             "remote": t.remote.to_string(),
             "device_kind": t.device_kind,

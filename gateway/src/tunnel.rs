@@ -33,6 +33,21 @@ impl Mode {
         }
     }
 
+    /// The kernel's name for this encapsulation over an IPv4 or an IPv6
+    /// underlay (`ip link add type ...` / `ip -6 tunnel add mode ...`).
+    pub fn kernel_name(self, ipv6_underlay: bool) -> &'static str {
+        match (self, ipv6_underlay) {
+            (Mode::Gre, false) => "gre",
+            (Mode::Gretap, false) => "gretap",
+            (Mode::Ipip, false) => "ipip",
+            (Mode::Sit, false) => "sit",
+            (Mode::Gre, true) => "ip6gre",
+            (Mode::Gretap, true) => "ip6gretap",
+            (Mode::Ipip, true) => "ipip6",
+            (Mode::Sit, true) => "ip6ip6",
+        }
+    }
+
     /// Has a GRE header (and with it keys, checksums, sequence numbers).
     pub fn is_gre(self) -> bool {
         matches!(self, Mode::Gre | Mode::Gretap)
