@@ -112,6 +112,14 @@ impl Reassembler {
         }
     }
 
+    /// Forgets every datagram in progress (the buffers stay allocated).
+    pub fn clear(&mut self) {
+        for d in &mut self.slots {
+            d.active = false;
+        }
+        self.done = None;
+    }
+
     /// Fragments held now, over all datagrams.
     pub fn pending(&self) -> u64 {
         self.slots
