@@ -22,6 +22,7 @@ mod ceiling;
 mod gen;
 mod ns;
 mod report;
+mod tcp;
 mod templates;
 
 use std::io::{BufRead, BufReader};
@@ -93,6 +94,10 @@ struct Args {
     /// no value), reporting memory, frames and latency over time.
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "600")]
     soak: Option<u64>,
+    /// Only the TCP section: iperf3 through the tunnel between two
+    /// gateways, beside the bare veth with and without offloads.
+    #[arg(long)]
+    tcp_only: bool,
 }
 
 const GEN_CORE: usize = 0;
@@ -536,6 +541,15 @@ fn main() -> Result<()> {
         );
     }
     let started = Instant::now();
+    let tcp_secs = if args.quick { 2 } else { 5 };
+    if args.tcp_only {
+        let t = tcp_section(&args.gateway, &args.poll, tcp_secs, &out_dir)?;
+        std::fs::write(
+            out_dir.join("results.json"),
+            serde_json::to_string_pretty(&json!({ "tcp": t }))?,
+        )?;
+        return Ok(());
+    }
 
     // Topology.
     let gen_ns = NetNs::new("gwb-gen")?;
@@ -685,6 +699,8 @@ fn main() -> Result<()> {
         bare_lat.push((*pct, *rate, o));
     }
 
+    let tcp = tcp_section(&bench.args.gateway, &bench.args.poll, tcp_secs, &out_dir)?;
+
     // Files.
     let mut lat_json = Vec::new();
     for ((pct, rate, t), (_, _, b)) in tunnel_lat.iter().zip(&bare_lat) {
@@ -745,6 +761,7 @@ fn main() -> Result<()> {
             "ndr_pps": rt_ndr,
             "latency": lat_json,
         },
+        "tcp": tcp,
         "gateway_final_stats": gw_final,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
@@ -870,6 +887,46 @@ fn main() -> Result<()> {
     drop(gen_ns);
     drop(gw_ns);
     Ok(())
+}
+
+/// iperf3 through the tunnel and over the bare veth; prints its lines and
+/// returns them as JSON.
+fn tcp_section(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<Value> {
+    say("TCP: iperf3, one stream, two gateways (GRE, MTU 1400) beside the bare veth (MTU 1400)");
+    let t = tcp::run(gateway, poll, secs, out_dir)?;
+    let g = |x: f64| x / 1e9;
+    let lines = [
+        ("bare veth, offloads on", t.bare_offloads),
+        ("bare veth, offloads off", t.bare_no_offloads),
+        ("through the tunnel", t.tunnel),
+    ];
+    for (what, v) in lines {
+        say(&format!(
+            "  {what}: {:.2} Gbit/s ({} retransmits)",
+            g(v.bps),
+            v.retransmits
+        ));
+    }
+    let v = json!({
+        "seconds": secs,
+        "bare_offloads_gbps": g(t.bare_offloads.bps),
+        "bare_no_offloads_gbps": g(t.bare_no_offloads.bps),
+        "tunnel_gbps": g(t.tunnel.bps),
+        "tunnel_retransmits": t.tunnel.retransmits,
+        "ratio_tunnel_to_bare_offloads": t.tunnel.bps / t.bare_offloads.bps.max(1.0),
+        "ratio_tunnel_to_bare_no_offloads": t.tunnel.bps / t.bare_no_offloads.bps.max(1.0),
+        "gateway_sender_stats": t.gateway_a,
+        "gateway_receiver_stats": t.gateway_b,
+    });
+    println!(
+        "TCP one stream: tunnel {:.2} Gbit/s; bare veth {:.2} with offloads ({:.2}x), {:.2} without ({:.2}x)",
+        g(t.tunnel.bps),
+        g(t.bare_offloads.bps),
+        v["ratio_tunnel_to_bare_offloads"].as_f64().unwrap_or(0.0),
+        g(t.bare_no_offloads.bps),
+        v["ratio_tunnel_to_bare_no_offloads"].as_f64().unwrap_or(0.0),
+    );
+    Ok(v)
 }
 
 /// The first IPv4 address of `iface`.

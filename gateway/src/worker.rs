@@ -6,10 +6,11 @@
 //! → queue a `WriteFixed` per packet → one submit per loop → the frame goes
 //! back to the fill ring when its write completes.
 //!
-//! Outbound: each device queue always has a few `ReadFixed`s outstanding,
-//! each into a free UMEM frame at the offset that leaves room for the
-//! tunnel's outer headers. A completed read is encapsulated in place and
-//! the frame goes to the TX ring; the completion ring hands it back. ARP,
+//! Outbound: each device queue has one multishot read armed, taking UMEM
+//! frames from the worker's read pool (an io_uring provided-buffer ring).
+//! A packet read is moved to the offset that leaves room for its tunnel's
+//! outer headers, encapsulated in place, and the frame goes to the TX ring;
+//! the completion ring hands it back. ARP,
 //! neighbour solicitations and too-big packets are answered with a write
 //! back into the device from the same frame.
 //!
@@ -28,7 +29,7 @@ use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
 use crate::reasm::{Outcome, Reassembler};
 use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
-use crate::sys::uring::{Completed, DeviceIo, Op};
+use crate::sys::uring::{Completed, DeviceIo, Op, READ_BASE};
 use crate::sys::xsk::{Frame, Xsk};
 use crate::tunnel::{TunnelTable, MAX_TUNNELS};
 
@@ -43,9 +44,9 @@ const BUSY_YIELD_EVERY: u32 = 64;
 const EXPIRE_EVERY: u32 = 1024;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
-/// Reads kept outstanding on each device queue (fewer with many tunnels:
-/// parked reads take at most a quarter of the UMEM).
-const READS_PER_DEVICE: u32 = 32;
+/// Frames waiting in the read pool for packets from the devices, at most
+/// (and at most a quarter of the UMEM).
+const READ_FRAMES: u64 = 512;
 /// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
 /// decapsulated packet.
 const REPLY: u16 = 0x8000;
@@ -127,8 +128,8 @@ struct State {
     reasm: Reassembler,
     loops: u32,
     frames: FrameCounts,
-    reads: Vec<u32>,
-    reads_per_device: u32,
+    /// Frames the read pool is kept topped up to.
+    read_frames: usize,
     /// Devices deleted from under the gateway: no reads, writes dropped.
     gone: Vec<bool>,
     writes_in_flight: usize,
@@ -184,12 +185,10 @@ impl Worker {
         let queue = self.queue;
         let ntun = self.shared.tunnels.rx.len();
         let total = self.free.len() as u64;
-        let reads_per_device = reads_per_device(total, ntun);
-        // Room for a few batches of writes and for every read the worker
-        // can park, with as many tunnels as a reload may bring (parked
-        // reads take at most a quarter of the frames, or one per device).
-        let max_reads = (total as u32 / 4).max(MAX_TUNNELS as u32);
-        let entries = (self.batch as u32 * 4 + max_reads)
+        let read_frames = (total / 4).clamp(1, READ_FRAMES) as usize;
+        // Room for a few batches of writes and one read per device, with
+        // as many devices as a reload may bring.
+        let entries = (self.batch as u32 * 4 + MAX_TUNNELS as u32)
             .next_power_of_two()
             .clamp(64, 32768);
         let mut io = DeviceIo::new(
@@ -197,6 +196,7 @@ impl Worker {
             MAX_TUNNELS as u32,
             &raw_fds(&self.devices),
             &self.xsk,
+            read_frames.next_power_of_two() as u16,
         )
         .map_err(|io| WorkerError::Uring { queue, io })?;
 
@@ -209,8 +209,7 @@ impl Worker {
                 total,
                 ..Default::default()
             },
-            reads: vec![0; ntun],
-            reads_per_device,
+            read_frames,
             gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(self.batch * 2),
@@ -292,7 +291,7 @@ impl Worker {
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
-            st.frames.in_reads = st.reads.iter().map(|&r| u64::from(r)).sum();
+            st.frames.in_reads = io.in_reads() as u64;
             let t1 = std::time::Instant::now();
             let spent = t1.duration_since(t0).as_nanos() as u64;
             t0 = t1;
@@ -358,6 +357,8 @@ impl Worker {
         for c in rest {
             self.account_drained(c, &mut st);
         }
+        io.reclaim_reads(&mut self.free)
+            .map_err(self.io_err("taking back the read pool"))?;
         // Frames still waiting for TX room are not sent.
         let pending = st.tx_pending.len();
         self.free.append(&mut st.tx_pending);
@@ -368,7 +369,7 @@ impl Worker {
         st.frames.in_tx -= self.xsk.complete(&mut self.free) as u64;
         st.frames.free = self.free.len() as u64;
         st.frames.in_flight = io.in_flight() as u64;
-        st.frames.in_reads = st.reads.iter().map(|&r| u64::from(r)).sum();
+        st.frames.in_reads = io.in_reads() as u64;
         self.publish(&st);
         self.refresh_xsk_stats();
         Ok(())
@@ -403,24 +404,29 @@ impl Worker {
         Ok(())
     }
 
+    /// Tops the read pool up and arms a read on every device that has
+    /// none. The pool is a small part of the UMEM (4096 frames by
+    /// default), so the RX side keeps plenty.
     fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
-        // Each device keeps READS_PER_DEVICE reads parked; the frames they
-        // hold are few beside the UMEM (4096 by default), so the RX side
-        // keeps plenty.
-        for (t, reads) in st.reads.iter_mut().enumerate() {
-            if st.gone[t] {
-                continue;
-            }
-            while *reads < st.reads_per_device {
+        let want = st.read_frames.saturating_sub(io.in_reads());
+        if want > 0 {
+            for _ in 0..want {
                 let Some(frame) = self.free.pop() else { break };
-                let offset = self.shared.tunnels.tx[t].read_offset();
-                match io.push_read(t as u32, frame, offset, t as u16) {
-                    Ok(()) => *reads += 1,
-                    Err(f) => {
-                        self.free.push(f);
-                        return;
-                    }
+                if let Err(f) = io.provide(frame) {
+                    self.free.push(f);
+                    break;
                 }
+            }
+            io.publish_reads();
+        }
+        // A read armed on an empty pool would end at once (ENOBUFS) and be
+        // armed again, round and round; wait for frames instead.
+        if io.in_reads() == 0 {
+            return;
+        }
+        for t in 0..self.devices.len() {
+            if !st.gone[t] && !io.arm_read(t as u32) {
+                return;
             }
         }
     }
@@ -438,19 +444,16 @@ impl Worker {
                     self.device_gone(st, c.tag);
                 }
                 account_write(&c, &mut st.local);
-                self.free.push(c.frame);
+                self.free.extend(c.frame);
             }
             Op::Read => {
                 let t = usize::from(c.tag);
-                st.reads[t] -= 1;
-                let mut frame = c.frame;
-                if c.result < 0 {
+                let Some(mut frame) = c.frame else {
                     match -c.result {
-                        // Cancelled (a reload or the stop): a read parked
-                        // in the kernel ends with ECANCELED, one a kernel
-                        // worker was blocked in with EINTR. Neither had
-                        // taken a packet.
-                        libc::ECANCELED | libc::EINTR => {}
+                        // Cancelled (a reload or the stop), or the pool ran
+                        // dry: no packet was taken; armed again when there
+                        // are frames.
+                        libc::ECANCELED | libc::EINTR | libc::ENOBUFS => {}
                         // The device was deleted: a read in progress ends
                         // with EFAULT, later ones with EBADFD. No packet
                         // was lost.
@@ -462,10 +465,14 @@ impl Worker {
                             self.device_gone(st, c.tag);
                         }
                     }
+                    return Ok(());
+                };
+                st.local.tx_read += 1;
+                if t >= self.shared.tunnels.tx.len() || c.result <= 0 {
+                    st.local.drop(DropReason::TxMalformed);
                     self.free.push(frame);
                     return Ok(());
                 }
-                st.local.tx_read += 1;
                 let tunnel = &self.shared.tunnels.tx[t];
                 let hops = &self.shared.tunnels.next_hops;
                 let hop = match (hops.get(t), hops.local()) {
@@ -474,7 +481,11 @@ impl Worker {
                 };
                 st.ident = st.ident.wrapping_add(1);
                 let buf = self.xsk.buffer_mut(&mut frame);
-                match encap(buf, c.result as usize, tunnel, hop, st.ident) {
+                // The read put the packet at READ_BASE; the tunnel's outer
+                // headers go right before it.
+                let n = (c.result as usize).min(buf.len() - READ_BASE);
+                buf.copy_within(READ_BASE..READ_BASE + n, tunnel.read_offset());
+                match encap(buf, n, tunnel, hop, st.ident) {
                     Verdict::Transmit { len } => {
                         self.xsk.set_len(&mut frame, len);
                         st.local.tx_sent += 1;
@@ -691,8 +702,6 @@ impl Worker {
                 io: e,
             });
         }
-        st.reads = vec![0; ntun];
-        st.reads_per_device = reads_per_device(st.frames.total, ntun);
         st.gone = self.devices.iter().map(Option::is_none).collect();
         st.local.remap_tunnels(&r.counters_from);
         // Sequence numbers expected go on for tunnels that stay.
@@ -717,16 +726,15 @@ impl Worker {
                 account_write(&c, &mut st.local);
             }
             Op::Read => {
-                st.reads[usize::from(c.tag)] -= 1;
                 // A read that completed with data just before the cancel is
                 // counted as read and dropped: the gateway is stopping.
-                if c.result > 0 {
+                if c.frame.is_some() {
                     st.local.tx_read += 1;
                     st.local.drop(DropReason::TxShutdown);
                 }
             }
         }
-        self.free.push(c.frame);
+        self.free.extend(c.frame);
     }
 
     fn publish(&self, st: &State) {
@@ -757,10 +765,6 @@ fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
         .iter()
         .map(|d| d.as_ref().map_or(-1, |f| f.as_raw_fd()))
         .collect()
-}
-
-fn reads_per_device(frames: u64, tunnels: usize) -> u32 {
-    (frames / 4 / tunnels.max(1) as u64).clamp(1, u64::from(READS_PER_DEVICE)) as u32
 }
 
 /// Accounts for one finished device write: an inbound delivery, or an

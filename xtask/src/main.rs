@@ -78,6 +78,7 @@ const DEB_PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "iperf3",
+    "ethtool",
     "prometheus",
     // The failure tests detach the gateway's XDP link as another tool would.
     "bpftool",

@@ -1,0 +1,158 @@
+//! TCP through one tunnel: iperf3, one stream, between two gateways in two
+//! namespaces, beside the bare veth with and without its offloads, in the
+//! same run.
+//!
+//! Two namespaces joined by a veth (the underlay, MTU 1500); in each, a
+//! gateway with tunnel tun100 (GRE, MTU 1400) into tap1, 10.1.1.1 on one
+//! side and 10.1.1.2 on the other. iperf3's client runs on one side and
+//! its server on the other.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::ns::{self, NetNs};
+use crate::GatewayProc;
+
+/// What one iperf3 run carried.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    /// Received by the server, bits per second.
+    pub bps: f64,
+    pub retransmits: u64,
+}
+
+pub struct TcpResults {
+    pub bare_offloads: Throughput,
+    pub bare_no_offloads: Throughput,
+    pub tunnel: Throughput,
+    pub gateway_a: Value,
+    pub gateway_b: Value,
+}
+
+const A: &str = "192.168.0.8";
+const B: &str = "192.168.0.58";
+
+/// Runs iperf3 `secs` seconds from namespace `client` to `server_ip` in
+/// namespace `server`.
+fn iperf(client: &NetNs, server: &NetNs, server_ip: &str, secs: u64) -> Result<Throughput> {
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", &server.name, "iperf3", "-s", "-1", "-B"])
+        .arg(server_ip)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s (apt-get install iperf3)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &client.name, "iperf3", "-J", "-c"])
+        .arg(server_ip)
+        .args(["-t", &secs.to_string()])
+        .output()
+        .context("running iperf3 -c")?;
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 said: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    Ok(Throughput {
+        bps: v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("no sum_received in iperf3's output")?,
+        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    })
+}
+
+/// veth's default offloads (TSO and GSO on, GRO off), or none.
+fn offloads(ns: &NetNs, dev: &str, on: bool) -> Result<()> {
+    let v = if on { "on" } else { "off" };
+    ns::sh(&[
+        "ip", "netns", "exec", &ns.name, "ethtool", "-K", dev, "tso", v, "gso", v, "gro", "off",
+    ])
+    .context("ethtool (apt-get install ethtool)")?;
+    Ok(())
+}
+
+fn config(local: &str, remote: &str, addr: &str, peer: &str, poll: &str, core: usize) -> String {
+    format!(
+        r#"[gateway]
+poll = "{poll}"
+cores = [{core}]
+
+[[tunnel]]
+name = "tun100"
+mode = "gre"
+local = "{local}"
+remote = "{remote}"
+ttl = 64
+mtu = 1400
+device = "tap1"
+address = "{addr}"
+peer = "{peer}"
+"#
+    )
+}
+
+/// Runs the three measurements; `secs` per iperf3 run.
+pub fn run(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<TcpResults> {
+    let a = NetNs::new("gwb-tcp-a")?;
+    let b = NetNs::new("gwb-tcp-b")?;
+    ns::sh(&[
+        "ip", "link", "add", "ens0", "netns", &a.name, "type", "veth", "peer", "name", "ens0",
+        "netns", &b.name,
+    ])?;
+    a.ip(&["addr", "add", &format!("{A}/24"), "dev", "ens0"])?;
+    b.ip(&["addr", "add", &format!("{B}/24"), "dev", "ens0"])?;
+    a.ip(&["link", "set", "ens0", "up"])?;
+    b.ip(&["link", "set", "ens0", "up"])?;
+
+    // The bare veth at the tunnel's MTU, with the offloads veth has by
+    // default (TSO, GSO), then with none.
+    for n in [&a, &b] {
+        n.ip(&["link", "set", "ens0", "mtu", "1400"])?;
+        offloads(n, "ens0", true)?;
+    }
+    let bare_offloads = iperf(&a, &b, B, secs)?;
+    for n in [&a, &b] {
+        offloads(n, "ens0", false)?;
+    }
+    let bare_no_offloads = iperf(&a, &b, B, secs)?;
+    // The underlay as a host has it: MTU 1500, default offloads.
+    for n in [&a, &b] {
+        n.ip(&["link", "set", "ens0", "mtu", "1500"])?;
+        offloads(n, "ens0", true)?;
+    }
+
+    let ca = out_dir.join("tcp-gateway-a.toml");
+    let cb = out_dir.join("tcp-gateway-b.toml");
+    std::fs::write(&ca, config(A, B, "10.1.1.1", "10.1.1.2", poll, 0))?;
+    std::fs::write(&cb, config(B, A, "10.1.1.2", "10.1.1.1", poll, 1))?;
+    let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
+    let gb = GatewayProc::start(&b, gateway, &cb, &out_dir.join("tcp-gateway-b.log"))?;
+    // Next hops resolved, and the path up, before measuring.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ns::sh(&[
+        "ip", "netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "10.1.1.2",
+    ])
+    .is_err()
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("no ping through the tunnel between the two gateways");
+        }
+    }
+    let tunnel = iperf(&a, &b, "10.1.1.2", secs)?;
+    let gateway_a = ga.stats()?;
+    let gateway_b = gb.stats()?;
+    Ok(TcpResults {
+        bare_offloads,
+        bare_no_offloads,
+        tunnel,
+        gateway_a,
+        gateway_b,
+    })
+}
