@@ -106,7 +106,15 @@ pub fn device(
         nl.set_up(&link, Some(1500))?;
         nl.add_peer_address(&link, "10.9.9.1".parse()?, "10.9.9.2".parse()?)?;
         let mac = link.mac.ok_or_else(|| anyhow!("bench0 has no MAC"))?;
-        let frame = crate::templates::tap_frame(mac, [10, 9, 9, 2], [10, 9, 9, 1], payload);
+        // The queue is opened as the gateway opens it (with a virtio-net
+        // header before each packet), so each write carries a plain one.
+        let mut frame = vec![0u8; gateway::offload::VNET_HDR_LEN];
+        frame.extend(crate::templates::tap_frame(
+            mac,
+            [10, 9, 9, 2],
+            [10, 9, 9, 1],
+            payload,
+        ));
         let mut file = std::fs::File::from(fd.try_clone()?);
 
         let start = Instant::now();

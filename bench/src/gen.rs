@@ -198,7 +198,7 @@ impl State {
         // Half the frames receive, half send.
         let tx_free = frames.split_off(frames.len() / 2);
         let mut rx_free = frames;
-        xsk.fill(&mut rx_free);
+        xsk.fill(&mut rx_free, 0);
         let _ = xsk.wake_fill_if_needed();
         State {
             base: Instant::now(),
@@ -226,7 +226,7 @@ impl State {
             }
             self.rx_free.push(f);
         }
-        xsk.fill(&mut self.rx_free);
+        xsk.fill(&mut self.rx_free, 0);
         let _ = xsk.wake_fill_if_needed();
     }
 

@@ -98,6 +98,10 @@ struct Args {
     /// gateways, beside the bare veth with and without offloads.
     #[arg(long)]
     tcp_only: bool,
+    /// The gateway's `busy_poll_budget` (kernel busy polling of the NIC
+    /// queue, 0 = off).
+    #[arg(long, default_value_t = 0)]
+    busy_poll_budget: u16,
 }
 
 const GEN_CORE: usize = 0;
@@ -289,13 +293,24 @@ impl Bench {
 /// Writes the gateway's configuration into the output directory and starts
 /// it in `ns`, pinned to the gateway core.
 fn start_gateway(bench: &Bench, ns: &NetNs, out_dir: &Path) -> Result<GatewayProc> {
-    let config = out_dir.join("gateway.toml");
+    start_gateway_polling(bench, ns, out_dir, &bench.args.poll, "gateway")
+}
+
+fn start_gateway_polling(
+    bench: &Bench,
+    ns: &NetNs,
+    out_dir: &Path,
+    poll: &str,
+    name: &str,
+) -> Result<GatewayProc> {
+    let config = out_dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
             r#"[gateway]
 poll = "{}"
 cores = [{GW_CORE}]
+busy_poll_budget = {}
 
 [[tunnel]]
 name = "tun100"
@@ -308,15 +323,44 @@ device = "tap1"
 address = "10.1.1.1"
 peer = "10.1.1.2"
 "#,
-            bench.args.poll, bench.args.mode
+            poll, bench.args.busy_poll_budget, bench.args.mode
         ),
     )?;
     GatewayProc::start(
         ns,
         &bench.args.gateway,
         &config,
-        &out_dir.join("gateway.log"),
+        &out_dir.join(format!("{name}.log")),
     )
+}
+
+/// CPU time of a process so far (user + system), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // In USER_HZ: 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What a gateway costs with no traffic, in percent of one core, polling
+/// each way.
+fn idle_cost(bench: &Bench, ns: &NetNs, out_dir: &Path) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for poll in ["busy", "adaptive"] {
+        let gw = start_gateway_polling(bench, ns, out_dir, poll, &format!("idle-{poll}"))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = gw.child.id();
+        let (c0, t0) = (cpu_seconds(pid), Instant::now());
+        std::thread::sleep(bench.trial);
+        let pct = 100.0 * (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
+        say(&format!("  idle, poll {poll}: {pct:.1}% of a core"));
+        out.push((poll.to_string(), pct));
+    }
+    Ok(out)
 }
 
 /// Resident memory of a process, in KiB.
@@ -699,6 +743,8 @@ fn main() -> Result<()> {
         bare_lat.push((*pct, *rate, o));
     }
 
+    say("idle cost: the gateway with no traffic");
+    let idle = idle_cost(&bench, &gw_ns, &out_dir)?;
     let tcp = tcp_section(&bench.args.gateway, &bench.args.poll, tcp_secs, &out_dir)?;
 
     // Files.
@@ -728,6 +774,7 @@ fn main() -> Result<()> {
             "payload_bytes": bench.args.payload,
             "flows": bench.args.flows,
             "poll": bench.args.poll,
+            "busy_poll_budget": bench.args.busy_poll_budget,
             "quick": bench.args.quick,
             "trial_s": bench.trial.as_secs_f64(),
             "search_steps": bench.steps,
@@ -762,6 +809,7 @@ fn main() -> Result<()> {
             "latency": lat_json,
         },
         "tcp": tcp,
+        "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gateway_final_stats": gw_final,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
@@ -878,6 +926,9 @@ fn main() -> Result<()> {
             l["ratio_p50"].as_f64().unwrap_or(0.0),
             l["ratio_p99"].as_f64().unwrap_or(0.0),
         );
+    }
+    for (poll, pct) in &idle {
+        println!("idle cost, poll {poll}: {pct:.1}% of a core");
     }
     println!(
         "\nfiles: {}/results.json, plot.svg, latency-*.hgrm, gateway.log",

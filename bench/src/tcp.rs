@@ -47,12 +47,40 @@ fn iperf(client: &NetNs, server: &NetNs, server_ip: &str, secs: u64) -> Result<T
         .spawn()
         .context("starting iperf3 -s (apt-get install iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("ip")
-        .args(["netns", "exec", &client.name, "iperf3", "-J", "-c"])
+    let mut cli = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.name,
+            "iperf3",
+            "-J",
+            "--connect-timeout",
+            "3000",
+            "-c",
+        ])
         .arg(server_ip)
         .args(["-t", &secs.to_string()])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running iperf3 -c")?;
+    // A stalled connection would keep iperf3 waiting for the server's
+    // report for ever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs + 20);
+    while cli.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = cli.kill();
+            let _ = srv.kill();
+            let _ = srv.wait();
+            let _ = cli.wait();
+            bail!(
+                "iperf3 to {server_ip} did not finish within {} s",
+                secs + 20
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = cli.wait_with_output()?;
     let _ = srv.kill();
     let _ = srv.wait();
     let v: Value = serde_json::from_slice(&out.stdout)

@@ -54,6 +54,7 @@ struct RawGlobal {
     xsk_bind: Option<String>,
     frames_per_queue: Option<i64>,
     ring_size: Option<i64>,
+    busy_poll_budget: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +282,10 @@ pub struct Config {
     pub xsk_bind: XskBind,
     pub frames_per_queue: u32,
     pub ring_size: u32,
+    /// Kernel busy polling of the NIC queue from the worker
+    /// (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`): packets per poll,
+    /// 0 when off.
+    pub busy_poll_budget: u16,
     pub tunnels: Vec<TunnelConfig>,
 }
 
@@ -416,6 +421,16 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             ))
         }
     };
+    let busy_poll_budget = match g.busy_poll_budget {
+        None => 0,
+        Some(n) if (0..=1024).contains(&n) => n as u16,
+        Some(n) => {
+            return Err(err(
+                "gateway.busy_poll_budget",
+                format!("{n} is out of range; use 0 (off, the default) to 1024, e.g. 64"),
+            ))
+        }
+    };
     let poll = enum_field(
         "gateway.poll",
         g.poll.as_deref(),
@@ -537,6 +552,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         xsk_bind,
         frames_per_queue,
         ring_size,
+        busy_poll_budget,
         tunnels,
     })
 }

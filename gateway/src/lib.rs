@@ -13,6 +13,7 @@ pub mod human;
 pub mod metrics;
 pub mod neighbour;
 pub mod netlink;
+pub mod offload;
 pub mod reasm;
 pub mod run;
 pub mod stats;

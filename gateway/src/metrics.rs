@@ -170,6 +170,21 @@ pub fn prometheus(s: &Value) -> String {
             "GRE keepalives answered (sent back on the underlay).",
         ),
         (
+            "gateway_worker_coalesced_total",
+            &["coalesced"][..],
+            "Delivered TCP segments written in another segment's write (coalesced into one GSO packet).",
+        ),
+        (
+            "gateway_worker_tx_gso_packets_total",
+            &["tx_gso_packets"][..],
+            "Large (TSO/USO) packets read from the devices and cut into tunnel-MTU segments.",
+        ),
+        (
+            "gateway_worker_coalesced_writes_total",
+            &["coalesced_writes"][..],
+            "Device writes carrying coalesced TCP segments.",
+        ),
+        (
             "gateway_worker_path_mtu_updates_total",
             &["path_mtu_updates"][..],
             "ICMP fragmentation-needed messages about tunnel packets taken (path MTU lowered).",
@@ -240,14 +255,7 @@ pub fn prometheus(s: &Value) -> String {
     );
     let mut frames = Vec::new();
     for w in &workers {
-        for place in [
-            "total",
-            "free",
-            "in_kernel",
-            "in_flight",
-            "in_reads",
-            "in_tx",
-        ] {
+        for place in ["total", "free", "in_kernel", "in_flight", "in_tx"] {
             frames.push((
                 format!("queue=\"{}\",place=\"{place}\"", w["queue"]),
                 n(&w["frames"][place]),
@@ -387,7 +395,7 @@ mod tests {
             "workers": [{"queue": 0, "rx_frames": 8, "delivered": 5, "batches": 2, "tx_read": 4, "tx_sent": 4, "tx_replies": 0,
                 "polls": {"busy_ns": 100, "idle_ns": 900},
                 "xsk": {"rx_dropped": 0, "rx_ring_full": 0, "fill_ring_empty": 0, "rx_invalid_descs": 0},
-                "frames": {"total": 4096, "free": 1, "in_kernel": 2048, "in_flight": 64, "in_reads": 64, "in_tx": 0}}],
+                "frames": {"total": 4096, "free": 1, "in_kernel": 2048, "in_flight": 64, "in_tx": 0}}],
         });
         let text = prometheus(&snap);
         assert!(text.contains("gateway_tunnel_packets_total{tunnel=\"tun100\",direction=\"rx\"} 5"));

@@ -95,6 +95,9 @@ fn open_device(nl: &Netlink, t: &TunnelConfig, mtu: u16, workers: usize) -> anyh
         queues.push(tap::open_queue(&t.device, t.device_kind)?);
     }
     let setup = || -> anyhow::Result<LinkInfo> {
+        // Large packets and partial checksums in what is read: the
+        // worker segments and completes them.
+        tap::set_offload(&queues[0], &t.device, crate::worker::DEVICE_OFFLOADS)?;
         if t.persistent {
             tap::set_persistent(&queues[0], &t.device, true)?;
         }
@@ -428,6 +431,11 @@ pub fn run(
             cfg.ring_size,
             cfg.xsk_bind,
         )?;
+        if cfg.busy_poll_budget > 0 {
+            xsk.set_busy_poll(cfg.busy_poll_budget).with_context(|| {
+                format!("{iface} queue {queue}: setting up busy polling (gateway.busy_poll_budget)")
+            })?;
+        }
         steering.set_socket(queue, xsk.fd())?;
         let st = Arc::new(WorkerStats::new(queue, core, slots.len()));
         let fds: Vec<OwnedFd> = device_queues
@@ -440,6 +448,7 @@ pub fn run(
             core,
             cfg.batch_size,
             cfg.poll,
+            cfg.busy_poll_budget > 0,
             xsk,
             frames,
             fds,
@@ -1090,6 +1099,10 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         ("queues", old.queues != new.queues),
         ("cores", old.cores != new.cores),
         ("batch_size", old.batch_size != new.batch_size),
+        (
+            "busy_poll_budget",
+            old.busy_poll_budget != new.busy_poll_budget,
+        ),
         ("poll", old.poll != new.poll),
         ("xdp_mode", old.xdp_attach != new.xdp_attach),
         ("xsk_bind", old.xsk_bind != new.xsk_bind),

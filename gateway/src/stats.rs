@@ -18,10 +18,8 @@ pub struct FrameCounts {
     pub free: u64,
     /// In the fill or RX ring.
     pub in_kernel: u64,
-    /// In an io_uring read or write.
+    /// In an io_uring write.
     pub in_flight: u64,
-    /// Of those, reads parked on a device (the rest are writes).
-    pub in_reads: u64,
     /// In the TX or completion ring.
     pub in_tx: u64,
 }
@@ -39,6 +37,9 @@ pub struct WorkerStats {
     pub rx_frames: AtomicU64,
     pub delivered: AtomicU64,
     pub keepalives: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub tx_gso_packets: AtomicU64,
+    pub coalesced_writes: AtomicU64,
     pub path_mtu_updates: AtomicU64,
     pub fragments_merged: AtomicU64,
     pub fragments_pending: AtomicU64,
@@ -56,7 +57,6 @@ pub struct WorkerStats {
     pub frames_in_kernel: AtomicU64,
     pub frames_in_flight: AtomicU64,
     pub frames_in_tx: AtomicU64,
-    pub frames_in_reads: AtomicU64,
     pub busy_polls: AtomicU64,
     pub idle_polls: AtomicU64,
     pub sleeps: AtomicU64,
@@ -75,6 +75,13 @@ pub struct LocalStats {
     pub delivered: u64,
     /// GRE keepalives answered (sent back on the underlay).
     pub keepalives: u64,
+    /// Delivered packets that went into the device in another one's write
+    /// (TCP segments coalesced into one GSO packet).
+    pub coalesced: u64,
+    /// Device writes that carried coalesced segments.
+    pub coalesced_writes: u64,
+    /// Large (GSO) packets read from the devices and cut into segments.
+    pub tx_gso_packets: u64,
     /// ICMP "fragmentation needed" about tunnel packets, taken.
     pub path_mtu_updates: u64,
     /// Outer fragments merged into a datagram delivered with another one.
@@ -105,6 +112,9 @@ impl LocalStats {
             rx_frames: 0,
             delivered: 0,
             keepalives: 0,
+            coalesced: 0,
+            tx_gso_packets: 0,
+            coalesced_writes: 0,
             path_mtu_updates: 0,
             fragments_merged: 0,
             fragments_pending: 0,
@@ -185,6 +195,9 @@ impl WorkerStats {
             rx_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             keepalives: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            tx_gso_packets: AtomicU64::new(0),
+            coalesced_writes: AtomicU64::new(0),
             path_mtu_updates: AtomicU64::new(0),
             fragments_merged: AtomicU64::new(0),
             fragments_pending: AtomicU64::new(0),
@@ -199,7 +212,6 @@ impl WorkerStats {
             frames_in_kernel: AtomicU64::new(0),
             frames_in_flight: AtomicU64::new(0),
             frames_in_tx: AtomicU64::new(0),
-            frames_in_reads: AtomicU64::new(0),
             busy_polls: AtomicU64::new(0),
             idle_polls: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
@@ -230,6 +242,9 @@ impl WorkerStats {
         self.rx_frames.store(l.rx_frames, Relaxed);
         self.delivered.store(l.delivered, Relaxed);
         self.keepalives.store(l.keepalives, Relaxed);
+        self.coalesced.store(l.coalesced, Relaxed);
+        self.tx_gso_packets.store(l.tx_gso_packets, Relaxed);
+        self.coalesced_writes.store(l.coalesced_writes, Relaxed);
         self.path_mtu_updates.store(l.path_mtu_updates, Relaxed);
         self.fragments_merged.store(l.fragments_merged, Relaxed);
         self.fragments_pending.store(l.fragments_pending, Relaxed);
@@ -265,7 +280,6 @@ impl WorkerStats {
         self.frames_in_kernel.store(f.in_kernel, Relaxed);
         self.frames_in_flight.store(f.in_flight, Relaxed);
         self.frames_in_tx.store(f.in_tx, Relaxed);
-        self.frames_in_reads.store(f.in_reads, Relaxed);
     }
 
     pub fn to_json(&self) -> Value {
@@ -279,6 +293,9 @@ impl WorkerStats {
             "rx_frames": self.rx_frames.load(Relaxed),
             "delivered": self.delivered.load(Relaxed),
             "keepalives": self.keepalives.load(Relaxed),
+            "coalesced": self.coalesced.load(Relaxed),
+            "coalesced_writes": self.coalesced_writes.load(Relaxed),
+            "tx_gso_packets": self.tx_gso_packets.load(Relaxed),
             "path_mtu_updates": self.path_mtu_updates.load(Relaxed),
             "fragments_merged": self.fragments_merged.load(Relaxed),
             "fragments_pending": self.fragments_pending.load(Relaxed),
@@ -300,7 +317,6 @@ impl WorkerStats {
                 "in_kernel": self.frames_in_kernel.load(Relaxed),
                 "in_flight": self.frames_in_flight.load(Relaxed),
                 "in_tx": self.frames_in_tx.load(Relaxed),
-                "in_reads": self.frames_in_reads.load(Relaxed),
             },
             "xsk": {
                 "rx_dropped": self.xsk_rx_dropped.load(Relaxed),

@@ -3,14 +3,19 @@
 //! shared or locked; it publishes counters with relaxed stores.
 //!
 //! Inbound: take a batch from the RX ring → decapsulate each frame in place
-//! → queue a `WriteFixed` per packet → one submit per loop → the frame goes
-//! back to the fill ring when its write completes.
+//! → queue a `WriteFixed` per packet, or one `Writev` per run of TCP
+//! segments of one flow coalesced into a GSO packet ([`crate::gro`]) → one
+//! submit per loop → the frames go back to the fill ring when the write
+//! completes. Every write starts with a virtio-net header, written into the
+//! room the outer headers leave.
 //!
-//! Outbound: each device queue has one multishot read armed, taking UMEM
-//! frames from the worker's read pool (an io_uring provided-buffer ring).
-//! A packet read is moved to the offset that leaves room for its tunnel's
-//! outer headers, encapsulated in place, and the frame goes to the TX ring;
-//! the completion ring hands it back. ARP,
+//! Outbound: each device queue has one multishot read armed, taking
+//! buffers from the worker's read pool (an io_uring provided-buffer ring).
+//! A packet read is copied into a free UMEM frame at the offset that leaves
+//! room for its tunnel's outer headers (a GSO packet is cut into segments,
+//! one frame each), encapsulated in place, and the frame goes to the TX
+//! ring; the completion ring hands it back. The fill ring never takes the
+//! last [`TX_RESERVE`] free frames, so replies find frames under any load. ARP,
 //! neighbour solicitations and too-big packets are answered with a write
 //! back into the device from the same frame.
 //!
@@ -27,11 +32,12 @@ use crate::decap::{decap, Delivery, Kind, RxState};
 use crate::drop_reason::DropReason;
 use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
+use crate::offload::{self, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
 use crate::reasm::{Outcome, Reassembler};
 use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
-use crate::sys::uring::{Completed, DeviceIo, Op, READ_BASE};
+use crate::sys::uring::{Completed, DeviceIo, Op, Piece};
 use crate::sys::xsk::{Frame, Xsk};
-use crate::tunnel::{TunnelTable, MAX_TUNNELS};
+use crate::tunnel::{DeviceKind, TunnelTable, MAX_TUNNELS};
 
 /// Empty polls before an adaptive worker blocks in poll(2).
 const ADAPTIVE_SPINS: u32 = 2048;
@@ -44,14 +50,41 @@ const BUSY_YIELD_EVERY: u32 = 64;
 const EXPIRE_EVERY: u32 = 1024;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
-/// Frames waiting in the read pool for packets from the devices, at most
-/// (and at most a quarter of the UMEM).
-const READ_FRAMES: u64 = 512;
+/// Free frames the fill ring leaves for packets read from the devices (at
+/// most a quarter of the UMEM).
+const TX_RESERVE: u64 = 512;
+/// Read buffers per worker (of 68 KiB: a GSO packet fits in one).
+const READ_BUFS: u16 = 64;
+/// What the devices may hand over: partial checksums, TCP segmentation
+/// (IPv4, IPv6, with ECN) and UDP segmentation (IPv4, IPv6).
+pub const DEVICE_OFFLOADS: u32 = crate::sys::tap::TUN_F_CSUM
+    | crate::sys::tap::TUN_F_TSO4
+    | crate::sys::tap::TUN_F_TSO6
+    | crate::sys::tap::TUN_F_TSO_ECN
+    | crate::sys::tap::TUN_F_USO4
+    | crate::sys::tap::TUN_F_USO6;
 /// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
 /// decapsulated packet.
 const REPLY: u16 = 0x8000;
 /// Tag bit of writes of an ICMP "too big" error into the device.
 const REPLY_ICMP: u16 = 0x4000;
+/// TCP flows coalesced at once in an RX batch (the kernel's GRO keeps 8
+/// per NAPI context too).
+const GRO_FLOWS: usize = 8;
+
+/// A run of TCP segments of one flow waiting to be written as one.
+struct OpenRun {
+    tunnel: u16,
+    run: Run,
+    /// The first segment: its frame, where it starts and how long it is,
+    /// and where its IP header starts.
+    first: Frame,
+    offset: usize,
+    len: usize,
+    l3: usize,
+    /// The payloads of the others.
+    rest: Vec<Piece>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -107,6 +140,8 @@ pub struct Worker {
     pub core: Option<usize>,
     pub batch: usize,
     pub poll: PollMode,
+    /// Drive the kernel's busy polling of the NIC queue when idle.
+    busy_poll: bool,
     xsk: Xsk,
     free: Vec<Frame>,
     /// This worker's queue of each tunnel's device, in tunnel order;
@@ -128,13 +163,20 @@ struct State {
     reasm: Reassembler,
     loops: u32,
     frames: FrameCounts,
-    /// Frames the read pool is kept topped up to.
-    read_frames: usize,
+    /// Free frames the fill ring leaves for packets read from the devices.
+    tx_reserve: usize,
+    /// Frames holding packets just read, before encapsulation.
+    from_device: Vec<(Frame, usize)>,
+    /// Reads (tunnel, buffer, bytes) waiting for enough free frames, in
+    /// the order they completed.
+    deferred: std::collections::VecDeque<(usize, u16, usize)>,
     /// Devices deleted from under the gateway: no reads, writes dropped.
     gone: Vec<bool>,
     writes_in_flight: usize,
     tx_pending: Vec<Frame>,
     ident: u16,
+    /// Runs being coalesced in the current RX batch.
+    gro: Vec<OpenRun>,
 }
 
 impl Worker {
@@ -144,6 +186,7 @@ impl Worker {
         core: Option<usize>,
         batch: usize,
         poll: PollMode,
+        busy_poll: bool,
         xsk: Xsk,
         frames: Vec<Frame>,
         devices: Vec<OwnedFd>,
@@ -160,6 +203,7 @@ impl Worker {
             core,
             batch,
             poll,
+            busy_poll,
             xsk,
             free: frames,
             devices: devices.into_iter().map(Some).collect(),
@@ -185,7 +229,7 @@ impl Worker {
         let queue = self.queue;
         let ntun = self.shared.tunnels.rx.len();
         let total = self.free.len() as u64;
-        let read_frames = (total / 4).clamp(1, READ_FRAMES) as usize;
+        let tx_reserve = (total / 4).clamp(1, TX_RESERVE) as usize;
         // Room for a few batches of writes and one read per device, with
         // as many devices as a reload may bring.
         let entries = (self.batch as u32 * 4 + MAX_TUNNELS as u32)
@@ -196,7 +240,7 @@ impl Worker {
             MAX_TUNNELS as u32,
             &raw_fds(&self.devices),
             &self.xsk,
-            read_frames.next_power_of_two() as u16,
+            READ_BUFS,
         )
         .map_err(|io| WorkerError::Uring { queue, io })?;
 
@@ -209,14 +253,17 @@ impl Worker {
                 total,
                 ..Default::default()
             },
-            read_frames,
+            tx_reserve,
+            from_device: Vec::with_capacity(64),
+            deferred: std::collections::VecDeque::with_capacity(usize::from(READ_BUFS)),
             gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(self.batch * 2),
             ident: (queue as u16).wrapping_mul(0x9e37),
+            gro: Vec::with_capacity(GRO_FLOWS),
         };
         // The fill ring first: received packets are what we must not lose.
-        st.frames.in_kernel += self.xsk.fill(&mut self.free) as u64;
+        st.frames.in_kernel += self.xsk.fill(&mut self.free, st.tx_reserve) as u64;
         self.xsk
             .wake_fill_if_needed()
             .map_err(self.io_err("fill-ring wakeup"))?;
@@ -254,6 +301,9 @@ impl Worker {
                 for frame in rx.drain(..) {
                     self.receive_one(&mut io, &mut st, frame)?;
                 }
+                while let Some(last) = st.gro.len().checked_sub(1) {
+                    self.flush_run(&mut io, &mut st, last)?;
+                }
             }
             st.loops = st.loops.wrapping_add(1);
             if st.loops.is_multiple_of(EXPIRE_EVERY) {
@@ -268,6 +318,9 @@ impl Worker {
             // back the ones it has sent.
             let completed = self.xsk.complete(&mut self.free);
             st.frames.in_tx -= completed as u64;
+            if !st.deferred.is_empty() {
+                self.process_reads(&mut io, &mut st, false)?;
+            }
             let sent = self
                 .xsk
                 .transmit(&mut st.tx_pending, st.frames.in_tx)
@@ -280,7 +333,7 @@ impl Worker {
             // replies the kernel sends into the devices would be lost
             // (seen in the bench: 2k of 650k answered).
             self.post_reads(&mut io, &mut st);
-            let filled = self.xsk.fill(&mut self.free);
+            let filled = self.xsk.fill(&mut self.free, st.tx_reserve);
             st.frames.in_kernel += filled as u64;
             if filled > 0 || n == 0 {
                 self.xsk
@@ -291,7 +344,6 @@ impl Worker {
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
-            st.frames.in_reads = io.in_reads() as u64;
             let t1 = std::time::Instant::now();
             let spent = t1.duration_since(t0).as_nanos() as u64;
             t0 = t1;
@@ -321,6 +373,8 @@ impl Worker {
                     // this spinning thread; let it run when idle.
                     if idle.is_multiple_of(BUSY_YIELD_EVERY) {
                         std::thread::yield_now();
+                    } else if self.busy_poll {
+                        self.xsk.busy_poll();
                     } else {
                         std::hint::spin_loop();
                     }
@@ -357,8 +411,12 @@ impl Worker {
         for c in rest {
             self.account_drained(c, &mut st);
         }
-        io.reclaim_reads(&mut self.free)
-            .map_err(self.io_err("taking back the read pool"))?;
+        // Packets read and not yet sent: counted as read and dropped.
+        while let Some((_, bid, _)) = st.deferred.pop_front() {
+            st.local.tx_read += 1;
+            st.local.drop(DropReason::TxShutdown);
+            io.release_read(bid);
+        }
         // Frames still waiting for TX room are not sent.
         let pending = st.tx_pending.len();
         self.free.append(&mut st.tx_pending);
@@ -369,7 +427,6 @@ impl Worker {
         st.frames.in_tx -= self.xsk.complete(&mut self.free) as u64;
         st.frames.free = self.free.len() as u64;
         st.frames.in_flight = io.in_flight() as u64;
-        st.frames.in_reads = io.in_reads() as u64;
         self.publish(&st);
         self.refresh_xsk_stats();
         Ok(())
@@ -387,6 +444,17 @@ impl Worker {
         len: usize,
         tag: u16,
     ) -> Result<(), WorkerError> {
+        // A plain virtio-net header (no offload) before the packet, in the
+        // room the outer headers (or a read's) leave.
+        let mut frame = frame;
+        let Some(start) = offset.checked_sub(VNET_HDR_LEN) else {
+            st.local.drop(DropReason::DeviceWriteError);
+            self.free.push(frame);
+            return Ok(());
+        };
+        let data = self.xsk.data_mut(&mut frame);
+        VnetHdr::default().emit(&mut data[start..offset]);
+        let (offset, len) = (start, len + VNET_HDR_LEN);
         let mut res = io.push(file, frame, offset, len, tag);
         if let Err(f) = res {
             // Submission queue full: hand the kernel what is queued and
@@ -404,24 +472,150 @@ impl Worker {
         Ok(())
     }
 
-    /// Tops the read pool up and arms a read on every device that has
-    /// none. The pool is a small part of the UMEM (4096 frames by
-    /// default), so the RX side keeps plenty.
-    fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
-        let want = st.read_frames.saturating_sub(io.in_reads());
-        if want > 0 {
-            for _ in 0..want {
-                let Some(frame) = self.free.pop() else { break };
-                if let Err(f) = io.provide(frame) {
-                    self.free.push(f);
-                    break;
+    /// Writes a decapsulated packet (`offset..offset + len` of the frame)
+    /// into tunnel `t`'s device, or holds it to coalesce with the TCP
+    /// segments of its flow that follow in the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        mut frame: Frame,
+        t: u16,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), WorkerError> {
+        let kind = self
+            .shared
+            .tunnels
+            .tx
+            .get(usize::from(t))
+            .map_or(DeviceKind::Tun, |x| x.device_kind);
+        let data = self.xsk.data_mut(&mut frame);
+        let pkt = &data[offset..offset + len];
+        let l3 = match kind {
+            DeviceKind::Tun => Some(0),
+            DeviceKind::Tap => match pkt.get(12..14) {
+                Some([0x08, 0x00]) | Some([0x86, 0xdd]) => Some(14),
+                _ => None,
+            },
+        };
+        let Some((l3, seg)) = l3.and_then(|l3| Some((l3, offload::parse(pkt, l3)?))) else {
+            return self.write(io, st, u32::from(t), frame, offset, len, t);
+        };
+        if let Some(i) = st
+            .gro
+            .iter()
+            .position(|r| r.tunnel == t && r.run.first.flow == seg.flow)
+        {
+            if st.gro[i].run.accepts(&seg) {
+                let r = &mut st.gro[i];
+                r.run.add(&seg);
+                r.rest.push(Piece {
+                    frame,
+                    offset: offset + seg.hdr_len,
+                    len: seg.payload,
+                });
+                if r.run.closed {
+                    self.flush_run(io, st, i)?;
                 }
+                return Ok(());
             }
-            io.publish_reads();
+            // The flow's earlier segments go first.
+            self.flush_run(io, st, i)?;
         }
+        if !seg.mergeable || seg.push {
+            return self.write(io, st, u32::from(t), frame, offset, len, t);
+        }
+        if st.gro.len() == GRO_FLOWS {
+            self.flush_run(io, st, 0)?;
+        }
+        let rest = io.pieces();
+        st.gro.push(OpenRun {
+            tunnel: t,
+            run: Run::start(seg),
+            first: frame,
+            offset,
+            len,
+            l3,
+            rest,
+        });
+        Ok(())
+    }
+
+    /// Writes run `i`: one packet as it is, or several as one GSO packet.
+    fn flush_run(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        i: usize,
+    ) -> Result<(), WorkerError> {
+        let mut r = st.gro.swap_remove(i);
+        let file = u32::from(r.tunnel);
+        if r.rest.is_empty() || r.offset < VNET_HDR_LEN {
+            // Alone: written as it came. (Decapsulation always leaves room
+            // for the header; were it not so, the others would be counted
+            // as write errors, since their pieces lack their headers.)
+            let mut rest = std::mem::take(&mut r.rest);
+            self.write(io, st, file, r.first, r.offset, r.len, r.tunnel)?;
+            for p in rest.drain(..) {
+                st.local.drop(DropReason::DeviceWriteError);
+                self.free.push(p.frame);
+            }
+            io.recycle(rest);
+            return Ok(());
+        }
+        let data = self.xsk.data_mut(&mut r.first);
+        let vnet = r.run.finish(&mut data[r.offset..r.offset + r.len], r.l3);
+        let start = r.offset - VNET_HDR_LEN;
+        vnet.emit(&mut data[start..r.offset]);
+        let packets = r.run.segments;
+        let mut res = io.push_gather(
+            file,
+            r.first,
+            start,
+            r.len + VNET_HDR_LEN,
+            r.rest,
+            r.tunnel,
+            packets,
+        );
+        if let Err((first, rest)) = res {
+            // Submission queue full: hand the kernel what is queued and
+            // try once more.
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            res = io.push_gather(
+                file,
+                first,
+                start,
+                r.len + VNET_HDR_LEN,
+                rest,
+                r.tunnel,
+                packets,
+            );
+        }
+        match res {
+            Ok(()) => {
+                st.writes_in_flight += 1;
+                st.local.coalesced += u64::from(packets) - 1;
+                st.local.coalesced_writes += 1;
+            }
+            Err((first, mut rest)) => {
+                for _ in 0..packets {
+                    st.local.drop(DropReason::DeviceWriteError);
+                }
+                self.free.push(first);
+                self.free.extend(rest.drain(..).map(|p| p.frame));
+                io.recycle(rest);
+            }
+        }
+        Ok(())
+    }
+
+    /// Arms a read on every device that has none.
+    fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
         // A read armed on an empty pool would end at once (ENOBUFS) and be
-        // armed again, round and round; wait for frames instead.
-        if io.in_reads() == 0 {
+        // armed again, round and round; wait for buffers instead.
+        if io.reads_ready() == 0 {
             return;
         }
         for t in 0..self.devices.len() {
@@ -445,14 +639,17 @@ impl Worker {
                 }
                 account_write(&c, &mut st.local);
                 self.free.extend(c.frame);
+                let mut rest = c.rest;
+                self.free.extend(rest.drain(..).map(|p| p.frame));
+                io.recycle(rest);
             }
             Op::Read => {
                 let t = usize::from(c.tag);
-                let Some(mut frame) = c.frame else {
+                let Some(bid) = c.buf else {
                     match -c.result {
                         // Cancelled (a reload or the stop), or the pool ran
                         // dry: no packet was taken; armed again when there
-                        // are frames.
+                        // are buffers.
                         libc::ECANCELED | libc::EINTR | libc::ENOBUFS => {}
                         // The device was deleted: a read in progress ends
                         // with EFAULT, later ones with EBADFD. No packet
@@ -467,51 +664,179 @@ impl Worker {
                     }
                     return Ok(());
                 };
-                st.local.tx_read += 1;
-                if t >= self.shared.tunnels.tx.len() || c.result <= 0 {
-                    st.local.drop(DropReason::TxMalformed);
-                    self.free.push(frame);
-                    return Ok(());
+                let n = usize::try_from(c.result).unwrap_or(0);
+                st.deferred.push_back((t, bid, n));
+                self.process_reads(io, st, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encapsulates and sends what the reads waiting in `st.deferred`
+    /// returned, oldest first, as long as there are free frames for all of
+    /// a read's packets (a GSO packet needs one per segment); the rest wait,
+    /// their buffers out of the ring, so the device holds further packets
+    /// rather than the gateway dropping them. `force`: all of them now,
+    /// counting packets that find no frame as `tx_ring_full` (before the
+    /// tunnel list changes, and at the stop).
+    fn process_reads(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        force: bool,
+    ) -> Result<(), WorkerError> {
+        while let Some(&(t, bid, n)) = st.deferred.front() {
+            let data = io.read_data(bid, n);
+            if !force && self.free.len() < self.frames_needed(t, data) {
+                break;
+            }
+            st.deferred.pop_front();
+            self.take_read(st, t, data);
+            io.release_read(bid);
+            let mut ready = std::mem::take(&mut st.from_device);
+            for (frame, len) in ready.drain(..) {
+                self.encap_one(io, st, t, frame, len)?;
+            }
+            st.from_device = ready;
+        }
+        Ok(())
+    }
+
+    /// Frames the packet a read returned will take: one per segment.
+    fn frames_needed(&self, t: usize, data: &[u8]) -> usize {
+        let (Some(vnet), Some(pkt), Some(tunnel)) = (
+            VnetHdr::parse(data),
+            data.get(VNET_HDR_LEN..),
+            self.shared.tunnels.tx.get(t),
+        ) else {
+            return 1;
+        };
+        if vnet.gso_type == offload::GSO_NONE {
+            return 1;
+        }
+        let l3 = match tunnel.device_kind {
+            DeviceKind::Tun => 0,
+            DeviceKind::Tap => 14,
+        };
+        Segmenter::new(pkt, l3, &vnet).map_or(1, |s| s.count())
+    }
+
+    /// Copies what one read from tunnel `t`'s device returned (a
+    /// virtio-net header and a packet) into free frames, at the offset that
+    /// leaves room for the outer headers: one frame, or one per segment of
+    /// a GSO packet. They go to `st.from_device` with their lengths; every
+    /// packet is counted in `tx_read`, a GSO packet as its segments.
+    fn take_read(&mut self, st: &mut State, t: usize, data: &[u8]) {
+        let Some(tunnel) = self.shared.tunnels.tx.get(t) else {
+            st.local.tx_read += 1;
+            st.local.drop(DropReason::TxMalformed);
+            return;
+        };
+        let off = tunnel.read_offset();
+        let (Some(vnet), Some(pkt)) = (VnetHdr::parse(data), data.get(VNET_HDR_LEN..)) else {
+            st.local.tx_read += 1;
+            st.local.drop(DropReason::TxMalformed);
+            return;
+        };
+        if pkt.is_empty() {
+            st.local.tx_read += 1;
+            st.local.drop(DropReason::TxMalformed);
+            return;
+        }
+        if vnet.gso_type == offload::GSO_NONE {
+            st.local.tx_read += 1;
+            let Some(mut frame) = self.free.pop() else {
+                st.local.drop(DropReason::TxRingFull);
+                return;
+            };
+            let buf = self.xsk.buffer_mut(&mut frame);
+            let fits = off + pkt.len() <= buf.len();
+            if fits {
+                buf[off..off + pkt.len()].copy_from_slice(pkt);
+            }
+            if !fits || !offload::complete_checksum(&mut buf[off..off + pkt.len()], &vnet) {
+                st.local.drop(DropReason::TxMalformed);
+                self.free.push(frame);
+                return;
+            }
+            st.from_device.push((frame, pkt.len()));
+            return;
+        }
+        // A GSO packet: cut it as the kernel's GSO would have.
+        let l3 = match tunnel.device_kind {
+            DeviceKind::Tun => Some(0),
+            DeviceKind::Tap => match pkt.get(12..14) {
+                Some([0x08, 0x00]) | Some([0x86, 0xdd]) => Some(14),
+                _ => None,
+            },
+        };
+        let Some(seg) = l3.and_then(|l3| Segmenter::new(pkt, l3, &vnet).ok()) else {
+            st.local.tx_read += 1;
+            st.local.drop(DropReason::TxMalformed);
+            return;
+        };
+        st.local.tx_gso_packets += 1;
+        for i in 0..seg.count() {
+            st.local.tx_read += 1;
+            let Some(mut frame) = self.free.pop() else {
+                st.local.drop(DropReason::TxRingFull);
+                continue;
+            };
+            let buf = self.xsk.buffer_mut(&mut frame);
+            let len = seg.len(i);
+            if off + len > buf.len() {
+                st.local.drop(DropReason::TxMalformed);
+                self.free.push(frame);
+                continue;
+            }
+            seg.write(i, &mut buf[off..]);
+            st.from_device.push((frame, len));
+        }
+    }
+
+    /// Encapsulates a packet of tunnel `t` read into `frame` (`len` bytes
+    /// at the tunnel's read offset) and sends it on, or answers the device.
+    fn encap_one(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        t: usize,
+        mut frame: Frame,
+        len: usize,
+    ) -> Result<(), WorkerError> {
+        let tunnel = &self.shared.tunnels.tx[t];
+        let hops = &self.shared.tunnels.next_hops;
+        let hop = match (hops.get(t), hops.local()) {
+            (Some(dst), Some(src)) => Some(NextHop { dst, src }),
+            _ => None,
+        };
+        st.ident = st.ident.wrapping_add(1);
+        let buf = self.xsk.buffer_mut(&mut frame);
+        match encap(buf, len, tunnel, hop, st.ident) {
+            Verdict::Transmit { len } => {
+                self.xsk.set_len(&mut frame, len);
+                st.local.tx_sent += 1;
+                st.local.tunnel_tx_packets[t] += 1;
+                st.local.tunnel_tx_bytes[t] += len as u64;
+                st.tx_pending.push(frame);
+            }
+            Verdict::Reply {
+                offset,
+                len,
+                reason,
+            } => {
+                // Counted when the write completes.
+                let tag = if reason.is_some() { REPLY_ICMP } else { REPLY };
+                self.xsk.set_len(&mut frame, offset + len);
+                self.write(io, st, t as u32, frame, offset, len, tag | t as u16)?;
+            }
+            Verdict::Drop(r) => {
+                if r == DropReason::TxNoNeighbour {
+                    self.shared.tunnels.next_hops.request();
                 }
-                let tunnel = &self.shared.tunnels.tx[t];
-                let hops = &self.shared.tunnels.next_hops;
-                let hop = match (hops.get(t), hops.local()) {
-                    (Some(dst), Some(src)) => Some(NextHop { dst, src }),
-                    _ => None,
-                };
-                st.ident = st.ident.wrapping_add(1);
-                let buf = self.xsk.buffer_mut(&mut frame);
-                // The read put the packet at READ_BASE; the tunnel's outer
-                // headers go right before it.
-                let n = (c.result as usize).min(buf.len() - READ_BASE);
-                buf.copy_within(READ_BASE..READ_BASE + n, tunnel.read_offset());
-                match encap(buf, n, tunnel, hop, st.ident) {
-                    Verdict::Transmit { len } => {
-                        self.xsk.set_len(&mut frame, len);
-                        st.local.tx_sent += 1;
-                        st.local.tunnel_tx_packets[t] += 1;
-                        st.local.tunnel_tx_bytes[t] += len as u64;
-                        st.tx_pending.push(frame);
-                    }
-                    Verdict::Reply {
-                        offset,
-                        len,
-                        reason,
-                    } => {
-                        // Counted when the write completes.
-                        let tag = if reason.is_some() { REPLY_ICMP } else { REPLY };
-                        self.xsk.set_len(&mut frame, offset + len);
-                        self.write(io, st, t as u32, frame, offset, len, tag | t as u16)?;
-                    }
-                    Verdict::Drop(r) => {
-                        if r == DropReason::TxNoNeighbour {
-                            self.shared.tunnels.next_hops.request();
-                        }
-                        st.local.drop(r);
-                        self.xsk.set_len(&mut frame, 0);
-                        self.free.push(frame);
-                    }
-                }
+                st.local.drop(r);
+                self.xsk.set_len(&mut frame, 0);
+                self.free.push(frame);
             }
         }
         Ok(())
@@ -545,10 +870,7 @@ impl Worker {
                 st.local.drop(DropReason::DeviceGone);
                 self.free.push(frame);
             }
-            Ok(d) => {
-                let file = u32::from(d.tunnel);
-                self.write(io, st, file, frame, d.offset, d.len, d.tunnel)?;
-            }
+            Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
             Err(DropReason::OuterFragment) => {
                 let data = self.xsk.data_mut(&mut frame);
                 let outcome = st.reasm.add(data, crate::clock::now());
@@ -677,6 +999,8 @@ impl Worker {
             for c in rest {
                 self.completed(c, io, st)?;
             }
+            // Reads of the old devices are sent before the list changes.
+            self.process_reads(io, st, true)?;
         }
         let old_len = self.devices.len();
         let mut old = std::mem::take(&mut self.devices);
@@ -724,11 +1048,12 @@ impl Worker {
             Op::Write => {
                 st.writes_in_flight -= 1;
                 account_write(&c, &mut st.local);
+                self.free.extend(c.rest.into_iter().map(|p| p.frame));
             }
             Op::Read => {
                 // A read that completed with data just before the cancel is
                 // counted as read and dropped: the gateway is stopping.
-                if c.frame.is_some() {
+                if c.buf.is_some() {
                     st.local.tx_read += 1;
                     st.local.drop(DropReason::TxShutdown);
                 }
@@ -772,6 +1097,7 @@ fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
 #[inline]
 fn account_write(c: &Completed, local: &mut LocalStats) {
     let ok = c.result >= 0 && c.result as u32 == c.expected;
+    let packets = u64::from(c.packets);
     if c.tag & (REPLY | REPLY_ICMP) != 0 {
         if !ok {
             local.drop(DropReason::TxReplyWriteError);
@@ -780,18 +1106,20 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
         } else {
             local.tx_replies += 1;
         }
-    } else if c.result == -libc::EBADFD {
-        local.drop(DropReason::DeviceGone);
-    } else if c.result == -libc::EIO {
-        local.drop(DropReason::DeviceDown);
-    } else if c.result < 0 {
-        local.drop(DropReason::DeviceWriteError);
-    } else if c.result as u32 != c.expected {
-        local.drop(DropReason::DeviceWriteShort);
+    } else if !ok {
+        let reason = match -c.result {
+            libc::EBADFD => DropReason::DeviceGone,
+            libc::EIO => DropReason::DeviceDown,
+            e if e > 0 => DropReason::DeviceWriteError,
+            _ => DropReason::DeviceWriteShort,
+        };
+        for _ in 0..packets {
+            local.drop(reason);
+        }
     } else {
         let t = usize::from(c.tag);
-        local.delivered += 1;
-        local.tunnel_rx_packets[t] += 1;
-        local.tunnel_rx_bytes[t] += u64::from(c.expected);
+        local.delivered += packets;
+        local.tunnel_rx_packets[t] += packets;
+        local.tunnel_rx_bytes[t] += u64::from(c.expected) - VNET_HDR_LEN as u64;
     }
 }

@@ -97,6 +97,26 @@ fn fifty_megabytes_of_tcp_arrive_intact_through_each_tunnel() {
             BYTES as f64 * 8.0 / took.as_secs_f64() / 1e6
         );
     }
+    // The offloads were used: host1's kernel handed its gateway large TCP
+    // packets to cut (TSO), and host2's gateway wrote runs of segments as
+    // one (coalescing); the data above arrived intact through both.
+    let (s1, s2) = (r.gw1.settled_stats(), r.gw2.settled_stats());
+    use gateway_tests::stats::worker_sum;
+    assert!(
+        worker_sum(&s1, "tx_gso_packets") > 0,
+        "no TSO packet cut: {s1}"
+    );
+    assert!(
+        worker_sum(&s2, "coalesced") > 0,
+        "no segment coalesced: {s2}"
+    );
+    eprintln!(
+        "host1's gateway cut {} large packets into {} segments; host2's wrote {} segments in {} coalesced writes",
+        worker_sum(&s1, "tx_gso_packets"),
+        worker_sum(&s1, "tx_sent"),
+        worker_sum(&s2, "coalesced") + worker_sum(&s2, "coalesced_writes"),
+        worker_sum(&s2, "coalesced_writes"),
+    );
     for gw in [&r.gw1, &r.gw2] {
         let s = gw.settled_stats();
         for w in s["workers"].as_array().unwrap() {

@@ -238,7 +238,7 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: &[&str] = &["decap", "encap", "config", "reasm"];
+const FUZZ_TARGETS: &[&str] = &["decap", "encap", "config", "reasm", "offload"];
 
 fn fuzz(time: u64, only: Option<&str>) -> Result<()> {
     if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {

@@ -11,9 +11,21 @@ const IFF_TUN: libc::c_short = 0x0001;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_NO_PI: libc::c_short = 0x1000;
-// _IOW('T', 202, int) and _IOW('T', 203, int).
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+// _IOW('T', 202, int), _IOW('T', 203, int) and _IOW('T', 208, unsigned int).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// The kernel may hand over packets with a partial checksum
+/// (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), completed by the gateway.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// ... and TCP segmentation left to the gateway (TSO over IPv4, IPv6).
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+/// ... and UDP segmentation (USO, Linux 6.2 and later).
+pub const TUN_F_USO4: u32 = 0x20;
+pub const TUN_F_USO6: u32 = 0x40;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
 #[repr(C)]
@@ -38,12 +50,16 @@ pub enum TapError {
     SetIff { name: String, io: io::Error },
     #[error("device {name}: TUNSETPERSIST failed ({io})")]
     Persist { name: String, io: io::Error },
+    #[error("device {name}: TUNSETOFFLOAD failed ({io})")]
+    Offload { name: String, io: io::Error },
 }
 
 /// Opens one queue of the multi-queue tap or tun device `name`, creating
 /// the device if it does not exist. Packets written to the returned file
 /// are received by the kernel from the device; what the kernel sends to the
-/// device is read from it. The device disappears when its last queue closes
+/// device is read from it. Every packet either way is preceded by a
+/// virtio-net header ([`crate::offload::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`),
+/// which lets a write carry a GSO packet. The device disappears when its last queue closes
 /// unless it was made persistent.
 pub fn open_queue(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     // A device whose previous owner just exited can answer EBUSY while the
@@ -73,6 +89,7 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: IFF_NO_PI
+            | IFF_VNET_HDR
             | IFF_MULTI_QUEUE
             | match kind {
                 DeviceKind::Tap => IFF_TAP,
@@ -112,6 +129,31 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
         });
     }
     Ok(file.into())
+}
+
+/// Tells the kernel which offloads the reader of the device handles
+/// (`TUN_F_*`): with none, it hands over only whole, checksummed packets.
+pub fn set_offload(fd: &OwnedFd, name: &str, flags: u32) -> Result<(), TapError> {
+    match set_offload_once(fd, name, flags) {
+        // A kernel before 6.2 knows no USO: the rest alone, then.
+        Err(_) if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 => {
+            set_offload_once(fd, name, flags & !(TUN_F_USO4 | TUN_F_USO6))
+        }
+        other => other,
+    }
+}
+
+fn set_offload_once(fd: &OwnedFd, name: &str, flags: u32) -> Result<(), TapError> {
+    // SAFETY: TUNSETOFFLOAD takes an unsigned integer by value; the fd is a
+    // tun/tap queue attached by `open_queue`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(TapError::Offload {
+            name: name.into(),
+            io: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Makes the device outlive its queues (or not).

@@ -9,9 +9,11 @@
 //! the completion.
 //!
 //! Reads from the devices are multishot (`IORING_OP_READ_MULTISHOT`), one
-//! per device queue, taking UMEM frames from a provided-buffer ring: one
-//! armed read per queue drains every packet the device holds when it wakes,
-//! and no two reads race for one packet. (With several plain reads parked
+//! per device queue, taking buffers from a provided-buffer ring: one armed
+//! read per queue drains every packet the device holds when it wakes, and
+//! no two reads race for one packet. The read buffers are not UMEM frames:
+//! with segmentation offload a packet read can be 64 KiB, and the worker
+//! cuts it into frames anyway (a small one is copied into one). (With several plain reads parked
 //! on one queue, each packet woke them all; the losers, having been polled
 //! once, were handed to io_uring's worker threads to block there, and every
 //! reply then crossed a thread: 25 µs round trips where the bare veth took
@@ -37,27 +39,42 @@ pub enum Op {
     Read,
 }
 
-/// Where a read puts a packet in its frame: past room for any tunnel's
-/// outer headers and a virtio-net header. The worker moves the packet to
-/// its tunnel's offset.
-pub const READ_BASE: usize = 192;
+/// Bytes of one read buffer: a virtio-net header and the largest GSO
+/// packet a device hands over (64 KiB), with room to spare.
+pub const READ_BUF: usize = 68 * 1024;
 
 /// Buffer group of the read frames.
 const BGID: u16 = 0;
+
+/// More of a coalesced write: `len` bytes of `frame` from `offset` (of its
+/// packet data).
+#[derive(Debug)]
+pub struct Piece {
+    pub frame: Frame,
+    pub offset: usize,
+    pub len: usize,
+}
 
 /// An operation whose completion has arrived.
 #[derive(Debug)]
 pub struct Completed {
     pub op: Op,
-    /// The frame; a read that ended without data (cancelled, out of
-    /// buffers, failed) has none.
+    /// The frame of a write.
     pub frame: Option<Frame>,
+    /// The buffer a read filled (see [`DeviceIo::read_data`]); a read that
+    /// ended without data (cancelled, out of buffers, failed) has none.
+    pub buf: Option<u16>,
     /// Caller's tag (the tunnel id).
     pub tag: u16,
     /// Bytes the write offered (0 for a read).
     pub expected: u32,
     /// Bytes written or read, or the negated errno.
     pub result: i32,
+    /// Packets the write carried (1 unless coalesced).
+    pub packets: u16,
+    /// The other frames of a coalesced write; give the vector back with
+    /// [`DeviceIo::recycle`].
+    pub rest: Vec<Piece>,
 }
 
 struct InFlight {
@@ -65,6 +82,10 @@ struct InFlight {
     frame: Frame,
     tag: u16,
     expected: u32,
+    packets: u16,
+    rest: Vec<Piece>,
+    /// The iovecs of a coalesced write, alive until its completion.
+    iov: Vec<libc::iovec>,
 }
 
 /// user_data of cancel requests; not a frame index.
@@ -72,53 +93,79 @@ const CANCEL_TAG: u64 = u64::MAX;
 /// user_data bit of multishot reads (the device's file slot below it).
 const READ_TAG: u64 = 1 << 62;
 
-/// The provided-buffer ring: frames the kernel may read packets into.
+/// The provided-buffer ring and the buffers it hands to reads.
 struct ReadPool {
     /// `entries` `io_uring_buf`s, page-aligned (mmap).
     ring: NonNull<types::BufRingEntry>,
+    /// `entries` buffers of [`READ_BUF`] bytes (mmap).
+    bufs: NonNull<u8>,
     entries: u16,
     tail: u16,
-    /// Frames in the ring, by buffer id.
-    slots: Vec<Option<Frame>>,
-    free_slots: Vec<u16>,
+    /// Buffers in the ring (the rest are being read out by the worker).
+    in_ring: usize,
+}
+
+fn map(bytes: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::other("null mapping"))
 }
 
 impl ReadPool {
-    fn bytes(entries: u16) -> usize {
+    fn ring_bytes(entries: u16) -> usize {
         usize::from(entries) * std::mem::size_of::<types::BufRingEntry>()
     }
 
     fn new(entries: u16) -> io::Result<ReadPool> {
-        // SAFETY: an anonymous private mapping; no existing memory is
-        // affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                Self::bytes(entries),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
+        let ring: NonNull<types::BufRingEntry> = map(Self::ring_bytes(entries))?.cast();
+        let bufs = match map(usize::from(entries) * READ_BUF) {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: the mapping just made, not used by anyone.
+                unsafe { libc::munmap(ring.as_ptr().cast(), Self::ring_bytes(entries)) };
+                return Err(e);
+            }
         };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ring = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("null mapping"))?;
-        Ok(ReadPool {
+        let mut pool = ReadPool {
             ring,
+            bufs,
             entries,
             tail: 0,
-            slots: (0..entries).map(|_| None).collect(),
-            free_slots: (0..entries).rev().collect(),
-        })
+            in_ring: 0,
+        };
+        for bid in 0..entries {
+            pool.add(bid);
+        }
+        pool.publish();
+        Ok(pool)
     }
 
-    fn len(&self) -> usize {
-        self.slots.len() - self.free_slots.len()
+    /// Puts buffer `bid` in the ring (visible after [`ReadPool::publish`]).
+    fn add(&mut self, bid: u16) {
+        let i = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: `i` < entries, inside the ring mapping; the kernel only
+        // reads entries before the published tail, and this one is past it.
+        let entry = unsafe { &mut *self.ring.as_ptr().add(i) };
+        entry.set_addr(self.bufs.as_ptr() as u64 + (usize::from(bid) * READ_BUF) as u64);
+        entry.set_len(READ_BUF as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        self.in_ring += 1;
     }
 
-    /// Publishes the entries written since the last call.
+    /// Publishes the entries added since the last call.
     fn publish(&self) {
         // SAFETY: the tail field overlays entry 0's reserved field, inside
         // the mapping; the kernel reads it, so it is written atomically with
@@ -130,9 +177,16 @@ impl ReadPool {
 
 impl Drop for ReadPool {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; the ring was unregistered (or
-        // the io_uring closed) before the pool drops.
-        unsafe { libc::munmap(self.ring.as_ptr().cast(), Self::bytes(self.entries)) };
+        // SAFETY: the mappings made in `new`; the io_uring that read into
+        // them was closed before the pool drops (field order in DeviceIo),
+        // with no read armed (drained).
+        unsafe {
+            libc::munmap(self.ring.as_ptr().cast(), Self::ring_bytes(self.entries));
+            libc::munmap(
+                self.bufs.as_ptr().cast(),
+                usize::from(self.entries) * READ_BUF,
+            );
+        }
     }
 }
 
@@ -146,34 +200,38 @@ pub struct DeviceIo {
     in_flight: Vec<Option<InFlight>>,
     /// Writes in flight.
     count: usize,
+    /// Frames those writes hold (a coalesced write holds several).
+    write_frames: usize,
     unsubmitted: usize,
     pool: ReadPool,
     /// Which file slots have a multishot read armed.
     armed: Vec<bool>,
     armed_count: usize,
+    spare_pieces: Vec<Vec<Piece>>,
+    spare_iov: Vec<Vec<libc::iovec>>,
 }
 
 impl DeviceIo {
     /// Creates a ring with `entries` submission slots, a table of
     /// `file_slots` registered files holding `files` (the worker's device
     /// queue fds, in tunnel order), the UMEM of `xsk` as fixed buffer 0, and
-    /// room for `read_frames` frames (a power of two) for device reads.
+    /// `read_bufs` buffers (a power of two) for device reads.
     pub fn new(
         entries: u32,
         file_slots: u32,
         files: &[RawFd],
         xsk: &Xsk,
-        read_frames: u16,
+        read_bufs: u16,
     ) -> io::Result<DeviceIo> {
         let ring = IoUring::builder().build(entries)?;
-        let pool = ReadPool::new(read_frames)?;
-        // SAFETY: the ring memory is `read_frames` entries, page-aligned,
-        // and lives in `pool` until after the io_uring is closed (fields
-        // drop in order: `ring` before `pool`).
+        let pool = ReadPool::new(read_bufs)?;
+        // SAFETY: the ring memory is `read_bufs` entries, page-aligned, and
+        // lives in `pool` (as do the buffers) until after the io_uring is
+        // closed (fields drop in order: `ring` before `pool`).
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
                 pool.ring.as_ptr() as u64,
-                read_frames,
+                read_bufs,
                 BGID,
                 0,
             )?
@@ -199,10 +257,13 @@ impl DeviceIo {
             region,
             in_flight,
             count: 0,
+            write_frames: 0,
             unsubmitted: 0,
             pool,
             armed: vec![false; file_slots as usize],
             armed_count: 0,
+            spare_pieces: Vec::new(),
+            spare_iov: Vec::new(),
         })
     }
 
@@ -219,14 +280,9 @@ impl DeviceIo {
         Ok(())
     }
 
-    /// Frames held by io_uring: in writes in flight and waiting for reads.
+    /// Frames held by io_uring (in writes in flight).
     pub fn in_flight(&self) -> usize {
-        self.count + self.pool.len()
-    }
-
-    /// Frames waiting in the read pool for packets from the devices.
-    pub fn in_reads(&self) -> usize {
-        self.pool.len()
+        self.write_frames
     }
 
     /// Writes in flight.
@@ -276,42 +332,111 @@ impl DeviceIo {
         unsafe { self.queue(&sqe, idx, Op::Write, frame, tag, len as u32) }
     }
 
-    /// Gives `frame` to the read pool (a packet lands at [`READ_BASE`]).
-    /// When the pool is full the frame comes back as `Err`. Call
-    /// [`DeviceIo::publish_reads`] after a run of these.
-    #[inline]
-    pub fn provide(&mut self, frame: Frame) -> Result<(), Frame> {
-        let cap = Xsk::capacity(&frame);
-        if cap <= READ_BASE + 64 || frame.addr() + cap > self.region.len {
-            return Err(frame);
+    /// An empty vector for the pieces of a coalesced write.
+    pub fn pieces(&mut self) -> Vec<Piece> {
+        self.spare_pieces.pop().unwrap_or_default()
+    }
+
+    /// Takes back a vector of pieces (emptied) for reuse.
+    pub fn recycle(&mut self, mut v: Vec<Piece>) {
+        if v.capacity() > 0 {
+            v.clear();
+            self.spare_pieces.push(v);
         }
-        let Some(bid) = self.pool.free_slots.pop() else {
-            return Err(frame);
+    }
+
+    /// Queues one write of `frame`'s bytes `offset..offset + len` followed
+    /// by every piece, carrying `packets` packets, to registered file
+    /// `file`. When it cannot (a piece out of place, the queue full) every
+    /// frame comes back in the `Err`.
+    #[allow(clippy::result_large_err, clippy::too_many_arguments)]
+    pub fn push_gather(
+        &mut self,
+        file: u32,
+        frame: Frame,
+        offset: usize,
+        len: usize,
+        rest: Vec<Piece>,
+        tag: u16,
+        packets: u16,
+    ) -> Result<(), (Frame, Vec<Piece>)> {
+        let idx = Xsk::frame_index(&frame);
+        let in_place = |f: &Frame, off: usize, len: usize| {
+            len > 0 && off + len <= f.len() && f.addr() + off + len <= self.region.len
         };
-        let addr = self.region.base.as_ptr() as u64 + (frame.addr() + READ_BASE) as u64;
-        let i = usize::from(self.pool.tail & (self.pool.entries - 1));
-        // SAFETY: `i` < entries, inside the mapping; the kernel only reads
-        // entries before the published tail, and this one is past it.
-        let entry = unsafe { &mut *self.pool.ring.as_ptr().add(i) };
-        entry.set_addr(addr);
-        entry.set_len((cap - READ_BASE) as u32);
-        entry.set_bid(bid);
-        self.pool.tail = self.pool.tail.wrapping_add(1);
-        // The pool owns the frame until a read completion names its bid;
-        // the memory lies in the registered UMEM, kept mapped by `self`.
-        self.pool.slots[usize::from(bid)] = Some(frame);
+        if !in_place(&frame, offset, len)
+            || rest.iter().any(|p| !in_place(&p.frame, p.offset, p.len))
+            || idx >= self.in_flight.len()
+            || self.in_flight[idx].is_some()
+        {
+            return Err((frame, rest));
+        }
+        let base = self.region.base.as_ptr();
+        let mut iov = self.spare_iov.pop().unwrap_or_default();
+        iov.clear();
+        iov.push(libc::iovec {
+            iov_base: base.wrapping_add(frame.addr() + offset).cast(),
+            iov_len: len,
+        });
+        let mut expected = len;
+        for p in &rest {
+            iov.push(libc::iovec {
+                iov_base: base.wrapping_add(p.frame.addr() + p.offset).cast(),
+                iov_len: p.len,
+            });
+            expected += p.len;
+        }
+        let frames = 1 + rest.len();
+        let sqe = opcode::Writev::new(types::Fixed(file), iov.as_ptr(), iov.len() as u32)
+            .offset(0)
+            .build()
+            .user_data(idx as u64);
+        // SAFETY: every iovec lies inside the UMEM (checked above) within a
+        // frame handed to this writer with the entry, and the iovec array
+        // itself is kept in the entry; both live until the completion.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.spare_iov.push(iov);
+            return Err((frame, rest));
+        }
+        self.in_flight[idx] = Some(InFlight {
+            op: Op::Write,
+            frame,
+            tag,
+            expected: expected as u32,
+            packets,
+            rest,
+            iov,
+        });
+        self.count += 1;
+        self.write_frames += frames;
+        self.unsubmitted += 1;
         Ok(())
     }
 
-    /// Makes frames given with [`DeviceIo::provide`] visible to the kernel.
+    /// The first `len` bytes of read buffer `bid`, as a read completion
+    /// left them.
     #[inline]
-    pub fn publish_reads(&mut self) {
-        self.pool.publish();
+    pub fn read_data(&self, bid: u16, len: usize) -> &[u8] {
+        let bid = usize::from(bid).min(usize::from(self.pool.entries) - 1);
+        // SAFETY: the buffer lies in the pool's mapping; the kernel wrote
+        // it before posting the completion and does not touch it again
+        // until `release_read` puts it back in the ring, which needs
+        // `&mut self` and so ends this borrow.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.pool.bufs.as_ptr().add(bid * READ_BUF),
+                len.min(READ_BUF),
+            )
+        }
     }
 
-    /// Frames the read pool has room for.
-    pub fn read_room(&self) -> usize {
-        self.pool.free_slots.len()
+    /// Gives read buffer `bid` back to the ring.
+    #[inline]
+    pub fn release_read(&mut self, bid: u16) {
+        if bid < self.pool.entries {
+            self.pool.add(bid);
+            self.pool.publish();
+        }
     }
 
     /// Arms a multishot read on registered file `file` unless one is armed.
@@ -361,8 +486,12 @@ impl DeviceIo {
             frame,
             tag,
             expected,
+            packets: 1,
+            rest: Vec::new(),
+            iov: Vec::new(),
         });
         self.count += 1;
+        self.write_frames += 1;
         self.unsubmitted += 1;
         Ok(())
     }
@@ -398,29 +527,38 @@ impl DeviceIo {
                         }
                     }
                 }
-                let frame = cqueue::buffer_select(cqe.flags()).and_then(|bid| {
-                    let f = pool.slots.get_mut(usize::from(bid))?.take()?;
-                    pool.free_slots.push(bid);
-                    Some(f)
-                });
+                let buf = cqueue::buffer_select(cqe.flags());
+                if buf.is_some() {
+                    pool.in_ring -= 1;
+                }
                 done(Completed {
                     op: Op::Read,
-                    frame,
+                    frame: None,
+                    buf,
                     tag: file as u16,
                     expected: 0,
                     result: cqe.result(),
+                    packets: 1,
+                    rest: Vec::new(),
                 });
                 continue;
             }
             let idx = ud as usize;
             if let Some(f) = in_flight.get_mut(idx).and_then(Option::take) {
                 n += 1;
+                self.write_frames -= 1 + f.rest.len();
+                if f.iov.capacity() > 0 {
+                    self.spare_iov.push(f.iov);
+                }
                 done(Completed {
                     op: f.op,
                     frame: Some(f.frame),
+                    buf: None,
                     tag: f.tag,
                     expected: f.expected,
                     result: cqe.result(),
+                    packets: f.packets,
+                    rest: f.rest,
                 });
             }
         }
@@ -428,31 +566,9 @@ impl DeviceIo {
         n
     }
 
-    /// Takes every frame back from the read pool. Only with no read armed
-    /// (after [`DeviceIo::drain`]): the buffer ring is unregistered and
-    /// registered again empty.
-    pub fn reclaim_reads(&mut self, out: &mut Vec<Frame>) -> io::Result<()> {
-        if self.armed_count > 0 {
-            return Err(io::Error::other("read pool reclaimed with reads armed"));
-        }
-        self.ring.submitter().unregister_buf_ring(BGID)?;
-        for (bid, slot) in self.pool.slots.iter_mut().enumerate() {
-            if let Some(f) = slot.take() {
-                out.push(f);
-                self.pool.free_slots.push(bid as u16);
-            }
-        }
-        self.pool.tail = 0;
-        self.pool.publish();
-        // SAFETY: as in `new`: the same mapping, still owned by the pool.
-        unsafe {
-            self.ring.submitter().register_buf_ring_with_flags(
-                self.pool.ring.as_ptr() as u64,
-                self.pool.entries,
-                BGID,
-                0,
-            )
-        }
+    /// Read buffers in the ring, waiting for packets.
+    pub fn reads_ready(&self) -> usize {
+        self.pool.in_ring
     }
 
     /// Cancels outstanding reads (a read from an idle device would wait

@@ -235,14 +235,14 @@ impl Xsk {
     }
 
     /// Hands frames from the end of `frames` to the fill ring, as many as it
-    /// has room for. Returns how many moved.
+    /// has room for but leaving `keep` in `frames`. Returns how many moved.
     #[inline]
-    pub fn fill(&mut self, frames: &mut Vec<Frame>) -> usize {
-        if frames.is_empty() {
+    pub fn fill(&mut self, frames: &mut Vec<Frame>, keep: usize) -> usize {
+        if frames.len() <= keep {
             return 0;
         }
-        let room = self.fill.nb_free(frames.len() as u32) as usize;
-        let n = room.min(frames.len());
+        let room = self.fill.nb_free((frames.len() - keep) as u32) as usize;
+        let n = room.min(frames.len() - keep);
         if n == 0 {
             return 0;
         }
@@ -268,6 +268,53 @@ impl Xsk {
             self.fill.wakeup(self.rx.fd_mut(), 0)?;
         }
         Ok(())
+    }
+
+    /// Lets this socket's busy polling run the NIC queue's NAPI context
+    /// (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL` of 20 µs, `SO_BUSY_POLL_BUDGET`
+    /// packets per poll); the worker then drives it with
+    /// [`Xsk::busy_poll`] when its RX ring is empty. Drivers without NAPI
+    /// busy polling ignore it.
+    pub fn set_busy_poll(&self, budget: u16) -> io::Result<()> {
+        for (opt, val) in [
+            (libc::SO_PREFER_BUSY_POLL, 1),
+            (libc::SO_BUSY_POLL, 20),
+            (libc::SO_BUSY_POLL_BUDGET, libc::c_int::from(budget)),
+        ] {
+            // SAFETY: setsockopt reads one c_int from `val`, which lives
+            // across the call; the fd is this socket's.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&val as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// One busy poll of the NIC queue by the kernel (a non-blocking
+    /// `recvfrom` on the socket).
+    #[inline]
+    pub fn busy_poll(&self) {
+        // SAFETY: recvfrom with no buffer and MSG_DONTWAIT on this socket's
+        // fd; AF_XDP copies nothing, it only polls.
+        unsafe {
+            libc::recvfrom(
+                self.fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     /// The packet bytes of a frame, to read and rewrite in place.
