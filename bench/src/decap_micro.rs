@@ -1,7 +1,10 @@
 //! Micro-benchmark of the sans-IO packet paths, no root needed: decap and
 //! encap over batches of in-memory frames, reported as nanoseconds per
 //! packet (median of several runs). For instruction counts that do not
-//! depend on the machine's load, run it under `valgrind --tool=callgrind`.
+//! depend on the machine's load, `decap-micro --count CASE N` does exactly
+//! N packets of one case and nothing else, for callgrind: `cargo xtask
+//! instructions` runs it with two values of N and reports the difference
+//! per packet (the set-up cancels out).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -10,6 +13,7 @@ use std::time::Instant;
 use gateway::config::Ttl;
 use gateway::decap::{decap, RxState};
 use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
+use gateway::offload::{self, Run, Segmenter, VnetHdr};
 use gateway::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
 
 fn frame(gre: bool) -> Vec<u8> {
@@ -37,6 +41,25 @@ fn frame(gre: bool) -> Vec<u8> {
     ip.write(&mut f).unwrap();
     f.extend_from_slice(&body);
     f
+}
+
+/// An Ethernet frame with a TCP segment (timestamps option, ACK) of
+/// `payload` bytes at sequence number `seq`, checksums right.
+fn tcp_segment(seq: u32, payload: usize) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 1, 1, 2], [10, 1, 1, 1], 64)
+        .tcp(5001, 40000, seq, 65535)
+        .ack(7)
+        .options(&[etherparse::TcpOptionElement::Timestamp(1, 2)])
+        .unwrap();
+    let mut v = Vec::new();
+    b.write(&mut v, &vec![0x5a; payload]).unwrap();
+    // DF, as Linux sends TCP.
+    v[20] = 0x40;
+    v[24..26].copy_from_slice(&[0, 0]);
+    let c = !gateway::wire::checksum::sum(&v[14..34]);
+    v[24..26].copy_from_slice(&c.to_be_bytes());
+    v
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -76,8 +99,14 @@ fn main() {
         },
     ]);
     const BATCH: usize = 64;
-    let iters = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().collect();
+    let count = (args.get(1).map(String::as_str) == Some("--count")).then(|| {
+        let case = args.get(2).cloned().unwrap_or_default();
+        let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+        (case, n)
+    });
+    let iters = args
+        .get(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(200_000usize);
     // Valid packets, then garbage as a flood would bring it: what a
@@ -113,7 +142,26 @@ fn main() {
         cases.push((format!("drop {reason}"), g));
     }
     let mut state = RxState::new(2);
-    for (name, template) in cases {
+    if let Some((case, n)) = &count {
+        if case == "list" {
+            for (name, _) in &cases {
+                println!("{name}");
+            }
+            for name in ["encap tun->gre", "coalesce tcp 1400", "segment tso 1348"] {
+                println!("{name}");
+            }
+            return;
+        }
+        if let Some((_, template)) = cases.iter().find(|(name, _)| name == case) {
+            let mut f = template.clone();
+            for _ in 0..*n {
+                f.copy_from_slice(black_box(template));
+                let _ = black_box(decap(black_box(&mut f), &rx, &mut state));
+            }
+            return;
+        }
+    }
+    for (name, template) in cases.iter().filter(|_| count.is_none()) {
         let mut batch: Vec<Vec<u8>> = (0..BATCH).map(|_| template.clone()).collect();
         // decap rewrites the frame in place, so each round restores it
         // first; the restore alone is timed too and subtracted.
@@ -123,7 +171,7 @@ fn main() {
             let start = Instant::now();
             for _ in 0..iters / BATCH {
                 for f in batch.iter_mut() {
-                    f.copy_from_slice(black_box(&template));
+                    f.copy_from_slice(black_box(template));
                     match decap(black_box(f), &rx, &mut state) {
                         Ok(d) => {
                             black_box(d);
@@ -138,7 +186,7 @@ fn main() {
             let start = Instant::now();
             for _ in 0..iters / BATCH {
                 for f in batch.iter_mut() {
-                    f.copy_from_slice(black_box(&template));
+                    f.copy_from_slice(black_box(template));
                     black_box(&f);
                 }
             }
@@ -181,6 +229,60 @@ fn main() {
         b.write(&mut v, &[0u8; 64]).unwrap();
         v
     };
+    if let Some((case, n)) = &count {
+        match case.as_str() {
+            "encap tun->gre" => {
+                let mut b = vec![0u8; 2048];
+                let off = tx.read_offset();
+                for i in 0..*n {
+                    b[off..off + inner.len()].copy_from_slice(black_box(&inner));
+                    black_box(encap(
+                        black_box(&mut b),
+                        inner.len(),
+                        &tx,
+                        Some(hop),
+                        i as u16,
+                    ));
+                }
+            }
+            "coalesce tcp 1400" => {
+                // What the worker does per received TCP segment: parse it
+                // (checksum verified) and add it to its flow's run.
+                let (a, b) = (tcp_segment(1000, 1348), tcp_segment(2348, 1348));
+                let first = offload::parse(&a, 14).unwrap();
+                for _ in 0..*n {
+                    let mut run = Run::start(first);
+                    let seg = offload::parse(black_box(&b), 14).unwrap();
+                    if run.accepts(&seg) {
+                        run.add(&seg);
+                    }
+                    black_box(run);
+                }
+            }
+            "segment tso 1348" => {
+                // One segment cut from a 64 KiB TSO packet, per packet.
+                let big = tcp_segment(1000, 48 * 1348);
+                let h = VnetHdr {
+                    flags: offload::F_NEEDS_CSUM,
+                    gso_type: offload::GSO_TCPV4,
+                    hdr_len: 66,
+                    gso_size: 1348,
+                    csum_start: 34,
+                    csum_offset: 16,
+                };
+                let seg = Segmenter::new(&big, 14, &h).unwrap();
+                let mut out = vec![0u8; 2048];
+                for i in 0..*n {
+                    black_box(seg.write(i % seg.count(), black_box(&mut out)));
+                }
+            }
+            other => {
+                eprintln!("no case {other:?}; `decap-micro --count list 0` lists them");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let mut bufs: Vec<Vec<u8>> = (0..BATCH)
         .map(|_| {
             let mut b = vec![0u8; 2048];

@@ -102,6 +102,10 @@ struct Args {
     /// queue, 0 = off).
     #[arg(long, default_value_t = 0)]
     busy_poll_budget: u16,
+    /// Queues of the TCP section's veth (a gateway worker per queue, and
+    /// as many iperf3 streams).
+    #[arg(long, default_value_t = 1)]
+    tcp_queues: usize,
 }
 
 const GEN_CORE: usize = 0;
@@ -310,7 +314,7 @@ fn start_gateway_polling(
             r#"[gateway]
 poll = "{}"
 cores = [{GW_CORE}]
-busy_poll_budget = {}
+{}
 
 [[tunnel]]
 name = "tun100"
@@ -323,7 +327,14 @@ device = "tap1"
 address = "10.1.1.1"
 peer = "10.1.1.2"
 "#,
-            poll, bench.args.busy_poll_budget, bench.args.mode
+            poll,
+            // Only when set: a gateway from before the setting existed
+            // can be measured too.
+            match bench.args.busy_poll_budget {
+                0 => String::new(),
+                n => format!("busy_poll_budget = {n}"),
+            },
+            bench.args.mode
         ),
     )?;
     GatewayProc::start(
@@ -587,7 +598,13 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let tcp_secs = if args.quick { 2 } else { 5 };
     if args.tcp_only {
-        let t = tcp_section(&args.gateway, &args.poll, tcp_secs, &out_dir)?;
+        let t = tcp_section(
+            &args.gateway,
+            &args.poll,
+            tcp_secs,
+            &out_dir,
+            args.tcp_queues,
+        )?;
         std::fs::write(
             out_dir.join("results.json"),
             serde_json::to_string_pretty(&json!({ "tcp": t }))?,
@@ -745,7 +762,13 @@ fn main() -> Result<()> {
 
     say("idle cost: the gateway with no traffic");
     let idle = idle_cost(&bench, &gw_ns, &out_dir)?;
-    let tcp = tcp_section(&bench.args.gateway, &bench.args.poll, tcp_secs, &out_dir)?;
+    let tcp = tcp_section(
+        &bench.args.gateway,
+        &bench.args.poll,
+        tcp_secs,
+        &out_dir,
+        bench.args.tcp_queues,
+    )?;
 
     // Files.
     let mut lat_json = Vec::new();
@@ -942,9 +965,17 @@ fn main() -> Result<()> {
 
 /// iperf3 through the tunnel and over the bare veth; prints its lines and
 /// returns them as JSON.
-fn tcp_section(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<Value> {
-    say("TCP: iperf3, one stream, two gateways (GRE, MTU 1400) beside the bare veth (MTU 1400)");
-    let t = tcp::run(gateway, poll, secs, out_dir)?;
+fn tcp_section(
+    gateway: &Path,
+    poll: &str,
+    secs: u64,
+    out_dir: &Path,
+    queues: usize,
+) -> Result<Value> {
+    say(&format!(
+        "TCP: iperf3, {queues} stream(s), two gateways (GRE, MTU 1400, {queues} queue(s)) beside the bare veth (MTU 1400)"
+    ));
+    let t = tcp::run(gateway, poll, secs, out_dir, queues)?;
     let g = |x: f64| x / 1e9;
     let lines = [
         ("bare veth, offloads on", t.bare_offloads),
@@ -960,6 +991,7 @@ fn tcp_section(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<
     }
     let v = json!({
         "seconds": secs,
+        "queues_and_streams": queues,
         "bare_offloads_gbps": g(t.bare_offloads.bps),
         "bare_no_offloads_gbps": g(t.bare_no_offloads.bps),
         "tunnel_gbps": g(t.tunnel.bps),
@@ -970,7 +1002,7 @@ fn tcp_section(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<
         "gateway_receiver_stats": t.gateway_b,
     });
     println!(
-        "TCP one stream: tunnel {:.2} Gbit/s; bare veth {:.2} with offloads ({:.2}x), {:.2} without ({:.2}x)",
+        "TCP, {queues} stream(s): tunnel {:.2} Gbit/s; bare veth {:.2} with offloads ({:.2}x), {:.2} without ({:.2}x)",
         g(t.tunnel.bps),
         g(t.bare_offloads.bps),
         v["ratio_tunnel_to_bare_offloads"].as_f64().unwrap_or(0.0),

@@ -38,7 +38,13 @@ const B: &str = "192.168.0.58";
 
 /// Runs iperf3 `secs` seconds from namespace `client` to `server_ip` in
 /// namespace `server`.
-fn iperf(client: &NetNs, server: &NetNs, server_ip: &str, secs: u64) -> Result<Throughput> {
+fn iperf(
+    client: &NetNs,
+    server: &NetNs,
+    server_ip: &str,
+    secs: u64,
+    streams: usize,
+) -> Result<Throughput> {
     let mut srv = Command::new("ip")
         .args(["netns", "exec", &server.name, "iperf3", "-s", "-1", "-B"])
         .arg(server_ip)
@@ -59,7 +65,7 @@ fn iperf(client: &NetNs, server: &NetNs, server_ip: &str, secs: u64) -> Result<T
             "-c",
         ])
         .arg(server_ip)
-        .args(["-t", &secs.to_string()])
+        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -106,11 +112,11 @@ fn offloads(ns: &NetNs, dev: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-fn config(local: &str, remote: &str, addr: &str, peer: &str, poll: &str, core: usize) -> String {
+fn config(local: &str, remote: &str, addr: &str, peer: &str, poll: &str, cores: &str) -> String {
     format!(
         r#"[gateway]
 poll = "{poll}"
-cores = [{core}]
+cores = [{cores}]
 
 [[tunnel]]
 name = "tun100"
@@ -126,13 +132,41 @@ peer = "{peer}"
     )
 }
 
-/// Runs the three measurements; `secs` per iperf3 run.
-pub fn run(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<TcpResults> {
+/// Runs the three measurements; `secs` per iperf3 run. With `queues` > 1
+/// the veth has that many queues, each gateway a worker per queue (on
+/// cores 0 and 1 in turn), and iperf3 runs as many streams.
+pub fn run(
+    gateway: &Path,
+    poll: &str,
+    secs: u64,
+    out_dir: &Path,
+    queues: usize,
+) -> Result<TcpResults> {
     let a = NetNs::new("gwb-tcp-a")?;
     let b = NetNs::new("gwb-tcp-b")?;
+    let q = queues.to_string();
     ns::sh(&[
-        "ip", "link", "add", "ens0", "netns", &a.name, "type", "veth", "peer", "name", "ens0",
-        "netns", &b.name,
+        "ip",
+        "link",
+        "add",
+        "ens0",
+        "netns",
+        &a.name,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ens0",
+        "netns",
+        &b.name,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ])?;
     a.ip(&["addr", "add", &format!("{A}/24"), "dev", "ens0"])?;
     b.ip(&["addr", "add", &format!("{B}/24"), "dev", "ens0"])?;
@@ -145,11 +179,11 @@ pub fn run(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<TcpR
         n.ip(&["link", "set", "ens0", "mtu", "1400"])?;
         offloads(n, "ens0", true)?;
     }
-    let bare_offloads = iperf(&a, &b, B, secs)?;
+    let bare_offloads = iperf(&a, &b, B, secs, queues)?;
     for n in [&a, &b] {
         offloads(n, "ens0", false)?;
     }
-    let bare_no_offloads = iperf(&a, &b, B, secs)?;
+    let bare_no_offloads = iperf(&a, &b, B, secs, queues)?;
     // The underlay as a host has it: MTU 1500, default offloads.
     for n in [&a, &b] {
         n.ip(&["link", "set", "ens0", "mtu", "1500"])?;
@@ -158,8 +192,13 @@ pub fn run(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<TcpR
 
     let ca = out_dir.join("tcp-gateway-a.toml");
     let cb = out_dir.join("tcp-gateway-b.toml");
-    std::fs::write(&ca, config(A, B, "10.1.1.1", "10.1.1.2", poll, 0))?;
-    std::fs::write(&cb, config(B, A, "10.1.1.2", "10.1.1.1", poll, 1))?;
+    let (ca_cores, cb_cores) = if queues > 1 {
+        ("0, 1", "1, 0")
+    } else {
+        ("0", "1")
+    };
+    std::fs::write(&ca, config(A, B, "10.1.1.1", "10.1.1.2", poll, ca_cores))?;
+    std::fs::write(&cb, config(B, A, "10.1.1.2", "10.1.1.1", poll, cb_cores))?;
     let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
     let gb = GatewayProc::start(&b, gateway, &cb, &out_dir.join("tcp-gateway-b.log"))?;
     // Next hops resolved, and the path up, before measuring.
@@ -173,7 +212,7 @@ pub fn run(gateway: &Path, poll: &str, secs: u64, out_dir: &Path) -> Result<TcpR
             bail!("no ping through the tunnel between the two gateways");
         }
     }
-    let tunnel = iperf(&a, &b, "10.1.1.2", secs)?;
+    let tunnel = iperf(&a, &b, "10.1.1.2", secs, queues)?;
     let gateway_a = ga.stats()?;
     let gateway_b = gb.stats()?;
     Ok(TcpResults {

@@ -362,7 +362,8 @@ impl<'a> Segmenter<'a> {
         };
         let hdr_len = l4 + l4_len;
         let mss = usize::from(h.gso_size);
-        if l4 < l3 + 20 || l4_len < 8 || hdr_len > pkt.len() || mss == 0 {
+        let min_l4 = if udp { 8 } else { 20 };
+        if l4 < l3 + 20 || l4_len < min_l4 || hdr_len > pkt.len() || mss == 0 {
             return Err(BadGso);
         }
         let payload = pkt.len() - hdr_len;
@@ -673,6 +674,12 @@ mod tests {
         h.gso_size = 0;
         assert_eq!(Segmenter::new(&p, 14, &h).err(), Some(BadGso));
         assert_eq!(Segmenter::new(&p[..40], 14, &h).err(), Some(BadGso));
+        // A TCP data offset under 5 words (found by the fuzzer).
+        let mut short = p.clone();
+        short[14 + 20 + 12] = 2 << 4;
+        h.gso_size = 50;
+        assert!(Segmenter::new(&p, 14, &h).is_ok());
+        assert_eq!(Segmenter::new(&short, 14, &h).err(), Some(BadGso));
     }
 
     #[test]

@@ -50,8 +50,12 @@ enum Cmd {
     },
     /// rustfmt --check and clippy with warnings denied.
     Lint,
-    /// Runs each fuzz target (decap, encap, config) with cargo-fuzz, from the
-    /// seed corpus in fuzz/seeds, for a while each.
+    /// Instructions per packet of the sans-IO paths (decap, encap,
+    /// coalescing, segmentation), counted by callgrind: reproducible where
+    /// timings are not. No root needed.
+    Instructions,
+    /// Runs each fuzz target (decap, encap, config, reasm, offload) with
+    /// cargo-fuzz, from the seed corpus in fuzz/seeds, for a while each.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -79,6 +83,7 @@ const DEB_PACKAGES: &[&str] = &[
     "tshark",
     "iperf3",
     "ethtool",
+    "valgrind",
     "prometheus",
     // The failure tests detach the gateway's XDP link as another tool would.
     "bpftool",
@@ -270,6 +275,52 @@ fn fuzz(time: u64, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Runs `decap-micro --count CASE n` under callgrind and returns the
+/// instructions it executed.
+fn callgrind(bin: &std::path::Path, case: &str, n: usize) -> Result<u64> {
+    let out_file = std::env::temp_dir().join(format!("gateway-callgrind-{}", std::process::id()));
+    let out = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
+        .arg(bin)
+        .args(["--count", case, &n.to_string()])
+        .output()
+        .context("running valgrind (apt-get install valgrind)")?;
+    let _ = std::fs::remove_file(&out_file);
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .find_map(|l| {
+            let v = l.split("Collected :").nth(1)?;
+            v.trim().parse().ok()
+        })
+        .with_context(|| format!("no instruction count from callgrind:\n{text}"))
+}
+
+fn instructions() -> Result<()> {
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-bench",
+        "--bin",
+        "decap-micro",
+    ]))?;
+    let bin = root().join("target/release/decap-micro");
+    let list = Command::new(&bin).args(["--count", "list", "0"]).output()?;
+    let (n1, n2) = (10_000usize, 30_000usize);
+    println!("{:<34} {:>14}", "case", "instructions/packet");
+    for case in String::from_utf8_lossy(&list.stdout).lines() {
+        let a = callgrind(&bin, case, n1)?;
+        let b = callgrind(&bin, case, n2)?;
+        // The set-up is the same in both runs: the difference is the
+        // packets alone.
+        let per = b.saturating_sub(a) as f64 / (n2 - n1) as f64;
+        println!("{case:<34} {per:>14.1}");
+    }
+    println!("(callgrind, {} and {} packets per case, difference per packet; decap cases include restoring the frame, a 100-byte copy)", n1, n2);
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
     run(&mut cargo(&[
@@ -321,6 +372,10 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::Instructions => {
+            setup()?;
+            instructions()
+        }
         Cmd::Fuzz { time, target } => fuzz(time, target.as_deref()),
     }
 }
