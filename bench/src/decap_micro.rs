@@ -249,10 +249,10 @@ fn main() {
                 // What the worker does per received TCP segment: parse it
                 // (checksum verified) and add it to its flow's run.
                 let (a, b) = (tcp_segment(1000, 1348), tcp_segment(2348, 1348));
-                let first = offload::parse(&a, 14).unwrap();
+                let first = offload::parse(&a, 14, true).unwrap();
                 for _ in 0..*n {
                     let mut run = Run::start(first);
-                    let seg = offload::parse(black_box(&b), 14).unwrap();
+                    let seg = offload::parse(black_box(&b), 14, true).unwrap();
                     if run.accepts(&seg) {
                         run.add(&seg);
                     }

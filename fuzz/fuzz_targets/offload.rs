@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(s.write(i, &mut out[..n]), n);
             }
         }
-        if let Some(seg) = parse(pkt, l3) {
+        if let Some(seg) = parse(pkt, l3, true) {
             let mut run = Run::start(seg);
             if run.accepts(&seg) {
                 run.add(&seg);

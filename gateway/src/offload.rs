@@ -89,10 +89,11 @@ impl VnetHdr {
     }
 }
 
-/// Addresses and ports of a TCP flow.
+/// Protocol, addresses and ports of a TCP or UDP flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
     pub v6: bool,
+    pub udp: bool,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub ports: [u8; 4],
@@ -108,11 +109,11 @@ struct Signature {
     options: [u8; 40],
 }
 
-/// A TCP segment in an inner packet.
+/// A TCP segment or UDP datagram in an inner packet.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
     pub flow: Flow,
-    /// Offset of the TCP header in the packet (link header included).
+    /// Offset of the TCP/UDP header in the packet (link header included).
     pub l4: usize,
     /// Offset of the payload.
     pub hdr_len: usize,
@@ -125,12 +126,19 @@ pub struct Segment {
     sig: Signature,
 }
 
-/// Parses the TCP segment in `pkt`, whose IP header starts at `l3` (after
-/// a link header, if any). `None`: not TCP, or not parseable as such.
-pub fn parse(pkt: &[u8], l3: usize) -> Option<Segment> {
+/// Parses the TCP segment (or with `udp`, also the UDP datagram) in `pkt`,
+/// whose IP header starts at `l3` (after a link header, if any). `None`:
+/// neither, or not parseable as such.
+///
+/// UDP datagrams of one flow coalesce as the kernel's UDP GRO merges them
+/// (into a `GSO_UDP_L4` packet, which needs USO in the kernel, 6.2 on):
+/// all of the first one's size but the last, which may be shorter; IPv4
+/// not fragmented (DF as the first); the UDP checksum right or absent.
+pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
     let ip = pkt.get(l3..)?;
     let mut flow = Flow {
         v6: false,
+        udp: false,
         src: [0; 16],
         dst: [0; 16],
         ports: [0; 4],
@@ -139,22 +147,25 @@ pub fn parse(pkt: &[u8], l3: usize) -> Option<Segment> {
     let (l4, ip_ok) = match ip.first()? >> 4 {
         4 => {
             let ihl = usize::from(ip[0] & 0x0f) * 4;
-            if ip.len() < 20 || ip[9] != TCP || ihl < 20 {
+            if ip.len() < 20 || !(ip[9] == TCP || udp && ip[9] == UDP) || ihl < 20 {
                 return None;
             }
+            flow.udp = ip[9] == UDP;
             let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
             flow.src[..4].copy_from_slice(&ip[12..16]);
             flow.dst[..4].copy_from_slice(&ip[16..20]);
             sig_ip = [ip[1], ip[8], ip[6], ip[7], 0];
-            // No options, DF only (no MF, no offset), the packet exactly.
-            let ok = ihl == 20 && ip[6] == 0x40 && ip[7] == 0 && total == ip.len();
+            // No options, not a fragment, the packet exactly; TCP with DF.
+            let df_ok = flow.udp || ip[6] & 0x40 != 0;
+            let ok = ihl == 20 && ip[6] & 0xbf == 0 && ip[7] == 0 && df_ok && total == ip.len();
             (l3 + ihl, ok)
         }
         6 => {
-            if ip.len() < 40 || ip[6] != TCP {
+            if ip.len() < 40 || !(ip[6] == TCP || udp && ip[6] == UDP) {
                 return None;
             }
             flow.v6 = true;
+            flow.udp = ip[6] == UDP;
             flow.src.copy_from_slice(&ip[8..24]);
             flow.dst.copy_from_slice(&ip[24..40]);
             sig_ip = [ip[0], ip[1], ip[2], ip[3], ip[7]];
@@ -163,6 +174,36 @@ pub fn parse(pkt: &[u8], l3: usize) -> Option<Segment> {
         }
         _ => return None,
     };
+    if flow.udp {
+        let u = pkt.get(l4..)?;
+        if u.len() < 8 {
+            return None;
+        }
+        flow.ports.copy_from_slice(&u[0..4]);
+        let len_ok = usize::from(u16::from_be_bytes([u[4], u[5]])) == u.len();
+        let csum = u16::from_be_bytes([u[6], u[7]]);
+        let seg = Segment {
+            flow,
+            l4,
+            hdr_len: l4 + 8,
+            seq: 0,
+            payload: u.len() - 8,
+            mergeable: false,
+            push: false,
+            sig: Signature {
+                ip: sig_ip,
+                ack: [0; 4],
+                flags: 0,
+                options: [0; 40],
+            },
+        };
+        // IPv4 may go without a checksum; IPv6 may not.
+        let csum_ok = (csum == 0 && !flow.v6)
+            || checksum::fold(pseudo_proto(&flow, UDP, u.len()) + u64::from(checksum::sum(u)))
+                == 0xffff;
+        let mergeable = ip_ok && len_ok && seg.payload > 0 && csum_ok;
+        return Some(Segment { mergeable, ..seg });
+    }
     let tcp = pkt.get(l4..)?;
     if tcp.len() < 20 {
         return None;
@@ -269,7 +310,7 @@ impl Run {
     pub fn accepts(&self, seg: &Segment) -> bool {
         !self.closed
             && seg.mergeable
-            && seg.seq == self.next_seq
+            && (seg.flow.udp || seg.seq == self.next_seq)
             && seg.hdr_len == self.first.hdr_len
             && seg.payload <= self.first.payload
             && seg.sig == self.first.sig
@@ -295,6 +336,7 @@ impl Run {
     pub fn finish(&self, pkt: &mut [u8], l3: usize) -> VnetHdr {
         let f = &self.first;
         let tcp_len = f.hdr_len - f.l4 + self.payload;
+        let udp = f.flow.udp;
         if f.flow.v6 {
             let plen = (tcp_len as u16).to_be_bytes();
             pkt[l3 + 4..l3 + 6].copy_from_slice(&plen);
@@ -305,19 +347,29 @@ impl Run {
             let c = checksum::checksum(&pkt[l3..f.l4]);
             pkt[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
         }
-        if self.push {
+        if udp {
+            // The length of the whole; the kernel's segmentation gives each
+            // datagram its own.
+            pkt[f.l4 + 4..f.l4 + 6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        } else if self.push {
             pkt[f.l4 + 13] |= PSH;
         }
         // The kernel completes the checksum from the pseudo-header sum.
-        let seed = checksum::fold(pseudo(&f.flow, tcp_len));
-        pkt[f.l4 + 16..f.l4 + 18].copy_from_slice(&seed.to_be_bytes());
+        let (proto, csum_offset) = if udp { (UDP, 6) } else { (TCP, 16) };
+        let seed = checksum::fold(pseudo_proto(&f.flow, proto, tcp_len));
+        let field = f.l4 + usize::from(csum_offset);
+        pkt[field..field + 2].copy_from_slice(&seed.to_be_bytes());
         VnetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: if f.flow.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            gso_type: match (udp, f.flow.v6) {
+                (true, _) => GSO_UDP_L4,
+                (false, false) => GSO_TCPV4,
+                (false, true) => GSO_TCPV6,
+            },
             hdr_len: f.hdr_len as u16,
             gso_size: f.payload as u16,
             csum_start: f.l4 as u16,
-            csum_offset: 16,
+            csum_offset,
         }
     }
 }
@@ -418,6 +470,7 @@ impl<'a> Segmenter<'a> {
         }
         let mut flow = Flow {
             v6: self.v6,
+            udp: self.udp,
             src: [0; 16],
             dst: [0; 16],
             ports: [0; 4],
@@ -485,6 +538,7 @@ mod tests {
         tcp.extend_from_slice(payload);
         let flow = Flow {
             v6: false,
+            udp: false,
             src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             ports: [0; 4],
@@ -502,9 +556,9 @@ mod tests {
         let b = seg4(1100, &[2; 100], ACK);
         let c = seg4(1200, &[3; 60], ACK | PSH);
         let (sa, sb, sc) = (
-            parse(&a, 14).unwrap(),
-            parse(&b, 14).unwrap(),
-            parse(&c, 14).unwrap(),
+            parse(&a, 14, true).unwrap(),
+            parse(&b, 14, true).unwrap(),
+            parse(&c, 14, true).unwrap(),
         );
         assert!(sa.mergeable && sb.mergeable && sc.mergeable);
         let mut run = Run::start(sa);
@@ -532,7 +586,7 @@ mod tests {
         assert!(checksum::verify(&whole[14..34]));
         let partial = checksum::sum(&whole[34..]);
         whole[50..52].copy_from_slice(&(!partial).to_be_bytes());
-        let s = parse(&whole, 14).unwrap();
+        let s = parse(&whole, 14, true).unwrap();
         assert!(s.mergeable, "checksum of the merged packet verifies");
         assert!(s.push);
         assert_eq!(s.payload, 260);
@@ -540,44 +594,132 @@ mod tests {
 
     #[test]
     fn what_gro_would_not_merge_is_refused() {
-        let a = parse(&seg4(1000, &[1; 100], ACK), 14).unwrap();
+        let a = parse(&seg4(1000, &[1; 100], ACK), 14, true).unwrap();
         let run = Run::start(a);
         // A gap in sequence numbers.
-        assert!(!run.accepts(&parse(&seg4(1200, &[1; 100], ACK), 14).unwrap()));
+        assert!(!run.accepts(&parse(&seg4(1200, &[1; 100], ACK), 14, true).unwrap()));
         // Larger than the first.
-        assert!(!run.accepts(&parse(&seg4(1100, &[1; 200], ACK), 14).unwrap()));
+        assert!(!run.accepts(&parse(&seg4(1100, &[1; 200], ACK), 14, true).unwrap()));
         // FIN, SYN: not mergeable at all.
         assert!(
-            !parse(&seg4(1100, &[1; 100], ACK | FIN), 14)
+            !parse(&seg4(1100, &[1; 100], ACK | FIN), 14, true)
                 .unwrap()
                 .mergeable
         );
-        assert!(!parse(&seg4(1100, &[1; 100], SYN), 14).unwrap().mergeable);
+        assert!(
+            !parse(&seg4(1100, &[1; 100], SYN), 14, true)
+                .unwrap()
+                .mergeable
+        );
         // A bad checksum.
         let mut bad = seg4(1100, &[1; 100], ACK);
         bad[60] ^= 1;
-        assert!(!parse(&bad, 14).unwrap().mergeable);
+        assert!(!parse(&bad, 14, true).unwrap().mergeable);
         // No payload (a pure ACK).
-        assert!(!parse(&seg4(1100, &[], ACK), 14).unwrap().mergeable);
+        assert!(!parse(&seg4(1100, &[], ACK), 14, true).unwrap().mergeable);
         // A different acknowledgement number.
         let mut other_ack = seg4(1100, &[1; 100], ACK);
         other_ack[14 + 20 + 11] = 8;
-        let c = parse(&other_ack, 14).unwrap();
+        let c = parse(&other_ack, 14, true).unwrap();
         assert!(!c.mergeable || !run.accepts(&c));
         // Not TCP.
         let mut udp = seg4(1100, &[1; 100], ACK);
         udp[14 + 9] = 17;
-        assert!(parse(&udp, 14).is_none());
+        assert!(parse(&udp, 14, false).is_none(), "UDP only when asked for");
+        assert!(parse(&udp, 14, true).is_some_and(|s| s.flow.udp));
+    }
+
+    /// An IPv4 UDP datagram behind an Ethernet header, checksum right.
+    fn udp4(src_port: u16, payload: &[u8]) -> Vec<u8> {
+        let b = etherparse_like_udp(src_port, payload);
+        let mut p = vec![0u8; 14];
+        p[12] = 0x08;
+        p.extend_from_slice(&b);
+        p
+    }
+
+    fn etherparse_like_udp(src_port: u16, payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1,
+        ];
+        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        let c = checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&src_port.to_be_bytes());
+        u[2..4].copy_from_slice(&9u16.to_be_bytes());
+        u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(payload);
+        let flow = Flow {
+            v6: false,
+            udp: true,
+            src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ports: [0; 4],
+        };
+        let c = !checksum::fold(pseudo_proto(&flow, UDP, u.len()) + u64::from(checksum::sum(&u)));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(&u);
+        ip
+    }
+
+    #[test]
+    fn udp_datagrams_of_one_flow_coalesce_into_a_uso_packet_that_segments_back() {
+        let (a, b, c) = (
+            udp4(1000, &[1; 64]),
+            udp4(1000, &[2; 64]),
+            udp4(1000, &[3; 20]),
+        );
+        let (sa, sb, sc) = (
+            parse(&a, 14, true).unwrap(),
+            parse(&b, 14, true).unwrap(),
+            parse(&c, 14, true).unwrap(),
+        );
+        assert!(sa.mergeable && sb.mergeable && sc.mergeable);
+        // Another flow (source port) is another flow.
+        let other = parse(&udp4(1001, &[1; 64]), 14, true).unwrap();
+        assert_ne!(other.flow, sa.flow);
+        let mut run = Run::start(sa);
+        assert!(run.accepts(&sb));
+        run.add(&sb);
+        assert!(run.accepts(&sc));
+        run.add(&sc);
+        assert!(run.closed, "a shorter datagram ends the run");
+        let mut whole = a.clone();
+        let v = run.finish(&mut whole, 14);
+        whole.extend_from_slice(&b[42..]);
+        whole.extend_from_slice(&c[42..]);
+        assert_eq!(
+            (v.gso_type, v.gso_size, v.csum_offset, v.hdr_len),
+            (GSO_UDP_L4, 64, 6, 42)
+        );
+        // Cut back as the kernel would: the same three datagrams.
+        let s = Segmenter::new(&whole, 14, &v).unwrap();
+        assert_eq!(s.count(), 3);
+        for (i, orig) in [&a, &b, &c].iter().enumerate() {
+            let mut out = vec![0u8; 200];
+            let n = s.write(i, &mut out);
+            assert_eq!(&out[42..n], &orig[42..], "payload {i}");
+            assert!(
+                parse(&out[..n], 14, true).unwrap().mergeable,
+                "checksums of {i}"
+            );
+        }
+        // A bad checksum is not merged.
+        let mut bad = udp4(1000, &[1; 64]);
+        bad[50] ^= 1;
+        assert!(!parse(&bad, 14, true).unwrap().mergeable);
     }
 
     #[test]
     fn a_short_segment_closes_the_run() {
-        let mut run = Run::start(parse(&seg4(0, &[1; 100], ACK), 14).unwrap());
-        let s = parse(&seg4(100, &[1; 50], ACK), 14).unwrap();
+        let mut run = Run::start(parse(&seg4(0, &[1; 100], ACK), 14, true).unwrap());
+        let s = parse(&seg4(100, &[1; 50], ACK), 14, true).unwrap();
         assert!(run.accepts(&s));
         run.add(&s);
         assert!(run.closed);
-        assert!(!run.accepts(&parse(&seg4(150, &[1; 50], ACK), 14).unwrap()));
+        assert!(!run.accepts(&parse(&seg4(150, &[1; 50], ACK), 14, true).unwrap()));
     }
 
     #[test]
@@ -602,7 +744,7 @@ mod tests {
             let mut out = vec![0u8; 2000];
             let n = s.write(i, &mut out);
             assert_eq!(n, s.len(i));
-            let seg = parse(&out[..n], 14).unwrap();
+            let seg = parse(&out[..n], 14, true).unwrap();
             assert!(checksum::verify(&out[14..34]), "IPv4 header checksum");
             assert!(seg.mergeable || i == 2, "segment {i} valid and plain");
             assert_eq!(seg.seq, 5000 + 1000 * i as u32);
@@ -650,6 +792,7 @@ mod tests {
             assert_eq!(udp_len, n - 34);
             let flow = Flow {
                 v6: false,
+                udp: true,
                 src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                 dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                 ports: [0; 4],
@@ -709,8 +852,8 @@ mod tests {
             if len > 14 {
                 p[14] = 0x45;
             }
-            let _ = parse(&p, 14);
-            let _ = parse(&p, 0);
+            let _ = parse(&p, 14, true);
+            let _ = parse(&p, 0, true);
             for gso_type in [GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4] {
                 let h = VnetHdr {
                     gso_type,

@@ -127,15 +127,19 @@ fn udp_stream(
 /// `skip` bytes of link header (14 on a tap, 0 on a tun), or inside GRE
 /// on the wire (`skip` = 14 + 20 + 4).
 fn count_udp(frames: &[Vec<u8>], skip: usize, dport: u16) -> usize {
+    // Every datagram these tests send carries a 4-byte sequence number; the
+    // gateway writes a run of them as one UDP GSO packet, which a capture
+    // on the device sees whole, its UDP length covering them all.
     frames
         .iter()
         .filter(|f| {
-            f.len() >= skip + 24
+            f.len() >= skip + 28
                 && f[skip] >> 4 == 4
                 && f[skip + 9] == 17
                 && u16::from_be_bytes([f[skip + 22], f[skip + 23]]) == dport
         })
-        .count()
+        .map(|f| (usize::from(u16::from_be_bytes([f[skip + 24], f[skip + 25]])) - 8).max(4) / 4)
+        .sum()
 }
 
 /// Starts the gateway and waits until tun100's next hop is resolved, so the

@@ -134,13 +134,24 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
 /// Tells the kernel which offloads the reader of the device handles
 /// (`TUN_F_*`): with none, it hands over only whole, checksummed packets.
 pub fn set_offload(fd: &OwnedFd, name: &str, flags: u32) -> Result<(), TapError> {
+    let uso = flags & (TUN_F_USO4 | TUN_F_USO6);
     match set_offload_once(fd, name, flags) {
         // A kernel before 6.2 knows no USO: the rest alone, then.
-        Err(_) if flags & (TUN_F_USO4 | TUN_F_USO6) != 0 => {
-            set_offload_once(fd, name, flags & !(TUN_F_USO4 | TUN_F_USO6))
+        Err(_) if uso != 0 => {
+            USO.store(false, std::sync::atomic::Ordering::Relaxed);
+            set_offload_once(fd, name, flags & !uso)
         }
         other => other,
     }
+}
+
+/// False once a device refused USO: this kernel cannot take UDP GSO
+/// packets, so received UDP is not coalesced either.
+static USO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the kernel takes UDP segmentation offload (`GSO_UDP_L4`).
+pub fn uso_supported() -> bool {
+    USO.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn set_offload_once(fd: &OwnedFd, name: &str, flags: u32) -> Result<(), TapError> {
