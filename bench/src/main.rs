@@ -308,40 +308,53 @@ fn start_gateway_polling(
     name: &str,
 ) -> Result<GatewayProc> {
     let config = out_dir.join(format!("{name}.toml"));
+    // The setting only when set: a gateway from before it existed can be
+    // measured too.
+    let extra = match bench.args.busy_poll_budget {
+        0 => String::new(),
+        n => format!("busy_poll_budget = {n}\n"),
+    };
+    let cores = GW_CORE.to_string();
+    let addrs = ["192.168.0.8", "192.168.0.58", "10.1.1.1", "10.1.1.2"];
     std::fs::write(
         &config,
-        format!(
-            r#"[gateway]
-poll = "{}"
-cores = [{GW_CORE}]
-{}
-
-[[tunnel]]
-name = "tun100"
-mode = "{}"
-local = "192.168.0.8"
-remote = "192.168.0.58"
-ttl = 64
-mtu = 1400
-device = "tap1"
-address = "10.1.1.1"
-peer = "10.1.1.2"
-"#,
-            poll,
-            // Only when set: a gateway from before the setting existed
-            // can be measured too.
-            match bench.args.busy_poll_budget {
-                0 => String::new(),
-                n => format!("busy_poll_budget = {n}"),
-            },
-            bench.args.mode
-        ),
+        gateway_config(poll, &cores, &extra, &bench.args.mode, addrs),
     )?;
     GatewayProc::start(
         ns,
         &bench.args.gateway,
         &config,
         &out_dir.join(format!("{name}.log")),
+    )
+}
+
+/// A gateway configuration with one tunnel, tun100 into tap1: `poll`,
+/// `cores` (a TOML list's inside) and `extra` lines in `[gateway]`;
+/// `addrs`: local, remote, inner address, inner peer.
+pub(crate) fn gateway_config(
+    poll: &str,
+    cores: &str,
+    extra: &str,
+    mode: &str,
+    addrs: [&str; 4],
+) -> String {
+    let [local, remote, address, peer] = addrs;
+    format!(
+        r#"[gateway]
+poll = "{poll}"
+cores = [{cores}]
+{extra}
+[[tunnel]]
+name = "tun100"
+mode = "{mode}"
+local = "{local}"
+remote = "{remote}"
+ttl = 64
+mtu = 1400
+device = "tap1"
+address = "{address}"
+peer = "{peer}"
+"#
     )
 }
 

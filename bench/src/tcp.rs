@@ -112,26 +112,6 @@ fn offloads(ns: &NetNs, dev: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-fn config(local: &str, remote: &str, addr: &str, peer: &str, poll: &str, cores: &str) -> String {
-    format!(
-        r#"[gateway]
-poll = "{poll}"
-cores = [{cores}]
-
-[[tunnel]]
-name = "tun100"
-mode = "gre"
-local = "{local}"
-remote = "{remote}"
-ttl = 64
-mtu = 1400
-device = "tap1"
-address = "{addr}"
-peer = "{peer}"
-"#
-    )
-}
-
 /// Runs the three measurements; `secs` per iperf3 run. With `queues` > 1
 /// the veth has that many queues, each gateway a worker per queue (on
 /// cores 0 and 1 in turn), and iperf3 runs as many streams.
@@ -197,8 +177,9 @@ pub fn run(
     } else {
         ("0", "1")
     };
-    std::fs::write(&ca, config(A, B, "10.1.1.1", "10.1.1.2", poll, ca_cores))?;
-    std::fs::write(&cb, config(B, A, "10.1.1.2", "10.1.1.1", poll, cb_cores))?;
+    let config = |cores, addrs| crate::gateway_config(poll, cores, "", "gre", addrs);
+    std::fs::write(&ca, config(ca_cores, [A, B, "10.1.1.1", "10.1.1.2"]))?;
+    std::fs::write(&cb, config(cb_cores, [B, A, "10.1.1.2", "10.1.1.1"]))?;
     let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
     let gb = GatewayProc::start(&b, gateway, &cb, &out_dir.join("tcp-gateway-b.log"))?;
     // Next hops resolved, and the path up, before measuring.

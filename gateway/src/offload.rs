@@ -516,18 +516,38 @@ impl<'a> Segmenter<'a> {
 mod tests {
     use super::*;
 
+    /// An IPv4 packet from 10.1.1.2 to 10.1.1.1 behind a 14-byte Ethernet
+    /// header, its transport header and payload `l4` with the checksum at
+    /// `csum_at` filled in.
+    fn ip4(proto: u8, df: bool, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 14];
+        p[12] = 0x08;
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1,
+        ];
+        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        if df {
+            ip[6] = 0x40;
+        }
+        let c = checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let flow = Flow {
+            v6: false,
+            udp: proto == UDP,
+            src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ports: [0; 4],
+        };
+        let sum = pseudo_proto(&flow, proto, l4.len()) + u64::from(checksum::sum(&l4));
+        l4[csum_at..csum_at + 2].copy_from_slice(&(!checksum::fold(sum)).to_be_bytes());
+        p.extend_from_slice(&ip);
+        p.extend_from_slice(&l4);
+        p
+    }
+
     /// An IPv4 TCP segment (ACK) with a right checksum, behind a 14-byte
     /// Ethernet header.
     fn seg4(seq: u32, payload: &[u8], flags: u8) -> Vec<u8> {
-        let mut p = vec![0u8; 14];
-        p[12] = 0x08;
-        let total = 20 + 20 + payload.len();
-        let mut ip = vec![
-            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1,
-        ];
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        let c = checksum::checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
         let mut tcp = vec![0u8; 20];
         tcp[0..4].copy_from_slice(&[0x13, 0x88, 0xa0, 0x00]);
         tcp[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -536,18 +556,7 @@ mod tests {
         tcp[13] = flags;
         tcp[14] = 0xff;
         tcp.extend_from_slice(payload);
-        let flow = Flow {
-            v6: false,
-            udp: false,
-            src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            ports: [0; 4],
-        };
-        let c = !checksum::fold(pseudo(&flow, tcp.len()) + u64::from(checksum::sum(&tcp)));
-        tcp[16..18].copy_from_slice(&c.to_be_bytes());
-        p.extend_from_slice(&ip);
-        p.extend_from_slice(&tcp);
-        p
+        ip4(TCP, true, tcp, 16)
     }
 
     #[test]
@@ -631,37 +640,12 @@ mod tests {
 
     /// An IPv4 UDP datagram behind an Ethernet header, checksum right.
     fn udp4(src_port: u16, payload: &[u8]) -> Vec<u8> {
-        let b = etherparse_like_udp(src_port, payload);
-        let mut p = vec![0u8; 14];
-        p[12] = 0x08;
-        p.extend_from_slice(&b);
-        p
-    }
-
-    fn etherparse_like_udp(src_port: u16, payload: &[u8]) -> Vec<u8> {
-        let total = 20 + 8 + payload.len();
-        let mut ip = vec![
-            0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1,
-        ];
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        let c = checksum::checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
         let mut u = vec![0u8; 8];
         u[0..2].copy_from_slice(&src_port.to_be_bytes());
         u[2..4].copy_from_slice(&9u16.to_be_bytes());
         u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         u.extend_from_slice(payload);
-        let flow = Flow {
-            v6: false,
-            udp: true,
-            src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            ports: [0; 4],
-        };
-        let c = !checksum::fold(pseudo_proto(&flow, UDP, u.len()) + u64::from(checksum::sum(&u)));
-        u[6..8].copy_from_slice(&c.to_be_bytes());
-        ip.extend_from_slice(&u);
-        ip
+        ip4(UDP, false, u, 6)
     }
 
     #[test]
