@@ -497,15 +497,22 @@ impl Worker {
             .map_or(DeviceKind::Tun, |x| x.device_kind);
         let data = self.xsk.data_mut(&mut frame);
         let pkt = &data[offset..offset + len];
-        let l3 = match kind {
-            DeviceKind::Tun => Some(0),
-            DeviceKind::Tap => match pkt.get(12..14) {
-                Some([0x08, 0x00]) | Some([0x86, 0xdd]) => Some(14),
-                _ => None,
-            },
-        };
         let udp = st.coalesce_udp;
-        let Some((l3, seg)) = l3.and_then(|l3| Some((l3, offload::parse(pkt, l3, udp)?))) else {
+        let Some((l3, seg)) =
+            l3_of(kind, pkt).and_then(|l3| Some((l3, offload::parse(pkt, l3, udp)?)))
+        else {
+            // Not for coalescing; but a run of the same addresses (an
+            // unusual packet of a flow being coalesced) must go first.
+            if st.gro.iter().any(|r| r.tunnel == t) {
+                let mut i = 0;
+                while i < st.gro.len() {
+                    if st.gro[i].tunnel == t {
+                        self.flush_run(io, st, i)?;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
             return self.write(io, st, u32::from(t), frame, offset, len, t);
         };
         if let Some(i) = st
@@ -692,7 +699,12 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         while let Some(&(t, bid, n)) = st.deferred.front() {
             let data = io.read_data(bid, n);
-            if !force && self.free.len() < self.frames_needed(t, data) {
+            // Never more than the fill ring leaves free: a packet of more
+            // segments than that (a tiny MSS) goes when the reserve is
+            // there, and what finds no frame is counted as `tx_ring_full`,
+            // rather than holding every read behind it for ever.
+            let need = self.frames_needed(t, data).min(st.tx_reserve);
+            if !force && self.free.len() < need {
                 break;
             }
             st.deferred.pop_front();
@@ -719,11 +731,9 @@ impl Worker {
         if vnet.gso_type == offload::GSO_NONE {
             return 1;
         }
-        let l3 = match tunnel.device_kind {
-            DeviceKind::Tun => 0,
-            DeviceKind::Tap => 14,
-        };
-        Segmenter::new(pkt, l3, &vnet).map_or(1, |s| s.count())
+        l3_of(tunnel.device_kind, pkt)
+            .and_then(|l3| Segmenter::new(pkt, l3, &vnet).ok())
+            .map_or(1, |s| s.count())
     }
 
     /// Copies what one read from tunnel `t`'s device returned (a
@@ -768,14 +778,9 @@ impl Worker {
             return;
         }
         // A GSO packet: cut it as the kernel's GSO would have.
-        let l3 = match tunnel.device_kind {
-            DeviceKind::Tun => Some(0),
-            DeviceKind::Tap => match pkt.get(12..14) {
-                Some([0x08, 0x00]) | Some([0x86, 0xdd]) => Some(14),
-                _ => None,
-            },
-        };
-        let Some(seg) = l3.and_then(|l3| Segmenter::new(pkt, l3, &vnet).ok()) else {
+        let Some(seg) =
+            l3_of(tunnel.device_kind, pkt).and_then(|l3| Segmenter::new(pkt, l3, &vnet).ok())
+        else {
             st.local.tx_read += 1;
             st.local.drop(DropReason::TxMalformed);
             return;
@@ -995,17 +1000,17 @@ impl Worker {
         // are encapsulated and sent as usual, and answers they produce
         // (ARP, ICMP) are written and waited for in the next round.
         loop {
+            // Reads of the old devices are sent before the list changes.
+            self.process_reads(io, st, true)?;
             let mut rest = Vec::new();
             io.drain(|c| rest.push(c))
                 .map_err(self.io_err("draining io_uring"))?;
-            if rest.is_empty() {
+            if rest.is_empty() && st.deferred.is_empty() {
                 break;
             }
             for c in rest {
                 self.completed(c, io, st)?;
             }
-            // Reads of the old devices are sent before the list changes.
-            self.process_reads(io, st, true)?;
         }
         let old_len = self.devices.len();
         let mut old = std::mem::take(&mut self.devices);
@@ -1090,6 +1095,26 @@ impl Worker {
     }
 }
 
+/// Where the IP header starts in a packet of a device of this kind: at 0
+/// in a tun; after the Ethernet header (and up to two VLAN tags) in a tap.
+/// `None`: not IP.
+fn l3_of(kind: DeviceKind, pkt: &[u8]) -> Option<usize> {
+    match kind {
+        DeviceKind::Tun => Some(0),
+        DeviceKind::Tap => {
+            let mut at = 12;
+            for _ in 0..3 {
+                match pkt.get(at..at + 2)? {
+                    [0x08, 0x00] | [0x86, 0xdd] => return Some(at + 2),
+                    [0x81, 0x00] | [0x88, 0xa8] => at += 4,
+                    _ => return None,
+                }
+            }
+            None
+        }
+    }
+}
+
 fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
     devices
         .iter()
@@ -1126,5 +1151,28 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
         local.delivered += packets;
         local.tunnel_rx_packets[t] += packets;
         local.tunnel_rx_bytes[t] += u64::from(c.expected) - VNET_HDR_LEN as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ip_header_is_found_behind_ethernet_and_vlan_tags() {
+        let mut f = vec![0u8; 64];
+        assert_eq!(l3_of(DeviceKind::Tun, &f), Some(0));
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(14));
+        f[12..14].copy_from_slice(&[0x81, 0x00]);
+        f[16..18].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(18));
+        f[12..14].copy_from_slice(&[0x88, 0xa8]);
+        f[16..18].copy_from_slice(&[0x81, 0x00]);
+        f[20..22].copy_from_slice(&[0x08, 0x00]);
+        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(22), "QinQ");
+        f[20..22].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(l3_of(DeviceKind::Tap, &f), None, "ARP is not IP");
+        assert_eq!(l3_of(DeviceKind::Tap, &f[..13]), None, "too short");
     }
 }

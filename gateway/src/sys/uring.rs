@@ -103,6 +103,8 @@ struct ReadPool {
     tail: u16,
     /// Buffers in the ring (the rest are being read out by the worker).
     in_ring: usize,
+    /// Left mapped at drop: the kernel may still write into them.
+    leak: bool,
 }
 
 fn map(bytes: usize) -> io::Result<NonNull<u8>> {
@@ -144,6 +146,7 @@ impl ReadPool {
             entries,
             tail: 0,
             in_ring: 0,
+            leak: false,
         };
         for bid in 0..entries {
             pool.add(bid);
@@ -177,6 +180,9 @@ impl ReadPool {
 
 impl Drop for ReadPool {
     fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
         // SAFETY: the mappings made in `new`; the io_uring that read into
         // them was closed before the pool drops (field order in DeviceIo),
         // with no read armed (drained).
@@ -224,6 +230,14 @@ impl DeviceIo {
         read_bufs: u16,
     ) -> io::Result<DeviceIo> {
         let ring = IoUring::builder().build(entries)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::ReadMulti::CODE) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's io_uring has no multishot reads (IORING_OP_READ_MULTISHOT, Linux 6.7 or later)",
+            ));
+        }
         let pool = ReadPool::new(read_bufs)?;
         // SAFETY: the ring memory is `read_bufs` entries, page-aligned, and
         // lives in `pool` (as do the buffers) until after the io_uring is
@@ -585,7 +599,13 @@ impl DeviceIo {
             }
         }
         while self.count > 0 || self.armed_count > 0 {
-            self.ring.submit_and_wait(1)?;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A signal for the process (SIGHUP, SIGUSR1, ...) landed
+                // on this thread: wait again.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
             self.reap(&mut done);
         }
         Ok(())
@@ -596,6 +616,9 @@ impl Drop for DeviceIo {
     fn drop(&mut self) {
         // The kernel may still be reading frames; wait for it before the
         // ring (and with it our hold on the UMEM) goes away.
-        let _ = self.drain(|_| {});
+        if self.drain(|_| {}).is_err() {
+            // A read may still be armed: its buffers must outlive it.
+            self.pool.leak = true;
+        }
     }
 }
