@@ -130,6 +130,27 @@ fn fifty_megabytes_of_tcp_arrive_intact_through_each_tunnel() {
     }
 }
 
+#[test]
+fn tcp_arrives_intact_with_the_plain_reads_of_kernels_before_6_7() {
+    if !require_root("tcp_arrives_intact_with_the_plain_reads_of_kernels_before_6_7") {
+        return;
+    }
+    // What a kernel without multishot io_uring reads gets: one plain read
+    // per device queue at a time (forced here, this kernel has them).
+    let lab = Lab::new("lb6");
+    let env = ["env", "GATEWAY_NO_MULTISHOT=1"];
+    let gw1 = Gateway::start_wrapped(&lab.host1, HOST1, &env, &[]);
+    let gw2 = Gateway::start_wrapped(&lab.host2, HOST2, &env, &[]);
+    ping_until_up(&lab.host1, "10.1.1.2");
+    const BYTES: usize = 20_000_000;
+    let (got, took) = tcp_transfer(&lab.host2, "10.1.1.2", &lab.host1, BYTES);
+    assert_eq!(got, BYTES);
+    eprintln!("plain reads: {BYTES} bytes intact in {took:?}");
+    for gw in [&gw1, &gw2] {
+        gateway_tests::stats::assert_accounting(&gw.settled_stats());
+    }
+}
+
 /// Runs tshark in the wire namespace for the duration of `f`, then returns
 /// the requested fields of every captured tunnel packet, one row each.
 fn capture_fields(wire: &NetNs, fields: &[&str], f: impl FnOnce()) -> Vec<Vec<String>> {

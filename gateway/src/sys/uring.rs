@@ -215,6 +215,8 @@ pub struct DeviceIo {
     armed_count: usize,
     spare_pieces: Vec<Vec<Piece>>,
     spare_iov: Vec<Vec<libc::iovec>>,
+    /// Reads are multishot (else one plain read per queue at a time).
+    multishot: bool,
 }
 
 impl DeviceIo {
@@ -230,13 +232,18 @@ impl DeviceIo {
         read_bufs: u16,
     ) -> io::Result<DeviceIo> {
         let ring = IoUring::builder().build(entries)?;
+        // Multishot reads came with Linux 6.7; before, one plain read per
+        // device queue at a time, taking a buffer from the same ring
+        // (Linux 5.19 on), armed again after each packet.
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        if !probe.is_supported(opcode::ReadMulti::CODE) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "this kernel's io_uring has no multishot reads (IORING_OP_READ_MULTISHOT, Linux 6.7 or later)",
-            ));
+        // (GATEWAY_NO_MULTISHOT makes a test take the old kernels' way.)
+        let multishot = probe.is_supported(opcode::ReadMulti::CODE)
+            && std::env::var_os("GATEWAY_NO_MULTISHOT").is_none();
+        if !multishot {
+            tracing::warn!(
+                "io_uring without multishot reads (before Linux 6.7): one read per device queue at a time, slower"
+            );
         }
         let pool = ReadPool::new(read_bufs)?;
         // SAFETY: the ring memory is `read_bufs` entries, page-aligned, and
@@ -278,6 +285,7 @@ impl DeviceIo {
             armed_count: 0,
             spare_pieces: Vec::new(),
             spare_iov: Vec::new(),
+            multishot,
         })
     }
 
@@ -461,9 +469,15 @@ impl DeviceIo {
         if f >= self.armed.len() || self.armed[f] {
             return true;
         }
-        let sqe = opcode::ReadMulti::new(types::Fixed(file), 0, BGID)
-            .build()
-            .user_data(READ_TAG | u64::from(file));
+        let sqe = if self.multishot {
+            opcode::ReadMulti::new(types::Fixed(file), 0, BGID).build()
+        } else {
+            opcode::Read::new(types::Fixed(file), std::ptr::null_mut(), READ_BUF as u32)
+                .buf_group(BGID)
+                .build()
+                .flags(io_uring::squeue::Flags::BUFFER_SELECT)
+        }
+        .user_data(READ_TAG | u64::from(file));
         // SAFETY: the read's buffers come from the pool, all inside the
         // registered UMEM and owned by the pool until their completions.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
