@@ -1,23 +1,25 @@
-//! io_uring reads and writes of packets straight between UMEM frames and
-//! tap/tun queues.
+//! io_uring reads and writes of packets between tap/tun queues and the
+//! worker's memory.
 //!
 //! The UMEM is registered as one fixed buffer and the device queues as
 //! registered files, so each write is a `WriteFixed` with no copy and no
-//! per-write page pinning. The writer, not its caller, keeps the memory
-//! alive until the kernel is done: it holds a handle on the UMEM and owns
-//! each [`Frame`] while its write is in flight, handing it back only with
-//! the completion.
+//! per-write page pinning, or for a coalesced run of packets one `Writev`
+//! of iovecs into their frames. The writer, not its caller, keeps the
+//! memory alive until the kernel is done: it holds a handle on the UMEM and
+//! owns each [`Frame`] while its write is in flight, handing it back only
+//! with the completion.
 //!
 //! Reads from the devices are multishot (`IORING_OP_READ_MULTISHOT`), one
 //! per device queue, taking buffers from a provided-buffer ring: one armed
 //! read per queue drains every packet the device holds when it wakes, and
-//! no two reads race for one packet. The read buffers are not UMEM frames:
-//! with segmentation offload a packet read can be 64 KiB, and the worker
-//! cuts it into frames anyway (a small one is copied into one). (With several plain reads parked
-//! on one queue, each packet woke them all; the losers, having been polled
+//! no two reads race for one packet. (With several plain reads parked on
+//! one queue, each packet woke them all; the losers, having been polled
 //! once, were handed to io_uring's worker threads to block there, and every
 //! reply then crossed a thread: 25 µs round trips where the bare veth took
-//! 4.7.)
+//! 4.7.) Kernels before 6.7 get one plain read per queue at a time from the
+//! same ring. The read buffers are not UMEM frames: with segmentation
+//! offload a packet read can be 64 KiB, and the worker cuts it into frames
+//! anyway (a small one is copied into one).
 
 use std::io;
 use std::os::fd::RawFd;
