@@ -550,10 +550,8 @@ fn neighbour_advert(buf: &mut [u8], off: usize, n: usize, t: &TunnelTx) -> Optio
 }
 
 pub(crate) fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], body: &[u8]) -> u16 {
-    let mut acc = u64::from(checksum::sum(src)) + u64::from(checksum::sum(dst));
-    acc += body.len() as u64 + u64::from(u8::from(IpProtocol::Icmpv6));
-    acc += u64::from(checksum::sum(body));
-    !checksum::fold(acc)
+    let acc = checksum::pseudo_header(src, dst, IpProtocol::Icmpv6.into(), body.len());
+    !checksum::fold(acc + u64::from(checksum::sum(body)))
 }
 
 /// Builds ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6)

@@ -23,7 +23,7 @@
 //! flow, so no flow is reordered. (ECE may be set, as long as every
 //! segment of the run has it; CWR is never merged.)
 
-use crate::wire::checksum;
+use crate::wire::{checksum, ipv4, ipv6};
 
 /// Bytes of `struct virtio_net_hdr` before every packet written to or read
 /// from a device opened with `IFF_VNET_HDR`.
@@ -33,7 +33,6 @@ pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
-pub const GSO_UDP: u8 = 3;
 pub const GSO_TCPV6: u8 = 4;
 pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
@@ -237,22 +236,30 @@ pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
     Some(Segment { mergeable, ..seg })
 }
 
-/// The pseudo-header sum of a TCP segment of `tcp_len` bytes.
-fn pseudo(flow: &Flow, tcp_len: usize) -> u64 {
-    pseudo_proto(flow, TCP, tcp_len)
-}
-
+/// The pseudo-header sum for `len` bytes of protocol `proto` in `flow`.
 fn pseudo_proto(flow: &Flow, proto: u8, len: usize) -> u64 {
     let n = if flow.v6 { 16 } else { 4 };
-    u64::from(checksum::sum(&flow.src[..n]))
-        + u64::from(checksum::sum(&flow.dst[..n]))
-        + u64::from(proto)
-        + len as u64
+    checksum::pseudo_header(&flow.src[..n], &flow.dst[..n], proto, len)
 }
 
 fn checksum_ok(pkt: &[u8], seg: &Segment) -> bool {
     let tcp = &pkt[seg.l4..];
-    checksum::fold(pseudo(&seg.flow, tcp.len()) + u64::from(checksum::sum(tcp))) == 0xffff
+    checksum::fold(pseudo_proto(&seg.flow, TCP, tcp.len()) + u64::from(checksum::sum(tcp)))
+        == 0xffff
+}
+
+/// Sets the length of the IP header at `l3` (the transport header at
+/// `l4`) for `l4_len` bytes from `l4` on; for IPv4 also adds `id_step` to
+/// the identification and fills the header checksum in again.
+fn set_ip_len(pkt: &mut [u8], l3: usize, l4: usize, v6: bool, l4_len: usize, id_step: u16) {
+    if v6 {
+        ipv6::Packet::new_unchecked(&mut pkt[l3..]).set_payload_len(l4_len as u16);
+    } else {
+        let mut ip = ipv4::Packet::new_unchecked(&mut pkt[l3..l4]);
+        ip.set_total_len((l4 - l3 + l4_len) as u16);
+        ip.set_ident(ip.ident().wrapping_add(id_step));
+        ip.fill_checksum();
+    }
 }
 
 /// Completes a checksum the kernel left partial (`F_NEEDS_CSUM`) in a
@@ -337,16 +344,7 @@ impl Run {
         let f = &self.first;
         let tcp_len = f.hdr_len - f.l4 + self.payload;
         let udp = f.flow.udp;
-        if f.flow.v6 {
-            let plen = (tcp_len as u16).to_be_bytes();
-            pkt[l3 + 4..l3 + 6].copy_from_slice(&plen);
-        } else {
-            let total = ((f.l4 - l3 + tcp_len) as u16).to_be_bytes();
-            pkt[l3 + 2..l3 + 4].copy_from_slice(&total);
-            pkt[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&pkt[l3..f.l4]);
-            pkt[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-        }
+        set_ip_len(pkt, l3, f.l4, f.flow.v6, tcp_len, 0);
         if udp {
             // The length of the whole; the kernel's segmentation gives each
             // datagram its own.
@@ -442,10 +440,6 @@ impl<'a> Segmenter<'a> {
         self.hdr_len + (self.pkt.len() - start).min(self.mss)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Writes segment `i` (headers and payload) into `out`, which must
     /// hold [`Segmenter::len`] bytes; returns that length.
     pub fn write(&self, i: usize, out: &mut [u8]) -> usize {
@@ -458,16 +452,7 @@ impl<'a> Segmenter<'a> {
         out[h..].copy_from_slice(&self.pkt[start..start + plen]);
         let last = i + 1 == self.count;
         let l4_len = len - l4;
-        if self.v6 {
-            out[l3 + 4..l3 + 6].copy_from_slice(&((len - l3 - 40) as u16).to_be_bytes());
-        } else {
-            out[l3 + 2..l3 + 4].copy_from_slice(&((len - l3) as u16).to_be_bytes());
-            let id = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]).wrapping_add(i as u16);
-            out[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
-            out[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-            let c = checksum::checksum(&out[l3..l4]);
-            out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-        }
+        set_ip_len(out, l3, l4, self.v6, l4_len, i as u16);
         let mut flow = Flow {
             v6: self.v6,
             udp: self.udp,

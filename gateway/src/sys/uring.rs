@@ -309,11 +309,6 @@ impl DeviceIo {
         self.write_frames
     }
 
-    /// Writes in flight.
-    pub fn writes(&self) -> usize {
-        self.count
-    }
-
     /// The ring's fd: readable when completions are waiting.
     pub fn fd(&self) -> RawFd {
         use std::os::fd::AsRawFd;

@@ -21,6 +21,13 @@ pub fn sum(data: &[u8]) -> u16 {
     fold(acc)
 }
 
+/// The unfolded sum of the IPv4 or IPv6 pseudo-header (addresses, protocol,
+/// transport length) that TCP, UDP and ICMPv6 checksums cover; `src` and
+/// `dst` are 4 or 16 bytes.
+pub fn pseudo_header(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u64 {
+    u64::from(sum(src)) + u64::from(sum(dst)) + u64::from(proto) + len as u64
+}
+
 /// Folds a wide one's-complement accumulator into 16 bits.
 pub fn fold(mut acc: u64) -> u16 {
     while acc > 0xffff {
