@@ -106,6 +106,10 @@ struct Args {
     /// as many iperf3 streams).
     #[arg(long, default_value_t = 1)]
     tcp_queues: usize,
+    /// Only the spreading section: decapsulation with all packets on one
+    /// queue of two, the device writes spread over both workers or not.
+    #[arg(long)]
+    spread_only: bool,
 }
 
 const GEN_CORE: usize = 0;
@@ -625,48 +629,22 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
+    if args.spread_only {
+        let trial = if args.quick {
+            Duration::from_millis(700)
+        } else {
+            Duration::from_secs(3)
+        };
+        let sp = spread_section(&args, trial, &out_dir)?;
+        std::fs::write(
+            out_dir.join("results.json"),
+            serde_json::to_string_pretty(&json!({ "spread": sp }))?,
+        )?;
+        return Ok(());
+    }
+
     // Topology.
-    let gen_ns = NetNs::new("gwb-gen")?;
-    let gw_ns = NetNs::new("gwb-gw")?;
-    ns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "gen0",
-        "netns",
-        &gen_ns.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ens0",
-        "netns",
-        &gw_ns.name,
-    ])?;
-    gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
-    gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
-    gen_ns.ip(&["link", "set", "gen0", "up"])?;
-    gw_ns.ip(&["link", "set", "ens0", "up"])?;
-    let gen_mac = gen_ns.mac("gen0")?;
-    let gw_mac = gw_ns.mac("ens0")?;
-    // Everything reaching gen0 goes to the generator's socket, so its kernel
-    // never answers ARP: give the gateway side a permanent entry.
-    let mac_s = gen_mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    gw_ns.ip(&[
-        "neigh",
-        "replace",
-        "192.168.0.58",
-        "lladdr",
-        &mac_s,
-        "dev",
-        "ens0",
-        "nud",
-        "permanent",
-    ])?;
+    let (gen_ns, gw_ns, gen_mac, gw_mac) = topology("gwb-gen", "gwb-gw", 1)?;
 
     let gre = args.mode == "gre";
     let a = Addrs::LAB;
@@ -782,6 +760,10 @@ fn main() -> Result<()> {
         &out_dir,
         bench.args.tcp_queues,
     )?;
+    // Its own namespaces and generator: the others go first.
+    let gen_final = bench.gen;
+    drop(gen_final);
+    let spread = spread_section(&bench.args, bench.trial, &out_dir)?;
 
     // Files.
     let mut lat_json = Vec::new();
@@ -845,6 +827,7 @@ fn main() -> Result<()> {
             "latency": lat_json,
         },
         "tcp": tcp,
+        "spread": spread,
         "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gateway_final_stats": gw_final,
         "elapsed_s": started.elapsed().as_secs_f64(),
@@ -966,6 +949,14 @@ fn main() -> Result<()> {
     for (poll, pct) in &idle {
         println!("idle cost, poll {poll}: {pct:.1}% of a core");
     }
+    for t in spread["trials"].as_array().into_iter().flatten() {
+        println!(
+            "2 queues, all on one, spread_writes {}: delivered {:.0} of {:.0} pps offered",
+            t["spread_writes"],
+            t["delivered_pps"].as_f64().unwrap_or(0.0),
+            t["offered_pps"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!(
         "\nfiles: {}/results.json, plot.svg, latency-*.hgrm, gateway.log",
         out_dir.display()
@@ -974,6 +965,160 @@ fn main() -> Result<()> {
     drop(gen_ns);
     drop(gw_ns);
     Ok(())
+}
+
+/// The generator's namespace (`gen0`, 192.168.0.58) and the gateway's
+/// (`ens0`, 192.168.0.8) joined by a veth of `queues` queues each way;
+/// returns them with the MACs of `gen0` and `ens0`.
+fn topology(gen: &str, gw: &str, queues: usize) -> Result<(NetNs, NetNs, [u8; 6], [u8; 6])> {
+    let gen_ns = NetNs::new(gen)?;
+    let gw_ns = NetNs::new(gw)?;
+    let q = queues.to_string();
+    ns::sh(&[
+        "ip",
+        "link",
+        "add",
+        "gen0",
+        "netns",
+        &gen_ns.name,
+        "numrxqueues",
+        &q,
+        "numtxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ens0",
+        "netns",
+        &gw_ns.name,
+        "numrxqueues",
+        &q,
+        "numtxqueues",
+        &q,
+    ])?;
+    gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
+    gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
+    gen_ns.ip(&["link", "set", "gen0", "up"])?;
+    gw_ns.ip(&["link", "set", "ens0", "up"])?;
+    let gen_mac = gen_ns.mac("gen0")?;
+    let gw_mac = gw_ns.mac("ens0")?;
+    // Everything reaching gen0 goes to the generator's socket, so its kernel
+    // never answers ARP: give the gateway side a permanent entry.
+    let mac_s = gen_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    gw_ns.ip(&[
+        "neigh",
+        "replace",
+        "192.168.0.58",
+        "lladdr",
+        &mac_s,
+        "dev",
+        "ens0",
+        "nud",
+        "permanent",
+    ])?;
+    Ok((gen_ns, gw_ns, gen_mac, gw_mac))
+}
+
+/// Spreading device writes: a veth of two queues, every packet on queue 0
+/// (the generator sends from its queue 0, as a NIC that hashes the outer
+/// addresses puts a whole tunnel on one queue), a gateway worker per queue
+/// (cores 1 and 0, the generator's core too), decapsulation at maximum
+/// offered load with `spread_writes` off and on, side by side.
+fn spread_section(args: &Args, trial: Duration, out_dir: &Path) -> Result<Value> {
+    say(
+        "spreading: 2 queues, all packets on queue 0, a worker per queue; spread_writes off and on",
+    );
+    let (gen_ns, gw_ns, gen_mac, gw_mac) = topology("gwb-sgen", "gwb-sgw", 2)?;
+    let udp = templates::tunnel_udp(
+        &Addrs::LAB,
+        gw_mac,
+        gen_mac,
+        args.mode == "gre",
+        args.payload,
+    );
+    let gen = Generator::start(Some(&gen_ns), "gen0", GEN_CORE, Capture::All)?;
+    let addrs = ["192.168.0.8", "192.168.0.58", "10.1.1.1", "10.1.1.2"];
+    let cores = format!("{GW_CORE}, {GEN_CORE}");
+    let mut rows = Vec::new();
+    for spread in [false, true] {
+        let name = format!("gateway-spread-{}", if spread { "on" } else { "off" });
+        let config = out_dir.join(format!("{name}.toml"));
+        let extra = format!("queues = \"all\"\nspread_writes = {spread}\n");
+        std::fs::write(
+            &config,
+            gateway_config(&args.poll, &cores, &extra, &args.mode, addrs),
+        )?;
+        let gw = GatewayProc::start(
+            &gw_ns,
+            &args.gateway,
+            &config,
+            &out_dir.join(format!("{name}.log")),
+        )?;
+        std::thread::sleep(Duration::from_millis(1000));
+        let before = gw.stats()?;
+        let out = gen.run(Trial {
+            template: udp.clone(),
+            rate: None,
+            duration: trial,
+            flows: args.flows,
+        })?;
+        std::thread::sleep(Duration::from_millis(200));
+        let after = gw.stats()?;
+        let d = |path: &[&str]| workers(&after, path) - workers(&before, path);
+        let per_queue = |path: &[&str]| -> Vec<u64> {
+            let a = after["workers"].as_array().cloned().unwrap_or_default();
+            let b = before["workers"].as_array().cloned().unwrap_or_default();
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| {
+                    let get = |w: &Value| {
+                        let mut v = w;
+                        for p in path {
+                            v = &v[*p];
+                        }
+                        v.as_u64().unwrap_or(0)
+                    };
+                    get(x) - get(y)
+                })
+                .collect()
+        };
+        let secs = out.elapsed.as_secs_f64();
+        let delivered = d(&["delivered"]);
+        let busy = d(&["polls", "busy_ns"]);
+        let row = json!({
+            "spread_writes": spread,
+            "offered_pps": out.sent as f64 / secs,
+            "delivered_pps": delivered as f64 / secs,
+            "loss_ratio": 1.0 - delivered as f64 / out.sent.max(1) as f64,
+            "rx_frames_per_queue": per_queue(&["rx_frames"]),
+            "spread_in_per_queue": per_queue(&["spread_in"]),
+            "busy_ns_per_queue": per_queue(&["polls", "busy_ns"]),
+            "workers_ns_per_packet": busy as f64 / delivered.max(1) as f64,
+        });
+        say(&format!(
+            "  spread_writes {spread}: offered {:.0} pps, delivered {:.0} pps ({:.2}% loss); received per queue {}; written for the other worker per queue {}; both workers {:.0} ns per packet",
+            row["offered_pps"].as_f64().unwrap_or(0.0),
+            row["delivered_pps"].as_f64().unwrap_or(0.0),
+            100.0 * row["loss_ratio"].as_f64().unwrap_or(0.0),
+            row["rx_frames_per_queue"],
+            row["spread_in_per_queue"],
+            row["workers_ns_per_packet"].as_f64().unwrap_or(0.0),
+        ));
+        rows.push(row);
+        drop(gw);
+    }
+    drop(gen);
+    drop(gen_ns);
+    drop(gw_ns);
+    let ratio = rows[1]["delivered_pps"].as_f64().unwrap_or(0.0)
+        / rows[0]["delivered_pps"].as_f64().unwrap_or(1.0).max(1.0);
+    say(&format!("  delivered, spread on / off: {ratio:.2}x"));
+    Ok(json!({ "trials": rows, "ratio_delivered_on_to_off": ratio }))
 }
 
 /// iperf3 through the tunnel and over the bare veth; prints its lines and

@@ -55,6 +55,7 @@ struct RawGlobal {
     frames_per_queue: Option<i64>,
     ring_size: Option<i64>,
     busy_poll_budget: Option<i64>,
+    spread_writes: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +287,9 @@ pub struct Config {
     /// (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`): packets per poll,
     /// 0 when off.
     pub busy_poll_budget: u16,
+    /// Device writes spread over all workers by inner flow (see
+    /// [`crate::spread`]).
+    pub spread_writes: bool,
     pub tunnels: Vec<TunnelConfig>,
 }
 
@@ -553,6 +557,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         frames_per_queue,
         ring_size,
         busy_poll_budget,
+        spread_writes: g.spread_writes.unwrap_or(false),
         tunnels,
     })
 }

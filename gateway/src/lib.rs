@@ -16,6 +16,7 @@ pub mod netlink;
 pub mod offload;
 pub mod reasm;
 pub mod run;
+pub mod spread;
 pub mod stats;
 pub mod sys;
 pub mod tunnel;

@@ -85,7 +85,7 @@ fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
 fn print_plan(cfg: &Config, path: &Path) {
     println!("config: {}", path.display());
     println!(
-        "gateway: iface {} queues {} cores {} batch_size {} poll {} xdp_mode {} xsk_bind {} frames_per_queue {} ring_size {}",
+        "gateway: iface {} queues {} cores {} batch_size {} poll {} xdp_mode {} xsk_bind {} frames_per_queue {} ring_size {} busy_poll_budget {} spread_writes {}",
         cfg.iface.as_deref().unwrap_or("(from --iface)"),
         cfg.queues,
         cfg.cores,
@@ -94,7 +94,9 @@ fn print_plan(cfg: &Config, path: &Path) {
         cfg.xdp_attach,
         cfg.xsk_bind,
         cfg.frames_per_queue,
-        cfg.ring_size
+        cfg.ring_size,
+        cfg.busy_poll_budget,
+        cfg.spread_writes
     );
     for t in &cfg.tunnels {
         let mut line = format!(

@@ -185,6 +185,16 @@ pub fn prometheus(s: &Value) -> String {
             "Device writes carrying coalesced TCP segments.",
         ),
         (
+            "gateway_worker_spread_out_total",
+            &["spread_out"][..],
+            "Packets handed to another worker to write into the device (spread_writes).",
+        ),
+        (
+            "gateway_worker_spread_in_total",
+            &["spread_in"][..],
+            "Packets written into a device for another worker (spread_writes).",
+        ),
+        (
             "gateway_worker_path_mtu_updates_total",
             &["path_mtu_updates"][..],
             "ICMP fragmentation-needed messages about tunnel packets taken (path MTU lowered).",
@@ -255,7 +265,14 @@ pub fn prometheus(s: &Value) -> String {
     );
     let mut frames = Vec::new();
     for w in &workers {
-        for place in ["total", "free", "in_kernel", "in_flight", "in_tx"] {
+        for place in [
+            "total",
+            "free",
+            "in_kernel",
+            "in_flight",
+            "in_tx",
+            "at_peers",
+        ] {
             frames.push((
                 format!("queue=\"{}\",place=\"{place}\"", w["queue"]),
                 n(&w["frames"][place]),

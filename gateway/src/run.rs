@@ -257,7 +257,9 @@ fn open_slot(
 }
 
 fn tunnels_of(slots: &[Slot], next_hops: Arc<NextHops>) -> Tunnels {
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     Tunnels {
+        generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         rx: Arc::new(TunnelTable::new(slots.iter().map(Slot::rx).collect())),
         tx: Arc::new(slots.iter().map(Slot::tx).collect()),
         next_hops,
@@ -462,6 +464,22 @@ pub fn run(
         stats.push(st);
         controls.push(ctl_tx);
     }
+    if cfg.spread_writes {
+        if pending.len() < 2 {
+            tracing::warn!(
+                "gateway.spread_writes has no effect with one worker; serve more queues (gateway.queues)"
+            );
+        } else {
+            let umems = pending
+                .iter()
+                .map(|w: &Worker| w.umem())
+                .collect::<Vec<_>>();
+            let links = crate::spread::mesh(umems).context("setting up gateway.spread_writes")?;
+            for (w, link) in pending.iter_mut().zip(links) {
+                w.set_spread(link);
+            }
+        }
+    }
     let mode = steering.attach(iface, cfg.xdp_attach)?;
     tracing::info!(
         iface,
@@ -470,6 +488,7 @@ pub fn run(
         cores = ?cores.iter().flatten().collect::<Vec<_>>(),
         poll = %cfg.poll,
         batch = cfg.batch_size,
+        spread_writes = cfg.spread_writes,
         tunnels = slots.len(),
         "gateway running"
     );
@@ -1103,6 +1122,7 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<&'static str> {
             "busy_poll_budget",
             old.busy_poll_budget != new.busy_poll_budget,
         ),
+        ("spread_writes", old.spread_writes != new.spread_writes),
         ("poll", old.poll != new.poll),
         ("xdp_mode", old.xdp_attach != new.xdp_attach),
         ("xsk_bind", old.xsk_bind != new.xsk_bind),

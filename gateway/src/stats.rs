@@ -22,11 +22,13 @@ pub struct FrameCounts {
     pub in_flight: u64,
     /// In the TX or completion ring.
     pub in_tx: u64,
+    /// Handed to other workers to write (`spread_writes`).
+    pub at_peers: u64,
 }
 
 impl FrameCounts {
     pub fn balanced(&self) -> bool {
-        self.free + self.in_kernel + self.in_flight + self.in_tx == self.total
+        self.free + self.in_kernel + self.in_flight + self.in_tx + self.at_peers == self.total
     }
 }
 
@@ -40,6 +42,8 @@ pub struct WorkerStats {
     pub coalesced: AtomicU64,
     pub tx_gso_packets: AtomicU64,
     pub coalesced_writes: AtomicU64,
+    pub spread_out: AtomicU64,
+    pub spread_in: AtomicU64,
     pub path_mtu_updates: AtomicU64,
     pub fragments_merged: AtomicU64,
     pub fragments_pending: AtomicU64,
@@ -57,6 +61,7 @@ pub struct WorkerStats {
     pub frames_in_kernel: AtomicU64,
     pub frames_in_flight: AtomicU64,
     pub frames_in_tx: AtomicU64,
+    pub frames_at_peers: AtomicU64,
     pub busy_polls: AtomicU64,
     pub idle_polls: AtomicU64,
     pub sleeps: AtomicU64,
@@ -82,6 +87,10 @@ pub struct LocalStats {
     pub coalesced_writes: u64,
     /// Large (GSO) packets read from the devices and cut into segments.
     pub tx_gso_packets: u64,
+    /// Packets handed to another worker to write into the device, and
+    /// packets written here for another worker (`spread_writes`).
+    pub spread_out: u64,
+    pub spread_in: u64,
     /// ICMP "fragmentation needed" about tunnel packets, taken.
     pub path_mtu_updates: u64,
     /// Outer fragments merged into a datagram delivered with another one.
@@ -115,6 +124,8 @@ impl LocalStats {
             coalesced: 0,
             tx_gso_packets: 0,
             coalesced_writes: 0,
+            spread_out: 0,
+            spread_in: 0,
             path_mtu_updates: 0,
             fragments_merged: 0,
             fragments_pending: 0,
@@ -198,6 +209,8 @@ impl WorkerStats {
             coalesced: AtomicU64::new(0),
             tx_gso_packets: AtomicU64::new(0),
             coalesced_writes: AtomicU64::new(0),
+            spread_out: AtomicU64::new(0),
+            spread_in: AtomicU64::new(0),
             path_mtu_updates: AtomicU64::new(0),
             fragments_merged: AtomicU64::new(0),
             fragments_pending: AtomicU64::new(0),
@@ -212,6 +225,7 @@ impl WorkerStats {
             frames_in_kernel: AtomicU64::new(0),
             frames_in_flight: AtomicU64::new(0),
             frames_in_tx: AtomicU64::new(0),
+            frames_at_peers: AtomicU64::new(0),
             busy_polls: AtomicU64::new(0),
             idle_polls: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
@@ -245,6 +259,8 @@ impl WorkerStats {
         self.coalesced.store(l.coalesced, Relaxed);
         self.tx_gso_packets.store(l.tx_gso_packets, Relaxed);
         self.coalesced_writes.store(l.coalesced_writes, Relaxed);
+        self.spread_out.store(l.spread_out, Relaxed);
+        self.spread_in.store(l.spread_in, Relaxed);
         self.path_mtu_updates.store(l.path_mtu_updates, Relaxed);
         self.fragments_merged.store(l.fragments_merged, Relaxed);
         self.fragments_pending.store(l.fragments_pending, Relaxed);
@@ -280,6 +296,7 @@ impl WorkerStats {
         self.frames_in_kernel.store(f.in_kernel, Relaxed);
         self.frames_in_flight.store(f.in_flight, Relaxed);
         self.frames_in_tx.store(f.in_tx, Relaxed);
+        self.frames_at_peers.store(f.at_peers, Relaxed);
     }
 
     pub fn to_json(&self) -> Value {
@@ -295,6 +312,8 @@ impl WorkerStats {
             "keepalives": self.keepalives.load(Relaxed),
             "coalesced": self.coalesced.load(Relaxed),
             "coalesced_writes": self.coalesced_writes.load(Relaxed),
+            "spread_out": self.spread_out.load(Relaxed),
+            "spread_in": self.spread_in.load(Relaxed),
             "tx_gso_packets": self.tx_gso_packets.load(Relaxed),
             "path_mtu_updates": self.path_mtu_updates.load(Relaxed),
             "fragments_merged": self.fragments_merged.load(Relaxed),
@@ -317,6 +336,7 @@ impl WorkerStats {
                 "in_kernel": self.frames_in_kernel.load(Relaxed),
                 "in_flight": self.frames_in_flight.load(Relaxed),
                 "in_tx": self.frames_in_tx.load(Relaxed),
+                "at_peers": self.frames_at_peers.load(Relaxed),
             },
             "xsk": {
                 "rx_dropped": self.xsk_rx_dropped.load(Relaxed),

@@ -34,6 +34,7 @@ use crate::encap::{encap, NextHop, TunnelTx, Verdict};
 use crate::neighbour::NextHops;
 use crate::offload::{self, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
 use crate::reasm::{Outcome, Reassembler};
+use crate::spread::{self, Job, Link, Returned};
 use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
 use crate::sys::uring::{Completed, DeviceIo, Op, Piece};
 use crate::sys::xsk::{Frame, Xsk};
@@ -106,6 +107,9 @@ pub struct Tunnels {
     pub tx: Arc<Vec<TunnelTx>>,
     /// Next-hop MACs per tunnel, and the underlay's own MAC.
     pub next_hops: Arc<NextHops>,
+    /// Tells tunnel lists apart: a write one worker hands another names
+    /// its tunnel by index, valid only in the list of this generation.
+    pub generation: u64,
 }
 
 /// What a worker shares with the rest of the gateway.
@@ -154,6 +158,8 @@ pub struct Worker {
     /// Fault injection for the failure tests: panic once this many frames
     /// were received (`GATEWAY_FAULT_PANIC_AFTER_RX`).
     panic_after_rx: u64,
+    /// The other workers, when device writes are spread over them.
+    spread: Option<Link>,
 }
 
 /// The worker's loop state.
@@ -180,6 +186,11 @@ struct State {
     gro: Vec<OpenRun>,
     /// UDP is coalesced too (the kernel takes UDP GSO packets).
     coalesce_udp: bool,
+    /// The other workers, when device writes are spread over them.
+    spread: Option<Link>,
+    /// Writes other workers handed to this one, and answers to this one's.
+    jobs_in: Vec<(usize, Job)>,
+    answers_in: Vec<Returned>,
 }
 
 impl Worker {
@@ -214,7 +225,19 @@ impl Worker {
             stats,
             tunnel_counters,
             panic_after_rx,
+            spread: None,
         }
+    }
+
+    /// Where this worker's UMEM is, and a handle on it.
+    pub fn umem(&self) -> (crate::sys::xsk::Region, xsk_rs::Umem) {
+        (self.xsk.region(), self.xsk.umem().clone())
+    }
+
+    /// Spreads this worker's device writes over the workers of the mesh
+    /// `link` belongs to, by inner flow (see [`crate::spread`]).
+    pub fn set_spread(&mut self, link: Link) {
+        self.spread = Some(link);
     }
 
     fn io_err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WorkerError {
@@ -246,6 +269,12 @@ impl Worker {
             READ_BUFS,
         )
         .map_err(|io| WorkerError::Uring { queue, io })?;
+        let spread = self.spread.take();
+        if let Some(link) = &spread {
+            for (peer, region, umem) in link.other_umems() {
+                io.add_peer(peer, region, umem);
+            }
+        }
 
         let mut st = State {
             local: LocalStats::new(ntun),
@@ -265,6 +294,9 @@ impl Worker {
             ident: (queue as u16).wrapping_mul(0x9e37),
             gro: Vec::with_capacity(GRO_FLOWS),
             coalesce_udp: crate::sys::tap::uso_supported(),
+            spread,
+            jobs_in: Vec::new(),
+            answers_in: Vec::new(),
         };
         // The fill ring first: received packets are what we must not lose.
         st.frames.in_kernel += self.xsk.fill(&mut self.free, st.tx_reserve) as u64;
@@ -288,9 +320,13 @@ impl Worker {
 
             // 1. io_uring completions: finished writes and reads.
             io.reap(|c| done.push(c));
-            let progressed = !done.is_empty();
+            let mut progressed = !done.is_empty();
             for c in done.drain(..) {
                 self.completed(c, &mut io, &mut st)?;
+            }
+            // Writes other workers handed over, and their answers.
+            if st.spread.is_some() {
+                progressed |= self.spread_poll(&mut io, &mut st)?;
             }
 
             // 2. Inbound batch.
@@ -345,6 +381,9 @@ impl Worker {
                     .map_err(self.io_err("fill-ring wakeup"))?;
             }
             io.submit().map_err(self.io_err("io_uring submit"))?;
+            if let Some(link) = &mut st.spread {
+                link.flush();
+            }
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
@@ -388,14 +427,23 @@ impl Worker {
                         && st.writes_in_flight == 0
                         && st.tx_pending.is_empty()
                         && st.frames.in_tx == 0
+                        && st.frames.at_peers == 0
+                        && st.spread.as_ref().is_none_or(Link::may_sleep)
                     {
                         self.publish(&st);
                         self.refresh_xsk_stats();
                         st.local.sleeps += 1;
-                        // Wake on received packets or on io_uring
-                        // completions (a read from a device finishing).
-                        let _ =
-                            crate::sys::wait_readable(&[self.xsk.fd(), io.fd()], ADAPTIVE_SLEEP_MS);
+                        // Wake on received packets, on io_uring completions
+                        // (a read from a device finishing) or on writes
+                        // another worker hands over.
+                        let wake = st.spread.as_ref().map_or(-1, Link::wake_fd);
+                        let _ = crate::sys::wait_readable(
+                            &[self.xsk.fd(), io.fd(), wake],
+                            ADAPTIVE_SLEEP_MS,
+                        );
+                        if let Some(link) = &st.spread {
+                            link.woke();
+                        }
                         // The sleep is idle time, whatever the next
                         // iteration finds.
                         let now = std::time::Instant::now();
@@ -408,6 +456,11 @@ impl Worker {
             }
         }
 
+        // Every write handed over comes back, and every other worker's is
+        // written, before the ring goes.
+        if st.spread.is_some() {
+            self.spread_stop(&mut io, &mut st)?;
+        }
         // Cancel the reads, wait for the writes, take every frame back.
         let mut rest = Vec::new();
         io.drain(|c| rest.push(c))
@@ -458,7 +511,29 @@ impl Worker {
         };
         let data = self.xsk.data_mut(&mut frame);
         VnetHdr::default().emit(&mut data[start..offset]);
+        let to = if tag & (REPLY | REPLY_ICMP) == 0 {
+            self.writer_for(st, tag, &data[offset..offset + len])
+        } else {
+            None
+        };
         let (offset, len) = (start, len + VNET_HDR_LEN);
+        if let (Some(to), Some(link)) = (to, &mut st.spread) {
+            link.hand_over(
+                to,
+                Job {
+                    tunnel: tag,
+                    generation: self.shared.tunnels.generation,
+                    frame,
+                    offset,
+                    len,
+                    rest: Vec::new(),
+                    packets: 1,
+                },
+            );
+            st.frames.at_peers += 1;
+            st.local.spread_out += 1;
+            return Ok(());
+        }
         let mut res = io.push(file, frame, offset, len, tag);
         if let Err(f) = res {
             // Submission queue full: hand the kernel what is queued and
@@ -582,6 +657,26 @@ impl Worker {
         let start = r.offset - VNET_HDR_LEN;
         vnet.emit(&mut data[start..r.offset]);
         let packets = r.run.segments;
+        let to = self.writer_for(st, r.tunnel, &data[r.offset..r.offset + r.len]);
+        if let (Some(to), Some(link)) = (to, &mut st.spread) {
+            st.frames.at_peers += 1 + r.rest.len() as u64;
+            st.local.spread_out += u64::from(packets);
+            st.local.coalesced += u64::from(packets) - 1;
+            st.local.coalesced_writes += 1;
+            link.hand_over(
+                to,
+                Job {
+                    tunnel: r.tunnel,
+                    generation: self.shared.tunnels.generation,
+                    frame: r.first,
+                    offset: start,
+                    len: r.len + VNET_HDR_LEN,
+                    rest: r.rest,
+                    packets,
+                },
+            );
+            return Ok(());
+        }
         let mut res = io.push_gather(
             file,
             r.first,
@@ -623,6 +718,177 @@ impl Worker {
         Ok(())
     }
 
+    /// The other worker that writes this packet of tunnel `t` into its
+    /// device, when writes are spread and the flow hashes to another.
+    #[inline]
+    fn writer_for(&self, st: &State, t: u16, pkt: &[u8]) -> Option<usize> {
+        let link = st.spread.as_ref()?;
+        let kind = self
+            .shared
+            .tunnels
+            .tx
+            .get(usize::from(t))
+            .map_or(DeviceKind::Tun, |x| x.device_kind);
+        let w = link.writer_of(spread::flow_hash(kind, pkt));
+        (w != link.me).then_some(w)
+    }
+
+    /// Writes the packets other workers handed to this one into this
+    /// one's device queues, and takes back the answers to what this one
+    /// handed over. Returns whether there was anything.
+    fn spread_poll(&mut self, io: &mut DeviceIo, st: &mut State) -> Result<bool, WorkerError> {
+        let Some(link) = st.spread.as_mut() else {
+            return Ok(false);
+        };
+        let mut answers = std::mem::take(&mut st.answers_in);
+        let mut jobs = std::mem::take(&mut st.jobs_in);
+        link.take_answers(&mut answers);
+        link.take_jobs(&mut jobs);
+        let any = !answers.is_empty() || !jobs.is_empty();
+        for r in answers.drain(..) {
+            st.frames.at_peers -= r.frames();
+            match r {
+                Returned::Written(c) => {
+                    account_write(&c, &mut st.local);
+                    self.free.extend(c.frame);
+                    let mut rest = c.rest;
+                    self.free.extend(rest.drain(..).map(|p| p.frame));
+                    io.recycle(rest);
+                }
+                // Written here after all, in the order handed over.
+                Returned::Bounced(j) => {
+                    st.local.spread_out -= u64::from(j.packets);
+                    self.write_prepared(io, st, j)?;
+                }
+            }
+        }
+        let generation = self.shared.tunnels.generation;
+        for (from, j) in jobs.drain(..) {
+            let t = usize::from(j.tunnel);
+            let link = st.spread.as_mut().expect("spread is on");
+            // Another tunnel list (a reload is under way here or there),
+            // or no queue of this device here: the sender writes it.
+            if j.generation != generation || st.gone.get(t).is_none_or(|&g| g) {
+                link.answer(from, Returned::Bounced(j));
+                continue;
+            }
+            let packets = j.packets;
+            let mut res = io.push_foreign(
+                from, t as u32, j.frame, j.offset, j.len, j.rest, j.tunnel, packets,
+            );
+            if let Err((frame, rest)) = res {
+                io.submit().map_err(self.io_err("io_uring submit"))?;
+                res = io.push_foreign(
+                    from, t as u32, frame, j.offset, j.len, rest, j.tunnel, packets,
+                );
+            }
+            match res {
+                Ok(()) => st.local.spread_in += u64::from(packets),
+                Err((frame, rest)) => {
+                    // Not a write this ring can make: counted by the sender
+                    // as a write error.
+                    let c = Completed {
+                        op: Op::Write,
+                        frame: Some(frame),
+                        buf: None,
+                        tag: j.tunnel,
+                        expected: j.len as u32,
+                        result: -libc::EINVAL,
+                        packets,
+                        rest,
+                        peer: Some(from),
+                    };
+                    st.spread
+                        .as_mut()
+                        .expect("spread is on")
+                        .answer(from, Returned::Written(c));
+                }
+            }
+        }
+        st.answers_in = answers;
+        st.jobs_in = jobs;
+        Ok(any)
+    }
+
+    /// Writes a job whose virtio-net header is in place (one that came
+    /// back from another worker unwritten).
+    fn write_prepared(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        j: Job,
+    ) -> Result<(), WorkerError> {
+        let file = u32::from(j.tunnel);
+        let res = if j.rest.is_empty() {
+            io.push(file, j.frame, j.offset, j.len, j.tunnel)
+                .map_err(|f| (f, Vec::new()))
+        } else {
+            io.push_gather(file, j.frame, j.offset, j.len, j.rest, j.tunnel, j.packets)
+        };
+        let res = match res {
+            Err((frame, rest)) => {
+                io.submit().map_err(self.io_err("io_uring submit"))?;
+                if rest.is_empty() {
+                    io.push(file, frame, j.offset, j.len, j.tunnel)
+                        .map_err(|f| (f, Vec::new()))
+                } else {
+                    io.push_gather(file, frame, j.offset, j.len, rest, j.tunnel, j.packets)
+                }
+            }
+            ok => ok,
+        };
+        match res {
+            Ok(()) => st.writes_in_flight += 1,
+            Err((frame, mut rest)) => {
+                for _ in 0..j.packets {
+                    st.local.drop(DropReason::DeviceWriteError);
+                }
+                self.free.push(frame);
+                self.free.extend(rest.drain(..).map(|p| p.frame));
+                io.recycle(rest);
+            }
+        }
+        Ok(())
+    }
+
+    /// At the stop: hands over what is left, says this worker hands over
+    /// no more, and writes what the others hand over until every worker
+    /// says so and every frame handed over is back (or 2 s pass: a worker
+    /// that died keeps what it held, and the counts say where).
+    fn spread_stop(&mut self, io: &mut DeviceIo, st: &mut State) -> Result<(), WorkerError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut done = Vec::new();
+        loop {
+            io.reap(|c| done.push(c));
+            for c in done.drain(..) {
+                self.completed(c, io, st)?;
+            }
+            self.spread_poll(io, st)?;
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            let link = st.spread.as_mut().expect("spread is on");
+            link.flush();
+            if link.sent() {
+                link.finish();
+            }
+            if link.all_finished()
+                && link.quiet()
+                && st.frames.at_peers == 0
+                && io.foreign_in_flight() == 0
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    queue = self.queue,
+                    frames = st.frames.at_peers,
+                    "stopping with writes handed to another worker unanswered"
+                );
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// Arms a read on every device that has none.
     fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
         // A read armed on an empty pool would end at once (ENOBUFS) and be
@@ -644,6 +910,17 @@ impl Worker {
         st: &mut State,
     ) -> Result<(), WorkerError> {
         match c.op {
+            Op::Write if c.peer.is_some() => {
+                // Another worker's packets, written here: the answer goes
+                // back with the frames.
+                if c.result == -libc::EBADFD {
+                    self.device_gone(st, c.tag);
+                }
+                let peer = c.peer.unwrap_or_default();
+                if let Some(link) = &mut st.spread {
+                    link.answer(peer, Returned::Written(c));
+                }
+            }
             Op::Write => {
                 st.writes_in_flight -= 1;
                 if c.result == -libc::EBADFD {
@@ -999,17 +1276,28 @@ impl Worker {
         // Finish with the old devices. Reads cancelled with data in them
         // are encapsulated and sent as usual, and answers they produce
         // (ARP, ICMP) are written and waited for in the next round.
+        // Writes handed to other workers come back first (written, or to
+        // be written here); what others hand over meanwhile is written
+        // with the old list, and after the switch sent back to them.
         loop {
             // Reads of the old devices are sent before the list changes.
             self.process_reads(io, st, true)?;
+            self.spread_poll(io, st)?;
+            if let Some(link) = &mut st.spread {
+                link.flush();
+            }
             let mut rest = Vec::new();
             io.drain(|c| rest.push(c))
                 .map_err(self.io_err("draining io_uring"))?;
-            if rest.is_empty() && st.deferred.is_empty() {
+            let spread_done = st.frames.at_peers == 0 && st.spread.as_ref().is_none_or(Link::sent);
+            if rest.is_empty() && st.deferred.is_empty() && spread_done {
                 break;
             }
             for c in rest {
                 self.completed(c, io, st)?;
+            }
+            if !spread_done {
+                std::thread::yield_now();
             }
         }
         let old_len = self.devices.len();
@@ -1054,6 +1342,14 @@ impl Worker {
     }
 
     fn account_drained(&mut self, c: Completed, st: &mut State) {
+        if let Some(peer) = c.peer {
+            // Another worker's frames: back to it.
+            if let Some(link) = &mut st.spread {
+                link.answer(peer, Returned::Written(c));
+                link.flush();
+            }
+            return;
+        }
         match c.op {
             Op::Write => {
                 st.writes_in_flight -= 1;
@@ -1098,7 +1394,7 @@ impl Worker {
 /// Where the IP header starts in a packet of a device of this kind: at 0
 /// in a tun; after the Ethernet header (and up to two VLAN tags) in a tap.
 /// `None`: not IP.
-fn l3_of(kind: DeviceKind, pkt: &[u8]) -> Option<usize> {
+pub(crate) fn l3_of(kind: DeviceKind, pkt: &[u8]) -> Option<usize> {
     match kind {
         DeviceKind::Tun => Some(0),
         DeviceKind::Tap => {

@@ -165,11 +165,36 @@ pub struct Wire {
 
 impl Wire {
     pub fn new(tag: &str, extra_peer_addrs: &[&str]) -> Wire {
+        Wire::with_queues(tag, extra_peer_addrs, 1)
+    }
+
+    /// The same, with `queues` RX and TX queues on each end of the veth.
+    pub fn with_queues(tag: &str, extra_peer_addrs: &[&str], queues: u32) -> Wire {
         let gw = NetNs::new(&format!("{tag}g"));
         let peer = NetNs::new(&format!("{tag}p"));
+        let q = queues.to_string();
         sh(&[
-            "ip", "link", "add", "ens0", "netns", &gw.name, "type", "veth", "peer", "name", "ens0",
-            "netns", &peer.name,
+            "ip",
+            "link",
+            "add",
+            "ens0",
+            "netns",
+            &gw.name,
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ens0",
+            "netns",
+            &peer.name,
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
         ]);
         gw.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"]);
         peer.ip(&["addr", "add", "192.168.0.58/24", "dev", "ens0"]);
@@ -951,6 +976,11 @@ pub mod stats {
                 "writes still in flight after traffic: {w}"
             );
             assert_eq!(u64_at(f, &["in_tx"]), 0, "frames stuck in TX: {w}");
+            assert_eq!(
+                f["at_peers"].as_u64().unwrap_or(0),
+                0,
+                "frames still with another worker after traffic: {w}"
+            );
             assert_eq!(
                 u64_at(f, &["free"]) + u64_at(f, &["in_kernel"]) + u64_at(f, &["in_flight"]),
                 u64_at(f, &["total"]),

@@ -77,6 +77,9 @@ pub struct Completed {
     /// The other frames of a coalesced write; give the vector back with
     /// [`DeviceIo::recycle`].
     pub rest: Vec<Piece>,
+    /// The worker whose frames a write carried, when not this one's (see
+    /// [`DeviceIo::push_foreign`]).
+    pub peer: Option<usize>,
 }
 
 struct InFlight {
@@ -94,6 +97,9 @@ struct InFlight {
 const CANCEL_TAG: u64 = u64::MAX;
 /// user_data bit of multishot reads (the device's file slot below it).
 const READ_TAG: u64 = 1 << 62;
+/// user_data bit of writes from another worker's frames (the slot in
+/// `DeviceIo::foreign` below it).
+const FOREIGN_TAG: u64 = 1 << 61;
 
 /// The provided-buffer ring and the buffers it hands to reads.
 struct ReadPool {
@@ -219,6 +225,12 @@ pub struct DeviceIo {
     spare_iov: Vec<Vec<libc::iovec>>,
     /// Reads are multishot (else one plain read per queue at a time).
     multishot: bool,
+    /// Writes of other workers' frames in flight, by slot, with the worker.
+    foreign: Vec<Option<(usize, InFlight)>>,
+    foreign_free: Vec<usize>,
+    /// Other workers' UMEMs, by worker: where their frames are, and a
+    /// handle that keeps them mapped while a write of them is in flight.
+    peers: Vec<Option<(Region, Umem)>>,
 }
 
 impl DeviceIo {
@@ -288,6 +300,9 @@ impl DeviceIo {
             spare_pieces: Vec::new(),
             spare_iov: Vec::new(),
             multishot,
+            foreign: Vec::new(),
+            foreign_free: Vec::new(),
+            peers: Vec::new(),
         })
     }
 
@@ -307,6 +322,11 @@ impl DeviceIo {
     /// Frames held by io_uring (in writes in flight).
     pub fn in_flight(&self) -> usize {
         self.write_frames
+    }
+
+    /// Writes of other workers' frames in flight.
+    pub fn foreign_in_flight(&self) -> usize {
+        self.foreign.iter().filter(|f| f.is_some()).count()
     }
 
     /// The ring's fd: readable when completions are waiting.
@@ -362,6 +382,106 @@ impl DeviceIo {
             v.clear();
             self.spare_pieces.push(v);
         }
+    }
+
+    /// Lets this ring write frames of worker `peer`'s UMEM.
+    pub fn add_peer(&mut self, peer: usize, region: Region, umem: Umem) {
+        if self.peers.len() <= peer {
+            self.peers.resize_with(peer + 1, || None);
+        }
+        self.peers[peer] = Some((region, umem));
+    }
+
+    /// Queues a write, to registered file `file`, of bytes `offset..offset
+    /// + len` of `frame` and then every piece, where the frames belong to
+    /// worker `peer` (added with [`DeviceIo::add_peer`]); its completion
+    /// carries `peer`. When it cannot (an unknown worker, a piece out of
+    /// place, the queue full) every frame comes back in the `Err`.
+    #[allow(clippy::result_large_err, clippy::too_many_arguments)]
+    pub fn push_foreign(
+        &mut self,
+        peer: usize,
+        file: u32,
+        frame: Frame,
+        offset: usize,
+        len: usize,
+        rest: Vec<Piece>,
+        tag: u16,
+        packets: u16,
+    ) -> Result<(), (Frame, Vec<Piece>)> {
+        let Some(Some((region, _))) = self.peers.get(peer) else {
+            return Err((frame, rest));
+        };
+        let region = *region;
+        let in_place = |f: &Frame, off: usize, len: usize| {
+            len > 0 && off + len <= f.len() && f.addr() + off + len <= region.len
+        };
+        if !in_place(&frame, offset, len)
+            || rest.iter().any(|p| !in_place(&p.frame, p.offset, p.len))
+        {
+            return Err((frame, rest));
+        }
+        let slot = match self.foreign_free.pop() {
+            Some(s) => s,
+            None => {
+                self.foreign.push(None);
+                self.foreign.len() - 1
+            }
+        };
+        let base = region.base.as_ptr();
+        let mut iov = Vec::new();
+        let mut expected = len;
+        let sqe = if rest.is_empty() {
+            let ptr = base.wrapping_add(frame.addr() + offset);
+            opcode::Write::new(types::Fixed(file), ptr, len as u32)
+                .offset(0)
+                .build()
+        } else {
+            iov = self.spare_iov.pop().unwrap_or_default();
+            iov.clear();
+            iov.push(libc::iovec {
+                iov_base: base.wrapping_add(frame.addr() + offset).cast(),
+                iov_len: len,
+            });
+            for p in &rest {
+                iov.push(libc::iovec {
+                    iov_base: base.wrapping_add(p.frame.addr() + p.offset).cast(),
+                    iov_len: p.len,
+                });
+                expected += p.len;
+            }
+            opcode::Writev::new(types::Fixed(file), iov.as_ptr(), iov.len() as u32)
+                .offset(0)
+                .build()
+        }
+        .user_data(FOREIGN_TAG | slot as u64);
+        // SAFETY: every byte written lies inside worker `peer`'s UMEM
+        // (checked above) within frames handed to this ring with the entry,
+        // which its owner does not touch until they come back with the
+        // completion; `self.peers` holds a handle that keeps that UMEM
+        // mapped, and the iovec array lives in the entry.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.foreign_free.push(slot);
+            if iov.capacity() > 0 {
+                self.spare_iov.push(iov);
+            }
+            return Err((frame, rest));
+        }
+        self.foreign[slot] = Some((
+            peer,
+            InFlight {
+                op: Op::Write,
+                frame,
+                tag,
+                expected: expected as u32,
+                packets,
+                rest,
+                iov,
+            },
+        ));
+        self.count += 1;
+        self.unsubmitted += 1;
+        Ok(())
     }
 
     /// Queues one write of `frame`'s bytes `offset..offset + len` followed
@@ -565,7 +685,30 @@ impl DeviceIo {
                     result: cqe.result(),
                     packets: 1,
                     rest: Vec::new(),
+                    peer: None,
                 });
+                continue;
+            }
+            if ud & FOREIGN_TAG != 0 {
+                let slot = (ud & 0xffff_ffff) as usize;
+                if let Some((peer, f)) = self.foreign.get_mut(slot).and_then(Option::take) {
+                    n += 1;
+                    self.foreign_free.push(slot);
+                    if f.iov.capacity() > 0 {
+                        self.spare_iov.push(f.iov);
+                    }
+                    done(Completed {
+                        op: f.op,
+                        frame: Some(f.frame),
+                        buf: None,
+                        tag: f.tag,
+                        expected: f.expected,
+                        result: cqe.result(),
+                        packets: f.packets,
+                        rest: f.rest,
+                        peer: Some(peer),
+                    });
+                }
                 continue;
             }
             let idx = ud as usize;
@@ -584,6 +727,7 @@ impl DeviceIo {
                     result: cqe.result(),
                     packets: f.packets,
                     rest: f.rest,
+                    peer: None,
                 });
             }
         }

@@ -81,6 +81,8 @@ pub struct Region {
 // SAFETY: `Region` only describes memory; access to the frames in it is
 // governed by `Frame` ownership, not by who holds a `Region`.
 unsafe impl Send for Region {}
+// SAFETY: as for `Send`: a shared `Region` gives access to nothing.
+unsafe impl Sync for Region {}
 
 /// Kernel-side counters of one AF_XDP socket.
 #[derive(Debug, Clone, Copy, Default)]

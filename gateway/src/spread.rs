@@ -1,0 +1,474 @@
+//! Spreading device writes over the workers by inner flow (`spread_writes`).
+//!
+//! A NIC hashes the outer addresses only, so one tunnel lands on one queue
+//! and one worker, whatever it carries. The expensive part of delivering a
+//! packet is the kernel's work in the device write, not the decapsulation;
+//! with spreading on, the worker that received a packet hashes its inner
+//! flow and, when the hash picks another worker, hands it the write: the
+//! frame (of the receiver's UMEM), where the packet is in it and which
+//! tunnel it is for. The other worker writes it into its own queue of the
+//! device and hands the frame back with the result, and the receiver
+//! counts it as if it had written it itself.
+//!
+//! Every packet of one flow takes the same worker, and each hand-over is
+//! one FIFO queue written by one worker, so a flow is never reordered. The
+//! hash is over the inner addresses, protocol and ports (addresses only for
+//! fragments, which carry no ports), like a NIC's receive hashing.
+//!
+//! The queues between workers are crossbeam channels, carrying a batch of
+//! writes per message (one per worker and loop iteration, not one per
+//! packet); the vectors travel back and forth, so none is allocated once
+//! the traffic is steady. A worker asleep in adaptive mode is woken by an
+//! eventfd.
+
+use std::hash::Hasher;
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam::channel::{Receiver, Sender, TrySendError};
+use xsk_rs::Umem;
+
+use crate::sys::uring::{Completed, Piece};
+use crate::sys::xsk::{Frame, Region};
+use crate::sys::EventFd;
+use crate::tunnel::DeviceKind;
+
+/// Messages a queue between two workers holds.
+const QUEUE_DEPTH: usize = 256;
+/// Spare vectors a worker keeps.
+const SPARES: usize = 32;
+
+/// A device write handed to another worker: bytes `offset..offset + len`
+/// of `frame` (a virtio-net header and a packet), then every piece, into
+/// tunnel `tunnel`'s device.
+#[derive(Debug)]
+pub struct Job {
+    pub tunnel: u16,
+    /// The tunnel list `tunnel` indexes (see `Tunnels::generation`).
+    pub generation: u64,
+    pub frame: Frame,
+    pub offset: usize,
+    pub len: usize,
+    pub rest: Vec<Piece>,
+    pub packets: u16,
+}
+
+impl Job {
+    /// UMEM frames the job holds.
+    pub fn frames(&self) -> u64 {
+        1 + self.rest.len() as u64
+    }
+}
+
+/// What comes back to the worker that handed a write over.
+#[derive(Debug)]
+pub enum Returned {
+    /// Written (or failed): the completion, as the writer's io_uring gave it.
+    Written(Completed),
+    /// Not written: the other worker has another tunnel list than the one
+    /// the job names (a reload is under way); the sender writes it itself.
+    Bounced(Job),
+}
+
+impl Returned {
+    pub fn frames(&self) -> u64 {
+        match self {
+            Returned::Written(c) => u64::from(c.frame.is_some()) + c.rest.len() as u64,
+            Returned::Bounced(j) => j.frames(),
+        }
+    }
+}
+
+/// Writes from worker `from`, with an empty vector for the answers.
+struct Batch {
+    from: usize,
+    jobs: Vec<Job>,
+    spare: Vec<Returned>,
+}
+
+/// Answers, with an empty vector for the next batch.
+struct Answers {
+    done: Vec<Returned>,
+    spare: Vec<Job>,
+}
+
+/// What every worker can reach of every other.
+struct Peer {
+    jobs: Sender<Batch>,
+    answers: Sender<Answers>,
+    wake: EventFd,
+    sleeping: AtomicBool,
+}
+
+/// One worker's end of the mesh.
+pub struct Link {
+    pub me: usize,
+    peers: Arc<Vec<Peer>>,
+    jobs: Receiver<Batch>,
+    answers: Receiver<Answers>,
+    /// Workers that will hand over no more writes (they are stopping).
+    finished: Arc<AtomicUsize>,
+    /// Every worker's UMEM, by worker.
+    umems: Arc<Vec<(Region, Umem)>>,
+    /// Writes for each worker, sent at the end of the loop iteration.
+    outbox: Vec<Vec<Job>>,
+    /// Answers for each worker.
+    done: Vec<Vec<Returned>>,
+    spare_jobs: Vec<Vec<Job>>,
+    spare_done: Vec<Vec<Returned>>,
+    said_finished: bool,
+}
+
+/// Builds the links of `umems.len()` workers, one per worker, in order.
+pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
+    let n = umems.len();
+    let mut peers = Vec::with_capacity(n);
+    let mut ends = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (jt, jr) = crossbeam::channel::bounded(QUEUE_DEPTH);
+        let (at, ar) = crossbeam::channel::bounded(QUEUE_DEPTH);
+        peers.push(Peer {
+            jobs: jt,
+            answers: at,
+            wake: EventFd::new()?,
+            sleeping: AtomicBool::new(false),
+        });
+        ends.push((jr, ar));
+    }
+    let peers = Arc::new(peers);
+    let umems = Arc::new(umems);
+    let finished = Arc::new(AtomicUsize::new(0));
+    Ok(ends
+        .into_iter()
+        .enumerate()
+        .map(|(me, (jobs, answers))| Link {
+            me,
+            peers: peers.clone(),
+            jobs,
+            answers,
+            finished: finished.clone(),
+            umems: umems.clone(),
+            outbox: (0..n).map(|_| Vec::new()).collect(),
+            done: (0..n).map(|_| Vec::new()).collect(),
+            spare_jobs: Vec::new(),
+            spare_done: Vec::new(),
+            said_finished: false,
+        })
+        .collect())
+}
+
+impl Link {
+    pub fn workers(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Every worker's UMEM but this one's, by worker.
+    pub fn other_umems(&self) -> impl Iterator<Item = (usize, Region, Umem)> + '_ {
+        let me = self.me;
+        self.umems
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i != me)
+            .map(|(i, (r, u))| (i, *r, u.clone()))
+    }
+
+    /// The worker that writes a packet of this hash.
+    #[inline]
+    pub fn writer_of(&self, hash: u32) -> usize {
+        writer_of(hash, self.peers.len())
+    }
+
+    /// Queues a write for worker `to`.
+    #[inline]
+    pub fn hand_over(&mut self, to: usize, job: Job) {
+        self.outbox[to].push(job);
+    }
+
+    /// Queues an answer for worker `to`.
+    #[inline]
+    pub fn answer(&mut self, to: usize, r: Returned) {
+        self.done[to].push(r);
+    }
+
+    /// Sends what the outbox and answer boxes hold; what finds a full
+    /// queue waits for the next call (in order, behind nothing).
+    pub fn flush(&mut self) {
+        for to in 0..self.peers.len() {
+            if !self.outbox[to].is_empty() {
+                let jobs = std::mem::replace(
+                    &mut self.outbox[to],
+                    self.spare_jobs.pop().unwrap_or_default(),
+                );
+                let msg = Batch {
+                    from: self.me,
+                    jobs,
+                    spare: self.spare_done.pop().unwrap_or_default(),
+                };
+                match self.peers[to].jobs.try_send(msg) {
+                    Ok(()) => self.wake(to),
+                    Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                        let spare = std::mem::replace(&mut self.outbox[to], m.jobs);
+                        self.keep_jobs(spare);
+                        self.keep_done(m.spare);
+                    }
+                }
+            }
+            if !self.done[to].is_empty() {
+                let done = std::mem::replace(
+                    &mut self.done[to],
+                    self.spare_done.pop().unwrap_or_default(),
+                );
+                let msg = Answers {
+                    done,
+                    spare: self.spare_jobs.pop().unwrap_or_default(),
+                };
+                match self.peers[to].answers.try_send(msg) {
+                    Ok(()) => self.wake(to),
+                    Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                        let spare = std::mem::replace(&mut self.done[to], m.done);
+                        self.keep_done(spare);
+                        self.keep_jobs(m.spare);
+                    }
+                }
+            }
+        }
+    }
+
+    fn wake(&self, to: usize) {
+        // Pairs with the fence in `may_sleep`: either the sleeper sees the
+        // message, or this sees it asleep.
+        fence(Ordering::SeqCst);
+        let p = &self.peers[to];
+        if p.sleeping.load(Ordering::Relaxed) {
+            p.wake.wake();
+        }
+    }
+
+    fn keep_jobs(&mut self, mut v: Vec<Job>) {
+        if v.capacity() > 0 && self.spare_jobs.len() < SPARES {
+            v.clear();
+            self.spare_jobs.push(v);
+        }
+    }
+
+    fn keep_done(&mut self, mut v: Vec<Returned>) {
+        if v.capacity() > 0 && self.spare_done.len() < SPARES {
+            v.clear();
+            self.spare_done.push(v);
+        }
+    }
+
+    /// Takes every write handed to this worker, with the worker it came
+    /// from, into `out`.
+    pub fn take_jobs(&mut self, out: &mut Vec<(usize, Job)>) {
+        while let Ok(mut b) = self.jobs.try_recv() {
+            out.extend(b.jobs.drain(..).map(|j| (b.from, j)));
+            self.keep_jobs(b.jobs);
+            self.keep_done(b.spare);
+        }
+    }
+
+    /// Takes every answer to this worker's hand-overs into `out`.
+    pub fn take_answers(&mut self, out: &mut Vec<Returned>) {
+        while let Ok(mut a) = self.answers.try_recv() {
+            out.append(&mut a.done);
+            self.keep_done(a.done);
+            self.keep_jobs(a.spare);
+        }
+    }
+
+    /// Nothing of this worker's waits to be sent.
+    pub fn sent(&self) -> bool {
+        self.outbox.iter().all(Vec::is_empty) && self.done.iter().all(Vec::is_empty)
+    }
+
+    /// Nothing waits to be sent, and nothing was handed to this worker.
+    pub fn quiet(&self) -> bool {
+        self.sent() && self.jobs.is_empty() && self.answers.is_empty()
+    }
+
+    /// This worker hands over no more writes (it is stopping).
+    pub fn finish(&mut self) {
+        if !self.said_finished {
+            self.said_finished = true;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            for to in 0..self.peers.len() {
+                self.wake(to);
+            }
+        }
+    }
+
+    /// Every worker is stopping: none will hand this one a write again.
+    pub fn all_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst) == self.peers.len()
+    }
+
+    /// Before blocking in adaptive mode: says so to the other workers, and
+    /// returns false (not sleeping after all) if something arrived. Pair
+    /// with [`Link::woke`].
+    pub fn may_sleep(&self) -> bool {
+        let p = &self.peers[self.me];
+        p.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !self.jobs.is_empty() || !self.answers.is_empty() {
+            p.sleeping.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The fd that wakes this worker.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.peers[self.me].wake.fd()
+    }
+
+    pub fn woke(&self) {
+        let p = &self.peers[self.me];
+        p.sleeping.store(false, Ordering::Relaxed);
+        p.wake.clear();
+    }
+}
+
+/// Which of `n` workers writes packets of flow hash `hash`.
+#[inline]
+pub fn writer_of(hash: u32, n: usize) -> usize {
+    ((u64::from(hash) * n as u64) >> 32) as usize
+}
+
+/// The flow hash of a packet as a device of this kind takes it: the inner
+/// addresses, protocol and (unless a fragment) ports. Not IP: the MAC
+/// addresses of a tap's frame, 0 for a tun.
+pub fn flow_hash(kind: DeviceKind, pkt: &[u8]) -> u32 {
+    let mut h = rustc_hash::FxHasher::default();
+    let Some(l3) = crate::worker::l3_of(kind, pkt) else {
+        if let Some(macs) = pkt.get(..12) {
+            h.write(macs);
+        }
+        return fold(h.finish());
+    };
+    let ip = &pkt[l3..];
+    let (proto, l4) = match ip.first().map(|b| b >> 4) {
+        Some(4) if ip.len() >= 20 => {
+            h.write(&ip[12..20]);
+            let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            (ip[9], (!frag).then_some(ihl))
+        }
+        Some(6) if ip.len() >= 40 => {
+            h.write(&ip[8..40]);
+            (ip[6], Some(40))
+        }
+        _ => {
+            if let Some(b) = ip.get(..ip.len().min(40)) {
+                h.write(b);
+            }
+            return fold(h.finish());
+        }
+    };
+    h.write_u8(proto);
+    // TCP, UDP, SCTP, UDP-Lite: ports in the first four bytes.
+    if matches!(proto, 6 | 17 | 132 | 136) {
+        if let Some(ports) = l4.and_then(|at| ip.get(at..at + 4)) {
+            h.write(ports);
+        }
+    }
+    fold(h.finish())
+}
+
+fn fold(h: u64) -> u32 {
+    (h ^ (h >> 32)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, ports: [u8; 4], frag: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..24].copy_from_slice(&ports);
+        p
+    }
+
+    #[test]
+    fn a_flow_hashes_the_same_and_ports_tell_flows_apart() {
+        let a = v4([10, 1, 1, 1], [10, 1, 1, 2], 17, [0, 1, 0, 2], 0);
+        let mut a2 = a.clone();
+        a2.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(
+            flow_hash(DeviceKind::Tun, &a),
+            flow_hash(DeviceKind::Tun, &a2),
+            "the payload does not count"
+        );
+        let b = v4([10, 1, 1, 1], [10, 1, 1, 2], 17, [0, 1, 0, 3], 0);
+        assert_ne!(
+            flow_hash(DeviceKind::Tun, &a),
+            flow_hash(DeviceKind::Tun, &b)
+        );
+        // Fragments: addresses and protocol only, whatever follows.
+        let f1 = v4([10, 1, 1, 1], [10, 1, 1, 2], 17, [0, 1, 0, 2], 0x2000);
+        let f2 = v4([10, 1, 1, 1], [10, 1, 1, 2], 17, [9, 9, 9, 9], 0x0010);
+        assert_eq!(
+            flow_hash(DeviceKind::Tun, &f1),
+            flow_hash(DeviceKind::Tun, &f2)
+        );
+        // Behind an Ethernet header in a tap: the same as in a tun.
+        let mut t = vec![0u8; 14];
+        t[12..14].copy_from_slice(&[0x08, 0x00]);
+        t.extend_from_slice(&a);
+        assert_eq!(
+            flow_hash(DeviceKind::Tap, &t),
+            flow_hash(DeviceKind::Tun, &a)
+        );
+    }
+
+    #[test]
+    fn ipv6_and_odd_packets_hash_without_panicking() {
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[6] = 6;
+        p[8] = 0xfd;
+        p[40..44].copy_from_slice(&[0, 80, 1, 0]);
+        let h = flow_hash(DeviceKind::Tun, &p);
+        p[43] = 1;
+        assert_ne!(h, flow_hash(DeviceKind::Tun, &p));
+        for n in 0..48 {
+            flow_hash(DeviceKind::Tun, &p[..n]);
+            flow_hash(DeviceKind::Tap, &p[..n]);
+        }
+    }
+
+    #[test]
+    fn flows_spread_over_the_workers() {
+        // The writer of a hash, for 2 and 3 workers: even enough over 4096
+        // flows.
+        for n in [2usize, 3] {
+            let mut per = vec![0u32; n];
+            for port in 0..4096u16 {
+                let p = v4(
+                    [10, 1, 1, 1],
+                    [10, 1, 1, 2],
+                    17,
+                    {
+                        let b = port.to_be_bytes();
+                        [b[0], b[1], 0, 53]
+                    },
+                    0,
+                );
+                let h = flow_hash(DeviceKind::Tun, &p);
+                per[writer_of(h, n)] += 1;
+            }
+            let fair = 4096 / n as u32;
+            for c in per {
+                assert!(
+                    c > fair * 8 / 10 && c < fair * 12 / 10,
+                    "{n} workers: {c} of 4096"
+                );
+            }
+        }
+    }
+}

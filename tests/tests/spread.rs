@@ -1,0 +1,240 @@
+//! Device writes spread over the workers by inner flow (`spread_writes`),
+//! with real parts: a veth with two queues, the peer's XPS set so that every
+//! tunnel packet lands on queue 0 (as a NIC that hashes the outer addresses
+//! puts a whole tunnel on one queue), the gateway with a worker per queue.
+//! The idle worker must take over part of the device writes, every packet
+//! must arrive, and no flow may be reordered, through two reloads.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use gateway_tests::stats::{assert_accounting, u64_at, worker_sum};
+use gateway_tests::{pkt, require_root, Gateway, RawSocket, Wire};
+
+const LOCAL: [u8; 4] = [192, 168, 0, 8];
+const REMOTE: [u8; 4] = [192, 168, 0, 58];
+
+const CONFIG: &str = r#"
+[gateway]
+poll = "adaptive"
+xdp_mode = "native"
+queues = "all"
+spread_writes = true
+
+[[tunnel]]
+name = "gre-tap"
+mode = "gre"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tap1"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+
+[[tunnel]]
+name = "ipip-tun"
+mode = "ipip"
+local = "192.168.0.8"
+remote = "192.168.0.58"
+mtu = 1400
+device = "tun2"
+device_kind = "tun"
+address = "20.1.1.1"
+peer = "20.1.1.2"
+"#;
+
+/// A third tunnel, added and removed by the reloads during the traffic.
+const EXTRA: &str = r#"
+[[tunnel]]
+name = "gre-extra"
+mode = "gre"
+key = 5
+local = "192.168.0.8"
+remote = "192.168.0.58"
+device = "tun3"
+device_kind = "tun"
+address = "30.1.1.1"
+peer = "30.1.1.2"
+"#;
+
+const GRE_FLOWS: u16 = 48;
+const IPIP_FLOWS: u16 = 16;
+const PER_FLOW: u32 = 500;
+const RATE: f64 = 20_000.0;
+const PAYLOAD: usize = 64;
+
+/// The payload of packet `seq` of flow `flow`.
+fn payload(flow: u16, seq: u32) -> Vec<u8> {
+    let mut p = vec![0u8; PAYLOAD];
+    p[..2].copy_from_slice(&flow.to_be_bytes());
+    p[2..6].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+/// (flow, seq) of every datagram in captured packets that start with an IP
+/// header at `l3`; a coalesced (UDP GSO) packet carries several payloads
+/// back to back.
+fn datagrams(frames: &[Vec<u8>], l3: usize) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    for f in frames {
+        if f.len() < l3 + 28 || f[l3] >> 4 != 4 || f[l3 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(f[l3] & 0x0f) * 4;
+        for chunk in f[l3 + ihl + 8..].chunks(PAYLOAD) {
+            if chunk.len() == PAYLOAD {
+                let flow = u16::from_be_bytes([chunk[0], chunk[1]]);
+                let seq = u32::from_be_bytes([chunk[2], chunk[3], chunk[4], chunk[5]]);
+                out.push((flow, seq));
+            }
+        }
+    }
+    out
+}
+
+/// Every flow's datagrams arrived, each once, in the order sent.
+fn assert_in_order(what: &str, seen: &[(u16, u32)], flows: std::ops::Range<u16>) {
+    let mut next: HashMap<u16, u32> = HashMap::new();
+    for &(flow, seq) in seen {
+        let n = next.entry(flow).or_insert(0);
+        assert_eq!(
+            seq, *n,
+            "{what}: flow {flow} delivered packet {seq} where {n} was due"
+        );
+        *n += 1;
+    }
+    for flow in flows {
+        assert_eq!(
+            next.get(&flow).copied().unwrap_or(0),
+            PER_FLOW,
+            "{what}: flow {flow} incomplete"
+        );
+    }
+}
+
+#[test]
+fn one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering() {
+    if !require_root("one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering") {
+        return;
+    }
+    let wire = Wire::with_queues("sp1", &[], 2);
+    // Every packet the peer sends leaves by its TX queue 0 and so arrives on
+    // the gateway's RX queue 0.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = format!("{:x}", (1u128 << cores.min(64)) - 1);
+    for (q, cpus) in [(0, all.as_str()), (1, "0")] {
+        let (ok, out) = wire.peer.exec(&[
+            "sh",
+            "-c",
+            &format!("echo {cpus} > /sys/class/net/ens0/queues/tx-{q}/xps_cpus"),
+        ]);
+        assert!(ok, "setting XPS: {out}");
+    }
+    let gw = Gateway::start(&wire.gw, CONFIG);
+    let gw_mac = wire.gw.mac("ens0");
+    let tap = RawSocket::open(&wire.gw, "tap1", 64 << 20);
+    let tun = RawSocket::open(&wire.gw, "tun2", 64 << 20);
+    let quiet = Duration::from_secs(4);
+    let tap_cap = std::thread::spawn(move || tap.receive(usize::MAX, quiet));
+    let tun_cap = std::thread::spawn(move || tun.receive(usize::MAX, quiet));
+
+    let tx = RawSocket::open(&wire.peer, "ens0", 1 << 20);
+    let total = u64::from(GRE_FLOWS + IPIP_FLOWS) * u64::from(PER_FLOW);
+    let sender = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut i = 0u64;
+        for seq in 0..PER_FLOW {
+            for flow in 0..GRE_FLOWS + IPIP_FLOWS {
+                let frame = if flow < GRE_FLOWS {
+                    let inner = pkt::udp(
+                        [10, 1, 1, 2],
+                        [10, 1, 1, 1],
+                        1000 + flow,
+                        9,
+                        &payload(flow, seq),
+                    );
+                    pkt::outer(
+                        gw_mac,
+                        REMOTE,
+                        LOCAL,
+                        47,
+                        &pkt::gre(0, 0x0800, 0, 0, &inner),
+                    )
+                } else {
+                    let inner = pkt::udp(
+                        [20, 1, 1, 2],
+                        [20, 1, 1, 1],
+                        1000 + flow,
+                        9,
+                        &payload(flow, seq),
+                    );
+                    pkt::outer(gw_mac, REMOTE, LOCAL, 4, &inner)
+                };
+                tx.send(&frame);
+                i += 1;
+                if i.is_multiple_of(64) {
+                    let due = Duration::from_secs_f64(i as f64 / RATE);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+        }
+    });
+    // Two reloads while the traffic flows: each worker changes tunnel
+    // lists at its own moment, so writes handed over cross a change.
+    std::thread::sleep(Duration::from_millis(400));
+    gw.write_config(&format!("{CONFIG}{EXTRA}"));
+    let (ok, out) = gw.reload(&wire.gw);
+    assert!(ok, "reload adding a tunnel: {out}");
+    std::thread::sleep(Duration::from_millis(300));
+    gw.write_config(CONFIG);
+    let (ok, out) = gw.reload(&wire.gw);
+    assert!(ok, "reload removing it: {out}");
+    sender.join().unwrap();
+
+    let tap_seen = datagrams(&tap_cap.join().unwrap(), 14);
+    let tun_seen = datagrams(&tun_cap.join().unwrap(), 0);
+    let s = gw.settled_stats();
+    eprintln!("stats {s}");
+
+    assert_eq!(u64_at(&s, &["xdp", "redirected"]), total, "{s}");
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "a worker per queue: {s}");
+    let (busy, idle) = if u64_at(&workers[0], &["queue"]) == 0 {
+        (&workers[0], &workers[1])
+    } else {
+        (&workers[1], &workers[0])
+    };
+    assert_eq!(u64_at(busy, &["rx_frames"]), total, "all on queue 0: {s}");
+    assert_eq!(u64_at(idle, &["rx_frames"]), 0, "queue 1 got nothing: {s}");
+    // The idle worker wrote part of queue 0's packets into the devices.
+    let handed = u64_at(busy, &["spread_out"]);
+    assert!(
+        handed > total / 4 && handed < total * 3 / 4,
+        "about half of the flows go to the other worker: {handed} of {total}"
+    );
+    assert_eq!(u64_at(idle, &["spread_in"]), handed, "{s}");
+    assert_eq!(worker_sum(&s, "delivered"), total, "{s}");
+    assert_accounting(&s);
+
+    assert_in_order("tap1", &tap_seen, 0..GRE_FLOWS);
+    assert_in_order("tun2", &tun_seen, GRE_FLOWS..GRE_FLOWS + IPIP_FLOWS);
+    eprintln!(
+        "{handed} of {total} packets written by the other worker; {} datagrams in {} coalesced writes",
+        worker_sum(&s, "coalesced") + worker_sum(&s, "coalesced_writes"),
+        worker_sum(&s, "coalesced_writes")
+    );
+
+    let (status, last) = gw.stop_with(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}");
+    let last = last.expect("final stats");
+    for w in last["workers"].as_array().unwrap() {
+        assert_eq!(u64_at(w, &["frames", "at_peers"]), 0, "{w}");
+        assert_eq!(
+            u64_at(w, &["frames", "free"]) + u64_at(w, &["frames", "in_kernel"]),
+            u64_at(w, &["frames", "total"]),
+            "every frame home at the stop: {w}"
+        );
+    }
+}
