@@ -51,6 +51,10 @@ const BUSY_YIELD_EVERY: u32 = 64;
 const EXPIRE_EVERY: u32 = 1024;
 /// Idle polls between refreshes of the kernel's socket statistics.
 const IDLE_REFRESH: u32 = 4096;
+/// Busy iterations between publications of the counters.
+const PUBLISH_EVERY: u32 = 64;
+/// Iterations under load between looks for a new tunnel list.
+const CONTROL_EVERY: u32 = 64;
 /// Free frames the fill ring leaves for packets read from the devices (at
 /// most a quarter of the UMEM).
 const TX_RESERVE: u64 = 512;
@@ -311,11 +315,17 @@ impl Worker {
         // worker's time splits between moving packets and waiting for them,
         // as a poll-mode driver reports it.
         let mut t0 = std::time::Instant::now();
+        let mut busy_polls: u32 = 0;
 
         loop {
-            // 0. A new tunnel list from the control thread.
-            if let Ok(r) = self.shared.control.try_recv() {
-                self.reconfigure(&mut io, &mut st, r)?;
+            // 0. A new tunnel list from the control thread (looked for every
+            // CONTROL_EVERY iterations under load, every one when idle).
+            if (idle > 0 || st.loops.is_multiple_of(CONTROL_EVERY))
+                && !self.shared.control.is_empty()
+            {
+                if let Ok(r) = self.shared.control.try_recv() {
+                    self.reconfigure(&mut io, &mut st, r)?;
+                }
             }
 
             // 1. io_uring completions: finished writes and reads.
@@ -394,10 +404,18 @@ impl Worker {
                 idle = 0;
                 st.local.busy_polls += 1;
                 st.local.busy_ns += spent;
-                self.publish(&st);
+                // The counters: every PUBLISH_EVERY iterations under load,
+                // and on the first idle one.
+                busy_polls = busy_polls.wrapping_add(1);
+                if busy_polls.is_multiple_of(PUBLISH_EVERY) {
+                    self.publish(&st);
+                }
                 continue;
             }
             st.local.idle_ns += spent;
+            if idle == 0 {
+                self.publish(&st);
+            }
 
             idle = idle.wrapping_add(1);
             st.local.idle_polls += 1;
@@ -1335,6 +1353,9 @@ impl Worker {
             .collect();
         self.shared.tunnels = r.tunnels;
         self.tunnel_counters = Arc::new(TunnelCounters::new(ntun));
+        // Frames moved while the old devices were finished with.
+        st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
+        st.frames.in_flight = io.in_flight() as u64;
         self.publish(st);
         self.stats.set_tunnels(self.tunnel_counters.clone());
         let _ = r.done.send(Ok(()));

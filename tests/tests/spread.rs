@@ -186,11 +186,11 @@ fn one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering() {
     std::thread::sleep(Duration::from_millis(400));
     gw.write_config(&format!("{CONFIG}{EXTRA}"));
     let (ok, out) = gw.reload(&wire.gw);
-    assert!(ok, "reload adding a tunnel: {out}");
+    assert!(ok, "reload adding a tunnel: {out}\nlog:\n{}", gw.log());
     std::thread::sleep(Duration::from_millis(300));
     gw.write_config(CONFIG);
     let (ok, out) = gw.reload(&wire.gw);
-    assert!(ok, "reload removing it: {out}");
+    assert!(ok, "reload removing it: {out}\nlog:\n{}", gw.log());
     sender.join().unwrap();
 
     let tap_seen = datagrams(&tap_cap.join().unwrap(), 14);
