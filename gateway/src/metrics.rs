@@ -195,6 +195,11 @@ pub fn prometheus(s: &Value) -> String {
             "Packets written into a device for another worker (spread_writes).",
         ),
         (
+            "gateway_worker_spread_bounced_total",
+            &["spread_bounced"][..],
+            "Packets handed to another worker that came back unwritten during a reload and were written by this one.",
+        ),
+        (
             "gateway_worker_path_mtu_updates_total",
             &["path_mtu_updates"][..],
             "ICMP fragmentation-needed messages about tunnel packets taken (path MTU lowered).",

@@ -13,7 +13,16 @@
 //! Every packet of one flow takes the same worker, and each hand-over is
 //! one FIFO queue written by one worker, so a flow is never reordered. The
 //! hash is over the inner addresses, protocol and ports (addresses only for
-//! fragments, which carry no ports), like a NIC's receive hashing.
+//! fragments, which carry no ports), like a NIC's receive hashing; as
+//! there, a flow that mixes fragments and whole packets may see the two
+//! kinds reordered against each other.
+//!
+//! A write names its tunnel by index in a tunnel list, so it carries the
+//! list's generation. During a reload the workers switch lists one after
+//! the other: a write from a list older than the writer's comes back
+//! unwritten and its sender writes it (it switches only once all its
+//! writes are back); one from a newer list waits, with everything behind
+//! it, until the writer has switched too.
 //!
 //! The queues between workers are crossbeam channels, carrying a batch of
 //! writes per message (one per worker and loop iteration, not one per
@@ -117,6 +126,8 @@ pub struct Link {
     spare_jobs: Vec<Vec<Job>>,
     spare_done: Vec<Vec<Returned>>,
     said_finished: bool,
+    /// Jobs for a worker whose thread has ended.
+    undeliverable: Vec<Job>,
 }
 
 /// Builds the links of `umems.len()` workers, one per worker, in order.
@@ -153,6 +164,7 @@ pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
             spare_jobs: Vec::new(),
             spare_done: Vec::new(),
             said_finished: false,
+            undeliverable: Vec::new(),
         })
         .collect())
 }
@@ -206,9 +218,16 @@ impl Link {
                 };
                 match self.peers[to].jobs.try_send(msg) {
                     Ok(()) => self.wake(to),
-                    Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                    Err(TrySendError::Full(m)) => {
                         let spare = std::mem::replace(&mut self.outbox[to], m.jobs);
                         self.keep_jobs(spare);
+                        self.keep_done(m.spare);
+                    }
+                    // Its thread ended (a panic; the process is going):
+                    // the jobs go back to the caller to count.
+                    Err(TrySendError::Disconnected(mut m)) => {
+                        self.undeliverable.append(&mut m.jobs);
+                        self.keep_jobs(m.jobs);
                         self.keep_done(m.spare);
                     }
                 }
@@ -224,9 +243,13 @@ impl Link {
                 };
                 match self.peers[to].answers.try_send(msg) {
                     Ok(()) => self.wake(to),
-                    Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                    Err(TrySendError::Full(m)) => {
                         let spare = std::mem::replace(&mut self.done[to], m.done);
                         self.keep_done(spare);
+                        self.keep_jobs(m.spare);
+                    }
+                    // Its thread ended: its frames are nobody's now.
+                    Err(TrySendError::Disconnected(m)) => {
                         self.keep_jobs(m.spare);
                     }
                 }
@@ -258,9 +281,14 @@ impl Link {
         }
     }
 
+    /// Jobs that could not be handed over (their worker is gone).
+    pub fn take_undeliverable(&mut self) -> std::vec::Drain<'_, Job> {
+        self.undeliverable.drain(..)
+    }
+
     /// Takes every write handed to this worker, with the worker it came
-    /// from, into `out`.
-    pub fn take_jobs(&mut self, out: &mut Vec<(usize, Job)>) {
+    /// from, onto the back of `out`.
+    pub fn take_jobs_into(&mut self, out: &mut std::collections::VecDeque<(usize, Job)>) {
         while let Ok(mut b) = self.jobs.try_recv() {
             out.extend(b.jobs.drain(..).map(|j| (b.from, j)));
             self.keep_jobs(b.jobs);

@@ -44,6 +44,7 @@ pub struct WorkerStats {
     pub coalesced_writes: AtomicU64,
     pub spread_out: AtomicU64,
     pub spread_in: AtomicU64,
+    pub spread_bounced: AtomicU64,
     pub path_mtu_updates: AtomicU64,
     pub fragments_merged: AtomicU64,
     pub fragments_pending: AtomicU64,
@@ -91,6 +92,9 @@ pub struct LocalStats {
     /// packets written here for another worker (`spread_writes`).
     pub spread_out: u64,
     pub spread_in: u64,
+    /// Of `spread_out`, packets that came back unwritten (the other worker
+    /// was on another tunnel list, during a reload) and were written here.
+    pub spread_bounced: u64,
     /// ICMP "fragmentation needed" about tunnel packets, taken.
     pub path_mtu_updates: u64,
     /// Outer fragments merged into a datagram delivered with another one.
@@ -126,6 +130,7 @@ impl LocalStats {
             coalesced_writes: 0,
             spread_out: 0,
             spread_in: 0,
+            spread_bounced: 0,
             path_mtu_updates: 0,
             fragments_merged: 0,
             fragments_pending: 0,
@@ -211,6 +216,7 @@ impl WorkerStats {
             coalesced_writes: AtomicU64::new(0),
             spread_out: AtomicU64::new(0),
             spread_in: AtomicU64::new(0),
+            spread_bounced: AtomicU64::new(0),
             path_mtu_updates: AtomicU64::new(0),
             fragments_merged: AtomicU64::new(0),
             fragments_pending: AtomicU64::new(0),
@@ -261,6 +267,7 @@ impl WorkerStats {
         self.coalesced_writes.store(l.coalesced_writes, Relaxed);
         self.spread_out.store(l.spread_out, Relaxed);
         self.spread_in.store(l.spread_in, Relaxed);
+        self.spread_bounced.store(l.spread_bounced, Relaxed);
         self.path_mtu_updates.store(l.path_mtu_updates, Relaxed);
         self.fragments_merged.store(l.fragments_merged, Relaxed);
         self.fragments_pending.store(l.fragments_pending, Relaxed);
@@ -314,6 +321,7 @@ impl WorkerStats {
             "coalesced_writes": self.coalesced_writes.load(Relaxed),
             "spread_out": self.spread_out.load(Relaxed),
             "spread_in": self.spread_in.load(Relaxed),
+            "spread_bounced": self.spread_bounced.load(Relaxed),
             "tx_gso_packets": self.tx_gso_packets.load(Relaxed),
             "path_mtu_updates": self.path_mtu_updates.load(Relaxed),
             "fragments_merged": self.fragments_merged.load(Relaxed),

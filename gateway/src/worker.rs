@@ -193,8 +193,12 @@ struct State {
     /// The other workers, when device writes are spread over them.
     spread: Option<Link>,
     /// Writes other workers handed to this one, and answers to this one's.
-    jobs_in: Vec<(usize, Job)>,
+    /// (Jobs from a worker already on a newer tunnel list wait here, in
+    /// order, until this one switches too.)
+    jobs_in: std::collections::VecDeque<(usize, Job)>,
     answers_in: Vec<Returned>,
+    /// Jobs taken per call, at most (the completion queue's room).
+    jobs_per_poll: usize,
 }
 
 impl Worker {
@@ -299,8 +303,9 @@ impl Worker {
             gro: Vec::with_capacity(GRO_FLOWS),
             coalesce_udp: crate::sys::tap::uso_supported(),
             spread,
-            jobs_in: Vec::new(),
+            jobs_in: std::collections::VecDeque::new(),
             answers_in: Vec::new(),
+            jobs_per_poll: (entries as usize / 2).max(1),
         };
         // The fill ring first: received packets are what we must not lose.
         st.frames.in_kernel += self.xsk.fill(&mut self.free, st.tx_reserve) as u64;
@@ -320,11 +325,15 @@ impl Worker {
         loop {
             // 0. A new tunnel list from the control thread (looked for every
             // CONTROL_EVERY iterations under load, every one when idle).
-            if (idle > 0 || st.loops.is_multiple_of(CONTROL_EVERY))
-                && !self.shared.control.is_empty()
-            {
-                if let Ok(r) = self.shared.control.try_recv() {
-                    self.reconfigure(&mut io, &mut st, r)?;
+            if idle > 0 || st.loops.is_multiple_of(CONTROL_EVERY) {
+                // (Under load too: a worker that never idles must stop.)
+                if self.shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if !self.shared.control.is_empty() {
+                    if let Ok(r) = self.shared.control.try_recv() {
+                        self.reconfigure(&mut io, &mut st, r)?;
+                    }
                 }
             }
 
@@ -391,9 +400,7 @@ impl Worker {
                     .map_err(self.io_err("fill-ring wakeup"))?;
             }
             io.submit().map_err(self.io_err("io_uring submit"))?;
-            if let Some(link) = &mut st.spread {
-                link.flush();
-            }
+            self.spread_flush(&mut st);
 
             st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
             st.frames.in_flight = io.in_flight() as u64;
@@ -446,7 +453,8 @@ impl Worker {
                         && st.tx_pending.is_empty()
                         && st.frames.in_tx == 0
                         && st.frames.at_peers == 0
-                        && st.spread.as_ref().is_none_or(Link::may_sleep)
+                        && st.jobs_in.is_empty()
+                        && st.spread.as_ref().is_none_or(|l| l.sent() && l.may_sleep())
                     {
                         self.publish(&st);
                         self.refresh_xsk_stats();
@@ -759,10 +767,9 @@ impl Worker {
             return Ok(false);
         };
         let mut answers = std::mem::take(&mut st.answers_in);
-        let mut jobs = std::mem::take(&mut st.jobs_in);
         link.take_answers(&mut answers);
-        link.take_jobs(&mut jobs);
-        let any = !answers.is_empty() || !jobs.is_empty();
+        link.take_jobs_into(&mut st.jobs_in);
+        let any = !answers.is_empty() || !st.jobs_in.is_empty();
         for r in answers.drain(..) {
             st.frames.at_peers -= r.frames();
             match r {
@@ -775,22 +782,35 @@ impl Worker {
                 }
                 // Written here after all, in the order handed over.
                 Returned::Bounced(j) => {
-                    st.local.spread_out -= u64::from(j.packets);
+                    st.local.spread_bounced += u64::from(j.packets);
                     self.write_prepared(io, st, j)?;
                 }
             }
         }
+        st.answers_in = answers;
         let generation = self.shared.tunnels.generation;
-        for (from, j) in jobs.drain(..) {
+        for _ in 0..st.jobs_per_poll {
+            let Some((from, j)) = st.jobs_in.pop_front() else {
+                break;
+            };
             let t = usize::from(j.tunnel);
             let link = st.spread.as_mut().expect("spread is on");
-            // Another tunnel list (a reload is under way here or there),
-            // or no queue of this device here: the sender writes it.
-            if j.generation != generation || st.gone.get(t).is_none_or(|&g| g) {
+            if j.generation > generation {
+                // The sender is on a newer tunnel list already; this
+                // worker switches in a moment (the control thread sent it
+                // the list too). Its jobs wait, in order, until then.
+                st.jobs_in.push_front((from, j));
+                break;
+            }
+            // An older list (this worker switched first; the sender writes
+            // its jobs itself until it switches too), or no queue of this
+            // device here: back to the sender, which writes it.
+            if j.generation < generation || st.gone.get(t).is_none_or(|&g| g) {
                 link.answer(from, Returned::Bounced(j));
                 continue;
             }
             let packets = j.packets;
+            st.local.spread_in += u64::from(packets);
             let mut res = io.push_foreign(
                 from, t as u32, j.frame, j.offset, j.len, j.rest, j.tunnel, packets,
             );
@@ -800,32 +820,44 @@ impl Worker {
                     from, t as u32, frame, j.offset, j.len, rest, j.tunnel, packets,
                 );
             }
-            match res {
-                Ok(()) => st.local.spread_in += u64::from(packets),
-                Err((frame, rest)) => {
-                    // Not a write this ring can make: counted by the sender
-                    // as a write error.
-                    let c = Completed {
-                        op: Op::Write,
-                        frame: Some(frame),
-                        buf: None,
-                        tag: j.tunnel,
-                        expected: j.len as u32,
-                        result: -libc::EINVAL,
-                        packets,
-                        rest,
-                        peer: Some(from),
-                    };
-                    st.spread
-                        .as_mut()
-                        .expect("spread is on")
-                        .answer(from, Returned::Written(c));
-                }
+            if let Err((frame, rest)) = res {
+                // Not a write this ring can make: counted by the sender as
+                // a write error.
+                let c = Completed {
+                    op: Op::Write,
+                    frame: Some(frame),
+                    buf: None,
+                    tag: j.tunnel,
+                    expected: j.len as u32,
+                    result: -libc::EINVAL,
+                    packets,
+                    rest,
+                    peer: Some(from),
+                };
+                st.spread
+                    .as_mut()
+                    .expect("spread is on")
+                    .answer(from, Returned::Written(c));
             }
         }
-        st.answers_in = answers;
-        st.jobs_in = jobs;
         Ok(any)
+    }
+
+    /// Sends what is waiting for the other workers; writes handed to a
+    /// worker that is gone (its thread ended) are counted as write errors.
+    fn spread_flush(&mut self, st: &mut State) {
+        let Some(link) = st.spread.as_mut() else {
+            return;
+        };
+        link.flush();
+        for j in link.take_undeliverable() {
+            st.frames.at_peers -= j.frames();
+            for _ in 0..j.packets {
+                st.local.drop(DropReason::DeviceWriteError);
+            }
+            self.free.push(j.frame);
+            self.free.extend(j.rest.into_iter().map(|p| p.frame));
+        }
     }
 
     /// Writes a job whose virtio-net header is in place (one that came
@@ -882,14 +914,27 @@ impl Worker {
                 self.completed(c, io, st)?;
             }
             self.spread_poll(io, st)?;
+            // Jobs from a newer tunnel list than this worker will see:
+            // back to their senders.
+            let generation = self.shared.tunnels.generation;
+            while st
+                .jobs_in
+                .front()
+                .is_some_and(|(_, j)| j.generation > generation)
+            {
+                if let (Some((from, j)), Some(link)) = (st.jobs_in.pop_front(), &mut st.spread) {
+                    link.answer(from, Returned::Bounced(j));
+                }
+            }
             io.submit().map_err(self.io_err("io_uring submit"))?;
+            self.spread_flush(st);
             let link = st.spread.as_mut().expect("spread is on");
-            link.flush();
             if link.sent() {
                 link.finish();
             }
             if link.all_finished()
                 && link.quiet()
+                && st.jobs_in.is_empty()
                 && st.frames.at_peers == 0
                 && io.foreign_in_flight() == 0
             {
@@ -1297,17 +1342,31 @@ impl Worker {
         // Writes handed to other workers come back first (written, or to
         // be written here); what others hand over meanwhile is written
         // with the old list, and after the switch sent back to them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
             // Reads of the old devices are sent before the list changes.
             self.process_reads(io, st, true)?;
             self.spread_poll(io, st)?;
-            if let Some(link) = &mut st.spread {
-                link.flush();
-            }
+            self.spread_flush(st);
             let mut rest = Vec::new();
             io.drain(|c| rest.push(c))
                 .map_err(self.io_err("draining io_uring"))?;
-            let spread_done = st.frames.at_peers == 0 && st.spread.as_ref().is_none_or(Link::sent);
+            let mut spread_done =
+                st.frames.at_peers == 0 && st.spread.as_ref().is_none_or(Link::sent);
+            if !spread_done
+                && (std::time::Instant::now() > deadline
+                    || self.shared.stop.load(Ordering::Relaxed))
+            {
+                // Another worker does not answer (it died, or is stopping):
+                // switch anyway; what it may still answer is accounted
+                // then, against the new list's counters.
+                tracing::warn!(
+                    queue = self.queue,
+                    frames = st.frames.at_peers,
+                    "reload: writes handed to another worker unanswered"
+                );
+                spread_done = true;
+            }
             if rest.is_empty() && st.deferred.is_empty() && spread_done {
                 break;
             }
@@ -1367,7 +1426,14 @@ impl Worker {
             // Another worker's frames: back to it.
             if let Some(link) = &mut st.spread {
                 link.answer(peer, Returned::Written(c));
-                link.flush();
+                // The other worker may still be taking answers.
+                for _ in 0..1000 {
+                    link.flush();
+                    if link.sent() {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
             }
             return;
         }
@@ -1466,8 +1532,15 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
     } else {
         let t = usize::from(c.tag);
         local.delivered += packets;
-        local.tunnel_rx_packets[t] += packets;
-        local.tunnel_rx_bytes[t] += u64::from(c.expected) - VNET_HDR_LEN as u64;
+        // (A write answered after a reload that was forced through may
+        // name a tunnel the new list lacks.)
+        if let (Some(p), Some(b)) = (
+            local.tunnel_rx_packets.get_mut(t),
+            local.tunnel_rx_bytes.get_mut(t),
+        ) {
+            *p += packets;
+            *b += u64::from(c.expected).saturating_sub(VNET_HDR_LEN as u64);
+        }
     }
 }
 
