@@ -485,9 +485,39 @@ struct RoundTrip {
     max_answered: f64,
     ndr: f64,
     levels: Vec<(u32, f64, gen::Outcome)>,
+    /// Per level: how long the gateway's workers and the generator were
+    /// kept off their cores while runnable.
+    waits: Vec<Value>,
 }
 
-fn round_trip(bench: &Bench, echo: &Template) -> Result<RoundTrip> {
+/// Time the threads of `pid` whose names start with `prefix` spent
+/// runnable but not running (preempted by another task, or waiting for
+/// their core), and how many times they were put on a core, from the
+/// kernel's schedstat.
+fn core_wait(pid: u32, prefix: &str) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for task in dir.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let f: Vec<u64> = stat
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [_, wait, slices] = f[..] {
+            total.0 += wait;
+            total.1 += slices;
+        }
+    }
+    total
+}
+
+fn round_trip(bench: &Bench, echo: &Template, gateway: Option<u32>) -> Result<RoundTrip> {
     say("round trip: maximum offered load");
     let rmax = bench.run(echo, None)?;
     let secs = rmax.elapsed.as_secs_f64();
@@ -500,16 +530,31 @@ fn round_trip(bench: &Bench, echo: &Template) -> Result<RoundTrip> {
         Ok(o.received >= o.sent)
     })?;
     let mut levels = Vec::new();
+    let mut waits = Vec::new();
+    let me = std::process::id();
     for pct in [10u32, 50, 90] {
         let rate = (ndr * f64::from(pct) / 100.0).max(100.0);
+        let gw0 = gateway.map(|p| core_wait(p, "gw-q"));
+        let gen0 = core_wait(me, "bench-gen");
         let o = bench.run(echo, Some(rate))?;
+        let gw1 = gateway.map(|p| core_wait(p, "gw-q"));
+        let gen1 = core_wait(me, "bench-gen");
+        let gw_wait = gw0.zip(gw1).map(|(a, b)| b.0.saturating_sub(a.0));
+        let gen_wait = gen1.0.saturating_sub(gen0.0);
         say(&format!(
-            "  latency at {pct}% of the no-drop rate ({rate:.0} pps): p50 {:.1} µs p99 {:.1} µs ({} samples, {} lost)",
+            "  latency at {pct}% of the no-drop rate ({rate:.0} pps): p50 {:.1} µs p99 {:.1} µs ({} samples, {} lost); kept off their cores while runnable: gateway workers {}, generator {:.1} ms",
             o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
             o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
             o.rtt.len(),
-            o.sent.saturating_sub(o.received)
+            o.sent.saturating_sub(o.received),
+            gw_wait.map_or("-".to_string(), |w| format!("{:.1} ms", w as f64 / 1e6)),
+            gen_wait as f64 / 1e6,
         ));
+        waits.push(json!({
+            "gateway_workers_runnable_off_core_ms": gw_wait.map(|w| w as f64 / 1e6),
+            "generator_runnable_off_core_ms": gen_wait as f64 / 1e6,
+            "trial_ms": o.elapsed.as_secs_f64() * 1e3,
+        }));
         levels.push((pct, rate, o));
     }
     Ok(RoundTrip {
@@ -517,6 +562,7 @@ fn round_trip(bench: &Bench, echo: &Template) -> Result<RoundTrip> {
         max_answered,
         ndr,
         levels,
+        waits,
     })
 }
 
@@ -732,21 +778,29 @@ fn main() -> Result<()> {
     })?;
     let dndr = bench.decap_trial(&gw, &udp, Some(decap_ndr))?;
 
-    let rt = round_trip(&bench, &echo)?;
+    let rt = round_trip(&bench, &echo, Some(gw.child.id()))?;
     let rt_ndr = rt.ndr;
     let tunnel_lat = rt.levels;
+    let tunnel_waits = rt.waits;
     let gw_final = gw.stats()?;
     drop(gw);
 
     // Ceiling (c): the bare veth's round trip at the same rates.
     say("ceiling: bare veth round trip (the gateway host's kernel answers ping), same rates");
     let mut bare_lat = Vec::new();
+    let mut bare_waits = Vec::new();
     for (pct, rate, _) in &tunnel_lat {
+        let gen0 = core_wait(std::process::id(), "bench-gen");
         let o = bench.run(&bare, Some(*rate))?;
+        let gen_wait = core_wait(std::process::id(), "bench-gen")
+            .0
+            .saturating_sub(gen0.0);
+        bare_waits.push(gen_wait as f64 / 1e6);
         say(&format!(
-            "  bare at {rate:.0} pps: p50 {:.1} µs p99 {:.1} µs",
+            "  bare at {rate:.0} pps: p50 {:.1} µs p99 {:.1} µs; generator kept off its core while runnable {:.1} ms",
             o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
-            o.rtt.value_at_quantile(0.99) as f64 / 1000.0
+            o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
+            gen_wait as f64 / 1e6
         ));
         bare_lat.push((*pct, *rate, o));
     }
@@ -767,7 +821,11 @@ fn main() -> Result<()> {
 
     // Files.
     let mut lat_json = Vec::new();
-    for ((pct, rate, t), (_, _, b)) in tunnel_lat.iter().zip(&bare_lat) {
+    for (((pct, rate, t), (_, _, b)), (waits, bare_wait)) in tunnel_lat
+        .iter()
+        .zip(&bare_lat)
+        .zip(tunnel_waits.iter().zip(&bare_waits))
+    {
         let tf = format!("latency-tunnel-{pct}pct.hgrm");
         let bf = format!("latency-bare-{pct}pct.hgrm");
         std::fs::write(out_dir.join(&tf), report::hgrm(&t.rtt))?;
@@ -781,6 +839,8 @@ fn main() -> Result<()> {
             "bare": bp, "bare_lost": b.sent.saturating_sub(b.received), "bare_hgrm": bf,
             "ratio_p50": tp["p50_us"].as_f64().unwrap_or(0.0) / bp["p50_us"].as_f64().unwrap_or(1.0).max(1e-9),
             "ratio_p99": tp["p99_us"].as_f64().unwrap_or(0.0) / bp["p99_us"].as_f64().unwrap_or(1.0).max(1e-9),
+            "tunnel_off_core": waits,
+            "bare_generator_runnable_off_core_ms": bare_wait,
         }));
     }
     let ns_per_pkt = dmax.busy_ns as f64 / dmax.delivered.max(1) as f64;
@@ -944,6 +1004,21 @@ fn main() -> Result<()> {
             l["bare"]["p99_us"].as_f64().unwrap_or(0.0),
             l["ratio_p50"].as_f64().unwrap_or(0.0),
             l["ratio_p99"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for l in &lat_json {
+        println!(
+            "{}% NDR: kept off their cores while runnable: gateway workers {:.1} ms, generator {:.1} ms (bare run: generator {:.1} ms)",
+            l["load_pct_of_ndr"],
+            l["tunnel_off_core"]["gateway_workers_runnable_off_core_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            l["tunnel_off_core"]["generator_runnable_off_core_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            l["bare_generator_runnable_off_core_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
         );
     }
     for (poll, pct) in &idle {
@@ -1281,7 +1356,7 @@ fn two_hosts(args: Args, iface: &str, out_dir: &Path, interrupted: Arc<AtomicBoo
         bail!("no answer through the tunnel from {gw_ip}: is the gateway running there with remote = \"{}\", address {} and peer {}?",
             std::net::Ipv4Addr::from(my_ip), bench.args.inner_gateway, bench.args.inner_local);
     }
-    let rt = round_trip(&bench, &echo)?;
+    let rt = round_trip(&bench, &echo, None)?;
     let mut lat_json = Vec::new();
     for (pct, rate, o) in &rt.levels {
         let f = format!("latency-tunnel-{pct}pct.hgrm");
