@@ -79,6 +79,10 @@ pub enum DropReason {
     /// The tunnel's device is administratively down (`ip link set DEV
     /// down`); the kernel refuses packets written into it.
     DeviceDown,
+    /// Handed to another worker to write, and back unwritten after a
+    /// reload that was forced through (a worker did not answer in time):
+    /// its tunnel index belongs to the old list.
+    ReloadStale,
     /// Inner source is not the tunnel's peer (nor a network behind it).
     InnerSourceNotPeer,
 
@@ -111,7 +115,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 45;
+    pub const COUNT: usize = 46;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -147,6 +151,7 @@ impl DropReason {
         DropReason::DeviceWriteShort,
         DropReason::DeviceGone,
         DropReason::DeviceDown,
+        DropReason::ReloadStale,
         DropReason::InnerSourceNotPeer,
         DropReason::TxDeviceReadError,
         DropReason::TxNotIp,
@@ -201,6 +206,7 @@ impl DropReason {
             DropReason::DeviceWriteError => "device_write_error",
             DropReason::DeviceGone => "device_gone",
             DropReason::DeviceDown => "device_down",
+            DropReason::ReloadStale => "reload_stale",
             DropReason::DeviceWriteShort => "device_write_short",
             DropReason::InnerSourceNotPeer => "inner_source_not_peer",
             DropReason::TxDeviceReadError => "tx_device_read_error",

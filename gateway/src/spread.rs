@@ -20,9 +20,10 @@
 //! A write names its tunnel by index in a tunnel list, so it carries the
 //! list's generation. During a reload the workers switch lists one after
 //! the other: a write from a list older than the writer's comes back
-//! unwritten and its sender writes it (it switches only once all its
-//! writes are back); one from a newer list waits, with everything behind
-//! it, until the writer has switched too.
+//! unwritten and its sender writes it (a sender switches once all its
+//! writes are back, or after 3 s without an answer, when what comes back
+//! later is dropped as `reload_stale`); one from a newer list waits, with
+//! the rest from the same sender, until the writer has switched too.
 //!
 //! The queues between workers are crossbeam channels, carrying a batch of
 //! writes per message (one per worker and loop iteration, not one per
@@ -72,8 +73,9 @@ impl Job {
 /// What comes back to the worker that handed a write over.
 #[derive(Debug)]
 pub enum Returned {
-    /// Written (or failed): the completion, as the writer's io_uring gave it.
-    Written(Completed),
+    /// Written (or failed): the completion, as the writer's io_uring gave
+    /// it, and the tunnel list it was written with.
+    Written(Completed, u64),
     /// Not written: the other worker has another tunnel list than the one
     /// the job names (a reload is under way); the sender writes it itself.
     Bounced(Job),
@@ -82,7 +84,7 @@ pub enum Returned {
 impl Returned {
     pub fn frames(&self) -> u64 {
         match self {
-            Returned::Written(c) => u64::from(c.frame.is_some()) + c.rest.len() as u64,
+            Returned::Written(c, _) => u64::from(c.frame.is_some()) + c.rest.len() as u64,
             Returned::Bounced(j) => j.frames(),
         }
     }
@@ -286,11 +288,13 @@ impl Link {
         self.undeliverable.drain(..)
     }
 
-    /// Takes every write handed to this worker, with the worker it came
-    /// from, onto the back of `out`.
-    pub fn take_jobs_into(&mut self, out: &mut std::collections::VecDeque<(usize, Job)>) {
+    /// Takes every write handed to this worker onto the back of its
+    /// sender's queue in `out` (one per worker).
+    pub fn take_jobs_into(&mut self, out: &mut [std::collections::VecDeque<Job>]) {
         while let Ok(mut b) = self.jobs.try_recv() {
-            out.extend(b.jobs.drain(..).map(|j| (b.from, j)));
+            if let Some(q) = out.get_mut(b.from) {
+                q.extend(b.jobs.drain(..));
+            }
             self.keep_jobs(b.jobs);
             self.keep_done(b.spare);
         }

@@ -193,9 +193,10 @@ struct State {
     /// The other workers, when device writes are spread over them.
     spread: Option<Link>,
     /// Writes other workers handed to this one, and answers to this one's.
-    /// (Jobs from a worker already on a newer tunnel list wait here, in
-    /// order, until this one switches too.)
-    jobs_in: std::collections::VecDeque<(usize, Job)>,
+    /// by the worker they came from. (Jobs from a worker already on a
+    /// newer tunnel list wait here, in order, until this one switches too;
+    /// the other workers' go on meanwhile.)
+    jobs_in: Vec<std::collections::VecDeque<Job>>,
     answers_in: Vec<Returned>,
     /// Jobs taken per call, at most (the completion queue's room).
     jobs_per_poll: usize,
@@ -278,6 +279,7 @@ impl Worker {
         )
         .map_err(|io| WorkerError::Uring { queue, io })?;
         let spread = self.spread.take();
+        let workers = spread.as_ref().map_or(0, Link::workers);
         if let Some(link) = &spread {
             for (peer, region, umem) in link.other_umems() {
                 io.add_peer(peer, region, umem);
@@ -303,7 +305,7 @@ impl Worker {
             gro: Vec::with_capacity(GRO_FLOWS),
             coalesce_udp: crate::sys::tap::uso_supported(),
             spread,
-            jobs_in: std::collections::VecDeque::new(),
+            jobs_in: (0..workers).map(|_| Default::default()).collect(),
             answers_in: Vec::new(),
             jobs_per_poll: (entries as usize / 2).max(1),
         };
@@ -453,7 +455,7 @@ impl Worker {
                         && st.tx_pending.is_empty()
                         && st.frames.in_tx == 0
                         && st.frames.at_peers == 0
-                        && st.jobs_in.is_empty()
+                        && st.jobs_in.iter().all(|q| q.is_empty())
                         && st.spread.as_ref().is_none_or(|l| l.sent() && l.may_sleep())
                     {
                         self.publish(&st);
@@ -503,7 +505,7 @@ impl Worker {
         // Frames still waiting for TX room are not sent.
         let pending = st.tx_pending.len();
         self.free.append(&mut st.tx_pending);
-        st.local.tx_sent -= pending as u64;
+        st.local.tx_sent = st.local.tx_sent.saturating_sub(pending as u64);
         for _ in 0..pending {
             st.local.drop(DropReason::TxShutdown);
         }
@@ -770,10 +772,32 @@ impl Worker {
         link.take_answers(&mut answers);
         link.take_jobs_into(&mut st.jobs_in);
         let any = !answers.is_empty() || !st.jobs_in.is_empty();
+        let generation = self.shared.tunnels.generation;
         for r in answers.drain(..) {
             st.frames.at_peers -= r.frames();
             match r {
-                Returned::Written(c) => {
+                // After a reload forced through (a worker did not answer
+                // in 3 s), the tunnel index of an answer may name another
+                // tunnel now: not written, or counted, as one.
+                Returned::Bounced(j) if j.generation != generation => {
+                    for _ in 0..j.packets {
+                        st.local.drop(DropReason::ReloadStale);
+                    }
+                    self.free.push(j.frame);
+                    self.free.extend(j.rest.into_iter().map(|p| p.frame));
+                }
+                Returned::Written(c, g) if g != generation => {
+                    if c.result < 0 || c.result as u32 != c.expected {
+                        account_write(&c, &mut st.local);
+                    } else {
+                        st.local.delivered += u64::from(c.packets);
+                    }
+                    self.free.extend(c.frame);
+                    let mut rest = c.rest;
+                    self.free.extend(rest.drain(..).map(|p| p.frame));
+                    io.recycle(rest);
+                }
+                Returned::Written(c, _) => {
                     account_write(&c, &mut st.local);
                     self.free.extend(c.frame);
                     let mut rest = c.rest;
@@ -789,58 +813,76 @@ impl Worker {
         }
         st.answers_in = answers;
         let generation = self.shared.tunnels.generation;
-        for _ in 0..st.jobs_per_poll {
-            let Some((from, j)) = st.jobs_in.pop_front() else {
-                break;
-            };
-            let t = usize::from(j.tunnel);
-            let link = st.spread.as_mut().expect("spread is on");
-            if j.generation > generation {
-                // The sender is on a newer tunnel list already; this
-                // worker switches in a moment (the control thread sent it
-                // the list too). Its jobs wait, in order, until then.
-                st.jobs_in.push_front((from, j));
-                break;
-            }
-            // An older list (this worker switched first; the sender writes
-            // its jobs itself until it switches too), or no queue of this
-            // device here: back to the sender, which writes it.
-            if j.generation < generation || st.gone.get(t).is_none_or(|&g| g) {
-                link.answer(from, Returned::Bounced(j));
-                continue;
-            }
-            let packets = j.packets;
-            st.local.spread_in += u64::from(packets);
-            let mut res = io.push_foreign(
-                from, t as u32, j.frame, j.offset, j.len, j.rest, j.tunnel, packets,
-            );
-            if let Err((frame, rest)) = res {
-                io.submit().map_err(self.io_err("io_uring submit"))?;
-                res = io.push_foreign(
-                    from, t as u32, frame, j.offset, j.len, rest, j.tunnel, packets,
-                );
-            }
-            if let Err((frame, rest)) = res {
-                // Not a write this ring can make: counted by the sender as
-                // a write error.
-                let c = Completed {
-                    op: Op::Write,
-                    frame: Some(frame),
-                    buf: None,
-                    tag: j.tunnel,
-                    expected: j.len as u32,
-                    result: -libc::EINVAL,
-                    packets,
-                    rest,
-                    peer: Some(from),
+        let mut budget = st.jobs_per_poll;
+        for from in 0..st.jobs_in.len() {
+            while budget > 0 {
+                let Some(j) = st.jobs_in[from].pop_front() else {
+                    break;
                 };
-                st.spread
-                    .as_mut()
-                    .expect("spread is on")
-                    .answer(from, Returned::Written(c));
+                if j.generation > generation {
+                    // The sender is on a newer tunnel list already; this
+                    // worker switches in a moment (the control thread sent
+                    // it the list too). Its jobs wait, in order, until then.
+                    st.jobs_in[from].push_front(j);
+                    break;
+                }
+                budget -= 1;
+                self.write_for(io, st, from, j, generation)?;
             }
         }
         Ok(any)
+    }
+
+    /// Writes a job worker `from` handed over (on this worker's list, or
+    /// an older one: then it goes back).
+    fn write_for(
+        &mut self,
+        io: &mut DeviceIo,
+        st: &mut State,
+        from: usize,
+        j: Job,
+        generation: u64,
+    ) -> Result<(), WorkerError> {
+        let t = usize::from(j.tunnel);
+        let link = st.spread.as_mut().expect("spread is on");
+        // An older list (this worker switched first; the sender writes its
+        // jobs itself until it switches too), or no queue of this device
+        // here: back to the sender, which writes it.
+        if j.generation < generation || st.gone.get(t).is_none_or(|&g| g) {
+            link.answer(from, Returned::Bounced(j));
+            return Ok(());
+        }
+        let packets = j.packets;
+        st.local.spread_in += u64::from(packets);
+        let mut res = io.push_foreign(
+            from, t as u32, j.frame, j.offset, j.len, j.rest, j.tunnel, packets,
+        );
+        if let Err((frame, rest)) = res {
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            res = io.push_foreign(
+                from, t as u32, frame, j.offset, j.len, rest, j.tunnel, packets,
+            );
+        }
+        if let Err((frame, rest)) = res {
+            // Not a write this ring can make: counted by the sender as a
+            // write error.
+            let c = Completed {
+                op: Op::Write,
+                frame: Some(frame),
+                buf: None,
+                tag: j.tunnel,
+                expected: j.len as u32,
+                result: -libc::EINVAL,
+                packets,
+                rest,
+                peer: Some(from),
+            };
+            st.spread
+                .as_mut()
+                .expect("spread is on")
+                .answer(from, Returned::Written(c, generation));
+        }
+        Ok(())
     }
 
     /// Sends what is waiting for the other workers; writes handed to a
@@ -917,13 +959,11 @@ impl Worker {
             // Jobs from a newer tunnel list than this worker will see:
             // back to their senders.
             let generation = self.shared.tunnels.generation;
-            while st
-                .jobs_in
-                .front()
-                .is_some_and(|(_, j)| j.generation > generation)
-            {
-                if let (Some((from, j)), Some(link)) = (st.jobs_in.pop_front(), &mut st.spread) {
-                    link.answer(from, Returned::Bounced(j));
+            for (from, q) in st.jobs_in.iter_mut().enumerate() {
+                while q.front().is_some_and(|j| j.generation > generation) {
+                    if let (Some(j), Some(link)) = (q.pop_front(), &mut st.spread) {
+                        link.answer(from, Returned::Bounced(j));
+                    }
                 }
             }
             io.submit().map_err(self.io_err("io_uring submit"))?;
@@ -934,7 +974,7 @@ impl Worker {
             }
             if link.all_finished()
                 && link.quiet()
-                && st.jobs_in.is_empty()
+                && st.jobs_in.iter().all(|q| q.is_empty())
                 && st.frames.at_peers == 0
                 && io.foreign_in_flight() == 0
             {
@@ -980,8 +1020,10 @@ impl Worker {
                     self.device_gone(st, c.tag);
                 }
                 let peer = c.peer.unwrap_or_default();
+                // (A worker switches lists only with no write in flight.)
+                let generation = self.shared.tunnels.generation;
                 if let Some(link) = &mut st.spread {
-                    link.answer(peer, Returned::Written(c));
+                    link.answer(peer, Returned::Written(c, generation));
                 }
             }
             Op::Write => {
@@ -1424,8 +1466,9 @@ impl Worker {
     fn account_drained(&mut self, c: Completed, st: &mut State) {
         if let Some(peer) = c.peer {
             // Another worker's frames: back to it.
+            let generation = self.shared.tunnels.generation;
             if let Some(link) = &mut st.spread {
-                link.answer(peer, Returned::Written(c));
+                link.answer(peer, Returned::Written(c, generation));
                 // The other worker may still be taking answers.
                 for _ in 0..1000 {
                     link.flush();

@@ -241,3 +241,190 @@ fn one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering() {
         );
     }
 }
+
+/// Sends PER_FLOW packets of each flow in `flows` (GRE below GRE_FLOWS,
+/// IPIP from there on), round-robin over the flows, at `rate` per second,
+/// from a thread pinned to `cpu`.
+fn send_flows(
+    tx: RawSocket,
+    gw_mac: [u8; 6],
+    flows: std::ops::Range<u16>,
+    rate: f64,
+    cpu: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only
+        // read and write this set and this thread's affinity.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let start = Instant::now();
+        let mut i = 0u64;
+        for seq in 0..PER_FLOW {
+            for flow in flows.clone() {
+                let frame = if flow < GRE_FLOWS {
+                    let inner = pkt::udp(
+                        [10, 1, 1, 2],
+                        [10, 1, 1, 1],
+                        1000 + flow,
+                        9,
+                        &payload(flow, seq),
+                    );
+                    pkt::outer(
+                        gw_mac,
+                        REMOTE,
+                        LOCAL,
+                        47,
+                        &pkt::gre(0, 0x0800, 0, 0, &inner),
+                    )
+                } else {
+                    let inner = pkt::udp(
+                        [20, 1, 1, 2],
+                        [20, 1, 1, 1],
+                        1000 + flow,
+                        9,
+                        &payload(flow, seq),
+                    );
+                    pkt::outer(gw_mac, REMOTE, LOCAL, 4, &inner)
+                };
+                tx.send(&frame);
+                i += 1;
+                if i.is_multiple_of(64) {
+                    let due = Duration::from_secs_f64(i as f64 / rate);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Three workers, two of them receiving (the peer's XPS sends what CPU 0
+/// sends by TX queue 0 and what CPU 1 sends by TX queue 1), so every worker
+/// hands writes to the others while three reloads run; the first puts a
+/// tunnel in front of the others, so a write made with a stale tunnel
+/// index would land in the wrong device and show here.
+#[test]
+fn three_workers_hand_writes_to_each_other_through_reloads() {
+    if !require_root("three_workers_hand_writes_to_each_other_through_reloads") {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("skipped: needs 2 cores");
+        return;
+    }
+    let wire = Wire::with_queues("sp3", &[], 3);
+    for (q, cpus) in [(0, "1"), (1, "2"), (2, "0")] {
+        let (ok, out) = wire.peer.exec(&[
+            "sh",
+            "-c",
+            &format!("echo {cpus} > /sys/class/net/ens0/queues/tx-{q}/xps_cpus"),
+        ]);
+        assert!(ok, "setting XPS: {out}");
+    }
+    let config = CONFIG.replace("queues = \"all\"", "queues = \"all\"\ncores = [1, 0]");
+    let gw = Gateway::start(&wire.gw, &config);
+    let gw_mac = wire.gw.mac("ens0");
+    let tap = RawSocket::open(&wire.gw, "tap1", 64 << 20);
+    let tun = RawSocket::open(&wire.gw, "tun2", 64 << 20);
+    let quiet = Duration::from_secs(4);
+    let tap_cap = std::thread::spawn(move || tap.receive(usize::MAX, quiet));
+    let tun_cap = std::thread::spawn(move || tun.receive(usize::MAX, quiet));
+
+    let all = GRE_FLOWS + IPIP_FLOWS;
+    let total = u64::from(all) * u64::from(PER_FLOW);
+    // Each sender takes half the GRE and half the IPIP flows.
+    let half_gre = GRE_FLOWS / 2;
+    let half_ipip = GRE_FLOWS + IPIP_FLOWS / 2;
+    let senders = [
+        send_flows(
+            RawSocket::open(&wire.peer, "ens0", 1 << 20),
+            gw_mac,
+            0..half_gre,
+            RATE / 4.0,
+            0,
+        ),
+        send_flows(
+            RawSocket::open(&wire.peer, "ens0", 1 << 20),
+            gw_mac,
+            half_gre..GRE_FLOWS,
+            RATE / 4.0,
+            1,
+        ),
+        send_flows(
+            RawSocket::open(&wire.peer, "ens0", 1 << 20),
+            gw_mac,
+            GRE_FLOWS..half_ipip,
+            RATE / 4.0,
+            0,
+        ),
+        send_flows(
+            RawSocket::open(&wire.peer, "ens0", 1 << 20),
+            gw_mac,
+            half_ipip..all,
+            RATE / 4.0,
+            1,
+        ),
+    ];
+    let extra_first = format!(
+        "{}{EXTRA}{}",
+        &CONFIG[..CONFIG.find("[[tunnel]]").unwrap()],
+        &CONFIG[CONFIG.find("[[tunnel]]").unwrap()..]
+    )
+    .replace("queues = \"all\"", "queues = \"all\"\ncores = [1, 0]");
+    for (i, c) in [&extra_first, &config, &extra_first]
+        .into_iter()
+        .enumerate()
+    {
+        std::thread::sleep(Duration::from_millis(300));
+        gw.write_config(c);
+        let (ok, out) = gw.reload(&wire.gw);
+        assert!(ok, "reload {i}: {out}\nlog:\n{}", gw.log());
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+
+    let tap_seen = datagrams(&tap_cap.join().unwrap(), 14);
+    let tun_seen = datagrams(&tun_cap.join().unwrap(), 0);
+    let s = gw.settled_stats();
+    eprintln!("stats {s}");
+    assert_eq!(u64_at(&s, &["xdp", "redirected"]), total, "{s}");
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "a worker per queue: {s}");
+    let receiving = workers
+        .iter()
+        .filter(|w| u64_at(w, &["rx_frames"]) > 0)
+        .count();
+    assert!(receiving >= 2, "two queues got traffic: {s}");
+    for w in workers {
+        assert!(
+            u64_at(w, &["spread_in"]) > 0,
+            "every worker wrote for another: {w}"
+        );
+    }
+    assert_eq!(
+        worker_sum(&s, "spread_in") + worker_sum(&s, "spread_bounced"),
+        worker_sum(&s, "spread_out"),
+        "{s}"
+    );
+    assert_eq!(worker_sum(&s, "delivered"), total, "{s}");
+    assert_accounting(&s);
+    assert_in_order("tap1", &tap_seen, 0..GRE_FLOWS);
+    assert_in_order("tun2", &tun_seen, GRE_FLOWS..all);
+    eprintln!(
+        "handed over {}, bounced back {}, per worker received {:?}",
+        worker_sum(&s, "spread_out"),
+        worker_sum(&s, "spread_bounced"),
+        workers
+            .iter()
+            .map(|w| u64_at(w, &["rx_frames"]))
+            .collect::<Vec<_>>()
+    );
+    let (status, _) = gw.stop_with(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}");
+}
