@@ -592,12 +592,7 @@ impl Worker {
         offset: usize,
         len: usize,
     ) -> Result<(), WorkerError> {
-        let kind = self
-            .shared
-            .tunnels
-            .tx
-            .get(usize::from(t))
-            .map_or(DeviceKind::Tun, |x| x.device_kind);
+        let kind = self.device_kind(t);
         let data = self.xsk.data_mut(&mut frame);
         let pkt = &data[offset..offset + len];
         let udp = st.coalesce_udp;
@@ -751,14 +746,18 @@ impl Worker {
     #[inline]
     fn writer_for(&self, st: &State, t: u16, pkt: &[u8]) -> Option<usize> {
         let link = st.spread.as_ref()?;
-        let kind = self
-            .shared
+        let w = link.writer_of(spread::flow_hash(self.device_kind(t), pkt));
+        (w != link.me).then_some(w)
+    }
+
+    /// The kind of tunnel `t`'s device.
+    #[inline]
+    fn device_kind(&self, t: u16) -> DeviceKind {
+        self.shared
             .tunnels
             .tx
             .get(usize::from(t))
-            .map_or(DeviceKind::Tun, |x| x.device_kind);
-        let w = link.writer_of(spread::flow_hash(kind, pkt));
-        (w != link.me).then_some(w)
+            .map_or(DeviceKind::Tun, |x| x.device_kind)
     }
 
     /// Writes the packets other workers handed to this one into this

@@ -355,7 +355,11 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
     assert_accounting(&s);
 
     // The kernel still gets everything that is not a tunnel's: ARP and
-    // ping to the underlay address work while the gateway runs.
+    // ping to the underlay address work while the gateway runs. (The peer
+    // forgets the gateway's MAC first, which it may have learnt from the
+    // gateway's own ARP before the XDP program was attached, so that it
+    // must ask again.)
+    l.wire.peer.ip(&["neigh", "flush", "dev", "ens0"]);
     let (ok, out) = l
         .wire
         .peer

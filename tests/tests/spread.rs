@@ -92,6 +92,20 @@ fn datagrams(frames: &[Vec<u8>], l3: usize) -> Vec<(u16, u32)> {
     out
 }
 
+/// Sets which CPUs send by which TX queue of the peer's `ens0` (XPS:
+/// queue, hexadecimal CPU mask), and so on which RX queue of the gateway's
+/// end a packet arrives.
+fn set_xps(wire: &Wire, map: &[(u32, &str)]) {
+    for (q, cpus) in map {
+        let (ok, out) = wire.peer.exec(&[
+            "sh",
+            "-c",
+            &format!("echo {cpus} > /sys/class/net/ens0/queues/tx-{q}/xps_cpus"),
+        ]);
+        assert!(ok, "setting XPS: {out}");
+    }
+}
+
 /// Every flow's datagrams arrived, each once, in the order sent.
 fn assert_in_order(what: &str, seen: &[(u16, u32)], flows: std::ops::Range<u16>) {
     let mut next: HashMap<u16, u32> = HashMap::new();
@@ -122,14 +136,7 @@ fn one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering() {
     // the gateway's RX queue 0.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let all = format!("{:x}", (1u128 << cores.min(64)) - 1);
-    for (q, cpus) in [(0, all.as_str()), (1, "0")] {
-        let (ok, out) = wire.peer.exec(&[
-            "sh",
-            "-c",
-            &format!("echo {cpus} > /sys/class/net/ens0/queues/tx-{q}/xps_cpus"),
-        ]);
-        assert!(ok, "setting XPS: {out}");
-    }
+    set_xps(&wire, &[(0, all.as_str()), (1, "0")]);
     let gw = Gateway::start(&wire.gw, CONFIG);
     let gw_mac = wire.gw.mac("ens0");
     let tap = RawSocket::open(&wire.gw, "tap1", 64 << 20);
@@ -140,47 +147,7 @@ fn one_queue_s_writes_spread_over_both_workers_without_loss_or_reordering() {
 
     let tx = RawSocket::open(&wire.peer, "ens0", 1 << 20);
     let total = u64::from(GRE_FLOWS + IPIP_FLOWS) * u64::from(PER_FLOW);
-    let sender = std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut i = 0u64;
-        for seq in 0..PER_FLOW {
-            for flow in 0..GRE_FLOWS + IPIP_FLOWS {
-                let frame = if flow < GRE_FLOWS {
-                    let inner = pkt::udp(
-                        [10, 1, 1, 2],
-                        [10, 1, 1, 1],
-                        1000 + flow,
-                        9,
-                        &payload(flow, seq),
-                    );
-                    pkt::outer(
-                        gw_mac,
-                        REMOTE,
-                        LOCAL,
-                        47,
-                        &pkt::gre(0, 0x0800, 0, 0, &inner),
-                    )
-                } else {
-                    let inner = pkt::udp(
-                        [20, 1, 1, 2],
-                        [20, 1, 1, 1],
-                        1000 + flow,
-                        9,
-                        &payload(flow, seq),
-                    );
-                    pkt::outer(gw_mac, REMOTE, LOCAL, 4, &inner)
-                };
-                tx.send(&frame);
-                i += 1;
-                if i.is_multiple_of(64) {
-                    let due = Duration::from_secs_f64(i as f64 / RATE);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-            }
-        }
-    });
+    let sender = send_flows(tx, gw_mac, 0..GRE_FLOWS + IPIP_FLOWS, RATE, 0);
     // Two reloads while the traffic flows: each worker changes tunnel
     // lists at its own moment, so writes handed over cross a change.
     std::thread::sleep(Duration::from_millis(400));
@@ -318,14 +285,7 @@ fn three_workers_hand_writes_to_each_other_through_reloads() {
         return;
     }
     let wire = Wire::with_queues("sp3", &[], 3);
-    for (q, cpus) in [(0, "1"), (1, "2"), (2, "0")] {
-        let (ok, out) = wire.peer.exec(&[
-            "sh",
-            "-c",
-            &format!("echo {cpus} > /sys/class/net/ens0/queues/tx-{q}/xps_cpus"),
-        ]);
-        assert!(ok, "setting XPS: {out}");
-    }
+    set_xps(&wire, &[(0, "1"), (1, "2"), (2, "0")]);
     let config = CONFIG.replace("queues = \"all\"", "queues = \"all\"\ncores = [1, 0]");
     let gw = Gateway::start(&wire.gw, &config);
     let gw_mac = wire.gw.mac("ens0");

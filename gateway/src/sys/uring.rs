@@ -93,6 +93,32 @@ struct InFlight {
     iov: Vec<libc::iovec>,
 }
 
+impl InFlight {
+    /// The completion of this write, with `result`; its iovec array goes
+    /// back to `spare_iov`.
+    fn completed(
+        self,
+        result: i32,
+        peer: Option<usize>,
+        spare_iov: &mut Vec<Vec<libc::iovec>>,
+    ) -> Completed {
+        if self.iov.capacity() > 0 {
+            spare_iov.push(self.iov);
+        }
+        Completed {
+            op: self.op,
+            frame: Some(self.frame),
+            buf: None,
+            tag: self.tag,
+            expected: self.expected,
+            result,
+            packets: self.packets,
+            rest: self.rest,
+            peer,
+        }
+    }
+}
+
 /// user_data of cancel requests; not a frame index.
 const CANCEL_TAG: u64 = u64::MAX;
 /// user_data bit of multishot reads (the device's file slot below it).
@@ -694,20 +720,7 @@ impl DeviceIo {
                 if let Some((peer, f)) = self.foreign.get_mut(slot).and_then(Option::take) {
                     n += 1;
                     self.foreign_free.push(slot);
-                    if f.iov.capacity() > 0 {
-                        self.spare_iov.push(f.iov);
-                    }
-                    done(Completed {
-                        op: f.op,
-                        frame: Some(f.frame),
-                        buf: None,
-                        tag: f.tag,
-                        expected: f.expected,
-                        result: cqe.result(),
-                        packets: f.packets,
-                        rest: f.rest,
-                        peer: Some(peer),
-                    });
+                    done(f.completed(cqe.result(), Some(peer), &mut self.spare_iov));
                 }
                 continue;
             }
@@ -715,20 +728,7 @@ impl DeviceIo {
             if let Some(f) = in_flight.get_mut(idx).and_then(Option::take) {
                 n += 1;
                 self.write_frames -= 1 + f.rest.len();
-                if f.iov.capacity() > 0 {
-                    self.spare_iov.push(f.iov);
-                }
-                done(Completed {
-                    op: f.op,
-                    frame: Some(f.frame),
-                    buf: None,
-                    tag: f.tag,
-                    expected: f.expected,
-                    result: cqe.result(),
-                    packets: f.packets,
-                    rest: f.rest,
-                    peer: None,
-                });
+                done(f.completed(cqe.result(), None, &mut self.spare_iov));
             }
         }
         self.count -= n;
