@@ -1049,30 +1049,7 @@ fn main() -> Result<()> {
 fn topology(gen: &str, gw: &str, queues: usize) -> Result<(NetNs, NetNs, [u8; 6], [u8; 6])> {
     let gen_ns = NetNs::new(gen)?;
     let gw_ns = NetNs::new(gw)?;
-    let q = queues.to_string();
-    ns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "gen0",
-        "netns",
-        &gen_ns.name,
-        "numrxqueues",
-        &q,
-        "numtxqueues",
-        &q,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ens0",
-        "netns",
-        &gw_ns.name,
-        "numrxqueues",
-        &q,
-        "numtxqueues",
-        &q,
-    ])?;
+    ns::veth(&gen_ns, "gen0", &gw_ns, "ens0", queues)?;
     gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
     gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
     gen_ns.ip(&["link", "set", "gen0", "up"])?;

@@ -91,6 +91,36 @@ impl Drop for NetNs {
     }
 }
 
+/// A veth pair: `a_dev` in `a`, `b_dev` in `b`, with `queues` RX and TX
+/// queues on each end.
+pub fn veth(a: &NetNs, a_dev: &str, b: &NetNs, b_dev: &str, queues: usize) -> Result<()> {
+    let q = queues.to_string();
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        a_dev,
+        "netns",
+        &a.name,
+        "numrxqueues",
+        &q,
+        "numtxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        &b.name,
+        "numrxqueues",
+        &q,
+        "numtxqueues",
+        &q,
+    ])?;
+    Ok(())
+}
+
 pub fn pin(core: usize) {
     core_affinity::set_for_current(core_affinity::CoreId { id: core });
 }

@@ -124,30 +124,7 @@ pub fn run(
 ) -> Result<TcpResults> {
     let a = NetNs::new("gwb-tcp-a")?;
     let b = NetNs::new("gwb-tcp-b")?;
-    let q = queues.to_string();
-    ns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "ens0",
-        "netns",
-        &a.name,
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ens0",
-        "netns",
-        &b.name,
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-    ])?;
+    ns::veth(&a, "ens0", &b, "ens0", queues)?;
     a.ip(&["addr", "add", &format!("{A}/24"), "dev", "ens0"])?;
     b.ip(&["addr", "add", &format!("{B}/24"), "dev", "ens0"])?;
     a.ip(&["link", "set", "ens0", "up"])?;

@@ -192,11 +192,12 @@ struct State {
     coalesce_udp: bool,
     /// The other workers, when device writes are spread over them.
     spread: Option<Link>,
-    /// Writes other workers handed to this one, and answers to this one's.
-    /// by the worker they came from. (Jobs from a worker already on a
-    /// newer tunnel list wait here, in order, until this one switches too;
-    /// the other workers' go on meanwhile.)
+    /// Writes other workers handed to this one, by the worker they came
+    /// from. (Jobs from a worker already on a newer tunnel list wait here,
+    /// in order, until this one switches too; the other workers' go on
+    /// meanwhile.)
     jobs_in: Vec<std::collections::VecDeque<Job>>,
+    /// Answers to this one's hand-overs (a vector kept for reuse).
     answers_in: Vec<Returned>,
     /// Jobs taken per call, at most (the completion queue's room).
     jobs_per_poll: usize,
@@ -782,26 +783,16 @@ impl Worker {
                     for _ in 0..j.packets {
                         st.local.drop(DropReason::ReloadStale);
                     }
-                    self.free.push(j.frame);
-                    self.free.extend(j.rest.into_iter().map(|p| p.frame));
+                    self.take_back(io, Some(j.frame), j.rest);
                 }
-                Returned::Written(c, g) if g != generation => {
-                    if c.result < 0 || c.result as u32 != c.expected {
+                Returned::Written(c, g) => {
+                    let failed = c.result < 0 || c.result as u32 != c.expected;
+                    if g == generation || failed {
                         account_write(&c, &mut st.local);
                     } else {
                         st.local.delivered += u64::from(c.packets);
                     }
-                    self.free.extend(c.frame);
-                    let mut rest = c.rest;
-                    self.free.extend(rest.drain(..).map(|p| p.frame));
-                    io.recycle(rest);
-                }
-                Returned::Written(c, _) => {
-                    account_write(&c, &mut st.local);
-                    self.free.extend(c.frame);
-                    let mut rest = c.rest;
-                    self.free.extend(rest.drain(..).map(|p| p.frame));
-                    io.recycle(rest);
+                    self.take_back(io, c.frame, c.rest);
                 }
                 // Written here after all, in the order handed over.
                 Returned::Bounced(j) => {
@@ -811,7 +802,6 @@ impl Worker {
             }
         }
         st.answers_in = answers;
-        let generation = self.shared.tunnels.generation;
         let mut budget = st.jobs_per_poll;
         for from in 0..st.jobs_in.len() {
             while budget > 0 {
@@ -899,6 +889,14 @@ impl Worker {
             self.free.push(j.frame);
             self.free.extend(j.rest.into_iter().map(|p| p.frame));
         }
+    }
+
+    /// Puts the frames of a finished write back on the free list, and its
+    /// vector of pieces back for reuse.
+    fn take_back(&mut self, io: &mut DeviceIo, frame: Option<Frame>, mut rest: Vec<Piece>) {
+        self.free.extend(frame);
+        self.free.extend(rest.drain(..).map(|p| p.frame));
+        io.recycle(rest);
     }
 
     /// Writes a job whose virtio-net header is in place (one that came
@@ -1031,10 +1029,7 @@ impl Worker {
                     self.device_gone(st, c.tag);
                 }
                 account_write(&c, &mut st.local);
-                self.free.extend(c.frame);
-                let mut rest = c.rest;
-                self.free.extend(rest.drain(..).map(|p| p.frame));
-                io.recycle(rest);
+                self.take_back(io, c.frame, c.rest);
             }
             Op::Read => {
                 let t = usize::from(c.tag);
@@ -1399,8 +1394,9 @@ impl Worker {
                     || self.shared.stop.load(Ordering::Relaxed))
             {
                 // Another worker does not answer (it died, or is stopping):
-                // switch anyway; what it may still answer is accounted
-                // then, against the new list's counters.
+                // switch anyway; what it answers later is of the old list
+                // and is not written or counted against a tunnel of the
+                // new one (see `spread_poll`).
                 tracing::warn!(
                     queue = self.queue,
                     frames = st.frames.at_peers,
@@ -1574,8 +1570,7 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
     } else {
         let t = usize::from(c.tag);
         local.delivered += packets;
-        // (A write answered after a reload that was forced through may
-        // name a tunnel the new list lacks.)
+        // (Indices are of the tunnel list in force; a miss is not a panic.)
         if let (Some(p), Some(b)) = (
             local.tunnel_rx_packets.get_mut(t),
             local.tunnel_rx_bytes.get_mut(t),
