@@ -176,6 +176,11 @@ struct State {
     frames: FrameCounts,
     /// Free frames the fill ring leaves for packets read from the devices.
     tx_reserve: usize,
+    /// Most frames the way out may hold at once (waiting for or in the TX
+    /// ring): the rest stay with the way in, so an outbound backlog that the
+    /// TX ring drains slowly cannot starve the fill ring (seen under a flood:
+    /// every frame in TX, the fill ring empty, received packets lost).
+    tx_cap: usize,
     /// Frames holding packets just read, before encapsulation.
     from_device: Vec<(Frame, usize)>,
     /// Reads (tunnel, buffer, bytes) waiting for enough free frames, in
@@ -266,6 +271,7 @@ impl Worker {
         let ntun = self.shared.tunnels.rx.len();
         let total = self.free.len() as u64;
         let tx_reserve = (total / 4).clamp(1, TX_RESERVE) as usize;
+        let tx_cap = (total as usize / 2).max(tx_reserve);
         // Room for a few batches of writes and one read per device, with
         // as many devices as a reload may bring.
         let entries = (self.batch as u32 * 4 + MAX_TUNNELS as u32)
@@ -297,6 +303,7 @@ impl Worker {
                 ..Default::default()
             },
             tx_reserve,
+            tx_cap,
             from_device: Vec::with_capacity(64),
             deferred: std::collections::VecDeque::with_capacity(usize::from(READ_BUFS)),
             gone: vec![false; ntun],
@@ -1080,7 +1087,8 @@ impl Worker {
             // there, and what finds no frame is counted as `tx_ring_full`,
             // rather than holding every read behind it for ever.
             let need = self.frames_needed(t, data).min(st.tx_reserve);
-            if !force && self.free.len() < need {
+            let outbound = st.frames.in_tx as usize + st.tx_pending.len();
+            if !force && (self.free.len() < need || outbound + need > st.tx_cap) {
                 break;
             }
             st.deferred.pop_front();

@@ -209,6 +209,15 @@ fn a_full_rate_flood_of_garbage_is_counted_and_the_tunnels_keep_working() {
         "legitimate: {legit_rx} of {legit_sent} delivered during the flood ({lost_in_kernel} frames of all kinds dropped by the full socket)"
     );
     assert!(legit_rx > 0, "the legitimate tunnel carried nothing: {s}");
+    // A fair share: the way out, flooded too, must not take every frame
+    // from the way in. (Before the way out was capped at half the frames,
+    // its TX backlog held them all, the fill ring ran dry and 36 of 5,014
+    // legitimate packets arrived; with the cap about two thirds do. Both
+    // sides slow down together on a slower machine, so the ratio holds.)
+    assert!(
+        legit_rx * 10 >= u64::from(legit_sent),
+        "the way in starved during the flood: {legit_rx} of {legit_sent} legitimate packets delivered: {s}"
+    );
     if lost_in_kernel == 0 {
         assert_eq!(legit_rx, u64::from(legit_sent), "{s}");
     }
@@ -230,9 +239,20 @@ fn a_full_rate_flood_of_garbage_is_counted_and_the_tunnels_keep_working() {
     );
     assert!(tx("tun100") > 0 && tx("tun200") > 0, "{s}");
 
-    // And afterwards both tunnels work as before: every packet arrives.
-    let tap = RawSocket::open(&wire.gw, "tap1", 8 << 20);
-    let tun = RawSocket::open(&wire.gw, "tun2", 8 << 20);
+    // And afterwards both tunnels work as before: every packet arrives,
+    // each once, at the application. (Counted by sockets, not by a capture
+    // on the devices: two datagrams of the flow that reach one RX batch
+    // are coalesced into one UDP GSO packet, which a capture sees as one
+    // frame and the kernel delivers as two datagrams.)
+    let listen = |addr: &'static str| {
+        wire.gw.run(move || {
+            let s = std::net::UdpSocket::bind(addr).expect("bind");
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s
+        })
+    };
+    let (on_tap, on_tun) = (listen("10.1.1.1:6100"), listen("20.1.1.1:6100"));
     let sock = RawSocket::open(&wire.peer, "ens0", 1 << 20);
     for i in 0..200u32 {
         let a = pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 5000, 6100, &i.to_be_bytes());
@@ -247,18 +267,26 @@ fn a_full_rate_flood_of_garbage_is_counted_and_the_tunnels_keep_working() {
         sock.send(&pkt::outer(gw_mac, REMOTE, LOCAL, 4, &b));
         std::thread::sleep(Duration::from_micros(200));
     }
-    assert_eq!(
-        tap.receive(usize::MAX, Duration::from_millis(500))
-            .iter()
-            .filter(|f| f.len() > 14 && f[12..14] == [8, 0])
-            .count(),
-        200
-    );
-    assert_eq!(
-        tun.receive(usize::MAX, Duration::from_millis(500)).len(),
-        200
-    );
+    // Each of 0..200 once on each socket; waits until 200 came or nothing
+    // came for 2 s.
+    let received = |s: &std::net::UdpSocket| {
+        let mut seen = Vec::new();
+        let mut quiet_since = Instant::now();
+        let mut buf = [0u8; 64];
+        while seen.len() < 200 && quiet_since.elapsed() < Duration::from_secs(2) {
+            if let Ok(4) = s.recv(&mut buf) {
+                seen.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                quiet_since = Instant::now();
+            }
+        }
+        seen.sort_unstable();
+        seen
+    };
+    let all: Vec<u32> = (0..200).collect();
+    let (got_tap, got_tun) = (received(&on_tap), received(&on_tun));
     let after = gw.settled_stats();
+    assert_eq!(got_tap, all, "through tun100 (tap): {after}");
+    assert_eq!(got_tun, all, "through tun200 (tun): {after}");
     assert_accounting(&after);
     assert_eq!(tunnel_rx(&after, "tun100"), 200);
     assert_eq!(tunnel_rx(&after, "tun200"), legit_rx + 200);
