@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use gateway::config::Ttl;
 use gateway::decap::{decap, RxState};
-use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
+use gateway::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
 use gateway::offload::{self, Run, Segmenter, VnetHdr};
 use gateway::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
 
@@ -205,6 +205,7 @@ fn main() {
         remote: Ipv4Addr::new(192, 168, 0, 58).into(),
         encap_limit: None,
         path_mtu: Default::default(),
+        ident: Default::default(),
         okey: None,
         ocsum: false,
         oseq: None,
@@ -241,7 +242,7 @@ fn main() {
                         inner.len(),
                         &tx,
                         Some(hop),
-                        i as u16,
+                        &mut TxContext::new(i as u16),
                     ));
                 }
             }
@@ -296,7 +297,13 @@ fn main() {
         let start = Instant::now();
         for _ in 0..iters / BATCH {
             for (i, b) in bufs.iter_mut().enumerate() {
-                let v = encap(black_box(b), inner.len(), &tx, Some(hop), i as u16);
+                let v = encap(
+                    black_box(b),
+                    inner.len(),
+                    &tx,
+                    Some(hop),
+                    &mut TxContext::new(i as u16),
+                );
                 assert!(matches!(v, Verdict::Transmit { .. }));
             }
         }

@@ -144,7 +144,8 @@ mod prog {
                 }
                 let proto = ip[9];
                 if proto == IPPROTO_ICMP {
-                    return icmp_about_a_tunnel(ctx, l3, ip[0] & 0x0f);
+                    let to = [ip[16], ip[17], ip[18], ip[19]];
+                    return icmp_about_a_tunnel(ctx, l3, ip[0] & 0x0f, to);
                 }
                 // GRE, IPIP, and IPv6 in IPv4 (sit).
                 if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
@@ -165,7 +166,9 @@ mod prog {
                 }
                 let mut next = ip[6];
                 if next == IPPROTO_ICMPV6 {
-                    return icmpv6_about_a_tunnel(ctx, l3);
+                    let mut to = [0u8; 16];
+                    to.copy_from_slice(&ip[24..40]);
+                    return icmpv6_about_a_tunnel(ctx, l3, &to);
                 }
                 // One destination-options header (RFC 2473's encapsulation
                 // limit, which ip6tnl and ip6gre send by default) is looked
@@ -213,11 +216,17 @@ mod prog {
 
     /// An ICMP "fragmentation needed" whose quoted packet is one the gateway
     /// sent on a configured tunnel (source = a tunnel's local address,
-    /// destination = its remote, a tunnel protocol) goes to the gateway,
-    /// which lowers that path's MTU; every other ICMP message, to the
-    /// kernel. Only outer headers without options are looked into.
+    /// destination = its remote, a tunnel protocol), and that is addressed
+    /// (`to`) to that local address, goes to the gateway, which lowers that
+    /// path's MTU; every other ICMP message, to the kernel. Only outer
+    /// headers without options are looked into.
     #[inline(always)]
-    fn icmp_about_a_tunnel(ctx: &XdpContext, l3: usize, ihl: u8) -> Result<(), XdpCounter> {
+    fn icmp_about_a_tunnel(
+        ctx: &XdpContext,
+        l3: usize,
+        ihl: u8,
+        to: [u8; 4],
+    ) -> Result<(), XdpCounter> {
         if ihl != 5 {
             return Err(XdpCounter::PassOtherProto);
         }
@@ -229,6 +238,10 @@ mod prog {
         let proto = quoted[9];
         if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
             return Err(XdpCounter::PassOtherProto);
+        }
+        // For another host: not ours to act on, whatever it quotes.
+        if to != [quoted[12], quoted[13], quoted[14], quoted[15]] {
+            return Err(XdpCounter::PassOtherHost);
         }
         let key = EndpointKey::v4(
             [quoted[12], quoted[13], quoted[14], quoted[15]],
@@ -246,7 +259,7 @@ mod prog {
     /// the gateway sent on a configured tunnel (looking through the
     /// encapsulation-limit header it sends) goes to the gateway.
     #[inline(always)]
-    fn icmpv6_about_a_tunnel(ctx: &XdpContext, l3: usize) -> Result<(), XdpCounter> {
+    fn icmpv6_about_a_tunnel(ctx: &XdpContext, l3: usize, to: &[u8; 16]) -> Result<(), XdpCounter> {
         let icmp = bytes::<8>(ctx, l3 + 40).ok_or(XdpCounter::PassOtherProto)?;
         if icmp[0] != ICMPV6_PACKET_TOO_BIG {
             return Err(XdpCounter::PassOtherProto);
@@ -263,6 +276,9 @@ mod prog {
         let mut remote = [0u8; 16];
         local.copy_from_slice(&quoted[8..24]);
         remote.copy_from_slice(&quoted[24..40]);
+        if *to != local {
+            return Err(XdpCounter::PassOtherHost);
+        }
         // SAFETY: as in `classify`: a plain value, not kept.
         match unsafe { ENDPOINTS.get(&EndpointKey::v6(local, remote, proto)) } {
             Some(_) => Ok(()),

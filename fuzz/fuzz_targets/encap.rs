@@ -9,31 +9,58 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use gateway::config::{Tos, Ttl};
-use gateway::encap::{encap, NextHop, TunnelTx, Verdict};
+use gateway::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
 use gateway::tunnel::{DeviceKind, Mode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&knobs, packet)) = data.split_first() else { return };
+    let Some((&knobs, packet)) = data.split_first() else {
+        return;
+    };
     let t = TunnelTx {
-        mode: if knobs & 1 == 0 { Mode::Gre } else { Mode::Ipip },
+        mode: if knobs & 1 == 0 {
+            Mode::Gre
+        } else {
+            Mode::Ipip
+        },
         // IPv4 or IPv6 underlay, the latter with or without the
         // encapsulation-limit option.
-        local: if data.len() % 3 == 0 { "2001:db8::8".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 8).into() },
-        remote: if data.len() % 3 == 0 { "2001:db8::58".parse().unwrap() } else { Ipv4Addr::new(192, 168, 0, 58).into() },
+        local: if data.len() % 3 == 0 {
+            "2001:db8::8".parse().unwrap()
+        } else {
+            Ipv4Addr::new(192, 168, 0, 8).into()
+        },
+        remote: if data.len() % 3 == 0 {
+            "2001:db8::58".parse().unwrap()
+        } else {
+            Ipv4Addr::new(192, 168, 0, 58).into()
+        },
         encap_limit: (data.len() % 2 == 0).then_some(4),
         path_mtu: Default::default(),
+        ident: Default::default(),
         okey: (knobs & 2 != 0).then_some(0x0102_0304),
         ocsum: knobs & 4 != 0,
         // Sequence numbers with the key; TOS, DF and ignore-df follow the
         // TTL choice, in the combinations the configuration allows.
         oseq: (knobs & 2 != 0).then(|| Arc::new(AtomicU32::new(u32::MAX))),
-        ttl: if knobs & 8 != 0 { Ttl::Inherit } else { Ttl::Fixed(64) },
-        tos: if knobs & 8 != 0 { Tos::Inherit } else { Tos::Fixed(0xb8) },
+        ttl: if knobs & 8 != 0 {
+            Ttl::Inherit
+        } else {
+            Ttl::Fixed(64)
+        },
+        tos: if knobs & 8 != 0 {
+            Tos::Inherit
+        } else {
+            Tos::Fixed(0xb8)
+        },
         pmtudisc: knobs & 8 == 0,
         ignore_df: knobs & 8 != 0 && knobs & 4 != 0,
         mtu: if knobs & 16 != 0 { 1280 } else { 68 },
-        device_kind: if knobs & 32 != 0 { DeviceKind::Tun } else { DeviceKind::Tap },
+        device_kind: if knobs & 32 != 0 {
+            DeviceKind::Tun
+        } else {
+            DeviceKind::Tap
+        },
         device_mac: [2, 0, 0, 0, 0, 1],
         peer_mac: [2, 0, 0, 0, 0, 2],
         address: (knobs & 64 != 0).then(|| "10.1.1.1".parse().unwrap()),
@@ -51,7 +78,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     buf[off..off + packet.len()].copy_from_slice(packet);
-    match encap(&mut buf, packet.len(), &t, hop, 7) {
+    // A path MTU learned, sometimes: small enough for IPv6 to go out with
+    // the outer DF clear, or not.
+    if knobs & 16 != 0 && data.len() % 5 == 0 {
+        t.path_mtu
+            .lower(if data.len() % 10 == 0 { 600 } else { 1400 }, 0);
+    }
+    let mut cx = TxContext::new(7);
+    match encap(&mut buf, packet.len(), &t, hop, &mut cx) {
         Verdict::Transmit { len } => assert!(len <= buf.len()),
         Verdict::Reply { offset, len, .. } => assert!(offset + len <= buf.len()),
         Verdict::Drop(_) => {}

@@ -89,7 +89,7 @@ pub fn decap(
             if proto == IPPROTO_ICMP {
                 let start = l3 + ip.header_len();
                 let end = l3 + usize::from(ip.total_len());
-                return path_mtu_from_icmp(&frame[start..end], table);
+                return path_mtu_from_icmp(&frame[start..end], ip.dst_addr(), table);
             }
             if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
                 return Err(DropReason::NotTunnelProtocol);
@@ -197,6 +197,29 @@ pub fn decap(
         if len - ethernet::HEADER_LEN > usize::from(t.mtu) + 4 {
             return Err(DropReason::InnerTooBig);
         }
+        // ECN, as for IP in IP: the kernel applies RFC 6040 to the IP
+        // header right behind the inner Ethernet header (ip_tunnel_rcv,
+        // before eth_type_trans); other frames (ARP, VLAN-tagged) pass as
+        // they are.
+        let eth_end = inner_start + ethernet::HEADER_LEN;
+        let ip_len = payload.end - eth_end;
+        let inner = match [frame[eth_end - 2], frame[eth_end - 1]] {
+            [0x08, 0x00] => Some((Inner::V4, ipv4::HEADER_LEN)),
+            [0x86, 0xdd] => Some((Inner::V6, ipv6::HEADER_LEN)),
+            _ => None,
+        };
+        if let Some((inner, min)) = inner {
+            // pskb_inet_may_pull: an IP header cut short is dropped.
+            if ip_len < min {
+                return Err(DropReason::InnerMalformed);
+            }
+            let ip = &mut frame[eth_end..payload.end];
+            let inner_ecn = match inner {
+                Inner::V4 => ip[1] & ECN_MASK,
+                Inner::V6 => (u16::from_be_bytes([ip[0], ip[1]]) >> 4) as u8 & ECN_MASK,
+            };
+            ecn_decapsulate(outer_ecn, inner_ecn, inner, ip)?;
+        }
         return Ok(Delivery {
             tunnel,
             offset: inner_start,
@@ -219,13 +242,18 @@ pub fn decap(
             {
                 let len = usize::from(p.total_len());
                 let ttl = p.ttl();
+                // The kernel's ip_rcv drops a header with a wrong checksum
+                // before it would forward the packet.
+                if !p.verify_checksum() {
+                    return Err(DropReason::InnerMalformed);
+                }
                 if ttl <= 1 {
                     return Err(DropReason::KeepaliveTtlExpired);
                 }
-                // Forwarded, as the kernel would: one hop less.
+                // Forwarded, as the kernel would: one hop less (the
+                // checksum updated for that change alone, RFC 1624).
                 let mut q = ipv4::Packet::new_unchecked(&mut frame[inner_start..inner_start + len]);
-                q.set_ttl(ttl - 1);
-                q.fill_checksum();
+                q.update_ttl(ttl - 1);
                 return Ok(Delivery {
                     tunnel,
                     offset: inner_start,
@@ -254,29 +282,12 @@ pub fn decap(
     if inner_len > usize::from(t.mtu) {
         return Err(DropReason::InnerTooBig);
     }
-    // ECN, RFC 6040 as the kernel does it (INET_ECN_decapsulate):
-    // congestion marked on the outer header is carried to an ECN-capable
-    // inner packet; a not-ECT inner packet under a CE outer is dropped.
-    // Otherwise the inner ECN field stands.
-    if outer_ecn == ECN_CE && inner_ecn != ECN_CE {
-        if inner_ecn == 0 {
-            return Err(DropReason::EcnCeOnNotEct);
-        }
-        let inner_bytes = &mut frame[inner_start..inner_start + inner_len];
-        match inner {
-            Inner::V4 => {
-                let mut p = ipv4::Packet::new_unchecked(inner_bytes);
-                let tos = p.dscp_ecn();
-                p.set_dscp_ecn(tos | ECN_CE);
-                p.fill_checksum();
-            }
-            Inner::V6 => {
-                let mut p = ipv6::Packet::new_unchecked(inner_bytes);
-                let tc = p.traffic_class();
-                p.set_traffic_class(tc | ECN_CE);
-            }
-        }
-    }
+    ecn_decapsulate(
+        outer_ecn,
+        inner_ecn,
+        inner,
+        &mut frame[inner_start..inner_start + inner_len],
+    )?;
 
     match t.device_kind {
         DeviceKind::Tun => Ok(Delivery {
@@ -314,7 +325,16 @@ pub fn decap(
 /// about a packet the gateway sent: the tunnel with the quoted packet's
 /// endpoints, and the MTU it reports (no lower than the kernel's
 /// `min_pmtu`, 552).
-fn path_mtu_from_icmp(icmp: &[u8], table: &TunnelTable) -> Result<Delivery, DropReason> {
+///
+/// Only an error addressed to the tunnel's own local address is taken (the
+/// one the quoted packet came from), as the kernel takes only ICMP
+/// delivered to a local address: one sent to another host, quoting a
+/// tunnel packet, changes nothing here.
+fn path_mtu_from_icmp(
+    icmp: &[u8],
+    to: std::net::Ipv4Addr,
+    table: &TunnelTable,
+) -> Result<Delivery, DropReason> {
     const ICMP_HEADER: usize = 8;
     if icmp.len() < ICMP_HEADER + ipv4::HEADER_LEN || !checksum::verify(icmp) {
         return Err(DropReason::IcmpMalformed);
@@ -329,6 +349,9 @@ fn path_mtu_from_icmp(icmp: &[u8], table: &TunnelTable) -> Result<Delivery, Drop
     }
     let src = std::net::Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]);
     let dst = std::net::Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]);
+    if to != src {
+        return Err(DropReason::IcmpNotLocal);
+    }
     // What we sent: from our local address to the remote.
     let key = endpoint_key(src.into(), dst.into(), quoted[9]);
     let tunnel = table
@@ -381,6 +404,11 @@ fn path_mtu_from_icmpv6(
     let mut remote = [0u8; 16];
     local.copy_from_slice(&quoted[8..24]);
     remote.copy_from_slice(&quoted[24..40]);
+    // Addressed to the local address the quoted packet came from (see
+    // `path_mtu_from_icmp`).
+    if *dst != local {
+        return Err(DropReason::IcmpNotLocal);
+    }
     let key = endpoint_key(
         std::net::Ipv6Addr::from(local).into(),
         std::net::Ipv6Addr::from(remote).into(),
@@ -397,6 +425,42 @@ fn path_mtu_from_icmpv6(
             mtu: mtu.clamp(1280, 65535) as u16,
         },
     })
+}
+
+/// ECN, RFC 6040 as the kernel does it (`INET_ECN_decapsulate`) on the
+/// inner IP header at the start of `ip`, whose ECN field is `inner_ecn`:
+/// congestion marked on the outer header (CE) is carried to an ECN-capable
+/// inner packet, and a not-ECT inner packet under a CE outer is dropped;
+/// an ECT(1) outer turns an ECT(0) inner into ECT(1) (`INET_ECN_set_ect1`,
+/// for L4S). Otherwise the inner ECN field stands. An IPv4 header's
+/// checksum is updated for the change alone (RFC 1624).
+fn ecn_decapsulate(
+    outer: u8,
+    inner_ecn: u8,
+    inner: Inner,
+    ip: &mut [u8],
+) -> Result<(), DropReason> {
+    const ECT_1: u8 = 0x01;
+    const ECT_0: u8 = 0x02;
+    let new = match (outer, inner_ecn) {
+        (ECN_CE, 0) => return Err(DropReason::EcnCeOnNotEct),
+        (ECN_CE, e) if e != ECN_CE => ECN_CE,
+        (ECT_1, ECT_0) => ECT_1,
+        _ => return Ok(()),
+    };
+    match inner {
+        Inner::V4 => {
+            let mut p = ipv4::Packet::new_unchecked(ip);
+            let tos = p.dscp_ecn();
+            p.update_dscp_ecn((tos & !ECN_MASK) | new);
+        }
+        Inner::V6 => {
+            let mut p = ipv6::Packet::new_unchecked(ip);
+            let tc = p.traffic_class();
+            p.set_traffic_class((tc & !ECN_MASK) | new);
+        }
+    }
+    Ok(())
 }
 
 /// The kernel's `net.ipv4.route.min_pmtu` default.
@@ -461,37 +525,58 @@ mod tests {
         ])
     }
 
-    /// An ICMP echo request 10.1.1.2 -> 10.1.1.1, built by hand.
+    /// An ICMP echo request 10.1.1.2 -> 10.1.1.1, DF set, built by
+    /// etherparse.
     fn inner_v4() -> Vec<u8> {
-        let mut p = vec![
-            0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 1, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1, // IPv4
-            8, 0, 0, 0, 0x12, 0x34, 0, 1, // ICMP echo
-        ];
-        let c = checksum::checksum(&p[..20]);
-        p[10..12].copy_from_slice(&c.to_be_bytes());
-        let c = checksum::checksum(&p[20..]);
-        p[22..24].copy_from_slice(&c.to_be_bytes());
+        let b = etherparse::PacketBuilder::ipv4([10, 1, 1, 2], [10, 1, 1, 1], 64)
+            .icmpv4_echo_request(0x1234, 1);
+        let mut p = Vec::new();
+        b.write(&mut p, &[]).unwrap();
         p
     }
 
-    fn outer_v4(proto: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 14 + 20];
-        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 8]);
-        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 58]);
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
+    /// An IPv4 header built by etherparse from `src` to `dst` for
+    /// `payload_len` bytes of `proto`, DF clear, with ECN `ecn`.
+    fn ipv4_header(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        payload_len: usize,
+        ecn: u8,
+    ) -> Vec<u8> {
+        let mut h = etherparse::Ipv4Header::new(
+            payload_len as u16,
+            64,
+            etherparse::IpNumber(proto),
+            src.octets(),
+            dst.octets(),
+        )
+        .unwrap();
+        h.identification = 7;
+        h.dont_fragment = false;
+        h.ecn = etherparse::IpEcn::try_new(ecn).unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        h.to_bytes().to_vec()
+    }
+
+    /// An Ethernet frame from the remote's MAC to ours, IPv4 from `src` to
+    /// `dst` (etherparse), carrying `payload` as protocol `proto`.
+    fn outer_v4_between(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::Ethernet2Header {
+            destination: [2, 0, 0, 0, 0, 8],
+            source: [2, 0, 0, 0, 0, 58],
+            ether_type: etherparse::EtherType::IPV4,
+        }
+        .write(&mut f)
+        .unwrap();
+        f.extend_from_slice(&ipv4_header(src, dst, proto, payload.len(), 0));
         f.extend_from_slice(payload);
-        let repr = ipv4::Repr {
-            src: REMOTE,
-            dst: LOCAL,
-            protocol: IpProtocol::from(proto),
-            payload_len: payload.len(),
-            ttl: 64,
-            dscp_ecn: 0,
-            dont_frag: false,
-            ident: 7,
-        };
-        repr.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..]));
         f
+    }
+
+    fn outer_v4(proto: u8, payload: &[u8]) -> Vec<u8> {
+        outer_v4_between(REMOTE, LOCAL, proto, payload)
     }
 
     fn gre(flags_and_options: &[u8], protocol: u16, inner: &[u8]) -> Vec<u8> {
@@ -743,14 +828,22 @@ mod tests {
         );
     }
 
+    /// `f` with the ECN fields of the outer IPv4 header (at 14) and of the
+    /// inner one at `inner_at` set, both headers rebuilt by etherparse.
     fn with_ecn(mut f: Vec<u8>, outer: u8, inner: u8, inner_at: usize) -> Vec<u8> {
-        f[15] = (f[15] & !3) | outer;
-        let mut p = ipv4::Packet::new_unchecked(&mut f[14..]);
-        p.fill_checksum();
-        f[inner_at + 1] = (f[inner_at + 1] & !3) | inner;
-        let mut q = ipv4::Packet::new_unchecked(&mut f[inner_at..]);
-        q.fill_checksum();
+        for (at, ecn) in [(14, outer), (inner_at, inner)] {
+            let (mut h, _) = etherparse::Ipv4Header::from_slice(&f[at..]).unwrap();
+            h.ecn = etherparse::IpEcn::try_new(ecn).unwrap();
+            h.header_checksum = h.calc_header_checksum();
+            f[at..at + 20].copy_from_slice(&h.to_bytes());
+        }
         f
+    }
+
+    /// Checks an IPv4 header's checksum with etherparse.
+    fn etherparse_checksum_ok(ip: &[u8]) -> bool {
+        let (h, _) = etherparse::Ipv4Header::from_slice(ip).unwrap();
+        h.header_checksum == h.calc_header_checksum()
     }
 
     #[test]
@@ -764,19 +857,37 @@ mod tests {
         for ect in [1, 2] {
             let mut f = with_ecn(base.clone(), 3, ect, at);
             let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
-            let p = ipv4::Packet::new_checked(&f[d.offset..d.offset + d.len]).unwrap();
-            assert_eq!(p.dscp_ecn() & 3, 3);
-            assert!(p.verify_checksum());
+            let ip = &f[d.offset..d.offset + d.len];
+            assert_eq!(ip[1] & 3, 3);
+            assert!(etherparse_checksum_ok(ip));
         }
+        // Outer ECT(1) onto an ECT(0) inner packet: ECT(1) (the kernel's
+        // INET_ECN_set_ect1).
+        let mut f = with_ecn(base.clone(), 1, 2, at);
+        let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
+        let ip = &f[d.offset..d.offset + d.len];
+        assert_eq!(ip[1] & 3, 1);
+        assert!(etherparse_checksum_ok(ip));
+        // A header that came in corrupt stays corrupt after the CE mark:
+        // its checksum is updated, not computed again.
+        let mut f = with_ecn(base.clone(), 3, 2, at);
+        f[at + 8] ^= 0x10; // the TTL, behind the checksum's back
+        let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
+        let ip = &f[d.offset..d.offset + d.len];
+        assert_eq!(ip[1] & 3, 3);
+        assert!(
+            !etherparse_checksum_ok(ip),
+            "a corrupt header was made valid"
+        );
         // Outer CE on a not-ECT inner packet: dropped.
         let mut f = with_ecn(base.clone(), 3, 0, at);
         assert_eq!(
             decap(&mut f, &t, &mut RxState::new(8)),
             Err(DropReason::EcnCeOnNotEct)
         );
-        // Anything else leaves the inner field alone (the kernel does not
-        // carry ECT(1) over, nor ECT onto not-ECT).
-        for (outer, inner_ecn) in [(0, 0), (1, 0), (2, 0), (1, 2), (2, 1), (0, 3), (1, 3)] {
+        // Anything else leaves the inner field alone (the kernel carries no
+        // ECT onto not-ECT, and nothing onto CE).
+        for (outer, inner_ecn) in [(0, 0), (1, 0), (2, 0), (0, 2), (2, 1), (0, 3), (1, 3)] {
             let mut f = with_ecn(base.clone(), outer, inner_ecn, at);
             let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
             assert_eq!(
@@ -785,6 +896,73 @@ mod tests {
                 "outer {outer} inner {inner_ecn}"
             );
         }
+    }
+
+    #[test]
+    fn gretap_applies_rfc_6040_to_the_ip_inside() {
+        let table = TunnelTable::new(vec![tunnel("l2", Mode::Gretap, None, DeviceKind::Tap)]);
+        // An Ethernet frame (etherparse) with `ethertype` around `body`, in
+        // GRE (protocol 0x6558) in IPv4 with outer ECN `outer`.
+        let framed = |outer: u8, ethertype: etherparse::EtherType, body: &[u8]| {
+            let mut inner = Vec::new();
+            etherparse::Ethernet2Header {
+                destination: TAP_MAC,
+                source: [2, 0, 0, 0, 9, 2],
+                ether_type: ethertype,
+            }
+            .write(&mut inner)
+            .unwrap();
+            inner.extend_from_slice(body);
+            let g = gre(&[0, 0], 0x6558, &inner);
+            let mut f = outer_v4(47, &g);
+            let (mut h, _) = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap();
+            h.ecn = etherparse::IpEcn::try_new(outer).unwrap();
+            h.header_checksum = h.calc_header_checksum();
+            f[14..34].copy_from_slice(&h.to_bytes());
+            f
+        };
+        let ip_with = |ecn: u8| {
+            let mut p = inner_v4();
+            let (mut h, _) = etherparse::Ipv4Header::from_slice(&p).unwrap();
+            h.ecn = etherparse::IpEcn::try_new(ecn).unwrap();
+            h.header_checksum = h.calc_header_checksum();
+            p[..20].copy_from_slice(&h.to_bytes());
+            p
+        };
+        // Outer CE onto ECT(0): CE, the checksum right.
+        let mut f = framed(3, etherparse::EtherType::IPV4, &ip_with(2));
+        let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
+        let ip = &f[d.offset + 14..d.offset + d.len];
+        assert_eq!(ip[1] & 3, 3);
+        assert!(etherparse_checksum_ok(ip));
+        // Outer CE onto not-ECT: dropped, as the kernel does.
+        let mut f = framed(3, etherparse::EtherType::IPV4, &ip_with(0));
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(1)),
+            Err(DropReason::EcnCeOnNotEct)
+        );
+        // IPv6 inside: CE onto ECT(1).
+        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(1, 2);
+        let mut v6 = Vec::new();
+        b.write(&mut v6, &[7; 8]).unwrap();
+        let (mut h, _) = etherparse::Ipv6Header::from_slice(&v6).unwrap();
+        h.traffic_class = 1;
+        v6[..40].copy_from_slice(&h.to_bytes());
+        let mut f = framed(3, etherparse::EtherType::IPV6, &v6);
+        let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
+        let (h, _) = etherparse::Ipv6Header::from_slice(&f[d.offset + 14..]).unwrap();
+        assert_eq!(h.traffic_class & 3, 3);
+        // Not IP (ARP): delivered as it came, whatever the outer ECN.
+        let arp = [0x5au8; 28];
+        let mut f = framed(3, etherparse::EtherType::ARP, &arp);
+        let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
+        assert_eq!(&f[d.offset + 14..d.offset + d.len], &arp[..]);
+        // An IPv4 header cut short inside: dropped.
+        let mut f = framed(3, etherparse::EtherType::IPV4, &ip_with(2)[..12]);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(1)),
+            Err(DropReason::InnerMalformed)
+        );
     }
 
     #[test]
@@ -929,35 +1107,54 @@ mod tests {
 
     #[test]
     fn fragmentation_needed_about_a_tunnel_packet_reports_the_path_mtu() {
-        // What a router sends back: ICMP 3/4 with the MTU, quoting our
-        // outer header (local -> remote, GRE) and 8 bytes after it.
-        let icmp = |mtu: u16, src: Ipv4Addr| {
-            let mut m = vec![3, 4, 0, 0, 0, 0];
-            m.extend_from_slice(&mtu.to_be_bytes());
-            let mut quoted = outer_v4(47, &[0u8; 8])[14..].to_vec();
-            quoted[12..16].copy_from_slice(&src.octets());
-            quoted[16..20].copy_from_slice(&REMOTE.octets());
+        // What a router sends back (built by etherparse): ICMP 3/4 with the
+        // MTU, quoting our outer header (`from` -> `to`, GRE) and 8 bytes.
+        let icmp = |mtu: u16, from: Ipv4Addr, to: Ipv4Addr| {
+            let mut quoted = ipv4_header(from, to, 47, 8, 0);
+            quoted.extend_from_slice(&[0u8; 8]);
+            let h = etherparse::Icmpv4Header::with_checksum(
+                etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: mtu,
+                    },
+                ),
+                &quoted,
+            );
+            let mut m = h.to_bytes().to_vec();
             m.extend_from_slice(&quoted);
-            let c = checksum::checksum(&m);
-            m[2..4].copy_from_slice(&c.to_be_bytes());
             m
         };
-        let mut f = outer_v4(1, &icmp(1300, LOCAL));
+        let mut f = outer_v4(1, &icmp(1300, LOCAL, REMOTE));
         let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.kind, Kind::PathMtu { mtu: 1300 });
         // Below the kernel's min_pmtu: taken as 552.
-        let mut f = outer_v4(1, &icmp(300, LOCAL));
+        let mut f = outer_v4(1, &icmp(300, LOCAL, REMOTE));
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)).unwrap().kind,
             Kind::PathMtu { mtu: 552 }
         );
-        // About somebody else's packet; with a wrong checksum.
-        let mut f = outer_v4(1, &icmp(1300, Ipv4Addr::new(192, 168, 0, 99)));
+        // About somebody else's packet; addressed to another host (which
+        // anyone could send, to lower our path MTU); about a packet from
+        // us to a host we have no tunnel with.
+        let other = Ipv4Addr::new(192, 168, 0, 99);
+        let mut f = outer_v4(1, &icmp(1300, other, REMOTE));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::IcmpNotLocal)
+        );
+        let mut f = outer_v4_between(REMOTE, other, 1, &icmp(1300, LOCAL, REMOTE));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::IcmpNotLocal)
+        );
+        let unknown = Ipv4Addr::new(192, 168, 0, 77);
+        let mut f = outer_v4(1, &icmp(1300, LOCAL, unknown));
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::UnknownEndpoint)
         );
-        let mut bad = icmp(1300, LOCAL);
+        // With a wrong checksum.
+        let mut bad = icmp(1300, LOCAL, REMOTE);
         bad[2] ^= 1;
         let mut f = outer_v4(1, &bad);
         assert_eq!(

@@ -85,6 +85,16 @@ pub enum DropReason {
     ReloadStale,
     /// Inner source is not the tunnel's peer (nor a network behind it).
     InnerSourceNotPeer,
+    /// An outer fragment that repeats bytes already held (an exact
+    /// duplicate, or one inside a run of held fragments): dropped alone, the
+    /// datagram kept, as the kernel's `inet_frag_queue_insert` does.
+    FragmentDuplicate,
+    /// An ICMP error about a tunnel packet that is not addressed to that
+    /// tunnel's local address (anyone could otherwise lower its path MTU).
+    IcmpNotLocal,
+    /// An ICMP error about a tunnel packet beyond the rate the gateway
+    /// takes them at (path MTU updates per second, per worker).
+    IcmpRateLimited,
 
     // ---- the way out: packets read from a tunnel's device ----
     /// Reading from the device failed.
@@ -112,10 +122,14 @@ pub enum DropReason {
     TxReplyWriteError,
     /// Read from a device but not sent because the gateway was stopping.
     TxShutdown,
+    /// Larger than the tunnel MTU, and no ICMP error sent back: the packet
+    /// is itself an ICMP error or a non-first fragment (never answered, RFC
+    /// 1122 and 4443), or the worker's ICMP rate (1000/s) is spent.
+    TxTooBigNoIcmp,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 46;
+    pub const COUNT: usize = 50;
 
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Truncated,
@@ -153,6 +167,9 @@ impl DropReason {
         DropReason::DeviceDown,
         DropReason::ReloadStale,
         DropReason::InnerSourceNotPeer,
+        DropReason::FragmentDuplicate,
+        DropReason::IcmpNotLocal,
+        DropReason::IcmpRateLimited,
         DropReason::TxDeviceReadError,
         DropReason::TxNotIp,
         DropReason::TxMalformed,
@@ -164,6 +181,7 @@ impl DropReason {
         DropReason::TxRingFull,
         DropReason::TxReplyWriteError,
         DropReason::TxShutdown,
+        DropReason::TxTooBigNoIcmp,
     ];
 
     /// Stable snake_case name for stats output and metrics.
@@ -209,6 +227,9 @@ impl DropReason {
             DropReason::ReloadStale => "reload_stale",
             DropReason::DeviceWriteShort => "device_write_short",
             DropReason::InnerSourceNotPeer => "inner_source_not_peer",
+            DropReason::FragmentDuplicate => "fragment_duplicate",
+            DropReason::IcmpNotLocal => "icmp_not_local",
+            DropReason::IcmpRateLimited => "icmp_rate_limited",
             DropReason::TxDeviceReadError => "tx_device_read_error",
             DropReason::TxNotIp => "tx_not_ip",
             DropReason::TxMalformed => "tx_malformed",
@@ -220,6 +241,7 @@ impl DropReason {
             DropReason::TxRingFull => "tx_ring_full",
             DropReason::TxReplyWriteError => "tx_reply_write_error",
             DropReason::TxShutdown => "tx_shutdown",
+            DropReason::TxTooBigNoIcmp => "tx_too_big_no_icmp",
         }
     }
 }

@@ -6,11 +6,12 @@
 //! too big for the tunnel, which get ICMP back into the device.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Tos, Ttl};
 use crate::drop_reason::DropReason;
+use crate::ratelimit::RateLimit;
 use crate::tunnel::{DeviceKind, Mode};
 use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, IpProtocol};
 
@@ -31,6 +32,12 @@ pub struct TunnelTx {
     /// The path MTU the underlay reported (ICMP fragmentation needed),
     /// shared by the workers and kept across reloads.
     pub path_mtu: Arc<PathMtu>,
+    /// The outer IPv4 identification of packets sent without DF (which a
+    /// router may fragment): one counter for the tunnel, shared by every
+    /// worker, so no two workers send the same ID at once (RFC 6864; the
+    /// kernel's `__ip_select_ident` keeps one per destination). Packets
+    /// with DF take the worker's own.
+    pub ident: Arc<AtomicU16>,
     pub ttl: Ttl,
     pub tos: Tos,
     /// Outer DF always set; without it DF follows an IPv4 inner packet
@@ -117,14 +124,18 @@ impl PathMtu {
     }
 
     /// Takes `mtu` when it is lower than the one in force (or none is).
+    /// Workers race here: a compare-and-swap, so a higher MTU never
+    /// overwrites a lower one that another worker stored in between.
     pub fn lower(&self, mtu: u16, now: u32) -> bool {
-        if self.get(now).is_some_and(|m| m <= mtu) {
-            return false;
-        }
         let until = u64::from(now.saturating_add(PATH_MTU_EXPIRES));
+        let new = until << 32 | u64::from(mtu);
         self.0
-            .store(until << 32 | u64::from(mtu), Ordering::Relaxed);
-        true
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                let (old_until, old) = ((v >> 32) as u32, v as u16);
+                let in_force = old != 0 && old_until > now;
+                (!in_force || mtu < old).then_some(new)
+            })
+            .is_ok()
     }
 }
 
@@ -154,15 +165,44 @@ pub enum Verdict {
 
 const ETH_P_ARP_LEN: usize = 28;
 
+/// ICMP errors a worker sends back into the devices per second, at most:
+/// the kernel's `net.ipv4.icmp_msgs_per_sec` default. (The kernel itself
+/// exempts "fragmentation needed" from its limits; the gateway does not,
+/// since each one costs the worker a frame and a write.)
+pub const ICMP_PER_SECOND: u32 = 1000;
+
+/// What encapsulation takes from its worker besides the packet.
+#[derive(Debug, Clone)]
+pub struct TxContext {
+    /// The outer IPv4 identification for a packet with DF (any value
+    /// will do there, RFC 6864); the worker steps it per packet.
+    pub ident: u16,
+    /// [`crate::clock`] seconds, for path MTU expiry and the ICMP budget.
+    pub now: u32,
+    /// ICMP errors this worker may still send.
+    pub icmp: RateLimit,
+}
+
+impl TxContext {
+    pub fn new(ident: u16) -> TxContext {
+        TxContext {
+            ident,
+            now: 0,
+            icmp: RateLimit::new(ICMP_PER_SECOND),
+        }
+    }
+}
+
 /// Processes `n` bytes read at `t.read_offset()` in `buf` (which extends to
-/// the end of the frame). `ident` is the outer IPv4 identification to use.
+/// the end of the frame).
 pub fn encap(
     buf: &mut [u8],
     n: usize,
     t: &TunnelTx,
     next_hop: Option<NextHop>,
-    ident: u16,
+    cx: &mut TxContext,
 ) -> Verdict {
+    let ident = cx.ident;
     let off = t.read_offset();
     if off + n > buf.len() {
         return Verdict::Drop(DropReason::TxMalformed);
@@ -199,8 +239,9 @@ pub fn encap(
     };
     let inner_n = n - (inner_start - off);
 
-    // The inner packet: check it, decide TTL, ECN and DF from it.
-    let (inner_len, inner_ttl, inner_tos, inner_df) = match family {
+    // The inner packet: check it, decide TTL, ECN and DF from it, and
+    // whether an ICMP error may answer it.
+    let (inner_len, inner_ttl, inner_tos, inner_df, answerable) = match family {
         ethernet::EtherType::Ipv4 => {
             let Ok(ip) = ipv4::Packet::new_checked(&buf[inner_start..inner_start + inner_n]) else {
                 return Verdict::Drop(DropReason::TxMalformed);
@@ -217,6 +258,7 @@ pub fn encap(
                 ip.ttl(),
                 ip.dscp_ecn(),
                 ip.dont_frag(),
+                answerable_v4(&ip),
             )
         }
         _ => {
@@ -233,24 +275,47 @@ pub fn encap(
             if t.mode == Mode::Ipip {
                 return Verdict::Drop(DropReason::TxFamilyNotCarried);
             }
-            (ip.total_len(), ip.hop_limit(), ip.traffic_class(), true)
+            (
+                ip.total_len(),
+                ip.hop_limit(),
+                ip.traffic_class(),
+                true,
+                answerable_v6(&ip),
+            )
         }
     };
 
     // The tunnel MTU, or less when the underlay reported a smaller path
     // MTU (what is left of it after the outer headers), as the kernel's
-    // tunnels do (tnl_update_pmtu).
-    let mtu = match t.path_mtu.get(crate::clock::now()) {
-        Some(p) => t
-            .mtu
-            .min(p.saturating_sub((t.outer_len() - ethernet::HEADER_LEN) as u16)),
+    // tunnels do (tnl_update_pmtu). Except that IPv6 is never told of an
+    // MTU under its minimum of 1280 (RFC 8200): over an IPv4 underlay
+    // (sit, gre) such a packet goes out anyway, with the outer DF clear
+    // so that the router in the way fragments it, as sit does
+    // (ipip6_tunnel_xmit); otherwise IPv6 over that path would be a
+    // black hole until the path MTU expires.
+    let path = t
+        .path_mtu
+        .get(cx.now)
+        .map(|p| p.saturating_sub((t.outer_len() - ethernet::HEADER_LEN) as u16));
+    let mut may_fragment = false;
+    let mtu = match path {
+        Some(p) if family == ethernet::EtherType::Ipv6 && p < IPV6_MIN_MTU && t.local.is_ipv4() => {
+            may_fragment = inner_len > usize::from(p);
+            t.mtu
+        }
+        Some(p) => t.mtu.min(p),
         None => t.mtu,
     };
     if inner_len > usize::from(mtu) {
-        if inner_df {
-            return too_big(buf, off, inner_start, inner_len, family, t, mtu);
+        if !inner_df {
+            return Verdict::Drop(DropReason::TxTooBig);
         }
-        return Verdict::Drop(DropReason::TxTooBig);
+        // Never an ICMP error about an ICMP error or a later fragment
+        // (RFC 1122 3.2.2, RFC 4443 2.4), nor more than the budget.
+        if !answerable || !cx.icmp.allow(cx.now) {
+            return Verdict::Drop(DropReason::TxTooBigNoIcmp);
+        }
+        return too_big(buf, off, inner_start, inner_len, family, t, mtu);
     }
     let Some(hop) = next_hop else {
         return Verdict::Drop(DropReason::TxNoNeighbour);
@@ -268,9 +333,43 @@ pub fn encap(
             ttl: inner_ttl,
             tos: inner_tos,
             df: family == ethernet::EtherType::Ipv4 && inner_df,
+            may_fragment,
         },
     )
 }
+
+/// Whether an ICMP error may be sent about this IPv4 packet: not when it
+/// is itself an ICMP error (destination unreachable, source quench,
+/// redirect, time exceeded, parameter problem), nor a fragment after the
+/// first (the kernel's `__icmp_send`).
+fn answerable_v4<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>) -> bool {
+    if ip.frag_offset() != 0 {
+        return false;
+    }
+    if ip.protocol() != IpProtocol::Icmp {
+        return true;
+    }
+    match ip.payload().first() {
+        Some(&kind) => !matches!(kind, 3 | 4 | 5 | 11 | 12),
+        None => true,
+    }
+}
+
+/// The IPv6 counterpart: not about an ICMPv6 error (types under 128, RFC
+/// 4443 2.4 (e.2)). Only an ICMPv6 header right after the fixed header is
+/// looked at.
+fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
+    if ip.next_header() != IpProtocol::Icmpv6 {
+        return true;
+    }
+    match ip.payload().first() {
+        Some(&kind) => kind >= 128,
+        None => true,
+    }
+}
+
+/// IPv6's minimum link MTU (RFC 8200 5).
+const IPV6_MIN_MTU: u16 = 1280;
 
 /// What the outer headers take from the packet they carry.
 struct Inner {
@@ -283,6 +382,9 @@ struct Inner {
     ttl: u8,
     tos: u8,
     df: bool,
+    /// The path is known to be too small for this packet, which goes out
+    /// anyway: outer DF clear, whatever the tunnel's setting.
+    may_fragment: bool,
 }
 
 /// Writes the outer Ethernet, IPv4 and (for GRE) GRE headers in front of
@@ -325,7 +427,15 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
             at -= ipv4::HEADER_LEN;
             // The kernel's DF: always with pmtudisc; otherwise the inner
             // IPv4 packet's, unless ignore_df.
-            let dont_frag = t.pmtudisc || (!t.ignore_df && inner.df);
+            let dont_frag = (t.pmtudisc || (!t.ignore_df && inner.df)) && !inner.may_fragment;
+            // Without DF a router may fragment it: then the ID must not
+            // repeat among this tunnel's packets in flight, whichever
+            // worker sent them.
+            let ident = if dont_frag {
+                ident
+            } else {
+                t.ident.fetch_add(1, Ordering::Relaxed)
+            };
             ipv4::Repr {
                 src,
                 dst,
@@ -436,6 +546,7 @@ fn encap_frame(
             ttl,
             tos,
             df,
+            may_fragment: false,
         },
     )
 }
@@ -663,6 +774,11 @@ mod tests {
     use super::*;
     use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
 
+    /// A worker's context at time 0 with outer IPv4 ID `ident`.
+    fn cx(ident: u16) -> TxContext {
+        TxContext::new(ident)
+    }
+
     const TAP_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
     const PEER_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 2];
     const HOP: NextHop = NextHop {
@@ -677,6 +793,7 @@ mod tests {
             remote: Ipv4Addr::new(192, 168, 0, 58).into(),
             encap_limit: None,
             path_mtu: Default::default(),
+            ident: Default::default(),
             okey: None,
             ocsum: false,
             oseq: None,
@@ -738,7 +855,7 @@ mod tests {
         let t = tunnel(Mode::Gre, DeviceKind::Tap);
         let pkt = inner(56, 64);
         let (mut buf, n) = read_into(&t, &pkt);
-        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(9)) else {
             panic!("not sent")
         };
         assert_eq!(len, 14 + 20 + 4 + pkt.len());
@@ -771,7 +888,7 @@ mod tests {
         h.header_checksum = h.calc_header_checksum();
         pkt[10..12].copy_from_slice(&h.header_checksum.to_be_bytes());
         let (mut buf, n) = read_into(&t, &pkt);
-        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(9)) else {
             panic!()
         };
         let s = SlicedPacket::from_ethernet(&buf[..len]).unwrap();
@@ -795,7 +912,7 @@ mod tests {
         t.ocsum = true;
         let pkt = inner(31, 64);
         let (mut buf, n) = read_into(&t, &pkt);
-        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(9)) else {
             panic!()
         };
         let gre = &buf[34..len];
@@ -815,7 +932,7 @@ mod tests {
         let pkt = inner(31, 64);
         for want in 1..=3u32 {
             let (mut buf, n) = read_into(&t, &pkt);
-            let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), 9) else {
+            let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(9)) else {
                 panic!()
             };
             let gre = &buf[34..len];
@@ -839,7 +956,7 @@ mod tests {
         pkt[10..12].copy_from_slice(&c.to_be_bytes());
         let outer = |t: &TunnelTx, pkt: &[u8]| {
             let (mut buf, n) = read_into(t, pkt);
-            let Verdict::Transmit { .. } = encap(&mut buf, n, t, Some(HOP), 9) else {
+            let Verdict::Transmit { .. } = encap(&mut buf, n, t, Some(HOP), &mut cx(9)) else {
                 panic!()
             };
             let ip = ipv4::Packet::new_checked(buf[14..].to_vec()).unwrap();
@@ -887,7 +1004,8 @@ mod tests {
         assert_eq!(off, t.outer_len(), "the frame's own header is kept");
         let mut buf = vec![0u8; 3840];
         buf[off..off + frame.len()].copy_from_slice(&frame);
-        let Verdict::Transmit { len } = encap(&mut buf, frame.len(), &t, Some(HOP), 9) else {
+        let Verdict::Transmit { len } = encap(&mut buf, frame.len(), &t, Some(HOP), &mut cx(9))
+        else {
             panic!()
         };
         let ip = ipv4::Packet::new_checked(&buf[14..len]).unwrap();
@@ -902,7 +1020,8 @@ mod tests {
         framed.extend_from_slice(&inner(31, 33));
         let mut buf = vec![0u8; 3840];
         buf[off..off + framed.len()].copy_from_slice(&framed);
-        let Verdict::Transmit { len } = encap(&mut buf, framed.len(), &t, Some(HOP), 9) else {
+        let Verdict::Transmit { len } = encap(&mut buf, framed.len(), &t, Some(HOP), &mut cx(9))
+        else {
             panic!()
         };
         assert_eq!(ipv4::Packet::new_checked(&buf[14..len]).unwrap().ttl(), 33);
@@ -914,13 +1033,13 @@ mod tests {
         let pkt = inner(1300, 64); // 1328 bytes, DF set
         let (mut buf, n) = read_into(&t, &pkt);
         assert!(matches!(
-            encap(&mut buf, n, &t, Some(HOP), 1),
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
             Verdict::Transmit { .. }
         ));
         assert!(t.path_mtu.lower(1300, crate::clock::now()));
         assert!(!t.path_mtu.lower(1400, crate::clock::now()), "only lowered");
         let (mut buf, n) = read_into(&t, &pkt);
-        let Verdict::Reply { offset, .. } = encap(&mut buf, n, &t, Some(HOP), 1) else {
+        let Verdict::Reply { offset, .. } = encap(&mut buf, n, &t, Some(HOP), &mut cx(1)) else {
             panic!("not refused")
         };
         // ICMP fragmentation needed with what fits: 1300 less IPv4 and GRE.
@@ -943,7 +1062,7 @@ mod tests {
             0, 0, 0, 0, 0, 0, 10, 1, 1, 2, // target
         ];
         buf[off..off + req.len()].copy_from_slice(&req);
-        let v = encap(&mut buf, req.len(), &t, Some(HOP), 0);
+        let v = encap(&mut buf, req.len(), &t, Some(HOP), &mut cx(0));
         assert_eq!(
             v,
             Verdict::Reply {
@@ -966,7 +1085,7 @@ mod tests {
         own[28..32].copy_from_slice(&[10, 1, 1, 9]);
         buf[off..off + own.len()].copy_from_slice(&own);
         assert_eq!(
-            encap(&mut buf, own.len(), &t, Some(HOP), 0),
+            encap(&mut buf, own.len(), &t, Some(HOP), &mut cx(0)),
             Verdict::Drop(DropReason::TxChatter)
         );
     }
@@ -997,7 +1116,7 @@ mod tests {
             offset,
             len,
             reason,
-        } = encap(&mut buf, n, &t, Some(HOP), 0)
+        } = encap(&mut buf, n, &t, Some(HOP), &mut cx(0))
         else {
             panic!("no advertisement")
         };
@@ -1028,7 +1147,7 @@ mod tests {
         own[at..at + 16].copy_from_slice(&asker);
         let (mut buf, n) = read_into(&t, &own);
         assert!(matches!(
-            encap(&mut buf, n, &t, Some(HOP), 0),
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(0)),
             Verdict::Drop(_)
         ));
     }
@@ -1051,7 +1170,7 @@ mod tests {
         b.write(&mut rs, &[]).unwrap();
         let (mut buf, n) = read_into(&t, &rs);
         assert_eq!(
-            encap(&mut buf, n, &t, Some(HOP), 0),
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(0)),
             Verdict::Drop(DropReason::TxChatter)
         );
         // Global IPv6 is not carried by IPIP.
@@ -1060,20 +1179,20 @@ mod tests {
         b.write(&mut v6, &[1, 2, 3]).unwrap();
         let (mut buf, n) = read_into(&t, &v6);
         assert_eq!(
-            encap(&mut buf, n, &t, Some(HOP), 0),
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(0)),
             Verdict::Drop(DropReason::TxFamilyNotCarried)
         );
         // Without a next hop nothing is sent.
         let (mut buf, n) = read_into(&t, &inner(8, 64));
         assert_eq!(
-            encap(&mut buf, n, &t, None, 0),
+            encap(&mut buf, n, &t, None, &mut cx(0)),
             Verdict::Drop(DropReason::TxNoNeighbour)
         );
         // Garbage from a tun.
         let tun = tunnel(Mode::Gre, DeviceKind::Tun);
         let (mut buf, n) = read_into(&tun, &[0x12, 0x34]);
         assert_eq!(
-            encap(&mut buf, n, &tun, Some(HOP), 0),
+            encap(&mut buf, n, &tun, Some(HOP), &mut cx(0)),
             Verdict::Drop(DropReason::TxMalformed)
         );
     }
@@ -1088,7 +1207,7 @@ mod tests {
             offset,
             len,
             reason,
-        } = encap(&mut buf, n, &t, Some(HOP), 0)
+        } = encap(&mut buf, n, &t, Some(HOP), &mut cx(0))
         else {
             panic!("no ICMP")
         };
@@ -1127,7 +1246,7 @@ mod tests {
         no_df[10..12].copy_from_slice(&h.header_checksum.to_be_bytes());
         let (mut buf, n) = read_into(&t, &no_df);
         assert_eq!(
-            encap(&mut buf, n, &t, Some(HOP), 0),
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(0)),
             Verdict::Drop(DropReason::TxTooBig)
         );
     }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod neighbour;
 pub mod netlink;
 pub mod offload;
+pub mod ratelimit;
 pub mod reasm;
 pub mod run;
 pub mod spread;

@@ -13,12 +13,16 @@
 //! with its own headers and checksums, as the kernel's GSO would.
 //!
 //! A segment joins the one before it only when the kernel's GRO would merge
-//! them: same addresses and ports, IPv4 without options or fragmentation
-//! and with DF (or IPv6 without extension headers), same TOS/traffic class
-//! and TTL/hop limit, same acknowledgement number and TCP options, flags ACK
-//! (and PSH, ECE) only, payload not larger than the first segment's, its
-//! sequence number following on, and a right TCP checksum (checked here,
-//! since the kernel will not look at it again). PSH or a shorter segment
+//! them: the same link header (a tap's Ethernet addresses and VLAN tags, as
+//! `dev_gro_receive` compares them before any IP header: frames of two
+//! VLANs never merge), same addresses and ports, IPv4 without options or
+//! fragmentation, with DF and a right header checksum (or IPv6 without
+//! extension headers), same TOS/traffic class and TTL/hop limit, same
+//! acknowledgement number, window and TCP options, flags ACK (and PSH, ECE)
+//! only, payload not larger than the first segment's, its sequence number
+//! following on, and a right TCP checksum (checked here, since the kernel
+//! will not look at it again). Headers are rewritten with incremental
+//! checksum updates (RFC 1624), never summed again from scratch. PSH or a shorter segment
 //! ends the run. Anything else is written on its own, after any run of its
 //! flow, so no flow is reordered. (ECE may be set, as long as every
 //! segment of the run has it; CWR is never merged.)
@@ -98,13 +102,22 @@ pub struct Flow {
     pub ports: [u8; 4],
 }
 
+/// Most bytes in front of the IP header of a packet that may coalesce: an
+/// Ethernet header with two VLAN tags.
+pub const MAX_LINK_HEADER: usize = 14 + 2 * 4;
+
 /// What must match between segments of one run besides the flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Signature {
+    /// The link header (all of it: addresses, VLAN tags, EtherType),
+    /// zero-padded, and its length.
+    link: [u8; MAX_LINK_HEADER],
+    link_len: u8,
     /// IPv4: TOS, TTL, fragment field; IPv6: version/class/label, hop limit.
     ip: [u8; 5],
     ack: [u8; 4],
     flags: u8,
+    window: [u8; 2],
     options: [u8; 40],
 }
 
@@ -135,6 +148,11 @@ pub struct Segment {
 /// not fragmented (DF as the first); the UDP checksum right or absent.
 pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
     let ip = pkt.get(l3..)?;
+    if l3 > MAX_LINK_HEADER {
+        return None;
+    }
+    let mut link = [0u8; MAX_LINK_HEADER];
+    link[..l3].copy_from_slice(&pkt[..l3]);
     let mut flow = Flow {
         v6: false,
         udp: false,
@@ -154,9 +172,16 @@ pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
             flow.src[..4].copy_from_slice(&ip[12..16]);
             flow.dst[..4].copy_from_slice(&ip[16..20]);
             sig_ip = [ip[1], ip[8], ip[6], ip[7], 0];
-            // No options, not a fragment, the packet exactly; TCP with DF.
+            // No options, not a fragment, the packet exactly; TCP with DF;
+            // a right header checksum (as inet_gro_receive checks it: a
+            // corrupt header is written on its own, for the kernel to drop).
             let df_ok = flow.udp || ip[6] & 0x40 != 0;
-            let ok = ihl == 20 && ip[6] & 0xbf == 0 && ip[7] == 0 && df_ok && total == ip.len();
+            let ok = ihl == 20
+                && ip[6] & 0xbf == 0
+                && ip[7] == 0
+                && df_ok
+                && total == ip.len()
+                && checksum::verify(&ip[..20]);
             (l3 + ihl, ok)
         }
         6 => {
@@ -190,9 +215,12 @@ pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
             mergeable: false,
             push: false,
             sig: Signature {
+                link,
+                link_len: l3 as u8,
                 ip: sig_ip,
                 ack: [0; 4],
                 flags: 0,
+                window: [0; 2],
                 options: [0; 40],
             },
         };
@@ -226,9 +254,14 @@ pub fn parse(pkt: &[u8], l3: usize, udp: bool) -> Option<Segment> {
         mergeable: false,
         push: flags & PSH != 0,
         sig: Signature {
+            link,
+            link_len: l3 as u8,
             ip: sig_ip,
             ack: [tcp[8], tcp[9], tcp[10], tcp[11]],
             flags: flags & !PSH,
+            // A window update must reach the receiver: tcp_gro_receive
+            // compares the whole flags word, window included.
+            window: [tcp[14], tcp[15]],
             options,
         },
     };
@@ -250,16 +283,55 @@ fn checksum_ok(pkt: &[u8], seg: &Segment) -> bool {
 
 /// Sets the length of the IP header at `l3` (the transport header at
 /// `l4`) for `l4_len` bytes from `l4` on; for IPv4 also adds `id_step` to
-/// the identification and fills the header checksum in again.
-fn set_ip_len(pkt: &mut [u8], l3: usize, l4: usize, v6: bool, l4_len: usize, id_step: u16) {
+/// the identification. The IPv4 header checksum: with `Checksum::Update`
+/// adjusted for the changes alone (RFC 1624), so a header that came in
+/// wrong stays wrong (inbound, from the wire); with `Checksum::Fill`
+/// computed again, as `inet_gso_segment` does for each segment of the
+/// local kernel's own GSO packet (outbound, whose checksum is not kept up
+/// to date for the whole).
+fn set_ip_len(pkt: &mut [u8], at: Lengths, csum: Checksum) {
+    let Lengths {
+        l3,
+        l4,
+        v6,
+        l4_len,
+        id_step,
+    } = at;
     if v6 {
         ipv6::Packet::new_unchecked(&mut pkt[l3..]).set_payload_len(l4_len as u16);
-    } else {
-        let mut ip = ipv4::Packet::new_unchecked(&mut pkt[l3..l4]);
-        ip.set_total_len((l4 - l3 + l4_len) as u16);
-        ip.set_ident(ip.ident().wrapping_add(id_step));
-        ip.fill_checksum();
+        return;
     }
+    let mut ip = ipv4::Packet::new_unchecked(&mut pkt[l3..l4]);
+    let total = (l4 - l3 + l4_len) as u16;
+    let ident = ip.ident().wrapping_add(id_step);
+    match csum {
+        Checksum::Update => {
+            ip.update_total_len(total);
+            ip.update_ident(ident);
+        }
+        Checksum::Fill => {
+            ip.set_total_len(total);
+            ip.set_ident(ident);
+            ip.fill_checksum();
+        }
+    }
+}
+
+/// Where the headers of a packet [`set_ip_len`] rewrites are, and what to.
+#[derive(Clone, Copy)]
+struct Lengths {
+    l3: usize,
+    l4: usize,
+    v6: bool,
+    l4_len: usize,
+    id_step: u16,
+}
+
+/// How [`set_ip_len`] keeps an IPv4 header checksum.
+#[derive(Clone, Copy)]
+enum Checksum {
+    Update,
+    Fill,
 }
 
 /// Completes a checksum the kernel left partial (`F_NEEDS_CSUM`) in a
@@ -313,6 +385,15 @@ impl Run {
         }
     }
 
+    /// Whether `seg` belongs to this run's flow: the same addresses,
+    /// ports and protocol behind the same link header (a frame of another
+    /// VLAN, or to or from another MAC, is another flow).
+    pub fn same_flow(&self, seg: &Segment) -> bool {
+        self.first.flow == seg.flow
+            && self.first.sig.link_len == seg.sig.link_len
+            && self.first.sig.link == seg.sig.link
+    }
+
     /// Whether `seg` (of the same flow) continues the run.
     pub fn accepts(&self, seg: &Segment) -> bool {
         !self.closed
@@ -344,7 +425,14 @@ impl Run {
         let f = &self.first;
         let tcp_len = f.hdr_len - f.l4 + self.payload;
         let udp = f.flow.udp;
-        set_ip_len(pkt, l3, f.l4, f.flow.v6, tcp_len, 0);
+        let at = Lengths {
+            l3,
+            l4: f.l4,
+            v6: f.flow.v6,
+            l4_len: tcp_len,
+            id_step: 0,
+        };
+        set_ip_len(pkt, at, Checksum::Update);
         if udp {
             // The length of the whole; the kernel's segmentation gives each
             // datagram its own.
@@ -452,7 +540,14 @@ impl<'a> Segmenter<'a> {
         out[h..].copy_from_slice(&self.pkt[start..start + plen]);
         let last = i + 1 == self.count;
         let l4_len = len - l4;
-        set_ip_len(out, l3, l4, self.v6, l4_len, i as u16);
+        let at = Lengths {
+            l3,
+            l4,
+            v6: self.v6,
+            l4_len,
+            id_step: i as u16,
+        };
+        set_ip_len(out, at, Checksum::Fill);
         let mut flow = Flow {
             v6: self.v6,
             udp: self.udp,
@@ -502,46 +597,68 @@ mod tests {
     use super::*;
 
     /// An IPv4 packet from 10.1.1.2 to 10.1.1.1 behind a 14-byte Ethernet
-    /// header, its transport header and payload `l4` with the checksum at
-    /// `csum_at` filled in.
-    fn ip4(proto: u8, df: bool, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
-        let mut p = vec![0u8; 14];
-        p[12] = 0x08;
-        let mut ip = vec![
-            0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0, 10, 1, 1, 2, 10, 1, 1, 1,
-        ];
-        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        if df {
-            ip[6] = 0x40;
+    /// header, with the transport header and payload `l4` (TCP or UDP),
+    /// every header and checksum written by etherparse.
+    fn ip4(proto: u8, df: bool, l4: Vec<u8>) -> Vec<u8> {
+        let mut ip = etherparse::Ipv4Header::new(
+            l4.len() as u16,
+            64,
+            etherparse::IpNumber(proto),
+            [10, 1, 1, 2],
+            [10, 1, 1, 1],
+        )
+        .unwrap();
+        ip.dont_fragment = df;
+        ip.identification = 1;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut p = Vec::new();
+        etherparse::Ethernet2Header {
+            destination: [2, 0, 0, 0, 0, 1],
+            source: [2, 0, 0, 0, 0, 2],
+            ether_type: etherparse::EtherType::IPV4,
         }
-        let c = checksum::checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        let flow = Flow {
-            v6: false,
-            udp: proto == UDP,
-            src: [10, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            dst: [10, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            ports: [0; 4],
-        };
-        let sum = pseudo_proto(&flow, proto, l4.len()) + u64::from(checksum::sum(&l4));
-        l4[csum_at..csum_at + 2].copy_from_slice(&(!checksum::fold(sum)).to_be_bytes());
-        p.extend_from_slice(&ip);
-        p.extend_from_slice(&l4);
+        .write(&mut p)
+        .unwrap();
+        ip.write(&mut p).unwrap();
+        if proto == TCP {
+            let (mut t, payload) = etherparse::TcpHeader::from_slice(&l4).unwrap();
+            t.checksum = t.calc_checksum_ipv4(&ip, payload).unwrap();
+            t.write(&mut p).unwrap();
+            p.extend_from_slice(payload);
+        } else {
+            let (mut u, payload) = etherparse::UdpHeader::from_slice(&l4).unwrap();
+            u.checksum = u.calc_checksum_ipv4(&ip, payload).unwrap();
+            u.write(&mut p).unwrap();
+            p.extend_from_slice(payload);
+        }
         p
     }
 
-    /// An IPv4 TCP segment (ACK) with a right checksum, behind a 14-byte
-    /// Ethernet header.
-    fn seg4(seq: u32, payload: &[u8], flags: u8) -> Vec<u8> {
+    /// An IPv4 TCP segment (ACK 7, window `window`) with a right checksum,
+    /// behind a 14-byte Ethernet header.
+    fn seg4w(seq: u32, payload: &[u8], flags: u8, ack: u32, window: u16) -> Vec<u8> {
         let mut tcp = vec![0u8; 20];
         tcp[0..4].copy_from_slice(&[0x13, 0x88, 0xa0, 0x00]);
         tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-        tcp[8..12].copy_from_slice(&7u32.to_be_bytes());
+        tcp[8..12].copy_from_slice(&ack.to_be_bytes());
         tcp[12] = 5 << 4;
         tcp[13] = flags;
-        tcp[14] = 0xff;
+        tcp[14..16].copy_from_slice(&window.to_be_bytes());
         tcp.extend_from_slice(payload);
-        ip4(TCP, true, tcp, 16)
+        ip4(TCP, true, tcp)
+    }
+
+    fn seg4(seq: u32, payload: &[u8], flags: u8) -> Vec<u8> {
+        seg4w(seq, payload, flags, 7, 0xff00)
+    }
+
+    /// The TCP checksum of an IPv4 segment behind Ethernet, as etherparse
+    /// computes it, is the one it carries.
+    fn tcp_checksum_ok(f: &[u8]) -> bool {
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap();
+        let (t, payload) = etherparse::TcpHeader::from_slice(rest).unwrap();
+        ip.header_checksum == ip.calc_header_checksum()
+            && t.checksum == t.calc_checksum_ipv4(&ip, payload).unwrap()
     }
 
     #[test]
@@ -577,9 +694,9 @@ mod tests {
             u16::from_be_bytes([whole[16], whole[17]]) as usize,
             whole.len() - 14
         );
-        assert!(checksum::verify(&whole[14..34]));
         let partial = checksum::sum(&whole[34..]);
         whole[50..52].copy_from_slice(&(!partial).to_be_bytes());
+        assert!(tcp_checksum_ok(&whole), "IPv4 and TCP checksums");
         let s = parse(&whole, 14, true).unwrap();
         assert!(s.mergeable, "checksum of the merged packet verifies");
         assert!(s.push);
@@ -611,11 +728,23 @@ mod tests {
         assert!(!parse(&bad, 14, true).unwrap().mergeable);
         // No payload (a pure ACK).
         assert!(!parse(&seg4(1100, &[], ACK), 14, true).unwrap().mergeable);
-        // A different acknowledgement number.
-        let mut other_ack = seg4(1100, &[1; 100], ACK);
-        other_ack[14 + 20 + 11] = 8;
-        let c = parse(&other_ack, 14, true).unwrap();
-        assert!(!c.mergeable || !run.accepts(&c));
+        // A different acknowledgement number (a valid segment otherwise).
+        let c = parse(&seg4w(1100, &[1; 100], ACK, 8, 0xff00), 14, true).unwrap();
+        assert!(c.mergeable);
+        assert!(!run.accepts(&c), "another ACK number");
+        // A different window: a window update must reach the receiver
+        // (tcp_gro_receive compares the flags word, window included).
+        let c = parse(&seg4w(1100, &[1; 100], ACK, 7, 0x0100), 14, true).unwrap();
+        assert!(c.mergeable);
+        assert!(!run.accepts(&c), "another window");
+        // The same segment with its window as the first's: taken.
+        let c = parse(&seg4w(1100, &[1; 100], ACK, 7, 0xff00), 14, true).unwrap();
+        assert!(run.accepts(&c));
+        // An IPv4 header with a wrong checksum: never merged (and so never
+        // given a right one).
+        let mut bad_ip = seg4(1100, &[1; 100], ACK);
+        bad_ip[14 + 8] ^= 1;
+        assert!(!parse(&bad_ip, 14, true).unwrap().mergeable);
         // Not TCP.
         let mut udp = seg4(1100, &[1; 100], ACK);
         udp[14 + 9] = 17;
@@ -630,7 +759,7 @@ mod tests {
         u[2..4].copy_from_slice(&9u16.to_be_bytes());
         u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         u.extend_from_slice(payload);
-        ip4(UDP, false, u, 6)
+        ip4(UDP, false, u)
     }
 
     #[test]
@@ -714,8 +843,8 @@ mod tests {
             let n = s.write(i, &mut out);
             assert_eq!(n, s.len(i));
             let seg = parse(&out[..n], 14, true).unwrap();
-            assert!(checksum::verify(&out[14..34]), "IPv4 header checksum");
-            assert!(seg.mergeable || i == 2, "segment {i} valid and plain");
+            assert!(tcp_checksum_ok(&out[..n]), "segment {i}: checksums");
+            assert!(seg.mergeable, "segment {i} valid and plain");
             assert_eq!(seg.seq, 5000 + 1000 * i as u32);
             assert_eq!(seg.push, i == 2, "PSH only on the last");
             assert_eq!(
@@ -807,6 +936,37 @@ mod tests {
         let mut b = [0u8; 10];
         h.emit(&mut b);
         assert_eq!(VnetHdr::parse(&b), Some(h));
+    }
+
+    /// A tap frame (etherparse) on VLAN `vid` from `src_mac`, carrying one
+    /// datagram of the flow 10.9.9.2:5000 -> 10.9.9.1:6000.
+    fn tagged(vid: u16, src_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2(src_mac, [2, 0, 0, 0, 0, 1])
+            .single_vlan(etherparse::VlanId::try_new(vid).unwrap())
+            .ipv4([10, 9, 9, 2], [10, 9, 9, 1], 64)
+            .udp(5000, 6000);
+        let mut f = Vec::new();
+        b.write(&mut f, payload).unwrap();
+        f
+    }
+
+    #[test]
+    fn the_same_ip_flow_on_two_vlans_or_from_two_macs_is_two_flows() {
+        let mac = [2, 0, 0, 0, 9, 2];
+        let a = parse(&tagged(10, mac, &[1; 64]), 18, true).unwrap();
+        let b = parse(&tagged(20, mac, &[2; 64]), 18, true).unwrap();
+        let c = parse(&tagged(10, [2, 0, 0, 0, 9, 3], &[3; 64]), 18, true).unwrap();
+        let d = parse(&tagged(10, mac, &[4; 64]), 18, true).unwrap();
+        assert!(a.mergeable && b.mergeable && c.mergeable && d.mergeable);
+        assert_eq!(a.flow, b.flow, "the same IP flow");
+        let run = Run::start(a);
+        assert!(!run.same_flow(&b), "VLAN 20 joined a VLAN 10 run");
+        assert!(!run.accepts(&b));
+        assert!(!run.same_flow(&c), "another source MAC joined the run");
+        assert!(
+            run.same_flow(&d) && run.accepts(&d),
+            "the same VLAN and MACs"
+        );
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! datagrams in progress per worker and per source, each no larger than a
 //! UMEM frame can hold, dropped whole after [`TIMEOUT`] seconds, and
 //! dropped whole when fragments overlap (RFC 5722's rule, which Linux also
-//! applies to IPv4 since FragmentSmack). Memory is allocated once, at
-//! start.
+//! applies to IPv4 since FragmentSmack). A duplicate, a fragment whose
+//! bytes all lie inside one run of contiguous fragments already held, is
+//! dropped alone and the datagram kept (RFC 5722 errata 3089, Linux's
+//! `IPFRAG_DUP`). An IPv6 fragment whose fragment header is followed by
+//! another fragment header is refused (RFC 8200 allows one), so nothing
+//! [`Reassembler::take`] writes out is a fragment again. Memory is
+//! allocated once, at start.
 
 use crate::drop_reason::DropReason;
 use crate::wire::{ethernet, ipv4, ipv6, IpProtocol};
@@ -69,7 +74,9 @@ pub enum Outcome {
     /// The datagram is whole: [`Reassembler::take`] writes it out. It
     /// absorbed `merged` fragments besides this one.
     Complete { merged: u32 },
-    /// Dropped: this fragment and `also` held ones of its datagram.
+    /// Dropped: this fragment and `also` held ones of its datagram (a
+    /// [`DropReason::FragmentDuplicate`] drops this fragment alone and
+    /// keeps the datagram: `also` is 0).
     Dropped { reason: DropReason, also: u32 },
 }
 
@@ -191,6 +198,12 @@ impl Reassembler {
                     id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
                     proto: h[0],
                 };
+                if key.proto == IPV6_FRAGMENT {
+                    // A fragment header in a fragment: RFC 8200 allows one
+                    // (Linux answers a parameter problem). Its datagram,
+                    // whatever header it says follows, goes too.
+                    return self.drop_nested(key);
+                }
                 let start = usize::from(offset_flags & 0xfff8);
                 let data = &frame[f + 8..end];
                 (
@@ -221,17 +234,32 @@ impl Reassembler {
         };
         let d = &mut self.slots[i];
         let (s16, e16) = (start as u16, end as u16);
-        let overlaps = d.ranges.iter().any(|&(a, b)| s16 < b && a < e16);
+        // As Linux's ip_frag_queue: the end first (a last fragment must
+        // agree with the total and with what is held), then the bytes.
         let past_end = d.total.is_some_and(|t| e16 > t);
         let ends_early = last && d.ranges.iter().any(|&(_, b)| b > e16);
-        let second_last = last && d.total.is_some();
-        if overlaps || past_end || ends_early || second_last || d.ranges.len() >= MAX_FRAGMENTS {
-            let reason = if overlaps {
-                DropReason::FragmentOverlap
-            } else {
-                DropReason::FragmentMalformed
-            };
-            return self.drop_datagram(key, reason);
+        let other_last = last && d.total.is_some_and(|t| t != e16);
+        if past_end || ends_early || other_last {
+            return self.drop_datagram(key, DropReason::FragmentMalformed);
+        }
+        // Bytes of this fragment already held. Held ranges never overlap,
+        // so all of them are held exactly when the fragment lies inside
+        // one run of contiguous held fragments: a duplicate (Linux's
+        // IPFRAG_DUP), dropped alone, the datagram untouched. Some but not
+        // all is an overlap (IPFRAG_OVERLAP): the whole datagram goes.
+        let covered: usize = d
+            .ranges
+            .iter()
+            .map(|&(a, b)| usize::from(b.min(e16).saturating_sub(a.max(s16))))
+            .sum();
+        if covered == end - start {
+            return drop(DropReason::FragmentDuplicate);
+        }
+        if covered > 0 {
+            return self.drop_datagram(key, DropReason::FragmentOverlap);
+        }
+        if d.ranges.len() >= MAX_FRAGMENTS {
+            return self.drop_datagram(key, DropReason::FragmentMalformed);
         }
         d.payload[start..end].copy_from_slice(data);
         d.ranges.push((s16, e16));
@@ -259,6 +287,14 @@ impl Reassembler {
     /// Writes the datagram just completed into `out` as one unfragmented
     /// Ethernet frame, and forgets it. Returns its length, or `None` when
     /// it does not fit.
+    ///
+    /// What it writes is never a fragment: IPv4 comes out with MF and
+    /// offset cleared, IPv6 with the fragment header gone and the next
+    /// header it named in its place, which cannot be a fragment header
+    /// again ([`Reassembler::add`] refuses those). The worker hands the
+    /// datagram back to decapsulation, so this is what keeps it from
+    /// coming back here. Checked again below, without panicking: a frame
+    /// that would break it is not written (`None`).
     pub fn take(&mut self, out: &mut [u8]) -> Option<usize> {
         let d = &mut self.slots[self.done.take()?];
         d.active = false;
@@ -270,6 +306,9 @@ impl Reassembler {
         out[..d.header_len].copy_from_slice(&d.headers[..d.header_len]);
         out[d.header_len..len].copy_from_slice(&d.payload[..total]);
         if d.key.v6 {
+            if d.key.proto == IPV6_FRAGMENT {
+                return None;
+            }
             // The fragment header goes; what it said follows the header.
             let mut ip = ipv6::Packet::new_unchecked(&mut out[d.l3..len]);
             ip.set_next_header(IpProtocol::from(d.key.proto));
@@ -280,6 +319,9 @@ impl Reassembler {
             ip.set_total_len((len - d.l3) as u16);
             ip.set_unfragmented(dont_frag);
             ip.fill_checksum();
+            if ip.is_fragment() {
+                return None;
+            }
         }
         Some(len)
     }
@@ -314,6 +356,23 @@ impl Reassembler {
         Ok(i)
     }
 
+    /// Drops a nested IPv6 fragment (its next header a fragment header)
+    /// and the datagram of its addresses and identification, if any.
+    fn drop_nested(&mut self, key: Key) -> Outcome {
+        let mut also = 0;
+        for d in &mut self.slots {
+            let k = &d.key;
+            if d.active && k.v6 && k.src == key.src && k.dst == key.dst && k.id == key.id {
+                d.active = false;
+                also += d.held;
+            }
+        }
+        Outcome::Dropped {
+            reason: DropReason::FragmentMalformed,
+            also,
+        }
+    }
+
     /// Drops the datagram `key` (if any) with this fragment.
     fn drop_datagram(&mut self, key: Key, reason: DropReason) -> Outcome {
         let also = match self.find(&key) {
@@ -329,37 +388,124 @@ impl Reassembler {
 
 #[cfg(test)]
 mod tests {
+    //! The packets here are built, and what comes out is read, by
+    //! etherparse, not by the gateway's own wire code.
     use super::*;
-    use crate::wire::checksum;
+    use etherparse::{
+        EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader,
+        Ipv6Header,
+    };
+
+    const SRC4: [u8; 4] = [192, 168, 0, 58];
+    const DST4: [u8; 4] = [192, 168, 0, 8];
+
+    fn ethernet(ether_type: EtherType) -> Vec<u8> {
+        let mut f = Vec::new();
+        Ethernet2Header {
+            destination: [2, 0, 0, 0, 0, 8],
+            source: [2, 0, 0, 0, 0, 0x58],
+            ether_type,
+        }
+        .write(&mut f)
+        .unwrap();
+        f
+    }
+
+    /// One IPv4 (GRE) fragment: `data` at byte `offset`, MF as `more`.
+    fn fragment(data: &[u8], offset: usize, more: bool, id: u16) -> Vec<u8> {
+        assert_eq!(offset % 8, 0, "offsets count 8-byte units");
+        let mut h = Ipv4Header::new(data.len() as u16, 64, IpNumber::GRE, SRC4, DST4).unwrap();
+        h.identification = id;
+        h.dont_fragment = false;
+        h.more_fragments = more;
+        h.fragment_offset = IpFragOffset::try_new((offset / 8) as u16).unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        let mut f = ethernet(EtherType::IPV4);
+        h.write(&mut f).unwrap();
+        f.extend_from_slice(data);
+        f
+    }
 
     /// `payload` as IPv4 fragments of `size` bytes (the last shorter),
     /// each a whole Ethernet frame.
     fn fragments(payload: &[u8], size: usize, id: u16) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut off = 0;
-        while off < payload.len() {
-            let end = (off + size).min(payload.len());
-            let mut f = vec![2, 0, 0, 0, 0, 8, 2, 0, 0, 0, 0, 0x58, 8, 0];
-            let total = (20 + end - off) as u16;
-            let mf = if end < payload.len() { 0x2000 } else { 0 };
-            let flags = mf | (off / 8) as u16;
-            let mut h = vec![0x45, 0];
-            h.extend_from_slice(&total.to_be_bytes());
-            h.extend_from_slice(&id.to_be_bytes());
-            h.extend_from_slice(&flags.to_be_bytes());
-            h.extend_from_slice(&[64, 47, 0, 0, 192, 168, 0, 58, 192, 168, 0, 8]);
-            let c = checksum::checksum(&h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-            f.extend_from_slice(&h);
-            f.extend_from_slice(&payload[off..end]);
-            out.push(f);
-            off = end;
-        }
-        out
+        (0..payload.len())
+            .step_by(size)
+            .map(|off| {
+                let end = (off + size).min(payload.len());
+                fragment(&payload[off..end], off, end < payload.len(), id)
+            })
+            .collect()
+    }
+
+    /// One IPv6 fragment: `data` (what follows the fragment header) at
+    /// byte `offset`, M as `more`, the fragment header's next header
+    /// `next`.
+    fn fragment6(data: &[u8], offset: usize, more: bool, id: u32, next: u8) -> Vec<u8> {
+        assert_eq!(offset % 8, 0, "offsets count 8-byte units");
+        let ip = Ipv6Header {
+            payload_length: (Ipv6FragmentHeader::LEN + data.len()) as u16,
+            next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+            hop_limit: 64,
+            source: "2001:db8::58"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            destination: "2001:db8::8"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            ..Default::default()
+        };
+        let frag = Ipv6FragmentHeader::new(
+            IpNumber(next),
+            IpFragOffset::try_new((offset / 8) as u16).unwrap(),
+            more,
+            id,
+        );
+        let mut f = ethernet(EtherType::IPV6);
+        ip.write(&mut f).unwrap();
+        frag.write(&mut f).unwrap();
+        f.extend_from_slice(data);
+        f
+    }
+
+    /// `payload` (what follows the fragment header) as IPv6 fragments.
+    fn fragments6(payload: &[u8], size: usize, id: u32, next: u8) -> Vec<Vec<u8>> {
+        (0..payload.len())
+            .step_by(size)
+            .map(|off| {
+                let end = (off + size).min(payload.len());
+                fragment6(&payload[off..end], off, end < payload.len(), id, next)
+            })
+            .collect()
     }
 
     fn payload(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    /// The IPv4 datagram just completed, checked whole and unfragmented
+    /// by etherparse; returns its payload.
+    fn take4(r: &mut Reassembler) -> Vec<u8> {
+        let mut out = vec![0u8; 4096];
+        let n = r.take(&mut out).unwrap();
+        let (h, rest) = Ipv4Header::from_slice(&out[Ethernet2Header::LEN..n]).unwrap();
+        assert!(!h.more_fragments && h.fragment_offset.value() == 0);
+        assert_eq!(h.calc_header_checksum(), h.header_checksum);
+        assert_eq!(h.protocol, IpNumber::GRE);
+        assert_eq!(usize::from(h.total_len), n - Ethernet2Header::LEN);
+        rest.to_vec()
+    }
+
+    /// The IPv6 datagram just completed, read by etherparse: its next
+    /// header and payload.
+    fn take6(r: &mut Reassembler) -> (IpNumber, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let n = r.take(&mut out).unwrap();
+        let (h, rest) = Ipv6Header::from_slice(&out[Ethernet2Header::LEN..n]).unwrap();
+        assert_eq!(usize::from(h.payload_length), rest.len());
+        (h.next_header, rest.to_vec())
     }
 
     #[test]
@@ -375,12 +521,7 @@ mod tests {
             assert_eq!(&outcomes[..2], &[Outcome::Held, Outcome::Held]);
             assert_eq!(outcomes[2], Outcome::Complete { merged: 2 });
             assert_eq!(r.pending(), 0);
-            let mut out = vec![0u8; 4096];
-            let n = r.take(&mut out).unwrap();
-            let ip = ipv4::Packet::new_checked(&out[14..n]).unwrap();
-            assert!(!ip.is_fragment() && ip.verify_checksum());
-            assert_eq!(usize::from(ip.total_len()), 20 + 2000);
-            assert_eq!(&out[34..n], &p[..]);
+            assert_eq!(take4(&mut r), p);
         }
     }
 
@@ -390,9 +531,10 @@ mod tests {
         let frags = fragments(&p, 800, 7);
         let mut r = Reassembler::new();
         assert_eq!(r.add(&frags[0], 0), Outcome::Held);
-        // The same bytes again: an overlap, the whole train goes.
+        // Part of the same bytes and part new: an overlap, the whole
+        // train goes.
         assert_eq!(
-            r.add(&frags[0], 0),
+            r.add(&fragment(&p[400..1200], 400, true, 7), 0),
             Outcome::Dropped {
                 reason: DropReason::FragmentOverlap,
                 also: 1
@@ -439,38 +581,102 @@ mod tests {
         assert_eq!(full, 200 - MAX_PER_SOURCE);
     }
 
-    /// `payload` (what follows the fragment header) as IPv6 fragments.
-    fn fragments6(payload: &[u8], size: usize, id: u32, next: u8) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut off = 0;
-        while off < payload.len() {
-            let end = (off + size).min(payload.len());
-            let mut f = vec![2, 0, 0, 0, 0, 8, 2, 0, 0, 0, 0, 0x58, 0x86, 0xdd];
-            let mut h = vec![0x60, 0, 0, 0];
-            h.extend_from_slice(&((8 + end - off) as u16).to_be_bytes());
-            h.extend_from_slice(&[44, 64]);
-            h.extend_from_slice(
-                &"2001:db8::58"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets(),
-            );
-            h.extend_from_slice(
-                &"2001:db8::8"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets(),
-            );
-            let m = u16::from(end < payload.len());
-            h.extend_from_slice(&[next, 0]);
-            h.extend_from_slice(&((off as u16) | m).to_be_bytes());
-            h.extend_from_slice(&id.to_be_bytes());
-            f.extend_from_slice(&h);
-            f.extend_from_slice(&payload[off..end]);
-            out.push(f);
-            off = end;
-        }
-        out
+    const DUPLICATE: Outcome = Outcome::Dropped {
+        reason: DropReason::FragmentDuplicate,
+        also: 0,
+    };
+
+    #[test]
+    fn an_exact_duplicate_is_dropped_alone_and_the_datagram_completes() {
+        let p = payload(2000);
+        let frags = fragments(&p, 800, 9);
+        let mut r = Reassembler::new();
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[0], 0), DUPLICATE);
+        assert_eq!(r.pending(), 1);
+        assert_eq!(r.add(&frags[1], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[1], 0), DUPLICATE);
+        assert_eq!(r.add(&frags[0], 0), DUPLICATE);
+        assert_eq!(r.pending(), 2);
+        assert_eq!(r.add(&frags[2], 0), Outcome::Complete { merged: 2 });
+        assert_eq!(r.pending(), 0);
+        assert_eq!(take4(&mut r), p);
+    }
+
+    #[test]
+    fn a_fragment_inside_a_run_of_held_ones_is_a_duplicate() {
+        let p = payload(48);
+        let mut r = Reassembler::new();
+        // [0,16) and [16,32) held, out of order: one run [0,32).
+        assert_eq!(r.add(&fragment(&p[16..32], 16, true, 3), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[0..16], 0, true, 3), 0), Outcome::Held);
+        // [8,24) straddles the two, inside the run.
+        assert_eq!(r.add(&fragment(&p[8..24], 8, true, 3), 0), DUPLICATE);
+        // So is the whole run at once.
+        assert_eq!(r.add(&fragment(&p[0..32], 0, true, 3), 0), DUPLICATE);
+        assert_eq!(r.pending(), 2);
+        assert_eq!(
+            r.add(&fragment(&p[32..48], 32, false, 3), 0),
+            Outcome::Complete { merged: 2 }
+        );
+        assert_eq!(take4(&mut r), p);
+    }
+
+    #[test]
+    fn a_partial_overlap_drops_the_whole_datagram() {
+        let p = payload(40);
+        let mut r = Reassembler::new();
+        assert_eq!(r.add(&fragment(&p[0..8], 0, true, 4), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[8..16], 8, true, 4), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[24..32], 24, true, 4), 0), Outcome::Held);
+        // [8,24) starts in the run [0,16) but runs past it into the hole:
+        // not inside one run, an overlap.
+        assert_eq!(
+            r.add(&fragment(&p[8..24], 8, true, 4), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentOverlap,
+                also: 3
+            }
+        );
+        assert_eq!(r.pending(), 0);
+        // Across a hole, touching two runs: an overlap too.
+        assert_eq!(r.add(&fragment(&p[0..8], 0, true, 5), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[16..24], 16, true, 5), 0), Outcome::Held);
+        assert_eq!(
+            r.add(&fragment(&p[0..24], 0, true, 5), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentOverlap,
+                also: 2
+            }
+        );
+        assert_eq!(r.pending(), 0);
+    }
+
+    #[test]
+    fn a_duplicate_last_fragment_is_a_duplicate_another_last_is_malformed() {
+        let p = payload(2000);
+        let frags = fragments(&p, 800, 11);
+        let mut r = Reassembler::new();
+        assert_eq!(r.add(&frags[2], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[2], 0), DUPLICATE);
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[2], 0), DUPLICATE);
+        assert_eq!(r.pending(), 2);
+        assert_eq!(r.add(&frags[1], 0), Outcome::Complete { merged: 2 });
+        assert_eq!(take4(&mut r), p);
+
+        // A last fragment ending elsewhere than the first said, even
+        // inside what is held, is malformed: the datagram goes.
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[2], 0), Outcome::Held);
+        assert_eq!(
+            r.add(&fragment(&p[1600..1608], 1600, false, 11), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentMalformed,
+                also: 2
+            }
+        );
+        assert_eq!(r.pending(), 0);
     }
 
     #[test]
@@ -480,12 +686,55 @@ mod tests {
         let mut r = Reassembler::new();
         assert_eq!(r.add(&frags[2], 0), Outcome::Held);
         assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(r.add(&frags[0], 0), DUPLICATE);
         assert_eq!(r.add(&frags[1], 0), Outcome::Complete { merged: 2 });
-        let mut out = vec![0u8; 4096];
-        let n = r.take(&mut out).unwrap();
-        let ip = ipv6::Packet::new_checked(&out[14..n]).unwrap();
-        assert_eq!(u8::from(ip.next_header()), 60);
-        assert_eq!(ip.total_len(), 40 + 1500);
-        assert_eq!(&out[54..n], &p[..]);
+        let (next, rest) = take6(&mut r);
+        assert_eq!(next, IpNumber(60));
+        assert_eq!(rest, p);
+    }
+
+    #[test]
+    fn a_completed_ipv6_datagram_says_the_inner_protocol() {
+        for inner in [IpNumber::GRE, IpNumber::IPV4, IpNumber::IPV6] {
+            let p = payload(1200);
+            let frags = fragments6(&p, 600, 5, inner.0);
+            let mut r = Reassembler::new();
+            assert_eq!(r.add(&frags[1], 0), Outcome::Held);
+            assert_eq!(r.add(&frags[0], 0), Outcome::Complete { merged: 1 });
+            let (next, rest) = take6(&mut r);
+            assert_eq!(next, inner);
+            assert_ne!(next, IpNumber::IPV6_FRAGMENTATION_HEADER);
+            assert_eq!(rest, p);
+        }
+    }
+
+    #[test]
+    fn a_fragment_header_after_a_fragment_header_is_refused() {
+        let p = payload(1200);
+        let mut r = Reassembler::new();
+        // Every piece of a datagram nested this way is refused: nothing is
+        // held, nothing completes.
+        for f in fragments6(&p, 600, 6, 44) {
+            assert_eq!(
+                r.add(&f, 0),
+                Outcome::Dropped {
+                    reason: DropReason::FragmentMalformed,
+                    also: 0
+                }
+            );
+        }
+        assert_eq!(r.pending(), 0);
+        // One arriving for a datagram in progress takes it along.
+        let frags = fragments6(&p, 600, 7, 47);
+        assert_eq!(r.add(&frags[0], 0), Outcome::Held);
+        assert_eq!(
+            r.add(&fragment6(&p[600..], 600, false, 7, 44), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentMalformed,
+                also: 1
+            }
+        );
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.take(&mut [0u8; 4096]), None);
     }
 }

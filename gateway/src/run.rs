@@ -154,6 +154,8 @@ struct Slot {
     oseq: Option<Arc<AtomicU32>>,
     /// The path MTU learned from the underlay.
     path_mtu: Arc<crate::encap::PathMtu>,
+    /// Outer IPv4 IDs of packets sent without DF (see `TunnelTx::ident`).
+    ident: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Slot {
@@ -190,6 +192,7 @@ impl Slot {
             remote: t.remote,
             encap_limit: t.encap_limit,
             path_mtu: self.path_mtu.clone(),
+            ident: self.ident.clone(),
             okey: t.okey,
             ocsum: t.ocsum,
             oseq: self.oseq.clone(),
@@ -251,6 +254,7 @@ fn open_slot(
             peer_mac: peer_mac(peer_id),
             oseq: t.oseq.then(|| Arc::new(AtomicU32::new(0))),
             path_mtu: Default::default(),
+            ident: Default::default(),
         },
         dev.queues,
     ))
@@ -745,6 +749,7 @@ impl Gateway {
                         } else {
                             Default::default()
                         },
+                        ident: old.ident.clone(),
                     });
                     queues.push(None);
                 }

@@ -30,9 +30,10 @@ use crossbeam::channel::{Receiver, Sender};
 use crate::config::PollMode;
 use crate::decap::{decap, Delivery, Kind, RxState};
 use crate::drop_reason::DropReason;
-use crate::encap::{encap, NextHop, TunnelTx, Verdict};
+use crate::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
 use crate::neighbour::NextHops;
 use crate::offload::{self, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
+use crate::ratelimit::RateLimit;
 use crate::reasm::{Outcome, Reassembler};
 use crate::spread::{self, Job, Link, Returned};
 use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
@@ -77,6 +78,10 @@ const REPLY_ICMP: u16 = 0x4000;
 /// packets per NAPI context; twice that here, since a batch of 64 from a
 /// queue a NIC hashes many flows onto interleaves them).
 const GRO_FLOWS: usize = 16;
+/// ICMP "fragmentation needed" / "packet too big" a worker takes per
+/// second: each can only lower a path MTU, but a stream of them (from
+/// anyone who can address the tunnel's local address) costs work.
+const PMTU_UPDATES_PER_SECOND: u32 = 100;
 
 /// A run of TCP segments of one flow waiting to be written as one.
 struct OpenRun {
@@ -190,7 +195,10 @@ struct State {
     gone: Vec<bool>,
     writes_in_flight: usize,
     tx_pending: Vec<Frame>,
-    ident: u16,
+    /// Outer IPv4 IDs, the time and the ICMP budget, for encapsulation.
+    tx_cx: TxContext,
+    /// Path MTU updates this worker takes per second.
+    pmtu_updates: RateLimit,
     /// Runs being coalesced in the current RX batch.
     gro: Vec<OpenRun>,
     /// UDP is coalesced too (the kernel takes UDP GSO packets).
@@ -309,7 +317,8 @@ impl Worker {
             gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(self.batch * 2),
-            ident: (queue as u16).wrapping_mul(0x9e37),
+            tx_cx: TxContext::new((queue as u16).wrapping_mul(0x9e37)),
+            pmtu_updates: RateLimit::new(PMTU_UPDATES_PER_SECOND),
             gro: Vec::with_capacity(GRO_FLOWS),
             coalesce_udp: crate::sys::tap::uso_supported(),
             spread,
@@ -624,7 +633,7 @@ impl Worker {
         if let Some(i) = st
             .gro
             .iter()
-            .position(|r| r.tunnel == t && r.run.first.flow == seg.flow)
+            .position(|r| r.tunnel == t && r.run.same_flow(&seg))
         {
             if st.gro[i].run.accepts(&seg) {
                 let r = &mut st.gro[i];
@@ -1204,9 +1213,10 @@ impl Worker {
             (Some(dst), Some(src)) => Some(NextHop { dst, src }),
             _ => None,
         };
-        st.ident = st.ident.wrapping_add(1);
+        st.tx_cx.ident = st.tx_cx.ident.wrapping_add(1);
+        st.tx_cx.now = crate::clock::now();
         let buf = self.xsk.buffer_mut(&mut frame);
-        match encap(buf, len, tunnel, hop, st.ident) {
+        match encap(buf, len, tunnel, hop, &mut st.tx_cx) {
             Verdict::Transmit { len } => {
                 self.xsk.set_len(&mut frame, len);
                 st.local.tx_sent += 1;
@@ -1238,7 +1248,10 @@ impl Worker {
 
     /// Decapsulates one received frame and sends it where it belongs. An
     /// outer fragment goes to reassembly; when it completes a datagram,
-    /// the whole datagram, written into this frame, is decapsulated.
+    /// the whole datagram, written into this frame, is decapsulated: a
+    /// second pass, never more (reassembly never puts out a fragment, and a
+    /// fragment on the second pass would be dropped), and no recursion on
+    /// what a packet says.
     #[inline]
     fn receive_one(
         &mut self,
@@ -1246,62 +1259,75 @@ impl Worker {
         st: &mut State,
         mut frame: Frame,
     ) -> Result<(), WorkerError> {
-        let data = self.xsk.data_mut(&mut frame);
-        match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
-            Ok(d) if d.kind == Kind::Keepalive => {
-                self.keepalive(st, frame, d.tunnel, d.offset, d.len)
-            }
-            Ok(Delivery {
-                tunnel,
-                kind: Kind::PathMtu { mtu },
-                ..
-            }) => {
-                self.path_mtu(usize::from(tunnel), mtu);
-                st.local.path_mtu_updates += 1;
-                self.free.push(frame);
-            }
-            Ok(d) if st.gone[usize::from(d.tunnel)] => {
-                st.local.drop(DropReason::DeviceGone);
-                self.free.push(frame);
-            }
-            Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
-            Err(DropReason::OuterFragment) => {
-                let data = self.xsk.data_mut(&mut frame);
-                let outcome = st.reasm.add(data, crate::clock::now());
-                st.local.fragments_pending = st.reasm.pending();
-                match outcome {
-                    Outcome::Held => self.free.push(frame),
-                    Outcome::Dropped { reason, also } => {
-                        for _ in 0..=also {
-                            st.local.drop(reason);
-                        }
-                        self.free.push(frame);
+        for pass in 0..2 {
+            let data = self.xsk.data_mut(&mut frame);
+            match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
+                Ok(d) if d.kind == Kind::Keepalive => {
+                    self.keepalive(st, frame, d.tunnel, d.offset, d.len)
+                }
+                Ok(Delivery {
+                    tunnel,
+                    kind: Kind::PathMtu { mtu },
+                    ..
+                }) => {
+                    if st.pmtu_updates.allow(crate::clock::now()) {
+                        self.path_mtu(usize::from(tunnel), mtu);
+                        st.local.path_mtu_updates += 1;
+                    } else {
+                        st.local.drop(DropReason::IcmpRateLimited);
                     }
-                    Outcome::Complete { merged } => {
-                        let buf = self.xsk.buffer_mut(&mut frame);
-                        match st.reasm.take(buf) {
-                            Some(len) => {
-                                self.xsk.set_len(&mut frame, len);
-                                st.local.fragments_merged += u64::from(merged);
-                                // Whole now (MF and offset cleared): it
-                                // cannot come back here.
-                                return self.receive_one(io, st, frame);
+                    self.free.push(frame);
+                }
+                Ok(d) if st.gone[usize::from(d.tunnel)] => {
+                    st.local.drop(DropReason::DeviceGone);
+                    self.free.push(frame);
+                }
+                Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
+                Err(DropReason::OuterFragment) if pass == 0 => {
+                    let data = self.xsk.data_mut(&mut frame);
+                    let outcome = st.reasm.add(data, crate::clock::now());
+                    st.local.fragments_pending = st.reasm.pending();
+                    match outcome {
+                        Outcome::Held => self.free.push(frame),
+                        Outcome::Dropped { reason, also } => {
+                            for _ in 0..=also {
+                                st.local.drop(reason);
                             }
-                            None => {
-                                self.xsk.set_len(&mut frame, 0);
-                                for _ in 0..=merged {
-                                    st.local.drop(DropReason::FragmentTooBig);
+                            self.free.push(frame);
+                        }
+                        Outcome::Complete { merged } => {
+                            let buf = self.xsk.buffer_mut(&mut frame);
+                            match st.reasm.take(buf) {
+                                Some(len) => {
+                                    self.xsk.set_len(&mut frame, len);
+                                    st.local.fragments_merged += u64::from(merged);
+                                    // Whole now: decapsulated on the next
+                                    // pass.
+                                    continue;
                                 }
-                                self.free.push(frame);
+                                None => {
+                                    self.xsk.set_len(&mut frame, 0);
+                                    for _ in 0..=merged {
+                                        st.local.drop(DropReason::FragmentTooBig);
+                                    }
+                                    self.free.push(frame);
+                                }
                             }
                         }
                     }
                 }
+                // A reassembled datagram that is a fragment again (which
+                // reassembly rules out; counted, never looped on).
+                Err(DropReason::OuterFragment) => {
+                    st.local.drop(DropReason::FragmentMalformed);
+                    self.free.push(frame);
+                }
+                Err(reason) => {
+                    st.local.drop(reason);
+                    self.free.push(frame);
+                }
             }
-            Err(reason) => {
-                st.local.drop(reason);
-                self.free.push(frame);
-            }
+            return Ok(());
         }
         Ok(())
     }

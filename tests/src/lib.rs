@@ -735,6 +735,82 @@ impl RawSocket {
         }
         out
     }
+
+    /// Like [`RawSocket::receive`], with each frame's VLAN ID as the kernel
+    /// reports it (`PACKET_AUXDATA`: the kernel takes a received frame's
+    /// tag off before any capture sees it).
+    pub fn receive_tagged(&self, max: usize, quiet: Duration) -> Vec<(Option<u16>, Vec<u8>)> {
+        let fd = self.fd.as_raw_fd();
+        let on: libc::c_int = 1;
+        let tv = libc::timeval {
+            tv_sec: quiet.as_secs() as libc::time_t,
+            tv_usec: quiet.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: setsockopt with a live int and a live timeval.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                (&on as *const libc::c_int).cast(),
+                4,
+            );
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let mut control = [0u64; 16];
+        while out.len() < max {
+            // SAFETY: recvmsg into live buffers that outlive the call; the
+            // control messages are read within the length the kernel set.
+            let (n, pkttype, vlan) = unsafe {
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+                msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&control);
+                let n = libc::recvmsg(fd, &mut msg, 0);
+                let mut vlan = None;
+                if n >= 0 {
+                    let mut c = libc::CMSG_FIRSTHDR(&msg);
+                    while !c.is_null() {
+                        if (*c).cmsg_level == libc::SOL_PACKET
+                            && (*c).cmsg_type == libc::PACKET_AUXDATA
+                        {
+                            let aux: libc::tpacket_auxdata =
+                                std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                            if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                                vlan = Some(aux.tp_vlan_tci & 0x0fff);
+                            }
+                        }
+                        c = libc::CMSG_NXTHDR(&msg, c);
+                    }
+                }
+                (n, sll.sll_pkttype, vlan)
+            };
+            if n < 0 {
+                break;
+            }
+            if pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            out.push((vlan, buf[..n as usize].to_vec()));
+        }
+        out
+    }
 }
 
 /// Builders for the packets the tests send, with etherparse.

@@ -190,7 +190,7 @@ fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
             Delivered("ipip"),
         ),
         (
-            "outer ECT(1), inner ECT(0): unchanged",
+            "outer ECT(1), inner ECT(0): inner ECT(1)",
             format!("{E},tos=1)/IP(src='20.1.1.2',dst='20.1.1.1',tos=2)/UDP(dport=4243)"),
             Delivered("ipip"),
         ),
@@ -263,7 +263,8 @@ fn receive_rules_match_the_kernel() {
     assert_accounting(&before);
 
     // The two ECN deliveries, as they reached tun2: CE applied to the
-    // ECT(0) packet, the other left ECT(0).
+    // ECT(0) packet; the other made ECT(1) under an ECT(1) outer header, as
+    // the kernel's INET_ECN_decapsulate does (INET_ECN_set_ect1, for L4S).
     let got = tun2.receive(usize::MAX, Duration::from_millis(300));
     let tos_of = |port: u16| {
         got.iter()
@@ -272,10 +273,17 @@ fn receive_rules_match_the_kernel() {
             .unwrap_or_else(|| panic!("nothing to port {port} on tun2"))
     };
     assert_eq!(tos_of(4242) & 3, 3, "outer CE onto inner ECT(0)");
-    assert_eq!(tos_of(4243) & 3, 2, "outer ECT(1) leaves inner ECT(0)");
+    assert_eq!(
+        tos_of(4243) & 3,
+        1,
+        "outer ECT(1) makes inner ECT(0) ECT(1)"
+    );
 
     // Outer fragments, as a router on the way would cut a tunnel packet:
-    // in order, in reverse, and a train with one fragment twice.
+    // in order, in reverse, a train with its first fragment twice (the
+    // copy dropped alone, the datagram kept, as the kernel's
+    // inet_frag_queue_insert does), and two fragments that partly overlap
+    // (the whole datagram dropped, RFC 5722).
     let tap = RawSocket::open(&wire.gw, "tap1", 4 << 20);
     let frags = |port: u16| {
         format!(
@@ -286,6 +294,9 @@ fn receive_rules_match_the_kernel() {
     scapy.send(&frags(4300));
     scapy.send(&format!("list(reversed({}))", frags(4301)));
     scapy.send(&format!("(lambda l: l[:1] + l)({})", frags(4302)));
+    scapy.send(
+        "[Ether(dst=GW_MAC)/IP(src=REMOTE,dst=LOCAL,id=4304,proto=47,flags='MF',frag=0)/Raw(b'a'*400), Ether(dst=GW_MAC)/IP(src=REMOTE,dst=LOCAL,id=4304,proto=47,flags='MF',frag=25)/Raw(b'b'*400)]",
+    );
     // A train longer than reassembly takes (4004 bytes of payload in six
     // pieces of 800): every piece dropped and counted, nothing held.
     scapy.send(
@@ -296,21 +307,19 @@ fn receive_rules_match_the_kernel() {
     assert_eq!(d(&|s| drops(s, "fragment_too_big")), 6, "{after}");
     assert_eq!(
         d(&|s| tunnel_rx(s, "plain")),
-        2,
-        "two datagrams whole: {after}"
+        3,
+        "three datagrams whole: {after}"
     );
-    assert_eq!(d(&|s| worker_sum(s, "fragments_merged")), 2 * 3, "{after}");
+    assert_eq!(d(&|s| worker_sum(s, "fragments_merged")), 3 * 3, "{after}");
+    assert_eq!(d(&|s| drops(s, "fragment_duplicate")), 1, "{after}");
     assert_eq!(d(&|s| drops(s, "fragment_overlap")), 2, "{after}");
-    // After the overlap the rest of that train starts a datagram of its
-    // own, which can never complete (its first piece went with the
-    // overlap): held until the reassembly timeout, as the kernel would.
-    assert_eq!(worker_sum(&after, "fragments_pending"), 3, "{after}");
+    assert_eq!(worker_sum(&after, "fragments_pending"), 0, "{after}");
     let whole: Vec<_> = tap
         .receive(usize::MAX, Duration::from_millis(300))
         .into_iter()
         .filter(|f| f.len() == 14 + 20 + 8 + 1300)
         .collect();
-    assert_eq!(whole.len(), 2, "the two datagrams, whole, on tap1");
+    assert_eq!(whole.len(), 3, "the three datagrams, whole, on tap1");
     assert_accounting(&after);
 
     // The keepalive came back as the plain GRE packet inside it, one hop
@@ -471,12 +480,28 @@ fn send_rules_match_the_kernel() {
     // then refused with fragmentation needed, carrying 1300 less the outer
     // IPv4 and GRE headers, as the kernel's tunnels do; the sender's kernel
     // takes that MTU for the route.
+    // First, the same error addressed to a host that is not this one
+    // (192.168.0.99, through our MAC): anyone could send it, and it must
+    // change nothing (the XDP program leaves it to the kernel, which
+    // drops it, not being a router here). Three of them, then the real one:
+    // only the real one is taken.
+    for _ in 0..3 {
+        scapy.send(
+            "Ether(dst=GW_MAC)/IP(src=REMOTE,dst='192.168.0.99')/ICMP(type=3,code=4,nexthopmtu=600)/IP(src=LOCAL,dst=REMOTE,proto=47)/GRE()",
+        );
+    }
     scapy.send(&format!(
         "{E})/ICMP(type=3,code=4,nexthopmtu=1300)/IP(src=LOCAL,dst=REMOTE,proto=47)/GRE()"
     ));
     wait_until("the path MTU to be taken", Duration::from_secs(5), || {
-        worker_sum(&gw.stats(), "path_mtu_updates") == 1
+        worker_sum(&gw.stats(), "path_mtu_updates") >= 1
     });
+    let s = gw.settled_stats();
+    assert_eq!(
+        worker_sum(&s, "path_mtu_updates"),
+        1,
+        "an ICMP error for another host lowered the path MTU: {s}"
+    );
     // The socket stays open until the end: the kernel takes an ICMP error
     // for a UDP datagram only while its socket exists.
     let _sender = wire.gw.run(|| {

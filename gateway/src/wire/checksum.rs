@@ -41,6 +41,15 @@ pub fn checksum(data: &[u8]) -> u16 {
     !sum(data)
 }
 
+/// The checksum field after one 16-bit word it covers changed from `old`
+/// to `new`, without summing the rest again (RFC 1624, eqn. 3:
+/// `HC' = ~(~HC + ~m + m')`). A header that was corrupted before the
+/// change stays detectably corrupt after it, which a checksum computed
+/// from scratch would hide.
+pub fn adjust(csum: u16, old: u16, new: u16) -> u16 {
+    !fold(u64::from(!csum) + u64::from(!old) + u64::from(new))
+}
+
 /// True when `data`, checksum field included, sums to all ones.
 pub fn verify(data: &[u8]) -> bool {
     sum(data) == 0xffff

@@ -176,6 +176,40 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         self.buffer.as_mut()[field::DST].copy_from_slice(&a.octets());
     }
 
+    /// Replaces the 16-bit word at `at` (an even offset in the fixed
+    /// header) and adjusts the header checksum for the change alone
+    /// ([`checksum::adjust`]).
+    fn update_word(&mut self, at: usize, new: [u8; 2]) {
+        let b = self.buffer.as_mut();
+        let old = u16::from_be_bytes([b[at], b[at + 1]]);
+        let c = u16::from_be_bytes([b[field::CHECKSUM.start], b[field::CHECKSUM.start + 1]]);
+        b[at..at + 2].copy_from_slice(&new);
+        let c = checksum::adjust(c, old, u16::from_be_bytes(new));
+        b[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
+    }
+
+    /// Sets the TTL, adjusting the checksum incrementally (RFC 1624).
+    pub fn update_ttl(&mut self, v: u8) {
+        let p = self.buffer.as_ref()[field::PROTOCOL];
+        self.update_word(field::TTL, [v, p]);
+    }
+
+    /// Sets DSCP and ECN, adjusting the checksum incrementally.
+    pub fn update_dscp_ecn(&mut self, v: u8) {
+        let vi = self.buffer.as_ref()[field::VER_IHL];
+        self.update_word(field::VER_IHL, [vi, v]);
+    }
+
+    /// Sets the total length, adjusting the checksum incrementally.
+    pub fn update_total_len(&mut self, v: u16) {
+        self.update_word(field::LENGTH.start, v.to_be_bytes());
+    }
+
+    /// Sets the identification, adjusting the checksum incrementally.
+    pub fn update_ident(&mut self, v: u16) {
+        self.update_word(field::IDENT.start, v.to_be_bytes());
+    }
+
     /// Computes and stores the header checksum.
     pub fn fill_checksum(&mut self) {
         let hl = self.header_len();
