@@ -1250,4 +1250,177 @@ mod tests {
             Verdict::Drop(DropReason::TxTooBig)
         );
     }
+
+    /// A routable IPv6 UDP datagram of `len` bytes in all (etherparse).
+    fn inner6(len: usize) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv6(
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            64,
+        )
+        .udp(1, 2);
+        let mut out = Vec::new();
+        b.write(&mut out, &vec![0x33; len - 48]).unwrap();
+        out
+    }
+
+    #[test]
+    fn ipv6_over_an_ipv4_path_under_1280_goes_out_with_df_clear() {
+        // gre over IPv4 (24 bytes of outer IPv4 + GRE): a router says the
+        // path carries 600, which leaves 576 for IPv6, under its minimum.
+        let t = tunnel(Mode::Gre, DeviceKind::Tun);
+        assert!(t.path_mtu.lower(600, 0));
+        // A 1300-byte IPv6 packet is not answered with "packet too big"
+        // (it could only say 1280, which the path cannot carry either): it
+        // leaves, outer DF clear, for the router to fragment.
+        let pkt = inner6(1300);
+        let (mut buf, n) = read_into(&t, &pkt);
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5)) else {
+            panic!("not sent")
+        };
+        let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+        assert!(!outer.dont_fragment, "outer DF set on a path too small");
+        // A small IPv6 packet that fits the path keeps the tunnel's DF.
+        let (mut buf, n) = read_into(&t, &inner6(500));
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5)) else {
+            panic!("not sent")
+        };
+        let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+        assert!(outer.dont_fragment);
+        // IPv4 on the same path still gets "fragmentation needed", with
+        // the path's MTU less the overhead.
+        let (mut buf, n) = read_into(&t, &inner(1000, 64));
+        let Verdict::Reply { offset, len, .. } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5))
+        else {
+            panic!("no ICMP")
+        };
+        let s = SlicedPacket::from_ip(&buf[offset..offset + len]).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = s.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 576
+                }
+            )
+        );
+        // On a path of 1400 (1376 left), IPv6 is told as before.
+        let t = tunnel(Mode::Gre, DeviceKind::Tun);
+        assert!(t.path_mtu.lower(1400, 0));
+        let (mut buf, n) = read_into(&t, &inner6(1390));
+        assert!(matches!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(5)),
+            Verdict::Reply { .. }
+        ));
+    }
+
+    #[test]
+    fn no_icmp_error_about_an_icmp_error_nor_beyond_the_budget() {
+        let t = tunnel(Mode::Gre, DeviceKind::Tun);
+        // An ICMP "destination unreachable" of 1500 bytes with DF, too big
+        // for the tunnel: dropped, never answered.
+        let b = etherparse::PacketBuilder::ipv4([10, 1, 1, 1], [10, 1, 1, 2], 64).icmpv4(
+            Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port),
+        );
+        let mut err = Vec::new();
+        b.write(&mut err, &[0x5a; 1472]).unwrap();
+        let (mut buf, n) = read_into(&t, &err);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Drop(DropReason::TxTooBigNoIcmp)
+        );
+        // An echo request of the same size is answered.
+        let (mut buf, n) = read_into(&t, &inner(1472, 64));
+        assert!(matches!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Reply { .. }
+        ));
+        // ICMPv6 errors likewise (time exceeded, type 3).
+        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).icmpv6(
+            etherparse::Icmpv6Type::TimeExceeded(
+                etherparse::icmpv6::TimeExceededCode::HopLimitExceeded,
+            ),
+        );
+        let mut err6 = Vec::new();
+        b.write(&mut err6, &[0x5a; 1400]).unwrap();
+        let (mut buf, n) = read_into(&t, &err6);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Drop(DropReason::TxTooBigNoIcmp)
+        );
+        // A fragment after the first (offset 185 * 8) is never answered.
+        let mut later = inner(1472, 64);
+        let (mut h, _) = etherparse::Ipv4Header::from_slice(&later).unwrap();
+        h.fragment_offset = etherparse::IpFragOffset::try_new(185).unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        later[..20].copy_from_slice(&h.to_bytes());
+        let (mut buf, n) = read_into(&t, &later);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Drop(DropReason::TxTooBigNoIcmp)
+        );
+        // The budget: ICMP_PER_SECOND answers in one second, then none
+        // until the next.
+        let mut c = cx(1);
+        c.now = 9;
+        let answered = (0..ICMP_PER_SECOND + 10)
+            .filter(|_| {
+                let (mut buf, n) = read_into(&t, &inner(1472, 64));
+                matches!(
+                    encap(&mut buf, n, &t, Some(HOP), &mut c),
+                    Verdict::Reply { .. }
+                )
+            })
+            .count();
+        assert_eq!(answered, ICMP_PER_SECOND as usize);
+        c.now = 10;
+        let (mut buf, n) = read_into(&t, &inner(1472, 64));
+        assert!(matches!(
+            encap(&mut buf, n, &t, Some(HOP), &mut c),
+            Verdict::Reply { .. }
+        ));
+    }
+
+    #[test]
+    fn packets_without_df_take_ids_from_the_tunnel_not_the_worker() {
+        // nopmtudisc: DF follows the inner packet, which has none here. Two
+        // workers (two contexts with the same ID) never send the same ID.
+        let mut t = tunnel(Mode::Gre, DeviceKind::Tun);
+        t.pmtudisc = false;
+        let mut no_df = inner(100, 64);
+        let (mut h, _) = etherparse::Ipv4Header::from_slice(&no_df).unwrap();
+        h.dont_fragment = false;
+        h.header_checksum = h.calc_header_checksum();
+        no_df[..20].copy_from_slice(&h.to_bytes());
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            for worker in [&mut cx(77), &mut cx(77)] {
+                let (mut buf, n) = read_into(&t, &no_df);
+                let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), worker) else {
+                    panic!("not sent")
+                };
+                let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+                assert!(!outer.dont_fragment);
+                ids.push(outer.identification);
+            }
+        }
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "an ID repeated: {ids:?}");
+    }
+
+    #[test]
+    fn a_path_mtu_is_only_ever_lowered_whatever_the_order() {
+        let p = PathMtu::default();
+        assert!(p.lower(1400, 0));
+        assert!(!p.lower(1450, 0), "raised");
+        assert!(p.lower(1300, 0));
+        assert_eq!(p.get(0), Some(1300));
+        // Expired: any value is taken again.
+        assert!(p.lower(1450, PATH_MTU_EXPIRES));
+        assert_eq!(p.get(PATH_MTU_EXPIRES), Some(1450));
+    }
 }
