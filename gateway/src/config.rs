@@ -12,9 +12,21 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::tunnel::{DeviceKind, Mode};
+use crate::wire::{ethernet, ipv4, ipv6};
 
 /// Where the gateway looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/gateway/gateway.toml";
+
+/// Bytes in front of the packet data in every UMEM frame: the kernel's
+/// `XDP_PACKET_HEADROOM`. The gateway's UMEM adds no frame headroom of its
+/// own (xsk-rs's default, see [`crate::sys::xsk::Xsk::new`]) and its XDP
+/// program never moves a packet's start, so every frame's data starts this
+/// far in.
+pub const UMEM_HEADROOM: usize = 256;
+
+/// Packet bytes one UMEM frame holds: from the data start to the end of the
+/// frame, what [`crate::sys::xsk::Xsk::buffer_mut`] hands out (3840).
+pub const FRAME_DATA_LEN: usize = crate::sys::xsk::FRAME_SIZE as usize - UMEM_HEADROOM;
 
 /// A configuration problem, in one line: the field, what is wrong, the fix.
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +250,10 @@ pub struct TunnelConfig {
     /// destination-options header (RFC 2473), 4 by default as the kernel's
     /// ip6tnl and ip6gre; `None`: no option ("none").
     pub encap_limit: Option<u8>,
-    /// `None`: the underlay's MTU less the tunnel overhead, found at start.
+    /// `None`: the underlay's MTU less the tunnel overhead, found at start,
+    /// and no more than [`TunnelConfig::max_mtu`] (see
+    /// [`TunnelConfig::auto_mtu`]). When set, validation keeps it within
+    /// `max_mtu`.
     pub mtu: Option<u16>,
     pub device: String,
     pub device_kind: DeviceKind,
@@ -269,6 +284,93 @@ impl TunnelConfig {
         // gretap MTU is the underlay's less 38).
         let eth = if self.mode == Mode::Gretap { 14 } else { 0 };
         ip + gre + eth
+    }
+
+    /// Bytes a packet of `mtu` bytes takes of a UMEM frame at most, outer
+    /// Ethernet header included: the longest frame the tunnel sends.
+    ///
+    /// A packet read from the device is copied into a frame at
+    /// [`crate::encap::TunnelTx::read_offset`] and must end inside the
+    /// frame's [`FRAME_DATA_LEN`] bytes (`Worker::take_read` drops it as
+    /// `tx_malformed` otherwise, with no ICMP back):
+    /// - tun: the read offset is the outer headers (Ethernet, outer IP with
+    ///   the encapsulation-limit option, GRE with its options), and the
+    ///   packet the inner IP packet, up to `mtu`;
+    /// - tap carrying IP (gre, ipip, sit): the tap's Ethernet header is read
+    ///   in front of the inner IP packet and overwritten by the outer
+    ///   headers, so the offset is one Ethernet header less and the packet
+    ///   one longer: the same sum;
+    /// - gretap: the whole tap frame is carried, its Ethernet header
+    ///   (counted in [`Self::overhead`]) and one VLAN tag included.
+    ///
+    /// The virtio-net header ([`crate::offload::VNET_HDR_LEN`]) stays in the
+    /// io_uring read buffer, and on the way into the device it is written
+    /// where the outer headers were, so it takes no room of its own.
+    pub fn outer_frame_len(&self, mtu: u16) -> usize {
+        ethernet::HEADER_LEN + usize::from(self.overhead()) + self.vlan_len() + usize::from(mtu)
+    }
+
+    /// The outer IP payload (all after the fixed IPv4 or IPv6 header: the
+    /// encapsulation-limit option, GRE, and what the tunnel carries) of a
+    /// packet of `mtu` bytes at most: what reassembly of an outer packet
+    /// fragmented on the way has to hold ([`crate::reasm::MAX_PAYLOAD`]).
+    pub fn outer_ip_payload_len(&self, mtu: u16) -> usize {
+        let fixed = match self.local {
+            IpAddr::V4(_) => ipv4::HEADER_LEN,
+            IpAddr::V6(_) => ipv6::HEADER_LEN,
+        };
+        usize::from(self.overhead()) - fixed + self.vlan_len() + usize::from(mtu)
+    }
+
+    /// The largest MTU the gateway can carry on this tunnel: the largest
+    /// `mtu` whose packets fit a UMEM frame with the outer headers
+    /// ([`Self::outer_frame_len`] within [`FRAME_DATA_LEN`]), and whose
+    /// outer IP payload, should a router fragment it, fits reassembly
+    /// ([`Self::outer_ip_payload_len`] within [`crate::reasm::MAX_PAYLOAD`]).
+    /// For instance 3796 for gre over IPv4 (the reassembly bound: the frame
+    /// alone would allow 3802), 3774 for ip6gre with its encapsulation
+    /// limit (the frame bound), 3778 for gretap over IPv4.
+    pub fn max_mtu(&self) -> u16 {
+        let frame = FRAME_DATA_LEN.saturating_sub(self.outer_frame_len(0));
+        let reassembly = crate::reasm::MAX_PAYLOAD.saturating_sub(self.outer_ip_payload_len(0));
+        frame.min(reassembly).min(usize::from(u16::MAX)) as u16
+    }
+
+    /// The MTU when `mtu` is not set: the underlay's less
+    /// [`Self::overhead`]. A jumbo underlay would give more than a UMEM
+    /// frame can carry (9000 less 24 for gre, where every packet the device
+    /// sent would be dropped as `tx_malformed`): such a default is clamped
+    /// to [`Self::max_mtu`] with a warning, not refused, since the
+    /// underlay's MTU is known only at start (a configured `mtu` past the
+    /// limit is refused by validation instead).
+    pub fn auto_mtu(&self, underlay_mtu: u32) -> Result<u16, ConfigError> {
+        let m = underlay_mtu.saturating_sub(u32::from(self.overhead()));
+        if m < 68 {
+            return Err(err(
+                format!("tunnel {:?}.mtu", self.name),
+                format!("the underlay MTU {underlay_mtu} leaves no room; set mtu explicitly"),
+            ));
+        }
+        let max = self.max_mtu();
+        if m > u32::from(max) {
+            tracing::warn!(
+                "tunnel {:?}: the underlay MTU {underlay_mtu} less the tunnel's headers ({m}) is more than a {}-byte UMEM frame can carry; using mtu {max} (set mtu = {max} to say so)",
+                self.name,
+                crate::sys::xsk::FRAME_SIZE
+            );
+            return Ok(max);
+        }
+        Ok(m as u16)
+    }
+
+    /// gretap frames may carry one 802.1Q tag past the MTU (encap and
+    /// decap accept `mtu + 4` bytes behind the tap frame's Ethernet header).
+    fn vlan_len(&self) -> usize {
+        if self.mode == Mode::Gretap {
+            ethernet::VLAN_TAG_LEN
+        } else {
+            0
+        }
     }
 }
 
@@ -1005,6 +1107,18 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
         accept_from,
         persistent: t.persistent.unwrap_or(false),
     };
+    if let Some(m) = cfg.mtu {
+        let max = cfg.max_mtu();
+        if m > max {
+            return Err(err(
+                format!("tunnel {:?}.mtu", cfg.name),
+                format!(
+                    "{m} is more than a {}-byte UMEM frame can carry with this tunnel's headers (at most {max}); set mtu = {max} or less",
+                    crate::sys::xsk::FRAME_SIZE
+                ),
+            ));
+        }
+    }
     Ok(cfg)
 }
 
@@ -1228,5 +1342,286 @@ peer = "20.1.1.2"
         );
         let e = Config::parse(&two).unwrap_err();
         assert!(e.message.contains("different keys"), "{e}");
+    }
+
+    #[test]
+    fn frame_data_len_is_what_the_umem_leaves_for_packets() {
+        // The UMEM as `Xsk::new` configures it (frame size, no frame
+        // headroom of ours).
+        let c = xsk_rs::config::UmemConfig::builder()
+            .frame_size(xsk_rs::config::FrameSize::new(crate::sys::xsk::FRAME_SIZE).unwrap())
+            .build()
+            .unwrap();
+        assert_eq!(
+            (c.xdp_headroom() + c.frame_headroom()) as usize,
+            UMEM_HEADROOM
+        );
+        assert_eq!(c.mtu() as usize, FRAME_DATA_LEN);
+    }
+
+    /// A one-tunnel file: `mode` over IPv4 (`v6`: IPv6) with `extra` keys.
+    fn one_tunnel(mode: &str, v6: bool, extra: &str) -> String {
+        let (local, remote) = if v6 {
+            ("2001:db8::8", "2001:db8::58")
+        } else {
+            ("192.168.0.8", "192.168.0.58")
+        };
+        format!(
+            "[[tunnel]]\nname = \"t\"\nmode = \"{mode}\"\nlocal = \"{local}\"\nremote = \"{remote}\"\ndevice = \"d\"\n{extra}"
+        )
+    }
+
+    /// The limit's cases: (mode, IPv6 underlay, extra keys, largest MTU).
+    const LIMITS: &[(&str, bool, &str, u16)] = &[
+        ("gre", false, "", 3796),
+        ("gre", false, "key = 5\ncsum = true\nseq = true\n", 3784),
+        ("gre", false, "device_kind = \"tun\"\n", 3796),
+        ("ip6gre", true, "", 3774),
+        ("ip6gre", true, "key = 5\ncsum = true\nseq = true\n", 3762),
+        ("ip6gre", true, "encaplimit = \"none\"\n", 3782),
+        ("ipip", false, "device_kind = \"tun\"\n", 3800),
+        ("sit", false, "device_kind = \"tun\"\n", 3800),
+        ("ip6ip6", true, "device_kind = \"tun\"\n", 3778),
+        ("gretap", false, "", 3778),
+        ("gretap", false, "key = 5\ncsum = true\nseq = true\n", 3766),
+        ("ip6gretap", true, "key = 5\n", 3752),
+    ];
+
+    #[test]
+    fn an_mtu_past_what_a_umem_frame_carries_is_refused() {
+        for &(mode, v6, extra, max) in LIMITS {
+            let at =
+                |mtu: u16| Config::parse(&one_tunnel(mode, v6, &format!("{extra}mtu = {mtu}\n")));
+            let t = at(max).unwrap().tunnels.remove(0);
+            assert_eq!(t.max_mtu(), max, "{mode} {extra:?}");
+            let e = at(max + 1).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "tunnel \"t\".mtu: {} is more than a 4096-byte UMEM frame can carry with this tunnel's headers (at most {max}); set mtu = {max} or less",
+                    max + 1
+                )
+            );
+            assert!(
+                at(9000).unwrap_err().to_string().contains("(at most"),
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_underlay_mtu_past_the_limit_is_clamped_not_refused() {
+        let t = Config::parse(&one_tunnel("gre", false, ""))
+            .unwrap()
+            .tunnels
+            .remove(0);
+        assert_eq!(t.auto_mtu(1500).unwrap(), 1476);
+        assert_eq!(t.auto_mtu(9000).unwrap(), t.max_mtu());
+        assert_eq!(t.auto_mtu(65535).unwrap(), t.max_mtu());
+        let e = t.auto_mtu(80).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "tunnel \"t\".mtu: the underlay MTU 80 leaves no room; set mtu explicitly"
+        );
+    }
+
+    /// What the send path gets for `t`, sending packets of up to `mtu`.
+    fn tx_of(t: &TunnelConfig, mtu: u16) -> crate::encap::TunnelTx {
+        crate::encap::TunnelTx {
+            mode: t.mode,
+            local: t.local,
+            remote: t.remote,
+            encap_limit: t.encap_limit,
+            okey: t.okey,
+            ocsum: t.ocsum,
+            oseq: t.oseq.then(Default::default),
+            ident: Default::default(),
+            path_mtu: Default::default(),
+            ttl: t.ttl,
+            tos: t.tos,
+            pmtudisc: t.pmtudisc,
+            ignore_df: t.ignore_df,
+            mtu,
+            device_kind: t.device_kind,
+            device_mac: [2, 0xaa, 0, 0, 0, 1],
+            peer_mac: [2, 0xbb, 0, 0, 0, 2],
+            address: None,
+            peer: None,
+        }
+    }
+
+    /// What the device hands over for an inner packet of `mtu` bytes (IPv6
+    /// for sit, IPv4 otherwise): the packet, behind an Ethernet header on
+    /// a tap, with a VLAN tag too on gretap.
+    fn device_packet(t: &TunnelConfig, mtu: u16) -> Vec<u8> {
+        let n = usize::from(mtu);
+        let mut ip = vec![0u8; n];
+        let ethertype = if t.mode == Mode::Sit {
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&(mtu - 40).to_be_bytes());
+            ip[6] = 17;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(
+                &"2001:db8:1::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            ip[24..40].copy_from_slice(
+                &"2001:db8:1::2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            [0x86, 0xdd]
+        } else {
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&mtu.to_be_bytes());
+            ip[6] = 0x40;
+            ip[8] = 64;
+            ip[9] = 17;
+            ip[12..16].copy_from_slice(&[10, 1, 1, 1]);
+            ip[16..20].copy_from_slice(&[10, 1, 1, 2]);
+            [0x08, 0x00]
+        };
+        let mut out = Vec::new();
+        if t.device_kind == DeviceKind::Tap {
+            out.extend_from_slice(&[2, 0xbb, 0, 0, 0, 2, 2, 0xaa, 0, 0, 0, 1]);
+            if t.mode == Mode::Gretap {
+                out.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+            }
+            out.extend_from_slice(&ethertype);
+        }
+        out.extend_from_slice(&ip);
+        out
+    }
+
+    /// Encapsulates a packet of `mtu` bytes as the worker does: read into
+    /// a UMEM frame's worth of buffer at the read offset (`None` where
+    /// `take_read` finds it does not fit), then `encap`.
+    fn send_at(t: &TunnelConfig, mtu: u16) -> Option<Vec<u8>> {
+        let tx = tx_of(t, mtu);
+        let pkt = device_packet(t, mtu);
+        let off = tx.read_offset();
+        let mut buf = vec![0u8; FRAME_DATA_LEN];
+        if off + pkt.len() > buf.len() {
+            return None;
+        }
+        buf[off..off + pkt.len()].copy_from_slice(&pkt);
+        let hop = crate::encap::NextHop {
+            dst: [2, 0, 0, 0, 0, 0x58],
+            src: [2, 0, 0, 0, 0, 8],
+        };
+        match crate::encap::encap(
+            &mut buf,
+            pkt.len(),
+            &tx,
+            Some(hop),
+            &mut crate::encap::TxContext::new(7),
+        ) {
+            crate::encap::Verdict::Transmit { len } => Some(buf[..len].to_vec()),
+            v => panic!("{:?} mtu {mtu}: {v:?}", t.mode),
+        }
+    }
+
+    #[test]
+    fn the_largest_mtu_fills_a_umem_frame_at_most() {
+        for &(mode, v6, extra, _) in LIMITS {
+            let t = Config::parse(&one_tunnel(mode, v6, extra))
+                .unwrap()
+                .tunnels
+                .remove(0);
+            let max = t.max_mtu();
+            let sent =
+                send_at(&t, max).unwrap_or_else(|| panic!("{mode} {extra:?}: {max} does not fit"));
+            assert_eq!(sent.len(), t.outer_frame_len(max), "{mode} {extra:?}");
+            assert!(sent.len() <= FRAME_DATA_LEN);
+            // One byte past what the frame holds is what the worker drops.
+            let frame_max = (FRAME_DATA_LEN - t.outer_frame_len(0)) as u16;
+            assert!(max <= frame_max);
+            assert!(send_at(&t, frame_max).is_some(), "{mode} {extra:?}");
+            assert!(send_at(&t, frame_max + 1).is_none(), "{mode} {extra:?}");
+        }
+    }
+
+    /// `frame` cut into two outer fragments, as a router (IPv4) or the
+    /// sender (IPv6, with a fragment header) would.
+    fn fragments(frame: &[u8], v6: bool) -> Vec<Vec<u8>> {
+        let l3 = ethernet::HEADER_LEN;
+        let hl = if v6 {
+            ipv6::HEADER_LEN
+        } else {
+            ipv4::HEADER_LEN
+        };
+        let payload = &frame[l3 + hl..];
+        let cut = 1496;
+        let mut out = Vec::new();
+        for (start, part) in [(0, &payload[..cut]), (cut, &payload[cut..])] {
+            let more = start == 0;
+            let mut f = frame[..l3 + hl].to_vec();
+            if v6 {
+                let next = f[l3 + 6];
+                f[l3 + 6] = 44;
+                f[l3 + 4..l3 + 6].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+                let offset_flags = start as u16 | u16::from(more);
+                f.extend_from_slice(&[next, 0]);
+                f.extend_from_slice(&offset_flags.to_be_bytes());
+                f.extend_from_slice(&[0, 0, 0, 9]);
+            } else {
+                f[l3 + 2..l3 + 4].copy_from_slice(&((hl + part.len()) as u16).to_be_bytes());
+                let flags = (start / 8) as u16 | if more { 0x2000 } else { 0 };
+                f[l3 + 6..l3 + 8].copy_from_slice(&flags.to_be_bytes());
+                f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+                let mut sum: u32 = f[l3..l3 + hl]
+                    .chunks(2)
+                    .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                    .sum();
+                while sum > 0xffff {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                f[l3 + 10..l3 + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            }
+            f.extend_from_slice(part);
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn the_largest_outer_packet_fits_reassembly() {
+        use crate::reasm::{Outcome, Reassembler, MAX_PAYLOAD};
+        for &(mode, v6, extra, _) in LIMITS {
+            let t = Config::parse(&one_tunnel(mode, v6, extra))
+                .unwrap()
+                .tunnels
+                .remove(0);
+            let max = t.max_mtu();
+            let sent = send_at(&t, max).unwrap();
+            let fixed = if v6 {
+                ipv6::HEADER_LEN
+            } else {
+                ipv4::HEADER_LEN
+            };
+            let payload = sent.len() - ethernet::HEADER_LEN - fixed;
+            assert_eq!(payload, t.outer_ip_payload_len(max), "{mode} {extra:?}");
+            assert!(
+                payload <= MAX_PAYLOAD,
+                "{mode} {extra:?}: {payload} > {MAX_PAYLOAD}"
+            );
+            // And reassembled for real, into a frame.
+            let mut r = Reassembler::new();
+            let frags = fragments(&sent, v6);
+            assert_eq!(r.add(&frags[0], 1), Outcome::Held, "{mode} {extra:?}");
+            assert_eq!(
+                r.add(&frags[1], 1),
+                Outcome::Complete { merged: 1 },
+                "{mode} {extra:?}"
+            );
+            let mut frame = vec![0u8; FRAME_DATA_LEN];
+            let len = r.take(&mut frame).expect("fits a frame");
+            assert_eq!(len, sent.len(), "{mode} {extra:?}");
+            let l4 = ethernet::HEADER_LEN + fixed;
+            assert_eq!(frame[l4..len], sent[l4..], "{mode} {extra:?}");
+        }
     }
 }

@@ -5,10 +5,14 @@
 //! figure, so the JSON, the summary and the metrics always agree.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -293,37 +297,248 @@ pub fn prometheus(s: &Value) -> String {
     out
 }
 
+/// How long a client of `/metrics` or of the control socket has to send
+/// its request, and then to take the answer: a client that stalls is let
+/// go after this, unanswered or with part of the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Clients answered at once, each on a thread of its own. Past this many
+/// the accepting thread answers the next one itself, within the timeouts:
+/// a crowd of stalled clients then slows the others down (by
+/// [`CLIENT_TIMEOUT`] a stalled client at most) rather than costing a
+/// thread each without bound.
+const CLIENT_THREADS: usize = 8;
+
 /// Serves `GET /metrics` on `addr` until the process ends.
 pub fn serve_http(addr: &str, requests: Sender<Request>) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(addr).map_err(|e| {
+    let listener = TcpListener::bind(addr).map_err(|e| {
         anyhow::anyhow!(
             "--metrics {addr}: cannot listen ({e}); give a free ADDR:PORT such as 127.0.0.1:9464"
         )
     })?;
+    serve_http_on(listener, requests)?;
+    Ok(())
+}
+
+/// The longest HTTP request head read.
+const HTTP_HEAD_MAX: usize = 8192;
+
+/// Answers HTTP clients of `listener`: one request per connection
+/// (`Connection: close`), each with [`CLIENT_TIMEOUT`] to send its request
+/// head and again to take the answer, on threads of their own as
+/// [`on_a_thread`] allows. The request is parsed by httparse. (tiny_http,
+/// which served it before, accepts connections itself and sets no timeout
+/// on them, nor lets one be set: a client that sent nothing held one of
+/// its threads for ever, and one that did not read its answer held up
+/// every answer after it.)
+fn serve_http_on(listener: TcpListener, requests: Sender<Request>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("gw-metrics".into())
         .spawn(move || {
-            for req in server.incoming_requests() {
-                let (status, body) = if req.url() == "/metrics" {
-                    match ask(&requests, Format::Prometheus) {
-                        Some(b) => (200, b),
-                        None => (503, "gateway stopping\n".into()),
-                    }
-                } else {
-                    (404, "try /metrics\n".into())
-                };
-                let header = tiny_http::Header::from_bytes(
-                    &b"Content-Type"[..],
-                    &b"text/plain; version=0.0.4"[..],
-                )
-                .expect("static header");
-                let _ = req.respond(
-                    tiny_http::Response::from_string(body)
-                        .with_status_code(status)
-                        .with_header(header),
-                );
-            }
+            serve_clients(
+                "gw-metrics",
+                || listener.accept().map(|(c, _)| c),
+                move |c| answer_http(c, &requests),
+            )
         })?;
+    Ok(())
+}
+
+/// What an HTTP request head asks for, once httparse has all of it.
+enum Head {
+    /// More bytes are needed.
+    Partial,
+    /// Method and path.
+    Complete(String, String),
+    Invalid,
+}
+
+fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Head::Complete(
+            req.method.unwrap_or("").to_string(),
+            req.path.unwrap_or("").to_string(),
+        ),
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Err(_) => Head::Invalid,
+    }
+}
+
+fn answer_http(mut conn: TcpStream, requests: &Sender<Request>) {
+    let mut head = vec![0u8; HTTP_HEAD_MAX];
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let done = |b: &[u8]| !matches!(parse_head(b), Head::Partial);
+    let Some(n) = read_request(&mut conn, &mut head, deadline, done) else {
+        return;
+    };
+    if n == 0 {
+        return;
+    }
+    let (status, reason, body, head_only) = match parse_head(&head[..n]) {
+        Head::Complete(method, path) if method == "GET" || method == "HEAD" => {
+            let head_only = method == "HEAD";
+            if path == "/metrics" {
+                match ask(requests, Format::Prometheus) {
+                    Some(b) => (200, "OK", b, head_only),
+                    None => (
+                        503,
+                        "Service Unavailable",
+                        "gateway stopping\n".into(),
+                        head_only,
+                    ),
+                }
+            } else {
+                (404, "Not Found", "try /metrics\n".into(), head_only)
+            }
+        }
+        Head::Partial => (
+            431,
+            "Request Header Fields Too Large",
+            "request head too long\n".into(),
+            false,
+        ),
+        _ => (
+            400,
+            "Bad Request",
+            "bad request; try GET /metrics\n".into(),
+            false,
+        ),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        out.push_str(&body);
+    }
+    if write_by(&mut conn, out.as_bytes(), Instant::now() + CLIENT_TIMEOUT).is_ok() {
+        let _ = conn.shutdown(Shutdown::Write);
+    }
+}
+
+/// Runs `work` on a thread of its own while fewer than [`CLIENT_THREADS`]
+/// are busy, else on this one (within the clients' timeouts: a crowd of
+/// stalled clients then slows the others down rather than costing a
+/// thread each without bound).
+fn on_a_thread(name: &str, busy: &Arc<AtomicUsize>, work: impl FnOnce() + Send + 'static) {
+    /// One busy client thread, counted while it lives.
+    struct Busy(Arc<AtomicUsize>);
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    if busy.fetch_add(1, Ordering::AcqRel) >= CLIENT_THREADS {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        work();
+        return;
+    }
+    let guard = Busy(busy.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("{name}-c"))
+        .spawn(move || {
+            let _guard = guard;
+            work()
+        });
+    if let Err(e) = spawned {
+        // The client is let go (and the thread uncounted) with the closure
+        // that held it.
+        tracing::warn!("{name}: cannot start a thread for a client ({e})");
+    }
+}
+
+/// A client connection: a stream with read and write timeouts.
+trait Client: Read + Write + Send + 'static {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Client for TcpStream {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+    fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+}
+
+impl Client for UnixStream {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+    fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+}
+
+/// Answers each client `accept` returns with `answer`, on a thread of its
+/// own where [`on_a_thread`] allows. Never returns.
+fn serve_clients<C: Client>(
+    name: &str,
+    mut accept: impl FnMut() -> io::Result<C>,
+    answer: impl Fn(C) + Clone + Send + 'static,
+) {
+    let busy = Arc::new(AtomicUsize::new(0));
+    loop {
+        let conn = match accept() {
+            Ok(c) => c,
+            Err(_) => {
+                // Out of file descriptors, or a client gone before it was
+                // accepted: try again, without spinning.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let answer = answer.clone();
+        on_a_thread(name, &busy, move || answer(conn));
+    }
+}
+
+/// Reads a request into `buf` until `complete` says it is, `buf` is full,
+/// or the client closes its side; waits no longer than `deadline` in all.
+/// Returns the bytes read, or `None` when the client sent nothing complete
+/// in time (or failed): it is then let go unanswered.
+fn read_request<C: Client>(
+    conn: &mut C,
+    buf: &mut [u8],
+    deadline: Instant,
+    complete: impl Fn(&[u8]) -> bool,
+) -> Option<usize> {
+    let mut n = 0;
+    while n < buf.len() && !(n > 0 && complete(&buf[..n])) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        conn.read_timeout(Some(left)).ok()?;
+        match conn.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(n)
+}
+
+/// Writes all of `bytes` by `deadline`, or fails: a client that does not
+/// take its answer in time does not hold up the thread that answers it.
+fn write_by<C: Client>(conn: &mut C, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        conn.write_timeout(Some(left))?;
+        match conn.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => bytes = &bytes[k..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 
@@ -347,37 +562,57 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
     let listener = UnixListener::bind_addr(&addr).map_err(|e| {
         anyhow::anyhow!("control socket @{}: {e}; is another gateway running on {iface} in this network namespace?", control_name(iface))
     })?;
+    serve_control_on(listener, requests)?;
+    Ok(())
+}
+
+/// Answers control clients of `listener`, each with [`CLIENT_TIMEOUT`] to
+/// send its word and again to take the answer, so that a client that
+/// connects and says nothing (anyone in the network namespace can) or
+/// never reads holds up no one for long: up to [`CLIENT_THREADS`] are
+/// answered at once, and past that one at a time for no longer than the
+/// timeouts each.
+fn serve_control_on(listener: UnixListener, requests: Sender<Request>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("gw-control".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let mut word = [0u8; 16];
-                let n = conn.read(&mut word).unwrap_or(0);
-                let format = match std::str::from_utf8(&word[..n]).unwrap_or("").trim() {
-                    "reload" => None,
-                    "json" => Some(Format::Json),
-                    "prometheus" => Some(Format::Prometheus),
-                    _ => Some(Format::Human),
-                };
-                let body = match format {
-                    Some(f) => ask(&requests, f),
-                    None if !may_reload(&conn) => Some(
-                        "error: reload refused: only root or the gateway's own user may ask for one\n"
-                            .into(),
-                    ),
-                    None => {
-                        let (tx, rx) = channel();
-                        requests.send(Request::Reload { reply: tx }).ok();
-                        rx.recv_timeout(std::time::Duration::from_secs(30)).ok()
-                    }
-                };
-                if let Some(body) = body {
-                    let _ = conn.write_all(body.as_bytes());
-                }
-            }
+            serve_clients(
+                "gw-control",
+                || listener.accept().map(|(c, _)| c),
+                move |c| answer_control(c, &requests),
+            )
         })?;
     Ok(())
+}
+
+fn answer_control(mut conn: UnixStream, requests: &Sender<Request>) {
+    let mut word = [0u8; 16];
+    // The word is what the first read brings (or nothing, when the client
+    // closes its side at once: the human summary).
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let Some(n) = read_request(&mut conn, &mut word, deadline, |_| true) else {
+        return;
+    };
+    let format = match std::str::from_utf8(&word[..n]).unwrap_or("").trim() {
+        "reload" => None,
+        "json" => Some(Format::Json),
+        "prometheus" => Some(Format::Prometheus),
+        _ => Some(Format::Human),
+    };
+    let body = match format {
+        Some(f) => ask(requests, f),
+        None if !may_reload(&conn) => Some(
+            "error: reload refused: only root or the gateway's own user may ask for one\n".into(),
+        ),
+        None => {
+            let (tx, rx) = channel();
+            requests.send(Request::Reload { reply: tx }).ok();
+            rx.recv_timeout(std::time::Duration::from_secs(30)).ok()
+        }
+    };
+    if let Some(body) = body {
+        let _ = write_by(&mut conn, body.as_bytes(), Instant::now() + CLIENT_TIMEOUT);
+    }
 }
 
 /// Whether the peer of `conn` may make the gateway reload: root, or the
@@ -407,6 +642,8 @@ pub fn query(iface: &str, format: &str) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
 
     #[test]
     fn prometheus_text_has_every_family_with_labels() {
@@ -430,6 +667,161 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<u64>().is_ok(), "{line}");
             assert!(name.starts_with("gateway_"), "{line}");
+        }
+    }
+    /// How long a test waits for what should take a few seconds at most.
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    /// A stand-in for the control thread: the first stats request gets an
+    /// answer far larger than a socket buffer holds, the rest the format's
+    /// name. The receiver hears when the large one was handed out.
+    fn fake_gateway() -> (Sender<Request>, std::sync::mpsc::Receiver<()>) {
+        let (tx, rx) = channel();
+        let (large_tx, large_rx) = channel();
+        std::thread::spawn(move || {
+            let mut first = true;
+            for r in rx {
+                match r {
+                    Request::Stats { format, reply } => {
+                        let body = if std::mem::take(&mut first) {
+                            let _ = large_tx.send(());
+                            "x".repeat(32 << 20)
+                        } else {
+                            format!("{format:?}\n")
+                        };
+                        let _ = reply.send(body);
+                    }
+                    Request::Reload { reply } => {
+                        let _ = reply.send("reloaded\n".into());
+                    }
+                }
+            }
+        });
+        (tx, large_rx)
+    }
+
+    /// Stalls `listener`'s server with more clients than it has threads:
+    /// silent ones first, then one that asks (`ask`) for the large answer
+    /// and never reads it, then one that sends half a request (`half`).
+    /// Returns them, with the index of the one that asked.
+    fn stall<C>(connect: impl Fn() -> C, ask: &[u8], half: &[u8]) -> (Vec<C>, usize)
+    where
+        C: Write,
+    {
+        let mut clients: Vec<C> = (0..CLIENT_THREADS).map(|_| connect()).collect();
+        let mut asker = connect();
+        asker.write_all(ask).unwrap();
+        clients.push(asker);
+        let mut halfway = connect();
+        halfway.write_all(half).unwrap();
+        clients.push(halfway);
+        (clients, CLIENT_THREADS)
+    }
+
+    /// Reads until the server closes; every stalled client is let go.
+    fn let_go<C: Read>(c: &mut C) -> Vec<u8> {
+        let mut got = Vec::new();
+        c.read_to_end(&mut got)
+            .expect("the server lets a stalled client go");
+        got
+    }
+
+    #[test]
+    fn a_stalled_control_client_holds_up_no_one() {
+        let name = format!("gateway-test-{}-control", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let (gateway, large) = fake_gateway();
+        serve_control_on(UnixListener::bind_addr(&addr).unwrap(), gateway).unwrap();
+        let connect = || {
+            let c = UnixStream::connect_addr(&addr).unwrap();
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            c
+        };
+        let (mut stalled, asker) = stall(connect, b"prometheus", b"");
+        large
+            .recv_timeout(PATIENCE)
+            .expect("the stalled client's request reached the gateway");
+
+        let mut c = connect();
+        c.write_all(b"json").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out)
+            .expect("answered while others stall");
+        assert_eq!(out, "Json\n");
+
+        for (i, s) in stalled.iter_mut().enumerate() {
+            let got = let_go(s);
+            if i != asker {
+                assert!(
+                    got.is_empty(),
+                    "client {i} said nothing and got {} bytes",
+                    got.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_stalled_metrics_client_holds_up_no_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (gateway, large) = fake_gateway();
+        serve_http_on(listener, gateway).unwrap();
+        let connect = || {
+            let c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            c
+        };
+        let (mut stalled, asker) = stall(
+            connect,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\n",
+        );
+        large
+            .recv_timeout(PATIENCE)
+            .expect("the stalled client's request reached the gateway");
+
+        let get = |request: &str| {
+            let mut c = connect();
+            c.write_all(request.as_bytes()).unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out)
+                .expect("answered while others stall");
+            out
+        };
+        let out = get("GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(
+            out.contains("\r\nContent-Type: text/plain; version=0.0.4\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("\r\nContent-Length: 11\r\nConnection: close\r\n\r\nPrometheus\n"),
+            "{out}"
+        );
+        let out = get("GET / HTTP/1.0\r\n\r\n");
+        assert!(
+            out.starts_with("HTTP/1.1 404 ") && out.ends_with("\r\n\r\ntry /metrics\n"),
+            "{out}"
+        );
+        let out = get("HEAD /metrics HTTP/1.0\r\n\r\n");
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && out.ends_with("\r\n\r\n"),
+            "{out}"
+        );
+        let out = get("BREW /metrics HTTP/1.0\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+
+        for (i, s) in stalled.iter_mut().enumerate() {
+            let got = let_go(s);
+            if i != asker {
+                assert!(
+                    got.is_empty(),
+                    "client {i} sent no whole request and got {} bytes",
+                    got.len()
+                );
+            }
         }
     }
 }

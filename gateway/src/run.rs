@@ -131,13 +131,9 @@ fn open_device(nl: &Netlink, t: &TunnelConfig, mtu: u16, workers: usize) -> anyh
 pub fn tunnel_mtu(t: &TunnelConfig, underlay_mtu: u32) -> anyhow::Result<u16> {
     match t.mtu {
         Some(m) => Ok(m),
-        None => {
-            let m = underlay_mtu.saturating_sub(u32::from(t.overhead()));
-            if m < 68 {
-                bail!("tunnel \"{}\".mtu: the underlay MTU {underlay_mtu} leaves no room; set mtu explicitly", t.name);
-            }
-            Ok(m.min(65535) as u16)
-        }
+        // The underlay's MTU less the tunnel's headers, no more than a UMEM
+        // frame carries (a jumbo underlay is clamped, with a warning).
+        None => Ok(t.auto_mtu(underlay_mtu)?),
     }
 }
 

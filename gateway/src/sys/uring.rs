@@ -217,9 +217,11 @@ impl Drop for ReadPool {
         if self.leak {
             return;
         }
-        // SAFETY: the mappings made in `new`; the io_uring that read into
-        // them was closed before the pool drops (field order in DeviceIo),
-        // with no read armed (drained).
+        // SAFETY: the mappings made in `new`. No read can still write into
+        // them: `DeviceIo::drop` drained the ring (every read cancelled and
+        // its completion reaped) before its fields drop, and set `leak`
+        // instead when it could not. (That drain is what keeps them alive;
+        // the order of DeviceIo's fields is not relied on.)
         unsafe {
             libc::munmap(self.ring.as_ptr().cast(), Self::ring_bytes(self.entries));
             libc::munmap(
@@ -287,8 +289,11 @@ impl DeviceIo {
         }
         let pool = ReadPool::new(read_bufs)?;
         // SAFETY: the ring memory is `read_bufs` entries, page-aligned, and
-        // lives in `pool` (as do the buffers) until after the io_uring is
-        // closed (fields drop in order: `ring` before `pool`).
+        // lives in `pool` (as do the buffers, which are not UMEM frames).
+        // The pool is unmapped only after `DeviceIo::drop` drained the ring
+        // (every read cancelled and its completion reaped), or never when
+        // draining failed (`leak`); closing the ring alone would not do, as
+        // io_uring tears down in-flight requests asynchronously.
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
                 pool.ring.as_ptr() as u64,
@@ -376,7 +381,8 @@ impl DeviceIo {
     ) -> Result<(), Frame> {
         let start = frame.addr() + offset;
         let idx = Xsk::frame_index(&frame);
-        if len == 0
+        if frame.umem() != self.region.id
+            || len == 0
             || offset + len > frame.len()
             || start + len > self.region.len
             || idx >= self.in_flight.len()
@@ -439,8 +445,12 @@ impl DeviceIo {
             return Err((frame, rest));
         };
         let region = *region;
+        // Of that worker's UMEM, and inside it.
         let in_place = |f: &Frame, off: usize, len: usize| {
-            len > 0 && off + len <= f.len() && f.addr() + off + len <= region.len
+            f.umem() == region.id
+                && len > 0
+                && off + len <= f.len()
+                && f.addr() + off + len <= region.len
         };
         if !in_place(&frame, offset, len)
             || rest.iter().any(|p| !in_place(&p.frame, p.offset, p.len))
@@ -526,8 +536,12 @@ impl DeviceIo {
         packets: u16,
     ) -> Result<(), (Frame, Vec<Piece>)> {
         let idx = Xsk::frame_index(&frame);
+        // Of this worker's UMEM, and inside it.
         let in_place = |f: &Frame, off: usize, len: usize| {
-            len > 0 && off + len <= f.len() && f.addr() + off + len <= self.region.len
+            f.umem() == self.region.id
+                && len > 0
+                && off + len <= f.len()
+                && f.addr() + off + len <= self.region.len
         };
         if !in_place(&frame, offset, len)
             || rest.iter().any(|p| !in_place(&p.frame, p.offset, p.len))
@@ -621,8 +635,11 @@ impl DeviceIo {
                 .flags(io_uring::squeue::Flags::BUFFER_SELECT)
         }
         .user_data(READ_TAG | u64::from(file));
-        // SAFETY: the read's buffers come from the pool, all inside the
-        // registered UMEM and owned by the pool until their completions.
+        // SAFETY: the read's buffers come from the pool's provided-buffer
+        // ring (the pool's own mappings, not the UMEM); the kernel owns a
+        // buffer from the moment it picks it until the completion names it,
+        // and the pool stays mapped until every read is drained (see
+        // `ReadPool::drop`).
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
             return false;
         }

@@ -5,12 +5,17 @@
 //! the worker (as a [`Frame`] value), an in-flight io_uring write (held by
 //! [`super::uring::DeviceWriter`]), the TX ring or the completion ring.
 //! [`Frame`] is deliberately neither `Copy` nor `Clone`: handing it on moves
-//! it, so a frame cannot be in two places.
+//! it, so a frame cannot be in two places. Each frame also carries the
+//! identity of its UMEM ([`UmemId`]), checked wherever frames change hands
+//! (fill and TX rings, data access, io_uring writes): a frame of one
+//! worker's UMEM can never reach another socket's rings, nor be read as
+//! another UMEM's memory.
 
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
@@ -22,21 +27,34 @@ use crate::config::XskBind;
 /// Size of one UMEM frame; the kernel requires a power of two.
 pub const FRAME_SIZE: u32 = 4096;
 
-/// A UMEM frame owned by the worker. Created only from frames of this
-/// socket's UMEM.
+/// Which UMEM a frame belongs to: every socket's UMEM gets its own number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UmemId(u32);
+
+static NEXT_UMEM: AtomicU32 = AtomicU32::new(1);
+
+/// A UMEM frame owned by the worker, and the UMEM it is of. Created only
+/// by the [`Xsk`] of that UMEM.
 #[derive(Debug)]
-#[repr(transparent)]
-pub struct Frame(FrameDesc);
+pub struct Frame {
+    desc: FrameDesc,
+    umem: UmemId,
+}
 
 impl Frame {
     /// Offset of the packet data from the start of the UMEM.
     pub fn addr(&self) -> usize {
-        self.0.addr()
+        self.desc.addr()
     }
 
     /// Bytes of packet data in the frame.
     pub fn len(&self) -> usize {
-        self.0.lengths().data()
+        self.desc.lengths().data()
+    }
+
+    /// The UMEM this frame is of.
+    pub fn umem(&self) -> UmemId {
+        self.umem
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,11 +89,13 @@ fn no_af_xdp(reason: &str) -> bool {
     reason.contains(&std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT).to_string())
 }
 
-/// The memory the UMEM occupies, for registering it with io_uring.
+/// The memory the UMEM occupies, for registering it with io_uring, and
+/// which UMEM it is (to check a frame against before touching its memory).
 #[derive(Debug, Clone, Copy)]
 pub struct Region {
     pub base: NonNull<u8>,
     pub len: usize,
+    pub id: UmemId,
 }
 
 // SAFETY: `Region` only describes memory; access to the frames in it is
@@ -104,6 +124,19 @@ pub struct Xsk {
     region: Region,
     frames: u32,
     scratch: Vec<FrameDesc>,
+}
+
+/// A frame of another UMEM reached this socket: a bug in the gateway (never
+/// caused by a packet). Stopping the worker is the only safe answer: the
+/// frame would otherwise give the kernel, or this worker, memory that
+/// another worker owns.
+#[cold]
+#[inline(never)]
+fn foreign_frame(frame: &Frame, ours: UmemId, place: &str) -> ! {
+    panic!(
+        "a frame of UMEM {} was handed to UMEM {}'s {place}: frames never cross workers",
+        frame.umem.0, ours.0
+    )
 }
 
 impl Xsk {
@@ -186,11 +219,16 @@ impl Xsk {
         // SAFETY: `descs[0]` is a frame of this UMEM and no ring holds it yet.
         let first = unsafe { umem.data(&descs[0]) }.contents().as_ptr();
         let base = first.wrapping_sub(descs[0].addr()) as *mut u8;
+        let id = UmemId(NEXT_UMEM.fetch_add(1, Ordering::Relaxed));
         let region = Region {
             base: NonNull::new(base).ok_or_else(|| umem_err("null mapping".into()))?,
             len: frames as usize * FRAME_SIZE as usize,
+            id,
         };
-        let owned = descs.into_iter().map(Frame).collect();
+        let owned = descs
+            .into_iter()
+            .map(|desc| Frame { desc, umem: id })
+            .collect();
         Ok((
             Xsk {
                 umem,
@@ -232,7 +270,30 @@ impl Xsk {
         // SAFETY: the RX ring only hands out frames of this socket's UMEM,
         // which the scratch descriptors then describe.
         let n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
-        out.extend(self.scratch[..n].iter().map(|d| Frame(*d)));
+        let umem = self.region.id;
+        out.extend(self.scratch[..n].iter().map(|d| Frame { desc: *d, umem }));
+        n
+    }
+
+    /// Panics unless `frame` is of this socket's UMEM (see [`foreign_frame`]).
+    #[inline]
+    fn check(&self, frame: &Frame, place: &str) {
+        if frame.umem != self.region.id {
+            foreign_frame(frame, self.region.id, place);
+        }
+    }
+
+    /// Copies the descriptors of `frames` into the scratch space, checking
+    /// that each is of this UMEM.
+    #[inline]
+    fn descs(&mut self, frames: &[Frame], place: &str) -> usize {
+        let n = frames.len().min(self.scratch.len());
+        for (d, f) in self.scratch.iter_mut().zip(&frames[..n]) {
+            if f.umem != self.region.id {
+                foreign_frame(f, self.region.id, place);
+            }
+            *d = f.desc;
+        }
         n
     }
 
@@ -243,23 +304,28 @@ impl Xsk {
         if frames.len() <= keep {
             return 0;
         }
-        let room = self.fill.nb_free((frames.len() - keep) as u32) as usize;
-        let n = room.min(frames.len() - keep);
-        if n == 0 {
-            return 0;
+        let mut moved = 0;
+        // In chunks of the scratch space's size.
+        while frames.len() > keep {
+            let room = self.fill.nb_free((frames.len() - keep) as u32) as usize;
+            let n = room.min(frames.len() - keep);
+            if n == 0 {
+                break;
+            }
+            let start = frames.len() - n.min(self.scratch.len());
+            let n = self.descs(&frames[start..], "fill ring");
+            // SAFETY: the frames belong to this UMEM (checked by `descs`) and
+            // are owned by the caller (in no ring); after this call the fill
+            // ring owns them, and they are removed from `frames` below so
+            // they cannot be used again.
+            let produced = unsafe { self.fill.produce(&self.scratch[..n]) };
+            frames.truncate(frames.len() - produced);
+            moved += produced;
+            if produced < n {
+                break;
+            }
         }
-        let start = frames.len() - n;
-        let tail = &frames[start..];
-        // SAFETY: `Frame` is `repr(transparent)` over `FrameDesc`, so the
-        // slice reinterprets element for element.
-        let descs: &[FrameDesc] =
-            unsafe { std::slice::from_raw_parts(tail.as_ptr().cast::<FrameDesc>(), tail.len()) };
-        // SAFETY: the frames belong to this UMEM and are owned by the caller
-        // (in no ring); after this call the fill ring owns them, and they are
-        // removed from `frames` below so they cannot be used again.
-        let produced = unsafe { self.fill.produce(descs) };
-        frames.truncate(frames.len() - produced);
-        produced
+        moved
     }
 
     /// Kicks the kernel when it has asked to be told about new fill-ring
@@ -322,11 +388,12 @@ impl Xsk {
     /// The packet bytes of a frame, to read and rewrite in place.
     #[inline]
     pub fn data_mut<'a>(&'a self, frame: &'a mut Frame) -> &'a mut [u8] {
-        // SAFETY: `frame` came from this UMEM and is owned by the caller, so
-        // neither the kernel nor anyone else accesses it meanwhile; the
+        self.check(frame, "data");
+        // SAFETY: `frame` is of this UMEM (checked) and owned by the caller,
+        // so neither the kernel nor anyone else accesses it meanwhile; the
         // returned slice borrows the frame, so it cannot be handed on while
         // the slice lives.
-        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
         let slice = data.contents_mut();
         let (ptr, len) = (slice.as_mut_ptr(), slice.len());
         // SAFETY: same memory as `slice`, with the lifetime of the borrow of
@@ -338,8 +405,9 @@ impl Xsk {
     /// length set to all of it; set the real length with [`Xsk::set_len`].
     #[inline]
     pub fn buffer_mut<'a>(&'a self, frame: &'a mut Frame) -> &'a mut [u8] {
-        // SAFETY: as in `data_mut`: the caller owns the frame.
-        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        self.check(frame, "data");
+        // SAFETY: as in `data_mut`: a frame of this UMEM, owned by the caller.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
         let mut cursor = data.cursor();
         let cap = cursor.buf_len();
         cursor.set_pos(cap);
@@ -352,8 +420,9 @@ impl Xsk {
     /// Sets the number of packet bytes in a frame (capped at its capacity).
     #[inline]
     pub fn set_len(&self, frame: &mut Frame, len: usize) {
-        // SAFETY: as in `data_mut`: the caller owns the frame.
-        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        self.check(frame, "data");
+        // SAFETY: as in `data_mut`: a frame of this UMEM, owned by the caller.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
         data.cursor().set_pos(len);
     }
 
@@ -368,18 +437,25 @@ impl Xsk {
     /// always does). Returns how many moved; the rest stay in `frames`.
     #[inline]
     pub fn transmit(&mut self, frames: &mut Vec<Frame>, outstanding: u64) -> io::Result<usize> {
-        let room = self.tx.nb_free(frames.len() as u32) as usize;
-        let n = room.min(frames.len());
         let mut produced = 0;
-        if n > 0 {
-            // SAFETY: `Frame` is `repr(transparent)` over `FrameDesc`.
-            let descs: &[FrameDesc] =
-                unsafe { std::slice::from_raw_parts(frames.as_ptr().cast::<FrameDesc>(), n) };
-            // SAFETY: the frames belong to this UMEM and are owned by the
-            // caller; the TX ring owns them from here until the completion
-            // ring returns them, and they leave `frames` below.
-            produced = unsafe { self.tx.produce(descs) };
-            frames.drain(..produced);
+        // In chunks of the scratch space's size.
+        while !frames.is_empty() {
+            let room = self.tx.nb_free(frames.len() as u32) as usize;
+            let n = room.min(frames.len());
+            if n == 0 {
+                break;
+            }
+            let n = self.descs(&frames[..n], "TX ring");
+            // SAFETY: the frames belong to this UMEM (checked by `descs`)
+            // and are owned by the caller; the TX ring owns them from here
+            // until the completion ring returns them, and they leave
+            // `frames` below.
+            let p = unsafe { self.tx.produce(&self.scratch[..n]) };
+            frames.drain(..p);
+            produced += p;
+            if p < n {
+                break;
+            }
         }
         // Kick whenever the ring holds frames not yet sent, new or not: in
         // copy mode each kick sends only a budget of them (32), so frames
@@ -398,7 +474,8 @@ impl Xsk {
         let max = self.scratch.len();
         // SAFETY: the completion ring only returns frames of this UMEM.
         let n = unsafe { self.comp.consume(&mut self.scratch[..max]) };
-        out.extend(self.scratch[..n].iter().map(|d| Frame(*d)));
+        let umem = self.region.id;
+        out.extend(self.scratch[..n].iter().map(|d| Frame { desc: *d, umem }));
         n
     }
 
