@@ -492,7 +492,7 @@ fn lookup_error(e: LookupError) -> DropReason {
 mod tests {
     use super::*;
     use crate::tunnel::{Mode, TunnelRx};
-    use crate::wire::checksum;
+    use etherparse::{NetSlice, SlicedPacket};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 8);
@@ -525,11 +525,27 @@ mod tests {
         ])
     }
 
+    /// An ICMP echo request from `src` to 10.1.1.1, `len` bytes in all (at
+    /// least 28), DF set, built by etherparse.
+    fn echo_v4(src: [u8; 4], len: usize) -> Vec<u8> {
+        let b =
+            etherparse::PacketBuilder::ipv4(src, [10, 1, 1, 1], 64).icmpv4_echo_request(0x1234, 1);
+        let mut p = Vec::new();
+        b.write(&mut p, &vec![0x5a; len - 28]).unwrap();
+        assert_eq!(p.len(), len);
+        p
+    }
+
     /// An ICMP echo request 10.1.1.2 -> 10.1.1.1, DF set, built by
     /// etherparse.
     fn inner_v4() -> Vec<u8> {
-        let b = etherparse::PacketBuilder::ipv4([10, 1, 1, 2], [10, 1, 1, 1], 64)
-            .icmpv4_echo_request(0x1234, 1);
+        echo_v4([10, 1, 1, 2], 28)
+    }
+
+    /// A UDP datagram fd.. -> fe.. in IPv6, 48 bytes in all, built by
+    /// etherparse.
+    fn inner_v6() -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(1, 2);
         let mut p = Vec::new();
         b.write(&mut p, &[]).unwrap();
         p
@@ -559,6 +575,37 @@ mod tests {
         h.to_bytes().to_vec()
     }
 
+    /// Rewrites the IPv4 header at the start of `ip` with etherparse: parsed,
+    /// changed by `edit`, its checksum computed again, written back.
+    fn edit_ipv4(ip: &mut [u8], edit: impl FnOnce(&mut etherparse::Ipv4Header)) {
+        let (mut h, _) = etherparse::Ipv4Header::from_slice(ip).unwrap();
+        edit(&mut h);
+        h.header_checksum = h.calc_header_checksum();
+        let bytes = h.to_bytes();
+        ip[..bytes.len()].copy_from_slice(&bytes);
+    }
+
+    /// The Internet checksum (ones complement of the ones' complement sum)
+    /// of `bytes`, their checksum field zero, computed by etherparse, in
+    /// network byte order. (etherparse sums the 16-bit words as they lie in
+    /// memory, so its result goes back into memory the same way.)
+    fn internet_checksum(bytes: &[u8]) -> [u8; 2] {
+        etherparse::checksum::Sum16BitWords::new()
+            .add_slice(bytes)
+            .ones_complement()
+            .to_ne_bytes()
+    }
+
+    /// The ECN field of the IPv4 header at the start of `ip`, read by
+    /// etherparse.
+    fn ecn_v4(ip: &[u8]) -> u8 {
+        etherparse::Ipv4Header::from_slice(ip)
+            .unwrap()
+            .0
+            .ecn
+            .value()
+    }
+
     /// An Ethernet frame from the remote's MAC to ours, IPv4 from `src` to
     /// `dst` (etherparse), carrying `payload` as protocol `proto`.
     fn outer_v4_between(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -586,6 +633,16 @@ mod tests {
         g
     }
 
+    /// A GRE packet with a checksum (the C bit, RFC 2784): the ones
+    /// complement of the ones' complement sum over the GRE header and
+    /// payload with the checksum field zero, computed by etherparse.
+    fn gre_with_checksum(protocol: u16, inner: &[u8]) -> Vec<u8> {
+        let mut g = gre(&[0x80, 0, 0, 0, 0, 0], protocol, inner);
+        let c = internet_checksum(&g);
+        g[4..6].copy_from_slice(&c);
+        g
+    }
+
     #[test]
     fn gre_to_tap_gets_ethernet_header() {
         let inner = inner_v4();
@@ -593,9 +650,15 @@ mod tests {
         let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.tunnel, 0);
         let out = &f[d.offset..d.offset + d.len];
-        assert_eq!(&out[0..6], &TAP_MAC);
-        assert_eq!(&out[6..12], &PEER_MAC);
-        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        let s = SlicedPacket::from_ethernet(out).unwrap();
+        let eth = s.link.unwrap().to_header().unwrap().ethernet2().unwrap();
+        assert_eq!(eth.destination, TAP_MAC);
+        assert_eq!(eth.source, PEER_MAC);
+        assert_eq!(eth.ether_type, etherparse::EtherType::IPV4);
+        let Some(NetSlice::Ipv4(ip)) = s.net else {
+            panic!("no IPv4 packet behind the Ethernet header")
+        };
+        assert_eq!(ip.header().source(), [10, 1, 1, 2]);
         assert_eq!(&out[14..], &inner[..]);
     }
 
@@ -615,6 +678,7 @@ mod tests {
         f.extend_from_slice(&[0xee; 10]);
         let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.len, inner.len());
+        assert_eq!(&f[d.offset..d.offset + d.len], &inner[..]);
     }
 
     #[test]
@@ -643,8 +707,7 @@ mod tests {
     fn unknown_remote_is_dropped() {
         let inner = inner_v4();
         let mut f = outer_v4(4, &inner);
-        f[14 + 12..14 + 16].copy_from_slice(&[192, 168, 0, 99]);
-        ipv4::Packet::new_unchecked(&mut f[14..]).fill_checksum();
+        edit_ipv4(&mut f[14..], |h| h.source = [192, 168, 0, 99]);
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::UnknownEndpoint)
@@ -680,8 +743,7 @@ mod tests {
     #[test]
     fn gre_checksum_rules() {
         let inner = inner_v4();
-        let mut g = gre(&[0x80, 0, 0, 0, 0, 0], 0x0800, &inner);
-        gre::Packet::new_unchecked(&mut g[..]).fill_checksum();
+        let g = gre_with_checksum(0x0800, &inner);
         // Right checksum, but the tunnel does not expect one.
         let mut f = outer_v4(47, &g);
         assert_eq!(
@@ -717,11 +779,19 @@ mod tests {
             decap(&mut bad_sum, &t, &mut RxState::new(8)),
             Err(DropReason::OuterChecksum)
         );
+        // A first fragment (more to come), and a later one (an offset).
         let mut frag = outer_v4(4, &inner);
-        frag[14 + 6] = 0x20;
-        ipv4::Packet::new_unchecked(&mut frag[14..]).fill_checksum();
+        edit_ipv4(&mut frag[14..], |h| h.more_fragments = true);
         assert_eq!(
             decap(&mut frag, &t, &mut RxState::new(8)),
+            Err(DropReason::OuterFragment)
+        );
+        let mut later = outer_v4(4, &inner);
+        edit_ipv4(&mut later[14..], |h| {
+            h.fragment_offset = etherparse::IpFragOffset::try_new(185).unwrap()
+        });
+        assert_eq!(
+            decap(&mut later, &t, &mut RxState::new(8)),
             Err(DropReason::OuterFragment)
         );
         let mut udp = outer_v4(17, &inner);
@@ -750,28 +820,38 @@ mod tests {
     #[test]
     fn inner_rules() {
         let t = lab();
+        // Each packet below is wrong in one way only: its header checksum
+        // is computed again (by etherparse) after the change.
         let mut inner = inner_v4();
         inner[0] = 0x65; // IPv6 version in an IPIP packet
+        inner[10..12].fill(0);
+        let c = internet_checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c);
         let mut f = outer_v4(4, &inner);
         assert_eq!(
             decap(&mut f, &t, &mut RxState::new(8)),
             Err(DropReason::InnerMalformed)
         );
         let mut inner = inner_v4();
-        inner[3] = 200; // claims more than there is
+        edit_ipv4(&mut inner, |h| h.total_len = 200); // claims more than there is
         let mut f = outer_v4(4, &inner);
         assert_eq!(
             decap(&mut f, &t, &mut RxState::new(8)),
             Err(DropReason::InnerMalformed)
         );
-        let mut big = inner_v4();
-        big.resize(1500, 0);
-        big[2..4].copy_from_slice(&1500u16.to_be_bytes());
-        let mut f = outer_v4(4, &big);
-        assert_eq!(
-            decap(&mut f, &t, &mut RxState::new(8)),
-            Err(DropReason::InnerTooBig)
-        );
+        // Over the tunnel's MTU (1400): refused; at it, taken.
+        for (len, want) in [
+            (1500, Err(DropReason::InnerTooBig)),
+            (1401, Err(DropReason::InnerTooBig)),
+            (1400, Ok(1400)),
+        ] {
+            let mut f = outer_v4(4, &echo_v4([10, 1, 1, 2], len));
+            assert_eq!(
+                decap(&mut f, &t, &mut RxState::new(8)).map(|d| d.len),
+                want,
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]
@@ -781,9 +861,7 @@ mod tests {
         let table = TunnelTable::new(vec![t]);
         let mut f = outer_v4(4, &inner_v4());
         assert!(decap(&mut f, &table, &mut RxState::new(8)).is_ok());
-        let mut spoofed = inner_v4();
-        spoofed[12..16].copy_from_slice(&[10, 1, 1, 9]);
-        ipv4::Packet::new_unchecked(&mut spoofed[..]).fill_checksum();
+        let spoofed = echo_v4([10, 1, 1, 9], 28);
         let mut f = outer_v4(4, &spoofed);
         assert_eq!(
             decap(&mut f, &table, &mut RxState::new(8)),
@@ -799,29 +877,42 @@ mod tests {
         t.local = IpAddr::V6(local);
         t.remote = IpAddr::V6(remote);
         let table = TunnelTable::new(vec![t]);
-        let mut inner = vec![0u8; 48];
-        inner[0] = 0x60;
-        inner[5] = 8;
-        inner[6] = 17;
-        inner[7] = 64;
+        let inner = inner_v6();
         let g = gre(&[0, 0], 0x86dd, &inner);
-        let mut f = vec![0u8; 14 + 40];
-        f[12..14].copy_from_slice(&[0x86, 0xdd]);
-        {
-            let mut ip = ipv6::Packet::new_unchecked(&mut f[14..]);
-            ip.set_version_and_traffic_class(0);
-            ip.set_payload_len(g.len() as u16);
-            ip.set_next_header(IpProtocol::Gre);
-            ip.set_hop_limit(64);
-            ip.set_src_addr(remote);
-            ip.set_dst_addr(local);
-        }
-        f.extend_from_slice(&g);
+        // Ethernet, then IPv6 remote -> local with next header `next`
+        // (both etherparse), then the GRE packet.
+        let outer = |next: etherparse::IpNumber| {
+            let mut f = Vec::new();
+            etherparse::Ethernet2Header {
+                destination: [2, 0, 0, 0, 0, 8],
+                source: [2, 0, 0, 0, 0, 58],
+                ether_type: etherparse::EtherType::IPV6,
+            }
+            .write(&mut f)
+            .unwrap();
+            etherparse::Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: g.len() as u16,
+                next_header: next,
+                hop_limit: 64,
+                source: remote.octets(),
+                destination: local.octets(),
+            }
+            .write(&mut f)
+            .unwrap();
+            f.extend_from_slice(&g);
+            f
+        };
+        let mut f = outer(etherparse::IpNumber::GRE);
         let d = decap(&mut f, &table, &mut RxState::new(8)).unwrap();
-        assert_eq!(&f[d.offset + 12..d.offset + 14], &[0x86, 0xdd]);
-        assert_eq!(&f[d.offset + 14..d.offset + d.len], &inner[..]);
+        let (eth, rest) =
+            etherparse::Ethernet2Header::from_slice(&f[d.offset..d.offset + d.len]).unwrap();
+        assert_eq!(eth.ether_type, etherparse::EtherType::IPV6);
+        assert_eq!((eth.destination, eth.source), (TAP_MAC, PEER_MAC));
+        assert_eq!(rest, &inner[..]);
         // A hop-by-hop header in front of GRE is refused by name.
-        f[14 + 6] = 0;
+        let mut f = outer(etherparse::IpNumber::IPV6_HEADER_HOP_BY_HOP);
         assert_eq!(
             decap(&mut f, &table, &mut RxState::new(8)),
             Err(DropReason::OuterIpv6ExtHeader)
@@ -858,7 +949,7 @@ mod tests {
             let mut f = with_ecn(base.clone(), 3, ect, at);
             let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
             let ip = &f[d.offset..d.offset + d.len];
-            assert_eq!(ip[1] & 3, 3);
+            assert_eq!(ecn_v4(ip), 3);
             assert!(etherparse_checksum_ok(ip));
         }
         // Outer ECT(1) onto an ECT(0) inner packet: ECT(1) (the kernel's
@@ -866,7 +957,7 @@ mod tests {
         let mut f = with_ecn(base.clone(), 1, 2, at);
         let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
         let ip = &f[d.offset..d.offset + d.len];
-        assert_eq!(ip[1] & 3, 1);
+        assert_eq!(ecn_v4(ip), 1);
         assert!(etherparse_checksum_ok(ip));
         // A header that came in corrupt stays corrupt after the CE mark:
         // its checksum is updated, not computed again.
@@ -874,7 +965,7 @@ mod tests {
         f[at + 8] ^= 0x10; // the TTL, behind the checksum's back
         let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
         let ip = &f[d.offset..d.offset + d.len];
-        assert_eq!(ip[1] & 3, 3);
+        assert_eq!(ecn_v4(ip), 3);
         assert!(
             !etherparse_checksum_ok(ip),
             "a corrupt header was made valid"
@@ -891,7 +982,7 @@ mod tests {
             let mut f = with_ecn(base.clone(), outer, inner_ecn, at);
             let d = decap(&mut f, &t, &mut RxState::new(8)).unwrap();
             assert_eq!(
-                f[d.offset + 1] & 3,
+                ecn_v4(&f[d.offset..d.offset + d.len]),
                 inner_ecn,
                 "outer {outer} inner {inner_ecn}"
             );
@@ -933,7 +1024,7 @@ mod tests {
         let mut f = framed(3, etherparse::EtherType::IPV4, &ip_with(2));
         let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
         let ip = &f[d.offset + 14..d.offset + d.len];
-        assert_eq!(ip[1] & 3, 3);
+        assert_eq!(ecn_v4(ip), 3);
         assert!(etherparse_checksum_ok(ip));
         // Outer CE onto not-ECT: dropped, as the kernel does.
         let mut f = framed(3, etherparse::EtherType::IPV4, &ip_with(0));
@@ -942,9 +1033,7 @@ mod tests {
             Err(DropReason::EcnCeOnNotEct)
         );
         // IPv6 inside: CE onto ECT(1).
-        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(1, 2);
-        let mut v6 = Vec::new();
-        b.write(&mut v6, &[7; 8]).unwrap();
+        let mut v6 = inner_v6();
         let (mut h, _) = etherparse::Ipv6Header::from_slice(&v6).unwrap();
         h.traffic_class = 1;
         v6[..40].copy_from_slice(&h.to_bytes());
@@ -1011,34 +1100,45 @@ mod tests {
     #[test]
     fn a_gre_keepalive_is_handed_back_for_the_underlay() {
         // Cisco's: outer remote -> local carrying GRE local -> remote with
-        // protocol 0 and nothing after it.
-        let mut inner = vec![
-            0x45, 0, 0, 24, 0, 0, 0, 0, 255, 47, 0, 0, 192, 168, 0, 8, 192, 168, 0, 58, 0, 0, 0, 0,
-        ];
-        let c = checksum::checksum(&inner[..20]);
-        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        // protocol 0 and nothing after it; the inner IPv4 header with TTL
+        // `ttl` (etherparse).
+        let keepalive = |ttl: u8| {
+            let g = gre(&[0, 0], 0, &[]);
+            let mut p = ipv4_header(LOCAL, REMOTE, 47, g.len(), 0);
+            p.extend_from_slice(&g);
+            edit_ipv4(&mut p, |h| h.time_to_live = ttl);
+            p
+        };
+        let inner = keepalive(255);
         let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
         let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
         assert_eq!(d.kind, Kind::Keepalive);
         assert_eq!(d.tunnel, 0);
-        let out = ipv4::Packet::new_checked(&f[d.offset..d.offset + d.len]).unwrap();
-        assert_eq!(out.ttl(), 254, "forwarded: one hop less");
-        assert!(out.verify_checksum());
-        assert_eq!((out.src_addr(), out.dst_addr()), (LOCAL, REMOTE));
-        // Not over IPIP, and not when the TTL is spent.
+        assert_eq!(d.len, inner.len());
+        let out = &f[d.offset..d.offset + d.len];
+        let (h, rest) = etherparse::Ipv4Header::from_slice(out).unwrap();
+        assert_eq!(h.time_to_live, 254, "forwarded: one hop less");
+        assert!(etherparse_checksum_ok(out));
+        assert_eq!((h.source, h.destination), (LOCAL.octets(), REMOTE.octets()));
+        assert_eq!(rest, &inner[20..]);
+        // Not over IPIP (there it is a packet for the device), and not when
+        // the TTL is spent or the header's checksum is wrong.
         let mut f = outer_v4(4, &inner);
-        assert_ne!(
-            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.kind == Kind::Keepalive),
-            Ok(true)
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| (d.tunnel, d.kind)),
+            Ok((1, Kind::Device))
         );
-        inner[8] = 1;
-        inner[10..12].copy_from_slice(&[0, 0]);
-        let c = checksum::checksum(&inner[..20]);
-        inner[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &keepalive(1)));
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::KeepaliveTtlExpired)
+        );
+        let mut bad = keepalive(255);
+        bad[10] ^= 1;
+        let mut f = outer_v4(47, &gre(&[0, 0], 0x0800, &bad));
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::InnerMalformed)
         );
     }
 
@@ -1047,10 +1147,22 @@ mod tests {
         let mut t = tunnel("l2", Mode::Gretap, Some(9), DeviceKind::Tap);
         t.mtu = 1400;
         let table = TunnelTable::new(vec![t, tunnel("l3", Mode::Gre, None, DeviceKind::Tun)]);
-        // An ARP request, broadcast: bridged, not answered.
-        let mut frame = vec![0xff; 6];
-        frame.extend_from_slice(&[2, 0, 0, 0, 0, 0x42, 0x08, 0x06]);
-        frame.extend_from_slice(&[0u8; 28]);
+        // An ARP request, broadcast (etherparse): bridged, not answered.
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x42], [0xff; 6])
+            .arp(
+                etherparse::ArpEthIpv4Packet {
+                    operation: etherparse::ArpOperation::REQUEST,
+                    sender_mac: [2, 0, 0, 0, 0, 0x42],
+                    sender_ipv4: [10, 1, 1, 2],
+                    target_mac: [0; 6],
+                    target_ipv4: [10, 1, 1, 1],
+                }
+                .into(),
+            )
+            .write(&mut frame)
+            .unwrap();
+        assert_eq!(frame.len(), 14 + 28);
         let keyed = |proto: u16, inner: &[u8]| {
             let mut h = vec![0x20, 0];
             h.extend_from_slice(&9u32.to_be_bytes());
@@ -1071,7 +1183,8 @@ mod tests {
             decap(&mut f, &table, &mut RxState::new(2)),
             Err(DropReason::GreProtocolUnsupported)
         );
-        // Shorter than an Ethernet header; longer than the MTU allows.
+        // Shorter than an Ethernet header; longer than the MTU allows (one
+        // VLAN tag, 4 bytes, beyond it is fine).
         let mut f = keyed(0x6558, &frame[..10]);
         assert_eq!(
             decap(&mut f, &table, &mut RxState::new(2)),
@@ -1084,16 +1197,18 @@ mod tests {
             decap(&mut f, &table, &mut RxState::new(2)),
             Err(DropReason::InnerTooBig)
         );
+        big.truncate(14 + 1404);
+        let mut f = keyed(0x6558, &big);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(2)).map(|d| d.len),
+            Ok(14 + 1404)
+        );
     }
 
     #[test]
     fn sit_carries_ipv6_in_ipv4() {
         let table = TunnelTable::new(vec![tunnel("6in4", Mode::Sit, None, DeviceKind::Tun)]);
-        let mut inner = vec![0u8; 48];
-        inner[0] = 0x60;
-        inner[5] = 8;
-        inner[6] = 17;
-        inner[7] = 64;
+        let inner = inner_v6();
         let mut f = outer_v4(41, &inner);
         let d = decap(&mut f, &table, &mut RxState::new(1)).unwrap();
         assert_eq!(&f[d.offset..d.offset + d.len], &inner[..]);
