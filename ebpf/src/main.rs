@@ -144,6 +144,11 @@ mod prog {
                 }
                 let proto = ip[9];
                 if proto == IPPROTO_ICMP {
+                    // A fragment of an ICMP message is the kernel's to
+                    // reassemble: the gateway reassembles tunnel packets only.
+                    if (ip[6] & 0x3f) | ip[7] != 0 {
+                        return Err(XdpCounter::PassFragment);
+                    }
                     let to = [ip[16], ip[17], ip[18], ip[19]];
                     return icmp_about_a_tunnel(ctx, l3, ip[0] & 0x0f, to);
                 }

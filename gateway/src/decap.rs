@@ -82,10 +82,16 @@ pub fn decap(
             if !ip.verify_checksum() {
                 return Err(DropReason::OuterChecksum);
             }
+            let proto = u8::from(ip.protocol());
             if ip.is_fragment() {
+                // Only tunnel packets are reassembled: a fragment of
+                // anything else (an ICMP error cut in pieces, which anyone
+                // can send from any source) must not take room there.
+                if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
+                    return Err(DropReason::NotTunnelProtocol);
+                }
                 return Err(DropReason::OuterFragment);
             }
-            let proto = u8::from(ip.protocol());
             if proto == IPPROTO_ICMP {
                 let start = l3 + ip.header_len();
                 let end = l3 + usize::from(ip.total_len());
@@ -870,6 +876,52 @@ mod tests {
     }
 
     #[test]
+    fn packet_too_big_is_taken_only_when_addressed_to_the_tunnels_local_address() {
+        let local: Ipv6Addr = "2001:db8::8".parse().unwrap();
+        let remote: Ipv6Addr = "2001:db8::58".parse().unwrap();
+        let other: Ipv6Addr = "2001:db8::99".parse().unwrap();
+        let mut t = tunnel("v6", Mode::Gre, None, DeviceKind::Tun);
+        t.local = IpAddr::V6(local);
+        t.remote = IpAddr::V6(remote);
+        let table = TunnelTable::new(vec![t]);
+        // ICMPv6 packet too big (etherparse, checksum over the pseudo
+        // header) from a router to `to`, quoting our packet local ->
+        // remote (GRE) and 8 bytes.
+        let ptb = |to: Ipv6Addr| {
+            let mut quoted = Vec::new();
+            etherparse::Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: 8,
+                next_header: etherparse::IpNumber::GRE,
+                hop_limit: 64,
+                source: local.octets(),
+                destination: remote.octets(),
+            }
+            .write(&mut quoted)
+            .unwrap();
+            quoted.extend_from_slice(&[0u8; 8]);
+            let router = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 58], [2, 0, 0, 0, 0, 8])
+                .ipv6(router, to.octets(), 64)
+                .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 });
+            let mut f = Vec::new();
+            b.write(&mut f, &quoted).unwrap();
+            f
+        };
+        let mut f = ptb(local);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(1)).unwrap().kind,
+            Kind::PathMtu { mtu: 1400 }
+        );
+        let mut f = ptb(other);
+        assert_eq!(
+            decap(&mut f, &table, &mut RxState::new(1)),
+            Err(DropReason::IcmpNotLocal)
+        );
+    }
+
+    #[test]
     fn ipv6_outer_gre_carrying_ipv6() {
         let local: Ipv6Addr = "2001:db8::8".parse().unwrap();
         let remote: Ipv6Addr = "2001:db8::58".parse().unwrap();
@@ -1267,6 +1319,14 @@ mod tests {
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)),
             Err(DropReason::UnknownEndpoint)
+        );
+        // A fragment of one (MF set): never reassembled here, anyone can
+        // send those from any source.
+        let mut f = outer_v4(1, &icmp(1300, LOCAL, REMOTE));
+        edit_ipv4(&mut f[14..], |h| h.more_fragments = true);
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)),
+            Err(DropReason::NotTunnelProtocol)
         );
         // With a wrong checksum.
         let mut bad = icmp(1300, LOCAL, REMOTE);

@@ -124,18 +124,32 @@ impl PathMtu {
     }
 
     /// Takes `mtu` when it is lower than the one in force (or none is).
-    /// Workers race here: a compare-and-swap, so a higher MTU never
-    /// overwrites a lower one that another worker stored in between.
+    /// Workers race here: each step is a compare-and-swap from the state it
+    /// saw ([`PathMtu::lower_from`]), so a higher MTU never overwrites a
+    /// lower one that another worker stored in between.
     pub fn lower(&self, mtu: u16, now: u32) -> bool {
-        let until = u64::from(now.saturating_add(PATH_MTU_EXPIRES));
-        let new = until << 32 | u64::from(mtu);
+        let mut seen = self.0.load(Ordering::Relaxed);
+        loop {
+            match self.lower_from(seen, mtu, now) {
+                Ok(lowered) => return lowered,
+                Err(current) => seen = current,
+            }
+        }
+    }
+
+    /// One step of [`PathMtu::lower`] from state `seen`: `Ok(true)` when
+    /// `mtu` was taken, `Ok(false)` when the one in `seen` is no higher,
+    /// `Err(current)` when the state is no longer `seen` (another worker
+    /// changed it): look again.
+    fn lower_from(&self, seen: u64, mtu: u16, now: u32) -> Result<bool, u64> {
+        let (until, old) = ((seen >> 32) as u32, seen as u16);
+        if old != 0 && until > now && old <= mtu {
+            return Ok(false);
+        }
+        let new = u64::from(now.saturating_add(PATH_MTU_EXPIRES)) << 32 | u64::from(mtu);
         self.0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                let (old_until, old) = ((v >> 32) as u32, v as u16);
-                let in_force = old != 0 && old_until > now;
-                (!in_force || mtu < old).then_some(new)
-            })
-            .is_ok()
+            .compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed)
+            .map(|_| true)
     }
 }
 
@@ -289,10 +303,10 @@ pub fn encap(
     // MTU (what is left of it after the outer headers), as the kernel's
     // tunnels do (tnl_update_pmtu). Except that IPv6 is never told of an
     // MTU under its minimum of 1280 (RFC 8200): over an IPv4 underlay
-    // (sit, gre) such a packet goes out anyway, with the outer DF clear
-    // so that the router in the way fragments it, as sit does
-    // (ipip6_tunnel_xmit); otherwise IPv6 over that path would be a
-    // black hole until the path MTU expires.
+    // (sit, gre) whose path leaves less, the MTU is 1280 and IPv6 goes out
+    // with the outer DF clear, so that the router in the way fragments
+    // it, as sit does (ipip6_tunnel_xmit); otherwise IPv6 over that path
+    // would be a black hole until the path MTU expires.
     let path = t
         .path_mtu
         .get(cx.now)
@@ -300,8 +314,9 @@ pub fn encap(
     let mut may_fragment = false;
     let mtu = match path {
         Some(p) if family == ethernet::EtherType::Ipv6 && p < IPV6_MIN_MTU && t.local.is_ipv4() => {
-            may_fragment = inner_len > usize::from(p);
-            t.mtu
+            // sit's rule: the MTU is taken as 1280 and DF cleared.
+            may_fragment = true;
+            t.mtu.min(IPV6_MIN_MTU)
         }
         Some(p) => t.mtu.min(p),
         None => t.mtu,
@@ -338,10 +353,11 @@ pub fn encap(
     )
 }
 
-/// Whether an ICMP error may be sent about this IPv4 packet: not when it
-/// is itself an ICMP error (destination unreachable, source quench,
-/// redirect, time exceeded, parameter problem), nor a fragment after the
-/// first (the kernel's `__icmp_send`).
+/// Whether an ICMP error may be sent about this IPv4 packet, as the
+/// kernel's `__icmp_send` decides: not about a fragment after the first,
+/// nor about an ICMP error (destination unreachable, source quench,
+/// redirect, time exceeded, parameter problem), a type it does not know
+/// (over 18) or an ICMP header cut short.
 fn answerable_v4<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>) -> bool {
     if ip.frag_offset() != 0 {
         return false;
@@ -350,21 +366,55 @@ fn answerable_v4<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>) -> bool {
         return true;
     }
     match ip.payload().first() {
-        Some(&kind) => !matches!(kind, 3 | 4 | 5 | 11 | 12),
-        None => true,
+        Some(&kind) => kind <= 18 && !matches!(kind, 3 | 4 | 5 | 11 | 12),
+        None => false,
     }
 }
 
-/// The IPv6 counterpart: not about an ICMPv6 error (types under 128, RFC
-/// 4443 2.4 (e.2)). Only an ICMPv6 header right after the fixed header is
-/// looked at.
+/// The IPv6 counterpart, as the kernel's `is_ineligible`: not about an
+/// ICMPv6 error (types under 128, RFC 4443 2.4 (e.2)), found behind any
+/// extension headers, nor about one whose type is cut off (unless it is a
+/// later fragment, which carries none).
 fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
-    if ip.next_header() != IpProtocol::Icmpv6 {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const AH: u8 = 51;
+    const DSTOPTS: u8 = 60;
+    let rest = ip.payload();
+    let mut next = u8::from(ip.next_header());
+    let mut at = 0usize;
+    let mut later_fragment = false;
+    // Bounded: at most 8 extension headers are stepped over.
+    for _ in 0..8 {
+        let len = match next {
+            HOP_BY_HOP | ROUTING | DSTOPTS => match rest.get(at + 1) {
+                Some(&l) => (usize::from(l) + 1) * 8,
+                None => return true,
+            },
+            AH => match rest.get(at + 1) {
+                Some(&l) => (usize::from(l) + 2) * 4,
+                None => return true,
+            },
+            FRAGMENT => {
+                let Some(h) = rest.get(at..at + 8) else {
+                    return true;
+                };
+                later_fragment = u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0;
+                8
+            }
+            _ => break,
+        };
+        let Some(&n) = rest.get(at) else { return true };
+        next = n;
+        at += len;
+    }
+    if next != u8::from(IpProtocol::Icmpv6) {
         return true;
     }
-    match ip.payload().first() {
+    match rest.get(at) {
         Some(&kind) => kind >= 128,
-        None => true,
+        None => later_fragment,
     }
 }
 
@@ -1270,23 +1320,33 @@ mod tests {
         // path carries 600, which leaves 576 for IPv6, under its minimum.
         let t = tunnel(Mode::Gre, DeviceKind::Tun);
         assert!(t.path_mtu.lower(600, 0));
-        // A 1300-byte IPv6 packet is not answered with "packet too big"
-        // (it could only say 1280, which the path cannot carry either): it
-        // leaves, outer DF clear, for the router to fragment.
-        let pkt = inner6(1300);
-        let (mut buf, n) = read_into(&t, &pkt);
-        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5)) else {
-            panic!("not sent")
+        // As sit: IPv6 is told 1280, never less; a packet of 1280 leaves,
+        // outer DF clear, for the router to fragment; so does a small one.
+        for size in [1280, 500] {
+            let (mut buf, n) = read_into(&t, &inner6(size));
+            let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5)) else {
+                panic!("{size}: not sent")
+            };
+            let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+            assert!(
+                !outer.dont_fragment,
+                "{size}: outer DF set on a path too small"
+            );
+        }
+        // A 1300-byte one gets "packet too big" saying 1280.
+        let (mut buf, n) = read_into(&t, &inner6(1300));
+        let Verdict::Reply { offset, len, .. } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5))
+        else {
+            panic!("no ICMPv6")
         };
-        let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
-        assert!(!outer.dont_fragment, "outer DF set on a path too small");
-        // A small IPv6 packet that fits the path keeps the tunnel's DF.
-        let (mut buf, n) = read_into(&t, &inner6(500));
-        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(5)) else {
-            panic!("not sent")
+        let s = SlicedPacket::from_ip(&buf[offset..offset + len]).unwrap();
+        let Some(TransportSlice::Icmpv6(icmp)) = s.transport else {
+            panic!()
         };
-        let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
-        assert!(outer.dont_fragment);
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 }
+        );
         // IPv4 on the same path still gets "fragmentation needed", with
         // the path's MTU less the overhead.
         let (mut buf, n) = read_into(&t, &inner(1000, 64));
@@ -1346,6 +1406,32 @@ mod tests {
         let mut err6 = Vec::new();
         b.write(&mut err6, &[0x5a; 1400]).unwrap();
         let (mut buf, n) = read_into(&t, &err6);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Drop(DropReason::TxTooBigNoIcmp)
+        );
+        // Nor an ICMPv6 error behind a destination-options header.
+        let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).icmpv6(
+            etherparse::Icmpv6Type::TimeExceeded(
+                etherparse::icmpv6::TimeExceededCode::HopLimitExceeded,
+            ),
+        );
+        let mut plain = Vec::new();
+        b.write(&mut plain, &[0x5a; 1400]).unwrap();
+        let mut behind = plain[..40].to_vec();
+        behind[6] = 60; // destination options, then ICMPv6
+        behind[4..6].copy_from_slice(&((plain.len() - 40 + 8) as u16).to_be_bytes());
+        behind.extend_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0]);
+        behind.extend_from_slice(&plain[40..]);
+        let (mut buf, n) = read_into(&t, &behind);
+        assert_eq!(
+            encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+            Verdict::Drop(DropReason::TxTooBigNoIcmp)
+        );
+        // Nor an ICMP type the kernel does not know (over 18).
+        let mut unknown = inner(1472, 64);
+        unknown[20] = 42;
+        let (mut buf, n) = read_into(&t, &unknown);
         assert_eq!(
             encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
             Verdict::Drop(DropReason::TxTooBigNoIcmp)
@@ -1410,6 +1496,24 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), ids.len(), "an ID repeated: {ids:?}");
+    }
+
+    #[test]
+    fn a_worker_that_saw_an_older_path_mtu_never_raises_it() {
+        // Worker A sees 1400 in force and means to lower it to 1350;
+        // meanwhile worker B lowers it to 1300. A's step from what it saw
+        // must fail (the state changed), and A, looking again, leaves 1300.
+        // (A load, a compare and a store would have put 1350 over 1300.)
+        let p = PathMtu::default();
+        assert!(p.lower(1400, 0));
+        let seen_by_a = p.0.load(Ordering::Relaxed);
+        assert!(p.lower(1300, 0), "B");
+        assert!(
+            p.lower_from(seen_by_a, 1350, 0).is_err(),
+            "A's stale step taken"
+        );
+        assert!(!p.lower(1350, 0), "A, looking again");
+        assert_eq!(p.get(0), Some(1300));
     }
 
     #[test]

@@ -302,12 +302,12 @@ pub fn prometheus(s: &Value) -> String {
 /// go after this, unanswered or with part of the answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Clients answered at once, each on a thread of its own. Past this many
-/// the accepting thread answers the next one itself, within the timeouts:
-/// a crowd of stalled clients then slows the others down (by
-/// [`CLIENT_TIMEOUT`] a stalled client at most) rather than costing a
-/// thread each without bound.
-const CLIENT_THREADS: usize = 8;
+/// Clients answered at once, each on a thread of its own. Past this many a
+/// new client is turned away at once (its connection closed; `gateway
+/// stats` then says the gateway is busy): a crowd of stalled clients costs
+/// at most this many threads, each for [`CLIENT_TIMEOUT`] twice and the
+/// gateway's answer, and never holds the accepting thread.
+const CLIENT_THREADS: usize = 32;
 
 /// Serves `GET /metrics` on `addr` until the process ends.
 pub fn serve_http(addr: &str, requests: Sender<Request>) -> anyhow::Result<()> {
@@ -419,9 +419,7 @@ fn answer_http(mut conn: TcpStream, requests: &Sender<Request>) {
 }
 
 /// Runs `work` on a thread of its own while fewer than [`CLIENT_THREADS`]
-/// are busy, else on this one (within the clients' timeouts: a crowd of
-/// stalled clients then slows the others down rather than costing a
-/// thread each without bound).
+/// are busy; else drops it, which closes the client's connection unanswered.
 fn on_a_thread(name: &str, busy: &Arc<AtomicUsize>, work: impl FnOnce() + Send + 'static) {
     /// One busy client thread, counted while it lives.
     struct Busy(Arc<AtomicUsize>);
@@ -432,7 +430,7 @@ fn on_a_thread(name: &str, busy: &Arc<AtomicUsize>, work: impl FnOnce() + Send +
     }
     if busy.fetch_add(1, Ordering::AcqRel) >= CLIENT_THREADS {
         busy.fetch_sub(1, Ordering::AcqRel);
-        work();
+        drop(work);
         return;
     }
     let guard = Busy(busy.clone());
@@ -570,8 +568,7 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
 /// send its word and again to take the answer, so that a client that
 /// connects and says nothing (anyone in the network namespace can) or
 /// never reads holds up no one for long: up to [`CLIENT_THREADS`] are
-/// answered at once, and past that one at a time for no longer than the
-/// timeouts each.
+/// answered at once, and past that a client is turned away.
 fn serve_control_on(listener: UnixListener, requests: Sender<Request>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("gw-control".into())
@@ -631,10 +628,19 @@ pub fn query(iface: &str, format: &str) -> anyhow::Result<String> {
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
         anyhow::anyhow!("no gateway answers for {iface} in this network namespace ({e}); is it running (gateway --iface {iface})?")
     })?;
+    // The gateway answers within a few seconds (a reload within 30).
+    let patience = if format == "reload" { 40 } else { 10 };
+    s.set_read_timeout(Some(Duration::from_secs(patience)))?;
+    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     s.write_all(format.as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
     let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    s.read_to_string(&mut out).map_err(|e| {
+        anyhow::anyhow!("the gateway on {iface} did not answer within {patience} s ({e}); it may be stopping or overloaded")
+    })?;
+    if out.is_empty() {
+        anyhow::bail!("the gateway on {iface} closed the connection unanswered: it is busy with {CLIENT_THREADS} other clients; try again");
+    }
     Ok(out)
 }
 
@@ -700,7 +706,7 @@ mod tests {
         (tx, large_rx)
     }
 
-    /// Stalls `listener`'s server with more clients than it has threads:
+    /// Stalls `listener`'s server with many clients:
     /// silent ones first, then one that asks (`ask`) for the large answer
     /// and never reads it, then one that sends half a request (`half`).
     /// Returns them, with the index of the one that asked.
@@ -708,14 +714,17 @@ mod tests {
     where
         C: Write,
     {
-        let mut clients: Vec<C> = (0..CLIENT_THREADS).map(|_| connect()).collect();
+        // Half the threads (the others for the asker, the half-sender and
+        // the clients that must be answered meanwhile, one after another:
+        // a thread may still be counted for a moment after its answer).
+        let mut clients: Vec<C> = (0..CLIENT_THREADS / 2).map(|_| connect()).collect();
         let mut asker = connect();
         asker.write_all(ask).unwrap();
         clients.push(asker);
         let mut halfway = connect();
         halfway.write_all(half).unwrap();
         clients.push(halfway);
-        (clients, CLIENT_THREADS)
+        (clients, CLIENT_THREADS / 2)
     }
 
     /// Reads until the server closes; every stalled client is let go.

@@ -56,6 +56,12 @@ struct Datagram {
     held: u32,
     /// Byte ranges of the payload received, `start..end`.
     ranges: Vec<(u16, u16)>,
+    /// Runs of fragments as Linux keeps them (`frag_run_len`): a fragment
+    /// that arrives right at the end of the last one extends its run; any
+    /// other starts a run of its own.
+    runs: Vec<(u16, u16)>,
+    /// End of the furthest fragment so far (Linux's `fragments_tail`).
+    tail_end: u16,
     /// Payload length, once the last fragment came.
     total: Option<u16>,
     /// The first fragment's link and IP headers (`header_len` of them).
@@ -78,6 +84,44 @@ pub enum Outcome {
     /// [`DropReason::FragmentDuplicate`] drops this fragment alone and
     /// keeps the datagram: `also` is 0).
     Dropped { reason: DropReason, also: u32 },
+}
+
+/// Where a fragment goes among a datagram's runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Right after the furthest fragment: its run grows.
+    AppendToTail,
+    /// A run of its own.
+    NewRun,
+    Duplicate,
+    Overlap,
+}
+
+/// Linux's `inet_frag_queue_insert`, over the runs (`start..end`) held and
+/// the end of the furthest fragment (0: none yet).
+fn place_in_runs(runs: &[(u16, u16)], tail_end: u16, start: u16, end: u16) -> Place {
+    if runs.is_empty() {
+        return Place::NewRun;
+    }
+    if end > tail_end {
+        // The common case: past everything held.
+        return match start.cmp(&tail_end) {
+            std::cmp::Ordering::Less => Place::Overlap,
+            std::cmp::Ordering::Equal => Place::AppendToTail,
+            std::cmp::Ordering::Greater => Place::NewRun,
+        };
+    }
+    for &(a, b) in runs {
+        if end <= a || start >= b {
+            continue;
+        }
+        return if start >= a && end <= b {
+            Place::Duplicate
+        } else {
+            Place::Overlap
+        };
+    }
+    Place::NewRun
 }
 
 pub struct Reassembler {
@@ -108,6 +152,8 @@ impl Reassembler {
                     deadline: 0,
                     held: 0,
                     ranges: Vec::with_capacity(MAX_FRAGMENTS),
+                    runs: Vec::with_capacity(MAX_FRAGMENTS),
+                    tail_end: 0,
                     total: None,
                     headers: [0; MAX_HEADERS],
                     header_len: 0,
@@ -174,6 +220,10 @@ impl Reassembler {
                 };
                 key.src[..4].copy_from_slice(&b[12..16]);
                 key.dst[..4].copy_from_slice(&b[16..20]);
+                // Tunnel packets only (decap sends nothing else here).
+                if !matches!(key.proto, 47 | 4 | 41) {
+                    return drop(DropReason::NotTunnelProtocol);
+                }
                 let data = &frame[l3 + hl..l3 + usize::from(ip.total_len())];
                 let start = usize::from(ip.frag_offset());
                 (key, l3, hl, data, start, !ip.more_frags())
@@ -203,6 +253,11 @@ impl Reassembler {
                     // (Linux answers a parameter problem). Its datagram,
                     // whatever header it says follows, goes too.
                     return self.drop_nested(key);
+                }
+                // Tunnel packets only: GRE, IPv4 or IPv6 in IPv6, or the
+                // destination options (encapsulation limit) in front of them.
+                if !matches!(key.proto, 47 | 4 | 41 | 60) {
+                    return drop(DropReason::NotTunnelProtocol);
                 }
                 let start = usize::from(offset_flags & 0xfff8);
                 let data = &frame[f + 8..end];
@@ -242,25 +297,28 @@ impl Reassembler {
         if past_end || ends_early || other_last {
             return self.drop_datagram(key, DropReason::FragmentMalformed);
         }
-        // Bytes of this fragment already held. Held ranges never overlap,
-        // so all of them are held exactly when the fragment lies inside
-        // one run of contiguous held fragments: a duplicate (Linux's
-        // IPFRAG_DUP), dropped alone, the datagram untouched. Some but not
-        // all is an overlap (IPFRAG_OVERLAP): the whole datagram goes.
-        let covered: usize = d
-            .ranges
-            .iter()
-            .map(|&(a, b)| usize::from(b.min(e16).saturating_sub(a.max(s16))))
-            .sum();
-        if covered == end - start {
-            return drop(DropReason::FragmentDuplicate);
-        }
-        if covered > 0 {
-            return self.drop_datagram(key, DropReason::FragmentOverlap);
-        }
+        // Then the bytes, as Linux's inet_frag_queue_insert: a fragment
+        // that inside one run is a duplicate (IPFRAG_DUP), dropped alone,
+        // the datagram untouched; one that reaches into held bytes
+        // otherwise is an overlap (IPFRAG_OVERLAP), and the whole datagram
+        // goes.
+        let place = match place_in_runs(&d.runs, d.tail_end, s16, e16) {
+            Place::Duplicate => return drop(DropReason::FragmentDuplicate),
+            Place::Overlap => return self.drop_datagram(key, DropReason::FragmentOverlap),
+            p => p,
+        };
         if d.ranges.len() >= MAX_FRAGMENTS {
             return self.drop_datagram(key, DropReason::FragmentMalformed);
         }
+        match place {
+            Place::AppendToTail => {
+                if let Some(r) = d.runs.iter_mut().find(|r| r.1 == d.tail_end) {
+                    r.1 = e16;
+                }
+            }
+            _ => d.runs.push((s16, e16)),
+        }
+        d.tail_end = d.tail_end.max(e16);
         d.payload[start..end].copy_from_slice(data);
         d.ranges.push((s16, e16));
         if last {
@@ -350,6 +408,8 @@ impl Reassembler {
         d.deadline = now.saturating_add(TIMEOUT);
         d.held = 0;
         d.ranges.clear();
+        d.runs.clear();
+        d.tail_end = 0;
         d.total = None;
         d.header_len = 0;
         d.l3 = 0;
@@ -607,9 +667,10 @@ mod tests {
     fn a_fragment_inside_a_run_of_held_ones_is_a_duplicate() {
         let p = payload(48);
         let mut r = Reassembler::new();
-        // [0,16) and [16,32) held, out of order: one run [0,32).
-        assert_eq!(r.add(&fragment(&p[16..32], 16, true, 3), 0), Outcome::Held);
+        // [0,16) then [16,32), in order: Linux appends the second to the
+        // first's run, [0,32).
         assert_eq!(r.add(&fragment(&p[0..16], 0, true, 3), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[16..32], 16, true, 3), 0), Outcome::Held);
         // [8,24) straddles the two, inside the run.
         assert_eq!(r.add(&fragment(&p[8..24], 8, true, 3), 0), DUPLICATE);
         // So is the whole run at once.
@@ -620,6 +681,35 @@ mod tests {
             Outcome::Complete { merged: 2 }
         );
         assert_eq!(take4(&mut r), p);
+    }
+
+    #[test]
+    fn out_of_order_fragments_are_runs_of_their_own_as_in_linux() {
+        let p = payload(48);
+        let mut r = Reassembler::new();
+        // [16,32) first, then [0,16): each a run of its own (Linux only
+        // grows the run at the tail), so [8,24), inside neither, is an
+        // overlap and the datagram goes; [0,16) again is a duplicate.
+        assert_eq!(r.add(&fragment(&p[16..32], 16, true, 5), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[0..16], 0, true, 5), 0), Outcome::Held);
+        assert_eq!(r.add(&fragment(&p[0..16], 0, true, 5), 0), DUPLICATE);
+        assert_eq!(
+            r.add(&fragment(&p[8..24], 8, true, 5), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentOverlap,
+                also: 2
+            }
+        );
+        assert_eq!(r.pending(), 0);
+        // Reaching back into the tail's bytes from past it: an overlap.
+        assert_eq!(r.add(&fragment(&p[0..16], 0, true, 6), 0), Outcome::Held);
+        assert_eq!(
+            r.add(&fragment(&p[8..24], 8, true, 6), 0),
+            Outcome::Dropped {
+                reason: DropReason::FragmentOverlap,
+                also: 1
+            }
+        );
     }
 
     #[test]

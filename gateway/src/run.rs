@@ -250,10 +250,36 @@ fn open_slot(
             peer_mac: peer_mac(peer_id),
             oseq: t.oseq.then(|| Arc::new(AtomicU32::new(0))),
             path_mtu: Default::default(),
-            ident: Default::default(),
+            ident: path_ident(t.local, t.remote),
         },
         dev.queues,
     ))
+}
+
+/// The outer IPv4 identification counter of packets sent without DF from
+/// `local` to `remote`: one for every tunnel between the two (RFC 6864:
+/// unique per source, destination and protocol; several tunnels, keyed or
+/// gre beside gretap, share protocol 47), shared by all workers, kept while
+/// a tunnel uses it, and started at a random value, as the kernel's
+/// `__ip_select_ident` keeps its counters per destination, hashed with a
+/// secret.
+fn path_ident(local: IpAddr, remote: IpAddr) -> Arc<std::sync::atomic::AtomicU16> {
+    use std::collections::HashMap;
+    use std::hash::{BuildHasher, Hasher};
+    type Counters = HashMap<(IpAddr, IpAddr), std::sync::Weak<std::sync::atomic::AtomicU16>>;
+    static COUNTERS: std::sync::Mutex<Option<Counters>> = std::sync::Mutex::new(None);
+    let mut guard = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(c) = map.get(&(local, remote)).and_then(std::sync::Weak::upgrade) {
+        return c;
+    }
+    let start = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u16;
+    let c = Arc::new(std::sync::atomic::AtomicU16::new(start));
+    map.insert((local, remote), Arc::downgrade(&c));
+    c
 }
 
 fn tunnels_of(slots: &[Slot], next_hops: Arc<NextHops>) -> Tunnels {
@@ -745,7 +771,7 @@ impl Gateway {
                         } else {
                             Default::default()
                         },
-                        ident: old.ident.clone(),
+                        ident: path_ident(t.local, t.remote),
                     });
                     queues.push(None);
                 }

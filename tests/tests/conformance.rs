@@ -237,7 +237,7 @@ fn receive_rules_match_the_kernel() {
     let mut before = gw.settled_stats();
     for (rule, expr, expect) in inbound_cases() {
         scapy.send(&expr);
-        let after = gw.settled_stats();
+        let after = gw.settled_stats_after(&before);
         let d = |f: &dyn Fn(&Value) -> u64| f(&after) - f(&before);
         let rx = d(&|s| worker_sum(s, "rx_frames"));
         let ok = match expect {
@@ -302,7 +302,7 @@ fn receive_rules_match_the_kernel() {
     scapy.send(
         "[Ether(dst=GW_MAC)/f for f in fragment(IP(src=REMOTE,dst=LOCAL,id=4303)/GRE()/IP(src='10.1.1.2',dst='10.1.1.1')/UDP(sport=1,dport=4303)/Raw(b'o'*3972), fragsize=800)]",
     );
-    let after = gw.settled_stats();
+    let after = gw.settled_stats_after(&before);
     let d = |f: &dyn Fn(&Value) -> u64| f(&after) - f(&before);
     assert_eq!(d(&|s| drops(s, "fragment_too_big")), 6, "{after}");
     assert_eq!(
@@ -485,11 +485,19 @@ fn send_rules_match_the_kernel() {
     // change nothing (the XDP program leaves it to the kernel, which
     // drops it, not being a router here). Three of them, then the real one:
     // only the real one is taken.
+    let xdp_other_host = |s: &Value| u64_at(s, &["xdp", "pass_other_host"]);
+    let before_spoof = gw.settled_stats();
     for _ in 0..3 {
         scapy.send(
             "Ether(dst=GW_MAC)/IP(src=REMOTE,dst='192.168.0.99')/ICMP(type=3,code=4,nexthopmtu=600)/IP(src=LOCAL,dst=REMOTE,proto=47)/GRE()",
         );
     }
+    // The XDP program leaves them to the kernel (none reaches a worker).
+    wait_until(
+        "three ICMP errors for another host passed",
+        Duration::from_secs(10),
+        || xdp_other_host(&gw.stats()) - xdp_other_host(&before_spoof) == 3,
+    );
     scapy.send(&format!(
         "{E})/ICMP(type=3,code=4,nexthopmtu=1300)/IP(src=LOCAL,dst=REMOTE,proto=47)/GRE()"
     ));
@@ -502,6 +510,7 @@ fn send_rules_match_the_kernel() {
         1,
         "an ICMP error for another host lowered the path MTU: {s}"
     );
+    assert_eq!(drops(&s, "icmp_not_local"), 0, "{s}");
     // The socket stays open until the end: the kernel takes an ICMP error
     // for a UDP datagram only while its socket exists.
     let _sender = wire.gw.run(|| {

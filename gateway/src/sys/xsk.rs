@@ -319,7 +319,9 @@ impl Xsk {
             // ring owns them, and they are removed from `frames` below so
             // they cannot be used again.
             let produced = unsafe { self.fill.produce(&self.scratch[..n]) };
-            frames.truncate(frames.len() - produced);
+            // The ring took the first `produced` of those (xsk_ring_prod__
+            // reserve takes all or none, but nothing here relies on it).
+            frames.drain(start..start + produced);
             moved += produced;
             if produced < n {
                 break;
