@@ -1255,3 +1255,18 @@ fn print_stats(snap: &Value, event: &str) {
     println!("{snap}");
     eprintln!("{}", crate::human::render(&snap));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnels_between_the_same_two_hosts_share_one_id_counter() {
+        let a: IpAddr = "192.0.2.8".parse().unwrap();
+        let b: IpAddr = "192.0.2.58".parse().unwrap();
+        let c: IpAddr = "192.0.2.59".parse().unwrap();
+        let (one, two) = (path_ident(a, b), path_ident(a, b));
+        assert!(Arc::ptr_eq(&one, &two), "two tunnels a -> b, two counters");
+        assert!(!Arc::ptr_eq(&one, &path_ident(a, c)), "a -> c shares a -> b's");
+    }
+}
