@@ -1267,6 +1267,9 @@ mod tests {
         let c: IpAddr = "192.0.2.59".parse().unwrap();
         let (one, two) = (path_ident(a, b), path_ident(a, b));
         assert!(Arc::ptr_eq(&one, &two), "two tunnels a -> b, two counters");
-        assert!(!Arc::ptr_eq(&one, &path_ident(a, c)), "a -> c shares a -> b's");
+        assert!(
+            !Arc::ptr_eq(&one, &path_ident(a, c)),
+            "a -> c shares a -> b's"
+        );
     }
 }

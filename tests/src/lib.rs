@@ -20,12 +20,46 @@ use serde_json::{json, Value};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Polls `f` every 50 ms until it holds; panics naming `what` after
-/// `limit`.
-pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+/// What a condition polled by [`wait_until`] returns: a `bool`, or a
+/// `Result<(), String>` whose error says what was seen instead.
+pub trait Condition {
+    /// `Ok` when the condition holds; otherwise what was seen, if said.
+    fn check(self) -> Result<(), Option<String>>;
+}
+
+impl Condition for bool {
+    fn check(self) -> Result<(), Option<String>> {
+        if self {
+            Ok(())
+        } else {
+            Err(None)
+        }
+    }
+}
+
+impl Condition for Result<(), String> {
+    fn check(self) -> Result<(), Option<String>> {
+        self.map_err(Some)
+    }
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` (and what
+/// `f` last saw, when it returns a `Result`) after `limit`.
+pub fn wait_until<C: Condition>(what: &str, limit: Duration, mut f: impl FnMut() -> C) {
+    let start = Instant::now();
+    loop {
+        let seen = match f().check() {
+            Ok(()) => return,
+            Err(seen) => seen,
+        };
+        if start.elapsed() >= limit {
+            match seen {
+                Some(seen) => {
+                    panic!("timed out after {limit:?} waiting for {what}; last seen: {seen}")
+                }
+                None => panic!("timed out after {limit:?} waiting for {what}"),
+            }
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -144,6 +178,36 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// The leaves that differ between `a` and `b`, one `path: a -> b` line
+/// each, into `out`.
+fn json_diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                json_diff(
+                    &p,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (a, b)) in x.iter().zip(y).enumerate() {
+                json_diff(&format!("{path}[{i}]"), a, b, out);
+            }
+        }
+        _ if a != b => out.push(format!("  {path}: {a} -> {b}")),
+        _ => {}
     }
 }
 
@@ -511,40 +575,98 @@ impl Gateway {
 
     /// Waits for the traffic counters to stop changing (traffic drained),
     /// then returns the stats. Poll and time counters keep moving while the
-    /// worker idles, so they are left out of the comparison.
+    /// worker idles, so they are left out of the comparison. Panics, with
+    /// what changed between the last two snapshots, when the counters are
+    /// still moving after 30 s.
     pub fn settled_stats(&self) -> Value {
+        const LIMIT: Duration = Duration::from_secs(30);
         fn traffic(s: &Value) -> Value {
             let workers: Vec<Value> = s["workers"]
                 .as_array()
                 .map(|ws| {
                     ws.iter()
                         .map(|w| {
-                            serde_json::json!([
-                                w["rx_frames"],
-                                w["delivered"],
-                                w["tx_read"],
-                                w["tx_sent"],
-                                w["tx_replies"],
-                                w["drops"],
-                                w["frames"],
-                                w["xsk"]
-                            ])
+                            serde_json::json!({
+                                "rx_frames": w["rx_frames"],
+                                "delivered": w["delivered"],
+                                "tx_read": w["tx_read"],
+                                "tx_sent": w["tx_sent"],
+                                "tx_replies": w["tx_replies"],
+                                "drops": w["drops"],
+                                "frames": w["frames"],
+                                "xsk": w["xsk"],
+                            })
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            serde_json::json!([workers, s["xdp"]])
+            serde_json::json!({"workers": workers, "xdp": s["xdp"]})
         }
+        let start = Instant::now();
         let mut last = self.stats();
-        for _ in 0..100 {
+        loop {
             std::thread::sleep(Duration::from_millis(100));
             let now = self.stats();
-            if traffic(&now) == traffic(&last) {
+            let (before, after) = (traffic(&last), traffic(&now));
+            if before == after {
                 return now;
+            }
+            if start.elapsed() >= LIMIT {
+                let mut changed = Vec::new();
+                json_diff("", &before, &after, &mut changed);
+                panic!(
+                    "the traffic counters did not settle in {LIMIT:?}; between the last two \
+                     snapshots (100 ms apart) these changed:\n{}\nlast stats: {now}",
+                    changed.join("\n")
+                );
             }
             last = now;
         }
-        last
+    }
+
+    /// For what became of frames just sent: waits until the XDP program
+    /// has seen a frame since `before` (stats taken before sending) and the
+    /// workers have taken every frame it steered to them (or their sockets
+    /// counted it dropped), then returns [`Gateway::settled_stats`].
+    pub fn settled_stats_after(&self, before: &Value) -> Value {
+        let at = |s: &Value, path: &[&str]| {
+            let mut v = s;
+            for p in path {
+                v = &v[*p];
+            }
+            v.as_u64().unwrap_or(0)
+        };
+        let seen_before = at(before, &["xdp", "seen"]);
+        wait_until(
+            "the frames sent to reach the gateway",
+            Duration::from_secs(30),
+            || {
+                let s = self.stats();
+                let seen = at(&s, &["xdp", "seen"]);
+                let steered = at(&s, &["xdp", "redirected"]);
+                let taken: u64 = s["workers"]
+                    .as_array()
+                    .map(|ws| {
+                        ws.iter()
+                            .map(|w| {
+                                at(w, &["rx_frames"])
+                                    + at(w, &["xsk", "rx_dropped"])
+                                    + at(w, &["xsk", "rx_ring_full"])
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                if seen > seen_before && taken >= steered {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the XDP program saw {seen} frames ({seen_before} before), steered \
+                         {steered}, the workers took {taken}: {s}"
+                    ))
+                }
+            },
+        );
+        self.settled_stats()
     }
 
     /// Sends `sig` and waits for the process to exit; returns its exit
@@ -1063,5 +1185,46 @@ pub mod stats {
                 "a UMEM frame is missing: {w}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_until_says_what_it_saw_last() {
+        let mut n = 0;
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until("n to reach 1000", Duration::from_millis(200), || {
+                n += 1;
+                if n >= 1000 {
+                    Ok(())
+                } else {
+                    Err(format!("n is {n}"))
+                }
+            })
+        }))
+        .unwrap_err();
+        let msg = err.downcast_ref::<String>().unwrap();
+        assert!(
+            msg.contains("waiting for n to reach 1000; last seen: n is "),
+            "{msg}"
+        );
+        wait_until("true", Duration::ZERO, || true);
+    }
+
+    #[test]
+    fn json_diff_names_each_changed_leaf() {
+        let a =
+            json!({"workers": [{"rx_frames": 1, "xsk": {"rx_dropped": 0}}], "xdp": {"seen": 4}});
+        let b =
+            json!({"workers": [{"rx_frames": 3, "xsk": {"rx_dropped": 0}}], "xdp": {"seen": 5}});
+        let mut out = Vec::new();
+        json_diff("", &a, &b, &mut out);
+        assert_eq!(
+            out,
+            ["  workers[0].rx_frames: 1 -> 3", "  xdp.seen: 4 -> 5"]
+        );
     }
 }

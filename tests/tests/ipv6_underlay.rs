@@ -161,7 +161,7 @@ fn ip6gre_and_ip6ip6_ping_over_an_ipv6_underlay() {
         "list(reversed([Ether(dst=GW_MAC)/f for f in fragment6(IPv6(src='2001:db8::58',dst='2001:db8::8')\
          /IPv6ExtHdrFragment()/GRE()/IP(src='10.6.1.2',dst='10.6.1.1')/UDP(dport=4400)/Raw(b'6'*1200), 600)]))",
     );
-    let after = gw1.settled_stats();
+    let after = gw1.settled_stats_after(&before);
     let rx = |s: &serde_json::Value| s["tunnels"][0]["rx_packets"].as_u64().unwrap();
     let merged = |s: &serde_json::Value| gateway_tests::stats::worker_sum(s, "fragments_merged");
     assert_eq!(rx(&after) - rx(&before), 1, "{after}");

@@ -4,10 +4,12 @@
 //! tunnels, nothing else crossing, the wire decoded by tshark (not by the
 //! gateway's code), path-MTU discovery, and a next-hop MAC change.
 
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gateway_tests::{require_root, tcp_transfer, Gateway, Lab, NetNs};
+use gateway_tests::{require_root, tcp_transfer, wait_until, Gateway, Lab, NetNs};
 
 const HOST1: &str = include_str!("../../configs/lab-host1.toml");
 const HOST2: &str = include_str!("../../configs/lab-host2.toml");
@@ -151,39 +153,29 @@ fn tcp_arrives_intact_with_the_plain_reads_of_kernels_before_6_7() {
     }
 }
 
-/// Runs tshark in the wire namespace for the duration of `f`, then returns
-/// the requested fields of every captured tunnel packet, one row each.
-fn capture_fields(wire: &NetNs, fields: &[&str], f: impl FnOnce()) -> Vec<Vec<String>> {
-    let pcap = std::env::temp_dir().join(format!("gwt-{}-{}.pcap", std::process::id(), wire.name));
-    let mut tshark = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &wire.name,
-            "tshark",
-            "-q",
-            "-i",
-            "br0",
-            "-f",
-            "ip proto 47 or ip proto 4",
-            "-w",
-        ])
-        .arg(&pcap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tshark (apt-get install tshark)");
-    // tshark needs a moment before it captures.
-    std::thread::sleep(Duration::from_millis(2000));
-    f();
-    std::thread::sleep(Duration::from_millis(500));
-    // SIGINT makes tshark finish the file.
-    let _ = Command::new("kill")
-        .args(["-INT", &tshark.id().to_string()])
-        .status();
-    let _ = tshark.wait();
-    let mut cmd = Command::new("tshark");
-    cmd.arg("-r").arg(&pcap).args([
+/// Runs tshark in the wire namespace, from the moment it captures, for
+/// the duration of `f` and until `enough` holds for what it captured
+/// (`want` says what that is); returns the requested fields of every
+/// captured tunnel packet, one row each.
+fn capture_fields(
+    wire: &NetNs,
+    fields: &[&str],
+    want: &str,
+    enough: impl Fn(&[Vec<String>]) -> bool,
+    f: impl FnOnce(),
+) -> Vec<Vec<String>> {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &wire.name,
+        "tshark",
+        "-q",
+        "-l",
+        "-i",
+        "br0",
+        "-f",
+        "ip proto 47 or ip proto 4",
         "-o",
         "ip.check_checksum:TRUE",
         "-T",
@@ -198,12 +190,58 @@ fn capture_fields(wire: &NetNs, fields: &[&str], f: impl FnOnce()) -> Vec<Vec<St
     for f in fields {
         cmd.args(["-e", f]);
     }
-    let out = cmd.output().expect("tshark -r");
-    let _ = std::fs::remove_file(&pcap);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.split('|').map(str::to_string).collect())
-        .collect()
+    let mut tshark = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tshark (apt-get install tshark)");
+    // Each packet's fields, a line as it is captured (-l).
+    let rows: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let reader = {
+        let (rows, out) = (rows.clone(), tshark.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let row = line.split('|').map(str::to_string).collect();
+                rows.lock().unwrap().push(row);
+            }
+        })
+    };
+    let said: Arc<Mutex<String>> = Arc::default();
+    {
+        let (said, err) = (said.clone(), tshark.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut said = said.lock().unwrap();
+                said.push_str(&line);
+                said.push('\n');
+            }
+        });
+    }
+    wait_until("tshark to capture", Duration::from_secs(30), || {
+        let said = said.lock().unwrap();
+        if said.contains("Capture started") {
+            Ok(())
+        } else {
+            Err(format!("tshark said {said:?}"))
+        }
+    });
+    f();
+    wait_until(want, Duration::from_secs(20), || {
+        let rows = rows.lock().unwrap();
+        if enough(&rows) {
+            Ok(())
+        } else {
+            Err(format!("{} captured: {rows:?}", rows.len()))
+        }
+    });
+    // SIGINT makes tshark finish.
+    let _ = Command::new("kill")
+        .args(["-INT", &tshark.id().to_string()])
+        .status();
+    let _ = tshark.wait();
+    reader.join().unwrap();
+    let rows = rows.lock().unwrap().clone();
+    rows
 }
 
 #[test]
@@ -229,16 +267,23 @@ fn the_wire_shows_what_the_kernel_would_send() {
         "data.data",
     ];
     // tun200 has ttl inherit: a ping with TTL 33 must leave with outer TTL 33.
-    let rows = capture_fields(&r.lab.wire, &fields, || {
-        assert!(ping(&r.lab.host1, &["-c", "2", "-p", "c0ffee", "10.1.1.2"]).0);
-        assert!(
-            ping(
-                &r.lab.host1,
-                &["-c", "2", "-t", "33", "-p", "c0ffee", "20.1.1.2"]
-            )
-            .0
-        );
-    });
+    // Two pings through each tunnel: four requests and four replies.
+    let rows = capture_fields(
+        &r.lab.wire,
+        &fields,
+        "four requests and four replies on the wire",
+        |rows| rows.len() >= 8,
+        || {
+            assert!(ping(&r.lab.host1, &["-c", "2", "-p", "c0ffee", "10.1.1.2"]).0);
+            assert!(
+                ping(
+                    &r.lab.host1,
+                    &["-c", "2", "-t", "33", "-p", "c0ffee", "20.1.1.2"]
+                )
+                .0
+            );
+        },
+    );
     let col = |row: &Vec<String>, i: usize| -> Vec<String> {
         row.get(i)
             .map(|s| s.split(',').map(str::to_string).collect())
@@ -350,26 +395,68 @@ fn a_next_hop_mac_change_is_followed_within_seconds() {
     r.lab
         .host2
         .exec(&["sysctl", "-w", "net.ipv4.conf.ens0.arp_notify=1"]);
-    std::thread::sleep(Duration::from_millis(1200)); // past the ARP locktime
+    // An announcement within the ARP locktime of the entry's last update
+    // may be ignored: wait until host1's entry for host2 is older than that.
+    let locktime = r
+        .lab
+        .host1
+        .exec(&["cat", "/proc/sys/net/ipv4/neigh/ens0/locktime"])
+        .1;
+    let locktime: u64 = locktime
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("locktime: {locktime}"));
+    wait_until(
+        "host1's neighbour entry for host2 to be older than the ARP locktime",
+        Duration::from_secs(20),
+        || {
+            let shown =
+                r.lab
+                    .host1
+                    .ip(&["-j", "-s", "neigh", "show", "192.168.0.58", "dev", "ens0"]);
+            let entries: serde_json::Value =
+                serde_json::from_str(&shown).unwrap_or(serde_json::Value::Null);
+            // Whole seconds (rounded down) against hundredths of one.
+            match entries[0]["updated"].as_u64() {
+                Some(age) if age * 100 > locktime => Ok(()),
+                _ => Err(format!("{shown} (locktime {locktime} hundredths)")),
+            }
+        },
+    );
     let new_mac = "02:00:00:00:05:58";
     r.lab.host2.ip(&["link", "set", "ens0", "address", new_mac]);
     let changed = Instant::now();
-    while !r.gw1.log().contains(new_mac) {
-        assert!(
-            changed.elapsed() < Duration::from_secs(10),
-            "the gateway did not follow the new MAC within 10 s:\n{}",
-            r.gw1.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the gateway to follow the new MAC",
+        Duration::from_secs(20),
+        || {
+            let log = r.gw1.log();
+            if log.contains(new_mac) {
+                Ok(())
+            } else {
+                Err(format!("its log:\n{log}"))
+            }
+        },
+    );
     eprintln!(
         "next hop followed {:?} after the MAC change",
         changed.elapsed()
     );
     // And the packets on the wire now go to the new MAC.
-    let rows = capture_fields(&r.lab.wire, &["eth.src", "eth.dst", "ip.src"], || {
-        assert!(ping(&r.lab.host1, &["-c", "2", "10.1.1.2"]).0);
-    });
+    let from_host1 = |rows: &[Vec<String>]| -> usize {
+        rows.iter()
+            .filter(|r| r[2].starts_with("192.168.0.8,"))
+            .count()
+    };
+    let rows = capture_fields(
+        &r.lab.wire,
+        &["eth.src", "eth.dst", "ip.src"],
+        "host1's two requests on the wire",
+        |rows| from_host1(rows) >= 2,
+        || {
+            assert!(ping(&r.lab.host1, &["-c", "2", "10.1.1.2"]).0);
+        },
+    );
     let from_host1: Vec<_> = rows
         .iter()
         .filter(|r| r[2].starts_with("192.168.0.8,"))

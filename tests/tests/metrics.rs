@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway_tests::{gateway_bin, pkt, require_root, Gateway, NetNs, RawSocket, Wire};
+use gateway_tests::{gateway_bin, pkt, require_root, wait_until, Gateway, NetNs, RawSocket, Wire};
 
 const CONFIG: &str = gateway_tests::ONE_GRE_TUNNEL;
 
@@ -25,6 +25,22 @@ fn send_gre(wire: &Wire, n: u16) {
             &pkt::gre(0, 0x0800, 0, 0, &inner),
         ));
     }
+}
+
+/// Waits until the gateway has counted `n` packets through tun100.
+fn wait_for_rx(gw: &Gateway, n: u64) {
+    wait_until(
+        &format!("tun100 to count {n} packets"),
+        Duration::from_secs(20),
+        || {
+            let s = gw.stats();
+            if s["tunnels"][0]["rx_packets"].as_u64() == Some(n) {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
 }
 
 /// A plain HTTP GET from inside `ns`; returns the body.
@@ -49,6 +65,7 @@ fn gateway_stats_reads_the_running_gateway() {
     let wire = Wire::new("mt1", &[]);
     let gw = Gateway::start(&wire.gw, CONFIG);
     send_gre(&wire, 3);
+    wait_for_rx(&gw, 3);
     let _ = gw.settled_stats();
     let bin = gateway_bin();
     let bin = bin.to_str().unwrap();
@@ -97,6 +114,7 @@ fn prometheus_scrapes_the_metrics_endpoint() {
     let wire = Wire::new("mt2", &[]);
     let gw = Gateway::start_with(&wire.gw, CONFIG, &["--metrics", "127.0.0.1:9464"]);
     send_gre(&wire, 5);
+    wait_for_rx(&gw, 5);
     let _ = gw.settled_stats();
 
     // The endpoint itself.

@@ -4,6 +4,8 @@
 //! keeps traffic flowing while it does its damage, then checks the state
 //! the gateway (or the host) is left in and that the counters add up.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::stats::{
@@ -84,8 +86,20 @@ fn stream(
     pps: u32,
     frame: impl Fn(u32) -> Vec<u8> + Send + 'static,
 ) -> std::thread::JoinHandle<u32> {
+    stream_counting_failures(wire, n, pps, frame).0
+}
+
+/// [`stream`], with a count of the sends that failed so far.
+fn stream_counting_failures(
+    wire: &Wire,
+    n: u32,
+    pps: u32,
+    frame: impl Fn(u32) -> Vec<u8> + Send + 'static,
+) -> (std::thread::JoinHandle<u32>, Arc<AtomicU32>) {
     let sock = RawSocket::open(&wire.peer, "ens0", 1 << 20);
-    std::thread::spawn(move || {
+    let failed = Arc::new(AtomicU32::new(0));
+    let failures = failed.clone();
+    let sender = std::thread::spawn(move || {
         let start = Instant::now();
         let mut sent = 0;
         for i in 0..n {
@@ -93,10 +107,15 @@ fn stream(
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            sent += u32::from(sock.try_send(&frame(i)).is_ok());
+            if sock.try_send(&frame(i)).is_ok() {
+                sent += 1;
+            } else {
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
         sent
-    })
+    });
+    (sender, failed)
 }
 
 /// Sends `n` UDP datagrams to `dst`:`port` from inside `ns` at `pps`, on a
@@ -177,6 +196,19 @@ fn assert_both_ways(wire: &Wire, gw: &Gateway, port: u16) {
     assert_eq!(count_udp(&out, 38, port + 1000), 300, "out through GRE");
 }
 
+/// Ok when tun100 has carried packets both ways; otherwise its counters.
+fn tun100_both_ways(stats: &Value) -> Result<(), String> {
+    let t = stats["tunnels"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == "tun100"))
+        .ok_or_else(|| format!("no tun100 in {stats}"))?;
+    if t["rx_packets"].as_u64() > Some(0) && t["tx_packets"].as_u64() > Some(0) {
+        Ok(())
+    } else {
+        Err(t.to_string())
+    }
+}
+
 fn event(stats: &Value, name: &str) -> u64 {
     stats["gateway"]["events"][name].as_u64().unwrap_or(0)
 }
@@ -214,7 +246,13 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
     let captured_wire =
         std::thread::spawn(move || on_wire.receive(usize::MAX, Duration::from_secs(2)));
 
-    std::thread::sleep(Duration::from_millis(500));
+    // The reloads happen while traffic flows, and some of the way out goes
+    // before any of them (with the first TTL).
+    wait_until(
+        "traffic both ways through tun100",
+        Duration::from_secs(20),
+        || tun100_both_ways(&gw.stats()),
+    );
     // 1. Add tun200 (a new device), with SIGHUP.
     gw.write_config(TWO_TUNNELS);
     gw.signal(libc::SIGHUP);
@@ -340,7 +378,15 @@ fn a_deleted_device_is_counted_and_re_created() {
 
     const N: u32 = 8000;
     let inbound = stream(&wire, N, 4000, move |i| gre_udp(gw_mac, 6000, i));
-    std::thread::sleep(Duration::from_millis(700));
+    // The device goes while traffic flows into it.
+    wait_until("packets through tun100", Duration::from_secs(20), || {
+        let s = gw.stats();
+        if tunnel_rx(&s, "tun100") > 0 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
     wire.gw.ip(&["link", "del", "tap1"]);
     wait_until("tap1 to come back", Duration::from_secs(5), || {
         wire.gw.exec(&["ip", "link", "show", "tap1"]).0
@@ -390,15 +436,29 @@ fn the_underlay_going_down_and_up_is_followed() {
     let gw_mac = wire.gw.mac("ens0");
 
     const N: u32 = 6000;
-    let inbound = stream(&wire, N, 3000, move |i| gre_udp(gw_mac, 6000, i));
-    std::thread::sleep(Duration::from_millis(500));
+    let (inbound, failed) =
+        stream_counting_failures(&wire, N, 3000, move |i| gre_udp(gw_mac, 6000, i));
+    // The link goes down while traffic flows, and stays down until the
+    // sender has found it down.
+    wait_until("packets through tun100", Duration::from_secs(20), || {
+        let s = gw.stats();
+        if worker_sum(&s, "rx_frames") > 0 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
     wire.gw.ip(&["link", "set", "ens0", "down"]);
     wait_until(
         "the gateway to see the link down",
         Duration::from_secs(5),
         || gw.stats()["gateway"]["underlay_up"] == false,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        "a send to fail with the link down",
+        Duration::from_secs(20),
+        || failed.load(Ordering::Relaxed) > 0,
+    );
     wire.gw.ip(&["link", "set", "ens0", "up"]);
     wait_until(
         "the gateway to see the link up",

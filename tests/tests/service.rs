@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::{pkt, require_root, Gateway, RawSocket, Wire};
+use gateway_tests::{pkt, require_root, wait_until, Gateway, RawSocket, Wire};
 
 const UNIT: &str = include_str!("../../gateway/dist/gateway.service");
 
@@ -92,7 +92,14 @@ fn runs_as_nobody_with_only_the_units_capabilities() {
         47,
         &pkt::gre(0, 0x0800, 0, 0, &inner),
     ));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the packet through tun100", Duration::from_secs(20), || {
+        let s = gw.stats();
+        if s["tunnels"][0]["rx_packets"].as_u64() > Some(0) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
     let s = gw.settled_stats();
     assert_eq!(s["tunnels"][0]["rx_packets"], 1, "{s}");
     let (status, _) = gw.stop_with(libc::SIGTERM);
