@@ -68,6 +68,19 @@ struct Frag {
 
 const FRAGMENT_HEADER: u8 = 44;
 
+/// The protocol a fragment says it carries, from an input byte: mostly one
+/// reassembly takes (GRE, IPIP, IPv6 in IP, and for IPv6 the destination
+/// options in front of them), sometimes anything (refused).
+fn protocol(b: u8) -> u8 {
+    match b % 8 {
+        0 | 1 => 47,
+        2 => 4,
+        3 => 41,
+        4 => 60,
+        _ => b,
+    }
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
@@ -226,7 +239,7 @@ fn run(r: &mut Reassembler, data: &[u8]) {
                     next: if nested && flags & 1 != 0 {
                         FRAGMENT_HEADER
                     } else {
-                        input.byte()
+                        protocol(input.byte())
                     },
                     offset: usize::from(input.u16() & 0x1fff) * 8,
                     len: usize::from(input.byte()) * 8 + usize::from(flags >> 5),
@@ -254,7 +267,7 @@ fn train(r: &mut Reassembler, st: &mut State, input: &mut Input, op: u8) {
     let widen = op & 16 != 0;
     let vlan = op & 32 != 0;
     let id = u32::from(input.byte() % 8);
-    let next = match input.byte() {
+    let next = match protocol(input.byte()) {
         FRAGMENT_HEADER => 47,
         n => n,
     };
