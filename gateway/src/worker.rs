@@ -167,6 +167,9 @@ pub struct Worker {
     /// Fault injection for the failure tests: panic once this many frames
     /// were received (`GATEWAY_FAULT_PANIC_AFTER_RX`).
     panic_after_rx: u64,
+    /// Fault injection for the test of frame ownership: keep a frame another
+    /// worker handed over, as a bug would (`GATEWAY_FAULT_KEEP_FOREIGN_FRAME`).
+    keep_foreign_frame: bool,
     /// The other workers, when device writes are spread over them.
     spread: Option<Link>,
 }
@@ -235,6 +238,7 @@ impl Worker {
             .and_then(|v| v.parse().ok())
             .unwrap_or(u64::MAX);
         let tunnel_counters = stats.tunnels();
+        let keep_foreign_frame = std::env::var_os("GATEWAY_FAULT_KEEP_FOREIGN_FRAME").is_some();
         Worker {
             queue,
             core,
@@ -248,6 +252,7 @@ impl Worker {
             stats,
             tunnel_counters,
             panic_after_rx,
+            keep_foreign_frame,
             spread: None,
         }
     }
@@ -856,6 +861,18 @@ impl Worker {
         if j.generation < generation || st.gone.get(t).is_none_or(|&g| g) {
             link.answer(from, Returned::Bounced(j));
             return Ok(());
+        }
+        let mut j = j;
+        if self.keep_foreign_frame {
+            // The injected bug: another worker's frame swapped for one of
+            // this one's (every count stays right). The writer refuses the
+            // wrong frame and it goes back; whichever socket a frame of the
+            // other UMEM reaches first (a fill ring, or its bytes read as
+            // this UMEM's), that worker must stop.
+            if let Some(mine) = self.free.pop() {
+                let theirs = std::mem::replace(&mut j.frame, mine);
+                self.free.push(theirs);
+            }
         }
         let packets = j.packets;
         st.local.spread_in += u64::from(packets);

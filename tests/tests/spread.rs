@@ -472,3 +472,40 @@ fn three_workers_hand_writes_to_each_other_through_reloads() {
     let (status, _) = gw.stop_with(libc::SIGTERM);
     assert!(status.success(), "exit status {status}");
 }
+
+/// A frame of one worker's UMEM that reaches another worker's socket (a
+/// bug, injected here: the writing worker keeps a frame it was handed) never
+/// reaches that socket's rings: the worker stops with the reason, the
+/// gateway exits with an error, and it leaves nothing behind.
+#[test]
+fn a_frame_of_another_umem_never_reaches_a_socket() {
+    if !require_root("a_frame_of_another_umem_never_reaches_a_socket") {
+        return;
+    }
+    let wire = Wire::with_queues("spf", &[], 2);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = format!("{:x}", (1u128 << cores.min(64)) - 1);
+    set_xps(&wire, &[(0, all.as_str()), (1, "0")]);
+    let mut gw = Gateway::start_wrapped(
+        &wire.gw,
+        CONFIG,
+        &["env", "GATEWAY_FAULT_KEEP_FOREIGN_FRAME=1"],
+        &[],
+    );
+    let gw_mac = wire.gw.mac("ens0");
+    let tx = RawSocket::open(&wire.peer, "ens0", 1 << 20);
+    // Many flows: some hash to the other worker, which gets their frames.
+    send_flows(tx, gw_mac, 0..GRE_FLOWS, RATE, 0)
+        .join()
+        .unwrap();
+    let status = gw
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("still running with a foreign frame:\n{}", gw.log()));
+    assert!(!status.success(), "exit status {status:?}");
+    let log = gw.log();
+    assert!(
+        log.contains("frames never cross workers"),
+        "the worker did not stop on the foreign frame: {log}"
+    );
+    assert!(!wire.gw.has_xdp("ens0"), "XDP program left attached");
+}
