@@ -268,22 +268,10 @@ pub struct TunnelConfig {
 impl TunnelConfig {
     /// Bytes the outer headers add (outer IP + GRE with its options).
     pub fn overhead(&self) -> u16 {
-        let ip = match self.local {
-            IpAddr::V4(_) => 20,
-            IpAddr::V6(_) => 40 + if self.encap_limit.is_some() { 8 } else { 0 },
-        };
-        let gre = match self.mode {
-            Mode::Ipip | Mode::Sit => 0,
-            Mode::Gre | Mode::Gretap => {
-                4 + 4 * u16::from(self.okey.is_some())
-                    + 4 * u16::from(self.ocsum)
-                    + 4 * u16::from(self.oseq)
-            }
-        };
-        // gretap carries the inner Ethernet header too (the kernel's
-        // gretap MTU is the underlay's less 38).
-        let eth = if self.mode == Mode::Gretap { 14 } else { 0 };
-        ip + gre + eth
+        self.headers(
+            self.encap_limit.is_some(),
+            [self.okey.is_some(), self.ocsum, self.oseq],
+        )
     }
 
     /// The most bytes of headers a packet of this tunnel carries either
@@ -293,20 +281,25 @@ impl TunnelConfig {
     /// by default), which may be more than [`Self::overhead`] counts for
     /// the way out.
     fn largest_overhead(&self) -> u16 {
-        let rx_ip = match self.local {
+        let rx = self.headers(true, [self.ikey.is_some(), self.icsum, self.iseq]);
+        self.overhead().max(rx)
+    }
+
+    /// Outer IP (with the encapsulation-limit option on an IPv6 underlay
+    /// when `encap_limit`), GRE with the options `gre` (key, checksum,
+    /// sequence number), and for gretap the inner Ethernet header (the
+    /// kernel's gretap MTU is the underlay's less 38).
+    fn headers(&self, encap_limit: bool, gre: [bool; 3]) -> u16 {
+        let ip = match self.local {
             IpAddr::V4(_) => 20,
-            IpAddr::V6(_) => 40 + 8,
+            IpAddr::V6(_) => 40 + if encap_limit { 8 } else { 0 },
         };
-        let rx_gre = match self.mode {
+        let gre = match self.mode {
             Mode::Ipip | Mode::Sit => 0,
-            Mode::Gre | Mode::Gretap => {
-                4 + 4 * u16::from(self.ikey.is_some())
-                    + 4 * u16::from(self.icsum)
-                    + 4 * u16::from(self.iseq)
-            }
+            Mode::Gre | Mode::Gretap => 4 + 4 * gre.iter().map(|&o| u16::from(o)).sum::<u16>(),
         };
         let eth = if self.mode == Mode::Gretap { 14 } else { 0 };
-        self.overhead().max(rx_ip + rx_gre + eth)
+        ip + gre + eth
     }
 
     /// Bytes a packet of `mtu` bytes takes of a UMEM frame at most, outer

@@ -750,6 +750,29 @@ impl RawSocket {
         }
     }
 
+    /// From now on every frame sent starts with a `struct virtio_net_hdr`
+    /// (`PACKET_VNET_HDR`): the kernel takes offload requests from it, a
+    /// checksum left to be completed among them, as from a VM's NIC.
+    pub fn use_vnet_hdr(&self) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one live c_int on this socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_VNET_HDR,
+                (&on as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_VNET_HDR: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Sends `frames` with one sendmmsg(2); returns how many the kernel
     /// took (0 when it refused the first, for want of buffer space, say).
     pub fn send_batch(&self, frames: &[Vec<u8>]) -> usize {

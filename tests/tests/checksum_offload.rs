@@ -9,13 +9,11 @@
 //! with `PACKET_VNET_HDR` hands the veth a partial-checksum skb exactly as a
 //! local GRE tunnel with offload would. The same packet with its checksum
 //! computed (by etherparse's checksum code) is delivered.
-#![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use gateway_tests::stats::{drops, tunnel_rx};
-use gateway_tests::{pkt, require_root, wait_until, Gateway, NetNs, Wire};
+use gateway_tests::{pkt, require_root, wait_until, Gateway, RawSocket, Wire};
 
 const CONFIG: &str = r#"
 [gateway]
@@ -44,59 +42,6 @@ fn vnet_needs_csum(start: u16, offset: u16) -> [u8; 10] {
     h
 }
 
-/// Sends `frame` on `dev` in `ns` through an AF_PACKET socket that takes a
-/// virtio-net header in front of each frame.
-fn send_with_vnet_hdr(ns: &NetNs, dev: &'static str, vnet: [u8; 10], frame: Vec<u8>) {
-    ns.run(move || {
-        // SAFETY: plain libc calls on a socket owned right away; every
-        // pointer is to a live local that outlives the call.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let fd = OwnedFd::from_raw_fd(fd);
-            let on: libc::c_int = 1;
-            let rc = libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_VNET_HDR,
-                (&on as *const libc::c_int).cast(),
-                4,
-            );
-            assert_eq!(
-                rc,
-                0,
-                "PACKET_VNET_HDR: {}",
-                std::io::Error::last_os_error()
-            );
-            let name = std::ffi::CString::new(dev).unwrap();
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            sll.sll_halen = 6;
-            let mut buf = vnet.to_vec();
-            buf.extend_from_slice(&frame);
-            let n = libc::sendto(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(
-                n,
-                buf.len() as isize,
-                "sendto: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    });
-}
-
 #[test]
 fn a_gre_checksum_left_to_offload_on_a_virtual_link_is_counted_as_bad() {
     if !require_root("a_gre_checksum_left_to_offload_on_a_virtual_link_is_counted_as_bad") {
@@ -113,8 +58,10 @@ fn a_gre_checksum_left_to_offload_on_a_virtual_link_is_counted_as_bad() {
     let mut gre = vec![0x80, 0x00, 0x08, 0x00, 0, 0, 0, 0];
     gre.extend_from_slice(&inner);
     let partial = pkt::outer(gw_mac, [192, 168, 0, 58], [192, 168, 0, 8], 47, &gre);
+    let sock = RawSocket::open(&wire.peer, "ens0", 1 << 20);
+    sock.use_vnet_hdr();
     for _ in 0..3 {
-        send_with_vnet_hdr(&wire.peer, "ens0", vnet_needs_csum(34, 4), partial.clone());
+        sock.send(&[&vnet_needs_csum(34, 4)[..], &partial].concat());
     }
     wait_until(
         "three gre_checksum_bad drops",
@@ -138,7 +85,7 @@ fn a_gre_checksum_left_to_offload_on_a_virtual_link_is_counted_as_bad() {
         .to_be();
     whole[4..6].copy_from_slice(&sum.to_be_bytes());
     let frame = pkt::outer(gw_mac, [192, 168, 0, 58], [192, 168, 0, 8], 47, &whole);
-    send_with_vnet_hdr(&wire.peer, "ens0", [0u8; 10], frame);
+    sock.send(&[&[0u8; 10][..], &frame].concat());
     wait_until(
         "the whole packet delivered",
         Duration::from_secs(20),
