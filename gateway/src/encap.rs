@@ -373,8 +373,9 @@ fn answerable_v4<T: AsRef<[u8]>>(ip: &ipv4::Packet<T>) -> bool {
 
 /// The IPv6 counterpart, as the kernel's `is_ineligible`: not about an
 /// ICMPv6 error (types under 128, RFC 4443 2.4 (e.2)), found behind any
-/// extension headers, nor about one whose type is cut off (unless it is a
-/// later fragment, which carries none).
+/// extension headers, nor about one whose type is cut off. A fragment
+/// after the first carries no ICMPv6 header to look at, and is answered
+/// (`ipv6_skip_exthdr` stops there).
 fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
     const HOP_BY_HOP: u8 = 0;
     const ROUTING: u8 = 43;
@@ -384,7 +385,6 @@ fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
     let rest = ip.payload();
     let mut next = u8::from(ip.next_header());
     let mut at = 0usize;
-    let mut later_fragment = false;
     // Bounded: at most 8 extension headers are stepped over.
     for _ in 0..8 {
         let len = match next {
@@ -400,7 +400,9 @@ fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
                 let Some(h) = rest.get(at..at + 8) else {
                     return true;
                 };
-                later_fragment = u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return true;
+                }
                 8
             }
             _ => break,
@@ -414,7 +416,7 @@ fn answerable_v6<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
     }
     match rest.get(at) {
         Some(&kind) => kind >= 128,
-        None => later_fragment,
+        None => false,
     }
 }
 
@@ -1428,6 +1430,25 @@ mod tests {
             encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
             Verdict::Drop(DropReason::TxTooBigNoIcmp)
         );
+        // A later IPv6 fragment (of anything) is answered, whatever its
+        // payload's first byte: it has no ICMPv6 header to look at.
+        for first_byte in [0x01, 0x80] {
+            let mut frag = plain[..40].to_vec();
+            frag[6] = 44; // a fragment header, offset 1448, then "ICMPv6"
+            frag.extend_from_slice(&[58, 0, 0x05, 0xa8, 0, 0, 0, 7]);
+            frag.push(first_byte);
+            frag.extend_from_slice(&[0x5a; 1399]);
+            let plen = (frag.len() - 40) as u16;
+            frag[4..6].copy_from_slice(&plen.to_be_bytes());
+            let (mut buf, n) = read_into(&t, &frag);
+            assert!(
+                matches!(
+                    encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+                    Verdict::Reply { .. }
+                ),
+                "later fragment starting {first_byte:#x} not answered"
+            );
+        }
         // Nor an ICMP type the kernel does not know (over 18).
         let mut unknown = inner(1472, 64);
         unknown[20] = 42;

@@ -339,6 +339,7 @@ fn serve_http_on(listener: TcpListener, requests: Sender<Request>) -> io::Result
                 "gw-metrics",
                 || listener.accept().map(|(c, _)| c),
                 move |c| answer_http(c, &requests),
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 13\r\nConnection: close\r\n\r\ngateway busy\n",
             )
         })?;
     Ok(())
@@ -393,7 +394,7 @@ fn answer_http(mut conn: TcpStream, requests: &Sender<Request>) {
                 (404, "Not Found", "try /metrics\n".into(), head_only)
             }
         }
-        Head::Partial => (
+        Head::Partial if n == HTTP_HEAD_MAX => (
             431,
             "Request Header Fields Too Large",
             "request head too long\n".into(),
@@ -451,6 +452,7 @@ fn on_a_thread(name: &str, busy: &Arc<AtomicUsize>, work: impl FnOnce() + Send +
 trait Client: Read + Write + Send + 'static {
     fn read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     fn write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn nonblocking(&self, on: bool) -> io::Result<()>;
 }
 
 impl Client for TcpStream {
@@ -459,6 +461,9 @@ impl Client for TcpStream {
     }
     fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_write_timeout(t)
+    }
+    fn nonblocking(&self, on: bool) -> io::Result<()> {
+        self.set_nonblocking(on)
     }
 }
 
@@ -469,6 +474,9 @@ impl Client for UnixStream {
     fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_write_timeout(t)
     }
+    fn nonblocking(&self, on: bool) -> io::Result<()> {
+        self.set_nonblocking(on)
+    }
 }
 
 /// Answers each client `accept` returns with `answer`, on a thread of its
@@ -477,6 +485,7 @@ fn serve_clients<C: Client>(
     name: &str,
     mut accept: impl FnMut() -> io::Result<C>,
     answer: impl Fn(C) + Clone + Send + 'static,
+    busy_notice: &[u8],
 ) {
     let busy = Arc::new(AtomicUsize::new(0));
     loop {
@@ -489,9 +498,26 @@ fn serve_clients<C: Client>(
                 continue;
             }
         };
+        if busy.load(Ordering::Acquire) >= CLIENT_THREADS {
+            turn_away(conn, busy_notice);
+            continue;
+        }
         let answer = answer.clone();
         on_a_thread(name, &busy, move || answer(conn));
     }
+}
+
+/// Tells a client the server is busy, without waiting on it: what it has
+/// sent is read and dropped (closing with unread bytes would reset the
+/// connection before the notice arrives), the notice written if the socket
+/// takes it at once, and the connection closed.
+fn turn_away<C: Client>(mut conn: C, notice: &[u8]) {
+    if conn.nonblocking(true).is_err() {
+        return;
+    }
+    let mut sink = [0u8; 512];
+    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+    let _ = conn.write(notice);
 }
 
 /// Reads a request into `buf` until `complete` says it is, `buf` is full,
@@ -577,6 +603,7 @@ fn serve_control_on(listener: UnixListener, requests: Sender<Request>) -> io::Re
                 "gw-control",
                 || listener.accept().map(|(c, _)| c),
                 move |c| answer_control(c, &requests),
+                BUSY.as_bytes(),
             )
         })?;
     Ok(())
@@ -607,10 +634,18 @@ fn answer_control(mut conn: UnixStream, requests: &Sender<Request>) {
             rx.recv_timeout(std::time::Duration::from_secs(30)).ok()
         }
     };
-    if let Some(body) = body {
-        let _ = write_by(&mut conn, body.as_bytes(), Instant::now() + CLIENT_TIMEOUT);
-    }
+    // No answer in time (the gateway stopping, or a reload that did not
+    // finish): said so, rather than nothing.
+    let body = body.unwrap_or_else(|| {
+        "error: the gateway gave no answer in time (it may be stopping, or a reload may still be running)\n".into()
+    });
+    let _ = write_by(&mut conn, body.as_bytes(), Instant::now() + CLIENT_TIMEOUT);
 }
+
+/// What a control client is told when [`CLIENT_THREADS`] others are being
+/// answered.
+const BUSY: &str =
+    "error: the gateway is busy with other clients of its control socket; try again\n";
 
 /// Whether the peer of `conn` may make the gateway reload: root, or the
 /// user the gateway runs as. (Anyone in the network namespace can reach
@@ -632,14 +667,42 @@ pub fn query(iface: &str, format: &str) -> anyhow::Result<String> {
     let patience = if format == "reload" { 40 } else { 10 };
     s.set_read_timeout(Some(Duration::from_secs(patience)))?;
     s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    s.write_all(format.as_bytes())?;
-    s.shutdown(std::net::Shutdown::Write)?;
+    let gone = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    };
+    // A gateway that turns the client away may close before the request is
+    // written: what it said, if anything, is read all the same.
+    if let Err(e) = s
+        .write_all(format.as_bytes())
+        .and_then(|()| s.shutdown(std::net::Shutdown::Write))
+    {
+        if !gone(&e) {
+            return Err(e.into());
+        }
+    }
     let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| {
-        anyhow::anyhow!("the gateway on {iface} did not answer within {patience} s ({e}); it may be stopping or overloaded")
-    })?;
+    match s.read_to_string(&mut out) {
+        Ok(_) => {}
+        Err(e) if gone(&e) => anyhow::bail!(
+            "the gateway on {iface} closed the connection unanswered ({e}); it may be busy or stopping, try again"
+        ),
+        Err(e) => anyhow::bail!(
+            "the gateway on {iface} did not answer within {patience} s ({e}); it may be stopping or overloaded"
+        ),
+    }
     if out.is_empty() {
-        anyhow::bail!("the gateway on {iface} closed the connection unanswered: it is busy with {CLIENT_THREADS} other clients; try again");
+        anyhow::bail!(
+            "the gateway on {iface} closed the connection unanswered; it may be stopping"
+        );
+    }
+    // A refusal (busy, not allowed, no answer in time) is an error line.
+    if format != "reload" {
+        if let Some(e) = out.strip_prefix("error: ") {
+            anyhow::bail!("{}", e.trim_end());
+        }
     }
     Ok(out)
 }
@@ -769,6 +832,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn past_the_thread_limit_a_control_client_is_turned_away_not_kept_waiting() {
+        let name = format!("gateway-test-{}-busy", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let (gateway, _large) = fake_gateway();
+        serve_control_on(UnixListener::bind_addr(&addr).unwrap(), gateway).unwrap();
+        let connect = || {
+            let c = UnixStream::connect_addr(&addr).unwrap();
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            c
+        };
+        // Every thread held by a client that says nothing (each for
+        // CLIENT_TIMEOUT).
+        let _silent: Vec<UnixStream> = (0..CLIENT_THREADS).map(|_| connect()).collect();
+        let mut c = connect();
+        let _ = c.write_all(b"json");
+        let _ = c.shutdown(Shutdown::Write);
+        let mut out = String::new();
+        let read = c.read_to_string(&mut out);
+        // The notice, or (when the gateway closed before the word came) a
+        // reset; never the answer, which would mean it waited for a thread.
+        let reset = matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset);
+        assert!(
+            out == BUSY || reset,
+            "not turned away at once: {out:?} {read:?}"
+        );
     }
 
     #[test]
