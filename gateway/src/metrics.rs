@@ -455,29 +455,23 @@ trait Client: Read + Write + Send + 'static {
     fn nonblocking(&self, on: bool) -> io::Result<()>;
 }
 
-impl Client for TcpStream {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-    fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(t)
-    }
-    fn nonblocking(&self, on: bool) -> io::Result<()> {
-        self.set_nonblocking(on)
-    }
+/// The same three calls on both kinds of stream.
+macro_rules! client {
+    ($($t:ty),*) => {$(
+        impl Client for $t {
+            fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(t)
+            }
+            fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                self.set_write_timeout(t)
+            }
+            fn nonblocking(&self, on: bool) -> io::Result<()> {
+                self.set_nonblocking(on)
+            }
+        }
+    )*};
 }
-
-impl Client for UnixStream {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-    fn write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(t)
-    }
-    fn nonblocking(&self, on: bool) -> io::Result<()> {
-        self.set_nonblocking(on)
-    }
-}
+client!(TcpStream, UnixStream);
 
 /// Answers each client `accept` returns with `answer`, on a thread of its
 /// own where [`on_a_thread`] allows. Never returns.
@@ -859,6 +853,25 @@ mod tests {
         assert!(
             out == BUSY || reset,
             "not turned away at once: {out:?} {read:?}"
+        );
+    }
+
+    #[test]
+    fn gateway_stats_says_the_gateway_is_busy_when_turned_away() {
+        // A control socket that turns every client away, as the real one
+        // does past CLIENT_THREADS, under the name `query` looks for.
+        let iface = format!("busy{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(control_name(&iface).as_bytes()).unwrap();
+        let listener = UnixListener::bind_addr(&addr).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                turn_away(conn, BUSY.as_bytes());
+            }
+        });
+        let e = query(&iface, "json").unwrap_err().to_string();
+        assert!(
+            e.contains("busy"),
+            "gateway stats did not say the gateway is busy: {e}"
         );
     }
 

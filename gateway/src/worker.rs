@@ -361,6 +361,10 @@ impl Worker {
                 }
             }
 
+            // The coarse clock, once per iteration, for what the way out
+            // times (path MTU expiry, the ICMP budget).
+            st.tx_cx.now = crate::clock::now();
+
             // 1. io_uring completions: finished writes and reads.
             io.reap(|c| done.push(c));
             let mut progressed = !done.is_empty();
@@ -1231,7 +1235,6 @@ impl Worker {
             _ => None,
         };
         st.tx_cx.ident = st.tx_cx.ident.wrapping_add(1);
-        st.tx_cx.now = crate::clock::now();
         let buf = self.xsk.buffer_mut(&mut frame);
         match encap(buf, len, tunnel, hop, &mut st.tx_cx) {
             Verdict::Transmit { len } => {
