@@ -11,11 +11,11 @@ use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use gateway::config::XdpAttach;
-use gateway::netlink::Netlink;
-use gateway::sys::tap;
-use gateway::tunnel::DeviceKind;
-use gateway::xdp::Steering;
+use gateway::control::config::XdpAttach;
+use gateway::datapath::tunnel::DeviceKind;
+use gateway::io::netlink::Netlink;
+use gateway::io::tap;
+use gateway::io::xdp::Steering;
 use gateway_common::{bench_programs, XdpCounter};
 
 use crate::ns::NetNs;
@@ -108,7 +108,7 @@ pub fn device(
         let mac = link.mac.ok_or_else(|| anyhow!("bench0 has no MAC"))?;
         // The queue is opened as the gateway opens it (with a virtio-net
         // header before each packet), so each write carries a plain one.
-        let mut frame = vec![0u8; gateway::offload::VNET_HDR_LEN];
+        let mut frame = vec![0u8; gateway::datapath::offload::VNET_HDR_LEN];
         frame.extend(crate::templates::tap_frame(
             mac,
             [10, 9, 9, 2],

@@ -10,11 +10,11 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use gateway::config::Ttl;
-use gateway::decap::{decap, RxState};
-use gateway::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
-use gateway::offload::{self, Run, Segmenter, VnetHdr};
-use gateway::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
+use gateway::control::config::Ttl;
+use gateway::datapath::decap::{decap, RxState};
+use gateway::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
+use gateway::datapath::offload::{self, Run, Segmenter, VnetHdr};
+use gateway::datapath::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
 
 fn frame(gre: bool) -> Vec<u8> {
     let inner = {
@@ -81,7 +81,7 @@ fn main() {
             device_mac: [2, 0, 0, 0, 0, 1],
             peer_mac: [2, 0, 0, 0, 0, 2],
             mtu: 1400,
-            allowed_sources: vec![gateway::tunnel::Prefix::parse("10.1.1.2").unwrap()],
+            allowed_sources: vec![gateway::datapath::tunnel::Prefix::parse("10.1.1.2").unwrap()],
         },
         TunnelRx {
             name: "tun200".into(),
@@ -209,7 +209,7 @@ fn main() {
         okey: None,
         ocsum: false,
         oseq: None,
-        tos: gateway::config::Tos::Fixed(0),
+        tos: gateway::control::config::Tos::Fixed(0),
         pmtudisc: true,
         ignore_df: false,
         ttl: Ttl::Fixed(64),

@@ -11,10 +11,10 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use gateway::config::{XdpAttach, XskBind};
-use gateway::sys::xsk::{Frame, Xsk};
+use gateway::control::config::{XdpAttach, XskBind};
+use gateway::io::xdp::Steering;
+use gateway::io::xsk::{Frame, Xsk};
 use gateway::wire::checksum;
-use gateway::xdp::Steering;
 use gateway_common::bench_programs;
 use hdrhistogram::Histogram;
 

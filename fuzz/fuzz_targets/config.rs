@@ -2,7 +2,7 @@
 //! panic.
 #![no_main]
 
-use gateway::config::Config;
+use gateway::control::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

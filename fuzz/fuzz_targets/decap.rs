@@ -5,8 +5,8 @@
 use std::net::Ipv4Addr;
 use std::sync::OnceLock;
 
-use gateway::decap::{decap, RxState};
-use gateway::tunnel::{DeviceKind, Mode, Prefix, TunnelRx, TunnelTable};
+use gateway::datapath::decap::{decap, RxState};
+use gateway::datapath::tunnel::{DeviceKind, Mode, Prefix, TunnelRx, TunnelTable};
 use libfuzzer_sys::fuzz_target;
 
 fn table() -> &'static TunnelTable {

@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
-use gateway::config::{Tos, Ttl};
-use gateway::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
-use gateway::tunnel::{DeviceKind, Mode};
+use gateway::control::config::{Tos, Ttl};
+use gateway::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
+use gateway::datapath::tunnel::{DeviceKind, Mode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,9 +9,9 @@
 //! behind the same one always is the same flow.
 #![no_main]
 
-use gateway::offload::{complete_checksum, parse, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
-use gateway::spread::flow_hash;
-use gateway::tunnel::DeviceKind;
+use gateway::datapath::offload::{complete_checksum, parse, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
+use gateway::datapath::flow::flow_hash;
+use gateway::datapath::tunnel::DeviceKind;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

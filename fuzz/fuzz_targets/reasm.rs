@@ -15,8 +15,8 @@
 
 use std::cell::RefCell;
 
-use gateway::drop_reason::DropReason;
-use gateway::reasm::{Outcome, Reassembler, MAX_DATAGRAMS};
+use gateway::datapath::drop_reason::DropReason;
+use gateway::datapath::reasm::{Outcome, Reassembler, MAX_DATAGRAMS};
 use libfuzzer_sys::fuzz_target;
 
 thread_local! {

@@ -1,26 +1,29 @@
-//! The gateway library: packet logic (sans-IO), configuration, and the
-//! runtime that wires the XDP program, AF_XDP sockets, io_uring and tap/tun
-//! devices together. All `unsafe` lives in [`sys`].
+//! The gateway library. Each stage of a packet's way has its own folder:
+//!
+//! - [`wire`]: packet views over byte buffers (Ethernet, IPv4, IPv6, GRE,
+//!   checksums), nothing else;
+//! - [`datapath`]: the packet logic, sans-IO (time passed in): the tunnel
+//!   table, decapsulation, encapsulation, replies, reassembly, coalescing
+//!   and segmentation, drop reasons;
+//! - [`io`]: every kernel interface, and with it all of the crate's
+//!   `unsafe`: AF_XDP socket and UMEM, io_uring, tap/tun, XDP loading,
+//!   netlink;
+//! - [`engine`]: the worker loop that moves frames between the socket and
+//!   the devices through the datapath, with its frame ledger, the hand-over
+//!   of writes between workers and the reload switch-over;
+//! - [`control`]: configuration, start-up, the reload transaction, watching
+//!   the underlay and its neighbours;
+//! - [`telemetry`]: counters, the Prometheus endpoint and control socket,
+//!   stats for people.
+//!
+//! `docs/architecture.md` says who owns a frame at each stage and where a
+//! change of each kind belongs.
 #![deny(unsafe_code)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod clock;
-pub mod config;
-pub mod decap;
-pub mod drop_reason;
-pub mod encap;
-pub mod human;
-pub mod metrics;
-pub mod neighbour;
-pub mod netlink;
-pub mod offload;
-pub mod ratelimit;
-pub mod reasm;
-pub mod run;
-pub mod spread;
-pub mod stats;
-pub mod sys;
-pub mod tunnel;
+pub mod control;
+pub mod datapath;
+pub mod engine;
+pub mod io;
+pub mod telemetry;
 pub mod wire;
-pub mod worker;
-pub mod xdp;

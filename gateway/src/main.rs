@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gateway::config::{Config, DEFAULT_PATH};
+use gateway::control::config::{Config, DEFAULT_PATH};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -158,7 +158,7 @@ fn print_plan(cfg: &Config, path: &Path) {
     }
     // Host-dependent settings are checked here only against this host.
     let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if let gateway::config::Cores::List(l) = &cfg.cores {
+    if let gateway::control::config::Cores::List(l) = &cfg.cores {
         if let Some(c) = l.iter().find(|&&c| c >= ncores) {
             println!("warning: core {c} does not exist on this host ({ncores} cores); the gateway will refuse to start here");
         }
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
                 }
             },
         };
-        return match gateway::metrics::query(&iface, format) {
+        return match gateway::telemetry::metrics::query(&iface, format) {
             Ok(text) if format == "reload" && !text.starts_with("reloaded") => {
                 eprintln!("{}", text.trim_end());
                 ExitCode::FAILURE
@@ -237,7 +237,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             };
-            match gateway::run::run(cfg, &path, &iface, cli.metrics.as_deref()) {
+            match gateway::control::run::run(cfg, &path, &iface, cli.metrics.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

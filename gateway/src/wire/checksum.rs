@@ -55,6 +55,13 @@ pub fn verify(data: &[u8]) -> bool {
     sum(data) == 0xffff
 }
 
+/// The ICMPv6 checksum of `body` (its checksum field zeroed) sent from
+/// `src` to `dst`: the IPv6 pseudo-header (next header 58) included.
+pub fn icmpv6(src: &[u8; 16], dst: &[u8; 16], body: &[u8]) -> u16 {
+    let acc = pseudo_header(src, dst, 58, body.len());
+    !fold(acc + u64::from(sum(body)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

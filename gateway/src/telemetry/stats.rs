@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
-use crate::drop_reason::DropReason;
+use crate::datapath::drop_reason::DropReason;
 
 /// Where a worker's UMEM frames are. `free + in_kernel + in_flight +
 /// in_tx == total` always.

@@ -1,7 +1,7 @@
 //! What the gateway shows of itself while it runs: Prometheus text on
 //! `--metrics ADDR` (`GET /metrics`), and a control socket that `gateway
 //! stats` reads. Both ask the control thread for a snapshot over a channel;
-//! the snapshot (see [`crate::run::snapshot`]) is the one source of every
+//! the snapshot (see [`crate::telemetry::snapshot::snapshot`]) is the one source of every
 //! figure, so the JSON, the summary and the metrics always agree.
 
 use std::fmt::Write as _;
@@ -646,7 +646,7 @@ const BUSY: &str =
 /// the abstract socket; reading counters is harmless, a reload is not.)
 fn may_reload(conn: &UnixStream) -> bool {
     use std::os::fd::AsFd;
-    crate::sys::peer_is_root_or_self(conn.as_fd())
+    crate::io::peer_is_root_or_self(conn.as_fd())
 }
 
 /// `gateway stats` and `gateway reload`: asks the gateway running on

@@ -3,8 +3,11 @@
 //! Each `unsafe` block names the invariant it relies on.
 #![allow(unsafe_code)]
 
+pub mod clock;
+pub mod netlink;
 pub mod tap;
 pub mod uring;
+pub mod xdp;
 pub mod xsk;
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes.

@@ -27,19 +27,19 @@ use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
 
-use crate::config::PollMode;
-use crate::decap::{decap, Delivery, Kind, RxState};
-use crate::drop_reason::DropReason;
-use crate::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
-use crate::neighbour::NextHops;
-use crate::offload::{self, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
-use crate::ratelimit::RateLimit;
-use crate::reasm::{Outcome, Reassembler};
-use crate::spread::{self, Job, Link, Returned};
-use crate::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
-use crate::sys::uring::{Completed, DeviceIo, Op, Piece};
-use crate::sys::xsk::{Frame, Xsk};
-use crate::tunnel::{DeviceKind, TunnelTable, MAX_TUNNELS};
+use crate::datapath::decap::{decap, Delivery, Kind, RxState};
+use crate::datapath::drop_reason::DropReason;
+use crate::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
+use crate::datapath::flow::l3_of;
+use crate::datapath::next_hop::NextHops;
+use crate::datapath::offload::{self, Run, Segmenter, VnetHdr, VNET_HDR_LEN};
+use crate::datapath::ratelimit::RateLimit;
+use crate::datapath::reasm::{Outcome, Reassembler};
+use crate::datapath::tunnel::{DeviceKind, TunnelTable, MAX_TUNNELS};
+use crate::engine::handover::{Job, Link, Returned};
+use crate::io::uring::{Completed, DeviceIo, Op, Piece};
+use crate::io::xsk::{Frame, Xsk};
+use crate::telemetry::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
 
 /// Empty polls before an adaptive worker blocks in poll(2).
 const ADAPTIVE_SPINS: u32 = 2048;
@@ -63,12 +63,12 @@ const TX_RESERVE: u64 = 512;
 const READ_BUFS: u16 = 64;
 /// What the devices may hand over: partial checksums, TCP segmentation
 /// (IPv4, IPv6, with ECN) and UDP segmentation (IPv4, IPv6).
-pub const DEVICE_OFFLOADS: u32 = crate::sys::tap::TUN_F_CSUM
-    | crate::sys::tap::TUN_F_TSO4
-    | crate::sys::tap::TUN_F_TSO6
-    | crate::sys::tap::TUN_F_TSO_ECN
-    | crate::sys::tap::TUN_F_USO4
-    | crate::sys::tap::TUN_F_USO6;
+pub const DEVICE_OFFLOADS: u32 = crate::io::tap::TUN_F_CSUM
+    | crate::io::tap::TUN_F_TSO4
+    | crate::io::tap::TUN_F_TSO6
+    | crate::io::tap::TUN_F_TSO_ECN
+    | crate::io::tap::TUN_F_USO4
+    | crate::io::tap::TUN_F_USO6;
 /// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
 /// decapsulated packet.
 const REPLY: u16 = 0x8000;
@@ -82,6 +82,24 @@ const GRO_FLOWS: usize = 16;
 /// second: each can only lower a path MTU, but a stream of them (from
 /// anyone who can address the tunnel's local address) costs work.
 const PMTU_UPDATES_PER_SECOND: u32 = 100;
+
+/// How a worker waits when its rings are empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin on the rings; the worker's core is given to it.
+    Busy,
+    /// Spin briefly, then block in poll(2) until packets arrive.
+    Adaptive,
+}
+
+impl std::fmt::Display for PollMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PollMode::Busy => "busy",
+            PollMode::Adaptive => "adaptive",
+        })
+    }
+}
 
 /// A run of TCP segments of one flow waiting to be written as one.
 struct OpenRun {
@@ -258,12 +276,12 @@ impl Worker {
     }
 
     /// Where this worker's UMEM is, and a handle on it.
-    pub fn umem(&self) -> (crate::sys::xsk::Region, xsk_rs::Umem) {
+    pub fn umem(&self) -> (crate::io::xsk::Region, xsk_rs::Umem) {
         (self.xsk.region(), self.xsk.umem().clone())
     }
 
     /// Spreads this worker's device writes over the workers of the mesh
-    /// `link` belongs to, by inner flow (see [`crate::spread`]).
+    /// `link` belongs to, by inner flow (see [`crate::engine::handover`]).
     pub fn set_spread(&mut self, link: Link) {
         self.spread = Some(link);
     }
@@ -325,7 +343,7 @@ impl Worker {
             tx_cx: TxContext::new((queue as u16).wrapping_mul(0x9e37)),
             pmtu_updates: RateLimit::new(PMTU_UPDATES_PER_SECOND),
             gro: Vec::with_capacity(GRO_FLOWS),
-            coalesce_udp: crate::sys::tap::uso_supported(),
+            coalesce_udp: crate::io::tap::uso_supported(),
             spread,
             jobs_in: (0..workers).map(|_| Default::default()).collect(),
             answers_in: Vec::new(),
@@ -363,7 +381,7 @@ impl Worker {
 
             // The coarse clock, once per iteration, for what the way out
             // times (path MTU expiry, the ICMP budget).
-            st.tx_cx.now = crate::clock::now();
+            st.tx_cx.now = crate::io::clock::now();
 
             // 1. io_uring completions: finished writes and reads.
             io.reap(|c| done.push(c));
@@ -394,7 +412,7 @@ impl Worker {
             }
             st.loops = st.loops.wrapping_add(1);
             if st.loops.is_multiple_of(EXPIRE_EVERY) {
-                let stale = st.reasm.expire(crate::clock::now());
+                let stale = st.reasm.expire(crate::io::clock::now());
                 for _ in 0..stale {
                     st.local.drop(DropReason::FragmentTimeout);
                 }
@@ -491,7 +509,7 @@ impl Worker {
                         // (a read from a device finishing) or on writes
                         // another worker hands over.
                         let wake = st.spread.as_ref().map_or(-1, Link::wake_fd);
-                        let _ = crate::sys::wait_readable(
+                        let _ = crate::io::wait_readable(
                             &[self.xsk.fd(), io.fd(), wake],
                             ADAPTIVE_SLEEP_MS,
                         );
@@ -772,7 +790,7 @@ impl Worker {
     #[inline]
     fn writer_for(&self, st: &State, t: u16, pkt: &[u8]) -> Option<usize> {
         let link = st.spread.as_ref()?;
-        let w = link.writer_of(spread::flow_hash(self.device_kind(t), pkt));
+        let w = link.writer_of(crate::datapath::flow::flow_hash(self.device_kind(t), pkt));
         (w != link.me).then_some(w)
     }
 
@@ -1290,7 +1308,7 @@ impl Worker {
                     kind: Kind::PathMtu { mtu },
                     ..
                 }) => {
-                    if st.pmtu_updates.allow(crate::clock::now()) {
+                    if st.pmtu_updates.allow(crate::io::clock::now()) {
                         self.path_mtu(usize::from(tunnel), mtu);
                         st.local.path_mtu_updates += 1;
                     } else {
@@ -1305,7 +1323,7 @@ impl Worker {
                 Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
                 Err(DropReason::OuterFragment) if pass == 0 => {
                     let data = self.xsk.data_mut(&mut frame);
-                    let outcome = st.reasm.add(data, crate::clock::now());
+                    let outcome = st.reasm.add(data, crate::io::clock::now());
                     st.local.fragments_pending = st.reasm.pending();
                     match outcome {
                         Outcome::Held => self.free.push(frame),
@@ -1357,7 +1375,7 @@ impl Worker {
     fn path_mtu(&self, t: usize, mtu: u16) {
         let tx = &self.shared.tunnels.tx;
         let Some(this) = tx.get(t) else { return };
-        let now = crate::clock::now();
+        let now = crate::io::clock::now();
         for other in tx
             .iter()
             .filter(|o| (o.local, o.remote) == (this.local, this.remote))
@@ -1570,26 +1588,6 @@ impl Worker {
     }
 }
 
-/// Where the IP header starts in a packet of a device of this kind: at 0
-/// in a tun; after the Ethernet header (and up to two VLAN tags) in a tap.
-/// `None`: not IP.
-pub(crate) fn l3_of(kind: DeviceKind, pkt: &[u8]) -> Option<usize> {
-    match kind {
-        DeviceKind::Tun => Some(0),
-        DeviceKind::Tap => {
-            let mut at = 12;
-            for _ in 0..3 {
-                match pkt.get(at..at + 2)? {
-                    [0x08, 0x00] | [0x86, 0xdd] => return Some(at + 2),
-                    [0x81, 0x00] | [0x88, 0xa8] => at += 4,
-                    _ => return None,
-                }
-            }
-            None
-        }
-    }
-}
-
 fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
     devices
         .iter()
@@ -1632,28 +1630,5 @@ fn account_write(c: &Completed, local: &mut LocalStats) {
             *p += packets;
             *b += u64::from(c.expected).saturating_sub(VNET_HDR_LEN as u64);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ip_header_is_found_behind_ethernet_and_vlan_tags() {
-        let mut f = vec![0u8; 64];
-        assert_eq!(l3_of(DeviceKind::Tun, &f), Some(0));
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(14));
-        f[12..14].copy_from_slice(&[0x81, 0x00]);
-        f[16..18].copy_from_slice(&[0x86, 0xdd]);
-        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(18));
-        f[12..14].copy_from_slice(&[0x88, 0xa8]);
-        f[16..18].copy_from_slice(&[0x81, 0x00]);
-        f[20..22].copy_from_slice(&[0x08, 0x00]);
-        assert_eq!(l3_of(DeviceKind::Tap, &f), Some(22), "QinQ");
-        f[20..22].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(l3_of(DeviceKind::Tap, &f), None, "ARP is not IP");
-        assert_eq!(l3_of(DeviceKind::Tap, &f[..13]), None, "too short");
     }
 }

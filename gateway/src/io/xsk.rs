@@ -22,8 +22,6 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
-use crate::config::XskBind;
-
 /// Size of one UMEM frame; the kernel requires a power of two.
 pub const FRAME_SIZE: u32 = 4096;
 
@@ -507,4 +505,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// How AF_XDP sockets are bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XskBind {
+    /// Let the kernel pick (zero-copy where the driver has it).
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+impl std::fmt::Display for XskBind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XskBind::Auto => "auto",
+            XskBind::Copy => "copy",
+            XskBind::ZeroCopy => "zerocopy",
+        })
+    }
 }

@@ -9,10 +9,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::config::{Tos, Ttl};
-use crate::drop_reason::DropReason;
-use crate::ratelimit::RateLimit;
-use crate::tunnel::{DeviceKind, Mode};
+use crate::datapath::drop_reason::DropReason;
+use crate::datapath::ratelimit::RateLimit;
+use crate::datapath::tunnel::{DeviceKind, Mode, Tos, Ttl};
 use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, IpProtocol};
 
 /// What the send path needs to know of one tunnel.
@@ -106,7 +105,7 @@ impl TunnelTx {
 
 /// A path MTU learned from an ICMP error, and until when it holds (the
 /// kernel's `mtu_expires`: ten minutes), in one atomic: the expiry in
-/// [`crate::clock`] seconds above, the MTU below.
+/// [`crate::io::clock`] seconds above, the MTU below.
 #[derive(Debug, Default)]
 pub struct PathMtu(AtomicU64);
 
@@ -191,7 +190,7 @@ pub struct TxContext {
     /// The outer IPv4 identification for a packet with DF (any value
     /// will do there, RFC 6864); the worker steps it per packet.
     pub ident: u16,
-    /// [`crate::clock`] seconds, for path MTU expiry and the ICMP budget.
+    /// [`crate::io::clock`] seconds, for path MTU expiry and the ICMP budget.
     pub now: u32,
     /// ICMP errors this worker may still send.
     pub icmp: RateLimit,
@@ -697,7 +696,7 @@ fn neighbour_advert(buf: &mut [u8], off: usize, n: usize, t: &TunnelTx) -> Optio
     na[24] = 2; // target link-layer address
     na[25] = 1;
     na[26..32].copy_from_slice(&t.peer_mac);
-    let c = icmpv6_checksum(&target.octets(), &asker.octets(), &buf[icmp..icmp + NA_LEN]);
+    let c = checksum::icmpv6(&target.octets(), &asker.octets(), &buf[icmp..icmp + NA_LEN]);
     buf[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
     ethernet::Repr {
         dst: asker_mac,
@@ -710,11 +709,6 @@ fn neighbour_advert(buf: &mut [u8], off: usize, n: usize, t: &TunnelTx) -> Optio
         len: ethernet::HEADER_LEN + ipv6::HEADER_LEN + NA_LEN,
         reason: None,
     })
-}
-
-pub(crate) fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], body: &[u8]) -> u16 {
-    let acc = checksum::pseudo_header(src, dst, IpProtocol::Icmpv6.into(), body.len());
-    !checksum::fold(acc + u64::from(checksum::sum(body)))
 }
 
 /// Builds ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6)
@@ -789,7 +783,7 @@ fn too_big(
             icmp[1] = 0;
             icmp[2..4].copy_from_slice(&[0, 0]);
             icmp[4..8].copy_from_slice(&u32::from(mtu.max(1280)).to_be_bytes());
-            let c = icmpv6_checksum(
+            let c = checksum::icmpv6(
                 &from.octets(),
                 &to.octets(),
                 &buf[ip_at + ip_hdr..quoted_at + quoted],
@@ -849,7 +843,7 @@ mod tests {
             okey: None,
             ocsum: false,
             oseq: None,
-            tos: crate::config::Tos::Fixed(0),
+            tos: crate::datapath::tunnel::Tos::Fixed(0),
             pmtudisc: true,
             ignore_df: false,
             ttl: Ttl::Fixed(64),
@@ -1017,9 +1011,9 @@ mod tests {
         let mut t = tunnel(Mode::Ipip, DeviceKind::Tun);
         // Default: TOS 0, ECN from the inner packet (CE sent as ECT(0)), DF.
         assert_eq!(outer(&t, &pkt), (0x02, true));
-        t.tos = crate::config::Tos::Inherit;
+        t.tos = crate::datapath::tunnel::Tos::Inherit;
         assert_eq!(outer(&t, &pkt), (0x88 | 0x02, true));
-        t.tos = crate::config::Tos::Fixed(0xb8 | 1);
+        t.tos = crate::datapath::tunnel::Tos::Fixed(0xb8 | 1);
         assert_eq!(
             outer(&t, &pkt),
             (0xb8 | 0x02, true),
@@ -1088,8 +1082,8 @@ mod tests {
             encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
             Verdict::Transmit { .. }
         ));
-        assert!(t.path_mtu.lower(1300, crate::clock::now()));
-        assert!(!t.path_mtu.lower(1400, crate::clock::now()), "only lowered");
+        assert!(t.path_mtu.lower(1300, 1000));
+        assert!(!t.path_mtu.lower(1400, 1000), "only lowered");
         let (mut buf, n) = read_into(&t, &pkt);
         let Verdict::Reply { offset, .. } = encap(&mut buf, n, &t, Some(HOP), &mut cx(1)) else {
             panic!("not refused")
@@ -1099,7 +1093,7 @@ mod tests {
         assert_eq!((icmp[0], icmp[1]), (3, 4));
         assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1300 - 24);
         // Ten minutes on, the tunnel MTU holds again.
-        assert_eq!(t.path_mtu.get(crate::clock::now() + PATH_MTU_EXPIRES), None);
+        assert_eq!(t.path_mtu.get(1000 + PATH_MTU_EXPIRES), None);
     }
 
     #[test]

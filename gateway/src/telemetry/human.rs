@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-/// Renders a stats snapshot (see [`crate::run::snapshot`]) as a few aligned
+/// Renders a stats snapshot (see [`crate::telemetry::snapshot::snapshot`]) as a few aligned
 /// lines; zero drop counters are left out.
 pub fn render(s: &Value) -> String {
     let mut out = String::new();

@@ -15,7 +15,7 @@
 //! [`Reassembler::take`] writes out is a fragment again. Memory is
 //! allocated once, at start.
 
-use crate::drop_reason::DropReason;
+use crate::datapath::drop_reason::DropReason;
 use crate::wire::{ethernet, ipv4, ipv6, IpProtocol};
 
 const IPV6_FRAGMENT: u8 = 44;

@@ -3,8 +3,8 @@
 //! tap) lies in that same buffer, or the reason to drop it. No syscalls, no
 //! clock, no allocation: unit-tested and fuzzed without root.
 
-use crate::drop_reason::DropReason;
-use crate::tunnel::{endpoint_key, DeviceKind, LookupError, Mode, TunnelId, TunnelTable};
+use crate::datapath::drop_reason::DropReason;
+use crate::datapath::tunnel::{endpoint_key, DeviceKind, LookupError, Mode, TunnelId, TunnelTable};
 use crate::wire::{checksum, ethernet, gre, ipv4, ipv6, Error, IpProtocol};
 use gateway_common::{IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6};
 
@@ -391,7 +391,7 @@ fn path_mtu_from_icmpv6(
     }
     let mut zeroed = [0u8; 4];
     zeroed[..2].copy_from_slice(&icmp[..2]);
-    let sum = crate::encap::icmpv6_checksum(src, dst, &[&zeroed[..], &icmp[4..]].concat());
+    let sum = checksum::icmpv6(src, dst, &[&zeroed[..], &icmp[4..]].concat());
     if sum != u16::from_be_bytes([icmp[2], icmp[3]]) {
         return Err(DropReason::IcmpMalformed);
     }
@@ -497,7 +497,7 @@ fn lookup_error(e: LookupError) -> DropReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::{Mode, TunnelRx};
+    use crate::datapath::tunnel::{Mode, TunnelRx};
     use etherparse::{NetSlice, SlicedPacket};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -863,7 +863,7 @@ mod tests {
     #[test]
     fn only_the_peer_gets_in() {
         let mut t = tunnel("p", Mode::Ipip, None, DeviceKind::Tun);
-        t.allowed_sources = vec![crate::tunnel::Prefix::parse("10.1.1.2").unwrap()];
+        t.allowed_sources = vec![crate::datapath::tunnel::Prefix::parse("10.1.1.2").unwrap()];
         let table = TunnelTable::new(vec![t]);
         let mut f = outer_v4(4, &inner_v4());
         assert!(decap(&mut f, &table, &mut RxState::new(8)).is_ok());

@@ -1,6 +1,6 @@
 //! A budget of events per second on the packet path (ICMP errors the
 //! gateway sends, path MTU updates it takes), sans-IO: the time, in the
-//! coarse seconds of [`crate::clock`], is passed in. One per worker, so no
+//! coarse seconds of [`crate::io::clock`], is passed in. One per worker, so no
 //! atomics: a gateway with `n` workers allows `n` times the rate.
 
 /// At most `per_second` events in each second.

@@ -9,8 +9,6 @@ use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use gateway_common::{maps, EndpointKey, Settings, XdpCounter, PROGRAM_NAME, XDP_COUNTER_COUNT};
 
-use crate::config::XdpAttach;
-
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
 
@@ -200,5 +198,24 @@ impl Steering {
             }
         }
         out
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for XdpAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpAttach::Auto => "auto",
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        })
     }
 }

@@ -279,6 +279,39 @@ impl TunnelTable {
     }
 }
 
+/// Outer TTL: a fixed value, or copied from the inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    Fixed(u8),
+    Inherit,
+}
+
+impl std::fmt::Display for Ttl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ttl::Fixed(n) => write!(f, "{n}"),
+            Ttl::Inherit => f.write_str("inherit"),
+        }
+    }
+}
+
+/// Outer TOS (DSCP; the ECN bits always follow the inner packet, RFC
+/// 6040): a fixed value, or copied from the inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tos {
+    Fixed(u8),
+    Inherit,
+}
+
+impl std::fmt::Display for Tos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tos::Fixed(n) => write!(f, "0x{n:02x}"),
+            Tos::Inherit => f.write_str("inherit"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::tunnel::DeviceKind;
+use crate::datapath::tunnel::DeviceKind;
 
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -58,7 +58,7 @@ pub enum TapError {
 /// the device if it does not exist. Packets written to the returned file
 /// are received by the kernel from the device; what the kernel sends to the
 /// device is read from it. Every packet either way is preceded by a
-/// virtio-net header ([`crate::offload::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`),
+/// virtio-net header ([`crate::datapath::offload::VNET_HDR_LEN`] bytes, `IFF_VNET_HDR`),
 /// which lets a write carry a GSO packet. The device disappears when its last queue closes
 /// unless it was made persistent.
 pub fn open_queue(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {

@@ -11,7 +11,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::tunnel::{DeviceKind, Mode};
+use crate::datapath::tunnel::{DeviceKind, Mode};
+pub use crate::datapath::tunnel::{Tos, Ttl};
+pub use crate::engine::worker::PollMode;
+pub use crate::io::xdp::XdpAttach;
+pub use crate::io::xsk::XskBind;
 use crate::wire::{ethernet, ipv4, ipv6};
 
 /// Where the gateway looks when `--config` is not given.
@@ -19,14 +23,14 @@ pub const DEFAULT_PATH: &str = "/etc/gateway/gateway.toml";
 
 /// Bytes in front of the packet data in every UMEM frame: the kernel's
 /// `XDP_PACKET_HEADROOM`. The gateway's UMEM adds no frame headroom of its
-/// own (xsk-rs's default, see [`crate::sys::xsk::Xsk::new`]) and its XDP
+/// own (xsk-rs's default, see [`crate::io::xsk::Xsk::new`]) and its XDP
 /// program never moves a packet's start, so every frame's data starts this
 /// far in.
 pub const UMEM_HEADROOM: usize = 256;
 
 /// Packet bytes one UMEM frame holds: from the data start to the end of the
-/// frame, what [`crate::sys::xsk::Xsk::buffer_mut`] hands out (3840).
-pub const FRAME_DATA_LEN: usize = crate::sys::xsk::FRAME_SIZE as usize - UMEM_HEADROOM;
+/// frame, what [`crate::io::xsk::Xsk::buffer_mut`] hands out (3840).
+pub const FRAME_DATA_LEN: usize = crate::io::xsk::FRAME_SIZE as usize - UMEM_HEADROOM;
 
 /// A configuration problem, in one line: the field, what is wrong, the fix.
 #[derive(Debug, thiserror::Error)]
@@ -117,57 +121,6 @@ pub enum Cores {
     List(Vec<usize>),
 }
 
-/// How a worker waits when its rings are empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PollMode {
-    /// Spin on the rings; the worker's core is given to it.
-    Busy,
-    /// Spin briefly, then block in poll(2) until packets arrive.
-    Adaptive,
-}
-
-/// How the XDP program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XdpAttach {
-    /// Native (driver) mode, falling back to generic with a warning.
-    Auto,
-    Native,
-    Generic,
-}
-
-/// How AF_XDP sockets are bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XskBind {
-    /// Let the kernel pick (zero-copy where the driver has it).
-    Auto,
-    Copy,
-    ZeroCopy,
-}
-
-/// Outer TTL: a fixed value, or copied from the inner packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ttl {
-    Fixed(u8),
-    Inherit,
-}
-
-/// Outer TOS (DSCP; the ECN bits always follow the inner packet, RFC
-/// 6040): a fixed value, or copied from the inner packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tos {
-    Fixed(u8),
-    Inherit,
-}
-
-impl std::fmt::Display for Tos {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Tos::Fixed(n) => write!(f, "0x{n:02x}"),
-            Tos::Inherit => f.write_str("inherit"),
-        }
-    }
-}
-
 // Displayed in the configuration's own words.
 impl std::fmt::Display for Queues {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,44 +136,6 @@ impl std::fmt::Display for Cores {
         match self {
             Cores::Auto => f.write_str("\"auto\""),
             Cores::List(l) => write!(f, "{l:?}"),
-        }
-    }
-}
-
-impl std::fmt::Display for PollMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PollMode::Busy => "busy",
-            PollMode::Adaptive => "adaptive",
-        })
-    }
-}
-
-impl std::fmt::Display for XdpAttach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            XdpAttach::Auto => "auto",
-            XdpAttach::Native => "native",
-            XdpAttach::Generic => "generic",
-        })
-    }
-}
-
-impl std::fmt::Display for XskBind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            XskBind::Auto => "auto",
-            XskBind::Copy => "copy",
-            XskBind::ZeroCopy => "zerocopy",
-        })
-    }
-}
-
-impl std::fmt::Display for Ttl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ttl::Fixed(n) => write!(f, "{n}"),
-            Ttl::Inherit => f.write_str("inherit"),
         }
     }
 }
@@ -260,7 +175,7 @@ pub struct TunnelConfig {
     pub address: Option<IpAddr>,
     pub peer: Option<IpAddr>,
     /// Inner source prefixes accepted besides `peer`.
-    pub accept_from: Vec<crate::tunnel::Prefix>,
+    pub accept_from: Vec<crate::datapath::tunnel::Prefix>,
     /// Keep the device when the gateway stops.
     pub persistent: bool,
 }
@@ -306,7 +221,7 @@ impl TunnelConfig {
     /// Ethernet header included: the longest frame the tunnel sends.
     ///
     /// A packet read from the device is copied into a frame at
-    /// [`crate::encap::TunnelTx::read_offset`] and must end inside the
+    /// [`crate::datapath::encap::TunnelTx::read_offset`] and must end inside the
     /// frame's [`FRAME_DATA_LEN`] bytes (`Worker::take_read` drops it as
     /// `tx_malformed` otherwise, with no ICMP back):
     /// - tun: the read offset is the outer headers (Ethernet, outer IP with
@@ -319,7 +234,7 @@ impl TunnelConfig {
     /// - gretap: the whole tap frame is carried, its Ethernet header
     ///   (counted in [`Self::overhead`]) and one VLAN tag included.
     ///
-    /// The virtio-net header ([`crate::offload::VNET_HDR_LEN`]) stays in the
+    /// The virtio-net header ([`crate::datapath::offload::VNET_HDR_LEN`]) stays in the
     /// io_uring read buffer, and on the way into the device it is written
     /// where the outer headers were, so it takes no room of its own.
     pub fn outer_frame_len(&self, mtu: u16) -> usize {
@@ -332,7 +247,7 @@ impl TunnelConfig {
     /// The outer IP payload (all after the fixed IPv4 or IPv6 header: the
     /// encapsulation-limit option, GRE, and what the tunnel carries) of a
     /// packet of `mtu` bytes at most: what reassembly of an outer packet
-    /// fragmented on the way has to hold ([`crate::reasm::MAX_PAYLOAD`]).
+    /// fragmented on the way has to hold ([`crate::datapath::reasm::MAX_PAYLOAD`]).
     pub fn outer_ip_payload_len(&self, mtu: u16) -> usize {
         let fixed = match self.local {
             IpAddr::V4(_) => ipv4::HEADER_LEN,
@@ -345,13 +260,14 @@ impl TunnelConfig {
     /// `mtu` whose packets fit a UMEM frame with the outer headers
     /// ([`Self::outer_frame_len`] within [`FRAME_DATA_LEN`]), and whose
     /// outer IP payload, should a router fragment it, fits reassembly
-    /// ([`Self::outer_ip_payload_len`] within [`crate::reasm::MAX_PAYLOAD`]).
+    /// ([`Self::outer_ip_payload_len`] within [`crate::datapath::reasm::MAX_PAYLOAD`]).
     /// For instance 3796 for gre over IPv4 (the reassembly bound: the frame
     /// alone would allow 3802), 3774 for ip6gre with its encapsulation
     /// limit (the frame bound), 3778 for gretap over IPv4.
     pub fn max_mtu(&self) -> u16 {
         let frame = FRAME_DATA_LEN.saturating_sub(self.outer_frame_len(0));
-        let reassembly = crate::reasm::MAX_PAYLOAD.saturating_sub(self.outer_ip_payload_len(0));
+        let reassembly =
+            crate::datapath::reasm::MAX_PAYLOAD.saturating_sub(self.outer_ip_payload_len(0));
         frame.min(reassembly).min(usize::from(u16::MAX)) as u16
     }
 
@@ -375,7 +291,7 @@ impl TunnelConfig {
             tracing::warn!(
                 "tunnel {:?}: the underlay MTU {underlay_mtu} less the tunnel's headers ({m}) is more than a {}-byte UMEM frame can carry; using mtu {max} (set mtu = {max} to say so)",
                 self.name,
-                crate::sys::xsk::FRAME_SIZE
+                crate::io::xsk::FRAME_SIZE
             );
             return Ok(max);
         }
@@ -409,7 +325,7 @@ pub struct Config {
     /// 0 when off.
     pub busy_poll_budget: u16,
     /// Device writes spread over all workers by inner flow (see
-    /// [`crate::spread`]).
+    /// [`crate::engine::handover`]).
     pub spread_writes: bool,
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -616,13 +532,13 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             "no [[tunnel]] is configured; add one (see configs/ in the repository for examples)",
         ));
     }
-    if raw.tunnel.len() > crate::tunnel::MAX_TUNNELS {
+    if raw.tunnel.len() > crate::datapath::tunnel::MAX_TUNNELS {
         return Err(err(
             "tunnel",
             format!(
                 "{} tunnels are configured; the gateway takes at most {}",
                 raw.tunnel.len(),
-                crate::tunnel::MAX_TUNNELS
+                crate::datapath::tunnel::MAX_TUNNELS
             ),
         ));
     }
@@ -1079,7 +995,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
     }
     let mut accept_from = Vec::new();
     for a in t.accept_from.iter().flatten() {
-        let p = crate::tunnel::Prefix::parse(a).ok_or_else(|| {
+        let p = crate::datapath::tunnel::Prefix::parse(a).ok_or_else(|| {
             err(
                 f("accept_from"),
                 format!("{a:?} is not a prefix; write one such as \"172.16.0.0/24\""),
@@ -1133,7 +1049,7 @@ fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, ConfigError> 
                 format!("tunnel {:?}.mtu", cfg.name),
                 format!(
                     "{m} is more than a {}-byte UMEM frame can carry with this tunnel's headers (at most {max}); set mtu = {max} or less",
-                    crate::sys::xsk::FRAME_SIZE
+                    crate::io::xsk::FRAME_SIZE
                 ),
             ));
         }
@@ -1368,7 +1284,7 @@ peer = "20.1.1.2"
         // The UMEM as `Xsk::new` configures it (frame size, no frame
         // headroom of ours).
         let c = xsk_rs::config::UmemConfig::builder()
-            .frame_size(xsk_rs::config::FrameSize::new(crate::sys::xsk::FRAME_SIZE).unwrap())
+            .frame_size(xsk_rs::config::FrameSize::new(crate::io::xsk::FRAME_SIZE).unwrap())
             .build()
             .unwrap();
         assert_eq!(
@@ -1448,8 +1364,8 @@ peer = "20.1.1.2"
     }
 
     /// What the send path gets for `t`, sending packets of up to `mtu`.
-    fn tx_of(t: &TunnelConfig, mtu: u16) -> crate::encap::TunnelTx {
-        crate::encap::TunnelTx {
+    fn tx_of(t: &TunnelConfig, mtu: u16) -> crate::datapath::encap::TunnelTx {
+        crate::datapath::encap::TunnelTx {
             mode: t.mode,
             local: t.local,
             remote: t.remote,
@@ -1530,18 +1446,18 @@ peer = "20.1.1.2"
             return None;
         }
         buf[off..off + pkt.len()].copy_from_slice(&pkt);
-        let hop = crate::encap::NextHop {
+        let hop = crate::datapath::encap::NextHop {
             dst: [2, 0, 0, 0, 0, 0x58],
             src: [2, 0, 0, 0, 0, 8],
         };
-        match crate::encap::encap(
+        match crate::datapath::encap::encap(
             &mut buf,
             pkt.len(),
             &tx,
             Some(hop),
-            &mut crate::encap::TxContext::new(7),
+            &mut crate::datapath::encap::TxContext::new(7),
         ) {
-            crate::encap::Verdict::Transmit { len } => Some(buf[..len].to_vec()),
+            crate::datapath::encap::Verdict::Transmit { len } => Some(buf[..len].to_vec()),
             v => panic!("{:?} mtu {mtu}: {v:?}", t.mode),
         }
     }
@@ -1615,7 +1531,7 @@ peer = "20.1.1.2"
 
     #[test]
     fn the_largest_outer_packet_fits_reassembly() {
-        use crate::reasm::{Outcome, Reassembler, MAX_PAYLOAD};
+        use crate::datapath::reasm::{Outcome, Reassembler, MAX_PAYLOAD};
         for &(mode, v6, extra, _) in LIMITS {
             let t = Config::parse(&one_tunnel(mode, v6, extra))
                 .unwrap()

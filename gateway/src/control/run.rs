@@ -15,21 +15,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use gateway_common::{EndpointKey, XdpCounter};
-use serde_json::{json, Map, Value};
+use gateway_common::EndpointKey;
+use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
-use crate::config::{Config, Cores, Queues, TunnelConfig};
-use crate::drop_reason::DropReason;
-use crate::encap::TunnelTx;
-use crate::metrics::{Format, Request};
-use crate::neighbour::{run_resolver, NextHops, Targets};
-use crate::netlink::{LinkInfo, Netlink};
-use crate::stats::WorkerStats;
-use crate::sys::{tap, xsk::Xsk};
-use crate::tunnel::{DeviceKind, TunnelRx, TunnelTable};
-use crate::worker::{DeviceQueue, Reconfig, Shared, Tunnels, Worker, WorkerError};
-use crate::xdp::Steering;
+use crate::control::config::{Config, Cores, Queues, TunnelConfig};
+use crate::control::neighbour::{run_resolver, NextHops, Targets};
+use crate::datapath::encap::TunnelTx;
+use crate::datapath::tunnel::{DeviceKind, TunnelRx, TunnelTable};
+use crate::engine::worker::{DeviceQueue, Reconfig, Shared, Tunnels, Worker, WorkerError};
+use crate::io::netlink::{LinkInfo, Netlink};
+use crate::io::xdp::Steering;
+use crate::io::{tap, xsk::Xsk};
+use crate::telemetry::metrics::{Format, Request};
+use crate::telemetry::snapshot::{print_stats, snapshot};
+use crate::telemetry::stats::WorkerStats;
 
 /// Number of RX queues of `iface`, from sysfs.
 pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
@@ -97,7 +97,11 @@ fn open_device(nl: &Netlink, t: &TunnelConfig, mtu: u16, workers: usize) -> anyh
     let setup = || -> anyhow::Result<LinkInfo> {
         // Large packets and partial checksums in what is read: the
         // worker segments and completes them.
-        tap::set_offload(&queues[0], &t.device, crate::worker::DEVICE_OFFLOADS)?;
+        tap::set_offload(
+            &queues[0],
+            &t.device,
+            crate::engine::worker::DEVICE_OFFLOADS,
+        )?;
         if t.persistent {
             tap::set_persistent(&queues[0], &t.device, true)?;
         }
@@ -149,7 +153,7 @@ struct Slot {
     /// The last GRE sequence number sent (`oseq`).
     oseq: Option<Arc<AtomicU32>>,
     /// The path MTU learned from the underlay.
-    path_mtu: Arc<crate::encap::PathMtu>,
+    path_mtu: Arc<crate::datapath::encap::PathMtu>,
     /// Outer IPv4 IDs of packets sent without DF (see `TunnelTx::ident`).
     ident: Arc<std::sync::atomic::AtomicU16>,
 }
@@ -172,7 +176,7 @@ impl Slot {
             allowed_sources: t
                 .peer
                 .map(|p| {
-                    let mut v = vec![crate::tunnel::Prefix::host(p)];
+                    let mut v = vec![crate::datapath::tunnel::Prefix::host(p)];
                     v.extend(t.accept_from.iter().copied());
                     v
                 })
@@ -500,7 +504,8 @@ pub fn run(
                 .iter()
                 .map(|w: &Worker| w.umem())
                 .collect::<Vec<_>>();
-            let links = crate::spread::mesh(umems).context("setting up gateway.spread_writes")?;
+            let links =
+                crate::engine::handover::mesh(umems).context("setting up gateway.spread_writes")?;
             for (w, link) in pending.iter_mut().zip(links) {
                 w.set_spread(link);
             }
@@ -608,16 +613,16 @@ impl Gateway {
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
             .context("installing signal handlers")?;
         let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
-        crate::metrics::serve_control(&self.iface, req_tx.clone())?;
+        crate::telemetry::metrics::serve_control(&self.iface, req_tx.clone())?;
         if let Some(addr) = metrics {
-            crate::metrics::serve_http(addr, req_tx)?;
+            crate::telemetry::metrics::serve_http(addr, req_tx)?;
             tracing::info!("metrics on http://{addr}/metrics");
         } else {
             drop(req_tx);
         }
         let mut last_check = std::time::Instant::now();
         loop {
-            crate::clock::tick();
+            crate::io::clock::tick();
             if last_check.elapsed() >= Duration::from_millis(500) {
                 last_check = std::time::Instant::now();
                 self.watch()?;
@@ -627,8 +632,8 @@ impl Gateway {
                     Request::Stats { format, reply } => {
                         let snap = self.snapshot();
                         let body = match format {
-                            Format::Prometheus => crate::metrics::prometheus(&snap),
-                            Format::Human => crate::human::render(&snap),
+                            Format::Prometheus => crate::telemetry::metrics::prometheus(&snap),
+                            Format::Human => crate::telemetry::human::render(&snap),
                             Format::Json => format!("{snap}\n"),
                         };
                         let _ = reply.send(body);
@@ -1026,7 +1031,7 @@ impl Gateway {
             if Some(m) != old {
                 tracing::info!(
                     "{iface} changed its MAC to {}",
-                    crate::neighbour::format_mac(&m)
+                    crate::control::neighbour::format_mac(&m)
                 );
                 self.tunnels.next_hops.set_local(m);
                 if let Err(e) = self.steering.set_mac(m) {
@@ -1190,70 +1195,6 @@ impl std::fmt::Display for Summary {
             self.unchanged
         )
     }
-}
-
-/// Everything counted, as one JSON object.
-pub fn snapshot(
-    table: &TunnelTable,
-    steering: &Steering,
-    workers: &[Arc<WorkerStats>],
-    next_hops: &NextHops,
-) -> Value {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut tunnels = Vec::new();
-    let counters: Vec<_> = workers.iter().map(|w| w.tunnels()).collect();
-    let sum = |f: &dyn Fn(&crate::stats::TunnelCounters) -> &Vec<std::sync::atomic::AtomicU64>,
-               i: usize| {
-        counters
-            .iter()
-            .map(|c| f(c).get(i).map_or(0, |a| a.load(Relaxed)))
-            .sum::<u64>()
-    };
-    for (i, t) in table.iter().enumerate() {
-        let packets = sum(&|c| &c.rx_packets, i);
-        let bytes = sum(&|c| &c.rx_bytes, i);
-        let tx_packets = sum(&|c| &c.tx_packets, i);
-        let tx_bytes = sum(&|c| &c.tx_bytes, i);
-        tunnels.push(json!({
-            "name": t.name,
-            "mode": t.mode.kernel_name(t.local.is_ipv6()),
-            "local": t.local.to_string(),
-            "remote": t.remote.to_string(),
-            "device_kind": t.device_kind,
-            "rx_packets": packets,
-            "rx_bytes": bytes,
-            "tx_packets": tx_packets,
-            "tx_bytes": tx_bytes,
-            "next_hop": next_hops.get(i).map(|m| crate::neighbour::format_mac(&m)),
-        }));
-    }
-    let mut drops = Map::new();
-    for r in DropReason::ALL {
-        let n: u64 = workers
-            .iter()
-            .map(|w| w.drops[r as usize].load(Relaxed))
-            .sum();
-        drops.insert(r.name().into(), json!(n));
-    }
-    let xdp_values = steering.counters();
-    let mut xdp = Map::new();
-    for c in XdpCounter::ALL {
-        xdp.insert(c.name().into(), json!(xdp_values[c as usize]));
-    }
-    json!({
-        "tunnels": tunnels,
-        "drops": drops,
-        "xdp": xdp,
-        "workers": workers.iter().map(|w| w.to_json()).collect::<Vec<_>>(),
-    })
-}
-
-fn print_stats(snap: &Value, event: &str) {
-    let mut snap = snap.clone();
-    snap["event"] = json!(event);
-    // One JSON line on stdout for programs; a readable summary on stderr.
-    println!("{snap}");
-    eprintln!("{}", crate::human::render(&snap));
 }
 
 #[cfg(test)]

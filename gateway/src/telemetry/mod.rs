@@ -1,0 +1,8 @@
+//! What the gateway tells about itself: the counters workers publish, the
+//! snapshot built from them, the Prometheus endpoint and control socket,
+//! and stats for people.
+
+pub mod human;
+pub mod metrics;
+pub mod snapshot;
+pub mod stats;
