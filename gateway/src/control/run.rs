@@ -22,14 +22,19 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use crate::control::config::{Config, Cores, Queues, TunnelConfig};
 use crate::control::neighbour::{run_resolver, NextHops, Targets};
 use crate::datapath::encap::TunnelTx;
-use crate::datapath::tunnel::{DeviceKind, TunnelRx, TunnelTable};
-use crate::engine::worker::{DeviceQueue, Reconfig, Shared, Tunnels, Worker, WorkerError};
+use crate::datapath::tunnel::{DeviceKind, TunnelRx, TunnelTable, MAX_TUNNELS};
+use crate::engine::worker::{
+    DeviceQueue, Faults, Reconfig, Settings, Shared, Tunnels, Worker, WorkerError,
+};
 use crate::io::netlink::{LinkInfo, Netlink};
+use crate::io::tap;
+use crate::io::uring::DeviceIo;
 use crate::io::xdp::Steering;
-use crate::io::{tap, xsk::Xsk};
+use crate::io::xsk::{Region, Xsk};
 use crate::telemetry::metrics::{Format, Request};
 use crate::telemetry::snapshot::{print_stats, snapshot};
 use crate::telemetry::stats::WorkerStats;
+use xsk_rs::Umem;
 
 /// Number of RX queues of `iface`, from sysfs.
 pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
@@ -452,7 +457,8 @@ pub fn run(
             .spawn(move || run_resolver(targets, index, name, stop, Duration::from_millis(500)))
             .context("spawning the neighbour resolver")?
     };
-    let mut pending = Vec::new();
+    let mut pending: Vec<Worker> = Vec::new();
+    let coalesce_udp = tap::uso_supported();
     let mut stats = Vec::new();
     let mut controls = Vec::new();
     for (&queue, &core) in queues.iter().zip(&cores) {
@@ -476,11 +482,15 @@ pub fn run(
             .collect();
         let (ctl_tx, ctl_rx) = crossbeam::channel::bounded(1);
         pending.push(Worker::new(
-            queue,
-            core,
-            cfg.batch_size,
-            cfg.poll,
-            cfg.busy_poll_budget > 0,
+            Settings {
+                queue,
+                core,
+                batch: cfg.batch_size,
+                poll: cfg.poll,
+                busy_poll: cfg.busy_poll_budget > 0,
+                coalesce_udp,
+                faults: Faults::from_env(),
+            },
             xsk,
             frames,
             fds,
@@ -494,18 +504,21 @@ pub fn run(
         stats.push(st);
         controls.push(ctl_tx);
     }
+    // Every worker's UMEM, when device writes are spread: each worker's
+    // io_uring writes from the others' too.
+    let mut umems: Vec<(Region, Umem)> = Vec::new();
     if cfg.spread_writes {
         if pending.len() < 2 {
             tracing::warn!(
                 "gateway.spread_writes has no effect with one worker; serve more queues (gateway.queues)"
             );
         } else {
-            let umems = pending
+            umems = pending
                 .iter()
-                .map(|w: &Worker| w.umem())
-                .collect::<Vec<_>>();
-            let links =
-                crate::engine::handover::mesh(umems).context("setting up gateway.spread_writes")?;
+                .map(|w| (w.socket().region(), w.socket().umem().clone()))
+                .collect();
+            let links = crate::engine::handover::mesh(pending.len())
+                .context("setting up gateway.spread_writes")?;
             for (w, link) in pending.iter_mut().zip(links) {
                 w.set_spread(link);
             }
@@ -525,11 +538,29 @@ pub fn run(
     );
 
     let mut workers = Vec::new();
-    for ((w, st), control) in pending.into_iter().zip(stats).zip(controls) {
+    let umems = Arc::new(umems);
+    for (me, ((w, st), control)) in pending.into_iter().zip(stats).zip(controls).enumerate() {
         let name = format!("gw-q{}", w.queue);
+        let umems = umems.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || w.run())
+            .spawn(move || {
+                w.run(|xsk, setup| {
+                    let mut io = DeviceIo::new(
+                        setup.entries,
+                        MAX_TUNNELS as u32,
+                        setup.files,
+                        xsk,
+                        setup.read_bufs,
+                    )?;
+                    for (peer, (region, umem)) in umems.iter().enumerate() {
+                        if peer != me {
+                            io.add_peer(peer, *region, umem.clone());
+                        }
+                    }
+                    Ok(io)
+                })
+            })
             .context("spawning a worker thread")?;
         workers.push(WorkerHandle {
             control,

@@ -35,10 +35,9 @@ use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender, TrySendError};
-use xsk_rs::Umem;
 
 use crate::io::uring::{Completed, Piece};
-use crate::io::xsk::{Frame, Region};
+use crate::io::xsk::Frame;
 use crate::io::EventFd;
 
 /// Messages a queue between two workers holds.
@@ -50,18 +49,18 @@ const SPARES: usize = 32;
 /// of `frame` (a virtio-net header and a packet), then every piece, into
 /// tunnel `tunnel`'s device.
 #[derive(Debug)]
-pub struct Job {
+pub struct Job<F = Frame> {
     pub tunnel: u16,
     /// The tunnel list `tunnel` indexes (see `Tunnels::generation`).
     pub generation: u64,
-    pub frame: Frame,
+    pub frame: F,
     pub offset: usize,
     pub len: usize,
-    pub rest: Vec<Piece>,
+    pub rest: Vec<Piece<F>>,
     pub packets: u16,
 }
 
-impl Job {
+impl<F> Job<F> {
     /// UMEM frames the job holds.
     pub fn frames(&self) -> u64 {
         1 + self.rest.len() as u64
@@ -70,16 +69,16 @@ impl Job {
 
 /// What comes back to the worker that handed a write over.
 #[derive(Debug)]
-pub enum Returned {
+pub enum Returned<F = Frame> {
     /// Written (or failed): the completion, as the writer's io_uring gave
     /// it, and the tunnel list it was written with.
-    Written(Completed, u64),
+    Written(Completed<F>, u64),
     /// Not written: the other worker has another tunnel list than the one
     /// the job names (a reload is under way); the sender writes it itself.
-    Bounced(Job),
+    Bounced(Job<F>),
 }
 
-impl Returned {
+impl<F> Returned<F> {
     pub fn frames(&self) -> u64 {
         match self {
             Returned::Written(c, _) => u64::from(c.frame.is_some()) + c.rest.len() as u64,
@@ -89,50 +88,49 @@ impl Returned {
 }
 
 /// Writes from worker `from`, with an empty vector for the answers.
-struct Batch {
+struct Batch<F> {
     from: usize,
-    jobs: Vec<Job>,
-    spare: Vec<Returned>,
+    jobs: Vec<Job<F>>,
+    spare: Vec<Returned<F>>,
 }
 
 /// Answers, with an empty vector for the next batch.
-struct Answers {
-    done: Vec<Returned>,
-    spare: Vec<Job>,
+struct Answers<F> {
+    done: Vec<Returned<F>>,
+    spare: Vec<Job<F>>,
 }
 
 /// What every worker can reach of every other.
-struct Peer {
-    jobs: Sender<Batch>,
-    answers: Sender<Answers>,
+struct Peer<F> {
+    jobs: Sender<Batch<F>>,
+    answers: Sender<Answers<F>>,
     wake: EventFd,
     sleeping: AtomicBool,
 }
 
 /// One worker's end of the mesh.
-pub struct Link {
+pub struct Link<F = Frame> {
     pub me: usize,
-    peers: Arc<Vec<Peer>>,
-    jobs: Receiver<Batch>,
-    answers: Receiver<Answers>,
+    peers: Arc<Vec<Peer<F>>>,
+    jobs: Receiver<Batch<F>>,
+    answers: Receiver<Answers<F>>,
     /// Workers that will hand over no more writes (they are stopping).
     finished: Arc<AtomicUsize>,
-    /// Every worker's UMEM, by worker.
-    umems: Arc<Vec<(Region, Umem)>>,
     /// Writes for each worker, sent at the end of the loop iteration.
-    outbox: Vec<Vec<Job>>,
+    outbox: Vec<Vec<Job<F>>>,
     /// Answers for each worker.
-    done: Vec<Vec<Returned>>,
-    spare_jobs: Vec<Vec<Job>>,
-    spare_done: Vec<Vec<Returned>>,
+    done: Vec<Vec<Returned<F>>>,
+    spare_jobs: Vec<Vec<Job<F>>>,
+    spare_done: Vec<Vec<Returned<F>>>,
     said_finished: bool,
     /// Jobs for a worker whose thread has ended.
-    undeliverable: Vec<Job>,
+    undeliverable: Vec<Job<F>>,
 }
 
-/// Builds the links of `umems.len()` workers, one per worker, in order.
-pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
-    let n = umems.len();
+/// Builds the links of `n` workers, one per worker, in order. (Each
+/// worker's io_uring must also be able to write from the others' UMEMs:
+/// the caller registers them.)
+pub fn mesh<F>(n: usize) -> std::io::Result<Vec<Link<F>>> {
     let mut peers = Vec::with_capacity(n);
     let mut ends = Vec::with_capacity(n);
     for _ in 0..n {
@@ -147,7 +145,6 @@ pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
         ends.push((jr, ar));
     }
     let peers = Arc::new(peers);
-    let umems = Arc::new(umems);
     let finished = Arc::new(AtomicUsize::new(0));
     Ok(ends
         .into_iter()
@@ -158,7 +155,6 @@ pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
             jobs,
             answers,
             finished: finished.clone(),
-            umems: umems.clone(),
             outbox: (0..n).map(|_| Vec::new()).collect(),
             done: (0..n).map(|_| Vec::new()).collect(),
             spare_jobs: Vec::new(),
@@ -169,19 +165,9 @@ pub fn mesh(umems: Vec<(Region, Umem)>) -> std::io::Result<Vec<Link>> {
         .collect())
 }
 
-impl Link {
+impl<F> Link<F> {
     pub fn workers(&self) -> usize {
         self.peers.len()
-    }
-
-    /// Every worker's UMEM but this one's, by worker.
-    pub fn other_umems(&self) -> impl Iterator<Item = (usize, Region, Umem)> + '_ {
-        let me = self.me;
-        self.umems
-            .iter()
-            .enumerate()
-            .filter(move |(i, _)| *i != me)
-            .map(|(i, (r, u))| (i, *r, u.clone()))
     }
 
     /// The worker that writes a packet of this hash.
@@ -192,13 +178,13 @@ impl Link {
 
     /// Queues a write for worker `to`.
     #[inline]
-    pub fn hand_over(&mut self, to: usize, job: Job) {
+    pub fn hand_over(&mut self, to: usize, job: Job<F>) {
         self.outbox[to].push(job);
     }
 
     /// Queues an answer for worker `to`.
     #[inline]
-    pub fn answer(&mut self, to: usize, r: Returned) {
+    pub fn answer(&mut self, to: usize, r: Returned<F>) {
         self.done[to].push(r);
     }
 
@@ -267,14 +253,14 @@ impl Link {
         }
     }
 
-    fn keep_jobs(&mut self, mut v: Vec<Job>) {
+    fn keep_jobs(&mut self, mut v: Vec<Job<F>>) {
         if v.capacity() > 0 && self.spare_jobs.len() < SPARES {
             v.clear();
             self.spare_jobs.push(v);
         }
     }
 
-    fn keep_done(&mut self, mut v: Vec<Returned>) {
+    fn keep_done(&mut self, mut v: Vec<Returned<F>>) {
         if v.capacity() > 0 && self.spare_done.len() < SPARES {
             v.clear();
             self.spare_done.push(v);
@@ -282,13 +268,13 @@ impl Link {
     }
 
     /// Jobs that could not be handed over (their worker is gone).
-    pub fn take_undeliverable(&mut self) -> std::vec::Drain<'_, Job> {
+    pub fn take_undeliverable(&mut self) -> std::vec::Drain<'_, Job<F>> {
         self.undeliverable.drain(..)
     }
 
     /// Takes every write handed to this worker onto the back of its
     /// sender's queue in `out` (one per worker).
-    pub fn take_jobs_into(&mut self, out: &mut [std::collections::VecDeque<Job>]) {
+    pub fn take_jobs_into(&mut self, out: &mut [std::collections::VecDeque<Job<F>>]) {
         while let Ok(mut b) = self.jobs.try_recv() {
             if let Some(q) = out.get_mut(b.from) {
                 q.extend(b.jobs.drain(..));
@@ -299,7 +285,7 @@ impl Link {
     }
 
     /// Takes every answer to this worker's hand-overs into `out`.
-    pub fn take_answers(&mut self, out: &mut Vec<Returned>) {
+    pub fn take_answers(&mut self, out: &mut Vec<Returned<F>>) {
         while let Ok(mut a) = self.answers.try_recv() {
             out.append(&mut a.done);
             self.keep_done(a.done);

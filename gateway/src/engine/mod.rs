@@ -3,4 +3,5 @@
 //! the hand-over of device writes between workers and the frame ledger.
 
 pub mod handover;
+pub mod ports;
 pub mod worker;

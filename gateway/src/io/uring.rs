@@ -51,18 +51,18 @@ const BGID: u16 = 0;
 /// More of a coalesced write: `len` bytes of `frame` from `offset` (of its
 /// packet data).
 #[derive(Debug)]
-pub struct Piece {
-    pub frame: Frame,
+pub struct Piece<F = Frame> {
+    pub frame: F,
     pub offset: usize,
     pub len: usize,
 }
 
 /// An operation whose completion has arrived.
 #[derive(Debug)]
-pub struct Completed {
+pub struct Completed<F = Frame> {
     pub op: Op,
     /// The frame of a write.
-    pub frame: Option<Frame>,
+    pub frame: Option<F>,
     /// The buffer a read filled (see [`DeviceIo::read_data`]); a read that
     /// ended without data (cancelled, out of buffers, failed) has none.
     pub buf: Option<u16>,
@@ -76,7 +76,7 @@ pub struct Completed {
     pub packets: u16,
     /// The other frames of a coalesced write; give the vector back with
     /// [`DeviceIo::recycle`].
-    pub rest: Vec<Piece>,
+    pub rest: Vec<Piece<F>>,
     /// The worker whose frames a write carried, when not this one's (see
     /// [`DeviceIo::push_foreign`]).
     pub peer: Option<usize>,

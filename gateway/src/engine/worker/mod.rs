@@ -37,8 +37,9 @@ use crate::datapath::ratelimit::RateLimit;
 use crate::datapath::reasm::{Outcome, Reassembler};
 use crate::datapath::tunnel::{DeviceKind, TunnelTable, MAX_TUNNELS};
 use crate::engine::handover::{Job, Link, Returned};
-use crate::io::uring::{Completed, DeviceIo, Op, Piece};
-use crate::io::xsk::{Frame, Xsk};
+use crate::engine::ports::{Devices, Socket};
+use crate::io::uring::{Completed, Op, Piece};
+use crate::io::xsk::Xsk;
 use crate::telemetry::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
 
 /// Empty polls before an adaptive worker blocks in poll(2).
@@ -54,6 +55,8 @@ const EXPIRE_EVERY: u32 = 1024;
 const IDLE_REFRESH: u32 = 4096;
 /// Busy iterations between publications of the counters.
 const PUBLISH_EVERY: u32 = 64;
+/// Busy iterations between refreshes of the kernel's socket statistics.
+const XSK_REFRESH_BUSY: u32 = 1024;
 /// Iterations under load between looks for a new tunnel list.
 const CONTROL_EVERY: u32 = 64;
 /// Free frames the fill ring leaves for packets read from the devices (at
@@ -102,17 +105,17 @@ impl std::fmt::Display for PollMode {
 }
 
 /// A run of TCP segments of one flow waiting to be written as one.
-struct OpenRun {
+struct OpenRun<F> {
     tunnel: u16,
     run: Run,
     /// The first segment: its frame, where it starts and how long it is,
     /// and where its IP header starts.
-    first: Frame,
+    first: F,
     offset: usize,
     len: usize,
     l3: usize,
     /// The payloads of the others.
-    rest: Vec<Piece>,
+    rest: Vec<Piece<F>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,33 +170,81 @@ pub struct Reconfig {
     pub done: Sender<Result<(), String>>,
 }
 
-pub struct Worker {
+/// How a worker runs: fixed for its life.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The NIC RX queue (and AF_XDP socket) it serves.
     pub queue: u32,
+    /// The core it is pinned to.
     pub core: Option<usize>,
+    /// Frames taken from the RX ring at once.
     pub batch: usize,
     pub poll: PollMode,
     /// Drive the kernel's busy polling of the NIC queue when idle.
-    busy_poll: bool,
-    xsk: Xsk,
-    free: Vec<Frame>,
+    pub busy_poll: bool,
+    /// Coalesce UDP too (the devices take UDP GSO packets).
+    pub coalesce_udp: bool,
+    pub faults: Faults,
+}
+
+/// Faults injected on purpose, for the failure tests.
+#[derive(Debug, Clone)]
+pub struct Faults {
+    /// Panic once this many frames were received
+    /// (`GATEWAY_FAULT_PANIC_AFTER_RX`).
+    pub panic_after_rx: u64,
+    /// Keep a frame another worker handed over, as a bug would
+    /// (`GATEWAY_FAULT_KEEP_FOREIGN_FRAME`).
+    pub keep_foreign_frame: bool,
+}
+
+impl Faults {
+    /// None.
+    pub const NONE: Faults = Faults {
+        panic_after_rx: u64::MAX,
+        keep_foreign_frame: false,
+    };
+
+    /// The faults the environment asks for.
+    pub fn from_env() -> Faults {
+        Faults {
+            panic_after_rx: std::env::var("GATEWAY_FAULT_PANIC_AFTER_RX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX),
+            keep_foreign_frame: std::env::var_os("GATEWAY_FAULT_KEEP_FOREIGN_FRAME").is_some(),
+        }
+    }
+}
+
+/// What a worker's io_uring needs to be set up (see [`Worker::run`]).
+pub struct DeviceSetup<'a> {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// The worker's queue of each tunnel's device, in tunnel order.
+    pub files: &'a [RawFd],
+    /// Read buffers.
+    pub read_bufs: u16,
+}
+
+/// One worker, before it runs: its socket, its frames, its device queues.
+pub struct Worker<S: Socket = Xsk> {
+    pub queue: u32,
+    settings: Settings,
+    xsk: S,
+    free: Vec<S::Frame>,
     /// This worker's queue of each tunnel's device, in tunnel order;
     /// `None` once the device was deleted from under the gateway.
     devices: Vec<Option<OwnedFd>>,
     shared: Shared,
     stats: Arc<WorkerStats>,
     tunnel_counters: Arc<TunnelCounters>,
-    /// Fault injection for the failure tests: panic once this many frames
-    /// were received (`GATEWAY_FAULT_PANIC_AFTER_RX`).
-    panic_after_rx: u64,
-    /// Fault injection for the test of frame ownership: keep a frame another
-    /// worker handed over, as a bug would (`GATEWAY_FAULT_KEEP_FOREIGN_FRAME`).
-    keep_foreign_frame: bool,
     /// The other workers, when device writes are spread over them.
-    spread: Option<Link>,
+    spread: Option<Link<S::Frame>>,
 }
 
 /// The worker's loop state.
-struct State {
+struct State<F> {
     local: LocalStats,
     rx: RxState,
     /// Outer fragments waiting for the rest of their datagram.
@@ -208,81 +259,67 @@ struct State {
     /// every frame in TX, the fill ring empty, received packets lost).
     tx_cap: usize,
     /// Frames holding packets just read, before encapsulation.
-    from_device: Vec<(Frame, usize)>,
+    from_device: Vec<(F, usize)>,
     /// Reads (tunnel, buffer, bytes) waiting for enough free frames, in
     /// the order they completed.
     deferred: std::collections::VecDeque<(usize, u16, usize)>,
     /// Devices deleted from under the gateway: no reads, writes dropped.
     gone: Vec<bool>,
     writes_in_flight: usize,
-    tx_pending: Vec<Frame>,
+    tx_pending: Vec<F>,
     /// Outer IPv4 IDs, the time and the ICMP budget, for encapsulation.
     tx_cx: TxContext,
     /// Path MTU updates this worker takes per second.
     pmtu_updates: RateLimit,
     /// Runs being coalesced in the current RX batch.
-    gro: Vec<OpenRun>,
+    gro: Vec<OpenRun<F>>,
     /// UDP is coalesced too (the kernel takes UDP GSO packets).
     coalesce_udp: bool,
     /// The other workers, when device writes are spread over them.
-    spread: Option<Link>,
+    spread: Option<Link<F>>,
     /// Writes other workers handed to this one, by the worker they came
     /// from. (Jobs from a worker already on a newer tunnel list wait here,
     /// in order, until this one switches too; the other workers' go on
     /// meanwhile.)
-    jobs_in: Vec<std::collections::VecDeque<Job>>,
+    jobs_in: Vec<std::collections::VecDeque<Job<F>>>,
     /// Answers to this one's hand-overs (a vector kept for reuse).
-    answers_in: Vec<Returned>,
+    answers_in: Vec<Returned<F>>,
     /// Jobs taken per call, at most (the completion queue's room).
     jobs_per_poll: usize,
 }
 
-impl Worker {
-    #[allow(clippy::too_many_arguments)]
+impl<S: Socket> Worker<S> {
     pub fn new(
-        queue: u32,
-        core: Option<usize>,
-        batch: usize,
-        poll: PollMode,
-        busy_poll: bool,
-        xsk: Xsk,
-        frames: Vec<Frame>,
+        settings: Settings,
+        xsk: S,
+        frames: Vec<S::Frame>,
         devices: Vec<OwnedFd>,
         shared: Shared,
         stats: Arc<WorkerStats>,
-    ) -> Worker {
-        let panic_after_rx = std::env::var("GATEWAY_FAULT_PANIC_AFTER_RX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u64::MAX);
+    ) -> Worker<S> {
         let tunnel_counters = stats.tunnels();
-        let keep_foreign_frame = std::env::var_os("GATEWAY_FAULT_KEEP_FOREIGN_FRAME").is_some();
         Worker {
-            queue,
-            core,
-            batch,
-            poll,
-            busy_poll,
+            queue: settings.queue,
+            settings,
             xsk,
             free: frames,
             devices: devices.into_iter().map(Some).collect(),
             shared,
             stats,
             tunnel_counters,
-            panic_after_rx,
-            keep_foreign_frame,
             spread: None,
         }
     }
 
-    /// Where this worker's UMEM is, and a handle on it.
-    pub fn umem(&self) -> (crate::io::xsk::Region, xsk_rs::Umem) {
-        (self.xsk.region(), self.xsk.umem().clone())
+    /// The socket (to register its UMEM with the io_uring of another
+    /// worker that writes from it).
+    pub fn socket(&self) -> &S {
+        &self.xsk
     }
 
     /// Spreads this worker's device writes over the workers of the mesh
     /// `link` belongs to, by inner flow (see [`crate::engine::handover`]).
-    pub fn set_spread(&mut self, link: Link) {
+    pub fn set_spread(&mut self, link: Link<S::Frame>) {
         self.spread = Some(link);
     }
 
@@ -291,38 +328,50 @@ impl Worker {
         move |io| WorkerError::Io { queue, what, io }
     }
 
-    /// Runs until the stop flag is set. Returns with no frame in flight.
-    pub fn run(mut self) -> Result<(), WorkerError> {
-        if let Some(core) = self.core {
+    /// Runs until the stop flag is set, on the device queues `open` sets
+    /// up (on this thread). Returns with no frame in flight.
+    pub fn run<D: Devices<S::Frame>>(
+        self,
+        open: impl FnOnce(&S, &DeviceSetup<'_>) -> std::io::Result<D>,
+    ) -> Result<(), WorkerError> {
+        if let Some(core) = self.settings.core {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
                 tracing::warn!(queue = self.queue, core, "could not pin worker to core");
             }
         }
+        let mut running = self.start(open)?;
+        while running.step()? {}
+        running.finish()
+    }
+
+    /// Sets up the device queues with `open`, fills the fill ring, and
+    /// returns the worker ready for its loop.
+    pub fn start<D: Devices<S::Frame>>(
+        mut self,
+        open: impl FnOnce(&S, &DeviceSetup<'_>) -> std::io::Result<D>,
+    ) -> Result<Running<S, D>, WorkerError> {
         let queue = self.queue;
+        let batch = self.settings.batch;
         let ntun = self.shared.tunnels.rx.len();
         let total = self.free.len() as u64;
         let tx_reserve = (total / 4).clamp(1, TX_RESERVE) as usize;
         let tx_cap = (total as usize / 2).max(tx_reserve);
         // Room for a few batches of writes and one read per device, with
         // as many devices as a reload may bring.
-        let entries = (self.batch as u32 * 4 + MAX_TUNNELS as u32)
+        let entries = (batch as u32 * 4 + MAX_TUNNELS as u32)
             .next_power_of_two()
             .clamp(64, 32768);
-        let mut io = DeviceIo::new(
-            entries,
-            MAX_TUNNELS as u32,
-            &raw_fds(&self.devices),
+        let io = open(
             &self.xsk,
-            READ_BUFS,
+            &DeviceSetup {
+                entries,
+                files: &raw_fds(&self.devices),
+                read_bufs: READ_BUFS,
+            },
         )
         .map_err(|io| WorkerError::Uring { queue, io })?;
         let spread = self.spread.take();
         let workers = spread.as_ref().map_or(0, Link::workers);
-        if let Some(link) = &spread {
-            for (peer, region, umem) in link.other_umems() {
-                io.add_peer(peer, region, umem);
-            }
-        }
 
         let mut st = State {
             local: LocalStats::new(ntun),
@@ -339,11 +388,11 @@ impl Worker {
             deferred: std::collections::VecDeque::with_capacity(usize::from(READ_BUFS)),
             gone: vec![false; ntun],
             writes_in_flight: 0,
-            tx_pending: Vec::with_capacity(self.batch * 2),
+            tx_pending: Vec::with_capacity(batch * 2),
             tx_cx: TxContext::new((queue as u16).wrapping_mul(0x9e37)),
             pmtu_updates: RateLimit::new(PMTU_UPDATES_PER_SECOND),
             gro: Vec::with_capacity(GRO_FLOWS),
-            coalesce_udp: crate::io::tap::uso_supported(),
+            coalesce_udp: self.settings.coalesce_udp,
             spread,
             jobs_in: (0..workers).map(|_| Default::default()).collect(),
             answers_in: Vec::new(),
@@ -354,191 +403,241 @@ impl Worker {
         self.xsk
             .wake_fill_if_needed()
             .map_err(self.io_err("fill-ring wakeup"))?;
+        Ok(Running {
+            rx: Vec::with_capacity(batch),
+            done: Vec::with_capacity(entries as usize),
+            w: self,
+            io,
+            st,
+            idle: 0,
+            // One clock read per loop iteration (not per packet): how the
+            // worker's time splits between moving packets and waiting for
+            // them, as a poll-mode driver reports it.
+            t0: std::time::Instant::now(),
+            busy_polls: 0,
+        })
+    }
+}
 
-        let mut rx: Vec<Frame> = Vec::with_capacity(self.batch);
-        let mut done: Vec<Completed> = Vec::with_capacity(entries as usize);
-        let mut idle: u32 = 0;
-        // One clock read per loop iteration (not per packet): how the
-        // worker's time splits between moving packets and waiting for them,
-        // as a poll-mode driver reports it.
-        let mut t0 = std::time::Instant::now();
-        let mut busy_polls: u32 = 0;
+/// A worker at work: its state, its device queues and the loop's own
+/// counters. [`Running::step`] runs one iteration of the loop;
+/// [`Running::finish`] takes every frame back.
+pub struct Running<S: Socket, D> {
+    w: Worker<S>,
+    io: D,
+    st: State<S::Frame>,
+    rx: Vec<S::Frame>,
+    done: Vec<Completed<S::Frame>>,
+    idle: u32,
+    t0: std::time::Instant,
+    busy_polls: u32,
+}
 
-        loop {
-            // 0. A new tunnel list from the control thread (looked for every
-            // CONTROL_EVERY iterations under load, every one when idle).
-            if idle > 0 || st.loops.is_multiple_of(CONTROL_EVERY) {
-                // (Under load too: a worker that never idles must stop.)
-                if self.shared.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if !self.shared.control.is_empty() {
-                    if let Ok(r) = self.shared.control.try_recv() {
-                        self.reconfigure(&mut io, &mut st, r)?;
-                    }
-                }
+impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
+    /// One iteration of the loop: completions, a batch from the RX ring,
+    /// the TX ring, reads and the fill ring, then (when nothing moved) the
+    /// poll mode's wait. False: the stop flag is set.
+    #[inline]
+    pub fn step(&mut self) -> Result<bool, WorkerError> {
+        let Running {
+            w,
+            io,
+            st,
+            rx,
+            done,
+            idle,
+            t0,
+            busy_polls,
+        } = self;
+        // 0. A new tunnel list from the control thread (looked for every
+        // CONTROL_EVERY iterations under load, every one when idle).
+        if *idle > 0 || st.loops.is_multiple_of(CONTROL_EVERY) {
+            // (Under load too: a worker that never idles must stop.)
+            if w.shared.stop.load(Ordering::Relaxed) {
+                return Ok(false);
             }
-
-            // The coarse clock, once per iteration, for what the way out
-            // times (path MTU expiry, the ICMP budget).
-            st.tx_cx.now = crate::io::clock::now();
-
-            // 1. io_uring completions: finished writes and reads.
-            io.reap(|c| done.push(c));
-            let mut progressed = !done.is_empty();
-            for c in done.drain(..) {
-                self.completed(c, &mut io, &mut st)?;
-            }
-            // Writes other workers handed over, and their answers.
-            if st.spread.is_some() {
-                progressed |= self.spread_poll(&mut io, &mut st)?;
-            }
-
-            // 2. Inbound batch.
-            let n = self.xsk.receive(&mut rx, self.batch);
-            if n > 0 {
-                st.frames.in_kernel -= n as u64;
-                st.local.rx_frames += n as u64;
-                st.local.batches += 1;
-                if st.local.rx_frames >= self.panic_after_rx {
-                    panic!("fault injection: GATEWAY_FAULT_PANIC_AFTER_RX reached");
-                }
-                for frame in rx.drain(..) {
-                    self.receive_one(&mut io, &mut st, frame)?;
-                }
-                while let Some(last) = st.gro.len().checked_sub(1) {
-                    self.flush_run(&mut io, &mut st, last)?;
-                }
-            }
-            st.loops = st.loops.wrapping_add(1);
-            if st.loops.is_multiple_of(EXPIRE_EVERY) {
-                let stale = st.reasm.expire(crate::io::clock::now());
-                for _ in 0..stale {
-                    st.local.drop(DropReason::FragmentTimeout);
-                }
-                st.local.fragments_pending = st.reasm.pending();
-            }
-
-            // 3. Outbound: hand encapsulated frames to the TX ring, take
-            // back the ones it has sent.
-            let completed = self.xsk.complete(&mut self.free);
-            st.frames.in_tx -= completed as u64;
-            if !st.deferred.is_empty() {
-                self.process_reads(&mut io, &mut st, false)?;
-            }
-            let sent = self
-                .xsk
-                .transmit(&mut st.tx_pending, st.frames.in_tx)
-                .map_err(self.io_err("TX kick"))?;
-            st.frames.in_tx += sent as u64;
-
-            // 4. Reads back on every device first, then the fill ring topped
-            // up with the rest. In that order: under overload the fill ring
-            // would take every free frame, starve the reads, and the
-            // replies the kernel sends into the devices would be lost
-            // (seen in the bench: 2k of 650k answered).
-            self.post_reads(&mut io, &mut st);
-            let filled = self.xsk.fill(&mut self.free, st.tx_reserve);
-            st.frames.in_kernel += filled as u64;
-            if filled > 0 || n == 0 {
-                self.xsk
-                    .wake_fill_if_needed()
-                    .map_err(self.io_err("fill-ring wakeup"))?;
-            }
-            io.submit().map_err(self.io_err("io_uring submit"))?;
-            self.spread_flush(&mut st);
-
-            st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
-            st.frames.in_flight = io.in_flight() as u64;
-            let t1 = std::time::Instant::now();
-            let spent = t1.duration_since(t0).as_nanos() as u64;
-            t0 = t1;
-            if n > 0 || progressed || sent > 0 || completed > 0 {
-                idle = 0;
-                st.local.busy_polls += 1;
-                st.local.busy_ns += spent;
-                // The counters: every PUBLISH_EVERY iterations under load,
-                // and on the first idle one.
-                busy_polls = busy_polls.wrapping_add(1);
-                if busy_polls.is_multiple_of(PUBLISH_EVERY) {
-                    self.publish(&st);
-                }
-                continue;
-            }
-            st.local.idle_ns += spent;
-            if idle == 0 {
-                self.publish(&st);
-            }
-
-            idle = idle.wrapping_add(1);
-            st.local.idle_polls += 1;
-            if self.shared.stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if idle.is_multiple_of(IDLE_REFRESH) {
-                self.publish(&st);
-                self.refresh_xsk_stats();
-            }
-            match self.poll {
-                PollMode::Busy => {
-                    // Kernel work this core owes (softirq processing
-                    // deferred to ksoftirqd: the tap's backlog, veth NAPI)
-                    // would otherwise wait a whole scheduler slice behind
-                    // this spinning thread; let it run when idle.
-                    if idle.is_multiple_of(BUSY_YIELD_EVERY) {
-                        std::thread::yield_now();
-                    } else if self.busy_poll {
-                        self.xsk.busy_poll();
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-                PollMode::Adaptive => {
-                    if idle >= ADAPTIVE_SPINS
-                        && st.writes_in_flight == 0
-                        && st.tx_pending.is_empty()
-                        && st.frames.in_tx == 0
-                        && st.frames.at_peers == 0
-                        && st.jobs_in.iter().all(|q| q.is_empty())
-                        && st.spread.as_ref().is_none_or(|l| l.sent() && l.may_sleep())
-                    {
-                        self.publish(&st);
-                        self.refresh_xsk_stats();
-                        st.local.sleeps += 1;
-                        // Wake on received packets, on io_uring completions
-                        // (a read from a device finishing) or on writes
-                        // another worker hands over.
-                        let wake = st.spread.as_ref().map_or(-1, Link::wake_fd);
-                        let _ = crate::io::wait_readable(
-                            &[self.xsk.fd(), io.fd(), wake],
-                            ADAPTIVE_SLEEP_MS,
-                        );
-                        if let Some(link) = &st.spread {
-                            link.woke();
-                        }
-                        // The sleep is idle time, whatever the next
-                        // iteration finds.
-                        let now = std::time::Instant::now();
-                        st.local.idle_ns += now.duration_since(t0).as_nanos() as u64;
-                        t0 = now;
-                    } else {
-                        std::hint::spin_loop();
-                    }
+            if !w.shared.control.is_empty() {
+                if let Ok(r) = w.shared.control.try_recv() {
+                    w.reconfigure(io, st, r)?;
                 }
             }
         }
 
+        // The coarse clock, once per iteration, for what the way out
+        // times (path MTU expiry, the ICMP budget).
+        st.tx_cx.now = crate::io::clock::now();
+
+        // 1. io_uring completions: finished writes and reads.
+        io.reap(|c| done.push(c));
+        let mut progressed = !done.is_empty();
+        for c in done.drain(..) {
+            w.completed(c, io, st)?;
+        }
+        // Writes other workers handed over, and their answers.
+        if st.spread.is_some() {
+            progressed |= w.spread_poll(io, st)?;
+        }
+
+        // 2. Inbound batch.
+        let n = w.xsk.receive(rx, w.settings.batch);
+        if n > 0 {
+            st.frames.in_kernel -= n as u64;
+            st.local.rx_frames += n as u64;
+            st.local.batches += 1;
+            if st.local.rx_frames >= w.settings.faults.panic_after_rx {
+                panic!("fault injection: GATEWAY_FAULT_PANIC_AFTER_RX reached");
+            }
+            for frame in rx.drain(..) {
+                w.receive_one(io, st, frame)?;
+            }
+            while let Some(last) = st.gro.len().checked_sub(1) {
+                w.flush_run(io, st, last)?;
+            }
+        }
+        st.loops = st.loops.wrapping_add(1);
+        if st.loops.is_multiple_of(EXPIRE_EVERY) {
+            let stale = st.reasm.expire(crate::io::clock::now());
+            for _ in 0..stale {
+                st.local.drop(DropReason::FragmentTimeout);
+            }
+            st.local.fragments_pending = st.reasm.pending();
+        }
+
+        // 3. Outbound: hand encapsulated frames to the TX ring, take
+        // back the ones it has sent.
+        let completed = w.xsk.complete(&mut w.free);
+        st.frames.in_tx -= completed as u64;
+        if !st.deferred.is_empty() {
+            w.process_reads(io, st, false)?;
+        }
+        let sent = w
+            .xsk
+            .transmit(&mut st.tx_pending, st.frames.in_tx)
+            .map_err(w.io_err("TX kick"))?;
+        st.frames.in_tx += sent as u64;
+
+        // 4. Reads back on every device first, then the fill ring topped
+        // up with the rest. In that order: under overload the fill ring
+        // would take every free frame, starve the reads, and the
+        // replies the kernel sends into the devices would be lost
+        // (seen in the bench: 2k of 650k answered).
+        w.post_reads(io, st);
+        let filled = w.xsk.fill(&mut w.free, st.tx_reserve);
+        st.frames.in_kernel += filled as u64;
+        if filled > 0 || n == 0 {
+            w.xsk
+                .wake_fill_if_needed()
+                .map_err(w.io_err("fill-ring wakeup"))?;
+        }
+        io.submit().map_err(w.io_err("io_uring submit"))?;
+        w.spread_flush(st);
+
+        st.frames.free = (w.free.len() + st.tx_pending.len()) as u64;
+        st.frames.in_flight = io.in_flight() as u64;
+        let t1 = std::time::Instant::now();
+        let spent = t1.duration_since(*t0).as_nanos() as u64;
+        *t0 = t1;
+        if n > 0 || progressed || sent > 0 || completed > 0 {
+            *idle = 0;
+            st.local.busy_polls += 1;
+            st.local.busy_ns += spent;
+            // The counters: every PUBLISH_EVERY iterations under load,
+            // and on the first idle one.
+            *busy_polls = busy_polls.wrapping_add(1);
+            if busy_polls.is_multiple_of(PUBLISH_EVERY) {
+                w.publish(st);
+            }
+            // The kernel's counters of the socket too, now and then: a
+            // worker under a steady flood never idles, and its socket's
+            // drops would otherwise show only once the flood ends.
+            if busy_polls.is_multiple_of(XSK_REFRESH_BUSY) {
+                w.refresh_xsk_stats();
+            }
+            return Ok(true);
+        }
+        st.local.idle_ns += spent;
+        if *idle == 0 {
+            w.publish(st);
+        }
+
+        *idle = idle.wrapping_add(1);
+        st.local.idle_polls += 1;
+        if w.shared.stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if idle.is_multiple_of(IDLE_REFRESH) {
+            w.publish(st);
+            w.refresh_xsk_stats();
+        }
+        match w.settings.poll {
+            PollMode::Busy => {
+                // Kernel work this core owes (softirq processing
+                // deferred to ksoftirqd: the tap's backlog, veth NAPI)
+                // would otherwise wait a whole scheduler slice behind
+                // this spinning thread; let it run when idle.
+                if idle.is_multiple_of(BUSY_YIELD_EVERY) {
+                    std::thread::yield_now();
+                } else if w.settings.busy_poll {
+                    w.xsk.busy_poll();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            PollMode::Adaptive => {
+                if *idle >= ADAPTIVE_SPINS
+                    && st.writes_in_flight == 0
+                    && st.tx_pending.is_empty()
+                    && st.frames.in_tx == 0
+                    && st.frames.at_peers == 0
+                    && st.jobs_in.iter().all(|q| q.is_empty())
+                    && st.spread.as_ref().is_none_or(|l| l.sent() && l.may_sleep())
+                {
+                    w.publish(st);
+                    w.refresh_xsk_stats();
+                    st.local.sleeps += 1;
+                    // Wake on received packets, on io_uring completions
+                    // (a read from a device finishing) or on writes
+                    // another worker hands over.
+                    let wake = st.spread.as_ref().map_or(-1, Link::wake_fd);
+                    let _ =
+                        crate::io::wait_readable(&[w.xsk.fd(), io.fd(), wake], ADAPTIVE_SLEEP_MS);
+                    if let Some(link) = &st.spread {
+                        link.woke();
+                    }
+                    // The sleep is idle time, whatever the next
+                    // iteration finds.
+                    let now = std::time::Instant::now();
+                    st.local.idle_ns += now.duration_since(*t0).as_nanos() as u64;
+                    *t0 = now;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ends the loop: hands back what other workers handed over, cancels
+    /// the reads, waits for the writes and takes every frame back.
+    pub fn finish(self) -> Result<(), WorkerError> {
+        let Running {
+            mut w,
+            mut io,
+            mut st,
+            ..
+        } = self;
+        let (io, st) = (&mut io, &mut st);
         // Every write handed over comes back, and every other worker's is
         // written, before the ring goes.
         if st.spread.is_some() {
-            self.spread_stop(&mut io, &mut st)?;
+            w.spread_stop(io, st)?;
         }
         // Cancel the reads, wait for the writes, take every frame back.
         let mut rest = Vec::new();
         io.drain(|c| rest.push(c))
-            .map_err(self.io_err("draining io_uring"))?;
+            .map_err(w.io_err("draining io_uring"))?;
         for c in rest {
-            self.account_drained(c, &mut st);
+            w.account_drained(c, st);
         }
         // Packets read and not yet sent: counted as read and dropped.
         while let Some((_, bid, _)) = st.deferred.pop_front() {
@@ -548,27 +647,29 @@ impl Worker {
         }
         // Frames still waiting for TX room are not sent.
         let pending = st.tx_pending.len();
-        self.free.append(&mut st.tx_pending);
+        w.free.append(&mut st.tx_pending);
         st.local.tx_sent = st.local.tx_sent.saturating_sub(pending as u64);
         for _ in 0..pending {
             st.local.drop(DropReason::TxShutdown);
         }
-        st.frames.in_tx -= self.xsk.complete(&mut self.free) as u64;
-        st.frames.free = self.free.len() as u64;
+        st.frames.in_tx -= w.xsk.complete(&mut w.free) as u64;
+        st.frames.free = w.free.len() as u64;
         st.frames.in_flight = io.in_flight() as u64;
-        self.publish(&st);
-        self.refresh_xsk_stats();
+        w.publish(st);
+        w.refresh_xsk_stats();
         Ok(())
     }
+}
 
+impl<S: Socket> Worker<S> {
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn write(
+    fn write<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         file: u32,
-        frame: Frame,
+        frame: S::Frame,
         offset: usize,
         len: usize,
         tag: u16,
@@ -627,11 +728,11 @@ impl Worker {
     /// into tunnel `t`'s device, or holds it to coalesce with the TCP
     /// segments of its flow that follow in the batch.
     #[allow(clippy::too_many_arguments)]
-    fn deliver(
+    fn deliver<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
-        mut frame: Frame,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
         t: u16,
         offset: usize,
         len: usize,
@@ -698,10 +799,10 @@ impl Worker {
     }
 
     /// Writes run `i`: one packet as it is, or several as one GSO packet.
-    fn flush_run(
+    fn flush_run<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         i: usize,
     ) -> Result<(), WorkerError> {
         let mut r = st.gro.swap_remove(i);
@@ -788,7 +889,7 @@ impl Worker {
     /// The other worker that writes this packet of tunnel `t` into its
     /// device, when writes are spread and the flow hashes to another.
     #[inline]
-    fn writer_for(&self, st: &State, t: u16, pkt: &[u8]) -> Option<usize> {
+    fn writer_for(&self, st: &State<S::Frame>, t: u16, pkt: &[u8]) -> Option<usize> {
         let link = st.spread.as_ref()?;
         let w = link.writer_of(crate::datapath::flow::flow_hash(self.device_kind(t), pkt));
         (w != link.me).then_some(w)
@@ -807,14 +908,18 @@ impl Worker {
     /// Writes the packets other workers handed to this one into this
     /// one's device queues, and takes back the answers to what this one
     /// handed over. Returns whether there was anything.
-    fn spread_poll(&mut self, io: &mut DeviceIo, st: &mut State) -> Result<bool, WorkerError> {
+    fn spread_poll<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+    ) -> Result<bool, WorkerError> {
         let Some(link) = st.spread.as_mut() else {
             return Ok(false);
         };
         let mut answers = std::mem::take(&mut st.answers_in);
         link.take_answers(&mut answers);
         link.take_jobs_into(&mut st.jobs_in);
-        let any = !answers.is_empty() || !st.jobs_in.is_empty();
+        let any = !answers.is_empty() || st.jobs_in.iter().any(|q| !q.is_empty());
         let generation = self.shared.tunnels.generation;
         for r in answers.drain(..) {
             st.frames.at_peers -= r.frames();
@@ -867,12 +972,12 @@ impl Worker {
 
     /// Writes a job worker `from` handed over (on this worker's list, or
     /// an older one: then it goes back).
-    fn write_for(
+    fn write_for<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         from: usize,
-        j: Job,
+        j: Job<S::Frame>,
         generation: u64,
     ) -> Result<(), WorkerError> {
         let t = usize::from(j.tunnel);
@@ -885,7 +990,7 @@ impl Worker {
             return Ok(());
         }
         let mut j = j;
-        if self.keep_foreign_frame {
+        if self.settings.faults.keep_foreign_frame {
             // The injected bug: another worker's frame swapped for one of
             // this one's (every count stays right). The writer refuses the
             // wrong frame and it goes back; whichever socket a frame of the
@@ -931,7 +1036,7 @@ impl Worker {
 
     /// Sends what is waiting for the other workers; writes handed to a
     /// worker that is gone (its thread ended) are counted as write errors.
-    fn spread_flush(&mut self, st: &mut State) {
+    fn spread_flush(&mut self, st: &mut State<S::Frame>) {
         let Some(link) = st.spread.as_mut() else {
             return;
         };
@@ -948,7 +1053,12 @@ impl Worker {
 
     /// Puts the frames of a finished write back on the free list, and its
     /// vector of pieces back for reuse.
-    fn take_back(&mut self, io: &mut DeviceIo, frame: Option<Frame>, mut rest: Vec<Piece>) {
+    fn take_back<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        frame: Option<S::Frame>,
+        mut rest: Vec<Piece<S::Frame>>,
+    ) {
         self.free.extend(frame);
         self.free.extend(rest.drain(..).map(|p| p.frame));
         io.recycle(rest);
@@ -956,11 +1066,11 @@ impl Worker {
 
     /// Writes a job whose virtio-net header is in place (one that came
     /// back from another worker unwritten).
-    fn write_prepared(
+    fn write_prepared<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
-        j: Job,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        j: Job<S::Frame>,
     ) -> Result<(), WorkerError> {
         let file = u32::from(j.tunnel);
         let res = if j.rest.is_empty() {
@@ -999,7 +1109,11 @@ impl Worker {
     /// no more, and writes what the others hand over until every worker
     /// says so and every frame handed over is back (or 2 s pass: a worker
     /// that died keeps what it held, and the counts say where).
-    fn spread_stop(&mut self, io: &mut DeviceIo, st: &mut State) -> Result<(), WorkerError> {
+    fn spread_stop<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+    ) -> Result<(), WorkerError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut done = Vec::new();
         loop {
@@ -1045,7 +1159,7 @@ impl Worker {
     }
 
     /// Arms a read on every device that has none.
-    fn post_reads(&mut self, io: &mut DeviceIo, st: &mut State) {
+    fn post_reads<D: Devices<S::Frame>>(&mut self, io: &mut D, st: &mut State<S::Frame>) {
         // A read armed on an empty pool would end at once (ENOBUFS) and be
         // armed again, round and round; wait for buffers instead.
         if io.reads_ready() == 0 {
@@ -1058,11 +1172,11 @@ impl Worker {
         }
     }
 
-    fn completed(
+    fn completed<D: Devices<S::Frame>>(
         &mut self,
-        c: Completed,
-        io: &mut DeviceIo,
-        st: &mut State,
+        c: Completed<S::Frame>,
+        io: &mut D,
+        st: &mut State<S::Frame>,
     ) -> Result<(), WorkerError> {
         match c.op {
             Op::Write if c.peer.is_some() => {
@@ -1122,10 +1236,10 @@ impl Worker {
     /// rather than the gateway dropping them. `force`: all of them now,
     /// counting packets that find no frame as `tx_ring_full` (before the
     /// tunnel list changes, and at the stop).
-    fn process_reads(
+    fn process_reads<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         force: bool,
     ) -> Result<(), WorkerError> {
         while let Some(&(t, bid, n)) = st.deferred.front() {
@@ -1173,7 +1287,7 @@ impl Worker {
     /// leaves room for the outer headers: one frame, or one per segment of
     /// a GSO packet. They go to `st.from_device` with their lengths; every
     /// packet is counted in `tx_read`, a GSO packet as its segments.
-    fn take_read(&mut self, st: &mut State, t: usize, data: &[u8]) {
+    fn take_read(&mut self, st: &mut State<S::Frame>, t: usize, data: &[u8]) {
         let Some(tunnel) = self.shared.tunnels.tx.get(t) else {
             st.local.tx_read += 1;
             st.local.drop(DropReason::TxMalformed);
@@ -1238,12 +1352,12 @@ impl Worker {
 
     /// Encapsulates a packet of tunnel `t` read into `frame` (`len` bytes
     /// at the tunnel's read offset) and sends it on, or answers the device.
-    fn encap_one(
+    fn encap_one<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         t: usize,
-        mut frame: Frame,
+        mut frame: S::Frame,
         len: usize,
     ) -> Result<(), WorkerError> {
         let tunnel = &self.shared.tunnels.tx[t];
@@ -1291,11 +1405,11 @@ impl Worker {
     /// fragment on the second pass would be dropped), and no recursion on
     /// what a packet says.
     #[inline]
-    fn receive_one(
+    fn receive_one<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
-        mut frame: Frame,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
     ) -> Result<(), WorkerError> {
         for pass in 0..2 {
             let data = self.xsk.data_mut(&mut frame);
@@ -1390,8 +1504,8 @@ impl Worker {
     /// frame, back on the underlay to the tunnel's next hop.
     fn keepalive(
         &mut self,
-        st: &mut State,
-        mut frame: Frame,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
         tunnel: u16,
         offset: usize,
         len: usize,
@@ -1421,7 +1535,7 @@ impl Worker {
 
     /// The device of tunnel `tag` failed under us (most likely deleted):
     /// stop using it and tell the control thread, which opens a new queue.
-    fn device_gone(&mut self, st: &mut State, tag: u16) {
+    fn device_gone(&mut self, st: &mut State<S::Frame>, tag: u16) {
         let t = usize::from(tag & !(REPLY | REPLY_ICMP));
         if let Some(g) = st.gone.get_mut(t) {
             if !*g {
@@ -1438,10 +1552,10 @@ impl Worker {
     }
 
     /// Switches to a new tunnel list (see [`Reconfig`]).
-    fn reconfigure(
+    fn reconfigure<D: Devices<S::Frame>>(
         &mut self,
-        io: &mut DeviceIo,
-        st: &mut State,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         r: Reconfig,
     ) -> Result<(), WorkerError> {
         // Finish with the old devices. Reads cancelled with data in them
@@ -1530,7 +1644,7 @@ impl Worker {
         Ok(())
     }
 
-    fn account_drained(&mut self, c: Completed, st: &mut State) {
+    fn account_drained(&mut self, c: Completed<S::Frame>, st: &mut State<S::Frame>) {
         if let Some(peer) = c.peer {
             // Another worker's frames: back to it.
             let generation = self.shared.tunnels.generation;
@@ -1565,7 +1679,7 @@ impl Worker {
         self.free.extend(c.frame);
     }
 
-    fn publish(&self, st: &State) {
+    fn publish(&self, st: &State<S::Frame>) {
         self.stats.publish(&st.local, &self.tunnel_counters);
         self.stats.publish_frames(&st.frames);
         debug_assert!(
@@ -1598,7 +1712,7 @@ fn raw_fds(devices: &[Option<OwnedFd>]) -> Vec<RawFd> {
 /// Accounts for one finished device write: an inbound delivery, or an
 /// answer to something read from the device.
 #[inline]
-fn account_write(c: &Completed, local: &mut LocalStats) {
+fn account_write<F>(c: &Completed<F>, local: &mut LocalStats) {
     let ok = c.result >= 0 && c.result as u32 == c.expected;
     let packets = u64::from(c.packets);
     if c.tag & (REPLY | REPLY_ICMP) != 0 {
