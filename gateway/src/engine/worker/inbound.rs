@@ -1,0 +1,386 @@
+//! The way in: a received frame decapsulated (or reassembled first, or
+//! answered as a keepalive, or taken as a path MTU update) and written
+//! into its device, or held in a coalescing run with the segments of its
+//! flow that follow in the batch.
+
+use super::*;
+
+impl<S: Socket> Worker<S> {
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(super) fn write<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        file: u32,
+        frame: S::Frame,
+        offset: usize,
+        len: usize,
+        tag: u16,
+    ) -> Result<(), WorkerError> {
+        // A plain virtio-net header (no offload) before the packet, in the
+        // room the outer headers (or a read's) leave.
+        let mut frame = frame;
+        let Some(start) = offset.checked_sub(VNET_HDR_LEN) else {
+            st.local.drop(DropReason::DeviceWriteError);
+            self.free.push(frame);
+            return Ok(());
+        };
+        let data = self.xsk.data_mut(&mut frame);
+        VnetHdr::default().emit(&mut data[start..offset]);
+        let to = if tag & (REPLY | REPLY_ICMP) == 0 {
+            self.writer_for(st, tag, &data[offset..offset + len])
+        } else {
+            None
+        };
+        let (offset, len) = (start, len + VNET_HDR_LEN);
+        if let (Some(to), Some(link)) = (to, &mut st.spread) {
+            link.hand_over(
+                to,
+                Job {
+                    tunnel: tag,
+                    generation: self.shared.tunnels.generation,
+                    frame,
+                    offset,
+                    len,
+                    rest: Vec::new(),
+                    packets: 1,
+                },
+            );
+            st.frames.at_peers += 1;
+            st.local.spread_out += 1;
+            return Ok(());
+        }
+        let mut res = io.push(file, frame, offset, len, tag);
+        if let Err(f) = res {
+            // Submission queue full: hand the kernel what is queued and
+            // try once more.
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            res = io.push(file, f, offset, len, tag);
+        }
+        match res {
+            Ok(()) => st.writes_in_flight += 1,
+            Err(f) => {
+                st.local.drop(DropReason::DeviceWriteError);
+                self.free.push(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a decapsulated packet (`offset..offset + len` of the frame)
+    /// into tunnel `t`'s device, or holds it to coalesce with the TCP
+    /// segments of its flow that follow in the batch.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn deliver<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
+        t: u16,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), WorkerError> {
+        let kind = self.device_kind(t);
+        let data = self.xsk.data_mut(&mut frame);
+        let pkt = &data[offset..offset + len];
+        let udp = st.coalesce_udp;
+        let Some((l3, seg)) =
+            l3_of(kind, pkt).and_then(|l3| Some((l3, offload::parse(pkt, l3, udp)?)))
+        else {
+            // Not for coalescing; but a run of the same addresses (an
+            // unusual packet of a flow being coalesced) must go first.
+            if st.gro.iter().any(|r| r.tunnel == t) {
+                let mut i = 0;
+                while i < st.gro.len() {
+                    if st.gro[i].tunnel == t {
+                        self.flush_run(io, st, i)?;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            return self.write(io, st, u32::from(t), frame, offset, len, t);
+        };
+        if let Some(i) = st
+            .gro
+            .iter()
+            .position(|r| r.tunnel == t && r.run.same_flow(&seg))
+        {
+            if st.gro[i].run.accepts(&seg) {
+                let r = &mut st.gro[i];
+                r.run.add(&seg);
+                r.rest.push(Piece {
+                    frame,
+                    offset: offset + seg.hdr_len,
+                    len: seg.payload,
+                });
+                if r.run.closed {
+                    self.flush_run(io, st, i)?;
+                }
+                return Ok(());
+            }
+            // The flow's earlier segments go first.
+            self.flush_run(io, st, i)?;
+        }
+        if !seg.mergeable || seg.push {
+            return self.write(io, st, u32::from(t), frame, offset, len, t);
+        }
+        if st.gro.len() == GRO_FLOWS {
+            self.flush_run(io, st, 0)?;
+        }
+        let rest = io.pieces();
+        st.gro.push(OpenRun {
+            tunnel: t,
+            run: Run::start(seg),
+            first: frame,
+            offset,
+            len,
+            l3,
+            rest,
+        });
+        Ok(())
+    }
+
+    /// Writes run `i`: one packet as it is, or several as one GSO packet.
+    pub(super) fn flush_run<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        i: usize,
+    ) -> Result<(), WorkerError> {
+        let mut r = st.gro.swap_remove(i);
+        let file = u32::from(r.tunnel);
+        if r.rest.is_empty() || r.offset < VNET_HDR_LEN {
+            // Alone: written as it came. (Decapsulation always leaves room
+            // for the header; were it not so, the others would be counted
+            // as write errors, since their pieces lack their headers.)
+            let mut rest = std::mem::take(&mut r.rest);
+            self.write(io, st, file, r.first, r.offset, r.len, r.tunnel)?;
+            for p in rest.drain(..) {
+                st.local.drop(DropReason::DeviceWriteError);
+                self.free.push(p.frame);
+            }
+            io.recycle(rest);
+            return Ok(());
+        }
+        let data = self.xsk.data_mut(&mut r.first);
+        let vnet = r.run.finish(&mut data[r.offset..r.offset + r.len], r.l3);
+        let start = r.offset - VNET_HDR_LEN;
+        vnet.emit(&mut data[start..r.offset]);
+        let packets = r.run.segments;
+        let to = self.writer_for(st, r.tunnel, &data[r.offset..r.offset + r.len]);
+        if let (Some(to), Some(link)) = (to, &mut st.spread) {
+            st.frames.at_peers += 1 + r.rest.len() as u64;
+            st.local.spread_out += u64::from(packets);
+            st.local.coalesced += u64::from(packets) - 1;
+            st.local.coalesced_writes += 1;
+            link.hand_over(
+                to,
+                Job {
+                    tunnel: r.tunnel,
+                    generation: self.shared.tunnels.generation,
+                    frame: r.first,
+                    offset: start,
+                    len: r.len + VNET_HDR_LEN,
+                    rest: r.rest,
+                    packets,
+                },
+            );
+            return Ok(());
+        }
+        let mut res = io.push_gather(
+            file,
+            r.first,
+            start,
+            r.len + VNET_HDR_LEN,
+            r.rest,
+            r.tunnel,
+            packets,
+        );
+        if let Err((first, rest)) = res {
+            // Submission queue full: hand the kernel what is queued and
+            // try once more.
+            io.submit().map_err(self.io_err("io_uring submit"))?;
+            res = io.push_gather(
+                file,
+                first,
+                start,
+                r.len + VNET_HDR_LEN,
+                rest,
+                r.tunnel,
+                packets,
+            );
+        }
+        match res {
+            Ok(()) => {
+                st.writes_in_flight += 1;
+                st.local.coalesced += u64::from(packets) - 1;
+                st.local.coalesced_writes += 1;
+            }
+            Err((first, mut rest)) => {
+                for _ in 0..packets {
+                    st.local.drop(DropReason::DeviceWriteError);
+                }
+                self.free.push(first);
+                self.free.extend(rest.drain(..).map(|p| p.frame));
+                io.recycle(rest);
+            }
+        }
+        Ok(())
+    }
+
+    /// The other worker that writes this packet of tunnel `t` into its
+    /// device, when writes are spread and the flow hashes to another.
+    #[inline]
+    pub(super) fn writer_for(&self, st: &State<S::Frame>, t: u16, pkt: &[u8]) -> Option<usize> {
+        let link = st.spread.as_ref()?;
+        let w = link.writer_of(crate::datapath::flow::flow_hash(self.device_kind(t), pkt));
+        (w != link.me).then_some(w)
+    }
+
+    /// The kind of tunnel `t`'s device.
+    #[inline]
+    pub(super) fn device_kind(&self, t: u16) -> DeviceKind {
+        self.shared
+            .tunnels
+            .tx
+            .get(usize::from(t))
+            .map_or(DeviceKind::Tun, |x| x.device_kind)
+    }
+
+    /// Decapsulates one received frame and sends it where it belongs. An
+    /// outer fragment goes to reassembly; when it completes a datagram,
+    /// the whole datagram, written into this frame, is decapsulated: a
+    /// second pass, never more (reassembly never puts out a fragment, and a
+    /// fragment on the second pass would be dropped), and no recursion on
+    /// what a packet says.
+    #[inline]
+    pub(super) fn receive_one<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
+    ) -> Result<(), WorkerError> {
+        for pass in 0..2 {
+            let data = self.xsk.data_mut(&mut frame);
+            match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
+                Ok(d) if d.kind == Kind::Keepalive => {
+                    self.keepalive(st, frame, d.tunnel, d.offset, d.len)
+                }
+                Ok(Delivery {
+                    tunnel,
+                    kind: Kind::PathMtu { mtu },
+                    ..
+                }) => {
+                    if st.pmtu_updates.allow(crate::io::clock::now()) {
+                        self.path_mtu(usize::from(tunnel), mtu);
+                        st.local.path_mtu_updates += 1;
+                    } else {
+                        st.local.drop(DropReason::IcmpRateLimited);
+                    }
+                    self.free.push(frame);
+                }
+                Ok(d) if st.gone[usize::from(d.tunnel)] => {
+                    st.local.drop(DropReason::DeviceGone);
+                    self.free.push(frame);
+                }
+                Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
+                Err(DropReason::OuterFragment) if pass == 0 => {
+                    let data = self.xsk.data_mut(&mut frame);
+                    let outcome = st.reasm.add(data, crate::io::clock::now());
+                    st.local.fragments_pending = st.reasm.pending();
+                    match outcome {
+                        Outcome::Held => self.free.push(frame),
+                        Outcome::Dropped { reason, also } => {
+                            for _ in 0..=also {
+                                st.local.drop(reason);
+                            }
+                            self.free.push(frame);
+                        }
+                        Outcome::Complete { merged } => {
+                            let buf = self.xsk.buffer_mut(&mut frame);
+                            match st.reasm.take(buf) {
+                                Some(len) => {
+                                    self.xsk.set_len(&mut frame, len);
+                                    st.local.fragments_merged += u64::from(merged);
+                                    // Whole now: decapsulated on the next
+                                    // pass.
+                                    continue;
+                                }
+                                None => {
+                                    self.xsk.set_len(&mut frame, 0);
+                                    for _ in 0..=merged {
+                                        st.local.drop(DropReason::FragmentTooBig);
+                                    }
+                                    self.free.push(frame);
+                                }
+                            }
+                        }
+                    }
+                }
+                // A reassembled datagram that is a fragment again (which
+                // reassembly rules out; counted, never looped on).
+                Err(DropReason::OuterFragment) => {
+                    st.local.drop(DropReason::FragmentMalformed);
+                    self.free.push(frame);
+                }
+                Err(reason) => {
+                    st.local.drop(reason);
+                    self.free.push(frame);
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// The underlay says the path of tunnel `t` carries at most `mtu`
+    /// bytes: every tunnel on that path (same endpoints) takes it.
+    pub(super) fn path_mtu(&self, t: usize, mtu: u16) {
+        let tx = &self.shared.tunnels.tx;
+        let Some(this) = tx.get(t) else { return };
+        let now = crate::io::clock::now();
+        for other in tx
+            .iter()
+            .filter(|o| (o.local, o.remote) == (this.local, this.remote))
+        {
+            if other.path_mtu.lower(mtu, now) {
+                tracing::info!(queue = self.queue, path_mtu = mtu, remote = %this.remote, "path MTU lowered by the underlay");
+            }
+        }
+    }
+
+    /// Sends a GRE keepalive's inner packet, `offset..offset + len` of the
+    /// frame, back on the underlay to the tunnel's next hop.
+    pub(super) fn keepalive(
+        &mut self,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
+        tunnel: u16,
+        offset: usize,
+        len: usize,
+    ) {
+        let hops = &self.shared.tunnels.next_hops;
+        let (Some(dst), Some(src)) = (hops.get(usize::from(tunnel)), hops.local()) else {
+            hops.request();
+            st.local.drop(DropReason::KeepaliveNoNeighbour);
+            self.free.push(frame);
+            return;
+        };
+        let data = self.xsk.data_mut(&mut frame);
+        let eth = crate::wire::ethernet::HEADER_LEN;
+        data.copy_within(offset..offset + len, eth);
+        crate::wire::ethernet::Repr {
+            dst,
+            src,
+            ethertype: crate::wire::ethernet::EtherType::Ipv4,
+        }
+        .emit(&mut crate::wire::ethernet::Frame::new_unchecked(
+            &mut data[..eth],
+        ));
+        self.xsk.set_len(&mut frame, eth + len);
+        st.local.keepalives += 1;
+        st.tx_pending.push(frame);
+    }
+}
