@@ -300,6 +300,10 @@ fn written(dev: &FakeDevices) -> Vec<(u32, u16, u16, Vec<u8>)> {
         .collect()
 }
 
+/// A write: its packets, its GSO size, and its TCP port, sequence number
+/// and payload length.
+type Summary = (u16, u16, Option<(u16, u32, usize)>);
+
 /// Source port, sequence number and payload length of a TCP packet, as
 /// etherparse reads it; `None` if not TCP.
 fn tcp_of(pkt: &[u8]) -> Option<(u16, u32, usize)> {
@@ -336,7 +340,7 @@ fn a_coalescing_run_ends_where_it_must() {
     h.check_ledger();
 
     let w = written(&h.dev);
-    let summary: Vec<(u16, u16, Option<(u16, u32, usize)>)> = w
+    let summary: Vec<Summary> = w
         .iter()
         .map(|(_, packets, gso, pkt)| (*packets, *gso, tcp_of(pkt)))
         .collect();
