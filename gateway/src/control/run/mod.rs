@@ -1,0 +1,447 @@
+//! Bringing the gateway up, running it, and taking it down cleanly.
+//!
+//! Order matters: devices first (so steered packets have somewhere to go),
+//! then the XDP program is loaded and its endpoint table filled, then one
+//! AF_XDP socket per queue is bound and put into the XSKMAP, and only then
+//! is the program attached. On the way down the workers stop and drain
+//! first, then the program detaches (dropping the bpf_link), then the
+//! device queues close (devices the gateway created disappear with them).
+//!
+//! Here: start-up, the control loop (signals, the control socket, stats)
+//! and the way down. Beside it: [`slots`] (each tunnel's device and halves),
+//! [`reload`] (the reload transaction), [`underlay`] (watching the link,
+//! the XDP attachment and the devices).
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use gateway_common::EndpointKey;
+use serde_json::{json, Value};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+
+use crate::control::config::{Config, Cores, Queues, TunnelConfig};
+use crate::control::neighbour::{run_resolver, NextHops, Targets};
+use crate::datapath::encap::TunnelTx;
+use crate::datapath::tunnel::{DeviceKind, TunnelRx, TunnelTable, MAX_TUNNELS};
+use crate::engine::worker::{
+    DeviceQueue, Faults, Reconfig, Settings, Shared, Tunnels, Worker, WorkerError,
+};
+use crate::io::netlink::{LinkInfo, Netlink};
+use crate::io::tap;
+use crate::io::uring::DeviceIo;
+use crate::io::xdp::Steering;
+use crate::io::xsk::{Region, Xsk};
+use crate::telemetry::metrics::{Format, Request};
+use crate::telemetry::snapshot::{print_stats, snapshot};
+use crate::telemetry::stats::WorkerStats;
+
+mod reload;
+mod slots;
+mod underlay;
+
+use reload::*;
+use slots::*;
+pub use slots::{plan_cores, plan_queues, rx_queue_count, tunnel_mtu};
+use xsk_rs::Umem;
+
+/// Counts of what happened to the gateway while it ran.
+#[derive(Debug, Default)]
+struct Events {
+    reloads: u64,
+    reload_failures: u64,
+    devices_recreated: u64,
+    underlay_down: u64,
+    xdp_lost: u64,
+}
+
+struct WorkerHandle {
+    control: crossbeam::channel::Sender<Reconfig>,
+    stats: Arc<WorkerStats>,
+    thread: std::thread::JoinHandle<Result<(), WorkerError>>,
+}
+
+/// The running gateway, as the control thread holds it.
+struct Gateway {
+    iface: String,
+    nl: Netlink,
+    cfg: Config,
+    underlay: LinkInfo,
+    slots: Vec<Slot>,
+    tunnels: Tunnels,
+    targets: Arc<Mutex<Targets>>,
+    steering: Steering,
+    workers: Vec<WorkerHandle>,
+    /// Next number for [`peer_mac`].
+    next_peer: usize,
+    events: Events,
+    xdp_id: Option<u32>,
+    xdp_attached: bool,
+    /// The program id last seen attached to the underlay.
+    xdp_seen: u32,
+    /// Devices opened by a reload that failed half-way (the gateway is
+    /// stopping); deleted at exit with the others.
+    orphans: Vec<Slot>,
+    /// Devices found missing, and when the last attempt to re-create each
+    /// failed (to keep the log quiet while it keeps failing).
+    recreate_failed: Vec<Option<std::time::Instant>>,
+}
+
+/// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
+/// serves Prometheus text on that address. SIGHUP (or `gateway reload`)
+/// reads `config_path` again and applies it.
+pub fn run(
+    cfg: Config,
+    config_path: &Path,
+    iface: &str,
+    metrics: Option<&str>,
+) -> anyhow::Result<()> {
+    let nl = Netlink::new()?;
+    let underlay = nl.link(iface)?.ok_or_else(|| {
+        anyhow!("interface {iface} does not exist in this network namespace; give an existing one with --iface (see `ip link`)")
+    })?;
+    if !underlay.up {
+        tracing::warn!("{iface} is down; the gateway will receive nothing until it is up");
+    }
+    let queues = plan_queues(&cfg, iface)?;
+    let cores = plan_cores(&cfg, queues.len())?;
+    let nworkers = queues.len();
+    let src_mac = underlay.mac.ok_or_else(|| {
+        anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
+    })?;
+
+    // Devices.
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut device_queues = Vec::new();
+    for (i, t) in cfg.tunnels.iter().enumerate() {
+        match open_slot(&nl, t, underlay.mtu, nworkers, i) {
+            Ok((slot, q)) => {
+                slots.push(slot);
+                device_queues.push(q);
+            }
+            Err(e) => {
+                drop(device_queues);
+                for s in &slots {
+                    s.release(&nl);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let next_hops = Arc::new(NextHops::new(slots.len()));
+    next_hops.set_local(src_mac);
+    let tunnels = tunnels_of(&slots, next_hops.clone());
+
+    // XDP program and sockets.
+    let mut steering = Steering::load()?;
+    steering.set_mac(src_mac)?;
+    for key in tunnels.rx.endpoint_keys() {
+        steering.add_endpoint(key)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(Mutex::new(Targets {
+        remotes: slots
+            .iter()
+            .map(|s| (s.cfg.name.clone(), s.cfg.remote))
+            .collect(),
+        hops: next_hops.clone(),
+    }));
+    let resolver = {
+        let (targets, stop, index, name) = (
+            targets.clone(),
+            stop.clone(),
+            underlay.index,
+            iface.to_string(),
+        );
+        std::thread::Builder::new()
+            .name("gw-neigh".into())
+            .spawn(move || run_resolver(targets, index, name, stop, Duration::from_millis(500)))
+            .context("spawning the neighbour resolver")?
+    };
+    let mut pending: Vec<Worker> = Vec::new();
+    let coalesce_udp = tap::uso_supported();
+    let mut stats = Vec::new();
+    let mut controls = Vec::new();
+    for (&queue, &core) in queues.iter().zip(&cores) {
+        let (xsk, frames) = Xsk::new(
+            iface,
+            queue,
+            cfg.frames_per_queue,
+            cfg.ring_size,
+            cfg.xsk_bind,
+        )?;
+        if cfg.busy_poll_budget > 0 {
+            xsk.set_busy_poll(cfg.busy_poll_budget).with_context(|| {
+                format!("{iface} queue {queue}: setting up busy polling (gateway.busy_poll_budget)")
+            })?;
+        }
+        steering.set_socket(queue, xsk.fd())?;
+        let st = Arc::new(WorkerStats::new(queue, core, slots.len()));
+        let fds: Vec<OwnedFd> = device_queues
+            .iter_mut()
+            .map(|d: &mut Vec<OwnedFd>| d.pop().expect("one queue per worker"))
+            .collect();
+        let (ctl_tx, ctl_rx) = crossbeam::channel::bounded(1);
+        pending.push(Worker::new(
+            Settings {
+                queue,
+                core,
+                batch: cfg.batch_size,
+                poll: cfg.poll,
+                busy_poll: cfg.busy_poll_budget > 0,
+                coalesce_udp,
+                faults: Faults::from_env(),
+            },
+            xsk,
+            frames,
+            fds,
+            Shared {
+                tunnels: tunnels.clone(),
+                stop: stop.clone(),
+                control: ctl_rx,
+            },
+            st.clone(),
+        ));
+        stats.push(st);
+        controls.push(ctl_tx);
+    }
+    // Every worker's UMEM, when device writes are spread: each worker's
+    // io_uring writes from the others' too.
+    let mut umems: Vec<(Region, Umem)> = Vec::new();
+    if cfg.spread_writes {
+        if pending.len() < 2 {
+            tracing::warn!(
+                "gateway.spread_writes has no effect with one worker; serve more queues (gateway.queues)"
+            );
+        } else {
+            umems = pending
+                .iter()
+                .map(|w| (w.socket().region(), w.socket().umem().clone()))
+                .collect();
+            let links = crate::engine::handover::mesh(pending.len())
+                .context("setting up gateway.spread_writes")?;
+            for (w, link) in pending.iter_mut().zip(links) {
+                w.set_spread(link);
+            }
+        }
+    }
+    let mode = steering.attach(iface, cfg.xdp_attach)?;
+    tracing::info!(
+        iface,
+        xdp = mode,
+        queues = ?queues,
+        cores = ?cores.iter().flatten().collect::<Vec<_>>(),
+        poll = %cfg.poll,
+        batch = cfg.batch_size,
+        spread_writes = cfg.spread_writes,
+        tunnels = slots.len(),
+        "gateway running"
+    );
+
+    let mut workers = Vec::new();
+    let umems = Arc::new(umems);
+    for (me, ((w, st), control)) in pending.into_iter().zip(stats).zip(controls).enumerate() {
+        let name = format!("gw-q{}", w.queue);
+        let umems = umems.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                w.run(|xsk, setup| {
+                    let mut io = DeviceIo::new(
+                        setup.entries,
+                        MAX_TUNNELS as u32,
+                        setup.files,
+                        xsk,
+                        setup.read_bufs,
+                    )?;
+                    for (peer, (region, umem)) in umems.iter().enumerate() {
+                        if peer != me {
+                            io.add_peer(peer, *region, umem.clone());
+                        }
+                    }
+                    Ok(io)
+                })
+            })
+            .context("spawning a worker thread")?;
+        workers.push(WorkerHandle {
+            control,
+            stats: st,
+            thread,
+        });
+    }
+
+    let xdp_id = steering.program_id();
+    let mut gw = Gateway {
+        iface: iface.to_string(),
+        nl,
+        recreate_failed: slots.iter().map(|_| None).collect(),
+        orphans: Vec::new(),
+        next_peer: slots.len(),
+        cfg,
+        underlay,
+        slots,
+        tunnels,
+        targets,
+        steering,
+        workers,
+        events: Events::default(),
+        xdp_id,
+        xdp_attached: true,
+        xdp_seen: xdp_id.unwrap_or(0),
+    };
+    let failure = gw.serve(config_path, metrics).err();
+
+    stop.store(true, Ordering::Relaxed);
+    let mut failure = failure;
+    let workers = std::mem::take(&mut gw.workers);
+    let stats: Vec<_> = workers.iter().map(|w| w.stats.clone()).collect();
+    // A worker gets 5 s to drain; one that does not is left behind (the
+    // process exit ends it) so the XDP program and devices still go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|w| !w.thread.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for w in workers {
+        if !w.thread.is_finished() {
+            failure.get_or_insert_with(|| anyhow!("a worker did not stop within 5 s"));
+            continue;
+        }
+        match w.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| anyhow!(e));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| anyhow!("a worker panicked"));
+            }
+        }
+    }
+    let _ = resolver.join();
+    print_stats(&gw.snapshot_of(&stats), "final");
+    let Gateway {
+        nl,
+        slots,
+        orphans,
+        steering,
+        ..
+    } = gw;
+    drop(steering);
+    // Closing the queues would remove a non-persistent device, but the
+    // kernel releases fds registered with io_uring asynchronously; delete
+    // the devices we created explicitly so they are gone when we exit.
+    for s in slots.iter().chain(&orphans) {
+        s.release(&nl);
+    }
+    tracing::info!("XDP program detached; devices released");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+impl Gateway {
+    /// The control loop: signals, requests, and watching the host.
+    fn serve(&mut self, config_path: &Path, metrics: Option<&str>) -> anyhow::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
+            .context("installing signal handlers")?;
+        let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
+        crate::telemetry::metrics::serve_control(&self.iface, req_tx.clone())?;
+        if let Some(addr) = metrics {
+            crate::telemetry::metrics::serve_http(addr, req_tx)?;
+            tracing::info!("metrics on http://{addr}/metrics");
+        } else {
+            drop(req_tx);
+        }
+        let mut last_check = std::time::Instant::now();
+        loop {
+            crate::io::clock::tick();
+            if last_check.elapsed() >= Duration::from_millis(500) {
+                last_check = std::time::Instant::now();
+                self.watch()?;
+            }
+            while let Ok(r) = req_rx.try_recv() {
+                match r {
+                    Request::Stats { format, reply } => {
+                        let snap = self.snapshot();
+                        let body = match format {
+                            Format::Prometheus => crate::telemetry::metrics::prometheus(&snap),
+                            Format::Human => crate::telemetry::human::render(&snap),
+                            Format::Json => format!("{snap}\n"),
+                        };
+                        let _ = reply.send(body);
+                    }
+                    Request::Reload { reply } => {
+                        let answer = self.reload_from(config_path)?;
+                        let _ = reply.send(answer);
+                    }
+                }
+            }
+            for sig in signals.pending() {
+                match sig {
+                    SIGUSR1 => print_stats(&self.snapshot(), "stats"),
+                    SIGHUP => {
+                        self.reload_from(config_path)?;
+                    }
+                    _ => {
+                        tracing::info!("signal {sig}: stopping");
+                        return Ok(());
+                    }
+                }
+            }
+            if self.workers.iter().any(|w| w.thread.is_finished()) {
+                bail!("a worker stopped unexpectedly");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn snapshot(&self) -> Value {
+        let stats: Vec<_> = self.workers.iter().map(|w| w.stats.clone()).collect();
+        self.snapshot_of(&stats)
+    }
+
+    fn snapshot_of(&self, stats: &[Arc<WorkerStats>]) -> Value {
+        let mut v = snapshot(
+            &self.tunnels.rx,
+            &self.steering,
+            stats,
+            &self.tunnels.next_hops,
+        );
+        v["gateway"] = json!({
+            "underlay": self.iface,
+            "underlay_up": self.underlay.up,
+            "xdp_attached": self.xdp_attached,
+            "xdp_program_id": self.xdp_id,
+            "events": {
+                "reloads": self.events.reloads,
+                "reload_failures": self.events.reload_failures,
+                "devices_recreated": self.events.devices_recreated,
+                "underlay_down": self.events.underlay_down,
+                "xdp_lost": self.events.xdp_lost,
+            },
+        });
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnels_between_the_same_two_hosts_share_one_id_counter() {
+        let a: IpAddr = "192.0.2.8".parse().unwrap();
+        let b: IpAddr = "192.0.2.58".parse().unwrap();
+        let c: IpAddr = "192.0.2.59".parse().unwrap();
+        let (one, two) = (path_ident(a, b), path_ident(a, b));
+        assert!(Arc::ptr_eq(&one, &two), "two tunnels a -> b, two counters");
+        assert!(
+            !Arc::ptr_eq(&one, &path_ident(a, c)),
+            "a -> c shares a -> b's"
+        );
+    }
+}
