@@ -1,3 +1,6 @@
+//! Unit tests of coalescing and segmentation, round trips between the
+//! two included.
+
 use super::*;
 
 /// An IPv4 packet from 10.1.1.2 to 10.1.1.1 behind a 14-byte Ethernet
