@@ -8,6 +8,7 @@ pub mod ethernet;
 pub mod gre;
 pub mod ipv4;
 pub mod ipv6;
+pub mod vnet;
 
 /// Why a buffer could not be read as the header it was meant to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
