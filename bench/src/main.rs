@@ -20,27 +20,29 @@
 
 mod ceiling;
 mod gen;
+mod harness;
 mod ns;
 mod report;
 mod tcp;
 mod templates;
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::gen::{Capture, Generator, Template, Trial};
-use crate::ns::NetNs;
+use crate::harness::{
+    gateway_config, say, start_gateway, start_gateway_polling, workers, Bench, GatewayProc,
+    GEN_CORE, GW_CORE,
+};
+use crate::ns::{topology, NetNs};
+use crate::report::{machine, percentiles};
 use crate::templates::Addrs;
 
 #[derive(Parser, Debug)]
@@ -112,109 +114,6 @@ struct Args {
     spread_only: bool,
 }
 
-const GEN_CORE: usize = 0;
-const GW_CORE: usize = 1;
-
-fn say(msg: &str) {
-    eprintln!("[bench] {msg}");
-}
-
-/// The gateway under test, with its counters on request.
-struct GatewayProc {
-    child: Child,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
-
-impl GatewayProc {
-    fn start(ns: &NetNs, bin: &Path, config: &Path, log: &Path) -> Result<GatewayProc> {
-        let err = std::fs::File::create(log)?;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(bin)
-            .args(["--iface", "ens0", "--config"])
-            .arg(config)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(err)
-            // Its own process group: Ctrl-C reaches the bench, which then
-            // stops the gateway in order (SIGTERM in `Drop`).
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let gp = GatewayProc {
-            child,
-            lines: rx,
-            log: log.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            if text.contains("gateway running") {
-                return Ok(gp);
-            }
-            if text.contains("error:") || Instant::now() > deadline {
-                bail!("the gateway did not start:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stats(&self) -> Result<Value> {
-        while self.lines.try_recv().is_ok() {}
-        Command::new("kill")
-            .args(["-USR1", &self.child.id().to_string()])
-            .status()?;
-        let line = self
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| anyhow!("no stats from the gateway; see {}", self.log.display()))?;
-        Ok(serde_json::from_str(&line)?)
-    }
-}
-
-impl Drop for GatewayProc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sums a per-worker field of a stats snapshot.
-fn workers(s: &Value, path: &[&str]) -> u64 {
-    s["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| {
-            let mut v = w;
-            for p in path {
-                v = &v[*p];
-            }
-            v.as_u64().unwrap_or(0)
-        })
-        .sum()
-}
-
 /// One decapsulation trial: offered, delivered into the tap, worker time.
 #[derive(Debug, Clone, Copy)]
 struct DecapTrial {
@@ -225,32 +124,7 @@ struct DecapTrial {
     busy_ns: u64,
 }
 
-struct Bench {
-    args: Args,
-    trial: Duration,
-    steps: u32,
-    gen: Generator,
-    interrupted: Arc<AtomicBool>,
-}
-
 impl Bench {
-    fn check(&self) -> Result<()> {
-        if self.interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-
-    fn run(&self, template: &Template, rate: Option<f64>) -> Result<gen::Outcome> {
-        self.check()?;
-        self.gen.run(Trial {
-            template: template.clone(),
-            rate,
-            duration: self.trial,
-            flows: self.args.flows,
-        })
-    }
-
     fn decap_trial(&self, gw: &GatewayProc, t: &Template, rate: Option<f64>) -> Result<DecapTrial> {
         let before = gw.stats()?;
         let out = self.run(t, rate)?;
@@ -268,98 +142,6 @@ impl Bench {
             busy_ns,
         })
     }
-
-    /// Binary search for the highest rate with zero loss; `lossless(rate)`
-    /// runs one trial.
-    fn search(
-        &self,
-        what: &str,
-        max: f64,
-        mut lossless: impl FnMut(f64) -> Result<bool>,
-    ) -> Result<f64> {
-        let (mut lo, mut hi) = (0.0f64, max);
-        for step in 0..self.steps {
-            let mid = (lo + hi) / 2.0;
-            let ok = lossless(mid)?;
-            say(&format!(
-                "{what}: step {}/{} at {:.0} pps: {}",
-                step + 1,
-                self.steps,
-                mid,
-                if ok { "no loss" } else { "loss" }
-            ));
-            if ok {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
-    }
-}
-
-/// Writes the gateway's configuration into the output directory and starts
-/// it in `ns`, pinned to the gateway core.
-fn start_gateway(bench: &Bench, ns: &NetNs, out_dir: &Path) -> Result<GatewayProc> {
-    start_gateway_polling(bench, ns, out_dir, &bench.args.poll, "gateway")
-}
-
-fn start_gateway_polling(
-    bench: &Bench,
-    ns: &NetNs,
-    out_dir: &Path,
-    poll: &str,
-    name: &str,
-) -> Result<GatewayProc> {
-    let config = out_dir.join(format!("{name}.toml"));
-    // The setting only when set: a gateway from before it existed can be
-    // measured too.
-    let extra = match bench.args.busy_poll_budget {
-        0 => String::new(),
-        n => format!("busy_poll_budget = {n}\n"),
-    };
-    let cores = GW_CORE.to_string();
-    let addrs = ["192.168.0.8", "192.168.0.58", "10.1.1.1", "10.1.1.2"];
-    std::fs::write(
-        &config,
-        gateway_config(poll, &cores, &extra, &bench.args.mode, addrs),
-    )?;
-    GatewayProc::start(
-        ns,
-        &bench.args.gateway,
-        &config,
-        &out_dir.join(format!("{name}.log")),
-    )
-}
-
-/// A gateway configuration with one tunnel, tun100 into tap1: `poll`,
-/// `cores` (a TOML list's inside) and `extra` lines in `[gateway]`;
-/// `addrs`: local, remote, inner address, inner peer.
-pub(crate) fn gateway_config(
-    poll: &str,
-    cores: &str,
-    extra: &str,
-    mode: &str,
-    addrs: [&str; 4],
-) -> String {
-    let [local, remote, address, peer] = addrs;
-    format!(
-        r#"[gateway]
-poll = "{poll}"
-cores = [{cores}]
-{extra}
-[[tunnel]]
-name = "tun100"
-mode = "{mode}"
-local = "{local}"
-remote = "{remote}"
-ttl = 64
-mtu = 1400
-device = "tap1"
-address = "{address}"
-peer = "{peer}"
-"#
-    )
 }
 
 /// CPU time of a process so far (user + system), in seconds.
@@ -563,36 +345,6 @@ fn round_trip(bench: &Bench, echo: &Template, gateway: Option<u32>) -> Result<Ro
         ndr,
         levels,
         waits,
-    })
-}
-
-fn machine() -> Value {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    json!({
-        "kernel": kernel.trim(),
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-    })
-}
-
-fn percentiles(h: &Histogram<u64>) -> Value {
-    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    json!({
-        "count": h.len(),
-        "p50_us": us(0.50),
-        "p90_us": us(0.90),
-        "p99_us": us(0.99),
-        "p99_9_us": us(0.999),
-        "p99_99_us": us(0.9999),
-        "max_us": h.max() as f64 / 1000.0,
     })
 }
 
@@ -1041,40 +793,6 @@ fn main() -> Result<()> {
     drop(gen_ns);
     drop(gw_ns);
     Ok(())
-}
-
-/// The generator's namespace (`gen0`, 192.168.0.58) and the gateway's
-/// (`ens0`, 192.168.0.8) joined by a veth of `queues` queues each way;
-/// returns them with the MACs of `gen0` and `ens0`.
-fn topology(gen: &str, gw: &str, queues: usize) -> Result<(NetNs, NetNs, [u8; 6], [u8; 6])> {
-    let gen_ns = NetNs::new(gen)?;
-    let gw_ns = NetNs::new(gw)?;
-    ns::veth(&gen_ns, "gen0", &gw_ns, "ens0", queues)?;
-    gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
-    gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
-    gen_ns.ip(&["link", "set", "gen0", "up"])?;
-    gw_ns.ip(&["link", "set", "ens0", "up"])?;
-    let gen_mac = gen_ns.mac("gen0")?;
-    let gw_mac = gw_ns.mac("ens0")?;
-    // Everything reaching gen0 goes to the generator's socket, so its kernel
-    // never answers ARP: give the gateway side a permanent entry.
-    let mac_s = gen_mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    gw_ns.ip(&[
-        "neigh",
-        "replace",
-        "192.168.0.58",
-        "lladdr",
-        &mac_s,
-        "dev",
-        "ens0",
-        "nud",
-        "permanent",
-    ])?;
-    Ok((gen_ns, gw_ns, gen_mac, gw_mac))
 }
 
 /// Spreading device writes: a veth of two queues, every packet on queue 0

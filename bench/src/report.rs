@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 
 /// The `.hgrm` text of a histogram recorded in nanoseconds, values in
 /// microseconds, as HdrHistogram's `outputPercentileDistribution` writes it.
@@ -214,6 +215,38 @@ fn nice(v: f64) -> f64 {
         }
     }
     10.0 * p
+}
+
+/// The machine the bench ran on: kernel, CPU model, cores.
+pub(crate) fn machine() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    json!({
+        "kernel": kernel.trim(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// Latency percentiles of a histogram recorded in nanoseconds, in µs.
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_us": us(0.50),
+        "p90_us": us(0.90),
+        "p99_us": us(0.99),
+        "p99_9_us": us(0.999),
+        "p99_99_us": us(0.9999),
+        "max_us": h.max() as f64 / 1000.0,
+    })
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::harness::GatewayProc;
 use crate::ns::{self, NetNs};
-use crate::GatewayProc;
 
 /// What one iperf3 run carried.
 #[derive(Debug, Clone, Copy)]
@@ -154,7 +154,7 @@ pub fn run(
     } else {
         ("0", "1")
     };
-    let config = |cores, addrs| crate::gateway_config(poll, cores, "", "gre", addrs);
+    let config = |cores, addrs| crate::harness::gateway_config(poll, cores, "", "gre", addrs);
     std::fs::write(&ca, config(ca_cores, [A, B, "10.1.1.1", "10.1.1.2"]))?;
     std::fs::write(&cb, config(cb_cores, [B, A, "10.1.1.2", "10.1.1.1"]))?;
     let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
