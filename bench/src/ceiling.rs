@@ -3,7 +3,12 @@
 //! - the wire: what the generator pushes into the gateway side's veth with
 //!   an XDP program that counts and drops (no gateway);
 //! - the device: one core writing the same inner frames into a tap, one
-//!   write(2) per packet, and in io_uring batches.
+//!   write(2) per packet, and in io_uring batches;
+//! - latency: the bare veth's round trip (the gateway host's kernel
+//!   answers ping) at the rates the tunnel's latency was measured at.
+//!
+//! The ceilings section of the run, and `--device-ceiling` (the device
+//! ceiling alone, e.g. on the gateway host of a two-host run).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -18,7 +23,14 @@ use gateway::io::tap;
 use gateway::io::xdp::Steering;
 use gateway_common::{bench_programs, XdpCounter};
 
+use serde_json::json;
+
+use crate::gen::{self, Template};
+use crate::harness::{say, Bench, GW_CORE};
 use crate::ns::NetNs;
+use crate::report::machine;
+use crate::round_trip::core_wait;
+use crate::Args;
 
 /// An XDP program that counts and drops everything on `iface` in `ns`,
 /// attached until dropped.
@@ -177,4 +189,96 @@ pub fn device(
     handle
         .join()
         .map_err(|_| anyhow!("device ceiling thread panicked"))?
+}
+
+/// Ceiling (a), the wire: the generator's tunnel packets into the gateway's
+/// veth in `gw_ns`, counted and dropped by XDP there (no gateway).
+pub(crate) fn wire_section(bench: &Bench, gw_ns: &NetNs, udp: &Template) -> Result<f64> {
+    say("ceiling: the wire (generator into the gateway's veth, XDP drop, no gateway)");
+    let probe = DropProbe::attach(gw_ns, "ens0")?;
+    let s0 = probe.seen()?;
+    let out = bench.run(udp, None)?;
+    let s1 = probe.seen()?;
+    let pps = (s1 - s0) as f64 / out.elapsed.as_secs_f64();
+    say(&format!(
+        "  wire: {:.0} pps (generator offered {:.0})",
+        pps,
+        out.sent as f64 / out.elapsed.as_secs_f64()
+    ));
+    Ok(pps)
+}
+
+/// Ceiling (b), the device: one core (the gateway's) writing the same inner
+/// frames into a tap in `gw_ns`.
+pub(crate) fn device_section(bench: &Bench, gw_ns: &NetNs) -> Result<DeviceCeiling> {
+    say("ceiling: one core writing the same inner frames into a tap");
+    let dev = device(Some(gw_ns), GW_CORE, bench.args.payload, bench.trial)?;
+    say(&format!(
+        "  tap write(2): {:.0} pps; io_uring batches of {}: {:.0} pps",
+        dev.write_pps, dev.batch, dev.uring_pps
+    ));
+    Ok(dev)
+}
+
+/// Ceiling (c) for latency: the bare veth's round trip per level (percent
+/// of the no-drop rate, rate, outcome), and per level how long the
+/// generator was kept off its core while runnable, in ms.
+pub(crate) struct BareRoundTrip {
+    pub(crate) levels: Vec<(u32, f64, gen::Outcome)>,
+    pub(crate) waits: Vec<f64>,
+}
+
+/// The bare veth's round trip (the gateway host's kernel answers `bare`'s
+/// ping) at the rates of the tunnel's `levels`.
+pub(crate) fn bare_round_trip(
+    bench: &Bench,
+    bare: &Template,
+    levels: &[(u32, f64, gen::Outcome)],
+) -> Result<BareRoundTrip> {
+    say("ceiling: bare veth round trip (the gateway host's kernel answers ping), same rates");
+    let mut bare_lat = Vec::new();
+    let mut bare_waits = Vec::new();
+    for (pct, rate, _) in levels {
+        let gen0 = core_wait(std::process::id(), "bench-gen");
+        let o = bench.run(bare, Some(*rate))?;
+        let gen_wait = core_wait(std::process::id(), "bench-gen")
+            .0
+            .saturating_sub(gen0.0);
+        bare_waits.push(gen_wait as f64 / 1e6);
+        say(&format!(
+            "  bare at {rate:.0} pps: p50 {:.1} µs p99 {:.1} µs; generator kept off its core while runnable {:.1} ms",
+            o.rtt.value_at_quantile(0.5) as f64 / 1000.0,
+            o.rtt.value_at_quantile(0.99) as f64 / 1000.0,
+            gen_wait as f64 / 1e6
+        ));
+        bare_lat.push((*pct, *rate, o));
+    }
+    Ok(BareRoundTrip {
+        levels: bare_lat,
+        waits: bare_waits,
+    })
+}
+
+/// `--device-ceiling`: only this host's device ceiling, on its last core,
+/// printed as JSON.
+pub(crate) fn device_only(args: &Args) -> Result<()> {
+    let trial = if args.quick {
+        Duration::from_millis(700)
+    } else {
+        Duration::from_secs(3)
+    };
+    let core = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let d = device(None, core, args.payload, trial)?;
+    println!(
+        "{}",
+        json!({
+            "tap_write_pps": d.write_pps,
+            "tap_io_uring_pps": d.uring_pps,
+            "tap_io_uring_batch": d.batch,
+            "payload_bytes": args.payload,
+            "core": core,
+            "machine": machine(),
+        })
+    );
+    Ok(())
 }

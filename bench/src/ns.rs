@@ -1,6 +1,7 @@
 //! Network namespaces for the bench, removed on drop (also on Ctrl-C, via
 //! the caller's signal flag and normal unwinding), and running closures on
-//! threads that live inside a namespace.
+//! threads that live inside a namespace; and the bench's own topology, the
+//! generator's namespace and the gateway's joined by a veth.
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -123,4 +124,42 @@ pub fn veth(a: &NetNs, a_dev: &str, b: &NetNs, b_dev: &str, queues: usize) -> Re
 
 pub fn pin(core: usize) {
     core_affinity::set_for_current(core_affinity::CoreId { id: core });
+}
+
+/// The generator's namespace (`gen0`, 192.168.0.58) and the gateway's
+/// (`ens0`, 192.168.0.8) joined by a veth of `queues` queues each way;
+/// returns them with the MACs of `gen0` and `ens0`.
+pub(crate) fn topology(
+    gen: &str,
+    gw: &str,
+    queues: usize,
+) -> Result<(NetNs, NetNs, [u8; 6], [u8; 6])> {
+    let gen_ns = NetNs::new(gen)?;
+    let gw_ns = NetNs::new(gw)?;
+    veth(&gen_ns, "gen0", &gw_ns, "ens0", queues)?;
+    gen_ns.ip(&["addr", "add", "192.168.0.58/24", "dev", "gen0"])?;
+    gw_ns.ip(&["addr", "add", "192.168.0.8/24", "dev", "ens0"])?;
+    gen_ns.ip(&["link", "set", "gen0", "up"])?;
+    gw_ns.ip(&["link", "set", "ens0", "up"])?;
+    let gen_mac = gen_ns.mac("gen0")?;
+    let gw_mac = gw_ns.mac("ens0")?;
+    // Everything reaching gen0 goes to the generator's socket, so its kernel
+    // never answers ARP: give the gateway side a permanent entry.
+    let mac_s = gen_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    gw_ns.ip(&[
+        "neigh",
+        "replace",
+        "192.168.0.58",
+        "lladdr",
+        &mac_s,
+        "dev",
+        "ens0",
+        "nud",
+        "permanent",
+    ])?;
+    Ok((gen_ns, gw_ns, gen_mac, gw_mac))
 }

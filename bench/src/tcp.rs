@@ -12,10 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use crate::harness::{say, GatewayProc};
 use crate::ns::{self, NetNs};
-use crate::GatewayProc;
+use crate::Args;
 
 /// What one iperf3 run carried.
 #[derive(Debug, Clone, Copy)]
@@ -154,7 +155,7 @@ pub fn run(
     } else {
         ("0", "1")
     };
-    let config = |cores, addrs| crate::gateway_config(poll, cores, "", "gre", addrs);
+    let config = |cores, addrs| crate::harness::gateway_config(poll, cores, "", "gre", addrs);
     std::fs::write(&ca, config(ca_cores, [A, B, "10.1.1.1", "10.1.1.2"]))?;
     std::fs::write(&cb, config(cb_cores, [B, A, "10.1.1.2", "10.1.1.1"]))?;
     let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
@@ -180,4 +181,64 @@ pub fn run(
         gateway_a,
         gateway_b,
     })
+}
+
+/// iperf3 through the tunnel and over the bare veth; prints its lines and
+/// returns them as JSON.
+pub(crate) fn section(
+    gateway: &Path,
+    poll: &str,
+    secs: u64,
+    out_dir: &Path,
+    queues: usize,
+) -> Result<Value> {
+    say(&format!(
+        "TCP: iperf3, {queues} stream(s), two gateways (GRE, MTU 1400, {queues} queue(s)) beside the bare veth (MTU 1400)"
+    ));
+    let t = run(gateway, poll, secs, out_dir, queues)?;
+    let g = |x: f64| x / 1e9;
+    let lines = [
+        ("bare veth, offloads on", t.bare_offloads),
+        ("bare veth, offloads off", t.bare_no_offloads),
+        ("through the tunnel", t.tunnel),
+    ];
+    for (what, v) in lines {
+        say(&format!(
+            "  {what}: {:.2} Gbit/s ({} retransmits)",
+            g(v.bps),
+            v.retransmits
+        ));
+    }
+    let v = json!({
+        "seconds": secs,
+        "queues_and_streams": queues,
+        "bare_offloads_gbps": g(t.bare_offloads.bps),
+        "bare_no_offloads_gbps": g(t.bare_no_offloads.bps),
+        "tunnel_gbps": g(t.tunnel.bps),
+        "tunnel_retransmits": t.tunnel.retransmits,
+        "ratio_tunnel_to_bare_offloads": t.tunnel.bps / t.bare_offloads.bps.max(1.0),
+        "ratio_tunnel_to_bare_no_offloads": t.tunnel.bps / t.bare_no_offloads.bps.max(1.0),
+        "gateway_sender_stats": t.gateway_a,
+        "gateway_receiver_stats": t.gateway_b,
+    });
+    println!(
+        "TCP, {queues} stream(s): tunnel {:.2} Gbit/s; bare veth {:.2} with offloads ({:.2}x), {:.2} without ({:.2}x)",
+        g(t.tunnel.bps),
+        g(t.bare_offloads.bps),
+        v["ratio_tunnel_to_bare_offloads"].as_f64().unwrap_or(0.0),
+        g(t.bare_no_offloads.bps),
+        v["ratio_tunnel_to_bare_no_offloads"].as_f64().unwrap_or(0.0),
+    );
+    Ok(v)
+}
+
+/// `--tcp-only`: the TCP section alone, `secs` per iperf3 run, its results
+/// in `results.json`.
+pub(crate) fn only(args: &Args, secs: u64, out_dir: &Path) -> Result<()> {
+    let t = section(&args.gateway, &args.poll, secs, out_dir, args.tcp_queues)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json!({ "tcp": t }))?,
+    )?;
+    Ok(())
 }
