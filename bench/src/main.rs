@@ -80,7 +80,7 @@ struct Args {
     #[arg(long, default_value = "busy", value_parser = ["busy", "adaptive"])]
     poll: String,
     /// Two hosts: run the generator on this host's IFACE against a gateway
-    /// started by hand on another host (see the README).
+    /// started by hand on another host (see docs/performance.md).
     #[arg(long, value_name = "IFACE")]
     iface: Option<String>,
     /// Two hosts: the gateway host's underlay IPv4 address.

@@ -11,6 +11,7 @@
 //! compiles to an empty binary so that workspace-wide lints work.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 #[cfg(target_arch = "bpf")]
 mod prog {

@@ -89,7 +89,7 @@ fn quick_bench_writes_json_hgrm_and_plot() {
 }
 
 /// Two-host mode, with two namespaces standing in for the hosts: the
-/// gateway started by hand in one (as the README tells), the bench's
+/// gateway started by hand in one (as docs/performance.md tells), the bench's
 /// generator on the other's interface, capturing only tunnel packets.
 #[test]
 fn two_host_mode_measures_the_round_trip() {

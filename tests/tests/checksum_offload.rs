@@ -4,7 +4,7 @@
 //! complete it. Between two virtual devices nobody does, and XDP on Linux
 //! 6.18 cannot see that such a packet is partial (no checksum-state kfunc),
 //! so the gateway counts it as `gre_checksum_bad`: the limitation the README
-//! states, with its remedy (`ethtool -K <dev> tx off` on the sender). This
+//! lists, with its remedy (`ethtool -K <dev> tx off` on the sender). This
 //! test pins that behaviour with the kernel's own path: an AF_PACKET socket
 //! with `PACKET_VNET_HDR` hands the veth a partial-checksum skb exactly as a
 //! local GRE tunnel with offload would. The same packet with its checksum

@@ -2,8 +2,8 @@
 //! or dissected, by scapy (tests/conformance/peer.py), not by the gateway's
 //! code, sent on the wire to the real gateway, and the result (delivered,
 //! dropped under the expected reason, left to the kernel, or the fields of
-//! what it sent) is compared with what the kernel documents. The README's
-//! conformance table lists these cases.
+//! what it sent) is compared with what the kernel documents. The conformance
+//! table in docs/rules.md lists these cases.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

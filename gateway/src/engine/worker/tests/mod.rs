@@ -226,7 +226,7 @@ impl Harness {
     }
 
     /// Every packet taken from the RX ring is delivered, held or counted
-    /// (the identity the README states), once the writes are reaped.
+    /// (the identity docs/rules.md states), once the writes are reaped.
     pub fn check_accounting(&self) {
         let l = &self.run.st.local;
         let rx_drops: u64 = DropReason::ALL
