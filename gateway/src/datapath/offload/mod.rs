@@ -57,6 +57,7 @@ const URG: u8 = 0x20;
 const CWR: u8 = 0x80;
 
 /// The pseudo-header sum for `len` bytes of protocol `proto` in `flow`.
+#[inline]
 fn pseudo_proto(flow: &Flow, proto: u8, len: usize) -> u64 {
     let n = if flow.v6 { 16 } else { 4 };
     checksum::pseudo_header(&flow.src[..n], &flow.dst[..n], proto, len)
@@ -69,7 +70,9 @@ fn pseudo_proto(flow: &Flow, proto: u8, len: usize) -> u64 {
 /// wrong stays wrong (inbound, from the wire); with `Checksum::Fill`
 /// computed again, as `inet_gso_segment` does for each segment of the
 /// local kernel's own GSO packet (outbound, whose checksum is not kept up
-/// to date for the whole).
+/// to date for the whole). (Inlined: coalescing and segmentation, in two
+/// modules, both call it per packet.)
+#[inline]
 fn set_ip_len(pkt: &mut [u8], at: Lengths, csum: Checksum) {
     let Lengths {
         l3,
