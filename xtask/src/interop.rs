@@ -1,0 +1,699 @@
+//! Interop with the real kernel: for each tunnel mode and option, the
+//! kernel side is configured in the guest with iproute2's own commands, as a
+//! user types them, and the gateway (the real binary) runs on the host side
+//! of the wire with the matching configuration; then ping both ways. One
+//! boot serves every case; each case starts its own gateway and removes its
+//! kernel devices after.
+//!
+//! `cargo xtask vm interop` runs it and prints a table; the results are
+//! also written as JSON (`target/vm/interop.json`).
+//! `tests/tests/vm_interop.rs` runs the same code (with `GATEWAY_VM=1`).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::vm::{self, Console, GatewayProc, Guest, Stop, Topology};
+
+/// How long the first packet through a fresh tunnel may take (next-hop
+/// resolution on both sides, ARP through gretap), polled, never slept.
+const FIRST_PING_LIMIT: Duration = Duration::from_secs(90);
+/// Echo requests per direction once the first has come back.
+const PINGS: u32 = 5;
+
+/// The inner addresses: the gateway's side and the kernel's side.
+#[derive(Clone, Copy)]
+enum Inner {
+    V4,
+    V6,
+}
+
+impl Inner {
+    fn gw(self) -> &'static str {
+        match self {
+            Inner::V4 => "10.1.1.1",
+            Inner::V6 => "fd00:1::1",
+        }
+    }
+    fn kernel(self) -> &'static str {
+        match self {
+            Inner::V4 => "10.1.1.2",
+            Inner::V6 => "fd00:1::2",
+        }
+    }
+}
+
+/// One mode or option, both sides.
+#[derive(Clone)]
+pub struct Case {
+    pub name: String,
+    /// The kernel side, in the guest, as a user types it.
+    pub kernel: Vec<String>,
+    kernel_dev: String,
+    /// The gateway's `[[tunnel]]` table.
+    pub tunnel: String,
+    /// Commands in the gateway's namespace once it runs (a bridge for the
+    /// gretap tap), and their undoing.
+    host_setup: Vec<String>,
+    host_teardown: Vec<String>,
+    gw_inner: &'static str,
+    kernel_inner: &'static str,
+    /// Bridged (gretap): the bridges whose neighbour tables must show the
+    /// other side's MAC (ARP crossed).
+    bridged: bool,
+}
+
+fn endpoints(v6: bool) -> (&'static str, &'static str) {
+    if v6 {
+        (vm::GUEST_V6, vm::GW_V6)
+    } else {
+        (vm::GUEST_V4, vm::GW_V4)
+    }
+}
+
+/// A routed tunnel: `add` is the kernel's `ip tunnel add` line (with
+/// REMOTE and LOCAL to fill in), `options` the gateway's extra lines.
+fn routed(name: &str, dev: &str, add: &str, mode: &str, options: &str, inner: Inner) -> Case {
+    let v6 = add.contains("ip -6") || mode.starts_with("ip6") || mode == "ipip6";
+    let (guest, gw) = endpoints(v6);
+    let add = add.replace("REMOTE", gw).replace("LOCAL", guest);
+    let addr = match inner {
+        Inner::V4 => format!(
+            "ip addr add {} peer {} dev {dev}",
+            inner.kernel(),
+            inner.gw()
+        ),
+        Inner::V6 => format!(
+            "ip -6 addr add {} peer {} dev {dev} nodad",
+            inner.kernel(),
+            inner.gw()
+        ),
+    };
+    let kind = match inner {
+        Inner::V4 => "tap",
+        Inner::V6 => "tun",
+    };
+    Case {
+        name: name.into(),
+        kernel: vec![add, format!("ip link set {dev} up mtu 1400"), addr],
+        kernel_dev: dev.into(),
+        tunnel: format!(
+            "name = \"{}\"\nmode = \"{mode}\"\nlocal = \"{gw}\"\nremote = \"{guest}\"\n{options}mtu = 1400\ndevice = \"gwt0\"\ndevice_kind = \"{kind}\"\naddress = \"{}\"\npeer = \"{}\"\n",
+            dev,
+            inner.gw(),
+            inner.kernel()
+        ),
+        host_setup: vec![],
+        host_teardown: vec![],
+        gw_inner: inner.gw(),
+        kernel_inner: inner.kernel(),
+        bridged: false,
+    }
+}
+
+/// gretap/ip6gretap: both sides bridge their tunnel device, with an address
+/// on the bridge; ARP crosses the tunnel.
+fn bridged(name: &str, dev: &str, kind: &str, mode: &str) -> Case {
+    let (guest, gw) = endpoints(mode.starts_with("ip6"));
+    Case {
+        name: name.into(),
+        kernel: vec![
+            format!("ip link add {dev} type {kind} remote {gw} local {guest}"),
+            format!("ip link set {dev} up mtu 1400"),
+            "ip link add br9 type bridge".into(),
+            format!("ip link set {dev} master br9"),
+            "ip link set br9 up".into(),
+            "ip addr add 10.9.9.2/24 dev br9".into(),
+        ],
+        kernel_dev: dev.into(),
+        tunnel: format!(
+            "name = \"{dev}\"\nmode = \"{mode}\"\nlocal = \"{gw}\"\nremote = \"{guest}\"\nmtu = 1400\ndevice = \"gwt0\"\n"
+        ),
+        host_setup: vec![
+            "ip link add br9 type bridge".into(),
+            "ip link set gwt0 master br9".into(),
+            "ip link set br9 up".into(),
+            "ip addr add 10.9.9.1/24 dev br9".into(),
+        ],
+        host_teardown: vec!["ip link del br9".into()],
+        gw_inner: "10.9.9.1",
+        kernel_inner: "10.9.9.2",
+        bridged: true,
+    }
+}
+
+/// Every case, in order: the seed lab's two first, then the other modes,
+/// then GRE's options and the outer header's.
+pub fn cases() -> Vec<Case> {
+    use Inner::*;
+    let gre = "ip tunnel add tun100 mode gre remote REMOTE local LOCAL";
+    vec![
+        routed(
+            "gre",
+            "tun100",
+            &format!("{gre} ttl 64"),
+            "gre",
+            "ttl = 64\n",
+            V4,
+        ),
+        routed(
+            "ipip",
+            "tun200",
+            "ip tunnel add tun200 mode ipip remote REMOTE local LOCAL",
+            "ipip",
+            "",
+            V4,
+        ),
+        bridged("gretap", "gtap0", "gretap", "gretap"),
+        routed(
+            "sit",
+            "sit1",
+            "ip tunnel add sit1 mode sit remote REMOTE local LOCAL",
+            "sit",
+            "",
+            V6,
+        ),
+        routed(
+            "ip6gre",
+            "g6",
+            "ip -6 tunnel add g6 mode ip6gre remote REMOTE local LOCAL",
+            "ip6gre",
+            "",
+            V4,
+        ),
+        bridged("ip6gretap", "g6tap", "ip6gretap", "ip6gretap"),
+        routed(
+            "ip6ip6",
+            "t66",
+            "ip -6 tunnel add t66 mode ip6ip6 remote REMOTE local LOCAL",
+            "ip6ip6",
+            "",
+            V6,
+        ),
+        routed(
+            "ipip6",
+            "t46",
+            "ip -6 tunnel add t46 mode ipip6 remote REMOTE local LOCAL",
+            "ipip6",
+            "",
+            V4,
+        ),
+        routed(
+            "gre key",
+            "tun100",
+            &format!("{gre} key 42"),
+            "gre",
+            "key = 42\n",
+            V4,
+        ),
+        routed(
+            "gre csum",
+            "tun100",
+            &format!("{gre} csum"),
+            "gre",
+            "csum = true\n",
+            V4,
+        ),
+        routed(
+            "gre seq",
+            "tun100",
+            &format!("{gre} seq"),
+            "gre",
+            "seq = true\n",
+            V4,
+        ),
+        routed(
+            "gre key csum seq",
+            "tun100",
+            &format!("{gre} key 7 csum seq"),
+            "gre",
+            "key = 7\ncsum = true\nseq = true\n",
+            V4,
+        ),
+        routed(
+            "gre ikey/okey",
+            "tun100",
+            &format!("{gre} ikey 1001 okey 1002"),
+            "gre",
+            "ikey = 1002\nokey = 1001\n",
+            V4,
+        ),
+        routed(
+            "gre icsum (kernel)",
+            "tun100",
+            &format!("{gre} icsum"),
+            "gre",
+            "ocsum = true\n",
+            V4,
+        ),
+        routed(
+            "gre ocsum (kernel)",
+            "tun100",
+            &format!("{gre} ocsum"),
+            "gre",
+            "icsum = true\n",
+            V4,
+        ),
+        routed(
+            "gre iseq (kernel)",
+            "tun100",
+            &format!("{gre} iseq"),
+            "gre",
+            "oseq = true\n",
+            V4,
+        ),
+        routed(
+            "gre oseq (kernel)",
+            "tun100",
+            &format!("{gre} oseq"),
+            "gre",
+            "iseq = true\n",
+            V4,
+        ),
+        routed(
+            "gre ttl inherit",
+            "tun100",
+            &format!("{gre} ttl inherit"),
+            "gre",
+            "ttl = \"inherit\"\n",
+            V4,
+        ),
+        routed(
+            "gre tos inherit",
+            "tun100",
+            &format!("{gre} tos inherit"),
+            "gre",
+            "tos = \"inherit\"\n",
+            V4,
+        ),
+        routed(
+            "ipip nopmtudisc",
+            "tun200",
+            "ip tunnel add tun200 mode ipip remote REMOTE local LOCAL nopmtudisc",
+            "ipip",
+            "pmtudisc = false\n",
+            V4,
+        ),
+        routed(
+            "ip6ip6 encaplimit none",
+            "t66",
+            "ip -6 tunnel add t66 mode ip6ip6 remote REMOTE local LOCAL encaplimit none",
+            "ip6ip6",
+            "encaplimit = \"none\"\n",
+            V6,
+        ),
+    ]
+}
+
+/// Echo replies seen out of requests sent, from ping's summary line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pings {
+    pub sent: u32,
+    pub received: u32,
+}
+
+impl Pings {
+    fn parse(out: &str) -> Option<Pings> {
+        let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+        let mut words = line.split_whitespace();
+        let sent = words.next()?.parse().ok()?;
+        let received = line
+            .split(", ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(Pings { sent, received })
+    }
+
+    pub fn all(&self) -> bool {
+        self.sent > 0 && self.received == self.sent
+    }
+
+    fn show(p: Option<Pings>) -> String {
+        p.map(|p| format!("{}/{}", p.received, p.sent))
+            .unwrap_or_else(|| "-".into())
+    }
+}
+
+/// What one case came to.
+#[derive(Clone, Debug, Default)]
+pub struct CaseResult {
+    pub name: String,
+    pub kernel_commands: Vec<String>,
+    pub gateway_to_kernel: Option<Pings>,
+    pub kernel_to_gateway: Option<Pings>,
+    /// Bridged cases: whether each side's neighbour table shows the other
+    /// bridge's MAC.
+    pub arp: Option<bool>,
+    /// The kernel's own view of its device (`ip -d link show`).
+    pub kernel_device: String,
+    /// The gateway's counters after the pings (its JSON).
+    pub gateway_stats: Option<String>,
+    pub error: Option<String>,
+}
+
+impl CaseResult {
+    pub fn pings_pass(&self) -> bool {
+        self.error.is_none()
+            && self.gateway_to_kernel.is_some_and(|p| p.all())
+            && self.kernel_to_gateway.is_some_and(|p| p.all())
+            && self.arp != Some(false)
+    }
+}
+
+/// The whole run.
+pub struct Report {
+    pub kernel: String,
+    pub accel: String,
+    pub results: Vec<CaseResult>,
+}
+
+/// The guest and the gateway's side, booted once for every case.
+pub struct Lab {
+    pub guest: Guest,
+    pub topo: Topology,
+    pub gateway_bin: PathBuf,
+    pub dir: PathBuf,
+    pub stop: Stop,
+    /// Last: the run's folder goes after QEMU (which shares part of it).
+    _dir: vm::RemoveDir,
+}
+
+impl Lab {
+    /// Packages, kernel, accelerator, namespaces, boot: everything up to a
+    /// guest that takes commands. `cache` is `target/vm`.
+    pub fn up(
+        cache: &Path,
+        gateway_bin: &Path,
+        prefix: &str,
+        console: Console,
+        stop: &Stop,
+    ) -> Result<Lab> {
+        if !gateway_bin.exists() {
+            bail!(
+                "no gateway binary at {}: run `cargo build -p gateway` first",
+                gateway_bin.display()
+            );
+        }
+        vm::ensure_packages()?;
+        let kernel = vm::prepare(cache)?;
+        let dir = cache.join(format!("run-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let remove = vm::RemoveDir(dir.clone());
+        let accel = vm::choose_accel(&kernel, &dir, stop)?;
+        let topo = Topology::new(prefix)?;
+        let guest = Guest::boot(&kernel, accel, &topo, dir.join("job"), console, stop)?;
+        Ok(Lab {
+            guest,
+            topo,
+            gateway_bin: gateway_bin.to_path_buf(),
+            dir,
+            stop: stop.clone(),
+            _dir: remove,
+        })
+    }
+
+    /// `sh -c SCRIPT` in the gateway's namespace: success and output.
+    fn host(&self, script: &str) -> (bool, String) {
+        Topology::exec(&self.topo.gw, &["sh", "-c", script])
+    }
+
+    fn host_ok(&self, script: &str) -> Result<String> {
+        let (ok, out) = self.host(script);
+        if !ok {
+            bail!(
+                "in the gateway's namespace, `{script}` failed:\n{}",
+                out.trim()
+            );
+        }
+        Ok(out)
+    }
+
+    fn gateway_config(tunnel: &str) -> String {
+        format!("[gateway]\niface = \"ens0\"\npoll = \"adaptive\"\n\n[[tunnel]]\n{tunnel}")
+    }
+
+    /// Pings `dst` from the gateway's side (`guest` false) or the kernel's:
+    /// first until one answers, then [`PINGS`] counted.
+    fn ping(&mut self, from_guest: bool, dst: &str) -> Result<Pings> {
+        let once = format!("ping -c 1 -W 2 {dst}");
+        let many = format!("ping -c {PINGS} -i 0.2 -W 5 {dst}");
+        let stop = self.stop.clone();
+        let mut last = String::new();
+        let first = vm::wait_for(
+            &format!("a first echo reply from {dst}"),
+            FIRST_PING_LIMIT,
+            &stop,
+            || {
+                let (ok, out) = if from_guest {
+                    let (rc, out) = self.guest.exec_status(&once, vm::COMMAND_LIMIT)?;
+                    (rc == 0, out)
+                } else {
+                    self.host(&once)
+                };
+                last = out;
+                Ok(ok.then_some(()))
+            },
+        );
+        if let Err(e) = first {
+            bail!("{e}; the last ping said:\n{}", last.trim());
+        }
+        let out = if from_guest {
+            self.guest.exec_status(&many, vm::COMMAND_LIMIT)?.1
+        } else {
+            self.host(&many).1
+        };
+        Pings::parse(&out).with_context(|| format!("no summary from ping:\n{out}"))
+    }
+
+    /// The MAC of `dev` in the guest or the gateway's namespace.
+    fn mac(&mut self, in_guest: bool, dev: &str) -> Result<String> {
+        let cmd = format!("cat /sys/class/net/{dev}/address");
+        let out = if in_guest {
+            self.guest.exec(&cmd)?
+        } else {
+            self.host_ok(&cmd)?
+        };
+        Ok(out.trim().to_string())
+    }
+
+    fn run_case_steps(&mut self, case: &Case, r: &mut CaseResult) -> Result<()> {
+        let script = format!("set -e\n{}\n", case.kernel.join("\n"));
+        self.guest.exec(&script)?;
+        r.kernel_device = self
+            .guest
+            .exec(&format!("ip -d link show {}", case.kernel_dev))?
+            .trim()
+            .to_string();
+        let gw_dir = self.dir.join("gateway");
+        let mut gw = GatewayProc::start(
+            &self.gateway_bin,
+            &self.topo.gw,
+            &Self::gateway_config(&case.tunnel),
+            &gw_dir,
+            &self.stop,
+        )?;
+        for c in &case.host_setup {
+            self.host_ok(c)?;
+        }
+        let steps = (|| -> Result<()> {
+            r.gateway_to_kernel = Some(self.ping(false, case.kernel_inner)?);
+            r.kernel_to_gateway = Some(self.ping(true, case.gw_inner)?);
+            if case.bridged {
+                let guest_mac = self.mac(true, "br9")?;
+                let gw_mac = self.mac(false, "br9")?;
+                let seen_here = self.host_ok(&format!("ip neigh show {}", case.kernel_inner))?;
+                let seen_there = self
+                    .guest
+                    .exec(&format!("ip neigh show {}", case.gw_inner))?;
+                r.arp = Some(seen_here.contains(&guest_mac) && seen_there.contains(&gw_mac));
+            }
+            r.gateway_stats = Some(gw.stats(&self.stop)?);
+            Ok(())
+        })();
+        let log = fs::read_to_string(&gw.log).unwrap_or_default();
+        let stopped = gw.stop();
+        steps.and(stopped).map_err(|e| {
+            let tail: Vec<&str> = log.lines().rev().take(8).collect::<Vec<_>>();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            e.context(format!("gateway log (last lines):\n{}", tail.join("\n")))
+        })
+    }
+
+    /// Runs one case and undoes it, whatever happened; a failure is
+    /// recorded in the result. Fails only when the lab itself is gone.
+    pub fn run_case(&mut self, case: &Case) -> Result<CaseResult> {
+        vm::say(&format!("case {}", case.name));
+        let mut r = CaseResult {
+            name: case.name.clone(),
+            kernel_commands: case.kernel.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = self.run_case_steps(case, &mut r) {
+            r.error = Some(format!("{e:#}"));
+        }
+        for c in &case.host_teardown {
+            let _ = self.host(c);
+        }
+        // Every device the case made in the guest (the tunnel, the bridge).
+        self.guest.exec(&format!(
+            "ip link del {} 2>/dev/null; ip link del br9 2>/dev/null; true",
+            case.kernel_dev
+        ))?;
+        self.stop.check()?;
+        self.guest.alive()?;
+        Ok(r)
+    }
+}
+
+/// Boots the lab and runs `only` (names; all when empty).
+pub fn run(cache: &Path, gateway_bin: &Path, only: &[String], stop: &Stop) -> Result<Report> {
+    let all = cases();
+    let chosen: Vec<Case> = all
+        .iter()
+        .filter(|c| only.is_empty() || only.contains(&c.name))
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+        bail!("no case named {only:?}; the cases: {names:?}");
+    }
+    let prefix = format!("gwvm{}", std::process::id());
+    let mut lab = Lab::up(cache, gateway_bin, &prefix, Console::Log, stop)?;
+    let mut results = Vec::new();
+    for case in &chosen {
+        results.push(lab.run_case(case)?);
+    }
+    Ok(Report {
+        kernel: lab.guest.release.clone(),
+        accel: match lab.guest.accel {
+            vm::Accel::Kvm => "kvm".into(),
+            vm::Accel::Tcg => "tcg".into(),
+        },
+        results,
+    })
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_pings(p: Option<Pings>) -> String {
+    match p {
+        Some(p) => format!("{{\"sent\": {}, \"received\": {}}}", p.sent, p.received),
+        None => "null".into(),
+    }
+}
+
+impl Report {
+    pub fn to_json(&self) -> String {
+        let mut o = format!(
+            "{{\n  \"kernel\": {},\n  \"accel\": {},\n  \"modes\": [\n",
+            json_str(&self.kernel),
+            json_str(&self.accel)
+        );
+        for (i, r) in self.results.iter().enumerate() {
+            let cmds: Vec<String> = r.kernel_commands.iter().map(|c| json_str(c)).collect();
+            let _ = write!(
+                o,
+                "    {{\"mode\": {}, \"pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
+                json_str(&r.name),
+                r.pings_pass(),
+                json_pings(r.gateway_to_kernel),
+                json_pings(r.kernel_to_gateway),
+                r.arp.map(|a| a.to_string()).unwrap_or_else(|| "null".into()),
+                r.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
+                cmds.join(", "),
+                json_str(&r.kernel_device),
+                // The gateway's own JSON line, as it printed it.
+                r.gateway_stats.as_deref().unwrap_or("null"),
+                if i + 1 < self.results.len() { "," } else { "" }
+            );
+        }
+        o.push_str("  ]\n}\n");
+        o
+    }
+
+    pub fn table(&self) -> String {
+        let mut o = format!(
+            "kernel {} under {}\n{:<24} {:>10} {:>10} {:>5}  result\n",
+            self.kernel, self.accel, "mode", "gw->kernel", "kernel->gw", "ARP"
+        );
+        for r in &self.results {
+            let _ = writeln!(
+                o,
+                "{:<24} {:>10} {:>10} {:>5}  {}",
+                r.name,
+                Pings::show(r.gateway_to_kernel),
+                Pings::show(r.kernel_to_gateway),
+                match r.arp {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "",
+                },
+                if r.pings_pass() { "pass" } else { "FAIL" }
+            );
+        }
+        for r in self.results.iter().filter(|r| r.error.is_some()) {
+            let _ = writeln!(
+                o,
+                "\n{}: {}",
+                r.name,
+                r.error.as_deref().unwrap_or_default()
+            );
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summaries_are_read() {
+        let p = Pings::parse(
+            "--- 10.1.1.2 ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 804ms\n",
+        )
+        .unwrap();
+        assert_eq!((p.sent, p.received), (5, 4));
+        let p = Pings::parse("1 packets transmitted, 0 received, +1 errors, 100% packet loss\n")
+            .unwrap();
+        assert!(!p.all());
+    }
+
+    #[test]
+    fn the_seed_lab_comes_first_in_the_kernels_words() {
+        let c = cases();
+        assert_eq!(c[0].name, "gre");
+        assert_eq!(
+            c[0].kernel[0],
+            "ip tunnel add tun100 mode gre remote 192.168.0.8 local 192.168.0.58 ttl 64"
+        );
+        assert_eq!(c[1].name, "ipip");
+        let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
+        for m in ["gretap", "sit", "ip6gre", "ip6gretap", "ip6ip6", "ipip6"] {
+            assert!(names.contains(&m), "{m} missing");
+        }
+    }
+}
