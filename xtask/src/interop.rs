@@ -354,6 +354,8 @@ pub struct CaseResult {
     pub kernel_device: String,
     /// The gateway's counters after the pings (its JSON).
     pub gateway_stats: Option<String>,
+    /// The tunnel's packets received and sent, by the gateway's count.
+    pub tunnel_packets: Option<(u64, u64)>,
     pub error: Option<String>,
 }
 
@@ -363,6 +365,11 @@ impl CaseResult {
             && self.gateway_to_kernel.is_some_and(|p| p.all())
             && self.kernel_to_gateway.is_some_and(|p| p.all())
             && self.arp != Some(false)
+            // Both directions' echo requests and replies went through
+            // the gateway's tunnel, not around it.
+            && self
+                .tunnel_packets
+                .is_some_and(|(rx, tx)| rx >= 2 * PINGS as u64 && tx >= 2 * PINGS as u64)
     }
 }
 
@@ -514,7 +521,9 @@ impl Lab {
                     .exec(&format!("ip neigh show {}", case.gw_inner))?;
                 r.arp = Some(seen_here.contains(&guest_mac) && seen_there.contains(&gw_mac));
             }
-            r.gateway_stats = Some(gw.stats(&self.stop)?);
+            let stats = gw.stats(&self.stop)?;
+            r.tunnel_packets = tunnel_packets(&stats);
+            r.gateway_stats = Some(stats);
             Ok(())
         })();
         let log = fs::read_to_string(&gw.log).unwrap_or_default();
@@ -580,6 +589,18 @@ pub fn run(cache: &Path, gateway_bin: &Path, only: &[String], stop: &Stop) -> Re
     })
 }
 
+/// The first tunnel's `rx_packets` and `tx_packets` in the gateway's stats
+/// JSON (one tunnel per case).
+fn tunnel_packets(stats: &str) -> Option<(u64, u64)> {
+    let tunnels = &stats[stats.find("\"tunnels\":")?..];
+    let field = |name: &str| -> Option<u64> {
+        let key = format!("\"{name}\":");
+        let at = tunnels.find(&key)? + key.len();
+        tunnels[at..].split([',', '}']).next()?.trim().parse().ok()
+    };
+    Some((field("rx_packets")?, field("tx_packets")?))
+}
+
 fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
     for c in s.chars() {
@@ -616,12 +637,15 @@ impl Report {
             let cmds: Vec<String> = r.kernel_commands.iter().map(|c| json_str(c)).collect();
             let _ = write!(
                 o,
-                "    {{\"mode\": {}, \"pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
+                "    {{\"mode\": {}, \"pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"tunnel_packets\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
                 json_str(&r.name),
                 r.pings_pass(),
                 json_pings(r.gateway_to_kernel),
                 json_pings(r.kernel_to_gateway),
                 r.arp.map(|a| a.to_string()).unwrap_or_else(|| "null".into()),
+                r.tunnel_packets
+                    .map(|(rx, tx)| format!("{{\"rx\": {rx}, \"tx\": {tx}}}"))
+                    .unwrap_or_else(|| "null".into()),
                 r.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
                 cmds.join(", "),
                 json_str(&r.kernel_device),
@@ -642,7 +666,7 @@ impl Report {
         for r in &self.results {
             let _ = writeln!(
                 o,
-                "{:<24} {:>10} {:>10} {:>5}  {}",
+                "{:<24} {:>10} {:>10} {:>5} {:>11}  {}",
                 r.name,
                 Pings::show(r.gateway_to_kernel),
                 Pings::show(r.kernel_to_gateway),
@@ -651,6 +675,9 @@ impl Report {
                     Some(false) => "NO",
                     None => "",
                 },
+                r.tunnel_packets
+                    .map(|(rx, tx)| format!("{rx}/{tx}"))
+                    .unwrap_or_else(|| "-".into()),
                 if r.pings_pass() { "pass" } else { "FAIL" }
             );
         }
@@ -669,6 +696,13 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_counters_are_read() {
+        let s = r#"{"drops":{"x":1},"tunnels":[{"name":"tun100","rx_bytes":1176,"rx_packets":12,"tx_bytes":1464,"tx_packets":13}],"workers":[]}"#;
+        assert_eq!(tunnel_packets(s), Some((12, 13)));
+        assert_eq!(tunnel_packets("{}"), None);
+    }
 
     #[test]
     fn ping_summaries_are_read() {
