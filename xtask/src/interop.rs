@@ -660,8 +660,8 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut o = format!(
-            "kernel {} under {}\n{:<24} {:>10} {:>10} {:>5}  result\n",
-            self.kernel, self.accel, "mode", "gw->kernel", "kernel->gw", "ARP"
+            "kernel {} under {}\n{:<24} {:>10} {:>10} {:>5} {:>11}  result\n",
+            self.kernel, self.accel, "mode", "gw->kernel", "kernel->gw", "ARP", "gw rx/tx"
         );
         for r in &self.results {
             let _ = writeln!(
