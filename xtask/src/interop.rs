@@ -17,12 +17,53 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::vm::{self, Console, GatewayProc, Guest, Stop, Topology};
+use crate::wire::{self, Capture, Difference, Side};
 
 /// How long the first packet through a fresh tunnel may take (next-hop
 /// resolution on both sides, ARP through gretap), polled, never slept.
 const FIRST_PING_LIMIT: Duration = Duration::from_secs(90);
 /// Echo requests per direction once the first has come back.
 const PINGS: u32 = 5;
+/// The measured pings' TOS byte: a DSCP (AF11) and ECT(0), so the outer
+/// header shows what each side copies.
+const PING_TOS: &str = "0x2a";
+/// Bytes sent each way over TCP (`GATEWAY_VM_TCP_BYTES` to change).
+const TCP_BYTES: u64 = 1 << 20;
+/// How long a TCP transfer may take at emulated speed.
+const TCP_LIMIT: Duration = Duration::from_secs(600);
+
+/// The TCP ends: `serve ADDR PORT OUT` takes one connection and writes the
+/// byte count and SHA-256 of what it read to OUT (`OUT.listening` once it
+/// listens); `send ADDR PORT BYTES` sends that many pseudo-random bytes and
+/// prints their count and SHA-256 once the server has closed.
+const XFER_PY: &str = r#"import hashlib, os, random, socket, sys
+def family(a): return socket.AF_INET6 if ':' in a else socket.AF_INET
+if sys.argv[1] == 'serve':
+    addr, port, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    s = socket.socket(family(addr), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(1); s.settimeout(900)
+    open(out + '.listening', 'w').close()
+    c, _ = s.accept(); c.settimeout(900)
+    h = hashlib.sha256(); n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b: break
+        h.update(b); n += len(b)
+    c.close()
+    with open(out + '.tmp', 'w') as f: f.write('%d %s\n' % (n, h.hexdigest()))
+    os.rename(out + '.tmp', out)
+else:
+    addr, port, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    rng = random.Random(size * 7 + port)
+    c = socket.create_connection((addr, port), timeout=900)
+    h = hashlib.sha256(); left = size
+    while left:
+        b = rng.randbytes(min(left, 1 << 16)); c.sendall(b); h.update(b); left -= len(b)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    print('%d %s' % (size, h.hexdigest()))
+"#;
 
 /// The inner addresses: the gateway's side and the kernel's side.
 #[derive(Clone, Copy)]
@@ -64,6 +105,7 @@ pub struct Case {
     /// Bridged (gretap): the bridges whose neighbour tables must show the
     /// other side's MAC (ARP crossed).
     bridged: bool,
+    v6_underlay: bool,
 }
 
 fn endpoints(v6: bool) -> (&'static str, &'static str) {
@@ -111,13 +153,15 @@ fn routed(name: &str, dev: &str, add: &str, mode: &str, options: &str, inner: In
         gw_inner: inner.gw(),
         kernel_inner: inner.kernel(),
         bridged: false,
+        v6_underlay: v6,
     }
 }
 
 /// gretap/ip6gretap: both sides bridge their tunnel device, with an address
 /// on the bridge; ARP crosses the tunnel.
 fn bridged(name: &str, dev: &str, kind: &str, mode: &str) -> Case {
-    let (guest, gw) = endpoints(mode.starts_with("ip6"));
+    let v6 = mode.starts_with("ip6");
+    let (guest, gw) = endpoints(v6);
     Case {
         name: name.into(),
         kernel: vec![
@@ -142,6 +186,7 @@ fn bridged(name: &str, dev: &str, kind: &str, mode: &str) -> Case {
         gw_inner: "10.9.9.1",
         kernel_inner: "10.9.9.2",
         bridged: true,
+        v6_underlay: v6,
     }
 }
 
@@ -356,10 +401,21 @@ pub struct CaseResult {
     pub gateway_stats: Option<String>,
     /// The tunnel's packets received and sent, by the gateway's count.
     pub tunnel_packets: Option<(u64, u64)>,
+    /// TCP from the gateway's side to the kernel's, then back.
+    pub tcp: Vec<Transfer>,
+    /// The outer headers each side sent (from the capture), and where
+    /// they differ.
+    pub wire: Option<(Side, Side)>,
+    pub differences: Vec<Difference>,
     pub error: Option<String>,
 }
 
 impl CaseResult {
+    /// Both TCP transfers arrived whole (same byte count and SHA-256).
+    pub fn tcp_pass(&self) -> bool {
+        self.error.is_none() && self.tcp.len() == 2 && self.tcp.iter().all(Transfer::intact)
+    }
+
     pub fn pings_pass(&self) -> bool {
         self.error.is_none()
             && self.gateway_to_kernel.is_some_and(|p| p.all())
@@ -370,6 +426,20 @@ impl CaseResult {
             && self
                 .tunnel_packets
                 .is_some_and(|(rx, tx)| rx >= 2 * PINGS as u64 && tx >= 2 * PINGS as u64)
+    }
+}
+
+/// One TCP transfer: what was sent and what arrived.
+#[derive(Clone, Debug, Default)]
+pub struct Transfer {
+    pub direction: String,
+    pub sent: String,
+    pub received: String,
+}
+
+impl Transfer {
+    pub fn intact(&self) -> bool {
+        !self.sent.is_empty() && self.sent == self.received
     }
 }
 
@@ -450,7 +520,7 @@ impl Lab {
     /// first until one answers, then [`PINGS`] counted.
     fn ping(&mut self, from_guest: bool, dst: &str) -> Result<Pings> {
         let once = format!("ping -c 1 -W 2 {dst}");
-        let many = format!("ping -c {PINGS} -i 0.2 -W 5 {dst}");
+        let many = format!("ping -c {PINGS} -i 0.2 -W 5 -Q {PING_TOS} {dst}");
         let stop = self.stop.clone();
         let mut last = String::new();
         let first = vm::wait_for(
@@ -490,6 +560,122 @@ impl Lab {
         Ok(out.trim().to_string())
     }
 
+    fn tcp_bytes() -> u64 {
+        std::env::var("GATEWAY_VM_TCP_BYTES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(TCP_BYTES)
+    }
+
+    /// TCP from the gateway's side to a server in the guest.
+    fn tcp_to_kernel(&mut self, case: &Case) -> Result<Transfer> {
+        fs::write(self.guest.job.join("xfer.py"), XFER_PY)?;
+        let out = self.guest.job.join("out/tcp-in");
+        for p in [out.clone(), out.with_extension("listening")] {
+            let _ = fs::remove_file(p);
+        }
+        let pid = self.guest.exec(&format!(
+            "python3 /mnt/xfer.py serve {} 5001 /mnt/out/tcp-in > /mnt/out/tcp-in.log 2>&1 &\necho $!",
+            case.kernel_inner
+        ))?;
+        let stop = self.stop.clone();
+        let listening = out.with_extension("listening");
+        let server_log = out.with_extension("log");
+        let result = (|| -> Result<Transfer> {
+            vm::wait_for(
+                "the guest's TCP server to listen",
+                vm::COMMAND_LIMIT,
+                &stop,
+                || {
+                    self.guest.alive()?;
+                    let log = fs::read_to_string(&server_log).unwrap_or_default();
+                    if log.contains("Traceback") {
+                        bail!("the guest's TCP server failed:\n{log}");
+                    }
+                    Ok(listening.exists().then_some(()))
+                },
+            )?;
+            let sent = self.host_ok(&format!(
+                "python3 {} send {} 5001 {}",
+                self.guest.job.join("xfer.py").display(),
+                case.kernel_inner,
+                Self::tcp_bytes()
+            ))?;
+            let received =
+                vm::wait_for("the guest's TCP server's digest", TCP_LIMIT, &stop, || {
+                    self.guest.alive()?;
+                    Ok(fs::read_to_string(&out).ok())
+                })?;
+            Ok(Transfer {
+                direction: "gateway -> kernel".into(),
+                sent: sent.trim().to_string(),
+                received: received.trim().to_string(),
+            })
+        })();
+        if result.is_err() {
+            let _ = self
+                .guest
+                .exec_status(&format!("kill {}", pid.trim()), vm::COMMAND_LIMIT);
+        }
+        result
+    }
+
+    /// TCP from the guest to a server on the gateway's side.
+    fn tcp_to_gateway(&mut self, case: &Case) -> Result<Transfer> {
+        fs::write(self.guest.job.join("xfer.py"), XFER_PY)?;
+        let out = self.dir.join("tcp-out");
+        let listening = out.with_extension("listening");
+        for p in [&out, &listening] {
+            let _ = fs::remove_file(p);
+        }
+        let mut server = KillOnDrop(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &self.topo.gw, "python3"])
+                .arg(self.guest.job.join("xfer.py"))
+                .args(["serve", case.gw_inner, "5002"])
+                .arg(&out)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(fs::File::create(self.dir.join("tcp-out.log"))?)
+                .spawn()
+                .context("starting python3")?,
+        );
+        let stop = self.stop.clone();
+        vm::wait_for(
+            "the TCP server on the gateway's side to listen",
+            vm::COMMAND_LIMIT,
+            &stop,
+            || {
+                if let Some(s) = server.0.try_wait()? {
+                    bail!(
+                        "the TCP server exited ({s}): {}",
+                        fs::read_to_string(self.dir.join("tcp-out.log")).unwrap_or_default()
+                    );
+                }
+                Ok(listening.exists().then_some(()))
+            },
+        )?;
+        let (rc, sent) = self.guest.exec_status(
+            &format!(
+                "python3 /mnt/xfer.py send {} 5002 {}",
+                case.gw_inner,
+                Self::tcp_bytes()
+            ),
+            TCP_LIMIT,
+        )?;
+        if rc != 0 {
+            bail!("the guest's TCP sender failed ({rc}): {}", sent.trim());
+        }
+        let received = vm::wait_for("the TCP server's digest", TCP_LIMIT, &stop, || {
+            Ok(fs::read_to_string(&out).ok())
+        })?;
+        Ok(Transfer {
+            direction: "kernel -> gateway".into(),
+            sent: sent.trim().to_string(),
+            received: received.trim().to_string(),
+        })
+    }
+
     fn run_case_steps(&mut self, case: &Case, r: &mut CaseResult) -> Result<()> {
         let script = format!("set -e\n{}\n", case.kernel.join("\n"));
         self.guest.exec(&script)?;
@@ -509,6 +695,8 @@ impl Lab {
         for c in &case.host_setup {
             self.host_ok(c)?;
         }
+        let pcap = self.dir.join("wire.pcap");
+        let capture = Capture::start(&self.topo.wire, &pcap, &self.stop)?;
         let steps = (|| -> Result<()> {
             r.gateway_to_kernel = Some(self.ping(false, case.kernel_inner)?);
             r.kernel_to_gateway = Some(self.ping(true, case.gw_inner)?);
@@ -521,9 +709,30 @@ impl Lab {
                     .exec(&format!("ip neigh show {}", case.gw_inner))?;
                 r.arp = Some(seen_here.contains(&guest_mac) && seen_there.contains(&gw_mac));
             }
+            if std::env::var("GATEWAY_VM_TCP_BYTES").as_deref() != Ok("0") {
+                r.tcp.push(self.tcp_to_kernel(case)?);
+                r.tcp.push(self.tcp_to_gateway(case)?);
+            }
             let stats = gw.stats(&self.stop)?;
             r.tunnel_packets = tunnel_packets(&stats);
             r.gateway_stats = Some(stats);
+            let pcap = capture.finish()?;
+            // Kept for a look with wireshark: target/vm/pcaps/CASE.pcap.
+            if let Some(cache) = self.dir.parent() {
+                let keep = cache.join("pcaps");
+                fs::create_dir_all(&keep)?;
+                let name: String = case
+                    .name
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect();
+                fs::copy(&pcap, keep.join(format!("{name}.pcap")))?;
+            }
+            let (guest, gw_end) = endpoints(case.v6_underlay);
+            let gw_side = wire::side(&pcap, gw_end, guest)?;
+            let kernel_side = wire::side(&pcap, guest, gw_end)?;
+            r.differences = wire::compare(&gw_side, &kernel_side);
+            r.wire = Some((gw_side, kernel_side));
             Ok(())
         })();
         let log = fs::read_to_string(&gw.log).unwrap_or_default();
@@ -558,6 +767,16 @@ impl Lab {
         self.stop.check()?;
         self.guest.alive()?;
         Ok(r)
+    }
+}
+
+/// A child killed (by its pid) on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -633,13 +852,52 @@ impl Report {
             json_str(&self.kernel),
             json_str(&self.accel)
         );
+        let side = |s: &Side| -> String {
+            let f: Vec<String> = s
+                .fields
+                .iter()
+                .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
+                .collect();
+            format!("{{\"packets\": {}, {}}}", s.packets, f.join(", "))
+        };
         for (i, r) in self.results.iter().enumerate() {
             let cmds: Vec<String> = r.kernel_commands.iter().map(|c| json_str(c)).collect();
+            let tcp: Vec<String> = r
+                .tcp
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{{\"direction\": {}, \"sent\": {}, \"received\": {}, \"intact\": {}}}",
+                        json_str(&t.direction),
+                        json_str(&t.sent),
+                        json_str(&t.received),
+                        t.intact()
+                    )
+                })
+                .collect();
+            let diffs: Vec<String> = r
+                .differences
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{{\"field\": {}, \"gateway\": {}, \"kernel\": {}}}",
+                        json_str(&d.field),
+                        json_str(&d.gateway),
+                        json_str(&d.kernel)
+                    )
+                })
+                .collect();
+            let wire = r
+                .wire
+                .as_ref()
+                .map(|(g, k)| format!("{{\"gateway\": {}, \"kernel\": {}}}", side(g), side(k)))
+                .unwrap_or_else(|| "null".into());
             let _ = write!(
                 o,
-                "    {{\"mode\": {}, \"pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"tunnel_packets\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
+                "    {{\"mode\": {}, \"pings_pass\": {}, \"tcp_pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"tunnel_packets\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"tcp\": [{}],\n     \"wire\": {},\n     \"differences\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
                 json_str(&r.name),
                 r.pings_pass(),
+                r.tcp_pass(),
                 json_pings(r.gateway_to_kernel),
                 json_pings(r.kernel_to_gateway),
                 r.arp.map(|a| a.to_string()).unwrap_or_else(|| "null".into()),
@@ -648,6 +906,9 @@ impl Report {
                     .unwrap_or_else(|| "null".into()),
                 r.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
                 cmds.join(", "),
+                tcp.join(", "),
+                wire,
+                diffs.join(", "),
                 json_str(&r.kernel_device),
                 // The gateway's own JSON line, as it printed it.
                 r.gateway_stats.as_deref().unwrap_or("null"),
@@ -660,13 +921,21 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut o = format!(
-            "kernel {} under {}\n{:<24} {:>10} {:>10} {:>5} {:>11}  result\n",
-            self.kernel, self.accel, "mode", "gw->kernel", "kernel->gw", "ARP", "gw rx/tx"
+            "kernel {} under {}\n{:<24} {:>10} {:>10} {:>4} {:>11} {:>5} {:>5}  pings\n",
+            self.kernel,
+            self.accel,
+            "mode",
+            "gw->kernel",
+            "kernel->gw",
+            "ARP",
+            "gw rx/tx",
+            "TCP",
+            "diffs"
         );
         for r in &self.results {
             let _ = writeln!(
                 o,
-                "{:<24} {:>10} {:>10} {:>5} {:>11}  {}",
+                "{:<24} {:>10} {:>10} {:>4} {:>11} {:>5} {:>5}  {}",
                 r.name,
                 Pings::show(r.gateway_to_kernel),
                 Pings::show(r.kernel_to_gateway),
@@ -678,8 +947,46 @@ impl Report {
                 r.tunnel_packets
                     .map(|(rx, tx)| format!("{rx}/{tx}"))
                     .unwrap_or_else(|| "-".into()),
+                if r.tcp.is_empty() {
+                    "-"
+                } else if r.tcp_pass() {
+                    "ok"
+                } else {
+                    "BAD"
+                },
+                if r.wire.is_some() {
+                    r.differences.len().to_string()
+                } else {
+                    "-".into()
+                },
                 if r.pings_pass() { "pass" } else { "FAIL" }
             );
+        }
+        let with_diffs: Vec<&CaseResult> = self
+            .results
+            .iter()
+            .filter(|r| !r.differences.is_empty())
+            .collect();
+        if !with_diffs.is_empty() {
+            o.push_str("\nouter headers, where the gateway's differ from the kernel's (tshark):\n");
+        }
+        for r in with_diffs {
+            for d in &r.differences {
+                let _ = writeln!(
+                    o,
+                    "  {:<22} {:<22} gateway {:<28} kernel {}",
+                    r.name, d.field, d.gateway, d.kernel
+                );
+            }
+        }
+        for r in &self.results {
+            for t in r.tcp.iter().filter(|t| !t.intact()) {
+                let _ = writeln!(
+                    o,
+                    "\n{}: TCP {}: sent {}, received {}",
+                    r.name, t.direction, t.sent, t.received
+                );
+            }
         }
         for r in self.results.iter().filter(|r| r.error.is_some()) {
             let _ = writeln!(

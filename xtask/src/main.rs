@@ -24,6 +24,7 @@ mod demo;
 mod interop;
 mod vm;
 mod vmlab;
+mod wire;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
