@@ -4,7 +4,11 @@
 //! wire. For every mode (gre, ipip, gretap, sit, ip6gre, ip6gretap, ip6ip6,
 //! ipip6) and GRE's options (key, csum, seq and their i/o variants; ttl and
 //! tos inherit, nopmtudisc, encaplimit none), ping must cross both ways,
-//! counted by the gateway's tunnel, and ARP must cross gretap.
+//! counted by the gateway's tunnel, ARP must cross gretap, and 1 MiB of TCP
+//! must cross each way intact (SHA-256 compared). The outer headers each
+//! side sent, captured on the wire and dissected by tshark, are compared
+//! field by field and the differences printed (not asserted: some are
+//! known, see the table).
 //!
 //! This boots a VM and downloads a kernel package (once, into
 //! `target/vm`): it runs only with `GATEWAY_VM=1` (`GATEWAY_VM_ONLY=gre,ipip`
@@ -18,6 +22,10 @@ mod vm;
 #[allow(dead_code)]
 #[path = "../../xtask/src/interop.rs"]
 mod interop;
+
+#[allow(dead_code)]
+#[path = "../../xtask/src/wire.rs"]
+mod wire;
 
 use gateway_tests::{gateway_bin, require_root};
 
@@ -55,7 +63,7 @@ fn every_mode_pings_both_ways_with_the_kernel() {
     let failed: Vec<&str> = report
         .results
         .iter()
-        .filter(|r| !r.pings_pass())
+        .filter(|r| !(r.pings_pass() && r.tcp_pass()))
         .map(|r| r.name.as_str())
         .collect();
     assert!(

@@ -184,20 +184,26 @@ fn parse_num(s: &str) -> Option<u64> {
     }
 }
 
-/// The tunnel packets from `src` to `dst` in `pcap`, summarised.
+/// What the two sides both send, so that like is compared with like: the
+/// echo requests and replies and the TCP transfers (not the kernel's IPv6
+/// link-local chatter, which the gateway keeps out of its tunnels).
+const INNER: &str = "(icmp.type == 0 || icmp.type == 8 || icmpv6.type == 128 || icmpv6.type == 129 || tcp.port == 5001 || tcp.port == 5002)";
+
+/// The tunnel packets from `src` to `dst` in `pcap` that carry [`INNER`]
+/// traffic, summarised.
 pub fn side(pcap: &Path, src: &str, dst: &str) -> Result<Side> {
     let v6 = src.contains(':');
     let (filter, fields, extra) = if v6 {
         (
             format!(
-                "ipv6.src == {src} && ipv6.dst == {dst} && (gre || ipv6.nxt == 4 || ipv6.nxt == 41 || ipv6.dstopts.nxt == 4 || ipv6.dstopts.nxt == 41)"
+                "ipv6.src == {src} && ipv6.dst == {dst} && (gre || ipv6.nxt == 4 || ipv6.nxt == 41 || ipv6.dstopts.nxt == 4 || ipv6.dstopts.nxt == 41) && {INNER}"
             ),
             V6_FIELDS,
             vec![],
         )
     } else {
         (
-            format!("ip.src == {src} && ip.dst == {dst} && (ip.proto == 4 || ip.proto == 41 || ip.proto == 47)"),
+            format!("ip.src == {src} && ip.dst == {dst} && (ip.proto == 4 || ip.proto == 41 || ip.proto == 47) && {INNER}"),
             V4_FIELDS,
             vec!["ip.id"],
         )
