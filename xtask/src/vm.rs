@@ -843,6 +843,8 @@ impl Guest {
 
     /// Fails, with the console's last lines, when QEMU has exited.
     pub fn alive(&mut self) -> Result<()> {
+        // Ctrl-C reaches QEMU too: say why it is gone.
+        self.stop.check()?;
         if let Ok(Some(status)) = self.child.try_wait() {
             bail!(
                 "QEMU exited ({status}); the guest console's last lines:\n{}\nQEMU said: {}",
