@@ -8,6 +8,14 @@
 //!   own, ping both ways; a table, and JSON in `target/vm/interop.json`.
 //! - `cargo xtask vm run SCRIPT`: boots the guest, runs the shell script in
 //!   it and prints what it printed (its exit status is this command's).
+//!
+//! Environment: `GATEWAY_VM_ACCEL=kvm|tcg` skips the KVM probe boot (here
+//! KVM hangs after the kernel's decompression, so the probe gives up after
+//! 20 s and TCG runs); `GATEWAY_VM_KERNEL=6.1.0-57-amd64` picks a kernel
+//! instead of the newest `apt-cache search` lists; `GATEWAY_VM_TCP_BYTES`
+//! (default 1 MiB, 0 for none) sets the TCP transfers of `vm interop`.
+//! The kernel package, its initramfs, the last results
+//! (`interop.json`) and each case's capture (`pcaps/`) stay in `target/vm`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
