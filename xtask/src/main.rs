@@ -9,6 +9,7 @@
 //! cargo xtask test      setup, build, unit tests, integration tests (root)
 //! cargo xtask lint      rustfmt --check and clippy -D warnings
 //! cargo xtask fuzz      each fuzz target for a while (cargo-fuzz, nightly)
+//! cargo xtask vm        the real kernel as a peer, in a VM (root; `vm interop`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod interop;
+mod vm;
+mod vmlab;
+mod wire;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -62,6 +67,13 @@ enum Cmd {
         time: u64,
         /// Only this target.
         target: Option<String>,
+    },
+    /// The real kernel as a peer: Debian's 6.1 kernel under QEMU with the
+    /// gateway on the other side of the wire (root). Alone: the seed lab by
+    /// hand, a shell in the guest; `interop`: every mode, ping both ways.
+    Vm {
+        #[command(subcommand)]
+        action: Option<vmlab::VmCmd>,
     },
 }
 
@@ -377,5 +389,13 @@ fn main() -> Result<()> {
             instructions()
         }
         Cmd::Fuzz { time, target } => fuzz(time, target.as_deref()),
+        Cmd::Vm { action } => {
+            setup()?;
+            run(&mut cargo(&["build", "-p", "gateway"]))?;
+            if !is_root() {
+                bail!("the VM lab needs root (network namespaces, taps, XDP): run `sudo -E cargo xtask vm`");
+            }
+            vmlab::main(&root(), &root().join("target/debug/gateway"), action)
+        }
     }
 }
