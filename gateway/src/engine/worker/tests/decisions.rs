@@ -196,7 +196,9 @@ fn the_stop_waits_for_frames_handed_over() {
         assert!(std::time::Instant::now() < deadline, "the workers stop");
         dev_a.finish_writes(usize::MAX, None);
         dev_b.finish_writes(usize::MAX, None);
-        std::thread::yield_now();
+        // (Not a wait for a time: the loop plays the kernel, and leaves
+        // the cores to the two workers most of the while.)
+        std::thread::sleep(std::time::Duration::from_micros(200));
     }
     ta.join().unwrap();
     tb.join().unwrap();
@@ -333,4 +335,157 @@ fn a_completion_of_an_unknown_read_file_is_not_a_panic() {
     h.check_ledger();
     assert_eq!(h.run.st.local.drops[DropReason::TxMalformed as usize], 1);
     assert_eq!(h.dev.state.lock().unwrap().pool.len(), 8, "its buffer back");
+}
+
+#[test]
+fn a_spreading_worker_with_nothing_to_do_goes_idle() {
+    // With nothing received and nothing handed over, a worker of a mesh is
+    // idle: it yields (busy poll) or sleeps (adaptive) like any other. (An
+    // empty hand-over queue once counted as progress, and such a worker
+    // spun for ever.)
+    let (mut a, _b) = pair();
+    for _ in 0..10 {
+        a.step();
+    }
+    assert!(a.run.idle >= 5, "idle iterations: {}", a.run.idle);
+    assert!(a.run.st.local.idle_polls >= 5);
+}
+
+#[test]
+fn under_a_steady_flood_the_socket_s_own_drops_are_published() {
+    // The kernel's counters of the socket are read now and then even when
+    // the worker never idles: drops under a flood show while it lasts.
+    let mut h = Harness::new(Setup::default());
+    assert!(
+        !h.sock.receive_packet(&[0u8; fake::FRAME_DATA + 1]),
+        "dropped"
+    );
+    let dropped = || h_dropped(&h.stats);
+    assert_eq!(dropped(), 0);
+    for i in 0..1100u32 {
+        assert!(h.sock.receive_packet(&outer(REMOTE, 4, &udp(1, &[0; 8]))));
+        h.step();
+        assert_eq!(h.run.idle, 0, "busy at iteration {i}");
+        h.dev.finish_writes(usize::MAX, None);
+    }
+    assert_eq!(
+        h_dropped(&h.stats),
+        1,
+        "the socket's drop, published while busy"
+    );
+}
+
+fn h_dropped(s: &WorkerStats) -> u64 {
+    s.xsk_rx_dropped.load(Ordering::Relaxed)
+}
+
+#[test]
+fn a_read_the_pool_cannot_take_ends_and_is_armed_again() {
+    // Reads into a pool of one buffer: the second packet finds none and
+    // its read ends (ENOBUFS); once the first is sent and its buffer back,
+    // the worker arms the read again and the next packet goes out. With the
+    // plain reads of kernels before 6.7 (one packet per read) as well.
+    for multishot in [true, false] {
+        let mut h = Harness::new(Setup {
+            read_bufs: 1,
+            multishot,
+            ..Setup::default()
+        });
+        h.step();
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        read.extend(udp(4444, &[8; 50]));
+        assert!(h.dev.device_sends(0, &read));
+        assert!(!h.dev.device_sends(0, &read), "no buffer: the read ends");
+        h.settle();
+        assert!(h.dev.device_sends(0, &read), "armed again ({multishot})");
+        h.settle();
+        h.sock.send(usize::MAX);
+        assert_eq!(h.sock.state.lock().unwrap().sent.len(), 2, "{multishot}");
+        h.check_ledger();
+    }
+}
+
+#[test]
+fn an_arp_request_from_a_tap_is_answered_into_the_tap() {
+    let mut h = Harness::new(Setup {
+        tunnels: tunnels(vec![ipip_tap("c", [192, 168, 0, 60])]),
+        ..Setup::default()
+    });
+    h.step();
+    let arp = etherparse::ArpPacket::new(
+        etherparse::ArpHardwareId::ETHERNET,
+        etherparse::EtherType::IPV4,
+        etherparse::ArpOperation::REQUEST,
+        &TAP_MAC,
+        &[10, 9, 0, 1],
+        &[0; 6],
+        &[10, 9, 0, 2],
+    )
+    .unwrap();
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    PacketBuilder::ethernet2(TAP_MAC, [0xff; 6])
+        .arp(arp)
+        .write(&mut read)
+        .unwrap();
+    assert!(h.dev.device_sends(0, &read));
+    h.settle();
+    assert_eq!(
+        h.dev.finish_writes(usize::MAX, None),
+        1,
+        "one write: the answer"
+    );
+    h.settle();
+    h.check_ledger();
+    let w = written(&h.dev);
+    let reply = etherparse::SlicedPacket::from_ethernet(&w[0].3).expect("a frame");
+    let Some(etherparse::NetSlice::Arp(a)) = reply.net else {
+        panic!("ARP: {reply:?}")
+    };
+    assert_eq!(a.operation(), etherparse::ArpOperation::REPLY);
+    assert_eq!(
+        a.sender_hw_addr(),
+        &PEER_MAC,
+        "the peer's MAC, as the far side"
+    );
+    assert_eq!(a.sender_protocol_addr(), &[10, 9, 0, 2]);
+    assert_eq!(a.target_hw_addr(), &TAP_MAC);
+    let l = &h.run.st.local;
+    assert_eq!((l.tx_read, l.tx_replies), (1, 1));
+}
+
+#[test]
+fn a_flood_from_the_devices_leaves_the_way_in_its_frames() {
+    // The NIC sends nothing (its TX ring stalls) while a device floods the
+    // worker with packets to send: the way out holds at most half the
+    // frames, the rest keep the fill ring going, and every packet received
+    // meanwhile is delivered.
+    let mut h = Harness::new(Setup {
+        read_bufs: 64,
+        ..Setup::default()
+    });
+    h.step();
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    read.extend(udp(4444, &[8; 100]));
+    let mut received = 0;
+    for _ in 0..40 {
+        for _ in 0..8 {
+            h.dev.device_sends(0, &read);
+        }
+        for _ in 0..4 {
+            if h.sock.receive_packet(&outer(REMOTE, 4, &udp(1, &[1; 20]))) {
+                received += 1;
+            }
+        }
+        h.step();
+        h.dev.finish_writes(usize::MAX, None);
+        h.step();
+        let out = h.run.st.frames.in_tx as usize + h.run.st.tx_pending.len();
+        assert!(out <= h.run.st.tx_cap, "the way out holds {out} frames");
+        h.check_ledger();
+    }
+    assert_eq!(received, 160, "the fill ring never ran dry");
+    h.settle();
+    h.dev.finish_writes(usize::MAX, None);
+    h.settle();
+    assert_eq!(h.run.st.local.delivered, 160);
 }

@@ -36,8 +36,10 @@ pub struct Rings {
     /// What the "NIC" sent, in order.
     pub sent: Vec<Vec<u8>>,
     /// Packets the "kernel" dropped for want of a fill-ring frame or RX
-    /// room.
+    /// room (reported as the socket's `rx_dropped`).
     pub dropped: u64,
+    /// The frame numbers of this socket's UMEM.
+    pub ids: std::ops::Range<u32>,
 }
 
 #[derive(Clone)]
@@ -48,8 +50,8 @@ pub struct FakeSocket {
 impl FakeSocket {
     /// A socket with rings of `ring` entries and a UMEM of `frames` frames
     /// numbered from `first`, all handed to the caller.
-    pub fn new(first: u32, frames: u32, ring: usize) -> (FakeSocket, Vec<FakeFrame>) {
-        let frames = (first..first + frames)
+    pub fn new(first: u32, count: u32, ring: usize) -> (FakeSocket, Vec<FakeFrame>) {
+        let frames = (first..first + count)
             .map(|id| FakeFrame {
                 id,
                 len: 0,
@@ -58,6 +60,7 @@ impl FakeSocket {
             .collect();
         let rings = Rings {
             size: ring,
+            ids: first..first + count,
             ..Default::default()
         };
         (
@@ -126,6 +129,18 @@ impl FakeSocket {
     }
 }
 
+impl Rings {
+    /// As the real socket: a frame of another UMEM reaching this one's
+    /// rings is a bug in the gateway, and stops it.
+    fn check(&self, f: &FakeFrame, place: &str) {
+        assert!(
+            self.ids.contains(&f.id),
+            "frame {} of another UMEM handed to the {place}",
+            f.id
+        );
+    }
+}
+
 impl Socket for FakeSocket {
     type Frame = FakeFrame;
 
@@ -141,6 +156,9 @@ impl Socket for FakeSocket {
         let room = r.size - r.fill.len();
         let n = frames.len().saturating_sub(keep).min(room);
         let start = frames.len() - n;
+        for f in &frames[start..] {
+            r.check(f, "fill ring");
+        }
         r.fill.extend(frames.drain(start..));
         n
     }
@@ -152,6 +170,9 @@ impl Socket for FakeSocket {
     fn transmit(&mut self, frames: &mut Vec<FakeFrame>, _outstanding: u64) -> io::Result<usize> {
         let mut r = self.state.lock().unwrap();
         let n = frames.len().min(r.size - r.tx.len());
+        for f in &frames[..n] {
+            r.check(f, "TX ring");
+        }
         r.tx.extend(frames.drain(..n));
         Ok(n)
     }
@@ -183,7 +204,10 @@ impl Socket for FakeSocket {
     }
 
     fn stats(&self) -> io::Result<XskStats> {
-        Ok(XskStats::default())
+        Ok(XskStats {
+            rx_dropped: self.state.lock().unwrap().dropped,
+            ..Default::default()
+        })
     }
 }
 
@@ -264,6 +288,20 @@ pub struct DevState {
     /// A read to finish with data when the reads are cancelled (the kernel
     /// had it before the cancel arrived).
     pub read_at_cancel: Option<(u32, Vec<u8>)>,
+    /// Reads stay armed after a packet (Linux 6.7 on); otherwise each read
+    /// ends with its packet, as the plain reads of older kernels do.
+    pub multishot: bool,
+    /// The drain cancels writes in flight too (they end with ECANCELED),
+    /// rather than letting them finish.
+    pub drain_cancels_writes: bool,
+    /// The frame numbers of this worker's UMEM, and of each other
+    /// worker's (by worker).
+    pub own: std::ops::Range<u32>,
+    pub peers: Vec<std::ops::Range<u32>>,
+    /// Writes refused as the real ring refuses them (a frame of the wrong
+    /// UMEM, nothing to write, bytes past the frame's packet): each one is
+    /// a bug in the engine.
+    pub refused: u64,
 }
 
 /// The worker's handle owns the read buffers (the worker borrows their
@@ -275,7 +313,7 @@ pub struct FakeDevices {
 }
 
 impl FakeDevices {
-    pub fn new(sq: usize, read_bufs: u16) -> FakeDevices {
+    pub fn new(sq: usize, read_bufs: u16, own: std::ops::Range<u32>) -> FakeDevices {
         let state = Arc::new(Mutex::new(DevState {
             sq,
             queued: Vec::new(),
@@ -288,6 +326,11 @@ impl FakeDevices {
             pool: (0..read_bufs).rev().collect(),
             events: Vec::new(),
             read_at_cancel: None,
+            multishot: true,
+            drain_cancels_writes: false,
+            own,
+            peers: Vec::new(),
+            refused: 0,
         }));
         FakeDevices {
             state,
@@ -318,8 +361,25 @@ impl FakeDevices {
             return false;
         }
         let Some(bid) = d.pool.pop() else {
+            // The pool ran dry: the read ends without a packet, as the
+            // kernel ends it (ENOBUFS); the packet stays in the device.
+            d.armed.remove(&file);
+            d.done.push_back(Completed {
+                op: Op::Read,
+                frame: None,
+                buf: None,
+                tag: file as u16,
+                expected: 0,
+                result: -libc::ENOBUFS,
+                packets: 1,
+                rest: Vec::new(),
+                peer: None,
+            });
             return false;
         };
+        if !d.multishot {
+            d.armed.remove(&file);
+        }
         d.incoming.push((bid, bytes.to_vec()));
         d.done.push_back(Completed {
             op: Op::Read,
@@ -373,6 +433,21 @@ impl DevState {
         self.done.push_back(c);
     }
 
+    /// Whether the real ring would take this write: every frame of
+    /// `umem`, something to write, no byte past a frame's packet.
+    fn valid(
+        &self,
+        umem: &std::ops::Range<u32>,
+        frame: &FakeFrame,
+        offset: usize,
+        len: usize,
+        rest: &[Piece<FakeFrame>],
+    ) -> bool {
+        let ok =
+            |f: &FakeFrame, off: usize, n: usize| umem.contains(&f.id) && n > 0 && off + n <= f.len;
+        ok(frame, offset, len) && rest.iter().all(|p| ok(&p.frame, p.offset, p.len))
+    }
+
     fn full(&self) -> bool {
         self.queued.len() + self.queued_reads >= self.sq
     }
@@ -405,6 +480,10 @@ impl Devices<FakeFrame> for FakeDevices {
         tag: u16,
     ) -> Result<(), FakeFrame> {
         let mut d = self.state.lock().unwrap();
+        if !d.valid(&d.own.clone(), &frame, offset, len, &[]) {
+            d.refused += 1;
+            return Err(frame);
+        }
         if d.full() {
             return Err(frame);
         }
@@ -432,6 +511,10 @@ impl Devices<FakeFrame> for FakeDevices {
         packets: u16,
     ) -> Result<(), (FakeFrame, Vec<Piece<FakeFrame>>)> {
         let mut d = self.state.lock().unwrap();
+        if !d.valid(&d.own.clone(), &frame, offset, len, &rest) {
+            d.refused += 1;
+            return Err((frame, rest));
+        }
         if d.full() {
             return Err((frame, rest));
         }
@@ -460,6 +543,11 @@ impl Devices<FakeFrame> for FakeDevices {
         packets: u16,
     ) -> Result<(), (FakeFrame, Vec<Piece<FakeFrame>>)> {
         let mut d = self.state.lock().unwrap();
+        let theirs = d.peers.get(peer).cloned().unwrap_or(0..0);
+        if !d.valid(&theirs, &frame, offset, len, &rest) {
+            d.refused += 1;
+            return Err((frame, rest));
+        }
         if d.full() {
             return Err((frame, rest));
         }
@@ -534,9 +622,11 @@ impl Devices<FakeFrame> for FakeDevices {
                     peer: None,
                 });
             }
-            // The writes finish, as the kernel finishes them.
+            // The writes finish, as the kernel finishes them, or are
+            // cancelled.
+            let result = d.drain_cancels_writes.then_some(-libc::ECANCELED);
             while let Some(w) = d.in_flight.pop_front() {
-                d.finish(w, None);
+                d.finish(w, result);
             }
         }
         self.reap(&mut done);
@@ -591,7 +681,11 @@ impl Devices<FakeFrame> for FakeDevices {
 
     fn update_files(&mut self, _files: &[RawFd]) -> io::Result<()> {
         let mut d = self.state.lock().unwrap();
-        if !d.queued.is_empty() || !d.in_flight.is_empty() || !d.armed.is_empty() {
+        if !d.queued.is_empty()
+            || !d.in_flight.is_empty()
+            || !d.armed.is_empty()
+            || !d.done.is_empty()
+        {
             return Err(io::Error::other("files replaced with operations in flight"));
         }
         d.events.push(Event::FilesUpdated);

@@ -66,6 +66,35 @@ fn ipip(name: &str, remote: [u8; 4]) -> (TunnelRx, TunnelTx) {
     (rx, tx)
 }
 
+/// The MAC of the gretap tunnel's tap, and the MAC the far side stands
+/// behind.
+pub(super) const TAP_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x7a];
+pub(super) const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x7b];
+
+/// An IPIP tunnel into a tap device (the gateway plays the far side on
+/// the tap's segment), between LOCAL and `remote`, with the tap's address
+/// 10.9.0.1 and the peer 10.9.0.2 (whose MAC the gateway answers ARP for).
+fn ipip_tap(name: &str, remote: [u8; 4]) -> (TunnelRx, TunnelTx) {
+    let (mut rx, mut tx) = ipip(name, remote);
+    rx.device_kind = DeviceKind::Tap;
+    tx.device_kind = DeviceKind::Tap;
+    rx.device_mac = TAP_MAC;
+    tx.device_mac = TAP_MAC;
+    rx.peer_mac = PEER_MAC;
+    tx.peer_mac = PEER_MAC;
+    tx.address = Some(Ipv4Addr::new(10, 9, 0, 1).into());
+    tx.peer = Some(Ipv4Addr::new(10, 9, 0, 2).into());
+    (rx, tx)
+}
+
+/// A gretap tunnel (Ethernet frames both ways) into a tap device.
+fn gretap(name: &str, remote: [u8; 4]) -> (TunnelRx, TunnelTx) {
+    let (mut rx, mut tx) = ipip_tap(name, remote);
+    rx.mode = Mode::Gretap;
+    tx.mode = Mode::Gretap;
+    (rx, tx)
+}
+
 /// Tunnels "a" (to REMOTE) and "b" (to .59), IPIP into tun devices.
 fn two_tunnels() -> Tunnels {
     tunnels(vec![ipip("a", REMOTE), ipip("b", [192, 168, 0, 59])])
@@ -116,6 +145,10 @@ pub(super) struct Setup {
     pub first_frame: u32,
     pub queue: u32,
     pub spread: Option<Link<FakeFrame>>,
+    /// Each worker's frame numbers, by worker (with `spread`).
+    pub peers: Vec<std::ops::Range<u32>>,
+    pub multishot: bool,
+    pub coalesce_udp: bool,
 }
 
 impl Default for Setup {
@@ -130,6 +163,9 @@ impl Default for Setup {
             first_frame: 0,
             queue: 0,
             spread: None,
+            peers: Vec::new(),
+            multishot: true,
+            coalesce_udp: false,
         }
     }
 }
@@ -137,7 +173,12 @@ impl Default for Setup {
 impl Harness {
     pub fn new(s: Setup) -> Harness {
         let (sock, frames) = FakeSocket::new(s.first_frame, s.frames, s.ring);
-        let dev = FakeDevices::new(s.sq, s.read_bufs);
+        let dev = FakeDevices::new(s.sq, s.read_bufs, s.first_frame..s.first_frame + s.frames);
+        {
+            let mut d = dev.state.lock().unwrap();
+            d.multishot = s.multishot;
+            d.peers = s.peers.clone();
+        }
         let ntun = s.tunnels.rx.len();
         let stop = Arc::new(AtomicBool::new(false));
         let (control, control_rx) = crossbeam::channel::bounded(1);
@@ -149,7 +190,7 @@ impl Harness {
                 batch: s.batch,
                 poll: PollMode::Busy,
                 busy_poll: false,
-                coalesce_udp: false,
+                coalesce_udp: s.coalesce_udp,
                 faults: Faults::NONE,
             },
             sock.clone(),
@@ -218,6 +259,11 @@ impl Harness {
         all.sort_unstable();
         let want: Vec<u32> = self.ids.clone().collect();
         assert_eq!(all, want, "every frame in exactly one place");
+        assert_eq!(
+            self.dev.state.lock().unwrap().refused,
+            0,
+            "a write the real ring would refuse"
+        );
         let f = &self.run.st.frames;
         assert!(f.balanced(), "{f:?}");
         assert_eq!(f.in_kernel, self.sock.in_kernel() as u64, "in_kernel {f:?}");
@@ -295,7 +341,7 @@ fn written(dev: &FakeDevices) -> Vec<(u32, u16, u16, Vec<u8>)> {
     d.written
         .iter()
         .map(|(file, packets, bytes)| {
-            let gso_size = u16::from_le_bytes([bytes[4], bytes[5]]);
+            let gso_size = u16::from_ne_bytes([bytes[4], bytes[5]]);
             (*file, *packets, gso_size, bytes[VNET_HDR_LEN..].to_vec())
         })
         .collect()
@@ -335,14 +381,17 @@ fn pair() -> (Harness, Harness) {
         .into_iter();
     // One tunnel list for both, as the control thread hands out.
     let list = two_tunnels();
+    let peers = vec![0..64, 1000..1064];
     let a = Harness::new(Setup {
         spread: links.next(),
         tunnels: list.clone(),
+        peers: peers.clone(),
         ..Setup::default()
     });
     let b = Harness::new(Setup {
         spread: links.next(),
         tunnels: list,
+        peers,
         first_frame: 1000,
         queue: 1,
         ..Setup::default()
