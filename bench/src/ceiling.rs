@@ -16,11 +16,11 @@ use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use gateway::control::config::XdpAttach;
 use gateway::datapath::tunnel::DeviceKind;
 use gateway::io::netlink::Netlink;
 use gateway::io::tap;
 use gateway::io::xdp::Steering;
+use gateway::io::xdp::XdpAttach;
 use gateway_common::{bench_programs, XdpCounter};
 
 use serde_json::json;

@@ -10,10 +10,10 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use gateway::control::config::Ttl;
 use gateway::datapath::decap::{decap, RxState};
 use gateway::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
 use gateway::datapath::offload::{self, Run, Segmenter, VnetHdr};
+use gateway::datapath::tunnel::Ttl;
 use gateway::datapath::tunnel::{DeviceKind, Mode, TunnelRx, TunnelTable};
 
 fn frame(gre: bool) -> Vec<u8> {
@@ -209,7 +209,7 @@ fn main() {
         okey: None,
         ocsum: false,
         oseq: None,
-        tos: gateway::control::config::Tos::Fixed(0),
+        tos: gateway::datapath::tunnel::Tos::Fixed(0),
         pmtudisc: true,
         ignore_df: false,
         ttl: Ttl::Fixed(64),

@@ -11,8 +11,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use gateway::control::config::{XdpAttach, XskBind};
 use gateway::io::xdp::Steering;
+use gateway::io::xdp::XdpAttach;
+use gateway::io::xsk::XskBind;
 use gateway::io::xsk::{Frame, Xsk};
 use gateway::wire::checksum;
 use gateway_common::bench_programs;

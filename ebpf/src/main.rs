@@ -192,8 +192,7 @@ mod prog {
                     // so any tunnel between these endpoints takes it.
                     for proto in [IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6] {
                         // SAFETY: as below: a plain value, not kept.
-                        if unsafe { ENDPOINTS.get(&EndpointKey::v6(local, remote, proto)) }
-                            .is_some()
+                        if unsafe { ENDPOINTS.get(EndpointKey::v6(local, remote, proto)) }.is_some()
                         {
                             return Ok(());
                         }
@@ -214,7 +213,7 @@ mod prog {
         };
         // SAFETY: the value is a plain `u32` that userspace only replaces
         // whole; the reference does not outlive this lookup.
-        match unsafe { ENDPOINTS.get(&key) } {
+        match unsafe { ENDPOINTS.get(key) } {
             Some(_) => Ok(()),
             None => Err(XdpCounter::PassNoEndpoint),
         }
@@ -255,7 +254,7 @@ mod prog {
             proto,
         );
         // SAFETY: as in `classify`: a plain value, not kept.
-        match unsafe { ENDPOINTS.get(&key) } {
+        match unsafe { ENDPOINTS.get(key) } {
             Some(_) => Ok(()),
             None => Err(XdpCounter::PassOtherProto),
         }
@@ -286,7 +285,7 @@ mod prog {
             return Err(XdpCounter::PassOtherHost);
         }
         // SAFETY: as in `classify`: a plain value, not kept.
-        match unsafe { ENDPOINTS.get(&EndpointKey::v6(local, remote, proto)) } {
+        match unsafe { ENDPOINTS.get(EndpointKey::v6(local, remote, proto)) } {
             Some(_) => Ok(()),
             None => Err(XdpCounter::PassOtherProto),
         }

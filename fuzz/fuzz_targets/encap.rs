@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
-use gateway::control::config::{Tos, Ttl};
+use gateway::datapath::tunnel::{Tos, Ttl};
 use gateway::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
 use gateway::datapath::tunnel::{DeviceKind, Mode};
 use libfuzzer_sys::fuzz_target;

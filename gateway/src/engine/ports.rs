@@ -85,9 +85,12 @@ pub trait Devices<F> {
     fn recycle(&mut self, v: Vec<Piece<F>>);
     /// Hands the kernel what is queued.
     fn submit(&mut self) -> io::Result<()>;
-    /// Takes the completions that have arrived.
+    /// Takes the completions that have arrived (a read that ends for good,
+    /// for want of buffers or by a cancel, comes without a buffer and is
+    /// armed again by [`Devices::arm_read`]).
     fn reap(&mut self, done: impl FnMut(Completed<F>)) -> usize;
-    /// Cancels the reads and waits for every operation in flight.
+    /// Cancels everything in flight (reads, and writes the kernel has not
+    /// finished, which end with ECANCELED) and waits for every completion.
     fn drain(&mut self, done: impl FnMut(Completed<F>)) -> io::Result<()>;
     /// The bytes read buffer `bid` holds.
     fn read_data(&self, bid: u16, len: usize) -> &[u8];
@@ -98,13 +101,17 @@ pub trait Devices<F> {
     fn arm_read(&mut self, file: u32) -> bool;
     /// Read buffers in the pool.
     fn reads_ready(&self) -> usize;
-    /// Operations in flight.
+    /// Frames held by this worker's own writes, from their push to the
+    /// reaping of their completion (a gathered write holds several): the
+    /// ledger's `in_flight`. Not a count of operations.
     fn in_flight(&self) -> usize;
     /// Writes of other workers' frames in flight.
     fn foreign_in_flight(&self) -> usize;
     /// The fd to wait on for completions (-1: none).
     fn fd(&self) -> RawFd;
-    /// Replaces the device queues (-1: none in that slot).
+    /// Replaces the device queues (-1: none in that slot). Only with
+    /// nothing in flight or unreaped: no write (own or another worker's),
+    /// no armed read; an operation names its file by slot.
     fn update_files(&mut self, files: &[RawFd]) -> io::Result<()>;
 }
 

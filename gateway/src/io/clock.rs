@@ -2,6 +2,7 @@
 //! expires after ten minutes): whole seconds since the process started,
 //! advanced by the control thread, read with one relaxed load. Workers
 //! never read the system clock per packet.
+#![deny(unsafe_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;

@@ -1,6 +1,7 @@
 //! Link and address configuration through rtnetlink (never by running `ip`).
 //! rtnetlink is asynchronous; this module gives the control thread a small
 //! blocking interface over a current-thread tokio runtime.
+#![deny(unsafe_code)]
 
 use std::net::IpAddr;
 

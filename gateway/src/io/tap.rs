@@ -186,3 +186,8 @@ pub fn set_persistent(fd: &OwnedFd, name: &str, persistent: bool) -> Result<(), 
     }
     Ok(())
 }
+
+/// What the devices may hand over: partial checksums, TCP segmentation
+/// (IPv4, IPv6, with ECN) and UDP segmentation (IPv4, IPv6).
+pub const DEVICE_OFFLOADS: u32 =
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6;

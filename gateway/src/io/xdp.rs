@@ -1,6 +1,7 @@
 //! Loading the XDP steering program, filling its maps, attaching it, and
 //! reading its counters. The program detaches when [`Steering`] is dropped
 //! or the process dies (aya attaches through a bpf_link).
+#![deny(unsafe_code)]
 
 use std::os::fd::RawFd;
 

@@ -426,12 +426,6 @@ impl Xsk {
         data.cursor().set_pos(len);
     }
 
-    /// Bytes from the start of a frame's packet data to the end of the frame.
-    #[inline]
-    pub fn capacity(frame: &Frame) -> usize {
-        FRAME_SIZE as usize - (frame.addr() & (FRAME_SIZE as usize - 1))
-    }
-
     /// Hands frames from the front of `frames` to the TX ring, as many as it
     /// has room for, and kicks the kernel when it asks for it (copy mode
     /// always does). Returns how many moved; the rest stay in `frames`.

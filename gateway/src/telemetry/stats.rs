@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::datapath::drop_reason::DropReason;
 
 /// Where a worker's UMEM frames are. `free + in_kernel + in_flight +
-/// in_tx == total` always.
+/// in_tx + at_peers == total` always.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrameCounts {
     pub total: u64,

@@ -250,7 +250,9 @@ pub fn run(
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                w.run(|xsk, setup| {
+                // (The closure, and with it this hold on the other UMEMs,
+                // goes once the ring is set up: the ring holds its own.)
+                w.run(move |xsk, setup| {
                     let mut io = DeviceIo::new(
                         setup.entries,
                         MAX_TUNNELS as u32,
@@ -273,6 +275,7 @@ pub fn run(
             thread,
         });
     }
+    drop(umems);
 
     let xdp_id = steering.program_id();
     let mut gw = Gateway {

@@ -75,11 +75,7 @@ pub(super) fn open_device(
     let setup = || -> anyhow::Result<LinkInfo> {
         // Large packets and partial checksums in what is read: the
         // worker segments and completes them.
-        tap::set_offload(
-            &queues[0],
-            &t.device,
-            crate::engine::worker::DEVICE_OFFLOADS,
-        )?;
+        tap::set_offload(&queues[0], &t.device, crate::io::tap::DEVICE_OFFLOADS)?;
         if t.persistent {
             tap::set_persistent(&queues[0], &t.device, true)?;
         }

@@ -25,8 +25,11 @@
 //! [`outbound`] the way out (device reads, encapsulation), [`spread`] the
 //! hand-over of writes to other workers, [`reload`] the switch to a new
 //! tunnel list, [`ledger`] the frame and packet accounting. The worker
-//! reaches the kernel only through [`crate::engine::ports`], so all of it
-//! runs in the unit tests on fakes.
+//! moves packets only through [`crate::engine::ports`], so its decisions
+//! run in the unit tests on fakes. Outside the ports it still pins its core,
+//! reads the coarse clock and `Instant`, waits in poll(2) when adaptive, and
+//! wakes its peers with eventfds (see [`crate::engine::handover`]): the
+//! timeouts and the adaptive sleep are not what the fakes test.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,14 +85,6 @@ const CONTROL_EVERY: u32 = 64;
 const TX_RESERVE: u64 = 512;
 /// Read buffers per worker (of 68 KiB: a GSO packet fits in one).
 const READ_BUFS: u16 = 64;
-/// What the devices may hand over: partial checksums, TCP segmentation
-/// (IPv4, IPv6, with ECN) and UDP segmentation (IPv4, IPv6).
-pub const DEVICE_OFFLOADS: u32 = crate::io::tap::TUN_F_CSUM
-    | crate::io::tap::TUN_F_TSO4
-    | crate::io::tap::TUN_F_TSO6
-    | crate::io::tap::TUN_F_TSO_ECN
-    | crate::io::tap::TUN_F_USO4
-    | crate::io::tap::TUN_F_USO6;
 /// Tag bit of writes that answer the device (ARP, ND) rather than deliver a
 /// decapsulated packet.
 const REPLY: u16 = 0x8000;
@@ -265,11 +260,14 @@ pub struct Worker<S: Socket = Xsk> {
 /// counters. [`Running::step`] runs one iteration of the loop;
 /// [`Running::finish`] takes every frame back.
 pub struct Running<S: Socket, D> {
-    w: Worker<S>,
-    io: D,
-    st: State<S::Frame>,
+    // (Dropped in this order, as the locals of the loop were: the state,
+    // its hand-over link with it, then the io_uring, which waits for the
+    // kernel, then the worker with its socket and device queues.)
     rx: Vec<S::Frame>,
     done: Vec<Completed<S::Frame>>,
+    st: State<S::Frame>,
+    io: D,
+    w: Worker<S>,
     idle: u32,
     t0: std::time::Instant,
     busy_polls: u32,

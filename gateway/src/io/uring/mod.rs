@@ -195,12 +195,8 @@ impl DeviceIo {
         // draining failed (`leak`); closing the ring alone would not do, as
         // io_uring tears down in-flight requests asynchronously.
         unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                pool.ring.as_ptr() as u64,
-                read_bufs,
-                BGID,
-                0,
-            )?
+            ring.submitter()
+                .register_buf_ring_with_flags(pool.ring_addr(), read_bufs, BGID, 0)?
         };
         let region = xsk.region();
         ring.submitter().register_files_sparse(file_slots)?;
@@ -299,7 +295,7 @@ impl DeviceIo {
                 }
                 let buf = cqueue::buffer_select(cqe.flags());
                 if buf.is_some() {
-                    pool.in_ring -= 1;
+                    pool.taken();
                 }
                 done(Completed {
                     op: Op::Read,
@@ -367,7 +363,7 @@ impl Drop for DeviceIo {
         // ring (and with it our hold on the UMEM) goes away.
         if self.drain(|_| {}).is_err() {
             // A read may still be armed: its buffers must outlive it.
-            self.pool.leak = true;
+            self.pool.leak();
         }
     }
 }

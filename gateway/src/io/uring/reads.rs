@@ -4,17 +4,20 @@
 use super::*;
 
 /// The provided-buffer ring and the buffers it hands to reads.
+/// Its mappings are private to this module: the rest of the ring sees the
+/// ring's address (to register it), takes buffers out and marks the pool
+/// leaked, and nothing else.
 pub(super) struct ReadPool {
     /// `entries` `io_uring_buf`s, page-aligned (mmap).
-    pub(super) ring: NonNull<types::BufRingEntry>,
+    ring: NonNull<types::BufRingEntry>,
     /// `entries` buffers of [`READ_BUF`] bytes (mmap).
-    pub(super) bufs: NonNull<u8>,
-    pub(super) entries: u16,
-    pub(super) tail: u16,
+    bufs: NonNull<u8>,
+    entries: u16,
+    tail: u16,
     /// Buffers in the ring (the rest are being read out by the worker).
-    pub(super) in_ring: usize,
+    in_ring: usize,
     /// Left mapped at drop: the kernel may still write into them.
-    pub(super) leak: bool,
+    leak: bool,
 }
 
 fn map(bytes: usize) -> io::Result<NonNull<u8>> {
@@ -36,6 +39,21 @@ fn map(bytes: usize) -> io::Result<NonNull<u8>> {
 }
 
 impl ReadPool {
+    /// The ring's address, to register it with io_uring.
+    pub(super) fn ring_addr(&self) -> u64 {
+        self.ring.as_ptr() as u64
+    }
+
+    /// A completion took a buffer out of the ring.
+    pub(super) fn taken(&mut self) {
+        self.in_ring -= 1;
+    }
+
+    /// The kernel may still write into the buffers: never unmap them.
+    pub(super) fn leak(&mut self) {
+        self.leak = true;
+    }
+
     fn ring_bytes(entries: u16) -> usize {
         usize::from(entries) * std::mem::size_of::<types::BufRingEntry>()
     }

@@ -237,7 +237,7 @@ impl DeviceIo {
     /// # Safety
     /// The memory `sqe` points at must lie in the registered UMEM and
     /// belong to `frame`.
-    pub(super) unsafe fn queue(
+    unsafe fn queue(
         &mut self,
         sqe: &io_uring::squeue::Entry,
         idx: usize,
