@@ -100,6 +100,11 @@ pub fn run(
     iface: &str,
     metrics: Option<&str>,
 ) -> anyhow::Result<()> {
+    // Signals are taken from the start: one that arrives while the gateway
+    // starts (SIGTERM, SIGUSR1) waits for the control loop rather than
+    // killing the process half-way, its devices and XDP program left behind.
+    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
+        .context("installing signal handlers")?;
     let nl = Netlink::new()?;
     let underlay = nl.link(iface)?.ok_or_else(|| {
         anyhow!("interface {iface} does not exist in this network namespace; give an existing one with --iface (see `ip link`)")
@@ -230,17 +235,26 @@ pub fn run(
         }
     }
     let mode = steering.attach(iface, cfg.xdp_attach)?;
-    tracing::info!(
-        iface,
-        xdp = mode,
-        queues = ?queues,
-        cores = ?cores.iter().flatten().collect::<Vec<_>>(),
-        poll = %cfg.poll,
-        batch = cfg.batch_size,
-        spread_writes = cfg.spread_writes,
-        tunnels = slots.len(),
-        "gateway running"
-    );
+    // Said once the control loop listens (signals, the control socket):
+    // whoever waits for it may ask for stats at once.
+    let announce = {
+        let (iface, queues, cores) = (iface.to_string(), queues.clone(), cores.clone());
+        let (poll, batch, spread, tunnels) =
+            (cfg.poll, cfg.batch_size, cfg.spread_writes, slots.len());
+        move || {
+            tracing::info!(
+                iface,
+                xdp = mode,
+                queues = ?queues,
+                cores = ?cores.iter().flatten().collect::<Vec<_>>(),
+                poll = %poll,
+                batch,
+                spread_writes = spread,
+                tunnels,
+                "gateway running"
+            )
+        }
+    };
 
     let mut workers = Vec::new();
     let umems = Arc::new(umems);
@@ -296,7 +310,7 @@ pub fn run(
         xdp_attached: true,
         xdp_seen: xdp_id.unwrap_or(0),
     };
-    let failure = gw.serve(config_path, metrics).err();
+    let failure = gw.serve(config_path, metrics, signals, announce).err();
 
     stop.store(true, Ordering::Relaxed);
     let mut failure = failure;
@@ -348,9 +362,13 @@ pub fn run(
 
 impl Gateway {
     /// The control loop: signals, requests, and watching the host.
-    fn serve(&mut self, config_path: &Path, metrics: Option<&str>) -> anyhow::Result<()> {
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
-            .context("installing signal handlers")?;
+    fn serve(
+        &mut self,
+        config_path: &Path,
+        metrics: Option<&str>,
+        mut signals: signal_hook::iterator::Signals,
+        announce: impl FnOnce(),
+    ) -> anyhow::Result<()> {
         let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
         crate::telemetry::metrics::serve_control(&self.iface, req_tx.clone())?;
         if let Some(addr) = metrics {
@@ -359,6 +377,7 @@ impl Gateway {
         } else {
             drop(req_tx);
         }
+        announce();
         let mut last_check = std::time::Instant::now();
         loop {
             crate::io::clock::tick();
