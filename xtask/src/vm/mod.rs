@@ -36,6 +36,11 @@ mod kernel;
 mod net;
 mod qemu;
 
+pub use gateway::GatewayProc;
+pub use kernel::prepare;
+pub use net::Topology;
+pub use qemu::{choose_accel, Accel, Console, Guest};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,11 +49,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-pub use gateway::GatewayProc;
-pub use kernel::prepare;
-pub use net::Topology;
-pub use qemu::{choose_accel, Accel, Console, Guest};
 
 /// Debian packages the lab needs on the host (and, through the shared root
 /// file system, in the guest).
