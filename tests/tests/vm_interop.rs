@@ -12,22 +12,54 @@
 //!
 //! This boots a VM and downloads a kernel package (once, into
 //! `target/vm`): it runs only with `GATEWAY_VM=1` (`GATEWAY_VM_ONLY=gre,ipip`
-//! picks cases). The same code is `cargo xtask vm interop`. Nothing here
-//! asserts a timing: waits are conditions with generous deadlines.
+//! picks cases). It runs `cargo xtask vm interop` as a subprocess (which
+//! builds the gateway first) and checks its exit status and the JSON it
+//! writes. Nothing here asserts a timing: waits are conditions with
+//! generous deadlines.
 
-#[allow(dead_code)]
-#[path = "../../xtask/src/vm.rs"]
-mod vm;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-#[allow(dead_code)]
-#[path = "../../xtask/src/interop.rs"]
-mod interop;
+use gateway_tests::require_root;
+use serde_json::Value;
 
-#[allow(dead_code)]
-#[path = "../../xtask/src/wire.rs"]
-mod wire;
+/// Passes each line `from` gives to `out` (`println!` or `eprintln!`, so
+/// that the test harness captures it), from a thread of its own.
+fn relay(from: impl Read + Send + 'static, out: fn(&str)) -> std::thread::JoinHandle<()> {
+    // Spawned threads inherit the test's output capture.
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            out(&line);
+        }
+    })
+}
 
-use gateway_tests::{gateway_bin, require_root};
+/// `cargo xtask vm interop --json JSON [--only NAME]...`, run from the
+/// workspace root with its output relayed; its exit status.
+fn xtask_vm_interop(root: &Path, json: &Path, only: &[String]) -> std::process::ExitStatus {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root)
+        .args(["run", "--quiet", "--package", "xtask", "--"])
+        .args(["vm", "interop", "--json"])
+        .arg(json);
+    for name in only {
+        cmd.args(["--only", name]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let out = relay(stdout.expect("piped stdout"), |l| println!("{l}"));
+    let err = relay(stderr.expect("piped stderr"), |l| eprintln!("{l}"));
+    let status = child.wait().expect("waiting for cargo xtask vm interop");
+    let _ = out.join();
+    let _ = err.join();
+    status
+}
 
 #[test]
 fn every_mode_pings_both_ways_with_the_kernel() {
@@ -42,33 +74,42 @@ fn every_mode_pings_both_ways_with_the_kernel() {
     if !require_root(NAME) {
         return;
     }
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let only: Vec<String> = std::env::var("GATEWAY_VM_ONLY")
         .unwrap_or_default()
         .split(',')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    let report = interop::run(
-        &root.join("target/vm"),
-        &gateway_bin(),
-        &only,
-        &vm::Stop::default(),
-    )
-    .unwrap_or_else(|e| panic!("the VM lab failed: {e:#}"));
-    let table = report.table();
-    println!("{table}");
+    // Beside `cargo xtask vm interop`'s own interop.json, not over it.
     let json = root.join("target/vm/interop-test.json");
-    std::fs::write(&json, report.to_json()).expect("write the JSON");
-    let failed: Vec<&str> = report
-        .results
+    let _ = std::fs::remove_file(&json);
+    let status = xtask_vm_interop(&root, &json, &only);
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+        panic!(
+            "the VM lab failed ({status}) and wrote no {}: {e}",
+            json.display()
+        )
+    });
+    let report: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", json.display()));
+    let modes = report["modes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no \"modes\" in {}", json.display()));
+    assert!(!modes.is_empty(), "no case ran ({})", json.display());
+    let failed: Vec<&str> = modes
         .iter()
-        .filter(|r| !(r.pings_pass() && r.tcp_pass()))
-        .map(|r| r.name.as_str())
+        .filter(|m| !(m["pings_pass"] == true && m["tcp_pass"] == true))
+        .map(|m| m["mode"].as_str().unwrap_or("?"))
         .collect();
     assert!(
         failed.is_empty(),
-        "these cases failed against the kernel: {failed:?}\n{table}\n(JSON: {})",
+        "these cases failed against the kernel: {failed:?} (the table above; JSON: {})",
+        json.display()
+    );
+    assert!(
+        status.success(),
+        "cargo xtask vm interop failed ({status}) though every case passed (JSON: {})",
         json.display()
     );
 }

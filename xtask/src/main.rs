@@ -24,7 +24,6 @@ mod demo;
 mod interop;
 mod vm;
 mod vmlab;
-mod wire;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]

@@ -63,7 +63,7 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             std::fs::write(&path, report.to_json())?;
             println!("{}", report.table());
             println!("(JSON: {})", path.display());
-            if report.results.iter().all(|r| r.pings_pass()) {
+            if report.results.iter().all(|r| r.passes()) {
                 Ok(())
             } else {
                 bail!("some cases failed (see above)")

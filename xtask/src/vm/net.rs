@@ -1,0 +1,112 @@
+//! The host side of the wire: the namespaces, QEMU's tap, the bridge and
+//! the veth to the gateway's namespace, all deleted on drop.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use super::{ip, say, GW_V4, GW_V6};
+
+/// The host side of the wire: namespace `<prefix>-wire` with a bridge,
+/// QEMU's tap and one end of a veth; namespace `<prefix>-gw` with the
+/// other end, `ens0`, at [`GW_V4`] and [`GW_V6`] (where the gateway runs).
+/// Deleted on drop, with everything in them.
+pub struct Topology {
+    pub wire: String,
+    pub gw: String,
+    pub tap: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Result<Topology> {
+        let t = Topology {
+            wire: format!("{prefix}-wire"),
+            gw: format!("{prefix}-gw"),
+            tap: "vmtap0".into(),
+        };
+        for ns in [&t.wire, &t.gw] {
+            if Path::new("/var/run/netns").join(ns).exists() {
+                bail!("network namespace {ns} already exists (a lab still running, or left over?); remove it with `ip netns del {ns}`");
+            }
+        }
+        // From here on, Drop removes what exists.
+        for ns in [&t.wire, &t.gw] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let (w, g) = (t.wire.as_str(), t.gw.as_str());
+        ip(&["-n", w, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", w, "tuntap", "add", "dev", &t.tap, "mode", "tap"])?;
+        ip(&[
+            "link", "add", "ens0", "netns", g, "type", "veth", "peer", "name", "port1", "netns", w,
+        ])?;
+        for dev in [t.tap.as_str(), "port1"] {
+            ip(&["-n", w, "link", "set", dev, "master", "br0"])?;
+            ip(&["-n", w, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", w, "link", "set", "br0", "up"])?;
+        ip(&[
+            "-n",
+            g,
+            "addr",
+            "add",
+            &format!("{GW_V4}/24"),
+            "dev",
+            "ens0",
+        ])?;
+        ip(&[
+            "-n",
+            g,
+            "-6",
+            "addr",
+            "add",
+            &format!("{GW_V6}/64"),
+            "dev",
+            "ens0",
+            "nodad",
+        ])?;
+        ip(&["-n", g, "link", "set", "ens0", "up"])?;
+        Ok(t)
+    }
+
+    /// `ip netns exec NS ARGS...`: success and output (stdout and stderr).
+    pub fn exec(ns: &str, args: &[&str]) -> (bool, String) {
+        match Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+        {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.gw, &self.wire] {
+            if !Path::new("/var/run/netns").join(ns).exists() {
+                continue;
+            }
+            // Anything still running in it (a capture, a shell's child).
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        say(&format!(
+            "removed namespaces {} and {} (bridge, tap and veth with them)",
+            self.wire, self.gw
+        ));
+    }
+}
