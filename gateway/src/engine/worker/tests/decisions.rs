@@ -58,7 +58,7 @@ fn a_coalescing_run_ends_where_it_must() {
     assert_eq!(l.delivered, 8);
     assert_eq!(l.coalesced_writes, 3);
     assert_eq!(l.coalesced, 4, "7 segments in 3 writes");
-    h.check_accounting();
+    h.check_counts();
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn the_write_of_a_run_that_fails_counts_every_packet_of_it() {
         "EIO: the device is down"
     );
     assert_eq!(l.delivered, 0);
-    h.check_accounting();
+    h.check_counts();
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn a_hand_over_brings_its_frames_back() {
     );
     a.check_ledger();
     b.check_ledger();
-    a.check_accounting();
+    a.check_counts();
 }
 
 #[test]
@@ -173,10 +173,7 @@ fn the_stop_waits_for_frames_handed_over() {
     }
     a.step();
     assert!(a.run.st.frames.at_peers > 0, "handed over, not yet written");
-    // Both stop, each on its own thread, while this one plays the kernel
-    // and finishes whatever either writes.
-    a.stop.store(true, Ordering::Relaxed);
-    b.stop.store(true, Ordering::Relaxed);
+    // Both stop, each on its own thread, while this one plays the kernel.
     let (dev_a, dev_b, stats_a, sock_a) = (
         a.dev.clone(),
         b.dev.clone(),
@@ -184,24 +181,7 @@ fn the_stop_waits_for_frames_handed_over() {
         a.sock.clone(),
     );
     let total = a.ids.len() as u64;
-    let run = |mut r: Running<FakeSocket, FakeDevices>| {
-        std::thread::spawn(move || {
-            while r.step().unwrap() {}
-            r.finish().unwrap();
-        })
-    };
-    let (ta, tb) = (run(a.run), run(b.run));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(ta.is_finished() && tb.is_finished()) {
-        assert!(std::time::Instant::now() < deadline, "the workers stop");
-        dev_a.finish_writes(usize::MAX, None);
-        dev_b.finish_writes(usize::MAX, None);
-        // (Not a wait for a time: the loop plays the kernel, and leaves
-        // the cores to the two workers most of the while.)
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-    ta.join().unwrap();
-    tb.join().unwrap();
+    stop_both(a, b);
     let f = published_frames(&stats_a);
     assert_eq!(f.at_peers, 0, "every frame handed over came back: {f:?}");
     assert_eq!(f.in_flight, 0, "{f:?}");
@@ -282,7 +262,7 @@ fn a_reload_drains_before_it_switches() {
     h.settle();
     assert_eq!(h.run.st.local.delivered, 6);
     h.check_ledger();
-    h.check_accounting();
+    h.check_counts();
 }
 
 #[test]

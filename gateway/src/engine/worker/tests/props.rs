@@ -300,71 +300,6 @@ fn device_read(r: &Read, kind: DeviceKind) -> Vec<u8> {
 }
 
 impl Harness {
-    /// Inbound packets in device writes not yet reaped, and replies.
-    fn writes_held(&self) -> (u64, u64) {
-        let d = self.dev.state.lock().unwrap();
-        let mut inbound = 0;
-        let mut replies = 0;
-        let mut count = |tag: u16, packets: u16, peer: Option<usize>| {
-            if peer.is_some() {
-            } else if tag & (REPLY | REPLY_ICMP) != 0 {
-                replies += u64::from(packets);
-            } else {
-                inbound += u64::from(packets);
-            }
-        };
-        for w in d.queued.iter().chain(&d.in_flight) {
-            count(w.tag, w.packets, w.peer);
-        }
-        for c in &d.done {
-            if c.op == Op::Write {
-                count(c.tag, c.packets, c.peer);
-            }
-        }
-        (inbound, replies)
-    }
-
-    /// Both ways add up: every packet taken from the RX ring, and every
-    /// packet read from a device, is delivered, sent, held or counted.
-    fn check_counts(&self) {
-        let (inbound, replies) = self.writes_held();
-        let l = &self.run.st.local;
-        let rx_drops: u64 = DropReason::ALL
-            .iter()
-            .filter(|r| !r.is_tx())
-            .map(|&r| l.drops[r as usize])
-            .sum();
-        let tx_drops: u64 = DropReason::ALL
-            .iter()
-            .filter(|r| r.is_tx())
-            .map(|&r| l.drops[r as usize])
-            .sum();
-        let coalescing: u64 = self
-            .run
-            .st
-            .gro
-            .iter()
-            .map(|r| 1 + r.rest.len() as u64)
-            .sum();
-        assert_eq!(
-            l.rx_frames,
-            l.delivered
-                + l.keepalives
-                + l.path_mtu_updates
-                + l.fragments_merged
-                + l.fragments_pending
-                + rx_drops
-                + inbound
-                + coalescing,
-            "every packet received is delivered, held or counted: {l:?}"
-        );
-        assert_eq!(
-            l.tx_read,
-            l.tx_sent + l.tx_replies + tx_drops + replies + self.run.st.from_device.len() as u64,
-            "every packet read is sent, answered or counted: {l:?}"
-        );
-    }
-
     /// The device kind of the tunnel at position `t` of the list in force.
     fn kind_of(&self, t: usize) -> Option<DeviceKind> {
         self.run.w.shared.tunnels.tx.get(t).map(|x| x.device_kind)
@@ -546,26 +481,10 @@ proptest! {
         }
         // Both stop, each on its own thread, while this one plays the
         // kernel; then every frame of each is home.
-        a.stop.store(true, Ordering::Relaxed);
-        b.stop.store(true, Ordering::Relaxed);
         let (dev_a, dev_b) = (a.dev.clone(), b.dev.clone());
-        let run = |mut r: Running<FakeSocket, FakeDevices>| {
-            std::thread::spawn(move || {
-                while r.step().unwrap() {}
-                r.finish().unwrap();
-            })
-        };
-        let (ta, tb) = (run(a.run), run(b.run));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !(ta.is_finished() && tb.is_finished()) {
-            prop_assert!(std::time::Instant::now() < deadline, "the workers stop");
-            dev_a.finish_writes(usize::MAX, None);
-            dev_b.finish_writes(usize::MAX, None);
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-        ta.join().unwrap();
-        tb.join().unwrap();
-        for (h, stats) in [(&a.sock, &a.stats), (&b.sock, &b.stats)] {
+        let (socks, stats) = ([a.sock.clone(), b.sock.clone()], [a.stats.clone(), b.stats.clone()]);
+        stop_both(a, b);
+        for (h, stats) in socks.iter().zip(&stats) {
             let f = published_frames(stats);
             prop_assert_eq!(f.in_flight, 0, "{:?}", f);
             prop_assert_eq!(f.at_peers, 0, "{:?}", f);

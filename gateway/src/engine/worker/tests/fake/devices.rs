@@ -188,6 +188,26 @@ impl FakeDevices {
         true
     }
 
+    /// Queues a write as the real ring would: refused (and counted) if
+    /// the ring could not make it, handed back if the submission queue is
+    /// full.
+    fn queue(&self, w: Write) -> Result<(), Write> {
+        let mut d = self.state.lock().unwrap();
+        let umem = match w.peer {
+            None => d.own.clone(),
+            Some(p) => d.peers.get(p).cloned().unwrap_or(0..0),
+        };
+        if !d.valid(&umem, &w.frame, w.offset, w.len, &w.rest) {
+            d.refused += 1;
+            return Err(w);
+        }
+        if d.full() {
+            return Err(w);
+        }
+        d.queued.push(w);
+        Ok(())
+    }
+
     /// The frames the fake holds, in writes not yet reaped.
     pub fn ids(&self) -> Vec<u32> {
         let d = self.state.lock().unwrap();
@@ -272,15 +292,7 @@ impl Devices<FakeFrame> for FakeDevices {
         len: usize,
         tag: u16,
     ) -> Result<(), FakeFrame> {
-        let mut d = self.state.lock().unwrap();
-        if !d.valid(&d.own.clone(), &frame, offset, len, &[]) {
-            d.refused += 1;
-            return Err(frame);
-        }
-        if d.full() {
-            return Err(frame);
-        }
-        d.queued.push(Write {
+        let w = Write {
             file,
             frame,
             offset,
@@ -289,8 +301,8 @@ impl Devices<FakeFrame> for FakeDevices {
             tag,
             packets: 1,
             peer: None,
-        });
-        Ok(())
+        };
+        self.queue(w).map_err(|w| w.frame)
     }
 
     fn push_gather(
@@ -303,15 +315,7 @@ impl Devices<FakeFrame> for FakeDevices {
         tag: u16,
         packets: u16,
     ) -> Result<(), (FakeFrame, Vec<Piece<FakeFrame>>)> {
-        let mut d = self.state.lock().unwrap();
-        if !d.valid(&d.own.clone(), &frame, offset, len, &rest) {
-            d.refused += 1;
-            return Err((frame, rest));
-        }
-        if d.full() {
-            return Err((frame, rest));
-        }
-        d.queued.push(Write {
+        let w = Write {
             file,
             frame,
             offset,
@@ -320,8 +324,8 @@ impl Devices<FakeFrame> for FakeDevices {
             tag,
             packets,
             peer: None,
-        });
-        Ok(())
+        };
+        self.queue(w).map_err(|w| (w.frame, w.rest))
     }
 
     fn push_foreign(
@@ -335,16 +339,7 @@ impl Devices<FakeFrame> for FakeDevices {
         tag: u16,
         packets: u16,
     ) -> Result<(), (FakeFrame, Vec<Piece<FakeFrame>>)> {
-        let mut d = self.state.lock().unwrap();
-        let theirs = d.peers.get(peer).cloned().unwrap_or(0..0);
-        if !d.valid(&theirs, &frame, offset, len, &rest) {
-            d.refused += 1;
-            return Err((frame, rest));
-        }
-        if d.full() {
-            return Err((frame, rest));
-        }
-        d.queued.push(Write {
+        let w = Write {
             file,
             frame,
             offset,
@@ -353,8 +348,8 @@ impl Devices<FakeFrame> for FakeDevices {
             tag,
             packets,
             peer: Some(peer),
-        });
-        Ok(())
+        };
+        self.queue(w).map_err(|w| (w.frame, w.rest))
     }
 
     fn pieces(&mut self) -> Vec<Piece<FakeFrame>> {
