@@ -113,6 +113,15 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         b[1] = (b[1] & 0x0f) | (tc << 4);
     }
 
+    /// Sets the 20-bit flow label, keeping the version and the traffic
+    /// class.
+    pub fn set_flow_label(&mut self, label: u32) {
+        let b = self.buffer.as_mut();
+        b[1] = (b[1] & 0xf0) | ((label >> 16) & 0x0f) as u8;
+        b[2] = (label >> 8) as u8;
+        b[3] = label as u8;
+    }
+
     pub fn set_payload_len(&mut self, v: u16) {
         self.buffer.as_mut()[field::LENGTH].copy_from_slice(&v.to_be_bytes());
     }

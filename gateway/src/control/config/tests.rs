@@ -122,6 +122,13 @@ fn an_ipv6_underlay_takes_the_kernels_ip6_names_and_encaplimit() {
     };
     let c = t("ip6gre", "").unwrap().tunnels.remove(0);
     assert_eq!((c.mode, c.encap_limit), (Mode::Gre, Some(4)));
+    // iproute2's default hop limit for IPv6 tunnels (DEFAULT_TNL_HOP_LIMIT),
+    // where IPv4 tunnels inherit.
+    assert_eq!(c.ttl, Ttl::Fixed(64));
+    assert_eq!(
+        t("ip6gre", "ttl = \"inherit\"\n").unwrap().tunnels[0].ttl,
+        Ttl::Inherit
+    );
     assert_eq!(c.overhead(), 40 + 8 + 4);
     let c = t("ip6ip6", "device_kind = \"tun\"\nencaplimit = \"none\"\n")
         .unwrap()

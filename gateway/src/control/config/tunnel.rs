@@ -208,6 +208,10 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
     let ocsum = t.ocsum.or(t.csum).unwrap_or(false);
 
     let ttl = match &t.ttl {
+        // iproute2's defaults: IPv4 tunnels inherit (ttl 0), IPv6 tunnels
+        // send hop limit 64 (`ip -6 tunnel` and `ip link add type
+        // ip6gre|ip6gretap|ip6tnl` fill in DEFAULT_TNL_HOP_LIMIT).
+        None if local.is_ipv6() => Ttl::Fixed(64),
         None => Ttl::Inherit,
         Some(toml::Value::String(s)) if s == "inherit" => Ttl::Inherit,
         Some(toml::Value::Integer(n)) if (1..=255).contains(n) => Ttl::Fixed(*n as u8),
@@ -236,12 +240,6 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
     let ignore_df = t.ignore_df.unwrap_or(false);
     // The kernel's combination rules (iproute2 and ip_gre/ipip refuse the
     // same combinations).
-    if let (Ttl::Fixed(n), false) = (ttl, pmtudisc) {
-        return Err(err(
-            f("ttl"),
-            format!("{n} needs pmtudisc (a fixed TTL implies DF, as the kernel says: \"ttl != 0 and nopmtudisc are incompatible\"); use ttl = \"inherit\" or remove pmtudisc = false"),
-        ));
-    }
     if local.is_ipv6() && (t.pmtudisc.is_some() || t.ignore_df.is_some()) {
         return Err(err(
             f(if t.pmtudisc.is_some() {
@@ -250,6 +248,12 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
                 "ignore_df"
             }),
             "IPv6 has no DF bit (an IPv6 underlay never fragments in transit); remove it",
+        ));
+    }
+    if let (Ttl::Fixed(n), false) = (ttl, pmtudisc) {
+        return Err(err(
+            f("ttl"),
+            format!("{n} needs pmtudisc (a fixed TTL implies DF, as the kernel says: \"ttl != 0 and nopmtudisc are incompatible\"); use ttl = \"inherit\" or remove pmtudisc = false"),
         ));
     }
     let encap_limit = match (&t.encaplimit, local.is_ipv6()) {

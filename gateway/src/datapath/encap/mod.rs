@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
 use crate::datapath::drop_reason::DropReason;
+use crate::datapath::flow::flow_hash;
 use crate::datapath::ratelimit::RateLimit;
 use crate::datapath::tunnel::{DeviceKind, Mode, Tos, Ttl};
 use crate::wire::{ethernet, gre, ipv4, ipv6, IpProtocol};
@@ -209,6 +210,9 @@ pub fn encap(
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
 
+    let flow_label = flow_label(t, || {
+        flow_hash(DeviceKind::Tun, &buf[inner_start..inner_start + inner_len])
+    });
     write_outer(
         buf,
         t,
@@ -222,8 +226,32 @@ pub fn encap(
             tos: inner_tos,
             df: family == ethernet::EtherType::Ipv4 && inner_df,
             may_fragment,
+            flow_label,
         },
     )
+}
+
+/// The outer IPv6 flow label: one per inner flow, from its hash, as the
+/// kernel's IPv6 tunnels label packets (`ip6_make_flowlabel` with
+/// `net.ipv6.auto_flowlabels` at its default), so that routers on the way
+/// can spread a tunnel's flows over their paths (RFC 6438). Never 0, which
+/// means "no label". An IPv4 underlay has none.
+fn flow_label(t: &TunnelTx, hash: impl FnOnce() -> u32) -> u32 {
+    if t.local.is_ipv4() {
+        return 0;
+    }
+    // A finaliser (murmur3's) so that every bit of the hash counts in
+    // the 20 that are kept.
+    let mut h = hash();
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    match h & 0x000f_ffff {
+        0 => 1,
+        label => label,
+    }
 }
 
 /// IPv6's minimum link MTU (RFC 8200 5).
@@ -243,6 +271,8 @@ struct Inner {
     /// The path is known to be too small for this packet, which goes out
     /// anyway: outer DF clear, whatever the tunnel's setting.
     may_fragment: bool,
+    /// The outer IPv6 flow label (0 over IPv4).
+    flow_label: u32,
 }
 
 /// Writes the outer Ethernet, IPv4 and (for GRE) GRE headers in front of
@@ -263,14 +293,7 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
         }
     }
     let payload_len = inner_start + inner_len - at;
-    // DSCP fixed or inherited; ECN per RFC 6040 normal mode: copied, but
-    // never CE onto the outer header (CE is sent as ECT(0)).
-    let inner_ecn = inner.tos & 0x03;
-    let ecn = if inner_ecn == 0x03 { 0x02 } else { inner_ecn };
-    let dscp = match t.tos {
-        Tos::Fixed(v) => v,
-        Tos::Inherit => inner.tos,
-    } & !0x03;
+    let tos = outer_tos(t, inner.tos);
     let protocol = match t.mode {
         Mode::Gre | Mode::Gretap => IpProtocol::Gre,
         Mode::Ipip => IpProtocol::Ipip,
@@ -288,8 +311,13 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
             let dont_frag = (t.pmtudisc || (!t.ignore_df && inner.df)) && !inner.may_fragment;
             // Without DF a router may fragment it: then the ID must not
             // repeat among this tunnel's packets in flight, whichever
-            // worker sent them.
-            let ident = if dont_frag {
+            // worker sent them. A tunnel whose packets may go without DF
+            // numbers all of them, DF or not, from that one counter, as
+            // the kernel does (`iptunnel_xmit` takes `__ip_select_ident`
+            // for every packet); a tunnel that always sets DF takes the
+            // worker's own counter (any ID will do then, RFC 6864),
+            // sparing the workers a shared cache line per packet.
+            let ident = if dont_frag && t.pmtudisc {
                 ident
             } else {
                 t.ident.fetch_add(1, Ordering::Relaxed)
@@ -300,7 +328,7 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
                 protocol,
                 payload_len,
                 ttl,
-                dscp_ecn: dscp | ecn,
+                dscp_ecn: tos,
                 dont_frag,
                 ident,
             }
@@ -337,7 +365,8 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
                 hop_limit: ttl,
             }
             .emit(&mut p);
-            p.set_traffic_class(dscp | ecn);
+            p.set_traffic_class(tos);
+            p.set_flow_label(inner.flow_label);
             ethernet::EtherType::Ipv6
         }
         // The configuration keeps both endpoints of one family.
@@ -354,6 +383,34 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
     Verdict::Transmit {
         len: inner_start + inner_len,
     }
+}
+
+/// The outer TOS byte (traffic class over IPv6), as the kernel's tunnel
+/// of this kind writes it.
+///
+/// IPv4 outer (ip_gre, ipip, sit) and ip6ip6/ipip6 (`ip6_tunnel`): the DSCP
+/// fixed or inherited, and ECN per RFC 6040 normal mode: copied, but never
+/// CE onto the outer header (CE is sent as ECT(0); `INET_ECN_encapsulate`).
+///
+/// ip6gre and ip6gretap (`ip6_gre`): the tunnel's traffic class as it is,
+/// or with `tos = "inherit"` the inner byte as it is; ECN is not
+/// encapsulated (`prepare_ip6gre_xmit_ipv4`/`_ipv6` call no
+/// `INET_ECN_encapsulate`). Measured against Linux 6.1's ip6gre in the VM
+/// lab: an inner 0x2a went out as traffic class 0x00.
+fn outer_tos(t: &TunnelTx, inner: u8) -> u8 {
+    if t.mode.is_gre() && t.local.is_ipv6() {
+        return match t.tos {
+            Tos::Fixed(v) => v,
+            Tos::Inherit => inner,
+        };
+    }
+    let inner_ecn = inner & 0x03;
+    let ecn = if inner_ecn == 0x03 { 0x02 } else { inner_ecn };
+    let dscp = match t.tos {
+        Tos::Fixed(v) => v,
+        Tos::Inherit => inner,
+    } & !0x03;
+    dscp | ecn
 }
 
 /// A destination-options header with the encapsulation limit: 8 bytes.
@@ -392,6 +449,7 @@ fn encap_frame(
     let Some(hop) = next_hop else {
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
+    let flow_label = flow_label(t, || flow_hash(DeviceKind::Tap, &buf[start..start + n]));
     write_outer(
         buf,
         t,
@@ -405,6 +463,7 @@ fn encap_frame(
             tos,
             df,
             may_fragment: false,
+            flow_label,
         },
     )
 }
