@@ -247,10 +247,19 @@ fn test(args: &[String]) -> Result<()> {
     say(
         "integration tests: the real binary, XDP, AF_XDP and tap/tun devices in network namespaces",
     );
+    // The VM suites (the real kernel as the peer, and the gateway inside a
+    // Linux 6.1 guest) run too, unless GATEWAY_VM=0 says not to.
+    let vm = std::env::var("GATEWAY_VM").unwrap_or_else(|_| "1".into());
+    if vm == "1" {
+        say("with the VM suites (Debian's Linux 6.1 under QEMU; GATEWAY_VM=0 to leave them out)");
+    } else {
+        say("without the VM suites (GATEWAY_VM is not 1)");
+    }
     run(cargo(&["test", "-p", "gateway-tests", "--"])
         .arg("--test-threads=1")
         .args(args)
-        .env("GATEWAY_BIN", &bin))?;
+        .env("GATEWAY_BIN", &bin)
+        .env("GATEWAY_VM", vm))?;
     Ok(())
 }
 
