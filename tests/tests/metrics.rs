@@ -166,3 +166,152 @@ fn prometheus_scrapes_the_metrics_endpoint() {
     assert_eq!(value, "5", "Prometheus read the gateway's rx count back");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plain HTTP GET from inside `ns`: the status code and the body.
+fn http_status(ns: &NetNs, addr: &'static str, path: &'static str) -> Option<(u16, String)> {
+    ns.run(move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (head, body) = out.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    })
+}
+
+/// Waits until `path` answers `status` with a body containing `line`.
+fn wait_health(wire: &Wire, path: &'static str, status: u16, line: &str) -> String {
+    let mut body = String::new();
+    wait_until(
+        &format!("{path} to answer {status} with {line:?}"),
+        Duration::from_secs(20),
+        || match http_status(&wire.gw, "127.0.0.1:9465", path) {
+            Some((s, b)) if s == status && b.contains(line) => {
+                body = b;
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    body
+}
+
+#[test]
+fn healthz_and_readyz_follow_the_host() {
+    if !require_root("healthz_and_readyz_follow_the_host") {
+        return;
+    }
+    let wire = Wire::new("mt3", &[]);
+    let gw = Gateway::start_with(&wire.gw, CONFIG, &["--metrics", "127.0.0.1:9465"]);
+
+    // Ready once the next hop towards the peer is resolved (the gateway
+    // asks the kernel at start), and every check is listed.
+    let ready = wait_health(&wire, "/readyz", 200, "readyz ok");
+    for line in [
+        "[+] workers: 1 of 1 running",
+        "[+] xdp: program ",
+        "[+] underlay: ens0 is up",
+        "[+] tunnel tun100: device tap1 up",
+        "[+] tunnel tun100: next hop ",
+    ] {
+        assert!(ready.contains(line), "no {line:?} in:\n{ready}");
+    }
+    let alive = wait_health(&wire, "/healthz", 200, "healthz ok");
+    assert!(!alive.contains("underlay"), "{alive}");
+
+    // The tunnel's device set down by hand: not ready, still alive.
+    wire.gw.ip(&["link", "set", "tap1", "down"]);
+    wait_health(
+        &wire,
+        "/readyz",
+        503,
+        "[-] tunnel tun100: device tap1 is down",
+    );
+    wait_health(&wire, "/healthz", 200, "healthz ok");
+    wire.gw.ip(&["link", "set", "tap1", "up"]);
+    wait_health(&wire, "/readyz", 200, "readyz ok");
+
+    // The underlay down: not ready.
+    wire.gw.ip(&["link", "set", "ens0", "down"]);
+    wait_health(&wire, "/readyz", 503, "[-] underlay: ens0 is down");
+    wire.gw.ip(&["link", "set", "ens0", "up"]);
+    wait_health(&wire, "/readyz", 200, "readyz ok");
+
+    // The XDP program taken off by someone else (its bpf link detached,
+    // as an operator's tool would): no longer alive.
+    let ours = gw.stats()["gateway"]["xdp_program_id"].as_u64().unwrap();
+    let links: serde_json::Value =
+        serde_json::from_str(&gateway_tests::sh(&["bpftool", "-j", "link", "show"])).unwrap();
+    let link = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["prog_id"].as_u64() == Some(ours))
+        .unwrap_or_else(|| panic!("no bpf link for program {ours}: {links}"));
+    gateway_tests::sh(&["bpftool", "link", "detach", "id", &link["id"].to_string()]);
+    let dead = wait_health(&wire, "/healthz", 503, "healthz failed");
+    assert!(dead.contains("[-] xdp: no program on ens0"), "{dead}");
+    wait_health(&wire, "/readyz", 503, "readyz failed");
+}
+
+#[test]
+fn systemd_hears_ready_the_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    if !require_root("systemd_hears_ready_the_watchdog_and_stopping") {
+        return;
+    }
+    // systemd's side of Type=notify: a datagram socket named by
+    // NOTIFY_SOCKET, and WATCHDOG_USEC (short here, so that the test
+    // hears several).
+    let path = std::env::temp_dir().join(format!("gwt-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let wire = Wire::new("mt4", &[]);
+    let notify = format!("NOTIFY_SOCKET={}", path.display());
+    let gw = Gateway::start_wrapped(
+        &wire.gw,
+        CONFIG,
+        &["env", &notify, "WATCHDOG_USEC=400000"],
+        &[],
+    );
+    let mut heard: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut listen = |heard: &mut Vec<String>, until: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !until(heard) {
+            assert!(Instant::now() < deadline, "heard only {heard:?}");
+            if let Ok(n) = sock.recv(&mut buf) {
+                heard.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .map(str::to_string),
+                );
+            }
+        }
+    };
+    listen(&mut heard, &|h| {
+        h.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3
+    });
+    let ready = heard.iter().position(|l| l == "READY=1");
+    let first_pet = heard.iter().position(|l| l == "WATCHDOG=1");
+    assert!(
+        matches!((ready, first_pet), (Some(r), Some(w)) if r < w),
+        "READY=1 first, then the watchdog: {heard:?}"
+    );
+    assert!(
+        heard
+            .iter()
+            .any(|l| l == "STATUS=running on ens0: 1 tunnel"),
+        "{heard:?}"
+    );
+    let (status, _) = gw.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    listen(&mut heard, &|h| h.iter().any(|l| l == "STOPPING=1"));
+    let _ = std::fs::remove_file(&path);
+}

@@ -40,6 +40,7 @@ use crate::telemetry::metrics::{Format, Request};
 use crate::telemetry::snapshot::{print_stats, snapshot};
 use crate::telemetry::stats::WorkerStats;
 
+mod health;
 mod reload;
 mod slots;
 mod underlay;
@@ -378,9 +379,29 @@ impl Gateway {
             drop(req_tx);
         }
         announce();
+        let mut systemd = health::Notifier::new();
+        let n = self.slots.len();
+        systemd.ready(&format!(
+            "running on {}: {n} tunnel{}",
+            self.iface,
+            if n == 1 { "" } else { "s" }
+        ));
+        let result = self.control_loop(config_path, &req_rx, &mut signals, &mut systemd);
+        systemd.stopping();
+        result
+    }
+
+    fn control_loop(
+        &mut self,
+        config_path: &Path,
+        req_rx: &std::sync::mpsc::Receiver<Request>,
+        signals: &mut signal_hook::iterator::Signals,
+        systemd: &mut health::Notifier,
+    ) -> anyhow::Result<()> {
         let mut last_check = std::time::Instant::now();
         loop {
             crate::io::clock::tick();
+            systemd.tick(|| self.alive());
             if last_check.elapsed() >= Duration::from_millis(500) {
                 last_check = std::time::Instant::now();
                 self.watch()?;
@@ -399,6 +420,9 @@ impl Gateway {
                     Request::Reload { reply } => {
                         let answer = self.reload_from(config_path)?;
                         let _ = reply.send(answer);
+                    }
+                    Request::Health { ready, reply } => {
+                        let _ = reply.send(self.health(ready));
                     }
                 }
             }

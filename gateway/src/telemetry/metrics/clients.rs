@@ -169,6 +169,13 @@ pub(super) fn write_by<C: Client>(
     Ok(())
 }
 
+/// Asks the control thread for `/healthz` (`ready` false) or `/readyz`.
+pub(super) fn ask_health(requests: &Sender<Request>, ready: bool) -> Option<(bool, String)> {
+    let (tx, rx) = channel();
+    requests.send(Request::Health { ready, reply: tx }).ok()?;
+    rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
+}
+
 pub(super) fn ask(requests: &Sender<Request>, format: Format) -> Option<String> {
     let (tx, rx) = channel();
     requests.send(Request::Stats { format, reply: tx }).ok()?;

@@ -1,12 +1,13 @@
-//! `GET /metrics` over HTTP (`--metrics ADDR`): one request per
-//! connection, parsed by httparse.
+//! `GET /metrics` over HTTP (`--metrics ADDR`), and `/healthz` and
+//! `/readyz` (200 when all is well, 503 otherwise, with every check in the
+//! body): one request per connection, parsed by httparse.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
-use super::clients::{ask, read_request, serve_clients, write_by, CLIENT_TIMEOUT};
+use super::clients::{ask, ask_health, read_request, serve_clients, write_by, CLIENT_TIMEOUT};
 use super::{Format, Request};
 
 /// Serves `GET /metrics` on `addr` until the process ends.
@@ -82,18 +83,30 @@ fn answer_http(mut conn: TcpStream, requests: &Sender<Request>) {
     let (status, reason, body, head_only) = match parse_head(&head[..n]) {
         Head::Complete(method, path) if method == "GET" || method == "HEAD" => {
             let head_only = method == "HEAD";
-            if path == "/metrics" {
-                match ask(requests, Format::Prometheus) {
+            let stopping = || {
+                (
+                    503,
+                    "Service Unavailable",
+                    "gateway stopping\n".to_string(),
+                    head_only,
+                )
+            };
+            match path.as_str() {
+                "/metrics" => match ask(requests, Format::Prometheus) {
                     Some(b) => (200, "OK", b, head_only),
-                    None => (
-                        503,
-                        "Service Unavailable",
-                        "gateway stopping\n".into(),
-                        head_only,
-                    ),
-                }
-            } else {
-                (404, "Not Found", "try /metrics\n".into(), head_only)
+                    None => stopping(),
+                },
+                "/healthz" | "/readyz" => match ask_health(requests, path == "/readyz") {
+                    Some((true, b)) => (200, "OK", b, head_only),
+                    Some((false, b)) => (503, "Service Unavailable", b, head_only),
+                    None => stopping(),
+                },
+                _ => (
+                    404,
+                    "Not Found",
+                    "try /metrics, /healthz or /readyz\n".into(),
+                    head_only,
+                ),
             }
         }
         Head::Partial if n == HTTP_HEAD_MAX => (

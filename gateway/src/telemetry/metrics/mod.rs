@@ -41,4 +41,10 @@ pub enum Request {
     /// Read the configuration file again and apply it; the answer is one
     /// line, starting with `error:` when nothing changed.
     Reload { reply: Sender<String> },
+    /// `/healthz` (`ready` false: alive?) or `/readyz` (ready for
+    /// traffic?): the verdict and every check, as text.
+    Health {
+        ready: bool,
+        reply: Sender<(bool, String)>,
+    },
 }

@@ -62,6 +62,9 @@ fn fake_gateway() -> (Sender<Request>, std::sync::mpsc::Receiver<()>) {
                 Request::Reload { reply } => {
                     let _ = reply.send("reloaded\n".into());
                 }
+                Request::Health { ready, reply } => {
+                    let _ = reply.send((!ready, format!("ready: {ready}\n")));
+                }
             }
         }
     });
