@@ -315,3 +315,54 @@ fn systemd_hears_ready_the_watchdog_and_stopping() {
     listen(&mut heard, &|h| h.iter().any(|l| l == "STOPPING=1"));
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_gateway_serves() {
+    if !require_root("the_shipped_alert_rules_pass_promtool_and_name_metrics_the_gateway_serves") {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/dist/prometheus");
+    for args in [
+        &["check", "rules", "gateway-alerts.yml"][..],
+        &["test", "rules", "gateway-alerts.test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian's prometheus package; cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Every metric a rule names is one a running gateway serves (a rule on
+    // a misspelt or renamed metric would never fire).
+    let rules = std::fs::read_to_string(dir.join("gateway-alerts.yml")).unwrap();
+    let mut named: Vec<&str> = rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .flat_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("gateway_"))
+        })
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    assert!(named.len() >= 6, "{named:?}");
+    let wire = Wire::new("mt5", &[]);
+    let _gw = Gateway::start_with(&wire.gw, CONFIG, &["--metrics", "127.0.0.1:9466"]);
+    let text = http_get(&wire.gw, "127.0.0.1:9466", "/metrics".into()).expect("GET /metrics");
+    let served = |name: &str| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("# TYPE {name} ")))
+    };
+    let missing: Vec<&&str> = named.iter().filter(|n| !served(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "rules name metrics not served: {missing:?}\n{text}"
+    );
+}
