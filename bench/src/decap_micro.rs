@@ -219,6 +219,7 @@ fn main() {
         peer_mac: [2, 0, 0, 0, 0, 2],
         address: None,
         peer: None,
+        keepalive: None,
     };
     let hop = NextHop {
         dst: [2, 0, 0, 0, 0, 0x58],

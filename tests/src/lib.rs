@@ -1176,6 +1176,7 @@ pub mod stats {
         let rx = worker_sum(stats, "rx_frames");
         let delivered = worker_sum(stats, "delivered")
             + worker_sum(stats, "keepalives")
+            + worker_sum(stats, "keepalive_replies")
             + worker_sum(stats, "path_mtu_updates")
             + worker_sum(stats, "fragments_merged")
             + worker_sum(stats, "fragments_pending");

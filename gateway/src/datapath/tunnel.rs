@@ -336,3 +336,19 @@ mod tests {
         assert_eq!(v6.to_string(), "fd00::/64");
     }
 }
+
+/// GRE keepalives (Cisco's `keepalive INTERVAL MISSES`): one sent every
+/// `interval` seconds; the tunnel is down once `interval * misses`
+/// seconds pass without a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: u16,
+    pub misses: u8,
+}
+
+impl Keepalive {
+    /// Seconds without a reply after which the tunnel is down.
+    pub fn dead_after(&self) -> u32 {
+        u32::from(self.interval) * u32::from(self.misses)
+    }
+}

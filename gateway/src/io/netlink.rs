@@ -105,6 +105,24 @@ impl Netlink {
             })
     }
 
+    /// Sets the link's carrier (`ip link set DEV carrier on|off`): a tun or
+    /// tap without carrier is down to the kernel's routing (its routes go
+    /// `linkdown`), as a cable pulled out.
+    pub fn set_carrier(&self, link: &LinkInfo, on: bool) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(link.index).carrier(on).build();
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.link().set(msg).execute().await })
+            .map_err(|e| NetlinkError::Request {
+                what: format!(
+                    "setting {}'s carrier {}",
+                    link.name,
+                    if on { "on" } else { "off" }
+                ),
+                reason: describe(&e),
+            })
+    }
+
     /// Deletes the link (as `ip link del` does). A link already gone is fine.
     pub fn delete(&self, link: &LinkInfo) -> Result<(), NetlinkError> {
         let handle = self.handle.clone();

@@ -30,15 +30,21 @@ pub fn render(s: &Value) -> String {
             },
         ));
     }
-    out.push_str("tunnel        rx_packets        rx_bytes  tx_packets        tx_bytes\n");
+    out.push_str(
+        "tunnel        rx_packets        rx_bytes  tx_packets        tx_bytes  state   idle\n",
+    );
     for t in s["tunnels"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<12} {:>11} {:>15} {:>11} {:>15}\n",
+            "{:<12} {:>11} {:>15} {:>11} {:>15}  {:<6} {:>5}\n",
             t["name"].as_str().unwrap_or("?"),
             n(&t["rx_packets"]),
             n(&t["rx_bytes"]),
             n(&t["tx_packets"]),
             n(&t["tx_bytes"]),
+            t["state"].as_str().unwrap_or("-"),
+            t["idle_seconds"]
+                .as_u64()
+                .map_or("-".to_string(), |s| format!("{s}s")),
         ));
     }
     let drops = nonzero(&s["drops"]);

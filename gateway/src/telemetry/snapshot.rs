@@ -48,6 +48,8 @@ pub fn snapshot(
             "tx_packets": tx_packets,
             "tx_bytes": tx_bytes,
             "next_hop": next_hops.get(i).map(|m| crate::datapath::next_hop::format_mac(&m)),
+            "keepalives_sent": sum(&|c| &c.keepalives_sent, i),
+            "keepalive_replies": sum(&|c| &c.keepalive_replies, i),
         }));
     }
     let mut drops = Map::new();

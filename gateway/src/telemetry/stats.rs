@@ -39,6 +39,7 @@ pub struct WorkerStats {
     pub rx_frames: AtomicU64,
     pub delivered: AtomicU64,
     pub keepalives: AtomicU64,
+    pub keepalive_replies: AtomicU64,
     pub coalesced: AtomicU64,
     pub tx_gso_packets: AtomicU64,
     pub coalesced_writes: AtomicU64,
@@ -81,6 +82,8 @@ pub struct LocalStats {
     pub delivered: u64,
     /// GRE keepalives answered (sent back on the underlay).
     pub keepalives: u64,
+    /// Replies to this gateway's own keepalives, received.
+    pub keepalive_replies: u64,
     /// Delivered packets that went into the device in another one's write
     /// (TCP segments coalesced into one GSO packet).
     pub coalesced: u64,
@@ -107,6 +110,11 @@ pub struct LocalStats {
     pub tunnel_rx_bytes: Vec<u64>,
     pub tunnel_tx_packets: Vec<u64>,
     pub tunnel_tx_bytes: Vec<u64>,
+    /// Per tunnel: keepalives sent, replies received, and when the last
+    /// reply came ([`crate::io::clock`] seconds, plus one: 0 is never).
+    pub tunnel_keepalives_sent: Vec<u64>,
+    pub tunnel_keepalive_replies: Vec<u64>,
+    pub tunnel_keepalive_reply_at: Vec<u64>,
     pub tx_read: u64,
     pub tx_sent: u64,
     pub tx_replies: u64,
@@ -125,6 +133,7 @@ impl LocalStats {
             rx_frames: 0,
             delivered: 0,
             keepalives: 0,
+            keepalive_replies: 0,
             coalesced: 0,
             tx_gso_packets: 0,
             coalesced_writes: 0,
@@ -140,6 +149,9 @@ impl LocalStats {
             tunnel_rx_bytes: vec![0; tunnels],
             tunnel_tx_packets: vec![0; tunnels],
             tunnel_tx_bytes: vec![0; tunnels],
+            tunnel_keepalives_sent: vec![0; tunnels],
+            tunnel_keepalive_replies: vec![0; tunnels],
+            tunnel_keepalive_reply_at: vec![0; tunnels],
             tx_read: 0,
             tx_sent: 0,
             tx_replies: 0,
@@ -171,6 +183,9 @@ pub struct TunnelCounters {
     /// read error): it stopped using its queue, and the control thread
     /// opens a new one.
     pub device_failed: Vec<AtomicBool>,
+    pub keepalives_sent: Vec<AtomicU64>,
+    pub keepalive_replies: Vec<AtomicU64>,
+    pub keepalive_reply_at: Vec<AtomicU64>,
 }
 
 impl TunnelCounters {
@@ -181,6 +196,9 @@ impl TunnelCounters {
             tx_packets: atomics(tunnels),
             tx_bytes: atomics(tunnels),
             device_failed: (0..tunnels).map(|_| AtomicBool::new(false)).collect(),
+            keepalives_sent: atomics(tunnels),
+            keepalive_replies: atomics(tunnels),
+            keepalive_reply_at: atomics(tunnels),
         }
     }
 }
@@ -200,6 +218,9 @@ impl LocalStats {
         remap(&mut self.tunnel_rx_bytes, from);
         remap(&mut self.tunnel_tx_packets, from);
         remap(&mut self.tunnel_tx_bytes, from);
+        remap(&mut self.tunnel_keepalives_sent, from);
+        remap(&mut self.tunnel_keepalive_replies, from);
+        remap(&mut self.tunnel_keepalive_reply_at, from);
     }
 }
 
@@ -211,6 +232,7 @@ impl WorkerStats {
             rx_frames: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             keepalives: AtomicU64::new(0),
+            keepalive_replies: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
             tx_gso_packets: AtomicU64::new(0),
             coalesced_writes: AtomicU64::new(0),
@@ -262,6 +284,7 @@ impl WorkerStats {
         self.rx_frames.store(l.rx_frames, Relaxed);
         self.delivered.store(l.delivered, Relaxed);
         self.keepalives.store(l.keepalives, Relaxed);
+        self.keepalive_replies.store(l.keepalive_replies, Relaxed);
         self.coalesced.store(l.coalesced, Relaxed);
         self.tx_gso_packets.store(l.tx_gso_packets, Relaxed);
         self.coalesced_writes.store(l.coalesced_writes, Relaxed);
@@ -285,6 +308,27 @@ impl WorkerStats {
             a.store(*v, Relaxed);
         }
         for (a, v) in tunnels.tx_bytes.iter().zip(&l.tunnel_tx_bytes) {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in tunnels
+            .keepalives_sent
+            .iter()
+            .zip(&l.tunnel_keepalives_sent)
+        {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in tunnels
+            .keepalive_replies
+            .iter()
+            .zip(&l.tunnel_keepalive_replies)
+        {
+            a.store(*v, Relaxed);
+        }
+        for (a, v) in tunnels
+            .keepalive_reply_at
+            .iter()
+            .zip(&l.tunnel_keepalive_reply_at)
+        {
             a.store(*v, Relaxed);
         }
         self.tx_read.store(l.tx_read, Relaxed);
@@ -317,6 +361,7 @@ impl WorkerStats {
             "rx_frames": self.rx_frames.load(Relaxed),
             "delivered": self.delivered.load(Relaxed),
             "keepalives": self.keepalives.load(Relaxed),
+            "keepalive_replies": self.keepalive_replies.load(Relaxed),
             "coalesced": self.coalesced.load(Relaxed),
             "coalesced_writes": self.coalesced_writes.load(Relaxed),
             "spread_out": self.spread_out.load(Relaxed),

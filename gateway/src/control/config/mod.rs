@@ -127,6 +127,11 @@ pub struct TunnelConfig {
     pub accept_from: Vec<crate::datapath::tunnel::Prefix>,
     /// Keep the device when the gateway stops.
     pub persistent: bool,
+    /// GRE keepalives sent, and the tunnel's state (up/down) from their
+    /// replies.
+    pub keepalive: Option<crate::datapath::tunnel::Keepalive>,
+    /// The device's carrier follows the tunnel's state (needs keepalive).
+    pub carrier_follows: bool,
 }
 
 impl TunnelConfig {

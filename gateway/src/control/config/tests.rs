@@ -204,6 +204,44 @@ fn outer_header_options_follow_the_kernels_combination_rules() {
 }
 
 #[test]
+fn keepalives_are_cisco_style_on_ipv4_gre_only() {
+    let base = "[[tunnel]]\nname = \"t\"\nmode = \"gre\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\ndevice = \"tap1\"\n";
+    let parse = |extra: &str| Config::parse(&format!("{base}{extra}"));
+    let t = parse("keepalive = [10, 3]\ncarrier_follows = true\n")
+        .unwrap()
+        .tunnels
+        .remove(0);
+    let k = t.keepalive.unwrap();
+    assert_eq!((k.interval, k.misses, k.dead_after()), (10, 3, 30));
+    assert!(t.carrier_follows);
+    assert_eq!(parse("").unwrap().tunnels[0].keepalive, None);
+    for bad in [
+        "[0, 3]",
+        "[10, 0]",
+        "[10]",
+        "10",
+        "[10, 300]",
+        "[\"10\", 3]",
+    ] {
+        let e = parse(&format!("keepalive = {bad}\n")).unwrap_err();
+        assert!(
+            e.field.ends_with(".keepalive") && e.message.contains("[10, 3]"),
+            "{bad}: {e}"
+        );
+    }
+    let e = parse("keepalive = [10, 3]\niseq = true\n").unwrap_err();
+    assert!(e.message.contains("iseq"), "{e}");
+    let e = parse("carrier_follows = true\n").unwrap_err();
+    assert!(
+        e.field.ends_with(".carrier_follows") && e.message.contains("keepalive"),
+        "{e}"
+    );
+    let ipip = base.replace("\"gre\"", "\"ipip\"");
+    let e = Config::parse(&format!("{ipip}keepalive = [10, 3]\n")).unwrap_err();
+    assert!(e.message.contains("gre"), "{e}");
+}
+
+#[test]
 fn gretap_is_a_tap_without_inner_addresses() {
     let base = "[[tunnel]]\nname = \"t\"\nmode = \"gretap\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\ndevice = \"gtap\"\n";
     let parse = |extra: &str| Config::parse(&format!("{base}{extra}"));
@@ -333,6 +371,7 @@ fn tx_of(t: &TunnelConfig, mtu: u16) -> crate::datapath::encap::TunnelTx {
         peer_mac: [2, 0xbb, 0, 0, 0, 2],
         address: None,
         peer: None,
+        keepalive: None,
     }
 }
 

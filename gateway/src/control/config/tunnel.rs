@@ -37,6 +37,8 @@ pub(super) struct RawTunnel {
     peer: Option<String>,
     accept_from: Option<Vec<String>>,
     persistent: Option<bool>,
+    keepalive: Option<toml::Value>,
+    carrier_follows: Option<bool>,
 }
 
 fn v4_equivalent(mode: &str) -> &'static str {
@@ -397,6 +399,31 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
             "needs peer: without peer every inner source is accepted; add peer = \"<far inner address>\"",
         ));
     }
+    let keepalive = match &t.keepalive {
+        None => None,
+        Some(v) => Some(parse_keepalive(&f("keepalive"), v)?),
+    };
+    if keepalive.is_some() {
+        if mode != Mode::Gre || local.is_ipv6() {
+            return Err(err(
+                f("keepalive"),
+                "GRE keepalives (Cisco's, which the kernel reflects) run over mode = \"gre\" on IPv4 only; remove it",
+            ));
+        }
+        if iseq {
+            return Err(err(
+                f("keepalive"),
+                "cannot be used with iseq: the replies come back without sequence numbers; remove one of them",
+            ));
+        }
+    }
+    let carrier_follows = t.carrier_follows.unwrap_or(false);
+    if carrier_follows && keepalive.is_none() {
+        return Err(err(
+            f("carrier_follows"),
+            "needs keepalive (the state the carrier follows); add keepalive = [10, 3]",
+        ));
+    }
     let cfg = TunnelConfig {
         name,
         mode,
@@ -420,6 +447,8 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
         peer,
         accept_from,
         persistent: t.persistent.unwrap_or(false),
+        keepalive,
+        carrier_follows,
     };
     if let Some(m) = cfg.mtu {
         let max = cfg.max_mtu();
@@ -434,4 +463,32 @@ pub(super) fn validate_tunnel(i: usize, t: RawTunnel) -> Result<TunnelConfig, Co
         }
     }
     Ok(cfg)
+}
+
+/// `keepalive = [INTERVAL, MISSES]`: a keepalive every INTERVAL seconds
+/// (1..=32767), the tunnel down after MISSES (1..=255) intervals without a
+/// reply: Cisco's `keepalive 10 3`.
+fn parse_keepalive(
+    field: &str,
+    v: &toml::Value,
+) -> Result<crate::datapath::tunnel::Keepalive, ConfigError> {
+    let bad = || {
+        err(
+            field,
+            format!(
+                "{} is not valid; use [INTERVAL, MISSES] such as [10, 3] (seconds 1..=32767, misses 1..=255)",
+                show(v)
+            ),
+        )
+    };
+    let Some([i, m]) = v.as_array().map(Vec::as_slice) else {
+        return Err(bad());
+    };
+    match (i.as_integer(), m.as_integer()) {
+        (Some(i @ 1..=32767), Some(m @ 1..=255)) => Ok(crate::datapath::tunnel::Keepalive {
+            interval: i as u16,
+            misses: m as u8,
+        }),
+        _ => Err(bad()),
+    }
 }

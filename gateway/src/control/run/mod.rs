@@ -41,10 +41,12 @@ use crate::telemetry::snapshot::{print_stats, snapshot};
 use crate::telemetry::stats::WorkerStats;
 
 mod health;
+mod liveness;
 mod reload;
 mod slots;
 mod underlay;
 
+use liveness::{carry_over, Live};
 use reload::*;
 use slots::*;
 pub use slots::{plan_cores, plan_queues, rx_queue_count, tunnel_mtu};
@@ -58,6 +60,9 @@ struct Events {
     devices_recreated: u64,
     underlay_down: u64,
     xdp_lost: u64,
+    /// Tunnels whose keepalives went unanswered, and came back.
+    tunnel_down: u64,
+    tunnel_up: u64,
 }
 
 struct WorkerHandle {
@@ -90,6 +95,8 @@ struct Gateway {
     /// Devices found missing, and when the last attempt to re-create each
     /// failed (to keep the log quiet while it keeps failing).
     recreate_failed: Vec<Option<std::time::Instant>>,
+    /// Each tunnel's liveness (keepalives, the last packet).
+    liveness: Vec<Live>,
 }
 
 /// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
@@ -200,6 +207,7 @@ pub fn run(
                 poll: cfg.poll,
                 busy_poll: cfg.busy_poll_budget > 0,
                 coalesce_udp,
+                keepalives: pending.is_empty(),
                 faults: Faults::from_env(),
             },
             xsk,
@@ -310,7 +318,9 @@ pub fn run(
         xdp_id,
         xdp_attached: true,
         xdp_seen: xdp_id.unwrap_or(0),
+        liveness: Vec::new(),
     };
+    gw.liveness = gw.new_liveness();
     let failure = gw.serve(config_path, metrics, signals, announce).err();
 
     stop.store(true, Ordering::Relaxed);
@@ -405,6 +415,7 @@ impl Gateway {
             if last_check.elapsed() >= Duration::from_millis(500) {
                 last_check = std::time::Instant::now();
                 self.watch()?;
+                self.watch_liveness();
             }
             while let Ok(r) = req_rx.try_recv() {
                 match r {
@@ -468,8 +479,11 @@ impl Gateway {
                 "devices_recreated": self.events.devices_recreated,
                 "underlay_down": self.events.underlay_down,
                 "xdp_lost": self.events.xdp_lost,
+                "tunnel_down": self.events.tunnel_down,
+                "tunnel_up": self.events.tunnel_up,
             },
         });
+        self.liveness_into(&mut v);
         v
     }
 }

@@ -334,6 +334,8 @@ impl Gateway {
             }
         }
         self.recreate_failed = slots.iter().map(|_| None).collect();
+        let tunnels_cfg: Vec<_> = slots.iter().map(|s| s.cfg.clone()).collect();
+        self.liveness = carry_over(&self.liveness, &tunnels_cfg, crate::io::clock::now());
         self.slots = slots;
         self.tunnels = tunnels;
         self.cfg = new;

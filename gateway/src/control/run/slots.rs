@@ -180,6 +180,11 @@ impl Slot {
             peer_mac: self.peer_mac,
             address: t.address,
             peer: t.peer,
+            keepalive: t.keepalive.map(|k| crate::datapath::encap::KeepaliveProbe {
+                interval: k.interval,
+                reply_key: t.ikey,
+                reply_csum: t.icsum,
+            }),
         }
     }
 

@@ -39,6 +39,10 @@ pub enum Kind {
     /// from the tunnel's local address to its remote, to be sent back on
     /// the underlay (as the kernel would route it), not into the device.
     Keepalive,
+    /// A GRE packet of protocol type 0 (nothing inside) on a `gre`
+    /// tunnel: the peer reflected one of our keepalives (nothing to
+    /// deliver; `offset` and `len` are 0).
+    KeepaliveReply,
     /// An ICMP "fragmentation needed" about a packet the gateway sent on
     /// this tunnel's path: the path's MTU is now at most `mtu` (nothing to
     /// deliver; `offset` and `len` are 0).
@@ -190,6 +194,15 @@ pub fn decap(
             (ethernet::EtherType::Ipv4, Mode::Gre) => Some(Inner::V4),
             (ethernet::EtherType::Ipv6, Mode::Gre) => Some(Inner::V6),
             (ethernet::EtherType::TransparentEthernet, Mode::Gretap) => None,
+            // A keepalive of ours, reflected by the peer.
+            (ethernet::EtherType::Unknown(0), Mode::Gre) => {
+                return Ok(Delivery {
+                    tunnel: id,
+                    offset: 0,
+                    len: 0,
+                    kind: Kind::KeepaliveReply,
+                })
+            }
             _ => return Err(DropReason::GreProtocolUnsupported),
         };
         (id, inner, payload.start + g.header_len())

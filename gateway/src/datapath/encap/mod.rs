@@ -27,7 +27,7 @@ mod tunnel_tx;
 
 pub use path_mtu::{PathMtu, PATH_MTU_EXPIRES};
 use reply::{answerable_v4, answerable_v6, arp_reply, neighbour_advert, too_big};
-pub use tunnel_tx::TunnelTx;
+pub use tunnel_tx::{KeepaliveProbe, TunnelTx};
 
 /// The outer Ethernet addresses: the next hop's MAC and ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +252,70 @@ fn flow_label(t: &TunnelTx, hash: impl FnOnce() -> u32) -> u32 {
         0 => 1,
         label => label,
     }
+}
+
+/// Writes a GRE keepalive for `t` into `buf` (a UMEM frame) as Cisco's
+/// routers send them, and encapsulates it as a packet read from the
+/// tunnel's device would be: an IPv4 packet from the tunnel's remote to
+/// its local address carrying an empty GRE header (protocol 0, with the
+/// key and checksum our receive side expects), inside the tunnel's own
+/// outer headers. The peer decapsulates it and, routing the inner packet
+/// back to us (the kernel does so when it forwards IP and accepts a local
+/// source on the tunnel: `accept_local`), reflects it; its arrival is the
+/// reply ([`crate::datapath::decap::Kind::KeepaliveReply`]).
+pub fn keepalive_probe(
+    buf: &mut [u8],
+    t: &TunnelTx,
+    next_hop: Option<NextHop>,
+    cx: &mut TxContext,
+) -> Verdict {
+    let (Some(k), IpAddr::V4(local), IpAddr::V4(remote)) = (t.keepalive, t.local, t.remote) else {
+        return Verdict::Drop(DropReason::TxMalformed);
+    };
+    let mut at = t.read_offset();
+    let eth = match t.device_kind {
+        DeviceKind::Tap => ethernet::HEADER_LEN,
+        DeviceKind::Tun => 0,
+    };
+    let gre = gre::Repr {
+        protocol: ethernet::EtherType::Unknown(0),
+        checksum: k.reply_csum,
+        key: k.reply_key,
+        sequence: None,
+    };
+    let len = eth + ipv4::HEADER_LEN + gre.header_len();
+    if at + len > buf.len() {
+        return Verdict::Drop(DropReason::TxMalformed);
+    }
+    if eth > 0 {
+        // As the tap would hand it over: to the far side's MAC.
+        ethernet::Repr {
+            dst: t.peer_mac,
+            src: t.device_mac,
+            ethertype: ethernet::EtherType::Ipv4,
+        }
+        .emit(&mut ethernet::Frame::new_unchecked(&mut buf[at..at + eth]));
+        at += eth;
+    }
+    ipv4::Repr {
+        src: remote,
+        dst: local,
+        protocol: IpProtocol::Gre,
+        payload_len: gre.header_len(),
+        ttl: 255,
+        dscp_ecn: 0,
+        dont_frag: false,
+        ident: 0,
+    }
+    .emit(&mut ipv4::Packet::new_unchecked(
+        &mut buf[at..at + ipv4::HEADER_LEN],
+    ));
+    at += ipv4::HEADER_LEN;
+    gre.emit(&mut buf[at..]);
+    if gre.checksum {
+        gre::Packet::new_unchecked(&mut buf[at..at + gre.header_len()]).fill_checksum();
+    }
+    encap(buf, len, t, next_hop, cx)
 }
 
 /// IPv6's minimum link MTU (RFC 8200 5).

@@ -48,6 +48,19 @@ pub struct TunnelTx {
     pub address: Option<IpAddr>,
     /// The far end's inner address: source of ICMP errors we generate.
     pub peer: Option<IpAddr>,
+    /// GRE keepalives this tunnel sends, and what their replies must
+    /// carry to be taken by this tunnel on the way back.
+    pub keepalive: Option<KeepaliveProbe>,
+}
+
+/// What a keepalive probe needs besides the tunnel's own outer headers:
+/// the inner GRE header the peer reflects back to us must pass our receive
+/// rules, so it carries our `ikey` and, with `icsum`, a checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveProbe {
+    pub interval: u16,
+    pub reply_key: Option<u32>,
+    pub reply_csum: bool,
 }
 
 impl TunnelTx {

@@ -270,6 +270,21 @@ impl<S: Socket> Worker<S> {
                 }
                 Ok(Delivery {
                     tunnel,
+                    kind: Kind::KeepaliveReply,
+                    ..
+                }) => {
+                    let t = usize::from(tunnel);
+                    st.local.keepalive_replies += 1;
+                    if let Some(n) = st.local.tunnel_keepalive_replies.get_mut(t) {
+                        *n += 1;
+                    }
+                    if let Some(at) = st.local.tunnel_keepalive_reply_at.get_mut(t) {
+                        *at = u64::from(crate::io::clock::now()) + 1;
+                    }
+                    self.free.push(frame);
+                }
+                Ok(Delivery {
+                    tunnel,
                     kind: Kind::PathMtu { mtu },
                     ..
                 }) => {

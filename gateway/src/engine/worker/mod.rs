@@ -39,7 +39,7 @@ use crossbeam::channel::{Receiver, Sender};
 
 use crate::datapath::decap::{decap, Delivery, Kind, RxState};
 use crate::datapath::drop_reason::DropReason;
-use crate::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
+use crate::datapath::encap::{encap, keepalive_probe, NextHop, TunnelTx, TxContext, Verdict};
 use crate::datapath::flow::l3_of;
 
 use crate::datapath::next_hop::NextHops;
@@ -197,6 +197,8 @@ pub struct Settings {
     pub busy_poll: bool,
     /// Coalesce UDP too (the devices take UDP GSO packets).
     pub coalesce_udp: bool,
+    /// This worker sends the tunnels' GRE keepalives (one worker does).
+    pub keepalives: bool,
     pub faults: Faults,
 }
 
@@ -316,6 +318,10 @@ struct State<F> {
     answers_in: Vec<Returned<F>>,
     /// Jobs taken per call, at most (the completion queue's room).
     jobs_per_poll: usize,
+    /// When each tunnel's next keepalive is due (clock seconds), and the
+    /// second they were last looked at.
+    keepalive_due: Vec<u32>,
+    keepalive_second: u32,
 }
 
 impl<S: Socket> Worker<S> {
@@ -427,6 +433,8 @@ impl<S: Socket> Worker<S> {
             jobs_in: (0..workers).map(|_| Default::default()).collect(),
             answers_in: Vec::new(),
             jobs_per_poll: (entries as usize / 2).max(1),
+            keepalive_due: vec![0; ntun],
+            keepalive_second: u32::MAX,
         };
         // The fill ring first: received packets are what we must not lose.
         st.frames.in_kernel += self.xsk.fill(&mut self.free, st.tx_reserve) as u64;

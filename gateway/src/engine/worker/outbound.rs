@@ -249,4 +249,51 @@ impl<S: Socket> Worker<S> {
         }
         Ok(())
     }
+
+    /// The worker that sends keepalives ([`super::Settings::keepalives`]),
+    /// once a second: a probe for each tunnel with `keepalive` whose
+    /// interval has passed, built in a free frame and sent to the
+    /// tunnel's next hop. (No next hop yet: asked for, and tried again
+    /// next interval.)
+    pub(super) fn keepalives(&mut self, st: &mut State<S::Frame>) {
+        let now = st.tx_cx.now;
+        if now == st.keepalive_second {
+            return;
+        }
+        st.keepalive_second = now;
+        for t in 0..self.shared.tunnels.tx.len() {
+            let Some(k) = self.shared.tunnels.tx[t].keepalive else {
+                continue;
+            };
+            match st.keepalive_due.get_mut(t) {
+                Some(due) if *due <= now => *due = now + u32::from(k.interval),
+                _ => continue,
+            }
+            let Some(mut frame) = self.free.pop() else {
+                return;
+            };
+            let hops = &self.shared.tunnels.next_hops;
+            let hop = match (hops.get(t), hops.local()) {
+                (Some(dst), Some(src)) => Some(NextHop { dst, src }),
+                _ => None,
+            };
+            st.tx_cx.ident = st.tx_cx.ident.wrapping_add(1);
+            let buf = self.xsk.buffer_mut(&mut frame);
+            match keepalive_probe(buf, &self.shared.tunnels.tx[t], hop, &mut st.tx_cx) {
+                Verdict::Transmit { len } => {
+                    self.xsk.set_len(&mut frame, len);
+                    if let Some(n) = st.local.tunnel_keepalives_sent.get_mut(t) {
+                        *n += 1;
+                    }
+                    st.tx_pending.push(frame);
+                }
+                _ => {
+                    if hop.is_none() {
+                        hops.request();
+                    }
+                    self.free.push(frame);
+                }
+            }
+        }
+    }
 }

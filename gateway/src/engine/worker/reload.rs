@@ -97,6 +97,14 @@ impl<S: Socket> Worker<S> {
             });
         }
         st.gone = self.devices.iter().map(Option::is_none).collect();
+        // Keepalives: tunnels that stay keep their schedule, new ones
+        // send at once.
+        let old_due = std::mem::take(&mut st.keepalive_due);
+        st.keepalive_due = r
+            .counters_from
+            .iter()
+            .map(|o| o.and_then(|i| old_due.get(i).copied()).unwrap_or(0))
+            .collect();
         st.local.remap_tunnels(&r.counters_from);
         // Sequence numbers expected go on for tunnels that stay.
         let old_seq = std::mem::take(&mut st.rx.next_seq);

@@ -36,6 +36,9 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         // The coarse clock, once per iteration, for what the way out
         // times (path MTU expiry, the ICMP budget).
         st.tx_cx.now = crate::io::clock::now();
+        if w.settings.keepalives {
+            w.keepalives(st);
+        }
 
         // 1. io_uring completions: finished writes and reads.
         io.reap(|c| done.push(c));

@@ -24,6 +24,9 @@ pub fn prometheus(s: &Value) -> String {
     let mut packets = Vec::new();
     let mut bytes = Vec::new();
     let mut resolved = Vec::new();
+    let mut up = Vec::new();
+    let mut keepalives = Vec::new();
+    let mut idle = Vec::new();
     for t in &tunnels {
         let name = t["name"].as_str().unwrap_or("?");
         for dir in ["rx", "tx"] {
@@ -35,6 +38,20 @@ pub fn prometheus(s: &Value) -> String {
             format!("tunnel=\"{name}\""),
             u64::from(t["next_hop"].is_string()),
         ));
+        if let Some(state) = t["state"].as_str() {
+            up.push((format!("tunnel=\"{name}\""), u64::from(state == "up")));
+            keepalives.push((
+                format!("tunnel=\"{name}\",direction=\"sent\""),
+                n(&t["keepalives_sent"]),
+            ));
+            keepalives.push((
+                format!("tunnel=\"{name}\",direction=\"replies\""),
+                n(&t["keepalive_replies"]),
+            ));
+        }
+        if let Some(s) = t["idle_seconds"].as_u64() {
+            idle.push((format!("tunnel=\"{name}\""), s));
+        }
     }
     family(
         "gateway_tunnel_packets_total",
@@ -53,6 +70,24 @@ pub fn prometheus(s: &Value) -> String {
         "gauge",
         "1 when the outer next hop's MAC is known.",
         resolved,
+    );
+    family(
+        "gateway_tunnel_up",
+        "gauge",
+        "Tunnels with keepalives: 1 while their keepalives are answered, 0 once interval x misses seconds pass without a reply.",
+        up,
+    );
+    family(
+        "gateway_tunnel_keepalives_total",
+        "counter",
+        "Tunnels with keepalives: keepalives sent, and replies received.",
+        keepalives,
+    );
+    family(
+        "gateway_tunnel_idle_seconds",
+        "gauge",
+        "Seconds since anything (a packet, a keepalive reply) last arrived on the tunnel.",
+        idle,
     );
     let drops = s["drops"]
         .as_object()

@@ -223,7 +223,20 @@ fn a_stalled_metrics_client_holds_up_no_one() {
     );
     let out = get("GET / HTTP/1.0\r\n\r\n");
     assert!(
-        out.starts_with("HTTP/1.1 404 ") && out.ends_with("\r\n\r\ntry /metrics\n"),
+        out.starts_with("HTTP/1.1 404 ")
+            && out.ends_with("\r\n\r\ntry /metrics, /healthz or /readyz\n"),
+        "{out}"
+    );
+    // The fake says alive, not ready: 200 and 503, with its text.
+    let out = get("GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("\r\n\r\nready: false\n"),
+        "{out}"
+    );
+    let out = get("GET /readyz HTTP/1.0\r\n\r\n");
+    assert!(
+        out.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && out.ends_with("\r\n\r\nready: true\n"),
         "{out}"
     );
     let out = get("HEAD /metrics HTTP/1.0\r\n\r\n");

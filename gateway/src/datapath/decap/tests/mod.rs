@@ -587,3 +587,28 @@ fn sit_carries_ipv6_in_ipv4() {
         Err(DropReason::InnerMalformed)
     );
 }
+
+#[test]
+fn a_reflected_keepalive_of_ours_is_a_reply_not_a_packet() {
+    // What a peer sends back when it reflects our keepalive: GRE from its
+    // end to ours, protocol 0, nothing inside, with the key we expect.
+    let mut f = outer_v4(47, &gre(&[0, 0], 0, &[]));
+    let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
+    assert_eq!((d.tunnel, d.kind, d.len), (0, Kind::KeepaliveReply, 0));
+    let mut f = outer_v4(47, &gre(&[0x20, 0, 0, 0, 0x01, 0x2c], 0, &[]));
+    let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
+    assert_eq!((d.tunnel, d.kind), (2, Kind::KeepaliveReply), "key 300");
+    // With the wrong key: not any tunnel's.
+    let mut f = outer_v4(47, &gre(&[0x20, 0, 0, 0, 0, 7], 0, &[]));
+    assert_eq!(
+        decap(&mut f, &lab(), &mut RxState::new(8)),
+        Err(DropReason::KeyMismatch)
+    );
+    // A gretap tunnel carries no keepalives: protocol 0 is not its own.
+    let table = TunnelTable::new(vec![tunnel("l2", Mode::Gretap, None, DeviceKind::Tap)]);
+    let mut f = outer_v4(47, &gre(&[0, 0], 0, &[]));
+    assert_eq!(
+        decap(&mut f, &table, &mut RxState::new(8)),
+        Err(DropReason::GreProtocolUnsupported)
+    );
+}

@@ -41,6 +41,7 @@ fn tunnel(mode: Mode, kind: DeviceKind) -> TunnelTx {
         peer_mac: PEER_MAC,
         address: Some("10.1.1.1".parse().unwrap()),
         peer: Some("10.1.1.2".parse().unwrap()),
+        keepalive: None,
     }
 }
 
@@ -542,4 +543,65 @@ fn a_nopmtudisc_tunnel_numbers_df_and_other_packets_from_one_counter() {
     }
     let steps: Vec<u16> = ids.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
     assert_eq!(steps, [1, 1, 1, 1], "{ids:?}");
+}
+
+#[test]
+fn a_keepalive_probe_is_what_cisco_sends_and_our_receive_rules_take_back() {
+    // A keyed gre tunnel (okey 7 out, ikey 9 in, icsum) from a tap.
+    let mut t = tunnel(Mode::Gre, DeviceKind::Tap);
+    t.okey = Some(7);
+    t.keepalive = Some(KeepaliveProbe {
+        interval: 10,
+        reply_key: Some(9),
+        reply_csum: true,
+    });
+    let mut buf = vec![0u8; 3840];
+    let v = keepalive_probe(&mut buf, &t, Some(HOP), &mut cx(3));
+    let Verdict::Transmit { len } = v else {
+        panic!("not sent: {v:?}")
+    };
+    let sent = buf[..len].to_vec();
+    let s = SlicedPacket::from_ethernet(&sent).unwrap();
+    let Some(NetSlice::Ipv4(outer)) = s.net else {
+        panic!("IPv4")
+    };
+    let h = outer.header();
+    assert_eq!(
+        (h.source(), h.destination(), h.protocol()),
+        (
+            [192, 168, 0, 8],
+            [192, 168, 0, 58],
+            etherparse::IpNumber(47)
+        )
+    );
+    // The outer GRE header: the tunnel's own (key 7), carrying IPv4.
+    let g = outer.payload().payload;
+    assert_eq!(&g[..8], &[0x20, 0, 0x08, 0x00, 0, 0, 0, 7]);
+    // Inside: IPv4 from the remote to us, TTL 255, GRE protocol 0 with our
+    // ikey and a right checksum, and nothing more.
+    let (inner, rest) = etherparse::Ipv4Header::from_slice(&g[8..]).unwrap();
+    assert_eq!(
+        (inner.source, inner.destination, inner.protocol),
+        (
+            [192, 168, 0, 58],
+            [192, 168, 0, 8],
+            etherparse::IpNumber(47)
+        )
+    );
+    assert_eq!(inner.time_to_live, 255);
+    assert_eq!(inner.header_checksum, inner.calc_header_checksum());
+    assert_eq!(rest.len(), 12, "C and K: 4 + 4 + 4 bytes, no payload");
+    assert_eq!(&rest[..4], &[0xa0, 0, 0, 0]);
+    assert_eq!(&rest[8..], &[0, 0, 0, 9]);
+    assert!(ones_complement_ok(rest), "GRE checksum: {rest:?}");
+    // No next hop: not sent. No keepalive configured: refused.
+    assert_eq!(
+        keepalive_probe(&mut buf, &t, None, &mut cx(3)),
+        Verdict::Drop(DropReason::TxNoNeighbour)
+    );
+    t.keepalive = None;
+    assert_eq!(
+        keepalive_probe(&mut buf, &t, Some(HOP), &mut cx(3)),
+        Verdict::Drop(DropReason::TxMalformed)
+    );
 }

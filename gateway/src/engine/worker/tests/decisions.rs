@@ -469,3 +469,58 @@ fn a_flood_from_the_devices_leaves_the_way_in_its_frames() {
     h.settle();
     assert_eq!(h.run.st.local.delivered, 160);
 }
+
+#[test]
+fn the_keepalive_worker_sends_probes_and_counts_the_replies() {
+    // Tunnel "a" as a keyed gre tunnel with keepalives (ikey 9).
+    let (mut rx, mut tx) = ipip("a", REMOTE);
+    rx.mode = Mode::Gre;
+    rx.ikey = Some(9);
+    tx.mode = Mode::Gre;
+    tx.keepalive = Some(crate::datapath::encap::KeepaliveProbe {
+        interval: 10,
+        reply_key: Some(9),
+        reply_csum: false,
+    });
+    let mut h = Harness::new(Setup {
+        tunnels: tunnels(vec![(rx, tx), ipip("b", [192, 168, 0, 59])]),
+        keepalives: true,
+        ..Setup::default()
+    });
+    h.step();
+    h.settle();
+    h.sock.send(usize::MAX);
+    let sent = h.sock.state.lock().unwrap().sent.clone();
+    // (The coarse clock does not move in unit tests: one second, one probe.)
+    assert_eq!(
+        sent.len(),
+        1,
+        "one probe, for the one tunnel with keepalives"
+    );
+    let s = etherparse::SlicedPacket::from_ethernet(&sent[0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = s.net else {
+        panic!("IPv4")
+    };
+    assert_eq!(ip.header().destination(), REMOTE);
+    assert_eq!(ip.header().protocol(), IpNumber(47));
+    assert_eq!(h.run.st.local.tunnel_keepalives_sent, [1, 0]);
+
+    // The peer reflects it: GRE REMOTE -> LOCAL, key 9, protocol 0.
+    let reply = etherparse::PacketBuilder::ethernet2(HOP_MAC, GW_MAC).ipv4(REMOTE, LOCAL, 254);
+    let mut frame = Vec::new();
+    reply
+        .write(&mut frame, IpNumber(47), &[0x20, 0, 0, 0, 0, 0, 0, 9])
+        .unwrap();
+    assert!(h.sock.receive_packet(&frame));
+    h.step();
+    h.settle();
+    let l = &h.run.st.local;
+    assert_eq!(l.keepalive_replies, 1);
+    assert_eq!(l.tunnel_keepalive_replies, [1, 0]);
+    assert_eq!(
+        l.tunnel_keepalive_reply_at[0],
+        u64::from(crate::io::clock::now()) + 1
+    );
+    assert_eq!(l.delivered, 0, "nothing for the device");
+    h.check_ledger();
+}

@@ -62,6 +62,7 @@ fn ipip(name: &str, remote: [u8; 4]) -> (TunnelRx, TunnelTx) {
         peer_mac: [0; 6],
         address: None,
         peer: None,
+        keepalive: None,
     };
     (rx, tx)
 }
@@ -149,6 +150,8 @@ pub(super) struct Setup {
     pub peers: Vec<std::ops::Range<u32>>,
     pub multishot: bool,
     pub coalesce_udp: bool,
+    /// This worker sends the tunnels' keepalives.
+    pub keepalives: bool,
 }
 
 impl Default for Setup {
@@ -166,6 +169,7 @@ impl Default for Setup {
             peers: Vec::new(),
             multishot: true,
             coalesce_udp: false,
+            keepalives: false,
         }
     }
 }
@@ -191,6 +195,7 @@ impl Harness {
                 poll: PollMode::Busy,
                 busy_poll: false,
                 coalesce_udp: s.coalesce_udp,
+                keepalives: s.keepalives,
                 faults: Faults::NONE,
             },
             sock.clone(),
@@ -300,6 +305,7 @@ impl Harness {
             l.rx_frames,
             l.delivered
                 + l.keepalives
+                + l.keepalive_replies
                 + l.path_mtu_updates
                 + l.fragments_merged
                 + l.fragments_pending

@@ -1,0 +1,142 @@
+//! Tunnel liveness: whether each tunnel's far end answers.
+//!
+//! A tunnel with `keepalive = [INTERVAL, MISSES]` is **up** while a reply to
+//! its keepalives came within the last INTERVAL x MISSES seconds (counted
+//! from the gateway's start, or the tunnel's, until the first reply), and
+//! **down** otherwise, as a Cisco router's line protocol follows its GRE
+//! keepalives. Each change is logged and counted (`tunnel_down`,
+//! `tunnel_up` events); with `carrier_follows` the tunnel device's carrier
+//! follows it, so that the host's routes through the device go `linkdown`
+//! and a routing daemon moves traffic elsewhere. A tunnel without
+//! keepalives has no state; for every tunnel the time since anything last
+//! arrived on it is shown.
+//!
+//! The workers count and time-stamp replies (per tunnel, in their
+//! counters); the control thread reads them here every half second.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Gateway;
+
+/// What the control thread knows of one tunnel's liveness.
+#[derive(Debug, Clone)]
+pub(super) struct Live {
+    name: String,
+    keepalive: Option<crate::datapath::tunnel::Keepalive>,
+    /// Up (with keepalives), as last decided.
+    up: bool,
+    /// When the tunnel started being watched (clock seconds).
+    since: u32,
+    /// Packets and replies seen so far, and when that last changed.
+    seen: u64,
+    seen_at: Option<u32>,
+}
+
+impl Live {
+    fn new(cfg: &crate::control::config::TunnelConfig, now: u32) -> Live {
+        Live {
+            name: cfg.name.clone(),
+            keepalive: cfg.keepalive,
+            up: true,
+            since: now,
+            seen: 0,
+            seen_at: None,
+        }
+    }
+}
+
+/// The liveness of a new tunnel list: a tunnel that stays (same name,
+/// same keepalive) keeps what was known of it.
+pub(super) fn carry_over(
+    old: &[Live],
+    tunnels: &[crate::control::config::TunnelConfig],
+    now: u32,
+) -> Vec<Live> {
+    tunnels
+        .iter()
+        .map(|t| {
+            old.iter()
+                .find(|l| l.name == t.name && l.keepalive == t.keepalive)
+                .cloned()
+                .unwrap_or_else(|| Live::new(t, now))
+        })
+        .collect()
+}
+
+impl Gateway {
+    pub(super) fn new_liveness(&self) -> Vec<Live> {
+        let now = crate::io::clock::now();
+        self.slots.iter().map(|s| Live::new(&s.cfg, now)).collect()
+    }
+
+    /// Reads the workers' counters and decides each tunnel's state.
+    pub(super) fn watch_liveness(&mut self) {
+        let now = crate::io::clock::now();
+        let counters: Vec<_> = self.workers.iter().map(|w| w.stats.tunnels()).collect();
+        for i in 0..self.liveness.len().min(self.slots.len()) {
+            let sum = |f: &dyn Fn(
+                &crate::telemetry::stats::TunnelCounters,
+            ) -> &Vec<std::sync::atomic::AtomicU64>| {
+                counters
+                    .iter()
+                    .map(|c| f(c).get(i).map_or(0, |a| a.load(Relaxed)))
+                    .sum::<u64>()
+            };
+            let seen = sum(&|c| &c.rx_packets) + sum(&|c| &c.keepalive_replies);
+            let reply_at = counters
+                .iter()
+                .filter_map(|c| c.keepalive_reply_at.get(i).map(|a| a.load(Relaxed)))
+                .max()
+                .unwrap_or(0);
+            let live = &mut self.liveness[i];
+            if seen != live.seen {
+                live.seen = seen;
+                live.seen_at = Some(now);
+            }
+            let Some(k) = live.keepalive else { continue };
+            // The last reply (stamped as seconds + 1), or the start.
+            let last = if reply_at > 0 {
+                (reply_at - 1) as u32
+            } else {
+                live.since
+            }
+            .max(live.since);
+            let up = now.saturating_sub(last) < k.dead_after();
+            if up == live.up {
+                continue;
+            }
+            live.up = up;
+            let slot = &self.slots[i];
+            if up {
+                self.events.tunnel_up += 1;
+                tracing::info!(tunnel = %slot.cfg.name, remote = %slot.cfg.remote, "tunnel up: its keepalives are answered again");
+            } else {
+                self.events.tunnel_down += 1;
+                tracing::warn!(tunnel = %slot.cfg.name, remote = %slot.cfg.remote, "tunnel down: no keepalive answered for {} s ({} x {} s)", k.dead_after(), k.misses, k.interval);
+            }
+            if slot.cfg.carrier_follows {
+                if let Err(e) = self.nl.set_carrier(&slot.link, up) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Adds each tunnel's state to a snapshot's `tunnels[]`: `state`
+    /// ("up", "down", or null without keepalives) and `idle_seconds` (since
+    /// anything last arrived on it; null: nothing yet).
+    pub(super) fn liveness_into(&self, snap: &mut serde_json::Value) {
+        let now = crate::io::clock::now();
+        let Some(tunnels) = snap["tunnels"].as_array_mut() else {
+            return;
+        };
+        for (t, live) in tunnels.iter_mut().zip(&self.liveness) {
+            t["state"] = match (live.keepalive, live.up) {
+                (None, _) => serde_json::Value::Null,
+                (Some(_), true) => "up".into(),
+                (Some(_), false) => "down".into(),
+            };
+            t["idle_seconds"] = live.seen_at.map(|at| now.saturating_sub(at)).into();
+        }
+    }
+}
