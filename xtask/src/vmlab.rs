@@ -63,10 +63,14 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             std::fs::write(&path, report.to_json())?;
             println!("{}", report.table());
             println!("(JSON: {})", path.display());
-            if report.results.iter().all(|r| r.passes()) {
+            if report
+                .results
+                .iter()
+                .all(|r| r.passes() && r.unexpected_differences().is_empty())
+            {
                 Ok(())
             } else {
-                bail!("some cases failed (see above)")
+                bail!("some cases failed, or their outer headers differ from the kernel's (see above)")
             }
         }
         Some(VmCmd::Run { script }) => {

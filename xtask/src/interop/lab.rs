@@ -116,7 +116,10 @@ impl Lab {
     /// first until one answers, then [`PINGS`] counted.
     fn ping(&mut self, from_guest: bool, dst: &str) -> Result<Pings> {
         let once = format!("ping -c 1 -W 2 {dst}");
-        let many = format!("ping -c {PINGS} -i 0.2 -W 5 -Q {PING_TOS} -t {PING_TTL} {dst}");
+        // -w: wait for every reply until the deadline (with -W alone ping
+        // gives up on the last one after twice the slowest RTT so far, and
+        // a loaded TCG guest would lose it).
+        let many = format!("ping -c {PINGS} -i 0.2 -w 60 -Q {PING_TOS} -t {PING_TTL} {dst}");
         let stop = self.stop.clone();
         let mut last = String::new();
         let first = vm::wait_for(

@@ -79,10 +79,20 @@ impl CaseResult {
         self.error.is_none() && self.tcp.len() == 2 && self.tcp.iter().all(Transfer::intact)
     }
 
-    /// The case passed: pings both ways, and TCP intact both ways when it
-    /// ran (`GATEWAY_VM_TCP_BYTES=0` runs none).
+    /// The case passed: pings both ways, TCP intact both ways when it
+    /// ran (`GATEWAY_VM_TCP_BYTES=0` runs none), and each side's tunnel
+    /// packets captured (at least the counted pings), so that the outer
+    /// headers were compared on something.
     pub fn passes(&self) -> bool {
-        self.pings_pass() && (self.tcp.is_empty() || self.tcp_pass())
+        self.pings_pass() && (self.tcp.is_empty() || self.tcp_pass()) && self.wire_seen()
+    }
+
+    /// Both sides' tunnel packets were captured: the counted echo requests
+    /// and replies at least.
+    pub fn wire_seen(&self) -> bool {
+        self.wire.as_ref().is_some_and(|(g, k)| {
+            g.packets >= 2 * PINGS as usize && k.packets >= 2 * PINGS as usize
+        })
     }
 
     pub fn pings_pass(&self) -> bool {
@@ -193,8 +203,9 @@ impl Report {
                 .unwrap_or_else(|| "null".into());
             let _ = write!(
                 o,
-                "    {{\"mode\": {}, \"pings_pass\": {}, \"tcp_pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"tunnel_packets\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"tcp\": [{}],\n     \"wire\": {},\n     \"differences\": [{}],\n     \"differences_by_construction\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
+                "    {{\"mode\": {}, \"passes\": {}, \"pings_pass\": {}, \"tcp_pass\": {}, \"gateway_to_kernel\": {}, \"kernel_to_gateway\": {}, \"arp\": {}, \"tunnel_packets\": {}, \"error\": {},\n     \"kernel_commands\": [{}],\n     \"tcp\": [{}],\n     \"wire\": {},\n     \"differences\": [{}],\n     \"differences_by_construction\": [{}],\n     \"unexpected_differences\": [{}],\n     \"kernel_device\": {},\n     \"gateway_stats\": {}}}{}\n",
                 json_str(&r.name),
+                r.passes(),
                 r.pings_pass(),
                 r.tcp_pass(),
                 json_pings(r.gateway_to_kernel),
@@ -211,6 +222,11 @@ impl Report {
                 r.by_construction
                     .iter()
                     .map(|f| json_str(f))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.unexpected_differences()
+                    .iter()
+                    .map(|d| json_str(&d.field))
                     .collect::<Vec<_>>()
                     .join(", "),
                 json_str(&r.kernel_device),

@@ -143,11 +143,14 @@ pub struct Difference {
 }
 
 /// How a sequence of numbers went, as `kind: detail`; the kind is what
-/// is compared: `zero`, `constant` (one value), `increasing` (every step a
-/// small forward step, modulo `modulo`: a counter, perhaps shared or
-/// perturbed, as the kernel's `ip_idents_reserve` is when idle) or
-/// `varies`. The start is not compared.
-fn behaviour(values: &[u64], modulo: u64) -> String {
+/// is compared: `zero`, `constant` (one value), `increasing` (every step
+/// forward, modulo `modulo`, and no larger than other packets between two
+/// of these, 4096, and the kernel's idle perturbation allow:
+/// `ip_idents_reserve` adds up to one per jiffy (HZ 250 in Debian's
+/// kernel) since the counter was last used, so the bound grows with the
+/// time `times` says passed; TCG's pauses must not turn a counter into
+/// "varies") or `varies`. The start is not compared.
+fn behaviour(values: &[u64], times: &[f64], modulo: u64) -> String {
     if values.is_empty() {
         return "-".into();
     }
@@ -165,11 +168,14 @@ fn behaviour(values: &[u64], modulo: u64) -> String {
         .map(|w| (w[1] + modulo - w[0]) % modulo)
         .collect();
     let ones = steps.iter().filter(|d| **d == 1).count();
-    let kind = if steps.iter().all(|d| (1..4096).contains(d)) {
-        "increasing"
-    } else {
-        "varies"
-    };
+    let within = steps.iter().enumerate().all(|(i, d)| {
+        let dt = match (times.get(i), times.get(i + 1)) {
+            (Some(a), Some(b)) if b >= a => b - a,
+            _ => 0.0,
+        };
+        *d >= 1 && *d < 4096 + (250.0 * dt).ceil() as u64
+    });
+    let kind = if within { "increasing" } else { "varies" };
     format!(
         "{kind}: from {}, +1 on {ones} of {} steps",
         values[0],
@@ -211,6 +217,7 @@ pub fn side(pcap: &Path, src: &str, dst: &str) -> Result<Side> {
     let mut all: Vec<&str> = fields.to_vec();
     all.extend(&extra);
     all.push("gre.sequence_number");
+    all.push("frame.time_relative");
     let mut cmd = Command::new("tshark");
     cmd.arg("-r").arg(pcap).args(["-n", "-Y", &filter]).args([
         "-T",
@@ -256,8 +263,13 @@ pub fn side(pcap: &Path, src: &str, dst: &str) -> Result<Side> {
         if !all.contains(&f) {
             continue;
         }
-        let values: Vec<u64> = col(f).into_iter().filter_map(parse_num).collect();
-        s.fields.push((f.to_string(), behaviour(&values, modulo)));
+        let (values, times): (Vec<u64>, Vec<f64>) = col(f)
+            .into_iter()
+            .zip(col("frame.time_relative"))
+            .filter_map(|(v, t)| Some((parse_num(v)?, t.parse().unwrap_or(0.0))))
+            .unzip();
+        s.fields
+            .push((f.to_string(), behaviour(&values, &times, modulo)));
     }
     Ok(s)
 }
@@ -291,21 +303,28 @@ mod tests {
 
     #[test]
     fn sequences_are_described_by_how_they_go() {
-        assert_eq!(behaviour(&[0, 0, 0], 1 << 16), "zero: 3 packets");
-        assert_eq!(behaviour(&[7, 7], 1 << 16), "constant: 7");
+        let t = [0.0, 0.1, 0.2];
+        assert_eq!(behaviour(&[0, 0, 0], &t, 1 << 16), "zero: 3 packets");
+        assert_eq!(behaviour(&[7, 7], &t, 1 << 16), "constant: 7");
         assert_eq!(
-            behaviour(&[65535, 0, 1], 1 << 16),
+            behaviour(&[65535, 0, 1], &t, 1 << 16),
             "increasing: from 65535, +1 on 2 of 2 steps"
         );
         assert_eq!(
-            behaviour(&[5, 9, 10], 1 << 16),
+            behaviour(&[5, 9, 10], &t, 1 << 16),
             "increasing: from 5, +1 on 1 of 2 steps"
         );
         assert_eq!(
-            behaviour(&[5, 30000, 10], 1 << 16),
+            behaviour(&[5, 30000, 10], &t, 1 << 16),
             "varies: from 5, +1 on 0 of 2 steps"
         );
-        assert_eq!(behaviour(&[], 1 << 16), "-");
+        assert_eq!(behaviour(&[], &[], 1 << 16), "-");
+        // The kernel's idle perturbation: 20 s without a packet allows a
+        // step of up to 4096 + 5000.
+        assert_eq!(
+            behaviour(&[5, 8000, 8001], &[0.0, 20.0, 20.1], 1 << 16),
+            "increasing: from 5, +1 on 1 of 2 steps"
+        );
     }
 
     #[test]

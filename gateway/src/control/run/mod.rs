@@ -177,6 +177,14 @@ pub fn run(
     };
     let mut pending: Vec<Worker> = Vec::new();
     let coalesce_udp = tap::uso_supported();
+    // The IPv6 flow labels' secret: random per process (std's hasher keys
+    // come from the OS's random source).
+    let flow_seed = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u32
+    };
     let mut stats = Vec::new();
     let mut controls = Vec::new();
     for (&queue, &core) in queues.iter().zip(&cores) {
@@ -208,6 +216,7 @@ pub fn run(
                 busy_poll: cfg.busy_poll_budget > 0,
                 coalesce_udp,
                 keepalives: pending.is_empty(),
+                flow_seed,
                 faults: Faults::from_env(),
             },
             xsk,

@@ -69,6 +69,11 @@ pub struct TxContext {
     pub now: u32,
     /// ICMP errors this worker may still send.
     pub icmp: RateLimit,
+    /// The secret mixed into IPv6 flow labels (the same in every worker
+    /// of a process, so that a flow keeps its label whichever worker
+    /// reads it), so that labels are not a public function of the inner
+    /// addresses and ports.
+    pub flow_seed: u32,
 }
 
 impl TxContext {
@@ -77,6 +82,7 @@ impl TxContext {
             ident,
             now: 0,
             icmp: RateLimit::new(ICMP_PER_SECOND),
+            flow_seed: 0,
         }
     }
 }
@@ -96,7 +102,7 @@ pub fn encap(
         return Verdict::Drop(DropReason::TxMalformed);
     }
     if t.mode == Mode::Gretap {
-        return encap_frame(buf, n, t, next_hop, ident);
+        return encap_frame(buf, n, t, next_hop, ident, cx.flow_seed);
     }
     let inner_start = t.outer_len();
     let family = match t.device_kind {
@@ -210,7 +216,7 @@ pub fn encap(
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
 
-    let flow_label = flow_label(t, || {
+    let flow_label = flow_label(t, cx.flow_seed, || {
         flow_hash(DeviceKind::Tun, &buf[inner_start..inner_start + inner_len])
     });
     write_outer(
@@ -227,22 +233,29 @@ pub fn encap(
             df: family == ethernet::EtherType::Ipv4 && inner_df,
             may_fragment,
             flow_label,
+            not_ip: false,
         },
     )
 }
 
-/// The outer IPv6 flow label: one per inner flow, from its hash, as the
-/// kernel's IPv6 tunnels label packets (`ip6_make_flowlabel` with
-/// `net.ipv6.auto_flowlabels` at its default), so that routers on the way
-/// can spread a tunnel's flows over their paths (RFC 6438). Never 0, which
-/// means "no label". An IPv4 underlay has none.
-fn flow_label(t: &TunnelTx, hash: impl FnOnce() -> u32) -> u32 {
+/// The outer IPv6 flow label: one per inner flow, from a keyed hash of its
+/// addresses, protocol and ports, so that routers on the way can spread a
+/// tunnel's flows over their paths (RFC 6438). Never 0, which means "no
+/// label". An IPv4 underlay has none.
+///
+/// The kernel's IPv6 tunnels set a label too (`ip6_make_flowlabel`, with
+/// `net.ipv6.auto_flowlabels` at its default), from the packet's skb hash:
+/// per socket for the host's own TCP, but for forwarded packets often the
+/// hash of the outer flow, one label per tunnel (seen in the VM lab: ping
+/// over ip6gre carried one label both ways). Per inner flow is what RFC
+/// 6438 asks of a tunnel end point, and spreads better.
+fn flow_label(t: &TunnelTx, seed: u32, hash: impl FnOnce() -> u32) -> u32 {
     if t.local.is_ipv4() {
         return 0;
     }
-    // A finaliser (murmur3's) so that every bit of the hash counts in
-    // the 20 that are kept.
-    let mut h = hash();
+    // A finaliser (murmur3's) so that every bit of the hash and the seed
+    // counts in the 20 that are kept.
+    let mut h = hash() ^ seed;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -337,6 +350,8 @@ struct Inner {
     may_fragment: bool,
     /// The outer IPv6 flow label (0 over IPv4).
     flow_label: u32,
+    /// A gretap frame that carries no IP packet (ARP, a VLAN tag).
+    not_ip: bool,
 }
 
 /// Writes the outer Ethernet, IPv4 and (for GRE) GRE headers in front of
@@ -357,7 +372,13 @@ fn write_outer(buf: &mut [u8], t: &TunnelTx, hop: NextHop, ident: u16, inner: In
         }
     }
     let payload_len = inner_start + inner_len - at;
-    let tos = outer_tos(t, inner.tos);
+    // ip6gretap sends frames without IP in them with traffic class 0,
+    // whatever the tunnel's (`ip6gre_xmit_other` passes a dsfield of 0).
+    let tos = if inner.not_ip && t.local.is_ipv6() {
+        0
+    } else {
+        outer_tos(t, inner.tos)
+    };
     let protocol = match t.mode {
         Mode::Gre | Mode::Gretap => IpProtocol::Gre,
         Mode::Ipip => IpProtocol::Ipip,
@@ -490,6 +511,7 @@ fn encap_frame(
     t: &TunnelTx,
     next_hop: Option<NextHop>,
     ident: u16,
+    flow_seed: u32,
 ) -> Verdict {
     let start = t.outer_len();
     let Ok(eth) = ethernet::Frame::new_checked(&buf[start..start + n]) else {
@@ -499,21 +521,23 @@ fn encap_frame(
         return Verdict::Drop(DropReason::TxTooBig);
     }
     let body = &buf[start + ethernet::HEADER_LEN..start + n];
-    let (ttl, tos, df) = match eth.ethertype() {
+    let (ttl, tos, df, ip) = match eth.ethertype() {
         ethernet::EtherType::Ipv4 => match ipv4::Packet::new_checked(body) {
-            Ok(ip) => (ip.ttl(), ip.dscp_ecn(), ip.dont_frag()),
-            Err(_) => (64, 0, false),
+            Ok(ip) => (ip.ttl(), ip.dscp_ecn(), ip.dont_frag(), true),
+            Err(_) => (64, 0, false, false),
         },
         ethernet::EtherType::Ipv6 => match ipv6::Packet::new_checked(body) {
-            Ok(ip) => (ip.hop_limit(), ip.traffic_class(), false),
-            Err(_) => (64, 0, false),
+            Ok(ip) => (ip.hop_limit(), ip.traffic_class(), false, true),
+            Err(_) => (64, 0, false, false),
         },
-        _ => (64, 0, false),
+        _ => (64, 0, false, false),
     };
     let Some(hop) = next_hop else {
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
-    let flow_label = flow_label(t, || flow_hash(DeviceKind::Tap, &buf[start..start + n]));
+    let flow_label = flow_label(t, flow_seed, || {
+        flow_hash(DeviceKind::Tap, &buf[start..start + n])
+    });
     write_outer(
         buf,
         t,
@@ -528,6 +552,7 @@ fn encap_frame(
             df,
             may_fragment: false,
             flow_label,
+            not_ip: !ip,
         },
     )
 }

@@ -199,6 +199,9 @@ pub struct Settings {
     pub coalesce_udp: bool,
     /// This worker sends the tunnels' GRE keepalives (one worker does).
     pub keepalives: bool,
+    /// The secret of the IPv6 flow labels ([`TxContext::flow_seed`]),
+    /// the same for every worker.
+    pub flow_seed: u32,
     pub faults: Faults,
 }
 
@@ -425,7 +428,10 @@ impl<S: Socket> Worker<S> {
             gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(batch * 2),
-            tx_cx: TxContext::new((queue as u16).wrapping_mul(0x9e37)),
+            tx_cx: TxContext {
+                flow_seed: self.settings.flow_seed,
+                ..TxContext::new((queue as u16).wrapping_mul(0x9e37))
+            },
             pmtu_updates: RateLimit::new(PMTU_UPDATES_PER_SECOND),
             gro: Vec::with_capacity(GRO_FLOWS),
             coalesce_udp: self.settings.coalesce_udp,

@@ -435,7 +435,7 @@ fn outer6(t: &TunnelTx, inner: &[u8]) -> etherparse::Ipv6Header {
 }
 
 #[test]
-fn ip6gre_leaves_ecn_out_as_the_kernel_does_and_ip6ip6_copies_it() {
+fn ip6gre_leaves_ecn_out_as_the_kernel_does_and_ipip6_copies_it() {
     // Measured in the VM lab against Linux 6.1: ip6gre sent an inner TOS
     // of 0x2a as traffic class 0x00; ipip6 sent 0x02 (ECN copied).
     for (mode, kind) in [
@@ -463,6 +463,52 @@ fn ip6gre_leaves_ecn_out_as_the_kernel_does_and_ip6ip6_copies_it() {
 }
 
 #[test]
+fn a_gretap_frame_without_ip_goes_over_ipv6_with_traffic_class_0() {
+    // An ARP request read from the tap (etherparse), on a gretap tunnel
+    // with a fixed TOS: ip6gretap sends it with 0 (ip6gre_xmit_other),
+    // gretap over IPv4 with the tunnel's TOS.
+    let mut arp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(TAP_MAC, [0xff; 6])
+        .arp(
+            etherparse::ArpPacket::new(
+                etherparse::ArpHardwareId::ETHERNET,
+                etherparse::EtherType::IPV4,
+                etherparse::ArpOperation::REQUEST,
+                &TAP_MAC,
+                &[10, 1, 1, 1],
+                &[0; 6],
+                &[10, 1, 1, 2],
+            )
+            .unwrap(),
+        )
+        .write(&mut arp)
+        .unwrap();
+    for (mut t, want) in [
+        (tunnel6(Mode::Gretap, DeviceKind::Tap), 0x00),
+        (tunnel(Mode::Gretap, DeviceKind::Tap), 0xb8),
+    ] {
+        t.tos = Tos::Fixed(0xb8);
+        let mut buf = vec![0u8; 3840];
+        let off = t.read_offset();
+        buf[off..off + arp.len()].copy_from_slice(&arp);
+        let v = encap(&mut buf, arp.len(), &t, Some(HOP), &mut cx(1));
+        let Verdict::Transmit { len } = v else {
+            panic!("not sent: {v:?}")
+        };
+        let tc = if t.local.is_ipv6() {
+            etherparse::Ipv6Header::from_slice(&buf[14..len])
+                .unwrap()
+                .0
+                .traffic_class
+        } else {
+            let h = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap().0;
+            (h.dscp.value() << 2) | h.ecn.value()
+        };
+        assert_eq!(tc, want, "{:?}", t.local);
+    }
+}
+
+#[test]
 fn an_ipv6_outer_header_labels_each_inner_flow() {
     for mode in [Mode::Gre, Mode::Ipip] {
         let t = tunnel6(mode, DeviceKind::Tun);
@@ -486,6 +532,19 @@ fn an_ipv6_outer_header_labels_each_inner_flow() {
             "64 flows, {} labels: {labels:?}",
             distinct.len()
         );
+        // Another process (another secret): other labels.
+        let (mut buf, n) = read_into(&t, &udp4(1, 0));
+        let mut other = cx(1);
+        other.flow_seed = 0x5eed_1234;
+        let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut other) else {
+            panic!("not sent")
+        };
+        let label = etherparse::Ipv6Header::from_slice(&buf[14..len])
+            .unwrap()
+            .0
+            .flow_label
+            .value();
+        assert_ne!(label, labels[0], "the secret counts");
     }
 }
 

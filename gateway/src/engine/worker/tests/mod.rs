@@ -196,6 +196,7 @@ impl Harness {
                 busy_poll: false,
                 coalesce_udp: s.coalesce_udp,
                 keepalives: s.keepalives,
+                flow_seed: 0,
                 faults: Faults::NONE,
             },
             sock.clone(),
