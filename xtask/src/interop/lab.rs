@@ -170,7 +170,12 @@ impl Lab {
     fn tcp_to_kernel(&mut self, case: &Case) -> Result<Transfer> {
         fs::write(self.guest.job.join("xfer.py"), XFER_PY)?;
         let out = self.guest.job.join("out/tcp-in");
-        for p in [out.clone(), out.with_extension("listening")] {
+        // (The log too: the last case's must not be read as this one's.)
+        for p in [
+            out.clone(),
+            out.with_extension("listening"),
+            out.with_extension("log"),
+        ] {
             let _ = fs::remove_file(p);
         }
         let pid = self.guest.exec(&format!(
@@ -194,8 +199,11 @@ impl Lab {
                     Ok(listening.exists().then_some(()))
                 },
             )?;
+            // `timeout`: a sender stuck on a dead path ends within the
+            // transfer's limit instead of holding the lab.
             let sent = self.host_ok(&format!(
-                "python3 {} send {} 5001 {}",
+                "timeout {} python3 {} send {} 5001 {}",
+                TCP_LIMIT.as_secs(),
                 self.guest.job.join("xfer.py").display(),
                 case.kernel_inner,
                 Self::tcp_bytes()
@@ -254,9 +262,13 @@ impl Lab {
                 Ok(listening.exists().then_some(()))
             },
         )?;
+        // `timeout`, shorter than the wait for it: the guest runs its
+        // commands one at a time, and a sender left running would hold up
+        // every later one (the next case's among them).
         let (rc, sent) = self.guest.exec_status(
             &format!(
-                "python3 /mnt/xfer.py send {} 5002 {}",
+                "timeout {} python3 /mnt/xfer.py send {} 5002 {}",
+                TCP_LIMIT.as_secs() - 30,
                 case.gw_inner,
                 Self::tcp_bytes()
             ),
