@@ -7,6 +7,8 @@
 //! Everything here needs root; [`require_root`] says so and skips otherwise.
 #![allow(unsafe_code)]
 
+pub mod vm;
+
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

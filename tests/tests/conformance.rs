@@ -160,8 +160,13 @@ fn inbound_cases() -> Vec<(&'static str, String, Expect)> {
             Dropped("gre_reserved_flags"),
         ),
         (
-            "GRE recursion control",
+            "GRE recursion control (ignored, as by the kernel)",
             format!("{E})/GRE(recursion_control=1)/{TO_PLAIN}"),
+            Delivered("plain"),
+        ),
+        (
+            "GRE reserved flag next to the version",
+            format!("{E})/GRE(flags=1)/{TO_PLAIN}"),
             Dropped("gre_reserved_flags"),
         ),
         (

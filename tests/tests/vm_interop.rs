@@ -17,86 +17,30 @@
 //! writes. Nothing here asserts a timing: waits are conditions with
 //! generous deadlines.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-use gateway_tests::require_root;
+use gateway_tests::vm;
 use serde_json::Value;
-
-/// Passes each line `from` gives to `out` (`println!` or `eprintln!`, so
-/// that the test harness captures it), from a thread of its own.
-fn relay(from: impl Read + Send + 'static, out: fn(&str)) -> std::thread::JoinHandle<()> {
-    // Spawned threads inherit the test's output capture.
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            out(&line);
-        }
-    })
-}
-
-/// `cargo xtask vm interop --json JSON [--only NAME]...`, run from the
-/// workspace root with its output relayed; its exit status.
-fn xtask_vm_interop(root: &Path, json: &Path, only: &[String]) -> std::process::ExitStatus {
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(root)
-        .args(["run", "--quiet", "--package", "xtask", "--"])
-        .args(["vm", "interop", "--json"])
-        .arg(json);
-    for name in only {
-        cmd.args(["--only", name]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let out = relay(stdout.expect("piped stdout"), |l| println!("{l}"));
-    let err = relay(stderr.expect("piped stderr"), |l| eprintln!("{l}"));
-    let status = child.wait().expect("waiting for cargo xtask vm interop");
-    let _ = out.join();
-    let _ = err.join();
-    status
-}
 
 #[test]
 fn every_mode_pings_both_ways_with_the_kernel() {
     const NAME: &str = "every_mode_pings_both_ways_with_the_kernel";
-    if std::env::var("GATEWAY_VM").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED {NAME}: boots Debian's kernel under QEMU (minutes under TCG); \
-             set GATEWAY_VM=1 to run it (or run `cargo xtask vm interop`)"
-        );
+    if !vm::enabled(NAME, "boots Debian's kernel under QEMU") {
         return;
     }
-    if !require_root(NAME) {
-        return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let only: Vec<String> = std::env::var("GATEWAY_VM_ONLY")
         .unwrap_or_default()
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(str::to_string)
+        .map(|s| format!("--only={s}"))
         .collect();
+    let mut args = vec!["interop"];
+    args.extend(only.iter().map(String::as_str));
     // Beside `cargo xtask vm interop`'s own interop.json, not over it.
-    let json = root.join("target/vm/interop-test.json");
-    let _ = std::fs::remove_file(&json);
-    let status = xtask_vm_interop(&root, &json, &only);
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
-        panic!(
-            "the VM lab failed ({status}) and wrote no {}: {e}",
-            json.display()
-        )
-    });
-    let report: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", json.display()));
+    let (status, report) = vm::xtask_vm_json(&args, "interop-test.json");
+    let json = "target/vm/interop-test.json";
     let modes = report["modes"]
         .as_array()
-        .unwrap_or_else(|| panic!("no \"modes\" in {}", json.display()));
-    assert!(!modes.is_empty(), "no case ran ({})", json.display());
+        .unwrap_or_else(|| panic!("no \"modes\" in {}", json));
+    assert!(!modes.is_empty(), "no case ran ({})", json);
     let failed: Vec<&str> = modes
         .iter()
         .filter(|m| m["passes"] != true)
@@ -105,7 +49,7 @@ fn every_mode_pings_both_ways_with_the_kernel() {
     assert!(
         failed.is_empty(),
         "these cases failed against the kernel: {failed:?} (the table above; JSON: {})",
-        json.display()
+        json
     );
     // The outer headers each side sent, field by field: every difference
     // the lab once found has been changed to what the kernel does, so any
@@ -121,11 +65,11 @@ fn every_mode_pings_both_ways_with_the_kernel() {
     assert!(
         differing.is_empty(),
         "the gateway's outer headers differ from the kernel's: {differing:?} (JSON: {})",
-        json.display()
+        json
     );
     assert!(
         status.success(),
         "cargo xtask vm interop failed ({status}) though every case passed (JSON: {})",
-        json.display()
+        json
     );
 }

@@ -39,6 +39,14 @@ pub enum VmCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Tunnel liveness with the kernel's GRE as the peer: the gateway's
+    /// keepalives reflected, the tunnel down (and its carrier) when the
+    /// kernel's tunnel goes, up when it returns; writes JSON.
+    Liveness {
+        /// Where the JSON goes (default target/vm/liveness.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Boots the guest, runs a shell script in it (on the host's root,
     /// read-only; /tmp is its own), prints its output.
     Run { script: PathBuf },
@@ -72,6 +80,14 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             } else {
                 bail!("some cases failed, or their outer headers differ from the kernel's (see above)")
             }
+        }
+        Some(VmCmd::Liveness { json }) => {
+            let report = interop::liveness::run(&cache, gateway_bin, &stop)?;
+            let path = json.unwrap_or_else(|| cache.join("liveness.json"));
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&path, &text)?;
+            println!("{text}\n(JSON: {})", path.display());
+            Ok(())
         }
         Some(VmCmd::Run { script }) => {
             let text = std::fs::read_to_string(&script)?;

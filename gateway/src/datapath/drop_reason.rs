@@ -30,7 +30,7 @@ pub enum DropReason {
     GreTruncated,
     /// GRE version not 0.
     GreVersion,
-    /// GRE routing, strict-source-route, recursion or reserved bits set.
+    /// The GRE routing bit, or a reserved flag the kernel refuses, set.
     GreReservedFlags,
     /// GRE checksum present and wrong.
     GreChecksumBad,

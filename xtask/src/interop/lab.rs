@@ -93,6 +93,10 @@ impl Lab {
     }
 
     /// `sh -c SCRIPT` in the gateway's namespace: success and output.
+    pub fn host_shell(&self, script: &str) -> (bool, String) {
+        self.host(script)
+    }
+
     fn host(&self, script: &str) -> (bool, String) {
         Topology::exec(&self.topo.gw, &["sh", "-c", script])
     }

@@ -18,6 +18,7 @@
 
 mod cases;
 mod lab;
+pub mod liveness;
 mod report;
 mod wire;
 
