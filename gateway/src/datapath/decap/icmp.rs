@@ -52,6 +52,7 @@ pub(super) fn path_mtu_from_icmp(
         len: 0,
         kind: Kind::PathMtu {
             mtu: mtu.max(MIN_PMTU),
+            locked: mtu < MIN_PMTU,
         },
     })
 }
@@ -112,6 +113,7 @@ pub(super) fn path_mtu_from_icmpv6(
         len: 0,
         kind: Kind::PathMtu {
             mtu: mtu.clamp(1280, 65535) as u16,
+            locked: false,
         },
     })
 }

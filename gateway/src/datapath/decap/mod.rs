@@ -46,7 +46,7 @@ pub enum Kind {
     /// An ICMP "fragmentation needed" about a packet the gateway sent on
     /// this tunnel's path: the path's MTU is now at most `mtu` (nothing to
     /// deliver; `offset` and `len` are 0).
-    PathMtu { mtu: u16 },
+    PathMtu { mtu: u16, locked: bool },
 }
 
 /// What decapsulation remembers between packets, per worker: the next

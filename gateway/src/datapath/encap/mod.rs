@@ -187,11 +187,13 @@ pub fn encap(
     // with the outer DF clear, so that the router in the way fragments
     // it, as sit does (ipip6_tunnel_xmit); otherwise IPv6 over that path
     // would be a black hole until the path MTU expires.
-    let path = t
-        .path_mtu
-        .get(cx.now)
-        .map(|p| p.saturating_sub((t.outer_len() - ethernet::HEADER_LEN) as u16));
-    let mut may_fragment = false;
+    let learned = t.path_mtu.get_locked(cx.now);
+    let path =
+        learned.map(|(p, _)| p.saturating_sub((t.outer_len() - ethernet::HEADER_LEN) as u16));
+    // A path whose MTU a router reported under min_pmtu is locked: its
+    // packets go without DF, for the router to fragment (the kernel's
+    // ip_mtu_locked in iptunnel_xmit).
+    let mut may_fragment = learned.is_some_and(|(_, locked)| locked);
     let mtu = match path {
         Some(p) if family == ethernet::EtherType::Ipv6 && p < IPV6_MIN_MTU && t.local.is_ipv4() => {
             // sit's rule: the MTU is taken as 1280 and DF cleared.

@@ -5,9 +5,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A path MTU learned from an ICMP error, and until when it holds (the
 /// kernel's `mtu_expires`: ten minutes), in one atomic: the expiry in
-/// [`crate::io::clock`] seconds above, the MTU below.
+/// [`crate::io::clock`] seconds above, the MTU below, and between them
+/// whether it is locked (bit 16): a router reported less than the
+/// kernel's `min_pmtu`, which the kernel then takes instead and locks
+/// (`__ip_rt_update_pmtu`), and a locked path gets its tunnel packets
+/// without DF (`iptunnel_xmit`: `ip_mtu_locked`), so that the router
+/// fragments them.
 #[derive(Debug, Default)]
 pub struct PathMtu(AtomicU64);
+
+/// The locked bit of [`PathMtu`]'s state.
+const LOCKED: u64 = 1 << 16;
 
 /// How long a learned path MTU holds, as the kernel's
 /// `net.ipv4.route.mtu_expires`.
@@ -17,19 +25,33 @@ impl PathMtu {
     /// The path MTU, if one was learned and has not expired by `now`.
     #[inline]
     pub fn get(&self, now: u32) -> Option<u16> {
-        let v = self.0.load(Ordering::Relaxed);
-        let (until, mtu) = ((v >> 32) as u32, v as u16);
-        (mtu != 0 && until > now).then_some(mtu)
+        self.get_locked(now).map(|(mtu, _)| mtu)
     }
 
-    /// Takes `mtu` when it is lower than the one in force (or none is).
+    /// The path MTU and whether it is locked, if one was learned and has
+    /// not expired by `now`.
+    #[inline]
+    pub fn get_locked(&self, now: u32) -> Option<(u16, bool)> {
+        let v = self.0.load(Ordering::Relaxed);
+        let (until, mtu) = ((v >> 32) as u32, v as u16);
+        (mtu != 0 && until > now).then_some((mtu, v & LOCKED != 0))
+    }
+
+    /// Takes `mtu` (not locked) when it is lower than the one in force (or
+    /// none is); see [`PathMtu::lower_locked`].
+    pub fn lower(&self, mtu: u16, now: u32) -> bool {
+        self.lower_locked(mtu, false, now)
+    }
+
+    /// Takes `mtu` when it is lower than the one in force (or none is), or
+    /// when it is the same and now locked.
     /// Workers race here: each step is a compare-and-swap from the state it
     /// saw ([`PathMtu::lower_from`]), so a higher MTU never overwrites a
     /// lower one that another worker stored in between.
-    pub fn lower(&self, mtu: u16, now: u32) -> bool {
+    pub fn lower_locked(&self, mtu: u16, locked: bool, now: u32) -> bool {
         let mut seen = self.0.load(Ordering::Relaxed);
         loop {
-            match self.lower_from(seen, mtu, now) {
+            match self.lower_from(seen, mtu, locked, now) {
                 Ok(lowered) => return lowered,
                 Err(current) => seen = current,
             }
@@ -40,12 +62,15 @@ impl PathMtu {
     /// `mtu` was taken, `Ok(false)` when the one in `seen` is no higher,
     /// `Err(current)` when the state is no longer `seen` (another worker
     /// changed it): look again.
-    fn lower_from(&self, seen: u64, mtu: u16, now: u32) -> Result<bool, u64> {
+    fn lower_from(&self, seen: u64, mtu: u16, locked: bool, now: u32) -> Result<bool, u64> {
         let (until, old) = ((seen >> 32) as u32, seen as u16);
-        if old != 0 && until > now && old <= mtu {
+        let old_locked = seen & LOCKED != 0;
+        if old != 0 && until > now && (old < mtu || (old == mtu && (old_locked || !locked))) {
             return Ok(false);
         }
-        let new = u64::from(now.saturating_add(PATH_MTU_EXPIRES)) << 32 | u64::from(mtu);
+        let new = u64::from(now.saturating_add(PATH_MTU_EXPIRES)) << 32
+            | u64::from(mtu)
+            | if locked { LOCKED } else { 0 };
         self.0
             .compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed)
             .map(|_| true)
@@ -67,7 +92,7 @@ mod tests {
         let seen_by_a = p.0.load(Ordering::Relaxed);
         assert!(p.lower(1300, 0), "B");
         assert!(
-            p.lower_from(seen_by_a, 1350, 0).is_err(),
+            p.lower_from(seen_by_a, 1350, false, 0).is_err(),
             "A's stale step taken"
         );
         assert!(!p.lower(1350, 0), "A, looking again");

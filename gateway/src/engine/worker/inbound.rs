@@ -285,11 +285,11 @@ impl<S: Socket> Worker<S> {
                 }
                 Ok(Delivery {
                     tunnel,
-                    kind: Kind::PathMtu { mtu },
+                    kind: Kind::PathMtu { mtu, locked },
                     ..
                 }) => {
                     if st.pmtu_updates.allow(crate::io::clock::now()) {
-                        self.path_mtu(usize::from(tunnel), mtu);
+                        self.path_mtu(usize::from(tunnel), mtu, locked);
                         st.local.path_mtu_updates += 1;
                     } else {
                         st.local.drop(DropReason::IcmpRateLimited);
@@ -352,7 +352,7 @@ impl<S: Socket> Worker<S> {
 
     /// The underlay says the path of tunnel `t` carries at most `mtu`
     /// bytes: every tunnel on that path (same endpoints) takes it.
-    pub(super) fn path_mtu(&self, t: usize, mtu: u16) {
+    pub(super) fn path_mtu(&self, t: usize, mtu: u16, locked: bool) {
         let tx = &self.shared.tunnels.tx;
         let Some(this) = tx.get(t) else { return };
         let now = crate::io::clock::now();
@@ -360,7 +360,7 @@ impl<S: Socket> Worker<S> {
             .iter()
             .filter(|o| (o.local, o.remote) == (this.local, this.remote))
         {
-            if other.path_mtu.lower(mtu, now) {
+            if other.path_mtu.lower_locked(mtu, locked, now) {
                 tracing::info!(queue = self.queue, path_mtu = mtu, remote = %this.remote, "path MTU lowered by the underlay");
             }
         }

@@ -39,7 +39,10 @@ fn packet_too_big_is_taken_only_when_addressed_to_the_tunnels_local_address() {
     let mut f = ptb(local);
     assert_eq!(
         decap(&mut f, &table, &mut RxState::new(1)).unwrap().kind,
-        Kind::PathMtu { mtu: 1400 }
+        Kind::PathMtu {
+            mtu: 1400,
+            locked: false
+        }
     );
     let mut f = ptb(other);
     assert_eq!(
@@ -69,12 +72,21 @@ fn fragmentation_needed_about_a_tunnel_packet_reports_the_path_mtu() {
     };
     let mut f = outer_v4(1, &icmp(1300, LOCAL, REMOTE));
     let d = decap(&mut f, &lab(), &mut RxState::new(8)).unwrap();
-    assert_eq!(d.kind, Kind::PathMtu { mtu: 1300 });
-    // Below the kernel's min_pmtu: taken as 552.
+    assert_eq!(
+        d.kind,
+        Kind::PathMtu {
+            mtu: 1300,
+            locked: false
+        }
+    );
+    // Below the kernel's min_pmtu: taken as 552, and locked.
     let mut f = outer_v4(1, &icmp(300, LOCAL, REMOTE));
     assert_eq!(
         decap(&mut f, &lab(), &mut RxState::new(8)).unwrap().kind,
-        Kind::PathMtu { mtu: 552 }
+        Kind::PathMtu {
+            mtu: 552,
+            locked: true
+        }
     );
     // About somebody else's packet; addressed to another host (which
     // anyone could send, to lower our path MTU); about a packet from

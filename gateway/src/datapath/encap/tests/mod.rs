@@ -664,3 +664,41 @@ fn a_keepalive_probe_is_what_cisco_sends_and_our_receive_rules_take_back() {
         Verdict::Drop(DropReason::TxMalformed)
     );
 }
+
+#[test]
+fn a_locked_path_mtu_sends_without_df_as_the_kernel_does() {
+    // A router reported 400, under min_pmtu: the path is taken as 552 and
+    // locked; what fits goes out without DF (the kernel's ip_mtu_locked),
+    // what does not gets "fragmentation needed" as before (measured
+    // against Linux 6.1 in the VM lab's differential run).
+    let t = tunnel(Mode::Gre, DeviceKind::Tun);
+    assert!(t.path_mtu.lower_locked(552, true, 0));
+    let (mut buf, n) = read_into(&t, &inner(200, 64));
+    let Verdict::Transmit { len } = encap(&mut buf, n, &t, Some(HOP), &mut cx(1)) else {
+        panic!("not sent")
+    };
+    let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+    assert!(!outer.dont_fragment, "locked: no DF");
+    let (mut buf, n) = read_into(&t, &inner(1000, 64));
+    assert!(matches!(
+        encap(&mut buf, n, &t, Some(HOP), &mut cx(1)),
+        Verdict::Reply { .. }
+    ));
+    // The same MTU reported again, not locked: the lock stays; a lock
+    // comes to an MTU already in force.
+    assert!(!t.path_mtu.lower(552, 0));
+    assert_eq!(t.path_mtu.get_locked(0), Some((552, true)));
+    let u = tunnel(Mode::Gre, DeviceKind::Tun);
+    assert!(u.path_mtu.lower(552, 0));
+    assert!(u.path_mtu.lower_locked(552, true, 0));
+    assert_eq!(u.path_mtu.get_locked(0), Some((552, true)));
+    // Unlocked: DF as ever.
+    let v = tunnel(Mode::Gre, DeviceKind::Tun);
+    assert!(v.path_mtu.lower(1300, 0));
+    let (mut buf, n) = read_into(&v, &inner(200, 64));
+    let Verdict::Transmit { len } = encap(&mut buf, n, &v, Some(HOP), &mut cx(1)) else {
+        panic!("not sent")
+    };
+    let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+    assert!(outer.dont_fragment);
+}
