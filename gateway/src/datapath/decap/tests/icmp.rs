@@ -14,7 +14,7 @@ fn packet_too_big_is_taken_only_when_addressed_to_the_tunnels_local_address() {
     // ICMPv6 packet too big (etherparse, checksum over the pseudo
     // header) from a router to `to`, quoting our packet local ->
     // remote (GRE) and 8 bytes.
-    let ptb = |to: Ipv6Addr| {
+    let ptb_of = |to: Ipv6Addr, mtu: u32| {
         let mut quoted = Vec::new();
         etherparse::Ipv6Header {
             traffic_class: 0,
@@ -31,11 +31,12 @@ fn packet_too_big_is_taken_only_when_addressed_to_the_tunnels_local_address() {
         let router = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 58], [2, 0, 0, 0, 0, 8])
             .ipv6(router, to.octets(), 64)
-            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 });
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu });
         let mut f = Vec::new();
         b.write(&mut f, &quoted).unwrap();
         f
     };
+    let ptb = |to: Ipv6Addr| ptb_of(to, 1400);
     let mut f = ptb(local);
     assert_eq!(
         decap(&mut f, &table, &mut RxState::new(1)).unwrap().kind,
@@ -48,6 +49,21 @@ fn packet_too_big_is_taken_only_when_addressed_to_the_tunnels_local_address() {
     assert_eq!(
         decap(&mut f, &table, &mut RxState::new(1)),
         Err(DropReason::IcmpNotLocal)
+    );
+    // Under IPv6's minimum MTU: changes nothing, as in the kernel
+    // (RFC 8021); 1280 itself is taken.
+    let mut f = ptb_of(local, 1000);
+    assert_eq!(
+        decap(&mut f, &table, &mut RxState::new(1)),
+        Err(DropReason::IcmpMalformed)
+    );
+    let mut f = ptb_of(local, 1280);
+    assert_eq!(
+        decap(&mut f, &table, &mut RxState::new(1)).unwrap().kind,
+        Kind::PathMtu {
+            mtu: 1280,
+            locked: false
+        }
     );
 }
 
