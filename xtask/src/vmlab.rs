@@ -6,6 +6,10 @@
 //!   guest's shell on this terminal, the gateway's through `ip netns exec`.
 //! - `cargo xtask vm interop`: every mode and option against the kernel's
 //!   own, ping both ways; a table, and JSON in `target/vm/interop.json`.
+//! - `cargo xtask vm guest`: the gateway inside the guest (Linux 6.1,
+//!   virtio-net with 2 queue pairs, native XDP, one worker per queue)
+//!   against a second gateway on the host side; JSON in
+//!   `target/vm/guest.json` (see `guestlab`).
 //! - `cargo xtask vm run SCRIPT`: boots the guest, runs the shell script in
 //!   it and prints what it printed (its exit status is this command's).
 //!
@@ -42,6 +46,14 @@ pub enum VmCmd {
     /// Boots the guest, runs a shell script in it (on the host's root,
     /// read-only; /tmp is its own), prints its output.
     Run { script: PathBuf },
+    /// The gateway inside the guest (Linux 6.1, virtio-net with 2 queue
+    /// pairs, native XDP, 2 workers) against a second gateway on the host
+    /// side: pings, TCP, both workers' counts, SIGTERM and SIGKILL.
+    Guest {
+        /// Where the JSON goes (default target/vm/guest.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn stop_on_signals() -> Result<Stop> {
@@ -68,6 +80,17 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             } else {
                 bail!("some cases failed (see above)")
             }
+        }
+        Some(VmCmd::Guest { json }) => {
+            let report = crate::guestlab::run(&cache, gateway_bin, &stop)?;
+            let path = json.unwrap_or_else(|| cache.join("guest.json"));
+            std::fs::write(&path, report.to_json())?;
+            println!("{}", report.table());
+            println!("(JSON: {})", path.display());
+            if !report.passes() {
+                bail!("the gateway in the guest did not pass (see above)");
+            }
+            Ok(())
         }
         Some(VmCmd::Run { script }) => {
             let text = std::fs::read_to_string(&script)?;
