@@ -5,7 +5,7 @@
 //! tunnels (gre, gre with keys, ipip; different outer addresses): ping both
 //! ways and 1 MiB of TCP with its SHA-256 compared; both workers must have
 //! received tunnel packets (the NIC's hash spreads the flows); SIGTERM and
-//! SIGKILL must leave no XDP program on eth0.
+//! SIGKILL must leave no XDP program on eth0 (nor the gateway's devices).
 //!
 //! This boots a VM and downloads a kernel package (once, into
 //! `target/vm`): it runs only with `GATEWAY_VM=1`. It runs `cargo xtask vm
@@ -152,6 +152,12 @@ fn the_gateway_runs_in_a_linux_6_1_guest_on_virtio_net_with_two_queues() {
             s["signal"], s["ip_link_after"]
         );
         assert_ne!(s["bpftool_no_xdp_after"], false, "{} ({at})", s["signal"]);
+        assert_eq!(
+            s["devices_left"].as_array().map(Vec::len),
+            Some(0),
+            "{}: the gateway's devices stayed ({at})",
+            s["signal"]
+        );
     }
     let again = &r["restart_pings"];
     for way in ["host_to_guest", "guest_to_host"] {

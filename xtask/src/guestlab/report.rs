@@ -107,6 +107,9 @@ pub struct SignalCheck {
     /// Whether the program (by its id) is gone from the kernel.
     pub prog_gone: Option<bool>,
     pub ip_link_after: String,
+    /// The gateway's tunnel devices (it created them) still there
+    /// afterwards: none, as they go with it.
+    pub devices_left: Vec<String>,
 }
 
 impl SignalCheck {
@@ -115,7 +118,10 @@ impl SignalCheck {
             "SIGTERM" => self.exit_status == Some(0),
             _ => self.exit_status.is_some(),
         };
-        status_ok && self.no_xdp_after && self.bpftool_no_xdp_after != Some(false)
+        status_ok
+            && self.no_xdp_after
+            && self.bpftool_no_xdp_after != Some(false)
+            && self.devices_left.is_empty()
     }
 
     fn json(&self) -> Value {
@@ -127,6 +133,7 @@ impl SignalCheck {
             "bpftool_no_xdp_after": self.bpftool_no_xdp_after,
             "prog_gone": self.prog_gone,
             "ip_link_after": self.ip_link_after,
+            "devices_left": self.devices_left,
             "pass": self.passes(),
         })
     }
@@ -289,7 +296,7 @@ impl Report {
         }
         for c in &self.signals {
             s += &format!(
-                "{}: exit status {}, XDP program on eth0 afterwards: {}{}\n",
+                "{}: exit status {}, XDP program on eth0 afterwards: {}{}, devices left: {}\n",
                 c.signal,
                 c.exit_status
                     .map(|c| c.to_string())
@@ -303,6 +310,11 @@ impl Report {
                     Some(true) => " (bpftool: none)",
                     Some(false) => " (bpftool: STILL THERE)",
                     None => "",
+                },
+                if c.devices_left.is_empty() {
+                    "none".to_string()
+                } else {
+                    c.devices_left.join(" ")
                 }
             );
         }

@@ -464,6 +464,26 @@ impl Lab {
         });
         c.no_xdp_after = gone.is_ok();
         c.ip_link_after = self.eth0()?.1;
+        // Its devices: deleted at a clean exit, gone with their last file
+        // when killed (not persistent).
+        let devs: Vec<String> = TUNNELS.iter().map(|t| format!("g{}", t.name)).collect();
+        let list = format!(
+            "for d in {}; do ip link show $d > /dev/null 2>&1 && echo $d; done; true",
+            devs.join(" ")
+        );
+        let mut left = Vec::new();
+        let gone = vm::wait_for("the gateway's devices to go", EXIT_LIMIT, &stop, || {
+            left = self
+                .guest
+                .exec(&list)?
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            Ok(left.is_empty().then_some(()))
+        });
+        if gone.is_err() {
+            c.devices_left = left;
+        }
         let (rc, out) = self.guest.exec_status(
             "command -v bpftool > /dev/null || exit 3\nbpftool -j net show dev eth0",
             vm::COMMAND_LIMIT,
