@@ -93,6 +93,7 @@ fn the_gateway_runs_in_a_linux_6_1_guest_on_virtio_net_with_two_queues() {
     assert_eq!(r["driver"], "virtio_net", "({at})");
     assert_eq!(r["combined_channels"], 2, "eth0's channels ({at})");
     assert_eq!(r["xdp_mode"], "driver", "XDP not native ({at})");
+    assert_eq!(r["xdp_attached"], true, "the gateway's stats ({at})");
 
     // Both workers, one per queue, received tunnel packets.
     let workers = r["workers"].as_array().expect("workers");

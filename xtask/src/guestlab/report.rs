@@ -155,6 +155,8 @@ pub struct Report {
     /// From `ip -d link show eth0` while the gateway ran: "driver" (native),
     /// "generic", ...
     pub xdp_mode: String,
+    /// `gateway.xdp_attached` in the gateway's stats.
+    pub xdp_attached: Option<bool>,
     /// The first guest gateway's log, from its start to its SIGTERM (what
     /// it said about the attach and the kernel's features).
     pub gateway_log: Vec<String>,
@@ -178,6 +180,7 @@ impl Report {
     pub fn passes(&self) -> bool {
         self.error.is_none()
             && self.xdp_mode == "driver"
+            && self.xdp_attached == Some(true)
             && !self.tunnels.is_empty()
             && self.tunnels.iter().all(|t| t.passes())
             && self.both_workers_received()
@@ -199,6 +202,7 @@ impl Report {
             "driver_version": self.driver_version,
             "combined_channels": self.combined_channels,
             "xdp_mode": self.xdp_mode,
+            "xdp_attached": self.xdp_attached,
             "gateway_log": self.gateway_log,
             "tunnels": self.tunnels.iter().map(|t| json!({
                 "name": t.name,

@@ -414,15 +414,16 @@ impl Lab {
         Ok((sent.trim().to_string(), received.trim().to_string()))
     }
 
-    /// The guest gateway's workers, from `gateway stats --format json`.
-    fn workers(&mut self) -> Result<Vec<WorkerCount>> {
+    /// The guest gateway's workers and whether it says its XDP program is
+    /// attached, from `gateway stats --format json`.
+    fn workers(&mut self) -> Result<(Vec<WorkerCount>, Option<bool>)> {
         let out = self.guest.exec(&format!(
             "{} stats --iface eth0 --format json",
             self.bin.display()
         ))?;
         let v: Value = serde_json::from_str(out.trim())
             .with_context(|| format!("gateway stats said:\n{out}"))?;
-        Ok(v["workers"]
+        let workers = v["workers"]
             .as_array()
             .into_iter()
             .flatten()
@@ -432,7 +433,8 @@ impl Lab {
                 rx_frames: w["rx_frames"].as_u64().unwrap_or(0),
                 delivered: w["delivered"].as_u64().unwrap_or(0),
             })
-            .collect())
+            .collect();
+        Ok((workers, v["gateway"]["xdp_attached"].as_bool()))
     }
 
     /// Signals the guest's gateway, waits for it to exit, and looks at eth0.
@@ -584,7 +586,7 @@ fn steps(lab: &mut Lab, r: &mut Report) -> Result<()> {
     r.kernel = lab.guest.exec("uname -r")?.trim().to_string();
     let bin = lab.bin.display().to_string();
     lab.guest.exec(&format!(
-        "test -x {bin} || {{ echo 'no {bin} in the guest (the host root over 9p)'; exit 1; }}"
+        "test -x {bin} || {{ echo 'no {bin} in the guest (the host root over 9p; its /tmp and /run are its own)'; exit 1; }}"
     ))?;
     let info = lab.guest.exec("ethtool -i eth0")?;
     let field = |name: &str| {
@@ -677,7 +679,7 @@ fn steps(lab: &mut Lab, r: &mut Report) -> Result<()> {
     // Both workers must have received: the NIC's hash decides; when the
     // tunnels' own flows all went to one queue, more flows (short TCP
     // connection attempts, each from a new port) until both have.
-    r.workers = lab.workers()?;
+    (r.workers, r.xdp_attached) = lab.workers()?;
     let xfer = lab.guest.job.join("xfer.py").display().to_string();
     while !r.both_workers_received() && r.extra_flows < EXTRA_ROUNDS * TUNNELS.len() as u32 {
         lab.stop.check()?;
@@ -685,7 +687,7 @@ fn steps(lab: &mut Lab, r: &mut Report) -> Result<()> {
             lab.host(&format!("python3 {xfer} probe {} 9 1", t.guest_inner));
             r.extra_flows += 1;
         }
-        r.workers = lab.workers()?;
+        (r.workers, r.xdp_attached) = lab.workers()?;
     }
     vm::say(&format!(
         "workers: {}",
