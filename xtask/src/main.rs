@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod guestlab;
 mod interop;
 mod vm;
 mod vmlab;

@@ -6,6 +6,10 @@
 //!   guest's shell on this terminal, the gateway's through `ip netns exec`.
 //! - `cargo xtask vm interop`: every mode and option against the kernel's
 //!   own, ping both ways; a table, and JSON in `target/vm/interop.json`.
+//! - `cargo xtask vm guest`: the gateway inside the guest (Linux 6.1,
+//!   virtio-net with 2 queue pairs, native XDP, one worker per queue)
+//!   against a second gateway on the host side; JSON in
+//!   `target/vm/guest.json` (see `guestlab`).
 //! - `cargo xtask vm run SCRIPT`: boots the guest, runs the shell script in
 //!   it and prints what it printed (its exit status is this command's).
 //!
@@ -50,6 +54,14 @@ pub enum VmCmd {
     /// Boots the guest, runs a shell script in it (on the host's root,
     /// read-only; /tmp is its own), prints its output.
     Run { script: PathBuf },
+    /// The gateway inside the guest (Linux 6.1, virtio-net with 2 queue
+    /// pairs, native XDP, 2 workers) against a second gateway on the host
+    /// side: pings, TCP, both workers' counts, SIGTERM and SIGKILL.
+    Guest {
+        /// Where the JSON goes (default target/vm/guest.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn stop_on_signals() -> Result<Stop> {
@@ -87,6 +99,17 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             let text = serde_json::to_string_pretty(&report)?;
             std::fs::write(&path, &text)?;
             println!("{text}\n(JSON: {})", path.display());
+            Ok(())
+        }
+        Some(VmCmd::Guest { json }) => {
+            let report = crate::guestlab::run(&cache, gateway_bin, &stop)?;
+            let path = json.unwrap_or_else(|| cache.join("guest.json"));
+            std::fs::write(&path, report.to_json())?;
+            println!("{}", report.table());
+            println!("(JSON: {})", path.display());
+            if !report.passes() {
+                bail!("the gateway in the guest did not pass (see above)");
+            }
             Ok(())
         }
         Some(VmCmd::Run { script }) => {

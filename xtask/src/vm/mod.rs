@@ -39,7 +39,7 @@ mod qemu;
 pub use gateway::GatewayProc;
 pub use kernel::prepare;
 pub use net::Topology;
-pub use qemu::{choose_accel, Accel, Console, Guest};
+pub use qemu::{choose_accel, Accel, Console, Guest, Machine};
 
 use std::fs;
 use std::path::{Path, PathBuf};

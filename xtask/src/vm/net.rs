@@ -16,14 +16,23 @@ pub struct Topology {
     pub wire: String,
     pub gw: String,
     pub tap: String,
+    /// The tap's queues (more than 1: a `multi_queue` tap).
+    pub queues: u32,
 }
 
 impl Topology {
     pub fn new(prefix: &str) -> Result<Topology> {
+        Topology::with_queues(prefix, 1)
+    }
+
+    /// [`Topology::new`] with a tap of `queues` queues for a multi-queue
+    /// virtio-net (see [`super::Machine`]).
+    pub fn with_queues(prefix: &str, queues: u32) -> Result<Topology> {
         let t = Topology {
             wire: format!("{prefix}-wire"),
             gw: format!("{prefix}-gw"),
             tap: "vmtap0".into(),
+            queues,
         };
         for ns in [&t.wire, &t.gw] {
             if Path::new("/var/run/netns").join(ns).exists() {
@@ -37,7 +46,11 @@ impl Topology {
         }
         let (w, g) = (t.wire.as_str(), t.gw.as_str());
         ip(&["-n", w, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", w, "tuntap", "add", "dev", &t.tap, "mode", "tap"])?;
+        let mut tuntap = vec!["-n", w, "tuntap", "add", "dev", &t.tap, "mode", "tap"];
+        if queues > 1 {
+            tuntap.push("multi_queue");
+        }
+        ip(&tuntap)?;
         ip(&[
             "link", "add", "ens0", "netns", g, "type", "veth", "peer", "name", "port1", "netns", w,
         ])?;

@@ -56,6 +56,22 @@ impl Accel {
     }
 }
 
+/// The guest's machine: vCPUs and the NIC's queue pairs (1: a plain tap
+/// and virtio-net; more: a `multi_queue` tap with `queues=N`, virtio-net
+/// with `mq=on` and `2N + 2` vectors, and `ethtool -L eth0 combined N` in
+/// the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub cpus: u32,
+    pub queues: u32,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Machine { cpus: 1, queues: 1 }
+    }
+}
+
 /// How the guest is driven.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Console {
@@ -69,8 +85,16 @@ pub enum Console {
 
 /// The guest's script: NIC up with the lab's addresses, the tunnel modules
 /// loaded, then the command loop.
-fn guest_script(console: Console) -> String {
+fn guest_script(console: Console, machine: Machine) -> String {
     let modules = GUEST_MODULES.join(" ");
+    let channels = if machine.queues > 1 {
+        format!(
+            "ethtool -L eth0 combined {} || echo \"[guest] ethtool -L eth0 combined {} failed\"",
+            machine.queues, machine.queues
+        )
+    } else {
+        String::new()
+    };
     let serve = r#"
 serve() {
   n=0
@@ -110,6 +134,7 @@ ip link set lo up
 # A physical NIC puts the checksums it was asked for on the wire; the
 # virtio NIC would leave GRE checksums to the host (0 on the veth).
 ethtool -K eth0 tx off > /dev/null
+{channels}
 ip addr add {GUEST_V4}/24 dev eth0
 ip -6 addr add {GUEST_V6}/64 dev eth0 nodad
 ip link set eth0 up
@@ -137,7 +162,13 @@ pub struct Guest {
     stop: Stop,
 }
 
-fn qemu_command(k: &Kernel, accel: Accel, job: &Path, netns: Option<(&str, &str)>) -> Command {
+fn qemu_command(
+    k: &Kernel,
+    accel: Accel,
+    machine: Machine,
+    job: &Path,
+    netns: Option<(&str, &str)>,
+) -> Command {
     let mut c = match netns {
         Some((ns, _)) => {
             let mut c = Command::new("ip");
@@ -147,7 +178,13 @@ fn qemu_command(k: &Kernel, accel: Accel, job: &Path, netns: Option<(&str, &str)
         None => Command::new("qemu-system-x86_64"),
     };
     c.args(accel.args())
-        .args(["-m", "1024", "-smp", "1", "-no-reboot"])
+        .args([
+            "-m",
+            "1024",
+            "-smp",
+            &machine.cpus.to_string(),
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&k.vmlinuz)
         .arg("-initrd")
@@ -168,6 +205,18 @@ fn qemu_command(k: &Kernel, accel: Accel, job: &Path, netns: Option<(&str, &str)
             job.display()
         ));
     match netns {
+        Some((_, tap)) if machine.queues > 1 => {
+            let q = machine.queues;
+            c.arg("-netdev")
+                .arg(format!(
+                    "tap,id=n0,ifname={tap},script=no,downscript=no,queues={q}"
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev=n0,mac={GUEST_MAC},mq=on,vectors={}",
+                    2 * q + 2
+                ));
+        }
         Some((_, tap)) => {
             c.arg("-netdev")
                 .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
@@ -201,7 +250,7 @@ fn kvm_works(k: &Kernel, scratch: &Path, stop: &Stop) -> Result<bool> {
         "uname -r > /mnt/up.tmp && mv /mnt/up.tmp /mnt/up\n/bin/busybox poweroff -f\n",
     )?;
     let log = job.join("console.log");
-    let mut child = qemu_command(k, Accel::Kvm, &job, None)
+    let mut child = qemu_command(k, Accel::Kvm, Machine::default(), &job, None)
         .args(["-display", "none", "-monitor", "none", "-serial"])
         .arg(format!("file:{}", log.display()))
         .stdin(Stdio::null())
@@ -270,12 +319,32 @@ impl Guest {
         console: Console,
         stop: &Stop,
     ) -> Result<Guest> {
+        Guest::boot_machine(k, accel, Machine::default(), topo, job, console, stop)
+    }
+
+    /// [`Guest::boot`] on `machine` (its queue pairs are `topo`'s).
+    pub fn boot_machine(
+        k: &Kernel,
+        accel: Accel,
+        machine: Machine,
+        topo: &Topology,
+        job: PathBuf,
+        console: Console,
+        stop: &Stop,
+    ) -> Result<Guest> {
+        if machine.queues != topo.queues {
+            bail!(
+                "the guest's NIC has {} queue pairs but the tap {}",
+                machine.queues,
+                topo.queues
+            );
+        }
         let _ = fs::remove_dir_all(&job);
         fs::create_dir_all(job.join("cmd"))?;
         fs::create_dir_all(job.join("out"))?;
-        fs::write(job.join("guest.sh"), guest_script(console))?;
+        fs::write(job.join("guest.sh"), guest_script(console, machine))?;
         let console_log = job.join("console.log");
-        let mut cmd = qemu_command(k, accel, &job, Some((&topo.wire, &topo.tap)));
+        let mut cmd = qemu_command(k, accel, machine, &job, Some((&topo.wire, &topo.tap)));
         match console {
             Console::Log => {
                 cmd.args(["-display", "none", "-monitor", "none", "-serial"])
@@ -289,12 +358,14 @@ impl Guest {
             }
         }
         say(&format!(
-            "booting {} under {}",
+            "booting {} under {} ({} vCPU, {} NIC queue pair(s))",
             k.release,
             match accel {
                 Accel::Kvm => "KVM",
                 Accel::Tcg => "TCG",
-            }
+            },
+            machine.cpus,
+            machine.queues
         ));
         let child = cmd.spawn().context("starting qemu-system-x86_64")?;
         let mut guest = Guest {
