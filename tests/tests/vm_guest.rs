@@ -13,73 +13,18 @@
 //! exit status and, independently, the JSON it writes. Nothing here
 //! asserts a timing: waits are conditions with generous deadlines.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-use gateway_tests::require_root;
+use gateway_tests::vm;
 use serde_json::Value;
-
-/// Passes each line `from` gives to `out` (`println!` or `eprintln!`, so
-/// that the test harness captures it), from a thread of its own.
-fn relay(from: impl Read + Send + 'static, out: fn(&str)) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            out(&line);
-        }
-    })
-}
-
-/// `cargo xtask vm guest --json JSON`, run from the workspace root with
-/// its output relayed; its exit status.
-fn xtask_vm_guest(root: &Path, json: &Path) -> std::process::ExitStatus {
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(root)
-        .args(["run", "--quiet", "--package", "xtask", "--"])
-        .args(["vm", "guest", "--json"])
-        .arg(json);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let out = relay(stdout.expect("piped stdout"), |l| println!("{l}"));
-    let err = relay(stderr.expect("piped stderr"), |l| eprintln!("{l}"));
-    let status = child.wait().expect("waiting for cargo xtask vm guest");
-    let _ = out.join();
-    let _ = err.join();
-    status
-}
 
 #[test]
 fn the_gateway_runs_in_a_linux_6_1_guest_on_virtio_net_with_two_queues() {
     const NAME: &str = "the_gateway_runs_in_a_linux_6_1_guest_on_virtio_net_with_two_queues";
-    if std::env::var("GATEWAY_VM").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED {NAME}: boots Debian's kernel under QEMU (minutes under TCG); \
-             set GATEWAY_VM=1 to run it (or run `cargo xtask vm guest`)"
-        );
+    if !vm::enabled(NAME, "boots Debian's kernel under QEMU") {
         return;
     }
-    if !require_root(NAME) {
-        return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     // Beside `cargo xtask vm guest`'s own guest.json, not over it.
-    let json = root.join("target/vm/guest-test.json");
-    let _ = std::fs::remove_file(&json);
-    let status = xtask_vm_guest(&root, &json);
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
-        panic!(
-            "the VM lab failed ({status}) and wrote no {}: {e}",
-            json.display()
-        )
-    });
-    let r: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", json.display()));
-    let at = json.display();
+    let (status, r): (_, Value) = vm::xtask_vm_json(&["guest"], "guest-test.json");
+    let at = "target/vm/guest-test.json";
     assert!(
         r["error"].is_null(),
         "the run stopped: {} ({at})",
