@@ -77,8 +77,12 @@ pub const GW_V6: &str = "2001:db8::8";
 /// The guest NIC's MAC (QEMU's default range).
 pub const GUEST_MAC: &str = "52:54:00:00:00:58";
 
+/// Says what the lab does, on stderr. Never panics: when whoever read
+/// stderr is gone (a test killed by Ctrl-C), a write error must not stop
+/// the cleanup that is under way.
 pub fn say(msg: &str) {
-    eprintln!("[vm] {msg}");
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "[vm] {msg}");
 }
 
 /// Runs a command, failing with its output when it fails.

@@ -28,6 +28,7 @@ impl Topology {
     /// [`Topology::new`] with a tap of `queues` queues for a multi-queue
     /// virtio-net (see [`super::Machine`]).
     pub fn with_queues(prefix: &str, queues: u32) -> Result<Topology> {
+        sweep_stale();
         let t = Topology {
             wire: format!("{prefix}-wire"),
             gw: format!("{prefix}-gw"),
@@ -103,19 +104,57 @@ impl Topology {
     }
 }
 
+/// Deletes a namespace, killing what still runs in it first (QEMU, a
+/// capture, a shell's child).
+fn remove_ns(ns: &str) {
+    if !Path::new("/var/run/netns").join(ns).exists() {
+        return;
+    }
+    if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+}
+
+/// The labs' namespaces left by a run that was killed outright (SIGKILL,
+/// a CI timeout: no Drop ran), QEMU in them: named `gwXX<pid>-wire` or
+/// `-gw` after the run's pid, which is gone. Removed before a new lab is
+/// made; a lab whose process still runs is left alone.
+fn sweep_stale() {
+    let Ok(list) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in list.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name
+            .strip_suffix("-wire")
+            .or_else(|| name.strip_suffix("-gw"))
+        else {
+            continue;
+        };
+        let Some(rest) = stem.strip_prefix("gw") else {
+            continue;
+        };
+        let digits = rest.trim_start_matches(|c: char| c.is_ascii_lowercase());
+        if digits.len() == rest.len() || digits.is_empty() {
+            continue;
+        }
+        let Ok(pid) = digits.parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            say(&format!("removing {name}, left by run {pid} (gone)"));
+            remove_ns(&name);
+        }
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in [&self.gw, &self.wire] {
-            if !Path::new("/var/run/netns").join(ns).exists() {
-                continue;
-            }
-            // Anything still running in it (a capture, a shell's child).
-            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            remove_ns(ns);
         }
         say(&format!(
             "removed namespaces {} and {} (bridge, tap and veth with them)",
