@@ -88,6 +88,18 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SIGINT first: tshark then stops its dumpcap, which a SIGKILL
+            // would leave running until the namespace goes.
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -80,10 +80,11 @@ impl GatewayProc {
             || {
                 let text = fs::read_to_string(&path).unwrap_or_default();
                 let new = text.get(before..).unwrap_or("");
+                // A whole line: the JSON ends with its newline.
                 Ok(new
-                    .lines()
-                    .find(|l| l.starts_with('{') && new.contains('\n'))
-                    .map(str::to_string))
+                    .split_inclusive('\n')
+                    .find(|l| l.starts_with('{') && l.ends_with('\n'))
+                    .map(|l| l.trim_end().to_string()))
             },
         )
     }

@@ -112,7 +112,9 @@ pub fn prepare(cache: &Path) -> Result<Kernel> {
     let kernel = Kernel {
         vmlinuz,
         modules: dir.join("lib/modules"),
-        initrd: cache.join(format!("initrd-{release}.cpio")),
+        // Named after what goes into it too, so that a change to /init or
+        // the module list builds a new one rather than reusing the old.
+        initrd: cache.join(format!("initrd-{release}-{:016x}.cpio", initramfs_recipe())),
         release,
     };
     build_initramfs(&kernel)?;
@@ -197,6 +199,17 @@ mount --move /dev /newroot/dev
 echo "[init] host root mounted, running /mnt/guest.sh"
 exec chroot /newroot /bin/sh /mnt/guest.sh
 "#;
+
+/// A hash of what the initramfs is made of: its /init and its modules.
+fn initramfs_recipe() -> u64 {
+    use std::hash::{Hash, Hasher};
+    // (DefaultHasher::new() has fixed keys: the same input, the same name
+    // from run to run.)
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    INIT.hash(&mut h);
+    INITRAMFS_MODULES.hash(&mut h);
+    h.finish()
+}
 
 fn build_initramfs(k: &Kernel) -> Result<()> {
     if k.initrd.exists() {
