@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod differential;
 mod interop;
 mod vm;
 mod vmlab;

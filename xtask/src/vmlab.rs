@@ -39,6 +39,20 @@ pub enum VmCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Every conformance case sent, as the same bytes, to the kernel's
+    /// tunnels and to the gateway's; both outcomes measured and compared
+    /// (`xtask/src/differential/`).
+    Differential {
+        /// Only these cases (by name).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Where the JSON goes (default target/vm/differential.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Regenerate docs/conformance.md from this run.
+        #[arg(long)]
+        write_docs: bool,
+    },
     /// Boots the guest, runs a shell script in it (on the host's root,
     /// read-only; /tmp is its own), prints its output.
     Run { script: PathBuf },
@@ -69,6 +83,11 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
                 bail!("some cases failed (see above)")
             }
         }
+        Some(VmCmd::Differential {
+            only,
+            json,
+            write_docs,
+        }) => crate::differential::main(root, &cache, gateway_bin, &only, json, write_docs, &stop),
         Some(VmCmd::Run { script }) => {
             let text = std::fs::read_to_string(&script)?;
             let prefix = format!("gwvm{}", std::process::id());
