@@ -4,7 +4,8 @@ gateway's namespace): no scapy, so it starts fast under TCG.
 
   agent.py LOG REQDIR SKIP
 - records every frame received on an interface not in SKIP (comma list) as
-  a JSON line in LOG: {"if": NAME, "ht": ARPHRD, "hex": BYTES}; frames the
+  a JSON line in LOG: {"if": NAME, "ht": ARPHRD, "proto": ETHERTYPE,
+  "hex": BYTES, "gso": [TYPE, SIZE] for a GSO packet}; frames the
   host itself sends (PACKET_OUTGOING) are not recorded;
 - a UDP socket on port 9 (IPv4 and IPv6) takes what the cases deliver, so
   that no port-unreachable answers them;
@@ -24,6 +25,9 @@ log_path, req_dir, skip = sys.argv[1], sys.argv[2], set(sys.argv[3].split(","))
 os.makedirs(req_dir, exist_ok=True)
 sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 sniff.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+# Each frame comes with its virtio-net header: a GSO packet (the gateway
+# coalesces as GRO would) is recorded with its segment size, to be cut back.
+sniff.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
 sniff.setblocking(False)
 udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -87,7 +91,11 @@ while True:
             break
         if addr[2] == socket.PACKET_OUTGOING or addr[0] in skip:
             continue
-        log.write(json.dumps({"if": addr[0], "ht": addr[3], "hex": data.hex()}) + "\n")
+        gso_type, gso_size = data[1], int.from_bytes(data[4:6], "little")
+        rec = {"if": addr[0], "ht": addr[3], "proto": addr[1], "hex": data[10:].hex()}
+        if gso_type:
+            rec["gso"] = [gso_type & 0x7F, gso_size]
+        log.write(json.dumps(rec) + "\n")
         wrote = True
     if wrote:
         log.flush()

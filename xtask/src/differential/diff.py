@@ -179,7 +179,7 @@ def fenced(side, n, wire_from, log_from):
     replied = any(is_fence(Ether(f), 0) and Ether(f)[ICMP].seq == n for f in frames)
     side.read_log()
     logged = any(
-        r["hex"].find("%04x%04x" % (FENCE_ID, n)) >= 0 and is_fence(parse_dev(r), 8)
+        r["hex"].find("%04x%04x" % (FENCE_ID, n)) >= 0 and is_fence(parse_dev(r)[0], 8)
         for r in side.log[log_from:]
     )
     return replied and logged
@@ -188,31 +188,90 @@ def fenced(side, n, wire_from, log_from):
 # ---------------------------------------------------------------- dissection
 
 def parse_dev(rec):
+    """The packets a device received: an IP packet (the Ethernet header of a
+    tap frame taken off), or, for a GSO packet, its segments cut back as
+    the receiving stack would (the gateway coalesces as a NIC's GRO does)."""
     data = bytes.fromhex(rec["hex"])
     if rec["ht"] == 1:
         e = Ether(data)
-        return e.payload if e.type in (0x0800, 0x86DD) else None
+        if e.type not in (0x0800, 0x86DD):
+            return [None]
+        data = bytes(e.payload)
     if not data:
-        return None
+        return [None]
     v = data[0] >> 4
-    if v == 4:
-        return IP(data)
-    if v == 6:
-        return IPv6(data)
-    return Raw(data)
+    p = IP(data) if v == 4 else IPv6(data) if v == 6 else Raw(data)
+    gso = rec.get("gso")
+    if not gso or not (UDP in p or TCP in p):
+        return [p]
+    size = gso[1]
+    l4 = p[UDP] if UDP in p else p[TCP]
+    payload = bytes(l4.payload)
+    out = []
+    for i in range(0, len(payload), size):
+        q = p.copy()
+        seg = q[UDP] if UDP in q else q[TCP]
+        seg.remove_payload()
+        if isinstance(seg, TCP):
+            seg.seq = (l4.seq + i) % (1 << 32)
+        seg.chksum = None
+        if isinstance(seg, UDP):
+            seg.len = None
+        seg.add_payload(Raw(payload[i:i + size]))
+        if IP in q:
+            q[IP].len = None
+            q[IP].chksum = None
+        else:
+            q[IPv6].plen = None
+        out.append(q.__class__(bytes(q)))
+    return out
+
+
+def layers(p):
+    while p is not None and not isinstance(p, type(None)) and p.__class__.__name__ != "NoPayload":
+        yield p
+        p = p.payload
 
 
 def chatter(p):
-    """Neighbour discovery, router solicitations, MLD, IGMP, ARP: the
-    hosts' own housekeeping, not an outcome."""
+    """Neighbour discovery, router solicitations, MLD, IGMP: the hosts'
+    own housekeeping, not an outcome."""
     if p is None:
         return True
-    if p.haslayer(_ICMPv6):
-        t = p[_ICMPv6].type
-        if t in (130, 131, 132, 133, 134, 135, 136, 137, 143):
+    for layer in layers(p):
+        if isinstance(layer, _ICMPv6) and layer.type in (130, 131, 132, 133, 134, 135, 136, 137, 143):
             return True
-    if IP in p and p[IP].proto == 2:
-        return True
+        if isinstance(layer, IP) and layer.proto == 2:
+            return True
+    return False
+
+
+def taken(rec, p, side):
+    """Whether the host's IP stack takes a packet its device received: IP of
+    the kind the device announced (its protocol), with a right header, for
+    one of the host's inner addresses. Anything else only passed through
+    the device (the kernel hands some packets to a device that its stack
+    then drops: a protocol it has no handler for, IPv4 on sit) or is
+    routed on (a keepalive's inner packet)."""
+    mine = set(side.me.values())
+    if isinstance(p, IP):
+        ok = checksum(bytes(p)[: p.ihl * 4]) == 0
+        return rec.get("proto") == 0x0800 and ok and p.dst in mine
+    if isinstance(p, IPv6):
+        return rec.get("proto") == 0x86DD and p.dst in mine
+    return False
+
+
+def answer_to_own(p, side):
+    """An ICMP error about a packet the side's own host sent into the tunnel
+    (the gateway writes it into the device; the kernel makes it inside)."""
+    mine = set(side.me.values())
+    if ICMP in p and p[ICMP].type in (3, 11, 12):
+        q = p[ICMP].payload
+        return getattr(q, "src", None) in mine
+    for layer in layers(p):
+        if isinstance(layer, _ICMPv6) and layer.type in (1, 2, 3, 4):
+            return getattr(layer.payload, "src", None) in mine
     return False
 
 
@@ -531,13 +590,19 @@ def main():
 
     def outcome(s, wire_from, log_from, before, after, base, after_out):
         s.read_log()
-        delivered = []
+        delivered, through, answers = [], [], []
         for r in s.log[log_from:]:
-            p = parse_dev(r)
-            if chatter(p) or is_fence(p, 8):
-                continue
             label = DEVICES[s.name].get(r["if"], "device " + r["if"])
-            delivered.append("%s: %s" % (label, summary(p, s.roles)))
+            for p in parse_dev(r):
+                if chatter(p) or is_fence(p, 8):
+                    continue
+                text = "%s: %s" % (label, summary(p, s.roles))
+                if not taken(r, p, s):
+                    through.append(text + (" (protocol %#06x)" % r["proto"] if r.get("proto") not in (0x0800, 0x86DD) else ""))
+                elif answer_to_own(p, s):
+                    answers.append(text)
+                else:
+                    delivered.append(text)
         with s.lock:
             frames = s.wire[wire_from:]
         back = []
@@ -546,7 +611,7 @@ def main():
             if e.type not in (0x0800, 0x86DD) or chatter(e) or is_fence(e, 0):
                 continue
             back.append(summary(e.payload, s.roles))
-        return {"delivered": delivered, "back": back,
+        return {"delivered": delivered, "through": through, "answers": answers, "back": back,
                 "counters": deltas(s.name, before, after, base), "after": after_out}
 
     def verdict_key(o):

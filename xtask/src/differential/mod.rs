@@ -37,8 +37,10 @@ const DIFF_PY: &str = include_str!("diff.py");
 const AGENT_PY: &str = include_str!("agent.py");
 
 /// The kernel's tunnels, as a user makes them (the guest is 192.168.0.58 and
-/// 2001:db8::58; `GWMAC` is filled in). The sysctls: forwarding, so that a
-/// keepalive's inner packet is routed back out; no ICMP rate limit, so that
+/// 2001:db8::58; `GWMAC` is filled in). The sysctls: forwarding and
+/// `accept_local` on `plain`, so that a keepalive's inner packet (whose
+/// source is the guest's own address) is routed back out, as the gateway
+/// does (without `accept_local` the kernel drops it as a martian); no ICMP rate limit, so that
 /// what is answered does not depend on speed; no IPv6 link-local addresses
 /// or router solicitations on the tunnels (chatter); a permanent neighbour
 /// for the gateway's side, which is not on a bridge with it any more.
@@ -50,6 +52,7 @@ pub const KERNEL_SETUP: &[&str] = &[
     "ip tunnel add plain mode gre remote 192.168.0.8 local 192.168.0.58",
     "ip link set plain up mtu 1400",
     "ip addr add 10.1.1.2 peer 10.1.1.1 dev plain",
+    "sysctl -qw net.ipv4.conf.plain.accept_local=1",
     "ip tunnel add keyed mode gre remote 192.168.0.8 local 192.168.0.58 key 42 csum seq",
     "ip link set keyed up mtu 1400",
     "ip addr add 30.1.1.2 peer 30.1.1.1 dev keyed",
@@ -201,12 +204,15 @@ pub fn run(cache: &Path, gateway_bin: &Path, only: &[String], stop: &Stop) -> Re
             g6 = vm::GUEST_V6
         ),
     )?;
-    // The two ends off the bridge: each side's replies stay on its link.
+    // The two ends off the bridge: each side's replies stay on its link;
+    // and no IPv6 of their own (router solicitations, MLD), which would
+    // reach the sides as noise.
     sh_ok(
         &wire_ns,
         &format!(
-            "ip link set {} nomaster && ip link set port1 nomaster",
-            lab.topo.tap
+            "ip link set {tap} nomaster && ip link set port1 nomaster && \
+             sysctl -qw net.ipv6.conf.{tap}.disable_ipv6=1 net.ipv6.conf.port1.disable_ipv6=1",
+            tap = lab.topo.tap
         ),
     )?;
 
@@ -331,6 +337,17 @@ pub fn outcome_text(o: &Value) -> String {
         parts.push("nothing delivered".to_string());
     } else {
         parts.push(format!("delivered {}", delivered.join("; ")));
+    }
+    let through = list(&o["through"]);
+    if !through.is_empty() {
+        parts.push(format!(
+            "passed through the device, not taken by the stack: {}",
+            through.join("; ")
+        ));
+    }
+    let answers = list(&o["answers"]);
+    if !answers.is_empty() {
+        parts.push(format!("answered its own host: {}", answers.join("; ")));
     }
     let back = list(&o["back"]);
     if !back.is_empty() {
