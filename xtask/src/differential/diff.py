@@ -15,6 +15,7 @@ counters moved. Scapy dissects everything; the gateway's code is not used.
 Writes the results as JSON to config["out"].
 """
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -46,6 +47,7 @@ from scapy.layers.inet6 import _ICMPv6
 from scapy.utils import checksum
 
 conf.verb = 0
+logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 cfg = json.load(open(sys.argv[1]))
 
 FENCE_ID = 0xF3CE
@@ -154,7 +156,7 @@ class Side:
         for t in s.get("tunnels", []):
             flat["%s.rx_packets" % t["name"]] = t.get("rx_packets", 0)
         for w in s.get("workers", []):
-            for k in ("keepalives", "path_mtu_updates", "fragments_merged", "fragments_pending"):
+            for k in ("GRE keepalives", "path_mtu_updates", "fragments_merged", "fragments_pending"):
                 flat[k] = flat.get(k, 0) + w.get(k, 0)
         return flat
 
@@ -361,6 +363,7 @@ V6_FRAG_EXT = ("outer fragments whose fragment header follows the encapsulation-
                "go to the kernel, not to reassembly (README, Limitations)")
 
 TO_PLAIN = "I4('plain')/U()"
+CONF = "The conformance suite's inbound cases"
 KEYED = "O4()/GRE(key_present=1,key=42,chksum_present=1,seqnum_present=1,sequence_number=%s)/I4('keyed')/U()"
 
 
@@ -368,59 +371,59 @@ def cases():
     c = []
     # The conformance suite's inbound cases (tests/tests/conformance.rs).
     c += [
-        case("keyless packet, keyless tunnel", "conformance", "O4()/GRE()/" + TO_PLAIN),
-        case("unknown key, same endpoints", "conformance", "O4()/GRE(key_present=1,key=99)/" + TO_PLAIN),
-        case("key, checksum and sequence number", "conformance", KEYED % "SEQ+1"),
-        case("icsum tunnel, no checksum", "conformance",
+        case("keyless packet, keyless tunnel", CONF, "O4()/GRE()/" + TO_PLAIN),
+        case("unknown key, same endpoints", CONF, "O4()/GRE(key_present=1,key=99)/" + TO_PLAIN),
+        case("key, checksum and sequence number", CONF, KEYED % "SEQ+1"),
+        case("icsum tunnel, no checksum", CONF,
              "O4()/GRE(key_present=1,key=42,seqnum_present=1,sequence_number=SEQ+1)/I4('keyed')/U()"),
-        case("icsum tunnel, wrong checksum", "conformance",
+        case("icsum tunnel, wrong checksum", CONF,
              "O4()/GRE(key_present=1,key=42,chksum_present=1,chksum=0x1234,seqnum_present=1,"
              "sequence_number=SEQ+1)/I4('keyed')/U()"),
-        case("checksum on a tunnel without icsum", "conformance", "O4()/GRE(chksum_present=1)/" + TO_PLAIN),
-        case("iseq tunnel, no sequence number", "conformance",
+        case("checksum on a tunnel without icsum", CONF, "O4()/GRE(chksum_present=1)/" + TO_PLAIN),
+        case("iseq tunnel, no sequence number", CONF,
              "O4()/GRE(key_present=1,key=42,chksum_present=1)/I4('keyed')/U()"),
-        case("sequence number on a tunnel without iseq", "conformance",
+        case("sequence number on a tunnel without iseq", CONF,
              "O4()/GRE(seqnum_present=1,sequence_number=7)/" + TO_PLAIN),
-        case("GRE version 1", "conformance", "O4()/GRE(version=1)/" + TO_PLAIN),
-        case("GRE routing bit (R)", "conformance", "O4()/GRE(routing_present=1)/" + TO_PLAIN),
-        case("GRE recursion control 1", "conformance", "O4()/GRE(recursion_control=1)/" + TO_PLAIN),
-        case("GRE carrying Ethernet (0x6558) on a gre tunnel", "conformance",
+        case("GRE version 1", CONF, "O4()/GRE(version=1)/" + TO_PLAIN),
+        case("GRE routing bit (R)", CONF, "O4()/GRE(routing_present=1)/" + TO_PLAIN),
+        case("GRE recursion control 1", CONF, "O4()/GRE(recursion_control=1)/" + TO_PLAIN),
+        case("GRE carrying Ethernet (0x6558) on a gre tunnel", CONF,
              "O4()/GRE(proto=0x6558)/Ether()/" + TO_PLAIN),
-        case("inner source not the tunnel's peer", "conformance",
+        case("inner source not the tunnel's peer", CONF,
              "O4()/GRE()/IP(src='10.9.9.9',dst=ME['plain'])/U()", reason=STRICT_PEER),
-        case("outer header checksum wrong", "conformance", "O4(chksum=0x1234)/GRE()/" + TO_PLAIN),
-        case("sit: IPv6 in IPv4", "conformance", "O4()/I6('sit')/U()"),
-        case("sit: IPv4 where IPv6 belongs", "conformance", "O4(proto=41)/" + TO_PLAIN),
-        case("GRE from an address that is no tunnel's remote", "conformance",
+        case("outer header checksum wrong", CONF, "O4(chksum=0x1234)/GRE()/" + TO_PLAIN),
+        case("sit: IPv6 in IPv4", CONF, "O4()/I6('sit')/U()"),
+        case("sit: IPv4 where IPv6 belongs", CONF, "O4(proto=41)/" + TO_PLAIN),
+        case("GRE from an address that is no tunnel's remote", CONF,
              "IP(src='192.168.0.77',dst=LOCAL)/GRE()/" + TO_PLAIN),
     ]
     # GRE sequence numbers (the keyed tunnel: key 42 csum seq).
     c += [
-        case("seq: repeated", "sequence numbers", [KEYED % "SEQ+1", KEYED % "SEQ+1"]),
-        case("seq: a gap (SEQ+5 after SEQ+1)", "sequence numbers", [KEYED % "SEQ+1", KEYED % "SEQ+5"]),
-        case("seq: older (SEQ+2 after SEQ+3)", "sequence numbers", [KEYED % "SEQ+3", KEYED % "SEQ+2"]),
-        case("seq: wrap 0xfffffffe, 0xffffffff, 0, 1", "sequence numbers",
+        case("seq: repeated", "GRE sequence numbers (keyed: key 42 csum seq)", [KEYED % "SEQ+1", KEYED % "SEQ+1"]),
+        case("seq: a gap (SEQ+5 after SEQ+1)", "GRE sequence numbers (keyed: key 42 csum seq)", [KEYED % "SEQ+1", KEYED % "SEQ+5"]),
+        case("seq: older (SEQ+2 after SEQ+3)", "GRE sequence numbers (keyed: key 42 csum seq)", [KEYED % "SEQ+3", KEYED % "SEQ+2"]),
+        case("seq: wrap 0xfffffffe, 0xffffffff, 0, 1", "GRE sequence numbers (keyed: key 42 csum seq)",
              [KEYED % "0xfffffffe", KEYED % "0xffffffff", KEYED % "0", KEYED % "1"]),
-        case("seq: older after 0xffffffff (0xfffffff0)", "sequence numbers",
+        case("seq: older after 0xffffffff (0xfffffff0)", "GRE sequence numbers (keyed: key 42 csum seq)",
              [KEYED % "0xffffffff", KEYED % "0xfffffff0"]),
-        case("seq: 2^31 after the last", "sequence numbers", [KEYED % "SEQ+1", KEYED % "(SEQ+1+2**31)%2**32"]),
+        case("seq: 2^31 after the last", "GRE sequence numbers (keyed: key 42 csum seq)", [KEYED % "SEQ+1", KEYED % "(SEQ+1+2**31)%2**32"]),
     ]
     # Malformed GRE, one flag at a time.
     c += [
-        case("GRE C, right checksum, keyless tunnel without icsum", "malformed GRE",
+        case("GRE C, right checksum, keyless tunnel without icsum", "Malformed GRE, one flag at a time",
              "O4()/GRE(chksum_present=1)/" + TO_PLAIN),
-        case("GRE C, wrong checksum, keyless tunnel without icsum", "malformed GRE",
+        case("GRE C, wrong checksum, keyless tunnel without icsum", "Malformed GRE, one flag at a time",
              "O4()/GRE(chksum_present=1,chksum=0x1234)/" + TO_PLAIN),
-        case("GRE s (strict source route)", "malformed GRE", "O4()/GRE(strict_route_source=1)/" + TO_PLAIN),
-        case("GRE recursion control 7", "malformed GRE", "O4()/GRE(recursion_control=7)/" + TO_PLAIN),
-        case("GRE reserved flag bit 12", "malformed GRE", "O4()/GRE(flags=1)/" + TO_PLAIN),
-        case("GRE reserved flag bit 8", "malformed GRE", "O4()/GRE(flags=16)/" + TO_PLAIN),
-        case("GRE version 7", "malformed GRE", "O4()/GRE(version=7)/" + TO_PLAIN),
-        case("GRE key on the keyless tunnel (key 7)", "malformed GRE",
+        case("GRE s (strict source route)", "Malformed GRE, one flag at a time", "O4()/GRE(strict_route_source=1)/" + TO_PLAIN),
+        case("GRE recursion control 7", "Malformed GRE, one flag at a time", "O4()/GRE(recursion_control=7)/" + TO_PLAIN),
+        case("GRE reserved flag bit 12", "Malformed GRE, one flag at a time", "O4()/GRE(flags=1)/" + TO_PLAIN),
+        case("GRE reserved flag bit 8 (PPTP's acknowledgment bit)", "Malformed GRE, one flag at a time", "O4()/GRE(flags=16)/" + TO_PLAIN),
+        case("GRE version 7", "Malformed GRE, one flag at a time", "O4()/GRE(version=7)/" + TO_PLAIN),
+        case("GRE key on the keyless tunnel (key 7)", "Malformed GRE, one flag at a time",
              "O4()/GRE(key_present=1,key=7)/" + TO_PLAIN),
-        case("GRE unknown protocol 0x1234", "malformed GRE", "O4()/GRE(proto=0x1234)/" + TO_PLAIN),
-        case("GRE truncated: K set, 4 bytes", "malformed GRE", "O4(proto=47)/Raw(b'\\x20\\x00\\x08\\x00')"),
-        case("GRE truncated: 2 bytes", "malformed GRE", "O4(proto=47)/Raw(b'\\x00\\x00')"),
+        case("GRE unknown protocol 0x1234", "Malformed GRE, one flag at a time", "O4()/GRE(proto=0x1234)/" + TO_PLAIN),
+        case("GRE truncated: K set, 4 bytes", "Malformed GRE, one flag at a time", "O4(proto=47)/Raw(b'\\x20\\x00\\x08\\x00')"),
+        case("GRE truncated: 2 bytes", "Malformed GRE, one flag at a time", "O4(proto=47)/Raw(b'\\x00\\x00')"),
     ]
     # RFC 6040: outer x inner, for ipip, gre and ip6ip6.
     for mode, tmpl in (
@@ -430,74 +433,112 @@ def cases():
     ):
         for o in range(4):
             for i in range(4):
-                c.append(case("ECN %s: outer %s, inner %s" % (mode, ECN[o], ECN[i]), "ECN (RFC 6040)",
+                c.append(case("ECN %s: outer %s, inner %s" % (mode, ECN[o], ECN[i]), "ECN: RFC 6040, outer x inner",
                               tmpl % (o, i)))
     # Outer fragments.
     frags = ("fragment(O4(id=%d)/GRE()/I4('plain')/UDP(sport=1234,dport=9)/Raw(b'r'*1300), fragsize=400)")
     c += [
-        case("fragments in order", "outer fragments", frags % 4300),
-        case("fragments reversed", "outer fragments", "list(reversed(%s))" % (frags % 4301)),
-        case("fragments, the first twice", "outer fragments", "(lambda l: l[:1] + l)(%s)" % (frags % 4302)),
-        case("fragments, the last twice", "outer fragments", "(lambda l: l + l[-1:])(%s)" % (frags % 4305)),
-        case("two fragments that partly overlap", "outer fragments",
+        case("fragments in order", "Outer fragments", frags % 4300),
+        case("fragments reversed", "Outer fragments", "list(reversed(%s))" % (frags % 4301)),
+        case("fragments, the first twice", "Outer fragments", "(lambda l: l[:1] + l)(%s)" % (frags % 4302)),
+        case("fragments, the last twice", "Outer fragments", "(lambda l: l + l[-1:])(%s)" % (frags % 4305)),
+        case("two fragments that partly overlap", "Outer fragments",
              ["O4(id=4304,proto=47,flags='MF',frag=0)/Raw(b'a'*400)",
               "O4(id=4304,proto=47,flags='MF',frag=25)/Raw(b'b'*400)"]),
-        case("fragments of a 4004-byte datagram (over 3800)", "outer fragments",
+        case("fragments of a 4004-byte datagram (over 3800)", "Outer fragments",
              "fragment(O4(id=4303)/GRE()/I4('plain')/UDP(sport=1234,dport=9)/Raw(b'o'*3972), fragsize=800)",
              reason=REASM_CAP),
-        case("IPv6 fragments reversed (ip6ip6)", "outer fragments",
+        case("IPv6 fragments reversed (ip6ip6)", "Outer fragments",
              "list(reversed(fragment6(O6()/IPv6ExtHdrFragment(id=4306)/I6('ip6ip6')/UDP(sport=1234,dport=9)"
              "/Raw(b's'*1300), 500)))"),
     ]
     # IPv6 extension headers in the outer header.
     tel = "IPv6ExtHdrDestOpt(options=[HBHOptUnknown(otype=4,optdata=b'\\x04')])"
     c += [
-        case("IPv6 outer: encapsulation-limit option (ip6ip6)", "IPv6 extension headers",
+        case("IPv6 outer: encapsulation-limit option (ip6ip6)", "IPv6 extension headers in the outer header",
              "O6()/%s/I6('ip6ip6')/U()" % tel),
-        case("IPv6 outer: encapsulation-limit option (ip6gre)", "IPv6 extension headers",
+        case("IPv6 outer: encapsulation-limit option (ip6gre)", "IPv6 extension headers in the outer header",
              "O6()/%s/GRE()/I4('ip6gre')/U()" % tel),
-        case("IPv6 outer: hop-by-hop options (ip6ip6)", "IPv6 extension headers",
+        case("IPv6 outer: hop-by-hop options (ip6ip6)", "IPv6 extension headers in the outer header",
              "O6()/IPv6ExtHdrHopByHop()/I6('ip6ip6')/U()", reason=V6_EXT),
-        case("IPv6 outer: destination options, PadN only (ip6ip6)", "IPv6 extension headers",
-             "O6()/IPv6ExtHdrDestOpt()/I6('ip6ip6')/U()", reason=V6_EXT),
-        case("IPv6 outer: routing header type 0, segments left 0 (ip6ip6)", "IPv6 extension headers",
+        case("IPv6 outer: destination options, PadN only (ip6ip6)", "IPv6 extension headers in the outer header",
+             "O6()/IPv6ExtHdrDestOpt()/I6('ip6ip6')/U()"),
+        case("IPv6 outer: routing header type 0, segments left 0 (ip6ip6)", "IPv6 extension headers in the outer header",
              "O6()/IPv6ExtHdrRouting()/I6('ip6ip6')/U()", reason=V6_EXT),
-        case("IPv6 outer: fragments after the encapsulation limit (ip6gre)", "IPv6 extension headers",
+        case("IPv6 outer: fragments after the encapsulation limit (ip6gre)", "IPv6 extension headers in the outer header",
              "fragment6(O6()/%s/IPv6ExtHdrFragment(id=4307)/GRE()/I4('ip6gre')/UDP(sport=1234,dport=9)"
              "/Raw(b'e'*1300), 600)" % tel, reason=V6_FRAG_EXT),
     ]
     # GRE keepalives (Cisco's: GRE local to remote inside GRE remote to local).
     c += [
-        case("GRE keepalive", "keepalives", "O4()/GRE()/IP(src=LOCAL,dst=REMOTE,ttl=255)/GRE(proto=0)"),
-        case("GRE keepalive, inner TTL 1", "keepalives", "O4()/GRE()/IP(src=LOCAL,dst=REMOTE,ttl=1)/GRE(proto=0)"),
+        case("GRE keepalive", "GRE keepalives", "O4()/GRE()/IP(src=LOCAL,dst=REMOTE,ttl=255)/GRE(proto=0)"),
+        case("GRE keepalive, inner TTL 1", "GRE keepalives", "O4()/GRE()/IP(src=LOCAL,dst=REMOTE,ttl=1)/GRE(proto=0)"),
     ]
     # ICMP errors from a router about a tunnel packet; then a large packet
     # into the tunnel from the side's own host. Last: they change the path MTU.
-    big = ("/usr/bin/python3 -c \"import socket,subprocess,time\n"
-           "f=socket.AF_INET6 if ':' in '{dst}' else socket.AF_INET\n"
-           "s=socket.socket(f,socket.SOCK_DGRAM)\n"
-           "s.setsockopt(socket.IPPROTO_IP,10,2) if f==socket.AF_INET else s.setsockopt(socket.IPPROTO_IPV6,23,2)\n"
-           "try:\n s.sendto(b'b'*1372,('{dst}',9)); r='sent'\nexcept OSError as e:\n r=e.strerror\n"
-           "m='none'\n"
-           "for i in range(100):\n"
-           " o=subprocess.run(['ip','route','get','{dst}'],capture_output=True,text=True).stdout\n"
-           " if ' mtu ' in o:\n  m=o.split(' mtu ')[1].split()[0]; break\n"
-           " time.sleep(0.1)\n"
-           "print('a 1400-byte DF datagram into the tunnel: %s; route to the peer: mtu %s' % (r, m))\"")
+    def big(peer, size, then_small=False):
+        """A DF datagram of `size` bytes (IPv4) into the tunnel from the side's
+        own host, then the route to the peer as `ip route get` shows it once
+        its MTU has changed from what it was before (or after 10 s); with
+        `then_small`, a 200-byte datagram after it (seen on the wire)."""
+        return ("/usr/bin/python3 -c \"import socket,subprocess,time\n"
+                "def mtu():\n"
+                " o=subprocess.run(['ip','route','get','{PEER_%s}'],capture_output=True,text=True).stdout\n"
+                " w=o.split(' mtu ')[1].split() if ' mtu ' in o else ['none']\n"
+                " return ' '.join(w[:2]) if w[0]=='lock' else w[0]\n"
+                "m0=mtu()\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.setsockopt(socket.IPPROTO_IP,10,2)\n"
+                "try:\n s.sendto(b'b'*%d,('{PEER_%s}',9)); r='sent'\nexcept OSError as e:\n r=e.strerror\n"
+                "m=m0\n"
+                "t=time.time()\n"
+                "while time.time()-t<10:\n"
+                " m=mtu()\n"
+                " if m!=m0: break\n"
+                " time.sleep(0.1)\n"
+                "%s"
+                "print('a %d-byte DF datagram into the tunnel: %%s; route to the peer: mtu %%s' %% (r, m))\""
+                % (peer, size - 28, peer,
+                   "s.setsockopt(socket.IPPROTO_IP,10,0)\ns.sendto(b's'*172,('{PEER_%s}',9))\n" % peer
+                   if then_small else "", size))
+
+    unreach = ("/usr/bin/python3 -c \"import os,socket,time\n"
+               "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+               "s.setsockopt(socket.IPPROTO_IP,11,1)\n"
+               "s.connect(('{PEER_plain}',9)); s.send(b'x')\n"
+               "e=0\n"
+               "t=time.time()\n"
+               "while time.time()-t<10:\n"
+               " e=s.getsockopt(socket.SOL_SOCKET,socket.SO_ERROR)\n"
+               " if e: break\n"
+               " time.sleep(0.05)\n"
+               "print('a datagram into the tunnel on a connected socket (IP_RECVERR): %s' "
+               "% (os.strerror(e) if e else 'no error came back'))\"")
+    quote4 = "IP(src=LOCAL,dst=REMOTE,flags='DF')/GRE()/IP(src=ME['plain'],dst=PEER['plain'])/UDP(sport=9,dport=1234)"
+    quote6 = ("IPv6(src=LOCAL6,dst=REMOTE6)/%s/GRE()/IP(src=ME['ip6gre'],dst=PEER['ip6gre'])"
+              "/UDP(sport=9,dport=1234)" % tel)
     c += [
         case("ICMP frag needed (mtu 1300) from a router about a gre packet, then 1400 bytes DF",
-             "ICMP from a router",
-             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=4,nexthopmtu=1300)/IP(src=LOCAL,dst=REMOTE,flags='DF')"
-             "/GRE()/IP(src=ME['plain'],dst=PEER['plain'])/UDP(sport=9,dport=1234)",
-             after=big.replace("{dst}", "{PEER_plain}")),
-        case("ICMP frag needed about a gre packet, addressed to another host", "ICMP from a router",
-             "IP(src=ROUTER,dst='192.168.0.99')/ICMP(type=3,code=4,nexthopmtu=600)/IP(src=LOCAL,dst=REMOTE)"
-             "/GRE()/IP(src=ME['plain'],dst=PEER['plain'])/UDP(sport=9,dport=1234)"),
+             "ICMP errors from a router about tunnel packets",
+             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=4,nexthopmtu=1300)/" + quote4,
+             after=big("plain", 1400)),
+        case("ICMP host unreachable from a router about a gre packet, then a datagram into the tunnel",
+             "ICMP errors from a router about tunnel packets",
+             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=1)/" + quote4, after=unreach),
+        case("ICMP frag needed about a gre packet, addressed to another host",
+             "ICMP errors from a router about tunnel packets",
+             "IP(src=ROUTER,dst='192.168.0.99')/ICMP(type=3,code=4,nexthopmtu=600)/" + quote4),
+        case("ICMP frag needed (mtu 400, under 552), then 1000 bytes DF, then 200 bytes",
+             "ICMP errors from a router about tunnel packets",
+             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=4,nexthopmtu=400)/" + quote4,
+             after=big("plain", 1000, then_small=True)),
         case("ICMPv6 packet too big (1300) from a router about an ip6gre packet, then 1400 bytes DF",
-             "ICMP from a router",
-             "IPv6(src=ROUTER6,dst=LOCAL6)/ICMPv6PacketTooBig(mtu=1300)/IPv6(src=LOCAL6,dst=REMOTE6)"
-             "/%s/GRE()/IP(src=ME['ip6gre'],dst=PEER['ip6gre'])/UDP(sport=9,dport=1234)" % tel,
-             after=big.replace("{dst}", "{PEER_ip6gre}")),
+             "ICMP errors from a router about tunnel packets",
+             "IPv6(src=ROUTER6,dst=LOCAL6)/ICMPv6PacketTooBig(mtu=1300)/" + quote6,
+             after=big("ip6gre", 1400)),
+        case("ICMPv6 packet too big (1000, under 1280), then 1240 bytes DF", "ICMP errors from a router about tunnel packets",
+             "IPv6(src=ROUTER6,dst=LOCAL6)/ICMPv6PacketTooBig(mtu=1000)/" + quote6,
+             after=big("ip6gre", 1240)),
     ]
     return c
 
@@ -668,8 +709,7 @@ def main():
                 for l in INNER:
                     cmd = cmd.replace("{PEER_%s}" % l, s.peer[l])
                 r = s.sh(cmd)
-                after_out[n] = r["out"].strip().replace(s.peer.get("plain"), "PEER").replace(
-                    s.peer.get("ip6gre"), "PEER")
+                after_out[n] = r["out"].strip()
         fence_all()
         now = {n: s.counters() for n, s in sides.items()}
         outs = {}

@@ -372,6 +372,13 @@ impl Report {
         self.json["cases"].as_array().cloned().unwrap_or_default()
     }
 
+    fn count(&self, verdict: &str) -> usize {
+        self.cases()
+            .iter()
+            .filter(|c| c["verdict"] == verdict)
+            .count()
+    }
+
     /// The cases whose outcomes differ with no reason given.
     pub fn unexplained(&self) -> Vec<String> {
         self.cases()
@@ -436,7 +443,28 @@ impl Report {
              are the receiving side's outer addresses, ME(tunnel) and PEER(tunnel) its inner ones. The \
              verdict compares what was delivered and what came back (not the counters, whose names \
              differ); a difference kept on purpose says why. The code: `xtask/src/differential/`.\n\n\
-             The kernel's tunnels, made in the guest as a user would:\n\n```sh",
+             The packets are scapy expressions (`xtask/src/differential/diff.py`) filled in for each \
+             side: `O4(...)` is `IP(src=REMOTE, dst=LOCAL, ...)`, `O6(...)` the same in IPv6, \
+             `I4(t, ...)` and `I6(t, ...)` are `IP(src=PEER(t), dst=ME(t), ...)`, `U()` is \
+             `UDP(sport=1234, dport=9)/Raw(b'differential')` (a socket on port 9 takes it on both \
+             sides), `SEQ` a sequence number newer than any sent before; every case is followed by a \
+             fence (an echo request through `plain`, whose reply is awaited on both sides), so no \
+             result depends on speed. A GSO packet the gateway wrote (it coalesces as GRO would) is \
+             cut back into its datagrams before it is compared. \"Passed through the device, not \
+             taken\" is a packet a device received that its stack then refused (a protocol it has no \
+             handler for, IPv4 on sit) or routed on (a keepalive's inner packet); \"answered its own \
+             host\" is an ICMP error about a packet the side's own host sent into the tunnel, which \
+             the gateway writes into the device and the kernel makes inside. Neither is compared: \
+             what is compared is what the stack took, what came back on the wire, and what the \
+             side's next packet met (\"then\").\n\n\
+             {n} cases: {same} behave the same, {kept} differ on purpose (the reason is in the \
+             table), {bad} differ with no reason given.\n\n\
+             The kernel's tunnels, made in the guest as a user would (GWMAC is the gateway's \
+             `ens0`):\n\n```sh",
+            n = self.cases().len(),
+            same = self.count("same"),
+            kept = self.count("kept"),
+            bad = self.unexplained().len(),
             date = j["date"].as_str().unwrap_or("?"),
             rel = j["kernel_release"].as_str().unwrap_or("?"),
             accel = j["accel"].as_str().unwrap_or("?"),
