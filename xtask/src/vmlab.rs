@@ -6,6 +6,8 @@
 //!   guest's shell on this terminal, the gateway's through `ip netns exec`.
 //! - `cargo xtask vm interop`: every mode and option against the kernel's
 //!   own, ping both ways; a table, and JSON in `target/vm/interop.json`.
+//! - `cargo xtask vm differential`: every inbound case sent to the kernel's
+//!   tunnels and the gateway's, outcomes compared (`crate::differential`).
 //! - `cargo xtask vm run SCRIPT`: boots the guest, runs the shell script in
 //!   it and prints what it printed (its exit status is this command's).
 //!
