@@ -95,6 +95,7 @@ class Side:
         self.log = []  # the agent's records
         self.log_off = 0
         self.req_n = 0
+        self.sent_frames = 0
         threading.Thread(target=self.sniff, daemon=True).start()
 
     def sniff(self):
@@ -108,6 +109,7 @@ class Side:
     def send(self, frames):
         for f in frames:
             self.sock.send(bytes(f))
+            self.sent_frames += 1
 
     def read_log(self):
         with open(self.c["log"]) as f:
@@ -143,10 +145,7 @@ class Side:
     def counters(self):
         if self.name == "kernel":
             return self.request({"op": "counters"})
-        out = subprocess.run(["ip", "netns", "exec", self.c["ns"], self.c["bin"], "stats",
-                              "--iface", "ens0", "--format", "json"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-        s = json.loads(out)
+        s = self.settled_stats()
         flat = {}
         for k, v in s.get("drops", {}).items():
             flat["drops." + k] = v
@@ -156,9 +155,52 @@ class Side:
         for t in s.get("tunnels", []):
             flat["%s.rx_packets" % t["name"]] = t.get("rx_packets", 0)
         for w in s.get("workers", []):
-            for k in ("GRE keepalives", "path_mtu_updates", "fragments_merged", "fragments_pending"):
+            for k in ("keepalives", "path_mtu_updates", "fragments_merged", "fragments_pending"):
                 flat[k] = flat.get(k, 0) + w.get(k, 0)
         return flat
+
+    def stats(self):
+        out = subprocess.run(["ip", "netns", "exec", self.c["ns"], self.c["bin"], "stats",
+                              "--iface", "ens0", "--format", "json"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return json.loads(out)
+
+    def settled_stats(self, limit=120):
+        """The gateway's counters once they account for every frame sent to
+        it: the workers publish theirs from time to time, so a read right
+        after the fence may not show the last packets yet. Every frame on
+        ens0 is one sent from here (the wire's ends have no IPv6 of their
+        own), so: the XDP program saw them all, the workers took every frame
+        it redirected, each worker's frames add up (docs/rules.md, What adds
+        up), and the tunnel packets the gateway sent (seen here) are
+        counted."""
+        start = time.time()
+        while True:
+            s = self.stats()
+            ws = s.get("workers", [])
+            sm = lambda k: sum(w.get(k, 0) for w in ws)  # noqa: E731
+            drops = s.get("drops", {})
+            rx_drops = sum(v for k, v in drops.items() if not k.startswith("tx_"))
+            tx_drops = sum(v for k, v in drops.items() if k.startswith("tx_"))
+            xsk = sum(w.get("xsk", {}).get("rx_dropped", 0) + w.get("xsk", {}).get("rx_ring_full", 0)
+                      for w in ws)
+            xdp = s.get("xdp", {})
+            with self.lock:
+                tunnel_out = sum(1 for f in self.wire if tunnel_frame(f))
+            ok = (xdp.get("seen", 0) == self.sent_frames
+                  and sm("rx_frames") + xsk == xdp.get("redirected", 0)
+                  and sm("rx_frames") == sm("delivered") + sm("keepalives") + sm("path_mtu_updates")
+                  + sm("fragments_merged") + sm("fragments_pending") + rx_drops
+                  and sm("tx_read") == sm("tx_sent") + sm("tx_replies") + tx_drops
+                  and sm("tx_sent") + sm("keepalives") >= tunnel_out)
+            if ok:
+                if os.environ.get("DIFF_DEBUG"):
+                    print("[stats] " + json.dumps(ws), file=sys.stderr)
+                return s
+            if time.time() - start > limit:
+                raise RuntimeError("the gateway's counters did not settle within %d s (sent %d frames): %s"
+                                   % (limit, self.sent_frames, json.dumps(s)))
+            time.sleep(0.05)
 
     def frame(self, pkt):
         if isinstance(pkt, Ether):
@@ -169,6 +211,18 @@ class Side:
         return self.frame(IP(src=self.remote, dst=self.local) / GRE() /
                           IP(src=self.peer["plain"], dst=self.me["plain"]) /
                           ICMP(type=8, id=FENCE_ID, seq=n) / Raw(b"fence"))
+
+
+def tunnel_frame(f):
+    """A tunnel packet (GRE, IPIP, IPv6 in IP; over IPv4 or IPv6, with an
+    encapsulation-limit option or not) in an Ethernet frame."""
+    if len(f) < 34:
+        return False
+    if f[12:14] == b"\x08\x00":
+        return f[23] in (4, 41, 47)
+    if f[12:14] == b"\x86\xdd" and len(f) >= 62:
+        return f[20] in (4, 41, 47) or (f[20] == 60 and f[54] in (4, 41, 47))
+    return False
 
 
 def is_fence(p, typ):
