@@ -546,6 +546,7 @@ def cases():
                 " return ' '.join(w[:2]) if w[0]=='lock' else w[0]\n"
                 "m0=mtu()\n"
                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.bind(('',4321))\n"
                 "s.setsockopt(socket.IPPROTO_IP,10,2)\n"
                 "try:\n s.sendto(b'b'*%d,('{PEER_%s}',9)); r='sent'\nexcept OSError as e:\n r=e.strerror\n"
                 "m=m0\n"
@@ -562,6 +563,7 @@ def cases():
 
     unreach = ("/usr/bin/python3 -c \"import os,socket,time\n"
                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+               "s.bind(('',4322))\n"
                "s.setsockopt(socket.IPPROTO_IP,11,1)\n"
                "s.connect(('{PEER_plain}',9)); s.send(b'x')\n"
                "e=0\n"
