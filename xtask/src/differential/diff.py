@@ -418,7 +418,7 @@ V6_FRAG_EXT = ("outer fragments whose fragment header follows the encapsulation-
 
 TO_PLAIN = "I4('plain')/U()"
 CONF = "The conformance suite's inbound cases"
-KEYED = "O4()/GRE(key_present=1,key=42,chksum_present=1,seqnum_present=1,sequence_number=%s)/I4('keyed')/U()"
+KEYED = "K(%s)"
 
 
 def cases():
@@ -650,7 +650,10 @@ def main():
                  O6=lambda **kw: IPv6(src=s.remote6, dst=s.local6, **kw),
                  I4=lambda l, **kw: IP(src=s.peer[l], dst=s.me[l], **kw),
                  I6=lambda l, **kw: IPv6(src=s.peer[l], dst=s.me[l], **kw),
-                 U=lambda: UDP(sport=1234, dport=9) / Raw(b"differential"))
+                 U=lambda: UDP(sport=1234, dport=9) / Raw(b"differential"),
+                 K=lambda n: IP(src=s.remote, dst=s.local) / GRE(key_present=1, key=42, chksum_present=1,
+                                                                 seqnum_present=1, sequence_number=n)
+                 / IP(src=s.peer["keyed"], dst=s.me["keyed"]) / UDP(sport=1234, dport=9) / Raw(b"differential"))
         return e
 
     def build(s, exprs, seq):

@@ -328,28 +328,42 @@ fn list(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A list with runs of one entry written once, as `N× entry`.
+fn runs(v: &Value) -> Vec<String> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    for s in list(v) {
+        match out.last_mut() {
+            Some((n, last)) if *last == s => *n += 1,
+            _ => out.push((1, s)),
+        }
+    }
+    out.into_iter()
+        .map(|(n, s)| if n == 1 { s } else { format!("{n}× {s}") })
+        .collect()
+}
+
 /// One side's outcome in words: delivered what, sent back what, counted
 /// where.
 pub fn outcome_text(o: &Value) -> String {
     let mut parts = Vec::new();
-    let delivered = list(&o["delivered"]);
+    let delivered = runs(&o["delivered"]);
     if delivered.is_empty() {
         parts.push("nothing delivered".to_string());
     } else {
         parts.push(format!("delivered {}", delivered.join("; ")));
     }
-    let through = list(&o["through"]);
+    let through = runs(&o["through"]);
     if !through.is_empty() {
         parts.push(format!(
             "passed through the device, not taken by the stack: {}",
             through.join("; ")
         ));
     }
-    let answers = list(&o["answers"]);
+    let answers = runs(&o["answers"]);
     if !answers.is_empty() {
         parts.push(format!("answered its own host: {}", answers.join("; ")));
     }
-    let back = list(&o["back"]);
+    let back = runs(&o["back"]);
     if !back.is_empty() {
         parts.push(format!("sent back {}", back.join("; ")));
     }
@@ -424,6 +438,26 @@ impl Report {
         s
     }
 
+    /// The cases that differ, as a list for the top of the document.
+    fn differences(&self) -> String {
+        let mut s = String::new();
+        for c in self.cases().iter().filter(|c| c["verdict"] != "same") {
+            let _ = writeln!(
+                s,
+                "- {}: {}",
+                c["name"].as_str().unwrap_or("?"),
+                match c["reason"].as_str() {
+                    Some(r) => format!("kept on purpose: {r}"),
+                    None => "**not explained**".to_string(),
+                }
+            );
+        }
+        if !s.is_empty() {
+            s.push('\n');
+        }
+        s
+    }
+
     /// `docs/conformance.md`.
     pub fn markdown(&self) -> String {
         let cell = |t: &str| t.replace('|', "\\|").replace('\n', " ");
@@ -447,7 +481,8 @@ impl Report {
              side: `O4(...)` is `IP(src=REMOTE, dst=LOCAL, ...)`, `O6(...)` the same in IPv6, \
              `I4(t, ...)` and `I6(t, ...)` are `IP(src=PEER(t), dst=ME(t), ...)`, `U()` is \
              `UDP(sport=1234, dport=9)/Raw(b'differential')` (a socket on port 9 takes it on both \
-             sides), `SEQ` a sequence number newer than any sent before; every case is followed by a \
+             sides), `K(n)` a packet of the `keyed` tunnel (key 42, a right checksum) with sequence number n, \
+             `SEQ` a sequence number newer than any sent before; every case is followed by a \
              fence (an echo request through `plain`, whose reply is awaited on both sides), so no \
              result depends on speed. A GSO packet the gateway wrote (it coalesces as GRO would) is \
              cut back into its datagrams before it is compared. \"Passed through the device, not \
@@ -459,8 +494,10 @@ impl Report {
              side's next packet met (\"then\").\n\n\
              {n} cases: {same} behave the same, {kept} differ on purpose (the reason is in the \
              table), {bad} differ with no reason given.\n\n\
+             {differences}\
              The kernel's tunnels, made in the guest as a user would (GWMAC is the gateway's \
              `ens0`):\n\n```sh",
+            differences = self.differences(),
             n = self.cases().len(),
             same = self.count("same"),
             kept = self.count("kept"),
