@@ -579,3 +579,41 @@ pub fn main(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_written_with_runs_counted() {
+        let o = json!({
+            "delivered": ["plain: a", "plain: a", "plain: b"],
+            "through": [],
+            "answers": [],
+            "back": ["ICMP 3/3"],
+            "after": "",
+            "counters": {"drops.key_mismatch": 1, "a.rx_errors": 2},
+        });
+        assert_eq!(
+            outcome_text(&o),
+            "delivered 2× plain: a; plain: b; sent back ICMP 3/3; counted: a.rx_errors +2, drops.key_mismatch +1"
+        );
+        let none = json!({"delivered": [], "back": [], "after": "", "counters": {}});
+        assert_eq!(outcome_text(&none), "nothing delivered");
+    }
+
+    #[test]
+    fn only_a_difference_without_a_reason_fails() {
+        let r = Report {
+            json: json!({"cases": [
+                {"name": "a", "verdict": "same", "reason": null},
+                {"name": "b", "verdict": "kept", "reason": "by design"},
+                {"name": "c", "verdict": "differs", "reason": null},
+            ]}),
+        };
+        assert_eq!(r.unexplained(), vec!["c".to_string()]);
+        let md = r.markdown();
+        assert!(md.contains("- b: kept on purpose: by design"), "{md}");
+        assert!(md.contains("- c: **not explained**"), "{md}");
+    }
+}
