@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod guestlab;
+mod differential;
 mod interop;
 mod vm;
 mod vmlab;

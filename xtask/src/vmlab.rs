@@ -10,6 +10,8 @@
 //!   virtio-net with 2 queue pairs, native XDP, one worker per queue)
 //!   against a second gateway on the host side; JSON in
 //!   `target/vm/guest.json` (see `guestlab`).
+//! - `cargo xtask vm differential`: every inbound case sent to the kernel's
+//!   tunnels and the gateway's, outcomes compared (`crate::differential`).
 //! - `cargo xtask vm run SCRIPT`: boots the guest, runs the shell script in
 //!   it and prints what it printed (its exit status is this command's).
 //!
@@ -50,6 +52,20 @@ pub enum VmCmd {
         /// Where the JSON goes (default target/vm/liveness.json).
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Every conformance case sent, as the same bytes, to the kernel's
+    /// tunnels and to the gateway's; both outcomes measured and compared
+    /// (`xtask/src/differential/`).
+    Differential {
+        /// Only these cases (by name).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Where the JSON goes (default target/vm/differential.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Regenerate docs/conformance.md from this run.
+        #[arg(long)]
+        write_docs: bool,
     },
     /// Boots the guest, runs a shell script in it (on the host's root,
     /// read-only; /tmp is its own), prints its output.
@@ -112,6 +128,11 @@ pub fn main(root: &Path, gateway_bin: &Path, cmd: Option<VmCmd>) -> Result<()> {
             }
             Ok(())
         }
+        Some(VmCmd::Differential {
+            only,
+            json,
+            write_docs,
+        }) => crate::differential::main(root, &cache, gateway_bin, &only, json, write_docs, &stop),
         Some(VmCmd::Run { script }) => {
             let text = std::fs::read_to_string(&script)?;
             let prefix = format!("gwvm{}", std::process::id());
