@@ -413,6 +413,12 @@ REASM_CAP = ("outer reassembly holds at most 3800 bytes, what a 4096-byte UMEM f
              "(`fragment_too_big`; README, Limitations)")
 V6_EXT = ("IPv6 extension headers on the underlay other than one encapsulation-limit option "
           "go to the kernel (`pass_ipv6_ext_header`; README, Limitations), which has no ip6 tunnel here")
+NO_REPLY = ("the gateway answers no packet it refuses (no ICMP port unreachable as ip_gre sends): "
+            "it cannot be used to reflect traffic or to probe which keys exist "
+            "(`key_mismatch`; docs/rules.md, Other differences)")
+NO_LINK_FAILURE = ("not implemented: ICMP errors other than fragmentation needed about tunnel packets "
+                   "go to the host's kernel, which the gateway's tunnels do not turn into link-failure "
+                   "reports to the senders as ip_tunnel_xmit's err_count does (docs/rules.md, Other differences)")
 V6_FRAG_EXT = ("outer fragments whose fragment header follows the encapsulation-limit option "
                "go to the kernel, not to reassembly (README, Limitations)")
 
@@ -426,7 +432,8 @@ def cases():
     # The conformance suite's inbound cases (tests/tests/conformance.rs).
     c += [
         case("keyless packet, keyless tunnel", CONF, "O4()/GRE()/" + TO_PLAIN),
-        case("unknown key, same endpoints", CONF, "O4()/GRE(key_present=1,key=99)/" + TO_PLAIN),
+        case("unknown key, same endpoints", CONF, "O4()/GRE(key_present=1,key=99)/" + TO_PLAIN,
+             reason=NO_REPLY),
         case("key, checksum and sequence number", CONF, KEYED % "SEQ+1"),
         case("icsum tunnel, no checksum", CONF,
              "O4()/GRE(key_present=1,key=42,seqnum_present=1,sequence_number=SEQ+1)/I4('keyed')/U()"),
@@ -474,7 +481,7 @@ def cases():
         case("GRE reserved flag bit 8 (PPTP's acknowledgment bit)", "Malformed GRE, one flag at a time", "O4()/GRE(flags=16)/" + TO_PLAIN),
         case("GRE version 7", "Malformed GRE, one flag at a time", "O4()/GRE(version=7)/" + TO_PLAIN),
         case("GRE key on the keyless tunnel (key 7)", "Malformed GRE, one flag at a time",
-             "O4()/GRE(key_present=1,key=7)/" + TO_PLAIN),
+             "O4()/GRE(key_present=1,key=7)/" + TO_PLAIN, reason=NO_REPLY),
         case("GRE unknown protocol 0x1234", "Malformed GRE, one flag at a time", "O4()/GRE(proto=0x1234)/" + TO_PLAIN),
         case("GRE truncated: K set, 4 bytes", "Malformed GRE, one flag at a time", "O4(proto=47)/Raw(b'\\x20\\x00\\x08\\x00')"),
         case("GRE truncated: 2 bytes", "Malformed GRE, one flag at a time", "O4(proto=47)/Raw(b'\\x00\\x00')"),
@@ -584,7 +591,8 @@ def cases():
              after=big("plain", 1400)),
         case("ICMP host unreachable from a router about a gre packet, then a datagram into the tunnel",
              "ICMP errors from a router about tunnel packets",
-             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=1)/" + quote4, after=unreach),
+             "IP(src=ROUTER,dst=LOCAL)/ICMP(type=3,code=1)/" + quote4, after=unreach,
+             reason=NO_LINK_FAILURE),
         case("ICMP frag needed about a gre packet, addressed to another host",
              "ICMP errors from a router about tunnel packets",
              "IP(src=ROUTER,dst='192.168.0.99')/ICMP(type=3,code=4,nexthopmtu=600)/" + quote4),
