@@ -13,20 +13,8 @@
 //! the verdict follows from them, and no difference is left without a
 //! reason. Nothing here asserts a timing.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
-use gateway_tests::require_root;
+use gateway_tests::vm;
 use serde_json::Value;
-
-fn relay(from: impl Read + Send + 'static, out: fn(&str)) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            out(&line);
-        }
-    })
-}
 
 /// What a side's outcome is compared by: the packets its stack took, what
 /// it sent back on the wire, and what its host's next packet met.
@@ -41,45 +29,10 @@ fn compared(o: &Value) -> (Value, Value, Value) {
 #[test]
 fn every_case_does_what_the_kernel_does_or_says_why_not() {
     const NAME: &str = "every_case_does_what_the_kernel_does_or_says_why_not";
-    if std::env::var("GATEWAY_VM").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED {NAME}: boots Debian's kernel under QEMU (minutes under TCG); \
-             set GATEWAY_VM=1 to run it (or run `cargo xtask vm differential`)"
-        );
+    if !vm::enabled(NAME, "boots Debian's kernel under QEMU") {
         return;
     }
-    if !require_root(NAME) {
-        return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let json = root.join("target/vm/differential-test.json");
-    let _ = std::fs::remove_file(&json);
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(&root)
-        .args(["run", "--quiet", "--package", "xtask", "--"])
-        .args(["vm", "differential", "--json"])
-        .arg(&json);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let out = relay(child.stdout.take().expect("piped"), |l| println!("{l}"));
-    let err = relay(child.stderr.take().expect("piped"), |l| eprintln!("{l}"));
-    let status = child
-        .wait()
-        .expect("waiting for cargo xtask vm differential");
-    let _ = out.join();
-    let _ = err.join();
-
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
-        panic!(
-            "the run failed ({status}) and wrote no {}: {e}",
-            json.display()
-        )
-    });
-    let report: Value = serde_json::from_str(&text).expect("JSON");
+    let (status, report) = vm::xtask_vm_json(&["differential"], "differential-test.json");
     let cases = report["cases"].as_array().expect("a \"cases\" list");
     assert!(cases.len() >= 90, "only {} cases ran", cases.len());
     let mut unexplained = Vec::new();

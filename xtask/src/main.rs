@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
-mod guestlab;
 mod differential;
+mod guestlab;
 mod interop;
 mod vm;
 mod vmlab;
