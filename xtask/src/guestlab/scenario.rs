@@ -206,6 +206,10 @@ struct Lab {
     topo: Topology,
     dir: PathBuf,
     bin: PathBuf,
+    /// The same binary as the guest runs it: in the job folder (the
+    /// guest's /mnt), since the checkout may be where the guest has its
+    /// own file system (/tmp, /run).
+    guest_bin: String,
     stop: Stop,
     starts: u32,
     _dir: vm::RemoveDir,
@@ -237,7 +241,7 @@ impl Lab {
             config(GUEST_GATEWAY, false),
         )?;
         let n = self.starts;
-        let bin = self.bin.display().to_string();
+        let bin = self.guest_bin.clone();
         self.guest.exec(&format!(
             "( NO_COLOR=1 {bin} --config /mnt/ggw.toml > /mnt/ggw/{n}.json 2> /mnt/ggw/{n}.log < /dev/null &\n  \
              echo $! > /mnt/ggw/{n}.pid; wait $!; echo $? > /mnt/ggw/{n}.tmp; mv /mnt/ggw/{n}.tmp /mnt/ggw/{n}.rc ) \
@@ -419,7 +423,7 @@ impl Lab {
     fn workers(&mut self) -> Result<(Vec<WorkerCount>, Option<bool>)> {
         let out = self.guest.exec(&format!(
             "{} stats --iface eth0 --format json",
-            self.bin.display()
+            self.guest_bin
         ))?;
         let v: Value = serde_json::from_str(out.trim())
             .with_context(|| format!("gateway stats said:\n{out}"))?;
@@ -569,12 +573,19 @@ fn up(cache: &Path, gateway_bin: &Path, prefix: &str, stop: &Stop, r: &mut Repor
         Console::Log,
         stop,
     )?;
+    // The binary where the guest sees it: a hard link (or a copy) in the
+    // job folder, its /mnt.
+    let linked = guest.job.join("gateway");
+    if fs::hard_link(gateway_bin, &linked).is_err() {
+        fs::copy(gateway_bin, &linked).context("copying the gateway binary into the job folder")?;
+    }
     Ok(Lab {
         host_gw: None,
         guest,
         topo,
         dir,
         bin: gateway_bin.to_path_buf(),
+        guest_bin: "/mnt/gateway".into(),
         stop: stop.clone(),
         starts: 0,
         _dir: remove,
@@ -584,9 +595,9 @@ fn up(cache: &Path, gateway_bin: &Path, prefix: &str, stop: &Stop, r: &mut Repor
 fn steps(lab: &mut Lab, r: &mut Report) -> Result<()> {
     // The guest: what it runs on, and the gateway binary through 9p.
     r.kernel = lab.guest.exec("uname -r")?.trim().to_string();
-    let bin = lab.bin.display().to_string();
+    let bin = lab.guest_bin.clone();
     lab.guest.exec(&format!(
-        "test -x {bin} || {{ echo 'no {bin} in the guest (the host root over 9p; its /tmp and /run are its own)'; exit 1; }}"
+        "test -x {bin} || {{ echo 'no {bin} in the guest (the job folder over 9p)'; exit 1; }}"
     ))?;
     let info = lab.guest.exec("ethtool -i eth0")?;
     let field = |name: &str| {
