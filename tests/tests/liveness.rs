@@ -117,6 +117,21 @@ fn keepalives_keep_a_tunnel_up_and_its_absence_takes_it_down_with_the_carrier() 
         "{metrics}"
     );
 
+    // A reload that drops carrier_follows while the tunnel is down: the
+    // carrier the gateway turned off comes back on (the state stays).
+    gw1.write_config(&host1.replacen("\ncarrier_follows = true", "", 1));
+    let (ok, out) = gw1.reload(&lab.host1);
+    assert!(ok, "{out}");
+    wait_until(
+        "tap1's carrier back on after the reload",
+        Duration::from_secs(10),
+        || match carrier(&lab, "tap1").as_str() {
+            "1" => Ok(()),
+            c => Err(c.to_string()),
+        },
+    );
+    assert_eq!(tun100(&gw1)["state"], "down");
+
     // host2 back: up again, carrier on.
     let _gw2 = Gateway::start(&lab.host2, HOST2);
     wait_until("tun100 up again", Duration::from_secs(30), || {

@@ -58,8 +58,22 @@ fn every_case_does_what_the_kernel_does_or_says_why_not() {
             same,
             "{name}: the verdict {verdict} does not follow from the outcomes"
         );
-        if !same && c["reason"].as_str().unwrap_or("").is_empty() {
-            unexplained.push(format!("{name}\n  kernel:  {k}\n  gateway: {g}"));
+        // A reason covers only the fields it names: any other field that
+        // differs is unexplained.
+        let covered: Vec<&str> = c["differs_in"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let differing: Vec<&str> = ["delivered", "back", "after"]
+            .into_iter()
+            .filter(|f| k[*f] != g[*f])
+            .collect();
+        let has_reason = !c["reason"].as_str().unwrap_or("").is_empty();
+        let explained = has_reason && differing.iter().all(|f| covered.contains(f));
+        if !(same || explained) {
+            unexplained.push(format!(
+                "{name} (differs in {differing:?})\n  kernel:  {k}\n  gateway: {g}"
+            ));
         }
     }
     assert!(

@@ -13,7 +13,7 @@ pub const FLAG_CHECKSUM: u16 = 0x8000;
 pub const FLAG_ROUTING: u16 = 0x4000;
 pub const FLAG_KEY: u16 = 0x2000;
 pub const FLAG_SEQUENCE: u16 = 0x1000;
-/// The flag bits the kernel's GRE refuses: routing (R, which
+/// The flag bits the kernel's GRE over IPv4 refuses: routing (R, which
 /// `gre_parse_header` refuses) and the four reserved flags right above the
 /// version, which `gre_demux` reads as part of the version
 /// (`data[1] & 0x7f`) and drops as one it has no handler for. Strict
@@ -21,6 +21,9 @@ pub const FLAG_SEQUENCE: u16 = 0x1000;
 /// enhanced GRE (0x0080) are ignored, by the kernel as here (measured in
 /// the VM lab: such packets are delivered).
 pub const FLAGS_RESERVED: u16 = 0x4078;
+/// Over IPv6, `ip6_gre` takes GRE itself, not through `gre_demux`: only
+/// `gre_parse_header`'s routing bit is refused (with the version).
+pub const FLAGS_RESERVED_V6: u16 = 0x4000;
 pub const VERSION_MASK: u16 = 0x0007;
 
 mod field {
@@ -68,6 +71,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     pub fn check(&self) -> Result<(), HeaderError> {
+        self.check_with(FLAGS_RESERVED)
+    }
+
+    /// [`Packet::check`] with the reserved bits of the underlay's family
+    /// ([`FLAGS_RESERVED`] over IPv4, [`FLAGS_RESERVED_V6`] over IPv6).
+    pub fn check_with(&self, reserved: u16) -> Result<(), HeaderError> {
         let b = self.buffer.as_ref();
         if b.len() < BASE_LEN {
             return Err(HeaderError::Truncated);
@@ -76,7 +85,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         if fv & VERSION_MASK != 0 {
             return Err(HeaderError::Version);
         }
-        if fv & FLAGS_RESERVED != 0 {
+        if fv & reserved != 0 {
             return Err(HeaderError::ReservedFlags);
         }
         if b.len() < self.header_len() {

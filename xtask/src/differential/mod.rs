@@ -393,11 +393,12 @@ impl Report {
             .count()
     }
 
-    /// The cases whose outcomes differ with no reason given.
+    /// The cases whose outcomes differ with no reason given, or in a field
+    /// their reason does not cover (the verdict `differs`).
     pub fn unexplained(&self) -> Vec<String> {
         self.cases()
             .iter()
-            .filter(|c| c["verdict"] != "same" && c["reason"].is_null())
+            .filter(|c| c["verdict"] != "same" && c["verdict"] != "kept")
             .map(|c| c["name"].as_str().unwrap_or("?").to_string())
             .collect()
     }
@@ -446,9 +447,10 @@ impl Report {
                 s,
                 "- {}: {}",
                 c["name"].as_str().unwrap_or("?"),
-                match c["reason"].as_str() {
-                    Some(r) => format!("kept on purpose: {r}"),
-                    None => "**not explained**".to_string(),
+                match (c["verdict"].as_str(), c["reason"].as_str()) {
+                    (Some("kept"), Some(r)) => format!("kept on purpose: {r}"),
+                    (_, Some(r)) => format!("**not explained**: differs beyond its reason ({r})"),
+                    _ => "**not explained**".to_string(),
                 }
             );
         }
@@ -609,9 +611,11 @@ mod tests {
                 {"name": "a", "verdict": "same", "reason": null},
                 {"name": "b", "verdict": "kept", "reason": "by design"},
                 {"name": "c", "verdict": "differs", "reason": null},
+                {"name": "d", "verdict": "differs", "reason": "back only", "differs_in": ["back"]},
             ]}),
         };
-        assert_eq!(r.unexplained(), vec!["c".to_string()]);
+        // d has a reason, but differs beyond what it covers.
+        assert_eq!(r.unexplained(), vec!["c".to_string(), "d".to_string()]);
         let md = r.markdown();
         assert!(md.contains("- b: kept on purpose: by design"), "{md}");
         assert!(md.contains("- c: **not explained**"), "{md}");

@@ -98,11 +98,12 @@ pub fn run(cache: &std::path::Path, gateway_bin: &std::path::Path, stop: &Stop) 
     };
 
     vm::say("liveness: the kernel reflects the gateway's keepalives");
-    let (_, up) = wait_state(&lab, "up", "1")?;
+    // (A tunnel starts up: what shows the kernel answers is the replies.)
     vm::wait_for("three keepalive replies", CHANGE_LIMIT, stop, || {
         let s = stats(&lab)?;
         Ok((s["tunnels"][0]["keepalive_replies"].as_u64().unwrap_or(0) >= 3).then_some(()))
     })?;
+    let (_, up) = wait_state(&lab, "up", "1")?;
     let replies_up = stats(&lab)?["tunnels"][0].clone();
     let carrier_up = carrier(&lab);
     let ping = lab.host_shell("ping -c 1 -W 10 10.1.1.2");

@@ -185,7 +185,9 @@ fn behaviour(values: &[u64], times: &[f64], modulo: u64) -> String {
             (Some(a), Some(b)) if b >= a => b - a,
             _ => 0.0,
         };
-        *d >= 1 && *d < 4096 + (250.0 * dt).ceil() as u64
+        // (Capped: past half the ID space a step is no longer a sign of
+        // one counter.)
+        *d >= 1 && *d < 4096 + ((250.0 * dt).ceil() as u64).min(28_672)
     });
     let kind = if within { "increasing" } else { "varies" };
     format!(

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use super::Gateway;
 use crate::control::neighbour::format_mac;
 
+/// How long a `/readyz` answer is kept.
+const READYZ_CACHE: Duration = Duration::from_secs(1);
+
 /// One check and what it saw.
 struct Check {
     ok: bool,
@@ -110,14 +113,22 @@ impl Gateway {
     }
 
     /// The answer to `/healthz` (`ready` false) or `/readyz`: whether all
-    /// is well, and the checks as text.
-    pub(super) fn health(&self, ready: bool) -> (bool, String) {
-        let checks = if ready {
-            self.ready_checks()
-        } else {
-            self.alive_checks()
-        };
-        render(if ready { "readyz" } else { "healthz" }, &checks)
+    /// is well, and the checks as text. `/readyz` asks the kernel about
+    /// every tunnel's device, so its answer is kept for a second: clients
+    /// polling it cannot keep the control thread (which also ticks the
+    /// workers' clock) in netlink.
+    pub(super) fn health(&mut self, ready: bool) -> (bool, String) {
+        if !ready {
+            return render("healthz", &self.alive_checks());
+        }
+        if let Some((at, answer)) = &self.readyz_cache {
+            if at.elapsed() < READYZ_CACHE {
+                return answer.clone();
+            }
+        }
+        let answer = render("readyz", &self.ready_checks());
+        self.readyz_cache = Some((Instant::now(), answer.clone()));
+        answer
     }
 
     /// Whether systemd's watchdog may be told all is well.

@@ -18,10 +18,27 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Gateway;
 
+/// What makes a tunnel's liveness its own: a reload that changes any of
+/// it starts the tunnel's liveness afresh.
+type Identity = (
+    Option<crate::datapath::tunnel::Keepalive>,
+    std::net::IpAddr,
+    std::net::IpAddr,
+    Option<u32>,
+);
+
+fn identity(cfg: &crate::control::config::TunnelConfig) -> Identity {
+    (cfg.keepalive, cfg.local, cfg.remote, cfg.ikey)
+}
+
 /// What the control thread knows of one tunnel's liveness.
 #[derive(Debug, Clone)]
 pub(super) struct Live {
     name: String,
+    identity: Identity,
+    /// The gateway turned the device's carrier off (and must turn it on
+    /// again, whatever the configuration says by then).
+    carrier_off: bool,
     keepalive: Option<crate::datapath::tunnel::Keepalive>,
     /// Up (with keepalives), as last decided.
     up: bool,
@@ -36,6 +53,8 @@ impl Live {
     fn new(cfg: &crate::control::config::TunnelConfig, now: u32) -> Live {
         Live {
             name: cfg.name.clone(),
+            identity: identity(cfg),
+            carrier_off: false,
             keepalive: cfg.keepalive,
             up: true,
             since: now,
@@ -46,7 +65,9 @@ impl Live {
 }
 
 /// The liveness of a new tunnel list: a tunnel that stays (same name,
-/// same keepalive) keeps what was known of it.
+/// keepalive, endpoints and key) keeps what was known of it; one that
+/// changed starts afresh, but remembers whether its carrier is off
+/// ([`Gateway::sync_carriers`] puts it right).
 pub(super) fn carry_over(
     old: &[Live],
     tunnels: &[crate::control::config::TunnelConfig],
@@ -55,10 +76,15 @@ pub(super) fn carry_over(
     tunnels
         .iter()
         .map(|t| {
-            old.iter()
-                .find(|l| l.name == t.name && l.keepalive == t.keepalive)
-                .cloned()
-                .unwrap_or_else(|| Live::new(t, now))
+            let before = old.iter().find(|l| l.name == t.name);
+            match before {
+                Some(l) if l.identity == identity(t) => l.clone(),
+                Some(l) => Live {
+                    carrier_off: l.carrier_off,
+                    ..Live::new(t, now)
+                },
+                None => Live::new(t, now),
+            }
         })
         .collect()
 }
@@ -114,11 +140,31 @@ impl Gateway {
                 self.events.tunnel_down += 1;
                 tracing::warn!(tunnel = %slot.cfg.name, remote = %slot.cfg.remote, "tunnel down: no keepalive answered for {} s ({} x {} s)", k.dead_after(), k.misses, k.interval);
             }
-            if slot.cfg.carrier_follows {
-                if let Err(e) = self.nl.set_carrier(&slot.link, up) {
-                    tracing::warn!("{e}");
-                }
-            }
+            self.sync_carrier(i);
+        }
+    }
+
+    /// Sets tunnel `i`'s device carrier to what it should be: off while
+    /// the tunnel is down and `carrier_follows`, on otherwise (and on again
+    /// if the gateway turned it off before a reload changed the tunnel).
+    fn sync_carrier(&mut self, i: usize) {
+        let (Some(slot), Some(live)) = (self.slots.get(i), self.liveness.get_mut(i)) else {
+            return;
+        };
+        let off = slot.cfg.carrier_follows && live.keepalive.is_some() && !live.up;
+        if off == live.carrier_off {
+            return;
+        }
+        match self.nl.set_carrier(&slot.link, !off) {
+            Ok(()) => live.carrier_off = off,
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+
+    /// [`Gateway::sync_carrier`] for every tunnel (after a reload).
+    pub(super) fn sync_carriers(&mut self) {
+        for i in 0..self.slots.len() {
+            self.sync_carrier(i);
         }
     }
 

@@ -97,6 +97,8 @@ struct Gateway {
     recreate_failed: Vec<Option<std::time::Instant>>,
     /// Each tunnel's liveness (keepalives, the last packet).
     liveness: Vec<Live>,
+    /// The last `/readyz` answer and when it was made.
+    readyz_cache: Option<(std::time::Instant, (bool, String))>,
 }
 
 /// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
@@ -328,6 +330,7 @@ pub fn run(
         xdp_attached: true,
         xdp_seen: xdp_id.unwrap_or(0),
         liveness: Vec::new(),
+        readyz_cache: None,
     };
     gw.liveness = gw.new_liveness();
     let failure = gw.serve(config_path, metrics, signals, announce).err();

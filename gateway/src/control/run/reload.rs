@@ -340,6 +340,7 @@ impl Gateway {
         self.tunnels = tunnels;
         self.cfg = new;
         self.next_peer = next_peer;
+        self.sync_carriers();
         Ok(summary.to_string())
     }
 

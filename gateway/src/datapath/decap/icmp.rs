@@ -33,7 +33,10 @@ pub(super) fn path_mtu_from_icmp(
     }
     let mtu = u16::from_be_bytes([icmp[6], icmp[7]]);
     let quoted = &icmp[ICMP_HEADER..];
-    if quoted[0] >> 4 != 4 || mtu < 68 {
+    // (An MTU under 68, 0 from routers older than RFC 1191 among them,
+    // is under min_pmtu like any other: 552, locked, as in the kernel's
+    // __ip_rt_update_pmtu.)
+    if quoted[0] >> 4 != 4 {
         return Err(DropReason::IcmpMalformed);
     }
     let src = std::net::Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]);

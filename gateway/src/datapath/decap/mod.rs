@@ -159,7 +159,13 @@ pub fn decap(
     };
 
     let (tunnel, inner, inner_start) = if key.proto == IPPROTO_GRE {
-        let g = gre::Packet::new_checked(&frame[payload.clone()]).map_err(|e| match e {
+        let g = gre::Packet::new_unchecked(&frame[payload.clone()]);
+        let reserved = if ethertype == ethernet::EtherType::Ipv6 {
+            gre::FLAGS_RESERVED_V6
+        } else {
+            gre::FLAGS_RESERVED
+        };
+        g.check_with(reserved).map_err(|e| match e {
             gre::HeaderError::Truncated => DropReason::GreTruncated,
             gre::HeaderError::Version => DropReason::GreVersion,
             gre::HeaderError::ReservedFlags => DropReason::GreReservedFlags,

@@ -71,8 +71,8 @@ pub struct TxContext {
     pub icmp: RateLimit,
     /// The secret mixed into IPv6 flow labels (the same in every worker
     /// of a process, so that a flow keeps its label whichever worker
-    /// reads it), so that labels are not a public function of the inner
-    /// addresses and ports.
+    /// reads it), so that labels differ from process to process (not a
+    /// cryptographic key: crafted flows can still collide).
     pub flow_seed: u32,
 }
 
@@ -102,7 +102,7 @@ pub fn encap(
         return Verdict::Drop(DropReason::TxMalformed);
     }
     if t.mode == Mode::Gretap {
-        return encap_frame(buf, n, t, next_hop, ident, cx.flow_seed);
+        return encap_frame(buf, n, t, next_hop, ident, cx);
     }
     let inner_start = t.outer_len();
     let family = match t.device_kind {
@@ -240,7 +240,7 @@ pub fn encap(
     )
 }
 
-/// The outer IPv6 flow label: one per inner flow, from a keyed hash of its
+/// The outer IPv6 flow label: one per inner flow, from a hash (mixed with a secret per process) of its
 /// addresses, protocol and ports, so that routers on the way can spread a
 /// tunnel's flows over their paths (RFC 6438). Never 0, which means "no
 /// label". An IPv4 underlay has none.
@@ -513,7 +513,7 @@ fn encap_frame(
     t: &TunnelTx,
     next_hop: Option<NextHop>,
     ident: u16,
-    flow_seed: u32,
+    cx: &TxContext,
 ) -> Verdict {
     let start = t.outer_len();
     let Ok(eth) = ethernet::Frame::new_checked(&buf[start..start + n]) else {
@@ -537,9 +537,11 @@ fn encap_frame(
     let Some(hop) = next_hop else {
         return Verdict::Drop(DropReason::TxNoNeighbour);
     };
-    let flow_label = flow_label(t, flow_seed, || {
+    let flow_label = flow_label(t, cx.flow_seed, || {
         flow_hash(DeviceKind::Tap, &buf[start..start + n])
     });
+    // A locked path: no DF, as for routed tunnels.
+    let locked = t.path_mtu.get_locked(cx.now).is_some_and(|(_, l)| l);
     write_outer(
         buf,
         t,
@@ -552,7 +554,7 @@ fn encap_frame(
             ttl,
             tos,
             df,
-            may_fragment: false,
+            may_fragment: locked,
             flow_label,
             not_ip: !ip,
         },

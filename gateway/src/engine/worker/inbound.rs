@@ -396,6 +396,6 @@ impl<S: Socket> Worker<S> {
         ));
         self.xsk.set_len(&mut frame, eth + len);
         st.local.keepalives += 1;
-        st.tx_pending.push(frame);
+        st.tx_control.push(frame);
     }
 }

@@ -302,6 +302,10 @@ struct State<F> {
     gone: Vec<bool>,
     writes_in_flight: usize,
     tx_pending: Vec<F>,
+    /// Frames for the TX ring that are not tunnel packets read from a
+    /// device (counted in `tx_sent`): keepalives reflected and keepalive
+    /// probes. Kept apart so that the way down drops only what it counted.
+    tx_control: Vec<F>,
     /// Outer IPv4 IDs, the time and the ICMP budget, for encapsulation.
     tx_cx: TxContext,
     /// Path MTU updates this worker takes per second.
@@ -428,6 +432,7 @@ impl<S: Socket> Worker<S> {
             gone: vec![false; ntun],
             writes_in_flight: 0,
             tx_pending: Vec::with_capacity(batch * 2),
+            tx_control: Vec::new(),
             tx_cx: TxContext {
                 flow_seed: self.settings.flow_seed,
                 ..TxContext::new((queue as u16).wrapping_mul(0x9e37))

@@ -101,7 +101,7 @@ impl<S: Socket> Worker<S> {
             // there, and what finds no frame is counted as `tx_ring_full`,
             // rather than holding every read behind it for ever.
             let need = self.frames_needed(t, data).min(st.tx_reserve);
-            let outbound = st.frames.in_tx as usize + st.tx_pending.len();
+            let outbound = st.frames.in_tx as usize + st.tx_pending.len() + st.tx_control.len();
             if !force && (self.free.len() < need || outbound + need > st.tx_cap) {
                 break;
             }
@@ -285,7 +285,7 @@ impl<S: Socket> Worker<S> {
                     if let Some(n) = st.local.tunnel_keepalives_sent.get_mut(t) {
                         *n += 1;
                     }
-                    st.tx_pending.push(frame);
+                    st.tx_control.push(frame);
                 }
                 _ => {
                     if hop.is_none() {

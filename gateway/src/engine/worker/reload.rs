@@ -97,13 +97,22 @@ impl<S: Socket> Worker<S> {
             });
         }
         st.gone = self.devices.iter().map(Option::is_none).collect();
-        // Keepalives: tunnels that stay keep their schedule, new ones
-        // send at once.
+        // Keepalives: tunnels that stay with the same keepalive keep their
+        // schedule; new ones, and ones whose keepalive changed (a shorter
+        // interval must not wait out the old one), send at once.
         let old_due = std::mem::take(&mut st.keepalive_due);
+        let (old_tx, new_tx) = (&self.shared.tunnels.tx, &r.tunnels.tx);
         st.keepalive_due = r
             .counters_from
             .iter()
-            .map(|o| o.and_then(|i| old_due.get(i).copied()).unwrap_or(0))
+            .enumerate()
+            .map(|(new, o)| {
+                o.filter(|&old| {
+                    old_tx.get(old).map(|t| t.keepalive) == new_tx.get(new).map(|t| t.keepalive)
+                })
+                .and_then(|i| old_due.get(i).copied())
+                .unwrap_or(0)
+            })
             .collect();
         st.local.remap_tunnels(&r.counters_from);
         // Sequence numbers expected go on for tunnels that stay.
@@ -116,7 +125,7 @@ impl<S: Socket> Worker<S> {
         self.shared.tunnels = r.tunnels;
         self.tunnel_counters = Arc::new(TunnelCounters::new(ntun));
         // Frames moved while the old devices were finished with.
-        st.frames.free = (self.free.len() + st.tx_pending.len()) as u64;
+        st.frames.free = (self.free.len() + st.tx_pending.len() + st.tx_control.len()) as u64;
         st.frames.in_flight = io.in_flight() as u64;
         self.publish(st);
         self.stats.set_tunnels(self.tunnel_counters.clone());

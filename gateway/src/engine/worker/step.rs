@@ -83,6 +83,13 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         if !st.deferred.is_empty() {
             w.process_reads(io, st, false)?;
         }
+        if !st.tx_control.is_empty() {
+            let sent = w
+                .xsk
+                .transmit(&mut st.tx_control, st.frames.in_tx)
+                .map_err(w.io_err("TX kick"))?;
+            st.frames.in_tx += sent as u64;
+        }
         let sent = w
             .xsk
             .transmit(&mut st.tx_pending, st.frames.in_tx)
@@ -105,7 +112,7 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         io.submit().map_err(w.io_err("io_uring submit"))?;
         w.spread_flush(st);
 
-        st.frames.free = (w.free.len() + st.tx_pending.len()) as u64;
+        st.frames.free = (w.free.len() + st.tx_pending.len() + st.tx_control.len()) as u64;
         st.frames.in_flight = io.in_flight() as u64;
         let t1 = std::time::Instant::now();
         let spent = t1.duration_since(*t0).as_nanos() as u64;
@@ -160,6 +167,7 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
                 if *idle >= ADAPTIVE_SPINS
                     && st.writes_in_flight == 0
                     && st.tx_pending.is_empty()
+                    && st.tx_control.is_empty()
                     && st.frames.in_tx == 0
                     && st.frames.at_peers == 0
                     && st.jobs_in.iter().all(|q| q.is_empty())
@@ -225,6 +233,9 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         for _ in 0..pending {
             st.local.drop(DropReason::TxShutdown);
         }
+        // Keepalives (reflected: counted on the way in; probes: counted
+        // as sent only once built) not sent: their frames go home.
+        w.free.append(&mut st.tx_control);
         st.frames.in_tx -= w.xsk.complete(&mut w.free) as u64;
         st.frames.free = w.free.len() as u64;
         st.frames.in_flight = io.in_flight() as u64;

@@ -132,6 +132,15 @@ fn fragmentation_needed_about_a_tunnel_packet_reports_the_path_mtu() {
         decap(&mut f, &lab(), &mut RxState::new(8)),
         Err(DropReason::NotTunnelProtocol)
     );
+    // MTU 0 (a router older than RFC 1191): 552, locked.
+    let mut f = outer_v4(1, &icmp(0, LOCAL, REMOTE));
+    assert_eq!(
+        decap(&mut f, &lab(), &mut RxState::new(8)).unwrap().kind,
+        Kind::PathMtu {
+            mtu: 552,
+            locked: true
+        }
+    );
     // With a wrong checksum.
     let mut bad = icmp(1300, LOCAL, REMOTE);
     bad[2] ^= 1;

@@ -225,6 +225,11 @@ fn gre_header_rules() {
         decap(&mut routing, &t, &mut RxState::new(8)),
         Err(DropReason::GreReservedFlags)
     );
+    let mut reserved = outer_v4(47, &gre(&[0x00, 0x08], 0x0800, &inner));
+    assert_eq!(
+        decap(&mut reserved, &t, &mut RxState::new(8)),
+        Err(DropReason::GreReservedFlags)
+    );
     let mut eth = outer_v4(47, &gre(&[0, 0], 0x6558, &inner));
     assert_eq!(
         decap(&mut eth, &t, &mut RxState::new(8)),
@@ -375,10 +380,10 @@ fn ipv6_outer_gre_carrying_ipv6() {
     t.remote = IpAddr::V6(remote);
     let table = TunnelTable::new(vec![t]);
     let inner = inner_v6();
-    let g = gre(&[0, 0], 0x86dd, &inner);
     // Ethernet, then IPv6 remote -> local with next header `next`
-    // (both etherparse), then the GRE packet.
-    let outer = |next: etherparse::IpNumber| {
+    // (both etherparse), then the GRE packet with `flags`.
+    let outer_with = |next: etherparse::IpNumber, flags: [u8; 2]| {
+        let g = gre(&flags, 0x86dd, &inner);
         let mut f = Vec::new();
         etherparse::Ethernet2Header {
             destination: [2, 0, 0, 0, 0, 8],
@@ -401,6 +406,7 @@ fn ipv6_outer_gre_carrying_ipv6() {
         f.extend_from_slice(&g);
         f
     };
+    let outer = |next| outer_with(next, [0, 0]);
     let mut f = outer(etherparse::IpNumber::GRE);
     let d = decap(&mut f, &table, &mut RxState::new(8)).unwrap();
     let (eth, rest) =
@@ -408,6 +414,19 @@ fn ipv6_outer_gre_carrying_ipv6() {
     assert_eq!(eth.ether_type, etherparse::EtherType::IPV6);
     assert_eq!((eth.destination, eth.source), (TAP_MAC, PEER_MAC));
     assert_eq!(rest, &inner[..]);
+    // The reserved flags next to the version: ip6_gre takes GRE without
+    // gre_demux, and only refuses R (and the version); over IPv4 they are
+    // refused (see gre_header_rules).
+    let mut f = outer_with(etherparse::IpNumber::GRE, [0x00, 0x08]);
+    assert_eq!(
+        decap(&mut f, &table, &mut RxState::new(8)).map(|d| d.kind),
+        Ok(Kind::Device)
+    );
+    let mut f = outer_with(etherparse::IpNumber::GRE, [0x40, 0x00]);
+    assert_eq!(
+        decap(&mut f, &table, &mut RxState::new(8)),
+        Err(DropReason::GreReservedFlags)
+    );
     // A hop-by-hop header in front of GRE is refused by name.
     let mut f = outer(etherparse::IpNumber::IPV6_HEADER_HOP_BY_HOP);
     assert_eq!(

@@ -692,6 +692,15 @@ fn a_locked_path_mtu_sends_without_df_as_the_kernel_does() {
     assert!(u.path_mtu.lower(552, 0));
     assert!(u.path_mtu.lower_locked(552, true, 0));
     assert_eq!(u.path_mtu.get_locked(0), Some((552, true)));
+    // gretap too (iptunnel_xmit clears DF on any locked route).
+    let g = tunnel(Mode::Gretap, DeviceKind::Tap);
+    assert!(g.path_mtu.lower_locked(552, true, 0));
+    let (mut buf, n) = read_into(&g, &inner(200, 64));
+    let Verdict::Transmit { len } = encap(&mut buf, n, &g, Some(HOP), &mut cx(1)) else {
+        panic!("not sent")
+    };
+    let (outer, _) = etherparse::Ipv4Header::from_slice(&buf[14..len]).unwrap();
+    assert!(!outer.dont_fragment, "gretap, locked: no DF");
     // Unlocked: DF as ever.
     let v = tunnel(Mode::Gre, DeviceKind::Tun);
     assert!(v.path_mtu.lower(1300, 0));

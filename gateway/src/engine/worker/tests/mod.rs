@@ -241,6 +241,7 @@ impl Harness {
         let (w, st) = (&self.run.w, &self.run.st);
         let mut v: Vec<u32> = w.free.iter().map(|f| f.id).collect();
         v.extend(st.tx_pending.iter().map(|f| f.id));
+        v.extend(st.tx_control.iter().map(|f| f.id));
         v.extend(st.from_device.iter().map(|(f, _)| f.id));
         for r in &st.gro {
             v.push(r.first.id);
