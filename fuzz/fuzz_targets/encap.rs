@@ -9,7 +9,9 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use gateway::datapath::tunnel::{Tos, Ttl};
-use gateway::datapath::encap::{encap, NextHop, TunnelTx, TxContext, Verdict};
+use gateway::datapath::encap::{
+    encap, keepalive_probe, KeepaliveProbe, NextHop, TunnelTx, TxContext, Verdict,
+};
 use gateway::datapath::tunnel::{DeviceKind, Mode};
 use libfuzzer_sys::fuzz_target;
 
@@ -65,6 +67,11 @@ fuzz_target!(|data: &[u8]| {
         peer_mac: [2, 0, 0, 0, 0, 2],
         address: (knobs & 64 != 0).then(|| "10.1.1.1".parse().unwrap()),
         peer: (knobs & 64 != 0).then(|| "10.1.1.2".parse().unwrap()),
+        keepalive: (knobs & 2 != 0).then_some(KeepaliveProbe {
+            interval: 10,
+            reply_key: Some(7),
+            reply_csum: knobs & 4 != 0,
+        }),
     };
     let hop = (knobs & 128 == 0).then_some(NextHop {
         dst: [2, 0, 0, 0, 0, 0x58],
@@ -81,11 +88,22 @@ fuzz_target!(|data: &[u8]| {
     // A path MTU learned, sometimes: small enough for IPv6 to go out with
     // the outer DF clear, or not.
     if knobs & 16 != 0 && data.len() % 5 == 0 {
-        t.path_mtu
-            .lower(if data.len() % 10 == 0 { 600 } else { 1400 }, 0);
+        t.path_mtu.lower_locked(
+            if data.len() % 10 == 0 { 600 } else { 1400 },
+            data.len() % 7 == 0,
+            0,
+        );
     }
     let mut cx = TxContext::new(7);
+    cx.flow_seed = u32::from(knobs) * 0x9e37;
     match encap(&mut buf, packet.len(), &t, hop, &mut cx) {
+        Verdict::Transmit { len } => assert!(len <= buf.len()),
+        Verdict::Reply { offset, len, .. } => assert!(offset + len <= buf.len()),
+        Verdict::Drop(_) => {}
+    }
+    // A keepalive probe for the same tunnel, over what encap left: built
+    // within the frame, or refused (IPv6, no keepalive, no next hop).
+    match keepalive_probe(&mut buf, &t, hop, &mut cx) {
         Verdict::Transmit { len } => assert!(len <= buf.len()),
         Verdict::Reply { offset, len, .. } => assert!(offset + len <= buf.len()),
         Verdict::Drop(_) => {}
