@@ -1,44 +1,18 @@
 //! What `vm guest` came to: JSON for the test, a short table for people.
 
+pub(crate) use crate::interop::Pings;
 use serde_json::{json, Value};
 
-/// Echo requests answered of those sent.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Pings {
-    pub sent: u32,
-    pub received: u32,
+fn pings_json(p: &Option<Pings>) -> Value {
+    match p {
+        Some(p) => json!({"sent": p.sent, "received": p.received}),
+        None => Value::Null,
+    }
 }
 
-impl Pings {
-    /// From ping's summary line ("5 packets transmitted, 5 received, ...").
-    pub fn parse(out: &str) -> Option<Pings> {
-        let line = out.lines().find(|l| l.contains("packets transmitted"))?;
-        let sent = line.split_whitespace().next()?.parse().ok()?;
-        let received = line
-            .split(", ")
-            .nth(1)?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(Pings { sent, received })
-    }
-
-    pub fn all(&self) -> bool {
-        self.sent > 0 && self.received == self.sent
-    }
-
-    fn json(p: &Option<Pings>) -> Value {
-        match p {
-            Some(p) => json!({"sent": p.sent, "received": p.received}),
-            None => Value::Null,
-        }
-    }
-
-    fn show(p: &Option<Pings>) -> String {
-        p.map(|p| format!("{}/{}", p.received, p.sent))
-            .unwrap_or_else(|| "-".into())
-    }
+fn pings_show(p: &Option<Pings>) -> String {
+    p.map(|p| format!("{}/{}", p.received, p.sent))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The byte count of a transfer's "COUNT SHA256" line.
@@ -208,8 +182,8 @@ impl Report {
                 "name": t.name,
                 "mode": t.mode,
                 "outer": t.outer,
-                "host_to_guest": Pings::json(&t.host_to_guest),
-                "guest_to_host": Pings::json(&t.guest_to_host),
+                "host_to_guest": pings_json(&t.host_to_guest),
+                "guest_to_host": pings_json(&t.guest_to_host),
                 "tcp": {
                     "direction": t.tcp_direction,
                     "bytes": t.tcp_bytes,
@@ -230,8 +204,8 @@ impl Report {
             "extra_flows": self.extra_flows,
             "signals": self.signals.iter().map(SignalCheck::json).collect::<Vec<_>>(),
             "restart_pings": self.restart_pings.map(|(a, b)| json!({
-                "host_to_guest": Pings::json(&a),
-                "guest_to_host": Pings::json(&b),
+                "host_to_guest": pings_json(&a),
+                "guest_to_host": pings_json(&b),
             })),
             "seconds": (self.seconds * 10.0).round() / 10.0,
             "error": self.error,
@@ -280,8 +254,8 @@ impl Report {
                 t.name,
                 t.mode,
                 t.outer,
-                Pings::show(&t.host_to_guest),
-                Pings::show(&t.guest_to_host),
+                pings_show(&t.host_to_guest),
+                pings_show(&t.guest_to_host),
                 format!("{} {} KiB", t.tcp_direction, t.tcp_bytes / 1024),
                 tcp
             );
@@ -325,8 +299,8 @@ impl Report {
         if let Some((a, b)) = &self.restart_pings {
             s += &format!(
                 "third start: ping host->guest {}, guest->host {}\n",
-                Pings::show(a),
-                Pings::show(b)
+                pings_show(a),
+                pings_show(b)
             );
         }
         s += &format!(

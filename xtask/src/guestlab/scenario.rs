@@ -305,7 +305,9 @@ impl Lab {
 
     fn ping(&mut self, from_guest: bool, dst: &str) -> Result<Pings> {
         let once = format!("ping -c 1 -W 3 {dst}");
-        let many = format!("ping -c {PINGS} -i 0.3 -W 10 {dst}");
+        // -w: every reply waited for until the deadline (-W alone gives up
+        // on the last one after twice the slowest RTT so far).
+        let many = format!("ping -c {PINGS} -i 0.3 -w 60 {dst}");
         let stop = self.stop.clone();
         let mut last = String::new();
         let first = vm::wait_for(

@@ -29,23 +29,15 @@ const KERNEL_UP: &[&str] = &[
     "sysctl -qw net.ipv4.conf.tun100.accept_local=1",
 ];
 
-const GATEWAY: &str = r#"[gateway]
-iface = "ens0"
-poll = "adaptive"
-
-[[tunnel]]
-name = "tun100"
-mode = "gre"
-local = "192.168.0.8"
-remote = "192.168.0.58"
-ttl = 64
-mtu = 1400
-device = "tap1"
-address = "10.1.1.1"
-peer = "10.1.1.2"
-keepalive = [1, 3]
-carrier_follows = true
-"#;
+/// The seed lab's host1 (tun100 GRE, tun200 IPIP), tun100 with keepalives
+/// every second, down after 3 misses, the carrier following.
+fn gateway_config() -> String {
+    include_str!("../../../configs/lab-host1.toml").replacen(
+        "peer = \"10.1.1.2\"",
+        "peer = \"10.1.1.2\"\nkeepalive = [1, 3]\ncarrier_follows = true",
+        1,
+    )
+}
 
 /// How long a state change may take at emulated speed (it should take
 /// about 3 s).
@@ -60,7 +52,7 @@ pub fn run(cache: &std::path::Path, gateway_bin: &std::path::Path, stop: &Stop) 
     let mut gw = GatewayProc::start(
         gateway_bin,
         &lab.topo.gw,
-        GATEWAY,
+        &gateway_config(),
         &lab.dir.join("gateway"),
         stop,
     )?;

@@ -23,6 +23,7 @@ mod report;
 mod wire;
 
 pub use lab::Lab;
+pub(crate) use report::Pings;
 
 use std::path::Path;
 use std::time::Duration;

@@ -14,7 +14,7 @@ pub struct Pings {
 }
 
 impl Pings {
-    pub(super) fn parse(out: &str) -> Option<Pings> {
+    pub(crate) fn parse(out: &str) -> Option<Pings> {
         let line = out.lines().find(|l| l.contains("packets transmitted"))?;
         let mut words = line.split_whitespace();
         let sent = words.next()?.parse().ok()?;
