@@ -3,6 +3,9 @@
 //! ```text
 //! gateway --iface ens0 [--config FILE]     run in the foreground
 //! gateway check [--config FILE]            validate and print the plan
+//! gateway stats | reload                   ask the running gateway
+//! gateway capture -w FILE [FILTER]         copy its packets (pcapng)
+//! gateway trace -c N [FILTER]              follow packets stage by stage
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gateway::control::config::{Config, DEFAULT_PATH};
+use gateway::telemetry::capture;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,6 +57,65 @@ enum Command {
         /// human, json or prometheus.
         #[arg(long, default_value = "human", value_parser = ["human", "json", "prometheus"])]
         format: String,
+    },
+    /// Copy the packets the running gateway handles into a pcapng file:
+    /// at the points asked for (default all), matching a tcpdump filter
+    /// expression. Runs until -c packets, Ctrl-C, or the gateway's end; the
+    /// data path never waits for it (copies a slow reader cannot take are
+    /// lost, and counted).
+    #[command(
+        after_help = "Points: wire-in (frames the XDP program steered to the gateway), device-out (decapsulated packets written into the devices), device-in (packets read from the devices), wire-out (encapsulated frames sent), drop (dropped packets, with the reason). Each point is an interface of its own in the file; each packet's comment names its point, tunnel, drop reason and queue (tshark -r FILE -T fields -e frame.interface_name -e frame.comment). Examples:
+  gateway capture --iface ens0 -w all.pcapng
+  gateway capture --iface ens0 --point drop --reason key_mismatch -w - | tshark -r -
+  gateway capture --iface ens0 --point device-out --tunnel tun100 -c 100 -w x.pcapng icmp"
+    )]
+    Capture {
+        /// The running gateway's interface (default: gateway.iface of the config).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Only at these points (repeat, or separate with commas).
+        #[arg(long = "point", value_delimiter = ',', value_parser = ["wire-in", "device-out", "device-in", "wire-out", "drop"])]
+        points: Vec<String>,
+        /// Only this tunnel's packets.
+        #[arg(long)]
+        tunnel: Option<String>,
+        /// Only drops for this reason (a name from `gateway stats`, e.g. key_mismatch).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Stop after this many packets.
+        #[arg(short = 'c', value_name = "N")]
+        count: Option<u64>,
+        /// Bytes kept of each packet (default: all).
+        #[arg(short = 's', long = "snaplen", value_name = "BYTES")]
+        snaplen: Option<usize>,
+        /// Write pcapng to FILE, or to standard output with `-`.
+        #[arg(short = 'w', value_name = "FILE")]
+        write: PathBuf,
+        /// A tcpdump filter expression (pcap-filter(7)), e.g. `icmp and host 10.1.1.2`.
+        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
+    /// Follow the next N packets through the running gateway, stage by
+    /// stage, with the decision at each (the tunnel the lookup chose, the
+    /// key, checksum and sequence verdicts, coalescing, the device write,
+    /// or the drop reason).
+    Trace {
+        /// The running gateway's interface (default: gateway.iface of the config).
+        #[arg(long)]
+        iface: Option<String>,
+        /// How many packets.
+        #[arg(short = 'c', value_name = "N", default_value_t = 10)]
+        count: u64,
+        /// Only this tunnel's packets.
+        #[arg(long)]
+        tunnel: Option<String>,
+        /// One JSON object per packet, one per line.
+        #[arg(long)]
+        json: bool,
+        /// A tcpdump filter expression, over the frame as received (or the
+        /// packet as read from a device).
+        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        filter: Vec<String>,
     },
     /// Make the gateway running on IFACE in this network namespace read its
     /// configuration file again and apply it (as SIGHUP does). Prints what
@@ -178,6 +241,8 @@ fn main() -> ExitCode {
     let control = match &cli.command {
         Some(Command::Stats { iface, format }) => Some((iface, format.as_str())),
         Some(Command::Reload { iface }) => Some((iface, "reload")),
+        Some(Command::Capture { iface, .. }) => Some((iface, "capture")),
+        Some(Command::Trace { iface, .. }) => Some((iface, "trace")),
         _ => None,
     };
     if let Some((iface, format)) = control {
@@ -200,6 +265,51 @@ fn main() -> ExitCode {
                 }
             },
         };
+        let joined = |f: &Vec<String>| (!f.is_empty()).then(|| f.join(" "));
+        let watched = match &cli.command {
+            Some(Command::Capture {
+                points,
+                tunnel,
+                reason,
+                count,
+                snaplen,
+                write,
+                filter,
+                ..
+            }) => Some(capture::capture(&capture::CaptureArgs {
+                iface: iface.clone(),
+                filter: joined(filter),
+                points: points.clone(),
+                tunnel: tunnel.clone(),
+                reason: reason.clone(),
+                count: *count,
+                snaplen: *snaplen,
+                write: write.clone(),
+            })),
+            Some(Command::Trace {
+                count,
+                tunnel,
+                json,
+                filter,
+                ..
+            }) => Some(capture::trace(&capture::TraceArgs {
+                iface: iface.clone(),
+                filter: joined(filter),
+                tunnel: tunnel.clone(),
+                count: *count,
+                json: *json,
+            })),
+            _ => None,
+        };
+        if let Some(r) = watched {
+            return match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         return match gateway::telemetry::metrics::query(&iface, format) {
             Ok(text) if format == "reload" && !text.starts_with("reloaded") => {
                 eprintln!("{}", text.trim_end());
@@ -227,7 +337,12 @@ fn main() -> ExitCode {
             print_plan(&cfg, &path);
             ExitCode::SUCCESS
         }
-        Some(Command::Stats { .. } | Command::Reload { .. }) => unreachable!("handled above"),
+        Some(
+            Command::Stats { .. }
+            | Command::Reload { .. }
+            | Command::Capture { .. }
+            | Command::Trace { .. },
+        ) => unreachable!("handled above"),
         None => {
             tracing::info!("read configuration from {}", path.display());
             let Some(iface) = cli.iface.clone().or_else(|| cfg.iface.clone()) else {

@@ -102,6 +102,8 @@ const DEB_PACKAGES: &[&str] = &[
     "bpftool",
     // The conformance suite builds and dissects packets with scapy.
     "python3-scapy",
+    // `gateway capture` compiles filter expressions with libpcap.
+    "libpcap-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

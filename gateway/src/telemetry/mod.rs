@@ -2,6 +2,7 @@
 //! snapshot built from them, the Prometheus endpoint and control socket,
 //! and stats for people.
 
+pub mod capture;
 pub mod human;
 pub mod metrics;
 pub mod snapshot;

@@ -36,6 +36,7 @@ use crate::io::tap;
 use crate::io::uring::DeviceIo;
 use crate::io::xdp::Steering;
 use crate::io::xsk::{Region, Xsk};
+use crate::telemetry::capture::Taps;
 use crate::telemetry::metrics::{Format, Request};
 use crate::telemetry::snapshot::{print_stats, snapshot};
 use crate::telemetry::stats::WorkerStats;
@@ -74,6 +75,8 @@ struct WorkerHandle {
 /// The running gateway, as the control thread holds it.
 struct Gateway {
     iface: String,
+    /// The captures and traces running (`gateway capture`, `gateway trace`).
+    taps: Arc<Taps>,
     nl: Netlink,
     cfg: Config,
     underlay: LinkInfo,
@@ -189,6 +192,8 @@ pub fn run(
     };
     let mut stats = Vec::new();
     let mut controls = Vec::new();
+    let taps = Arc::new(Taps::new(queues.len()));
+    taps.set_tunnel_names(slots.iter().map(|s| s.cfg.name.clone()).collect());
     for (&queue, &core) in queues.iter().zip(&cores) {
         let (xsk, frames) = Xsk::new(
             iface,
@@ -228,6 +233,7 @@ pub fn run(
                 tunnels: tunnels.clone(),
                 stop: stop.clone(),
                 control: ctl_rx,
+                taps: taps.clone(),
             },
             st.clone(),
         ));
@@ -314,6 +320,7 @@ pub fn run(
     let xdp_id = steering.program_id();
     let mut gw = Gateway {
         iface: iface.to_string(),
+        taps,
         nl,
         recreate_failed: slots.iter().map(|_| None).collect(),
         orphans: Vec::new(),
@@ -393,7 +400,7 @@ impl Gateway {
         announce: impl FnOnce(),
     ) -> anyhow::Result<()> {
         let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
-        crate::telemetry::metrics::serve_control(&self.iface, req_tx.clone())?;
+        crate::telemetry::metrics::serve_control(&self.iface, req_tx.clone(), self.taps.clone())?;
         if let Some(addr) = metrics {
             crate::telemetry::metrics::serve_http(addr, req_tx)?;
             tracing::info!("metrics on http://{addr}/metrics");
@@ -495,6 +502,7 @@ impl Gateway {
                 "tunnel_up": self.events.tunnel_up,
             },
         });
+        v["captures"] = self.taps.figures();
         self.liveness_into(&mut v);
         v
     }

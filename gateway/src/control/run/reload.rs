@@ -338,6 +338,8 @@ impl Gateway {
         self.liveness = carry_over(&self.liveness, &tunnels_cfg, crate::io::clock::now());
         self.slots = slots;
         self.tunnels = tunnels;
+        self.taps
+            .set_tunnel_names(self.slots.iter().map(|s| s.cfg.name.clone()).collect());
         self.cfg = new;
         self.next_peer = next_peer;
         self.sync_carriers();

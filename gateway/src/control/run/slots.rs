@@ -272,6 +272,12 @@ pub(super) fn tunnels_of(slots: &[Slot], next_hops: Arc<NextHops>) -> Tunnels {
         rx: Arc::new(TunnelTable::new(slots.iter().map(Slot::rx).collect())),
         tx: Arc::new(slots.iter().map(Slot::tx).collect()),
         next_hops,
+        names: Arc::new(
+            slots
+                .iter()
+                .map(|s| Arc::from(s.cfg.name.as_str()))
+                .collect(),
+        ),
     }
 }
 

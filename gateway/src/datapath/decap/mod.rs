@@ -73,6 +73,52 @@ enum Inner {
     V6,
 }
 
+/// A decision decapsulation took on the way, told to a [`Notes`] for
+/// `gateway trace`. Nothing here allocates: a note is a few words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// The outer IP header: its addresses (`src` is the remote), the
+    /// protocol it carries and its ECN codepoint. For IPv4, the header
+    /// checksum was verified.
+    Outer {
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        proto: u8,
+        ecn: u8,
+    },
+    /// A GRE header that passed its checks (version, reserved flags, and
+    /// the checksum when it has one): the key, whether a checksum was
+    /// there, the sequence number and the protocol type it carries.
+    Gre {
+        key: Option<u32>,
+        checksum: bool,
+        seq: Option<u32>,
+        protocol: u16,
+    },
+    /// The endpoint lookup (local, remote, protocol and key) chose this
+    /// tunnel.
+    Tunnel { id: TunnelId },
+    /// A tunnel with `iseq`: the packet's number and the next one expected
+    /// (0: any); the packet was taken.
+    Sequence { seq: u32, expected: u32 },
+    /// The inner packet's source, which the tunnel accepts.
+    InnerSource { src: std::net::IpAddr },
+    /// ECN on the way in (RFC 6040): the outer and inner codepoints; the
+    /// inner header now carries what their combination gives.
+    Ecn { outer: u8, inner: u8 },
+}
+
+/// Where decapsulation tells its decisions ([`Note`]). `()` takes none
+/// and costs nothing: that is what [`decap`] passes.
+pub trait Notes {
+    fn note(&mut self, note: Note);
+}
+
+impl Notes for () {
+    #[inline(always)]
+    fn note(&mut self, _: Note) {}
+}
+
 /// Decapsulates the Ethernet frame in `frame` in place. For a tap device an
 /// Ethernet header (destination: the tap's MAC) is written just in front of
 /// the inner packet, over the outer headers, so the result is one contiguous
@@ -82,6 +128,17 @@ pub fn decap(
     frame: &mut [u8],
     table: &TunnelTable,
     state: &mut RxState,
+) -> Result<Delivery, DropReason> {
+    decap_noted(frame, table, state, &mut ())
+}
+
+/// [`decap`], telling `notes` each decision on the way.
+#[inline]
+pub fn decap_noted<N: Notes>(
+    frame: &mut [u8],
+    table: &TunnelTable,
+    state: &mut RxState,
+    notes: &mut N,
 ) -> Result<Delivery, DropReason> {
     let eth = ethernet::Frame::new_checked(&*frame).map_err(|_| DropReason::Truncated)?;
     let (ethertype, l3) = match eth.network() {
@@ -117,6 +174,12 @@ pub fn decap(
                 return Err(DropReason::NotTunnelProtocol);
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
+            notes.note(Note::Outer {
+                src: ip.src_addr().into(),
+                dst: ip.dst_addr().into(),
+                proto,
+                ecn: ip.dscp_ecn() & ECN_MASK,
+            });
             (
                 key,
                 l3 + ip.header_len()..l3 + usize::from(ip.total_len()),
@@ -153,6 +216,12 @@ pub fn decap(
                 });
             }
             let key = endpoint_key(ip.dst_addr().into(), ip.src_addr().into(), proto);
+            notes.note(Note::Outer {
+                src: ip.src_addr().into(),
+                dst: ip.dst_addr().into(),
+                proto,
+                ecn: ip.traffic_class() & ECN_MASK,
+            });
             (key, start..end, ip.traffic_class() & ECN_MASK)
         }
         _ => return Err(DropReason::NotIp),
@@ -173,7 +242,14 @@ pub fn decap(
         if !g.verify_checksum() {
             return Err(DropReason::GreChecksumBad);
         }
+        notes.note(Note::Gre {
+            key: g.key(),
+            checksum: g.has_checksum(),
+            seq: g.sequence(),
+            protocol: u16::from(g.protocol()),
+        });
         let id = table.lookup(&key, g.key()).map_err(lookup_error)?;
+        notes.note(Note::Tunnel { id });
         let t = table.get(id);
         match (g.has_checksum(), t.icsum) {
             (false, true) => return Err(DropReason::GreChecksumMissing),
@@ -190,6 +266,10 @@ pub fn decap(
                 if *next != 0 && (seq.wrapping_sub(*next) as i32) < 0 {
                     return Err(DropReason::GreSequenceOld);
                 }
+                notes.note(Note::Sequence {
+                    seq,
+                    expected: *next,
+                });
                 *next = seq.wrapping_add(1);
             }
         }
@@ -214,6 +294,7 @@ pub fn decap(
         (id, inner, payload.start + g.header_len())
     } else {
         let id = table.lookup(&key, None).map_err(lookup_error)?;
+        notes.note(Note::Tunnel { id });
         // IPIP carries IPv4, sit IPv6.
         let inner = if key.proto == IPPROTO_IPV6 {
             Inner::V6
@@ -256,6 +337,10 @@ pub fn decap(
                 Inner::V6 => (u16::from_be_bytes([ip[0], ip[1]]) >> 4) as u8 & ECN_MASK,
             };
             ecn_decapsulate(outer_ecn, inner_ecn, inner, ip)?;
+            notes.note(Note::Ecn {
+                outer: outer_ecn,
+                inner: inner_ecn,
+            });
         }
         return Ok(Delivery {
             tunnel,
@@ -316,6 +401,7 @@ pub fn decap(
     if !t.accepts_source(inner_src) {
         return Err(DropReason::InnerSourceNotPeer);
     }
+    notes.note(Note::InnerSource { src: inner_src });
     if inner_len > usize::from(t.mtu) {
         return Err(DropReason::InnerTooBig);
     }
@@ -325,6 +411,10 @@ pub fn decap(
         inner,
         &mut frame[inner_start..inner_start + inner_len],
     )?;
+    notes.note(Note::Ecn {
+        outer: outer_ecn,
+        inner: inner_ecn,
+    });
 
     match t.device_kind {
         DeviceKind::Tun => Ok(Delivery {

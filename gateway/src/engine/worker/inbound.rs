@@ -4,6 +4,9 @@
 //! flow that follow in the batch.
 
 use super::*;
+use crate::datapath::decap::decap_noted;
+use crate::telemetry::capture::{Link, Point};
+use serde_json::json;
 
 impl<S: Socket> Worker<S> {
     #[allow(clippy::too_many_arguments)]
@@ -35,6 +38,16 @@ impl<S: Socket> Worker<S> {
         };
         let (offset, len) = (start, len + VNET_HDR_LEN);
         if let (Some(to), Some(link)) = (to, &mut st.spread) {
+            if let Some(tr) = &mut st.trace {
+                let dev = tr.tunnel(usize::from(tag));
+                tr.step(
+                    "device",
+                    format!(
+                        "handed to worker {to}, which writes its flow into {dev} (spread_writes)"
+                    ),
+                    json!({ "verdict": "handed_over", "worker": to, "device": dev }),
+                );
+            }
             link.hand_over(
                 to,
                 Job {
@@ -59,9 +72,26 @@ impl<S: Socket> Worker<S> {
             res = io.push(file, f, offset, len, tag);
         }
         match res {
-            Ok(()) => st.writes_in_flight += 1,
+            Ok(()) => {
+                st.writes_in_flight += 1;
+                if let Some(tr) = &mut st.trace {
+                    let t = usize::from(tag & !(REPLY | REPLY_ICMP));
+                    let dev = tr.tunnel(t);
+                    tr.step(
+                        "device",
+                        format!(
+                            "a write of {} bytes into {dev}'s device queued on io_uring",
+                            len - VNET_HDR_LEN
+                        ),
+                        json!({ "verdict": "written", "device": dev, "len": len - VNET_HDR_LEN }),
+                    );
+                }
+            }
             Err(f) => {
                 st.local.drop(DropReason::DeviceWriteError);
+                if let Some(tr) = &mut st.trace {
+                    tr.dropped(DropReason::DeviceWriteError);
+                }
                 self.free.push(f);
             }
         }
@@ -84,6 +114,11 @@ impl<S: Socket> Worker<S> {
         let kind = self.device_kind(t);
         let data = self.xsk.data_mut(&mut frame);
         let pkt = &data[offset..offset + len];
+        if st.tap.active() {
+            let name = self.shared.tunnels.names.get(usize::from(t));
+            st.tap
+                .copy(Point::DeviceOut, Link::of(kind), name, None, pkt);
+        }
         let udp = st.coalesce_udp;
         let Some((l3, seg)) =
             l3_of(kind, pkt).and_then(|l3| Some((l3, offload::parse(pkt, l3, udp)?)))
@@ -108,6 +143,15 @@ impl<S: Socket> Worker<S> {
             .position(|r| r.tunnel == t && r.run.same_flow(&seg))
         {
             if st.gro[i].run.accepts(&seg) {
+                note!(
+                    st,
+                    "coalesce",
+                    format!(
+                        "joins the {} segments before it of its TCP/UDP flow: one GSO write",
+                        st.gro[i].run.segments
+                    ),
+                    json!({ "coalesced_with": st.gro[i].run.segments })
+                );
                 let r = &mut st.gro[i];
                 r.run.add(&seg);
                 r.rest.push(Piece {
@@ -129,6 +173,7 @@ impl<S: Socket> Worker<S> {
         if st.gro.len() == GRO_FLOWS {
             self.flush_run(io, st, 0)?;
         }
+        note!(st, "coalesce", "the first segment of its flow in this batch: held for the segments that may follow, written at the batch's end", json!({ "coalesced_with": 0 }));
         let rest = io.pieces();
         st.gro.push(OpenRun {
             tunnel: t,
@@ -260,12 +305,64 @@ impl<S: Socket> Worker<S> {
         &mut self,
         io: &mut D,
         st: &mut State<S::Frame>,
+        frame: S::Frame,
+    ) -> Result<(), WorkerError> {
+        if st.tap.active() {
+            return self.receive_watched(io, st, frame);
+        }
+        self.receive(io, st, frame).map(|_| ())
+    }
+
+    /// [`Self::receive_one`] while a capture or trace runs: the frame is
+    /// offered to the taps before decapsulation rewrites it, and told
+    /// where it went after.
+    #[cold]
+    fn receive_watched<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
         mut frame: S::Frame,
     ) -> Result<(), WorkerError> {
+        let names = self.shared.tunnels.names.clone();
+        st.trace = st.tap.rx_begin(self.xsk.data_mut(&mut frame), &names);
+        let seen = self.receive(io, st, frame);
+        let (tunnel, reason) = *seen.as_ref().unwrap_or(&(None, None));
+        st.tap
+            .rx_end(tunnel.and_then(|t| names.get(usize::from(t))), reason);
+        if let Some(mut t) = st.trace.take() {
+            if let Some(r) = reason {
+                t.dropped(r);
+            }
+            st.tap.finish(t);
+        }
+        seen.map(|_| ())
+    }
+
+    /// Decapsulates one received frame and sends it where it belongs;
+    /// returns the tunnel it belongs to and the reason it was dropped,
+    /// where known.
+    #[inline]
+    fn receive<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        mut frame: S::Frame,
+    ) -> Result<(Option<u16>, Option<DropReason>), WorkerError> {
         for pass in 0..2 {
             let data = self.xsk.data_mut(&mut frame);
-            match decap(data, &self.shared.tunnels.rx, &mut st.rx) {
+            let decapped = match &mut st.trace {
+                None => decap(data, &self.shared.tunnels.rx, &mut st.rx),
+                Some(t) => decap_noted(data, &self.shared.tunnels.rx, &mut st.rx, t),
+            };
+            let mut seen = (decapped.ok().map(|d| d.tunnel), decapped.err());
+            match decapped {
                 Ok(d) if d.kind == Kind::Keepalive => {
+                    note!(
+                        st,
+                        "verdict",
+                        "a GRE keepalive: its inner packet goes back on the underlay to the peer",
+                        json!({ "verdict": "keepalive_reflected" })
+                    );
                     self.keepalive(st, frame, d.tunnel, d.offset, d.len)
                 }
                 Ok(Delivery {
@@ -273,6 +370,12 @@ impl<S: Socket> Worker<S> {
                     kind: Kind::KeepaliveReply,
                     ..
                 }) => {
+                    note!(
+                        st,
+                        "verdict",
+                        "a reply to this gateway's keepalive: the tunnel is alive",
+                        json!({ "verdict": "keepalive_reply" })
+                    );
                     let t = usize::from(tunnel);
                     st.local.keepalive_replies += 1;
                     if let Some(n) = st.local.tunnel_keepalive_replies.get_mut(t) {
@@ -289,34 +392,55 @@ impl<S: Socket> Worker<S> {
                     ..
                 }) => {
                     if st.pmtu_updates.allow(crate::io::clock::now()) {
+                        note!(
+                            st,
+                            "verdict",
+                            format!(
+                                "ICMP about a packet of this tunnel: its path MTU is at most {mtu}"
+                            ),
+                            json!({ "verdict": "path_mtu", "mtu": mtu })
+                        );
                         self.path_mtu(usize::from(tunnel), mtu, locked);
                         st.local.path_mtu_updates += 1;
                     } else {
                         st.local.drop(DropReason::IcmpRateLimited);
+                        seen.1 = Some(DropReason::IcmpRateLimited);
                     }
                     self.free.push(frame);
                 }
                 Ok(d) if st.gone[usize::from(d.tunnel)] => {
                     st.local.drop(DropReason::DeviceGone);
+                    seen.1 = Some(DropReason::DeviceGone);
                     self.free.push(frame);
                 }
                 Ok(d) => self.deliver(io, st, frame, d.tunnel, d.offset, d.len)?,
                 Err(DropReason::OuterFragment) if pass == 0 => {
+                    seen.1 = None;
                     let data = self.xsk.data_mut(&mut frame);
                     let outcome = st.reasm.add(data, crate::io::clock::now());
                     st.local.fragments_pending = st.reasm.pending();
                     match outcome {
-                        Outcome::Held => self.free.push(frame),
+                        Outcome::Held => {
+                            note!(
+                                st,
+                                "reassembly",
+                                "an outer fragment: held until its datagram is whole",
+                                json!({ "verdict": "held" })
+                            );
+                            self.free.push(frame)
+                        }
                         Outcome::Dropped { reason, also } => {
                             for _ in 0..=also {
                                 st.local.drop(reason);
                             }
+                            seen.1 = Some(reason);
                             self.free.push(frame);
                         }
                         Outcome::Complete { merged } => {
                             let buf = self.xsk.buffer_mut(&mut frame);
                             match st.reasm.take(buf) {
                                 Some(len) => {
+                                    note!(st, "reassembly", format!("the last fragment: the datagram ({len} bytes) is whole, and decapsulated"), json!({ "verdict": "complete", "len": len }));
                                     self.xsk.set_len(&mut frame, len);
                                     st.local.fragments_merged += u64::from(merged);
                                     // Whole now: decapsulated on the next
@@ -328,6 +452,7 @@ impl<S: Socket> Worker<S> {
                                     for _ in 0..=merged {
                                         st.local.drop(DropReason::FragmentTooBig);
                                     }
+                                    seen.1 = Some(DropReason::FragmentTooBig);
                                     self.free.push(frame);
                                 }
                             }
@@ -338,6 +463,7 @@ impl<S: Socket> Worker<S> {
                 // reassembly rules out; counted, never looped on).
                 Err(DropReason::OuterFragment) => {
                     st.local.drop(DropReason::FragmentMalformed);
+                    seen.1 = Some(DropReason::FragmentMalformed);
                     self.free.push(frame);
                 }
                 Err(reason) => {
@@ -345,9 +471,9 @@ impl<S: Socket> Worker<S> {
                     self.free.push(frame);
                 }
             }
-            return Ok(());
+            return Ok(seen);
         }
-        Ok(())
+        Ok((None, None))
     }
 
     /// The underlay says the path of tunnel `t` carries at most `mtu`
@@ -394,6 +520,16 @@ impl<S: Socket> Worker<S> {
         .emit(&mut crate::wire::ethernet::Frame::new_unchecked(
             &mut data[..eth],
         ));
+        if st.tap.active() {
+            let name = self.shared.tunnels.names.get(usize::from(tunnel));
+            st.tap.copy(
+                Point::WireOut,
+                Link::Ethernet,
+                name,
+                None,
+                &data[..eth + len],
+            );
+        }
         self.xsk.set_len(&mut frame, eth + len);
         st.local.keepalives += 1;
         st.tx_control.push(frame);

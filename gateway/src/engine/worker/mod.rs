@@ -51,7 +51,18 @@ use crate::engine::handover::{Job, Link, Returned};
 use crate::engine::ports::{Devices, Socket};
 use crate::io::uring::{Completed, Op, Piece};
 use crate::io::xsk::Xsk;
+use crate::telemetry::capture::{Tap, Taps, TraceBuf};
 use crate::telemetry::stats::{FrameCounts, LocalStats, TunnelCounters, WorkerStats};
+/// Adds a stage to the trace in hand, if a packet is being traced; the
+/// text and fields are built only then.
+macro_rules! note {
+    ($st:expr, $stage:expr, $text:expr, $fields:expr) => {
+        if let Some(t) = &mut $st.trace {
+            t.step($stage, $text, $fields);
+        }
+    };
+}
+
 mod inbound;
 mod ledger;
 mod outbound;
@@ -153,6 +164,8 @@ pub struct Tunnels {
     /// Tells tunnel lists apart: a write one worker hands another names
     /// its tunnel by index, valid only in the list of this generation.
     pub generation: u64,
+    /// The tunnels' names (for captures and traces).
+    pub names: Arc<Vec<Arc<str>>>,
 }
 
 /// What a worker shares with the rest of the gateway.
@@ -161,6 +174,8 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// Reconfigurations from the control thread.
     pub control: Receiver<Reconfig>,
+    /// The captures and traces running.
+    pub taps: Arc<Taps>,
 }
 
 /// A device queue of the new tunnel list.
@@ -329,6 +344,10 @@ struct State<F> {
     /// second they were last looked at.
     keepalive_due: Vec<u32>,
     keepalive_second: u32,
+    /// This worker's side of the captures and traces.
+    tap: Tap,
+    /// The trace of the packet in hand, when a trace session picked it.
+    trace: Option<TraceBuf>,
 }
 
 impl<S: Socket> Worker<S> {
@@ -446,6 +465,8 @@ impl<S: Socket> Worker<S> {
             jobs_per_poll: (entries as usize / 2).max(1),
             keepalive_due: vec![0; ntun],
             keepalive_second: u32::MAX,
+            tap: Tap::new(self.shared.taps.clone(), queue),
+            trace: None,
         };
         // The fill ring first: received packets are what we must not lose.
         st.frames.in_kernel += self.xsk.fill(&mut self.free, st.tx_reserve) as u64;

@@ -4,6 +4,8 @@
 //! of device writes and reads.
 
 use super::*;
+use crate::telemetry::capture::{Link, Point};
+use serde_json::json;
 
 impl<S: Socket> Worker<S> {
     /// Arms a read on every device that has none.
@@ -113,6 +115,9 @@ impl<S: Socket> Worker<S> {
                 self.encap_one(io, st, t, frame, len)?;
             }
             st.from_device = ready;
+            if let Some(trace) = st.trace.take() {
+                st.tap.finish(trace);
+            }
         }
         Ok(())
     }
@@ -151,9 +156,12 @@ impl<S: Socket> Worker<S> {
             st.local.drop(DropReason::TxMalformed);
             return;
         };
+        if st.tap.active() {
+            self.watch_read(st, t, pkt, &vnet);
+        }
         if pkt.is_empty() {
             st.local.tx_read += 1;
-            st.local.drop(DropReason::TxMalformed);
+            self.tx_drop(st, t, DropReason::TxMalformed, pkt);
             return;
         }
         if vnet.gso_type == offload::GSO_NONE {
@@ -168,8 +176,8 @@ impl<S: Socket> Worker<S> {
                 buf[off..off + pkt.len()].copy_from_slice(pkt);
             }
             if !fits || !offload::complete_checksum(&mut buf[off..off + pkt.len()], &vnet) {
-                st.local.drop(DropReason::TxMalformed);
                 self.free.push(frame);
+                self.tx_drop(st, t, DropReason::TxMalformed, pkt);
                 return;
             }
             st.from_device.push((frame, pkt.len()));
@@ -180,7 +188,7 @@ impl<S: Socket> Worker<S> {
             l3_of(tunnel.device_kind, pkt).and_then(|l3| Segmenter::new(pkt, l3, &vnet).ok())
         else {
             st.local.tx_read += 1;
-            st.local.drop(DropReason::TxMalformed);
+            self.tx_drop(st, t, DropReason::TxMalformed, pkt);
             return;
         };
         st.local.tx_gso_packets += 1;
@@ -202,6 +210,45 @@ impl<S: Socket> Worker<S> {
         }
     }
 
+    /// A packet read from tunnel `t`'s device, while a capture or trace
+    /// runs: copied at `device-in`, and its trace started.
+    #[cold]
+    fn watch_read(&self, st: &mut State<S::Frame>, t: usize, pkt: &[u8], vnet: &VnetHdr) {
+        let names = &self.shared.tunnels.names;
+        let link = Link::of(self.shared.tunnels.tx[t].device_kind);
+        st.tap.copy(Point::DeviceIn, link, names.get(t), None, pkt);
+        st.trace = st.tap.tx_begin(link, pkt, t, names);
+        let segments = if vnet.gso_type == offload::GSO_NONE {
+            String::new()
+        } else {
+            format!(", a GSO packet (segment size {})", vnet.gso_size)
+        };
+        note!(
+            st,
+            "device-in",
+            format!(
+                "{} bytes read from {}'s device{segments}",
+                pkt.len(),
+                names.get(t).map_or("?", |n| n)
+            ),
+            json!({ "len": pkt.len(), "tunnel": names.get(t).map(|n| n.to_string()), "gso_size": vnet.gso_size })
+        );
+    }
+
+    /// Drops a packet read from tunnel `t`'s device for `reason`.
+    fn tx_drop(&self, st: &mut State<S::Frame>, t: usize, reason: DropReason, pkt: &[u8]) {
+        st.local.drop(reason);
+        if st.tap.active() {
+            let names = &self.shared.tunnels.names;
+            let link = Link::of(self.shared.tunnels.tx[t].device_kind);
+            st.tap
+                .copy(Point::Drop, link, names.get(t), Some(reason), pkt);
+        }
+        if let Some(tr) = &mut st.trace {
+            tr.dropped(reason);
+        }
+    }
+
     /// Encapsulates a packet of tunnel `t` read into `frame` (`len` bytes
     /// at the tunnel's read offset) and sends it on, or answers the device.
     pub(super) fn encap_one<D: Devices<S::Frame>>(
@@ -220,8 +267,36 @@ impl<S: Socket> Worker<S> {
         };
         st.tx_cx.ident = st.tx_cx.ident.wrapping_add(1);
         let buf = self.xsk.buffer_mut(&mut frame);
+        let read_at = tunnel.read_offset();
+        if st.tap.active() {
+            // The packet before encapsulation overwrites what lies in front
+            // of it, kept for the `drop` point.
+            let inner = &buf[read_at..read_at + len];
+            st.tap.hold(inner);
+        }
         match encap(buf, len, tunnel, hop, &mut st.tx_cx) {
             Verdict::Transmit { len } => {
+                if st.tap.active() {
+                    let name = self.shared.tunnels.names.get(t);
+                    st.tap
+                        .copy(Point::WireOut, Link::Ethernet, name, None, &buf[..len]);
+                }
+                note!(
+                    st,
+                    "encap",
+                    format!(
+                        "encapsulated for {} (remote {}): {len} bytes on the wire",
+                        self.shared.tunnels.names.get(t).map_or("?", |n| n),
+                        tunnel.remote
+                    ),
+                    json!({ "len": len, "remote": tunnel.remote.to_string() })
+                );
+                note!(
+                    st,
+                    "wire-out",
+                    format!("on the TX ring of queue {}", self.queue),
+                    json!({ "verdict": "sent", "queue": self.queue })
+                );
                 self.xsk.set_len(&mut frame, len);
                 st.local.tx_sent += 1;
                 st.local.tunnel_tx_packets[t] += 1;
@@ -234,6 +309,19 @@ impl<S: Socket> Worker<S> {
                 reason,
             } => {
                 // Counted when the write completes.
+                note!(
+                    st,
+                    "reply",
+                    match reason {
+                        Some(r) => format!(
+                            "not sent ({}): an ICMP error goes back into the device",
+                            r.name()
+                        ),
+                        None =>
+                            "answered back into the device (ARP or neighbour discovery)".to_string(),
+                    },
+                    json!({ "verdict": "reply", "reason": reason.map(|r| r.name()) })
+                );
                 let tag = if reason.is_some() { REPLY_ICMP } else { REPLY };
                 self.xsk.set_len(&mut frame, offset + len);
                 self.write(io, st, t as u32, frame, offset, len, tag | t as u16)?;
@@ -241,6 +329,14 @@ impl<S: Socket> Worker<S> {
             Verdict::Drop(r) => {
                 if r == DropReason::TxNoNeighbour {
                     self.shared.tunnels.next_hops.request();
+                }
+                if st.tap.active() {
+                    let name = self.shared.tunnels.names.get(t);
+                    st.tap
+                        .copy_held(Point::Drop, Link::of(tunnel.device_kind), name, Some(r));
+                }
+                if let Some(tr) = &mut st.trace {
+                    tr.dropped(r);
                 }
                 st.local.drop(r);
                 self.xsk.set_len(&mut frame, 0);
@@ -281,6 +377,11 @@ impl<S: Socket> Worker<S> {
             let buf = self.xsk.buffer_mut(&mut frame);
             match keepalive_probe(buf, &self.shared.tunnels.tx[t], hop, &mut st.tx_cx) {
                 Verdict::Transmit { len } => {
+                    if st.tap.active() {
+                        let name = self.shared.tunnels.names.get(t);
+                        st.tap
+                            .copy(Point::WireOut, Link::Ethernet, name, None, &buf[..len]);
+                    }
                     self.xsk.set_len(&mut frame, len);
                     if let Some(n) = st.local.tunnel_keepalives_sent.get_mut(t) {
                         *n += 1;

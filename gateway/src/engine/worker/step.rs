@@ -36,6 +36,8 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         // The coarse clock, once per iteration, for what the way out
         // times (path MTU expiry, the ICMP budget).
         st.tx_cx.now = crate::io::clock::now();
+        // Captures and traces started or stopped.
+        st.tap.refresh();
         if w.settings.keepalives {
             w.keepalives(st);
         }

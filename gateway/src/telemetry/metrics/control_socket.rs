@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::clients::{ask, read_request, serve_clients, write_by, CLIENT_TIMEOUT};
 use super::{Format, Request};
+use crate::telemetry::capture::Taps;
+use std::sync::Arc;
 
 /// The control socket's name: abstract, so each network namespace has its
 /// own and nothing is left in the file system.
@@ -20,12 +22,16 @@ pub fn control_name(iface: &str) -> String {
 /// Answers `gateway stats` on the abstract unix socket for `iface`. A
 /// client writes one word (`human`, `json` or `prometheus`) and reads the
 /// answer until the socket closes.
-pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<()> {
+pub fn serve_control(
+    iface: &str,
+    requests: Sender<Request>,
+    taps: Arc<Taps>,
+) -> anyhow::Result<()> {
     let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
     let listener = UnixListener::bind_addr(&addr).map_err(|e| {
         anyhow::anyhow!("control socket @{}: {e}; is another gateway running on {iface} in this network namespace?", control_name(iface))
     })?;
-    serve_control_on(listener, requests)?;
+    serve_control_on(listener, requests, taps)?;
     Ok(())
 }
 
@@ -39,6 +45,7 @@ pub fn serve_control(iface: &str, requests: Sender<Request>) -> anyhow::Result<(
 pub(super) fn serve_control_on(
     listener: UnixListener,
     requests: Sender<Request>,
+    taps: Arc<Taps>,
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name("gw-control".into())
@@ -46,22 +53,45 @@ pub(super) fn serve_control_on(
             serve_clients(
                 "gw-control",
                 || listener.accept().map(|(c, _)| c),
-                move |c| answer_control(c, &requests),
+                move |c| answer_control(c, &requests, &taps),
                 BUSY.as_bytes(),
             )
         })?;
     Ok(())
 }
 
-fn answer_control(mut conn: UnixStream, requests: &Sender<Request>) {
-    let mut word = [0u8; 16];
+/// The longest request: a capture's, with its filter expression.
+const MAX_REQUEST: usize = 8192;
+
+/// Whether `b` is a whole request: a word, or a capture or trace request
+/// (the word, a space and a JSON line).
+fn request_complete(b: &[u8]) -> bool {
+    let long = b.starts_with(b"capture") || b.starts_with(b"trace");
+    !long || b.ends_with(b"\n")
+}
+
+fn answer_control(mut conn: UnixStream, requests: &Sender<Request>, taps: &Taps) {
+    let mut word = vec![0u8; MAX_REQUEST];
     // The word is what the first read brings (or nothing, when the client
-    // closes its side at once: the human summary).
+    // closes its side at once: the human summary); a capture or trace
+    // request runs to its newline.
     let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let Some(n) = read_request(&mut conn, &mut word, deadline, |_| true) else {
+    let Some(n) = read_request(&mut conn, &mut word, deadline, request_complete) else {
         return;
     };
-    let format = match std::str::from_utf8(&word[..n]).unwrap_or("").trim() {
+    let word = &word[..n];
+    for (w, trace) in [(&b"capture "[..], false), (&b"trace "[..], true)] {
+        if let Some(ask) = word.strip_prefix(w) {
+            // Packets are the users' traffic: only root or the gateway's
+            // own user may see them.
+            let allowed = may_reload(&conn);
+            // Runs while the client reads: the session is its own.
+            let _ = conn.set_read_timeout(None);
+            crate::telemetry::capture::serve_client(conn, trace, ask, taps, allowed);
+            return;
+        }
+    }
+    let format = match std::str::from_utf8(word).unwrap_or("").trim() {
         "reload" => None,
         "json" => Some(Format::Json),
         "prometheus" => Some(Format::Prometheus),

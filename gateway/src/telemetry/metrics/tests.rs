@@ -105,7 +105,12 @@ fn a_stalled_control_client_holds_up_no_one() {
     let name = format!("gateway-test-{}-control", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let (gateway, large) = fake_gateway();
-    serve_control_on(UnixListener::bind_addr(&addr).unwrap(), gateway).unwrap();
+    serve_control_on(
+        UnixListener::bind_addr(&addr).unwrap(),
+        gateway,
+        std::sync::Arc::new(crate::telemetry::capture::Taps::new(1)),
+    )
+    .unwrap();
     let connect = || {
         let c = UnixStream::connect_addr(&addr).unwrap();
         c.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -141,7 +146,12 @@ fn past_the_thread_limit_a_control_client_is_turned_away_not_kept_waiting() {
     let name = format!("gateway-test-{}-busy", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let (gateway, _large) = fake_gateway();
-    serve_control_on(UnixListener::bind_addr(&addr).unwrap(), gateway).unwrap();
+    serve_control_on(
+        UnixListener::bind_addr(&addr).unwrap(),
+        gateway,
+        std::sync::Arc::new(crate::telemetry::capture::Taps::new(1)),
+    )
+    .unwrap();
     let connect = || {
         let c = UnixStream::connect_addr(&addr).unwrap();
         c.set_read_timeout(Some(PATIENCE)).unwrap();

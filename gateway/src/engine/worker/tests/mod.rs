@@ -116,6 +116,11 @@ fn tunnels(list: Vec<(TunnelRx, TunnelTx)>) -> Tunnels {
         tx: Arc::new(tx),
         next_hops: Arc::new(hops),
         generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        names: Arc::new(
+            (0..n)
+                .map(|i| Arc::from(format!("t{i}").as_str()))
+                .collect(),
+        ),
     }
 }
 
@@ -152,6 +157,8 @@ pub(super) struct Setup {
     pub coalesce_udp: bool,
     /// This worker sends the tunnels' keepalives.
     pub keepalives: bool,
+    /// The captures and traces this worker serves.
+    pub taps: Arc<Taps>,
 }
 
 impl Default for Setup {
@@ -170,6 +177,7 @@ impl Default for Setup {
             multishot: true,
             coalesce_udp: false,
             keepalives: false,
+            taps: Arc::new(Taps::new(1)),
         }
     }
 }
@@ -206,6 +214,7 @@ impl Harness {
                 tunnels: s.tunnels,
                 stop: stop.clone(),
                 control: control_rx,
+                taps: s.taps.clone(),
             },
             stats.clone(),
         );

@@ -1,0 +1,324 @@
+//! `gateway capture` and `gateway trace`: the client side. The request goes
+//! over the control socket; the copies come back ([`super::stream`]) and
+//! are written as pcapng, one interface per point and kind of packet, the
+//! tunnel and drop reason in each packet's comment; traces are printed.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::{self, BufWriter, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
+use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::{DataLink, Endianness};
+use serde_json::{json, Value};
+
+use super::stream::{read_message, Message, Packet, END, HELLO, TRACE};
+use super::{Link, Point};
+use crate::telemetry::metrics::control_name;
+
+/// What `gateway capture` asks for.
+#[derive(Debug, Clone)]
+pub struct CaptureArgs {
+    pub iface: String,
+    pub filter: Option<String>,
+    pub points: Vec<String>,
+    pub tunnel: Option<String>,
+    pub reason: Option<String>,
+    pub count: Option<u64>,
+    pub snaplen: Option<usize>,
+    /// A file, or `-` for standard output.
+    pub write: PathBuf,
+}
+
+/// What `gateway trace` asks for.
+#[derive(Debug, Clone)]
+pub struct TraceArgs {
+    pub iface: String,
+    pub filter: Option<String>,
+    pub tunnel: Option<String>,
+    pub count: u64,
+    pub json: bool,
+}
+
+/// Connects to the gateway on `iface` and sends `word` and `ask`.
+fn open(iface: &str, word: &str, ask: &Value) -> anyhow::Result<UnixStream> {
+    let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
+    let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
+        anyhow::anyhow!("no gateway answers for {iface} in this network namespace ({e}); is it running (gateway --iface {iface})?")
+    })?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("{word} {ask}\n").as_bytes())?;
+    Ok(s)
+}
+
+/// Ctrl-C (or SIGTERM) ends the session cleanly: the client closes its
+/// side, the gateway sends what it holds and its figures. A second Ctrl-C
+/// ends the client at once.
+fn stop_on_signal(conn: &UnixStream) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let conn = conn.try_clone()?;
+    std::thread::Builder::new()
+        .name("stop".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        })?;
+    Ok(())
+}
+
+/// The first message: the session started, or why not.
+fn hello(conn: &mut UnixStream, iface: &str) -> anyhow::Result<()> {
+    match read_message(conn)? {
+        Some(Message::Json(HELLO, _)) => Ok(()),
+        Some(Message::Error(e)) => anyhow::bail!("{e}"),
+        Some(_) => anyhow::bail!("the gateway on {iface} answered out of turn"),
+        None => anyhow::bail!(
+            "the gateway on {iface} closed the connection; only root or the gateway's own user may capture, and it may be busy or stopping"
+        ),
+    }
+}
+
+/// The end: what the gateway counted.
+fn summary(end: Option<&Value>, what: &str, iface: &str) -> String {
+    match end {
+        Some(v) => {
+            let taken = v["taken"].as_u64().unwrap_or(0);
+            let lost = v["lost"].as_u64().unwrap_or(0);
+            let mut s = format!("{taken} {what} taken");
+            if lost > 0 {
+                s.push_str(&format!(
+                    ", {lost} lost (the reader was slower than the traffic; every packet itself went on)"
+                ));
+            }
+            s
+        }
+        None => format!("the gateway on {iface} stopped before the end"),
+    }
+}
+
+/// `gateway capture`: writes pcapng to `args.write` until `-c` copies,
+/// Ctrl-C, or the gateway's end; prints the figures on stderr.
+pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
+    let ask = json!({
+        "points": args.points,
+        "filter": args.filter,
+        "tunnel": args.tunnel,
+        "reason": args.reason,
+        "count": args.count,
+        "snaplen": args.snaplen,
+    });
+    let mut conn = open(&args.iface, "capture", &ask)?;
+    hello(&mut conn, &args.iface)?;
+    let points = if args.points.is_empty() {
+        "every point".to_string()
+    } else {
+        args.points.join(", ")
+    };
+    eprintln!(
+        "capturing on the gateway of {} ({points}{}), to {}; Ctrl-C stops",
+        args.iface,
+        args.filter
+            .as_deref()
+            .map_or(String::new(), |f| format!(", filter {f:?}")),
+        args.write.display()
+    );
+    let to_stdout = args.write.as_os_str() == "-";
+    let out: Box<dyn Write> = if to_stdout {
+        Box::new(io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(&args.write)
+                .map_err(|e| anyhow::anyhow!("-w {}: {e}", args.write.display()))?,
+        )
+    };
+    stop_on_signal(&conn)?;
+    let mut file = Pcapng::new(BufWriter::new(out), &args.iface)?;
+    let mut end = None;
+    while let Some(m) = read_message(&mut conn)? {
+        match m {
+            Message::Packet(p) => {
+                file.packet(&p)?;
+                if to_stdout {
+                    file.flush()?;
+                }
+            }
+            Message::Json(END, v) => {
+                end = Some(v);
+                break;
+            }
+            Message::Error(e) => anyhow::bail!("{e}"),
+            Message::Json(..) => {}
+        }
+    }
+    file.flush()?;
+    eprintln!("{}", summary(end.as_ref(), "packets", &args.iface));
+    Ok(())
+}
+
+/// A pcapng stream: one interface per (point, kind of packet), described
+/// as it first appears.
+struct Pcapng<W: Write> {
+    w: PcapNgWriter<W>,
+    interfaces: HashMap<(Point, Link), u32>,
+    iface: String,
+}
+
+impl<W: Write> Pcapng<W> {
+    fn new(w: W, iface: &str) -> anyhow::Result<Self> {
+        let section = SectionHeaderBlock {
+            endianness: Endianness::native(),
+            options: vec![SectionHeaderOption::UserApplication(Cow::Owned(format!(
+                "gateway capture {}",
+                env!("CARGO_PKG_VERSION")
+            )))],
+            ..Default::default()
+        };
+        Ok(Pcapng {
+            w: PcapNgWriter::with_section_header(w, section)?,
+            interfaces: HashMap::new(),
+            iface: iface.to_string(),
+        })
+    }
+
+    fn interface(&mut self, point: Point, link: Link) -> anyhow::Result<u32> {
+        if let Some(&id) = self.interfaces.get(&(point, link)) {
+            return Ok(id);
+        }
+        let id = self.interfaces.len() as u32;
+        let (linktype, kind) = match link {
+            Link::Ethernet => (DataLink::ETHERNET, "Ethernet"),
+            Link::Raw => (DataLink::RAW, "IP"),
+        };
+        let idb = InterfaceDescriptionBlock {
+            linktype,
+            snaplen: super::serve::MAX_SNAPLEN as u32,
+            options: vec![
+                InterfaceDescriptionOption::IfName(Cow::Borrowed(point.name())),
+                InterfaceDescriptionOption::IfDescription(Cow::Owned(format!(
+                    "gateway on {}: {} ({kind})",
+                    self.iface,
+                    point.description()
+                ))),
+                // Nanosecond timestamps.
+                InterfaceDescriptionOption::IfTsResol(9),
+            ],
+        };
+        self.w.write_pcapng_block(idb)?;
+        self.interfaces.insert((point, link), id);
+        Ok(id)
+    }
+
+    fn packet(&mut self, p: &Packet) -> anyhow::Result<()> {
+        let id = self.interface(p.point, p.link)?;
+        let mut comment = format!("point={}", p.point.name());
+        if let Some(t) = &p.tunnel {
+            comment.push_str(&format!(" tunnel={t}"));
+        }
+        if let Some(r) = &p.reason {
+            comment.push_str(&format!(" reason={r}"));
+        }
+        comment.push_str(&format!(" queue={}", p.queue));
+        let epb = EnhancedPacketBlock {
+            interface_id: id,
+            timestamp: Duration::from_nanos(p.time_ns),
+            original_len: p.len,
+            data: Cow::Borrowed(&p.data),
+            options: vec![
+                EnhancedPacketOption::Comment(Cow::Owned(comment)),
+                // Direction: 01 inbound, 10 outbound.
+                EnhancedPacketOption::Flags(if p.point.inbound() { 1 } else { 2 }),
+            ],
+        };
+        self.w.write_pcapng_block(epb)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.get_mut().flush()
+    }
+}
+
+/// `gateway trace`: prints the next `count` traces, for a person or as
+/// JSON lines.
+pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    let ask = json!({
+        "filter": args.filter,
+        "tunnel": args.tunnel,
+        "count": args.count,
+    });
+    let mut conn = open(&args.iface, "trace", &ask)?;
+    hello(&mut conn, &args.iface)?;
+    eprintln!(
+        "tracing the next {} packets on the gateway of {}{}; Ctrl-C stops",
+        args.count,
+        args.iface,
+        args.filter
+            .as_deref()
+            .map_or(String::new(), |f| format!(" matching {f:?}"))
+    );
+    stop_on_signal(&conn)?;
+    let mut out = io::stdout().lock();
+    let mut n = 0;
+    let mut end = None;
+    while let Some(m) = read_message(&mut conn)? {
+        match m {
+            Message::Json(TRACE, v) => {
+                n += 1;
+                if args.json {
+                    writeln!(out, "{v}")?;
+                } else {
+                    write!(out, "{}", human(n, &v))?;
+                }
+                out.flush()?;
+            }
+            Message::Json(END, v) => {
+                end = Some(v);
+                break;
+            }
+            Message::Error(e) => anyhow::bail!("{e}"),
+            _ => {}
+        }
+    }
+    eprintln!("{}", summary(end.as_ref(), "traces", &args.iface));
+    Ok(())
+}
+
+/// A trace for a person: a heading, then a line per stage.
+fn human(n: u64, v: &Value) -> String {
+    let t = v["time"].as_f64().unwrap_or(0.0);
+    let secs = t as u64;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let micros = ((t - secs as f64) * 1e6) as u64;
+    let dir = match v["direction"].as_str() {
+        Some("out") => "from a device",
+        _ => "from the wire",
+    };
+    let mut o = format!(
+        "packet {n}: {dir}, queue {}, {h:02}:{m:02}:{s:02}.{micros:06} UTC\n",
+        v["queue"]
+    );
+    for st in v["stages"].as_array().into_iter().flatten() {
+        o.push_str(&format!(
+            "  {:<11} {}\n",
+            st["stage"].as_str().unwrap_or("?"),
+            st["decision"].as_str().unwrap_or("")
+        ));
+    }
+    o
+}
