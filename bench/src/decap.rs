@@ -20,7 +20,12 @@ pub(crate) struct DecapTrial {
 }
 
 impl Bench {
-    fn decap_trial(&self, gw: &GatewayProc, t: &Template, rate: Option<f64>) -> Result<DecapTrial> {
+    pub(crate) fn decap_trial(
+        &self,
+        gw: &GatewayProc,
+        t: &Template,
+        rate: Option<f64>,
+    ) -> Result<DecapTrial> {
         let before = gw.stats()?;
         let out = self.run(t, rate)?;
         std::thread::sleep(Duration::from_millis(200));

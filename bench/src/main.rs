@@ -18,12 +18,13 @@
 //!
 //! One module per section, run in this order by `main`: `ceiling` (the
 //! wire, the device, and later the bare veth's round trip), `decap`,
-//! `round_trip`, `idle`, `tcp`, `spread`, then `report` (results, plot,
+//! `capture` (the cost of a capture attached), `round_trip`, `idle`, `tcp`, `spread`, then `report` (results, plot,
 //! summary); `soak` and `two_hosts` are modes of their own. `harness` has
 //! what they share (the gateway process, trials, the no-drop search).
 
 #![deny(unsafe_code)]
 
+mod capture;
 mod ceiling;
 mod decap;
 mod gen;
@@ -219,6 +220,7 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(1000));
 
     let decap = decap::section(&bench, &gw, &udp)?;
+    let capture_cost = capture::section(&bench, &gw, &gw_ns, &udp)?;
     let rt = round_trip::run(&bench, &echo, Some(gw.child.id()))?;
     let gw_final = gw.stats()?;
     drop(gw);
@@ -249,6 +251,7 @@ fn main() -> Result<()> {
         wire_pps,
         dev,
         decap,
+        capture_cost,
         rt,
         bare,
         idle,

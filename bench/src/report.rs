@@ -272,6 +272,7 @@ pub(crate) struct Run<'a> {
     pub(crate) wire_pps: f64,
     pub(crate) dev: DeviceCeiling,
     pub(crate) decap: Decap,
+    pub(crate) capture_cost: Value,
     pub(crate) rt: RoundTrip,
     pub(crate) bare: BareRoundTrip,
     pub(crate) idle: Vec<(String, f64)>,
@@ -351,6 +352,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
             "ratio_max_delivered_to_tap_io_uring": dmax.delivered_pps / dev.uring_pps.max(1.0),
             "ratio_worker_cost_to_one_write": ns_per_pkt / write_ns,
         },
+        "capture_cost": run.capture_cost,
         "round_trip": {
             "max_offered_pps": rt.max_offered,
             "max_answered_pps": rt.max_answered,
@@ -466,6 +468,21 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
         decap_ndr,
         decap_ndr / wire_pps.max(1.0)
     );
+    for (name, label) in [
+        ("all", "decap with a capture of everything (vs none)"),
+        (
+            "filter_matching_none",
+            "decap with a capture filtering all out",
+        ),
+    ] {
+        let m = &run.capture_cost["mean"][name];
+        println!(
+            "{:<44} {:>14.0} {:>11.2}x",
+            label,
+            m["delivered_pps"].as_f64().unwrap_or(0.0),
+            m["ratio_delivered_to_none"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!("{:<44} {:>14.0}", "round trip: no-drop rate", rt_ndr);
     println!(
         "{:<44} {:>14.0} {:>11.2}x",

@@ -40,7 +40,14 @@ fn quick_bench_writes_json_hgrm_and_plot() {
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    for section in ["settings", "machine", "ceilings", "decap", "round_trip"] {
+    for section in [
+        "settings",
+        "machine",
+        "ceilings",
+        "decap",
+        "capture_cost",
+        "round_trip",
+    ] {
         assert!(
             json[section].is_object(),
             "results.json has {section}: {json}"
@@ -55,6 +62,29 @@ fn quick_bench_writes_json_hgrm_and_plot() {
     assert!(json["decap"]["max_delivered_pps"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+    // The capture cost: each case measured, and the capture of everything
+    // took copies (the summary its client printed).
+    for case in ["none", "all", "filter_matching_none"] {
+        assert!(
+            json["capture_cost"]["mean"][case]["delivered_pps"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "capture_cost.mean.{case}: {}",
+            json["capture_cost"]
+        );
+    }
+    assert!(
+        json["capture_cost"]["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["capture"] == "all"
+                && t["client_said"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("packets taken"))),
+        "{}",
+        json["capture_cost"]
+    );
     let levels = json["round_trip"]["latency"].as_array().unwrap();
     assert_eq!(
         levels.len(),
