@@ -355,6 +355,13 @@ impl<S: Socket> Worker<S> {
                 Some(t) => decap_noted(data, &self.shared.tunnels.rx, &mut st.rx, t),
             };
             let mut seen = (decapped.ok().map(|d| d.tunnel), decapped.err());
+            if st.tap.active() {
+                // The copy as received goes first, with its tunnel.
+                let t = seen
+                    .0
+                    .and_then(|t| self.shared.tunnels.names.get(usize::from(t)));
+                st.tap.rx_decided(t);
+            }
             match decapped {
                 Ok(d) if d.kind == Kind::Keepalive => {
                     note!(

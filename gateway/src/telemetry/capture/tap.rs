@@ -55,6 +55,7 @@ impl Attached {
         reason: Option<DropReason>,
         bytes: &[u8],
         len: usize,
+        time: Option<std::time::Duration>,
     ) {
         let keep = bytes.len().min(self.s.snaplen);
         if !self.s.claim(keep) {
@@ -66,7 +67,7 @@ impl Attached {
             queue,
             tunnel: tunnel.cloned(),
             reason,
-            time: now(),
+            time: time.unwrap_or_else(now),
             len: u32::try_from(len).unwrap_or(u32::MAX),
             data: bytes[..keep].to_vec(),
         };
@@ -86,6 +87,8 @@ pub struct Tap {
     /// it, when a session wants it at `wire-in` or `drop`.
     held: Vec<u8>,
     held_len: usize,
+    /// When the frame in hand was taken from the RX ring.
+    held_time: std::time::Duration,
     /// Which attached sessions (by bit) took the frame in hand for
     /// `wire-in`, and which for `drop`.
     want_in: u32,
@@ -103,6 +106,7 @@ impl Tap {
             queue: queue as u16,
             held: Vec::new(),
             held_len: 0,
+            held_time: std::time::Duration::ZERO,
             want_in: 0,
             want_drop: 0,
             tracing: 0,
@@ -170,6 +174,7 @@ impl Tap {
             self.held.clear();
             self.held.extend_from_slice(&frame[..frame.len().min(keep)]);
             self.held_len = frame.len();
+            self.held_time = now();
         }
         if let Some(t) = &mut trace {
             t.step(
@@ -185,17 +190,15 @@ impl Tap {
         trace
     }
 
-    /// The frame [`Tap::rx_begin`] kept went to `tunnel` (when known), or
-    /// was dropped for `reason`.
-    pub fn rx_end(&mut self, tunnel: Option<&Arc<str>>, reason: Option<DropReason>) {
-        if self.want_in | self.want_drop == 0 {
+    /// The frame [`Tap::rx_begin`] kept belongs to `tunnel` (`None`: to
+    /// none, or not known yet, as for an outer fragment): its `wire-in`
+    /// copies go, before what decapsulation makes of it.
+    pub fn rx_decided(&mut self, tunnel: Option<&Arc<str>>) {
+        if self.want_in == 0 {
             return;
         }
         for (i, a) in self.attached.iter().enumerate() {
-            if !a.takes_tunnel(tunnel) {
-                continue;
-            }
-            if self.want_in & (1 << i) != 0 && a.s.reason.is_none() {
+            if self.want_in & (1 << i) != 0 && a.s.reason.is_none() && a.takes_tunnel(tunnel) {
                 a.emit(
                     self.queue,
                     Point::WireIn,
@@ -204,21 +207,39 @@ impl Tap {
                     None,
                     &self.held,
                     self.held_len,
-                );
-            }
-            if self.want_drop & (1 << i) != 0 && reason.is_some() && a.takes_reason(reason) {
-                a.emit(
-                    self.queue,
-                    Point::Drop,
-                    Link::Ethernet,
-                    tunnel,
-                    reason,
-                    &self.held,
-                    self.held_len,
+                    Some(self.held_time),
                 );
             }
         }
         self.want_in = 0;
+    }
+
+    /// The frame [`Tap::rx_begin`] kept is done with: dropped for
+    /// `reason`, if any.
+    pub fn rx_end(&mut self, tunnel: Option<&Arc<str>>, reason: Option<DropReason>) {
+        self.rx_decided(tunnel);
+        if self.want_drop == 0 {
+            return;
+        }
+        if reason.is_some() {
+            for (i, a) in self.attached.iter().enumerate() {
+                if self.want_drop & (1 << i) != 0
+                    && a.takes_tunnel(tunnel)
+                    && a.takes_reason(reason)
+                {
+                    a.emit(
+                        self.queue,
+                        Point::Drop,
+                        Link::Ethernet,
+                        tunnel,
+                        reason,
+                        &self.held,
+                        self.held_len,
+                        None,
+                    );
+                }
+            }
+        }
         self.want_drop = 0;
     }
 
@@ -239,7 +260,16 @@ impl Tap {
                 && a.takes_reason(reason)
                 && a.matches(link, bytes)
             {
-                a.emit(self.queue, point, link, tunnel, reason, bytes, bytes.len());
+                a.emit(
+                    self.queue,
+                    point,
+                    link,
+                    tunnel,
+                    reason,
+                    bytes,
+                    bytes.len(),
+                    None,
+                );
             }
         }
     }
@@ -284,6 +314,7 @@ impl Tap {
                     reason,
                     &self.held,
                     self.held_len,
+                    None,
                 );
             }
         }
