@@ -2,7 +2,10 @@
 //! load with no capture attached, with `gateway capture` taking every
 //! packet at every point (into /dev/null), and with a capture whose filter
 //! matches nothing (the filter still runs on every packet at every
-//! point). Each case twice, interleaved, so drift shows as spread.
+//! point). Each case twice, interleaved, so drift shows as spread (the
+//! range of each beside its mean). The capture's client and the thread
+//! that serves it run on the same two cores as the generator and the
+//! worker: their cost is part of what "all" measures on such a machine.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -96,24 +99,44 @@ pub(crate) fn section(
                 ns_per,
                 if said.is_empty() { String::new() } else { format!("; capture: {said}") }
             ));
+            // "N packets taken, M lost (...)": what the capture kept.
+            let figure = |word: &str| -> Option<u64> {
+                let words: Vec<&str> = said.split_whitespace().collect();
+                words
+                    .windows(2)
+                    .find(|w| w[1].trim_end_matches(',') == word)
+                    .and_then(|w| w[0].parse().ok())
+            };
             trials.push(json!({
                 "capture": name,
                 "round": round + 1,
                 "offered_pps": t.offered_pps,
                 "delivered_pps": t.delivered_pps,
                 "worker_ns_per_packet": ns_per,
+                "copies_taken": figure("packets").or(filter.map(|_| 0)),
+                "copies_lost": figure("lost").unwrap_or(0),
                 "client_said": said,
             }));
             bench.check()?;
         }
     }
-    let mean = |name: &str, field: &str| -> f64 {
-        let v: Vec<f64> = trials
+    let values = |name: &str, field: &str| -> Vec<f64> {
+        trials
             .iter()
             .filter(|t| t["capture"] == name)
             .filter_map(|t| t[field].as_f64())
-            .collect();
+            .collect()
+    };
+    let mean = |name: &str, field: &str| -> f64 {
+        let v = values(name, field);
         v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let range = |name: &str, field: &str| -> [f64; 2] {
+        let v = values(name, field);
+        [
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        ]
     };
     let base_pps = mean("none", "delivered_pps").max(1.0);
     let base_ns = mean("none", "worker_ns_per_packet").max(1e-9);
@@ -123,7 +146,11 @@ pub(crate) fn section(
             name.into(),
             json!({
                 "delivered_pps": mean(name, "delivered_pps"),
+                "delivered_pps_range": range(name, "delivered_pps"),
                 "worker_ns_per_packet": mean(name, "worker_ns_per_packet"),
+                "worker_ns_per_packet_range": range(name, "worker_ns_per_packet"),
+                "copies_taken": mean(name, "copies_taken"),
+                "copies_lost": mean(name, "copies_lost"),
                 "ratio_delivered_to_none": mean(name, "delivered_pps") / base_pps,
                 "ratio_worker_cost_to_none": mean(name, "worker_ns_per_packet") / base_ns,
             }),

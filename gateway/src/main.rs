@@ -92,7 +92,7 @@ enum Command {
         #[arg(short = 'w', value_name = "FILE")]
         write: PathBuf,
         /// A tcpdump filter expression (pcap-filter(7)), e.g. `icmp and host 10.1.1.2`.
-        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        #[arg(value_name = "FILTER")]
         filter: Vec<String>,
     },
     /// Follow the next N packets through the running gateway, stage by
@@ -114,7 +114,7 @@ enum Command {
         json: bool,
         /// A tcpdump filter expression, over the frame as received (or the
         /// packet as read from a device).
-        #[arg(value_name = "FILTER", trailing_var_arg = true)]
+        #[arg(value_name = "FILTER")]
         filter: Vec<String>,
     },
     /// Make the gateway running on IFACE in this network namespace read its

@@ -397,7 +397,7 @@ fn a_filter_selects_what_tcpdumps_selects() {
     // Each unfiltered capture holds them all (the filtered ones then hold
     // what they will).
     wait_until("the copies", Duration::from_secs(30), || {
-        copies(&l.gw) >= 2 * sent
+        copies(&l.gw) >= 2 * sent + 15
     });
     for c in clients {
         c.stop();
@@ -571,7 +571,9 @@ fn a_trace_shows_each_stage_of_a_keyed_packet_and_the_verdict_on_spoofed_ones() 
     // tun100 is read, encapsulated and sent.
     let tr = Client::start(
         &l.wire.gw,
-        &["trace", "--iface", "ens0", "-c", "1", "icmp"],
+        &[
+            "trace", "--iface", "ens0", "-c", "1", "--tunnel", "tun100", "icmp",
+        ],
         Stdio::piped(),
     );
     let (ok, _) = l.wire.gw.exec(&["ping", "-c", "1", "-W", "1", "10.1.1.2"]);

@@ -10,6 +10,27 @@ pub mod uring;
 pub mod xdp;
 pub mod xsk;
 
+/// Waits up to `timeout_ms` for `events` (`POLLIN`, `POLLOUT`) on `fd`;
+/// returns what happened (`revents`, hang-ups and errors included; 0 on
+/// a timeout or a signal).
+pub fn poll_one(fd: std::os::fd::RawFd, events: i16, timeout_ms: i32) -> std::io::Result<i16> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: `p` is one live pollfd, the length given.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(p.revents)
+}
+
 /// Waits until one of `fds` is readable or `timeout_ms` passes.
 pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout_ms: i32) -> std::io::Result<bool> {
     let mut pfds: Vec<libc::pollfd> = fds

@@ -129,7 +129,7 @@ impl<S: Socket> Worker<S> {
                 let mut i = 0;
                 while i < st.gro.len() {
                     if st.gro[i].tunnel == t {
-                        self.flush_run(io, st, i)?;
+                        self.flush_other(io, st, i)?;
                     } else {
                         i += 1;
                     }
@@ -160,18 +160,18 @@ impl<S: Socket> Worker<S> {
                     len: seg.payload,
                 });
                 if r.run.closed {
-                    self.flush_run(io, st, i)?;
+                    self.flush_other(io, st, i)?;
                 }
                 return Ok(());
             }
             // The flow's earlier segments go first.
-            self.flush_run(io, st, i)?;
+            self.flush_other(io, st, i)?;
         }
         if !seg.mergeable || seg.push {
             return self.write(io, st, u32::from(t), frame, offset, len, t);
         }
         if st.gro.len() == GRO_FLOWS {
-            self.flush_run(io, st, 0)?;
+            self.flush_other(io, st, 0)?;
         }
         note!(st, "coalesce", "the first segment of its flow in this batch: held for the segments that may follow, written at the batch's end", json!({ "coalesced_with": 0 }));
         let rest = io.pieces();
@@ -185,6 +185,20 @@ impl<S: Socket> Worker<S> {
             rest,
         });
         Ok(())
+    }
+
+    /// [`Self::flush_run`] of another packet's run while a packet is in
+    /// hand: its writes are not the traced packet's stages.
+    fn flush_other<D: Devices<S::Frame>>(
+        &mut self,
+        io: &mut D,
+        st: &mut State<S::Frame>,
+        i: usize,
+    ) -> Result<(), WorkerError> {
+        let trace = st.trace.take();
+        let r = self.flush_run(io, st, i);
+        st.trace = trace;
+        r
     }
 
     /// Writes run `i`: one packet as it is, or several as one GSO packet.

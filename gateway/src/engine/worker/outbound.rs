@@ -271,8 +271,7 @@ impl<S: Socket> Worker<S> {
         if st.tap.active() {
             // The packet before encapsulation overwrites what lies in front
             // of it, kept for the `drop` point.
-            let inner = &buf[read_at..read_at + len];
-            st.tap.hold(inner);
+            st.tap.hold(buf.get(read_at..read_at + len).unwrap_or(&[]));
         }
         match encap(buf, len, tunnel, hop, &mut st.tx_cx) {
             Verdict::Transmit { len } => {

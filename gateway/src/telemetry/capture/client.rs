@@ -50,14 +50,24 @@ pub struct TraceArgs {
     pub json: bool,
 }
 
+/// The longest request line the gateway reads (its control socket's).
+const MAX_REQUEST: usize = 8000;
+
 /// Connects to the gateway on `iface` and sends `word` and `ask`.
 fn open(iface: &str, word: &str, ask: &Value) -> anyhow::Result<UnixStream> {
+    let line = format!("{word} {ask}\n");
+    if line.len() > MAX_REQUEST {
+        anyhow::bail!(
+            "the filter expression is too long ({} bytes; the request may hold {MAX_REQUEST})",
+            line.len()
+        );
+    }
     let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
         anyhow::anyhow!("no gateway answers for {iface} in this network namespace ({e}); is it running (gateway --iface {iface})?")
     })?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("{word} {ask}\n").as_bytes())?;
+    s.write_all(line.as_bytes())?;
     Ok(s)
 }
 
@@ -148,7 +158,11 @@ pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
         )
     };
     stop_on_signal(&conn)?;
-    let mut file = Pcapng::new(BufWriter::new(out), &args.iface)?;
+    let snaplen = args
+        .snaplen
+        .unwrap_or(super::serve::MAX_SNAPLEN)
+        .clamp(1, super::serve::MAX_SNAPLEN);
+    let mut file = Pcapng::new(BufWriter::new(out), &args.iface, snaplen as u32)?;
     let mut end = None;
     while let Some(m) = read_message(&mut conn)? {
         match m {
@@ -167,6 +181,13 @@ pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
         }
     }
     file.flush()?;
+    if end.is_none() {
+        anyhow::bail!(
+            "the gateway on {} stopped during the capture; {} holds what came before",
+            args.iface,
+            args.write.display()
+        );
+    }
     eprintln!("{}", summary(end.as_ref(), "packets", &args.iface));
     Ok(())
 }
@@ -177,10 +198,11 @@ struct Pcapng<W: Write> {
     w: PcapNgWriter<W>,
     interfaces: HashMap<(Point, Link), u32>,
     iface: String,
+    snaplen: u32,
 }
 
 impl<W: Write> Pcapng<W> {
-    fn new(w: W, iface: &str) -> anyhow::Result<Self> {
+    fn new(w: W, iface: &str, snaplen: u32) -> anyhow::Result<Self> {
         let section = SectionHeaderBlock {
             endianness: Endianness::native(),
             options: vec![SectionHeaderOption::UserApplication(Cow::Owned(format!(
@@ -193,6 +215,7 @@ impl<W: Write> Pcapng<W> {
             w: PcapNgWriter::with_section_header(w, section)?,
             interfaces: HashMap::new(),
             iface: iface.to_string(),
+            snaplen,
         })
     }
 
@@ -207,7 +230,7 @@ impl<W: Write> Pcapng<W> {
         };
         let idb = InterfaceDescriptionBlock {
             linktype,
-            snaplen: super::serve::MAX_SNAPLEN as u32,
+            snaplen: self.snaplen,
             options: vec![
                 InterfaceDescriptionOption::IfName(Cow::Borrowed(point.name())),
                 InterfaceDescriptionOption::IfDescription(Cow::Owned(format!(
@@ -241,8 +264,8 @@ impl<W: Write> Pcapng<W> {
             data: Cow::Borrowed(&p.data),
             options: vec![
                 EnhancedPacketOption::Comment(Cow::Owned(comment)),
-                // Direction: 01 inbound, 10 outbound.
-                EnhancedPacketOption::Flags(if p.point.inbound() { 1 } else { 2 }),
+                // Direction: 01 inbound, 10 outbound, 00 unknown (drops).
+                EnhancedPacketOption::Flags(p.point.direction()),
             ],
         };
         self.w.write_pcapng_block(epb)?;
@@ -294,6 +317,9 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
             Message::Error(e) => anyhow::bail!("{e}"),
             _ => {}
         }
+    }
+    if end.is_none() {
+        anyhow::bail!("the gateway on {} stopped during the trace", args.iface);
     }
     eprintln!("{}", summary(end.as_ref(), "traces", &args.iface));
     Ok(())

@@ -35,7 +35,7 @@ mod trace;
 
 pub use client::{capture, trace, CaptureArgs, TraceArgs};
 pub use serve::serve_client;
-pub use session::{Session, Taps};
+pub use session::{Kind, Session, Taps};
 pub use tap::Tap;
 pub use trace::TraceBuf;
 
@@ -93,9 +93,14 @@ impl Point {
         }
     }
 
-    /// Received (1) or sent (2), for the pcapng packet flags.
-    pub const fn inbound(self) -> bool {
-        matches!(self, Point::WireIn | Point::DeviceIn)
+    /// The direction in the pcapng packet flags: 1 received (by the
+    /// gateway, from the wire or a device), 2 sent, 0 for drops.
+    pub const fn direction(self) -> u32 {
+        match self {
+            Point::WireIn | Point::DeviceIn => 1,
+            Point::DeviceOut | Point::WireOut => 2,
+            Point::Drop => 0,
+        }
     }
 }
 

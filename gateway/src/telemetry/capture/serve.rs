@@ -2,11 +2,11 @@
 //! the session attached to the workers' taps, its queue drained onto the
 //! socket until the client has what it asked for or goes away.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -16,11 +16,18 @@ use super::stream::{encode_packet, write_message, END, ERROR, HELLO, PACKET, TRA
 use super::{Item, Point};
 use crate::datapath::drop_reason::DropReason;
 
-/// A client that takes nothing for this long is let go (its session
-/// ends; the data path never waited for it).
-const STALLED: Duration = Duration::from_secs(10);
-/// How long the thread sleeps on the socket when the queue is empty.
-const IDLE: Duration = Duration::from_millis(20);
+/// How long the last messages (what was queued, the figures) may take
+/// to write once the session ended.
+const FINAL_WRITE: Duration = Duration::from_secs(2);
+/// How long the thread waits on the socket when it has nothing to send,
+/// or no room to send it.
+const IDLE_MS: i32 = 20;
+/// Bytes of messages encoded at once.
+const BATCH_BYTES: usize = 256 << 10;
+/// How long the workers get to let a detached session go.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Traces one session takes at most (each is built on the data path).
+const MAX_TRACES: u64 = 10_000;
 /// The most bytes kept of one packet.
 pub const MAX_SNAPLEN: usize = 262_144;
 
@@ -96,6 +103,17 @@ fn session_of(trace: bool, ask: &Ask, taps: &Taps) -> Result<Session, String> {
     if ask.count == Some(0) {
         return Err("-c 0 takes nothing; give a count of 1 or more, or leave -c out".into());
     }
+    let count = if trace {
+        let n = ask.count.unwrap_or(10);
+        if n > MAX_TRACES {
+            return Err(format!(
+                "-c {n}: a trace takes at most {MAX_TRACES} packets (each is followed on the data path)"
+            ));
+        }
+        Some(n)
+    } else {
+        ask.count
+    };
     let snaplen = ask.snaplen.unwrap_or(MAX_SNAPLEN).clamp(1, MAX_SNAPLEN);
     Session::new(
         kind,
@@ -103,24 +121,41 @@ fn session_of(trace: bool, ask: &Ask, taps: &Taps) -> Result<Session, String> {
         taps.workers(),
         ask.tunnel.clone(),
         reason,
-        ask.count,
+        count,
         snaplen,
     )
     .map_err(|e| format!("filter: {e}"))
 }
 
+/// Appends `item` to `out` as a message.
+fn encode(item: Item, out: &mut Vec<u8>, body: &mut Vec<u8>) {
+    // (Writing into a vector cannot fail.)
+    let _ = match item {
+        Item::Packet(p) => {
+            encode_packet(&p, body);
+            write_message(out, PACKET, body)
+        }
+        Item::Trace(t) => write_message(out, TRACE, t.to_json().to_string().as_bytes()),
+    };
+}
+
 /// Serves one capture (`trace` false) or trace client whose request is
-/// `body` (JSON), on this thread, until the session ends.
+/// `body` (JSON), on this thread, until the session ends: the client has
+/// what it asked for, closes its side (Ctrl-C), or goes away.
+///
+/// The socket is written only as fast as the client reads: what it has
+/// not taken waits in the session's queue, which the workers fill until
+/// it is full, and then lose copies (counted). A client that pauses (a
+/// pager) loses copies meanwhile, not its session.
 pub fn serve_client(conn: UnixStream, trace: bool, body: &[u8], taps: &Taps, allowed: bool) {
-    let mut out = BufWriter::with_capacity(256 << 10, &conn);
-    let _ = conn.set_write_timeout(Some(STALLED));
+    let _ = conn.set_write_timeout(Some(FINAL_WRITE));
+    let mut w = &conn;
     if !allowed {
         let _ = write_message(
-            &mut out,
+            &mut w,
             ERROR,
             b"only root or the gateway's own user may capture or trace its packets",
         );
-        let _ = out.flush();
         return;
     }
     let session = serde_json::from_slice::<Ask>(body)
@@ -132,77 +167,83 @@ pub fn serve_client(conn: UnixStream, trace: bool, body: &[u8], taps: &Taps, all
     }) {
         Ok(s) => s,
         Err(e) => {
-            let _ = write_message(&mut out, ERROR, e.as_bytes());
-            let _ = out.flush();
+            let _ = write_message(&mut w, ERROR, e.as_bytes());
             return;
         }
     };
     tracing::info!(trace, "a capture client attached");
     let hello = json!({ "workers": taps.workers() });
-    let mut ok = write_message(&mut out, HELLO, hello.to_string().as_bytes())
-        .and_then(|()| out.flush())
-        .is_ok();
-    let mut body = Vec::new();
-    while ok {
-        let mut moved = false;
-        while let Some(item) = session.pop() {
-            moved = true;
-            let r = match item {
-                Item::Packet(p) => {
-                    encode_packet(&p, &mut body);
-                    write_message(&mut out, PACKET, &body)
+    let mut alive = write_message(&mut w, HELLO, hello.to_string().as_bytes()).is_ok()
+        && conn.set_nonblocking(true).is_ok();
+    let fd = conn.as_raw_fd();
+    let (mut out, mut at, mut body) = (Vec::new(), 0usize, Vec::new());
+    while alive {
+        if at == out.len() {
+            out.clear();
+            at = 0;
+            while out.len() < BATCH_BYTES {
+                match session.pop() {
+                    Some(item) => encode(item, &mut out, &mut body),
+                    None => break,
                 }
-                Item::Trace(t) => {
-                    write_message(&mut out, TRACE, t.to_json().to_string().as_bytes())
-                }
-            };
-            if r.is_err() {
-                ok = false;
-                break;
             }
         }
-        if !ok || out.flush().is_err() {
-            break;
-        }
-        // Every copy asked for is taken, and sent.
-        if session.complete() && !moved {
-            break;
-        }
-        // (A client that stops reading is let go by the write timeout.)
-        if !moved && client_gone(&conn, IDLE) {
-            break;
-        }
-    }
-    taps.detach(&session);
-    // What was queued before the workers let go is sent too (or lost with
-    // the client).
-    while let Some(item) = session.pop() {
-        if !ok {
-            continue;
-        }
-        let r = match item {
-            Item::Packet(p) => {
-                encode_packet(&p, &mut body);
-                write_message(&mut out, PACKET, &body)
+        while at < out.len() {
+            match w.write(&out[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    alive = false;
+                    break;
+                }
             }
-            Item::Trace(t) => write_message(&mut out, TRACE, t.to_json().to_string().as_bytes()),
+        }
+        if !alive {
+            break;
+        }
+        let idle = at == out.len() && session.drained();
+        if idle && session.complete() {
+            break;
+        }
+        // Wait for room on the socket (when there is more to send) or for
+        // the next copies; either way see whether the client said stop.
+        let (events, wait) = match (at < out.len(), idle) {
+            (true, _) => (libc::POLLIN | libc::POLLOUT, IDLE_MS),
+            (false, true) => (libc::POLLIN, IDLE_MS),
+            (false, false) => (libc::POLLIN, 0),
         };
-        ok = r.is_ok();
+        let revents = crate::io::poll_one(fd, events, wait).unwrap_or(libc::POLLERR);
+        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            // The client closed its side (Ctrl-C) or went away.
+            break;
+        }
     }
-    let end = json!({
-        "taken": session.taken.load(std::sync::atomic::Ordering::Relaxed),
-        "lost": session.lost.load(std::sync::atomic::Ordering::Relaxed),
-    });
-    if ok {
+    // Detached; once every worker has seen it and the copies being made
+    // are queued, what is queued goes too (if the client is still there).
+    let epoch = taps.detach(&session);
+    let deadline = Instant::now() + SETTLE;
+    taps.wait_for_workers(epoch, deadline);
+    while !session.settled() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if alive && conn.set_nonblocking(false).is_ok() {
+        let _ = w.write_all(&out[at..]);
+        out.clear();
+        while let Some(item) = session.pop() {
+            encode(item, &mut out, &mut body);
+        }
+        let end = figures(&session);
         let _ = write_message(&mut out, END, end.to_string().as_bytes());
-        let _ = out.flush();
+        let _ = w.write_all(&out);
     }
-    tracing::info!(trace, figures = %end, "a capture client detached");
+    taps.retire(&session);
+    tracing::info!(trace, figures = %figures(&session), "a capture client detached");
 }
 
-/// Waits up to `wait` for the client to say anything or hang up; true
-/// when it did (a client stops its capture by closing its side).
-fn client_gone(conn: &UnixStream, wait: Duration) -> bool {
-    // (poll(2) reports a hang-up whatever events are asked for.)
-    crate::io::wait_readable(&[conn.as_raw_fd()], wait.as_millis() as i32).unwrap_or(true)
+fn figures(s: &Session) -> serde_json::Value {
+    json!({
+        "taken": s.taken.load(std::sync::atomic::Ordering::Relaxed),
+        "lost": s.lost.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }

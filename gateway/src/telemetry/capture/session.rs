@@ -32,6 +32,8 @@ pub struct Taps {
     /// Copies taken and lost by the sessions that ended.
     ended_taken: AtomicU64,
     ended_lost: AtomicU64,
+    /// The last epoch each worker has seen (see [`Taps::wait_for_workers`]).
+    seen: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl Taps {
@@ -81,18 +83,42 @@ impl Taps {
         Ok(())
     }
 
+    /// A worker's place to say which epoch it has seen.
+    pub(super) fn register(&self) -> Arc<AtomicU64> {
+        let a = Arc::new(AtomicU64::new(0));
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(a.clone());
+        a
+    }
+
     /// Stops `s`: the workers let it go at their next loop iteration.
-    pub fn detach(&self, s: &Arc<Session>) {
+    /// Returns the epoch that says so.
+    pub fn detach(&self, s: &Arc<Session>) -> u64 {
         let mut list = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let before = list.len();
         list.retain(|x| !Arc::ptr_eq(x, s));
-        if list.len() < before {
-            self.ended_taken
-                .fetch_add(s.taken.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.ended_lost
-                .fetch_add(s.lost.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Waits (until `deadline`) for every worker to have seen `epoch`: past
+    /// that, none takes another copy for a session detached before it. (A
+    /// worker that stopped never says so: the deadline.)
+    pub fn wait_for_workers(&self, epoch: u64, deadline: std::time::Instant) {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        while std::time::Instant::now() < deadline
+            && seen.iter().any(|s| s.load(Ordering::Acquire) < epoch)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts what a detached session took and lost into the totals.
+    pub fn retire(&self, s: &Session) {
+        self.ended_taken
+            .fetch_add(s.taken.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.ended_lost
+            .fetch_add(s.lost.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// For the stats: sessions running, and the copies taken and lost
@@ -134,6 +160,9 @@ pub struct Session {
     filters: Option<Mutex<Vec<Filter>>>,
     /// Copies (or traces) still to take.
     remaining: AtomicU64,
+    /// Claims made and not yet queued (or given back): a copy being made,
+    /// a trace being followed.
+    pending: AtomicU64,
     queue: ArrayQueue<Item>,
     bytes: AtomicUsize,
     /// Copies taken, and copies lost because the queue was full.
@@ -168,6 +197,7 @@ impl Session {
             snaplen: snaplen.max(1),
             filters,
             remaining: AtomicU64::new(count.unwrap_or(u64::MAX)),
+            pending: AtomicU64::new(0),
             queue: ArrayQueue::new(QUEUE_ITEMS),
             bytes: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
@@ -205,20 +235,25 @@ impl Session {
     }
 
     /// Claims one of the copies still wanted, and room for `bytes` more;
-    /// false (the copy lost, counted) when the queue is full.
+    /// false (the copy lost, counted) when the queue is full. A claim is
+    /// then [`Session::push`]ed or given back.
     #[inline]
     pub(super) fn claim(&self, bytes: usize) -> bool {
+        // Pending first: while a claim is made, the session is never
+        // both without copies to take and without claims in progress.
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if self
             .remaining
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_err()
         {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
         if self.queue.is_full() || self.bytes.load(Ordering::Relaxed) + bytes > QUEUE_BYTES {
             // Given back: what is lost is counted, not owed.
-            self.remaining.fetch_add(1, Ordering::AcqRel);
             self.lost.fetch_add(1, Ordering::Relaxed);
+            self.give_back();
             return false;
         }
         true
@@ -230,19 +265,26 @@ impl Session {
         match self.queue.push(item) {
             Ok(()) => {
                 self.taken.fetch_add(1, Ordering::Relaxed);
+                self.pending.fetch_sub(1, Ordering::SeqCst);
             }
             Err(_) => {
                 // Another worker filled the last place meanwhile.
                 self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.remaining.fetch_add(1, Ordering::AcqRel);
                 self.lost.fetch_add(1, Ordering::Relaxed);
+                self.give_back();
             }
         }
     }
 
     /// Gives back a claim that took nothing.
     pub(super) fn give_back(&self) {
-        self.remaining.fetch_add(1, Ordering::AcqRel);
+        self.remaining.fetch_add(1, Ordering::SeqCst);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// True when no claim is in progress.
+    pub fn settled(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0
     }
 
     /// The next copy, for the client's thread.
@@ -256,8 +298,15 @@ impl Session {
         Some(item)
     }
 
-    /// True when every copy wanted was taken.
+    /// True when every copy wanted was taken and queued.
     pub fn complete(&self) -> bool {
-        self.remaining.load(Ordering::Acquire) == 0
+        // Remaining first: a claim raises pending before it lowers
+        // remaining, so one that lowered it to 0 is seen pending.
+        self.remaining.load(Ordering::SeqCst) == 0 && self.pending.load(Ordering::SeqCst) == 0
+    }
+
+    /// True when nothing waits in the queue.
+    pub fn drained(&self) -> bool {
+        self.queue.is_empty()
     }
 }

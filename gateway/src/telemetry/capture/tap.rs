@@ -81,6 +81,8 @@ impl Attached {
 pub struct Tap {
     taps: Arc<Taps>,
     seen: u64,
+    /// Where this worker says which epoch it has seen.
+    acked: Arc<std::sync::atomic::AtomicU64>,
     attached: Vec<Attached>,
     queue: u16,
     /// The received frame in hand, copied before decapsulation rewrites
@@ -100,6 +102,7 @@ pub struct Tap {
 impl Tap {
     pub fn new(taps: Arc<Taps>, queue: u32) -> Tap {
         Tap {
+            acked: taps.register(),
             taps,
             seen: u64::MAX,
             attached: Vec::new(),
@@ -136,6 +139,8 @@ impl Tap {
             }
         }
         self.seen = epoch;
+        self.acked
+            .store(epoch, std::sync::atomic::Ordering::Release);
     }
 
     /// True when some session is attached.
@@ -337,7 +342,10 @@ impl Tap {
                 && a.s.claim(0)
             {
                 self.tracing = i;
-                return Some(TraceBuf::new(self.queue, "out", names.clone()));
+                let mut trace = TraceBuf::new(self.queue, "out", names.clone());
+                // Its tunnel is known from the start.
+                trace.tunnel(t);
+                return Some(trace);
             }
         }
         None

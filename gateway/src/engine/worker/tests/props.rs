@@ -494,3 +494,150 @@ proptest! {
         prop_assert_eq!(dev_a.state.lock().unwrap().refused + dev_b.state.lock().unwrap().refused, 0);
     }
 }
+
+/// Captures and traces attached to a worker (see [`Session`]).
+#[derive(Debug, Clone)]
+struct Watch {
+    points: u8,
+    filter: Option<&'static str>,
+    snaplen: usize,
+    tunnel: Option<&'static str>,
+    reason: Option<DropReason>,
+    traces: Option<u64>,
+}
+
+fn watch() -> impl Strategy<Value = Watch> {
+    (
+        1u8..32,
+        prop_oneof![
+            Just(None),
+            Just(Some("udp")),
+            Just(Some("tcp port 2000")),
+            Just(Some("ip proto 47"))
+        ],
+        prop_oneof![Just(1usize), Just(60), Just(262_144)],
+        prop_oneof![Just(None), Just(Some("t0")), Just(Some("t3"))],
+        prop_oneof![
+            Just(None),
+            Just(Some(DropReason::UnknownEndpoint)),
+            Just(Some(DropReason::TxMalformed))
+        ],
+        prop_oneof![Just(None), Just(Some(1u64)), Just(Some(5))],
+    )
+        .prop_map(|(points, filter, snaplen, tunnel, reason, traces)| Watch {
+            points,
+            filter,
+            snaplen,
+            tunnel,
+            reason,
+            traces,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// The same events with a capture and a trace attached: the frames
+    /// and the counters add up as before, nothing panics on any packet at
+    /// any point, every copy keeps to its snap length and says its point,
+    /// and a trace takes no more packets than asked.
+    #[test]
+    fn captures_and_traces_attached_change_no_frame_and_no_count(
+        s in shape(),
+        w in watch(),
+        events in proptest::collection::vec(ev(), 1..150),
+    ) {
+        use crate::telemetry::capture::{Item, Kind, Point, Session};
+        let taps = Arc::new(Taps::new(1));
+        let capture = Arc::new(
+            Session::new(
+                Kind::Capture { points: w.points },
+                w.filter,
+                1,
+                w.tunnel.map(str::to_string),
+                w.reason,
+                None,
+                w.snaplen,
+            )
+            .unwrap(),
+        );
+        taps.attach(capture.clone()).unwrap();
+        let trace = w.traces.map(|n| {
+            Arc::new(Session::new(Kind::Trace, w.filter, 1, None, None, Some(n), 64).unwrap())
+        });
+        if let Some(t) = &trace {
+            taps.attach(t.clone()).unwrap();
+        }
+        let mut h = Harness::new(Setup {
+            frames: 48,
+            ring: 16,
+            batch: 8,
+            sq: s.sq,
+            read_bufs: s.read_bufs,
+            multishot: s.multishot,
+            coalesce_udp: s.coalesce_udp,
+            tunnels: tunnels((0..BASE).map(base_tunnel).collect()),
+            taps: taps.clone(),
+            ..Setup::default()
+        });
+        h.dev.state.lock().unwrap().drain_cancels_writes = s.drain_cancels_writes;
+        let mut list: Vec<usize> = (0..BASE).collect();
+        let mut seqs = Seqs::new();
+        for e in &events {
+            h.apply(e, &mut list, &mut seqs);
+            h.check_ledger();
+            h.check_counts();
+        }
+        h.stop.store(true, Ordering::Relaxed);
+        while h.step() {}
+        h.run.finish().expect("finish");
+        prop_assert!(capture.settled());
+        let mut copies = 0u64;
+        while let Some(item) = capture.pop() {
+            let Item::Packet(r) = item else {
+                prop_assert!(false, "a trace in a capture");
+                unreachable!()
+            };
+            copies += 1;
+            prop_assert!(capture.wants(r.point), "{:?}", r.point);
+            prop_assert!(r.data.len() <= w.snaplen);
+            prop_assert!(r.data.len() <= r.len as usize);
+            prop_assert_eq!(r.reason.is_some(), r.point == Point::Drop);
+            if let Some(want) = w.reason {
+                prop_assert_eq!(r.reason, Some(want));
+            }
+            if let Some(t) = w.tunnel {
+                prop_assert_eq!(r.tunnel.as_deref(), Some(t));
+            }
+        }
+        prop_assert_eq!(copies, capture.taken.load(Ordering::Relaxed));
+        // Something was copied when everything received is wanted and a
+        // loop iteration followed a packet.
+        let received_then_stepped = events
+            .iter()
+            .position(|e| matches!(e, Ev::Receive(_)))
+            .is_some_and(|i| events[i..].iter().any(|e| matches!(e, Ev::Step)));
+        if w.points & Point::WireIn.bit() != 0
+            && w.filter.is_none()
+            && w.tunnel.is_none()
+            && w.reason.is_none()
+            && received_then_stepped
+        {
+            prop_assert!(copies + capture.lost.load(Ordering::Relaxed) > 0);
+        }
+        if let (Some(t), Some(n)) = (&trace, w.traces) {
+            prop_assert!(t.settled());
+            let mut traces = 0;
+            while let Some(item) = t.pop() {
+                let Item::Trace(tr) = item else {
+                    prop_assert!(false, "a copy in a trace");
+                    unreachable!()
+                };
+                traces += 1;
+                let first = tr.steps.first().map(|s| s.stage);
+                prop_assert!(first == Some("wire-in") || first == Some("device-in"), "{:?}", tr);
+            }
+            prop_assert!(traces <= n);
+        }
+    }
+}
