@@ -235,10 +235,20 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
     l.tx.send(&l.gre_echo(42, [10, 1, 1, 2], 1));
     l.tx.send(&l.ipip_echo(2));
     l.tx.send(&l.gre_echo(99, [10, 1, 1, 2], 3));
-    // wire-in 3, drop 1, device-out 2, device-in 2, wire-out 2.
-    wait_until("ten copies", Duration::from_secs(30), || {
+    // And a malformed one: GRE version 1 (PPTP's), which a tunnel does not
+    // take.
+    let inner = pkt::icmp_echo([10, 1, 1, 2], [10, 1, 1, 1], 4, b"version 1");
+    l.tx.send(&pkt::outer(
+        l.gw_mac,
+        REMOTE,
+        LOCAL,
+        47,
+        &pkt::gre(0x2001, 0x0800, 42, 0, &inner),
+    ));
+    // wire-in 4, drop 2, device-out 2, device-in 2, wire-out 2.
+    wait_until("twelve copies", Duration::from_secs(30), || {
         let n = copies(&l.gw);
-        if n >= 10 {
+        if n >= 12 {
             Ok(())
         } else {
             Err(format!("{n} copies"))
@@ -309,9 +319,16 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
             .any(|r| r[0] == "drop" && r[1].contains("reason=key_mismatch")),
         "{all}"
     );
+    // The malformed one, with its reason.
+    assert!(
+        rows.iter().any(|r| r[0] == "drop"
+            && r[1].contains("reason=gre_version")
+            && r[2].starts_with("192.168.0.58")),
+        "{all}"
+    );
     // Nothing else was dropped, and nothing crossed: every row of a tunnel
     // carries that tunnel's inner addresses.
-    assert_eq!(rows.iter().filter(|r| r[0] == "drop").count(), 1, "{all}");
+    assert_eq!(rows.iter().filter(|r| r[0] == "drop").count(), 2, "{all}");
     for r in &rows {
         if r[1].contains("tunnel=tun100") {
             assert!(r[2].contains("10.1.1."), "{all}");
@@ -322,6 +339,7 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
     }
     let s = l.gw.settled_stats();
     assert_eq!(drops(&s, "key_mismatch"), 1);
+    assert_eq!(drops(&s, "gre_version"), 1);
     assert_accounting(&s);
 }
 
