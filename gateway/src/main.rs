@@ -82,10 +82,10 @@ enum Command {
         /// Only drops for this reason (a name from `gateway stats`, e.g. key_mismatch).
         #[arg(long)]
         reason: Option<String>,
-        /// Stop after this many packets.
+        /// Stop after this many copies (at any point: a ping through a tunnel gives up to four).
         #[arg(short = 'c', value_name = "N")]
         count: Option<u64>,
-        /// Bytes kept of each packet (default: all).
+        /// Bytes kept of each packet (default, or 0: all).
         #[arg(short = 's', long = "snaplen", value_name = "BYTES")]
         snaplen: Option<usize>,
         /// Write pcapng to FILE, or to standard output with `-`.

@@ -245,13 +245,25 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
         47,
         &pkt::gre(0x2001, 0x0800, 42, 0, &inner),
     ));
-    // wire-in 4, drop 2, device-out 2, device-in 2, wire-out 2.
-    wait_until("twelve copies", Duration::from_secs(30), || {
+    // And one with the tunnel's key whose inner source is not the peer's
+    // (spoofed): dropped after the lookup, so with its tunnel.
+    l.tx.send(&l.gre_echo(42, [10, 9, 9, 9], 5));
+    // wire-in 5, drop 3, device-out 2, device-in 2, wire-out 2.
+    wait_until("fourteen copies", Duration::from_secs(30), || {
         let n = copies(&l.gw);
-        if n >= 12 {
+        if n >= 14 {
             Ok(())
         } else {
             Err(format!("{n} copies"))
+        }
+    });
+    // The file grows as the capture goes (tshark can read it meanwhile).
+    wait_until("the copies in the file", Duration::from_secs(30), || {
+        let n = tshark(&file, &["frame.number"]).len();
+        if n >= 14 {
+            Ok(())
+        } else {
+            Err(format!("{n} packets in the file"))
         }
     });
     let said = cap.stop();
@@ -326,10 +338,16 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
             && r[2].starts_with("192.168.0.58")),
         "{all}"
     );
+    assert!(
+        rows.iter().any(|r| r[0] == "drop"
+            && r[1].contains("tunnel=tun100 reason=inner_source_not_peer")
+            && r[2] == "192.168.0.58,10.9.9.9"),
+        "{all}"
+    );
     // Nothing else was dropped, and nothing crossed: every row of a tunnel
-    // carries that tunnel's inner addresses.
-    assert_eq!(rows.iter().filter(|r| r[0] == "drop").count(), 2, "{all}");
-    for r in &rows {
+    // carries that tunnel's inner addresses (but the spoofed one's).
+    assert_eq!(rows.iter().filter(|r| r[0] == "drop").count(), 3, "{all}");
+    for r in rows.iter().filter(|r| !r[2].contains("10.9.9.9")) {
         if r[1].contains("tunnel=tun100") {
             assert!(r[2].contains("10.1.1."), "{all}");
         }
@@ -340,6 +358,7 @@ fn a_capture_shows_each_point_with_its_tunnel_and_a_drop_with_its_reason() {
     let s = l.gw.settled_stats();
     assert_eq!(drops(&s, "key_mismatch"), 1);
     assert_eq!(drops(&s, "gre_version"), 1);
+    assert_eq!(drops(&s, "inner_source_not_peer"), 1);
     assert_accounting(&s);
 }
 
@@ -573,7 +592,7 @@ fn a_trace_shows_each_stage_of_a_keyed_packet_and_the_verdict_on_spoofed_ones() 
     assert_eq!(stage(ok, "lookup")["tunnel"], "tun100");
     assert_eq!(stage(ok, "source")["inner_src"], "10.1.1.2");
     assert_eq!(stage(ok, "device")["verdict"], "written");
-    assert_eq!(stage(ok, "device")["device"], "tun100");
+    assert_eq!(stage(ok, "device")["tunnel"], "tun100");
     // The spoofed inner source: the tunnel found, the packet dropped.
     let spoofed = &traces[1];
     assert_eq!(stage(spoofed, "lookup")["tunnel"], "tun100", "{spoofed:#}");

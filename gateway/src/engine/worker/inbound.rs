@@ -4,7 +4,19 @@
 //! flow that follow in the batch.
 
 use super::*;
-use crate::datapath::decap::decap_noted;
+use crate::datapath::decap::{decap_noted, Note, Notes};
+
+/// Decapsulation's notes, keeping only the tunnel the lookup chose.
+struct Chosen(Option<u16>);
+
+impl Notes for Chosen {
+    #[inline]
+    fn note(&mut self, note: Note) {
+        if let Note::Tunnel { id } = note {
+            self.0 = Some(id);
+        }
+    }
+}
 use crate::telemetry::capture::{Link, Point};
 use serde_json::json;
 
@@ -45,7 +57,7 @@ impl<S: Socket> Worker<S> {
                     format!(
                         "handed to worker {to}, which writes its flow into {dev} (spread_writes)"
                     ),
-                    json!({ "verdict": "handed_over", "worker": to, "device": dev }),
+                    json!({ "verdict": "handed_over", "worker": to, "tunnel": dev }),
                 );
             }
             link.hand_over(
@@ -83,7 +95,7 @@ impl<S: Socket> Worker<S> {
                             "a write of {} bytes into {dev}'s device queued on io_uring",
                             len - VNET_HDR_LEN
                         ),
-                        json!({ "verdict": "written", "device": dev, "len": len - VNET_HDR_LEN }),
+                        json!({ "verdict": "written", "tunnel": dev, "len": len - VNET_HDR_LEN }),
                     );
                 }
             }
@@ -364,11 +376,20 @@ impl<S: Socket> Worker<S> {
     ) -> Result<(Option<u16>, Option<DropReason>), WorkerError> {
         for pass in 0..2 {
             let data = self.xsk.data_mut(&mut frame);
+            let mut chosen = Chosen(None);
             let decapped = match &mut st.trace {
-                None => decap(data, &self.shared.tunnels.rx, &mut st.rx),
                 Some(t) => decap_noted(data, &self.shared.tunnels.rx, &mut st.rx, t),
+                // A capture names the tunnel of a packet dropped after the
+                // lookup too.
+                None if st.tap.active() => {
+                    decap_noted(data, &self.shared.tunnels.rx, &mut st.rx, &mut chosen)
+                }
+                None => decap(data, &self.shared.tunnels.rx, &mut st.rx),
             };
-            let mut seen = (decapped.ok().map(|d| d.tunnel), decapped.err());
+            let chosen = chosen
+                .0
+                .or_else(|| st.trace.as_ref().and_then(|t| t.tunnel_id()));
+            let mut seen = (decapped.ok().map(|d| d.tunnel).or(chosen), decapped.err());
             if st.tap.active() {
                 // The copy as received goes first, with its tunnel.
                 let t = seen

@@ -9,8 +9,6 @@ use std::io::{self, BufWriter, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
@@ -72,22 +70,29 @@ fn open(iface: &str, word: &str, ask: &Value) -> anyhow::Result<UnixStream> {
 }
 
 /// Ctrl-C (or SIGTERM) ends the session cleanly: the client closes its
-/// side, the gateway sends what it holds and its figures. A second Ctrl-C
-/// ends the client at once.
+/// side, the gateway sends what it holds and its figures. Another signal
+/// a second or more later ends the client at once (one right after the
+/// first, as `timeout` or a terminal may send, is the same request).
 fn stop_on_signal(conn: &UnixStream) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let conn = conn.try_clone()?;
     std::thread::Builder::new()
         .name("stop".into())
         .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
+            let mut first: Option<std::time::Instant> = None;
+            for _ in signals.forever() {
+                match first {
+                    None => {
+                        first = Some(std::time::Instant::now());
+                        let _ = conn.shutdown(std::net::Shutdown::Write);
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(1) => std::process::exit(130),
+                    Some(_) => {}
+                }
             }
-            let _ = conn.shutdown(std::net::Shutdown::Write);
         })?;
     Ok(())
 }
@@ -110,7 +115,8 @@ fn summary(end: Option<&Value>, what: &str, iface: &str) -> String {
         Some(v) => {
             let taken = v["taken"].as_u64().unwrap_or(0);
             let lost = v["lost"].as_u64().unwrap_or(0);
-            let mut s = format!("{taken} {what} taken");
+            let s_ = if taken == 1 { "" } else { "s" };
+            let mut s = format!("{taken} {what}{s_} taken");
             if lost > 0 {
                 s.push_str(&format!(
                     ", {lost} lost (the reader was slower than the traffic; every packet itself went on)"
@@ -133,6 +139,17 @@ pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
         "count": args.count,
         "snaplen": args.snaplen,
     });
+    let to_stdout = args.write.as_os_str() == "-";
+    // The file first, so that a path that cannot be written is said before
+    // anything starts.
+    let out: Box<dyn Write> = if to_stdout {
+        Box::new(io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(&args.write)
+                .map_err(|e| anyhow::anyhow!("-w {}: {e}", args.write.display()))?,
+        )
+    };
     let mut conn = open(&args.iface, "capture", &ask)?;
     hello(&mut conn, &args.iface)?;
     let points = if args.points.is_empty() {
@@ -148,28 +165,48 @@ pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
             .map_or(String::new(), |f| format!(", filter {f:?}")),
         args.write.display()
     );
-    let to_stdout = args.write.as_os_str() == "-";
-    let out: Box<dyn Write> = if to_stdout {
-        Box::new(io::stdout().lock())
-    } else {
-        Box::new(
-            std::fs::File::create(&args.write)
-                .map_err(|e| anyhow::anyhow!("-w {}: {e}", args.write.display()))?,
-        )
-    };
     stop_on_signal(&conn)?;
-    let snaplen = args
-        .snaplen
-        .unwrap_or(super::serve::MAX_SNAPLEN)
-        .clamp(1, super::serve::MAX_SNAPLEN);
+    let snaplen = match args.snaplen {
+        None | Some(0) => super::serve::MAX_SNAPLEN,
+        Some(n) => n.min(super::serve::MAX_SNAPLEN),
+    };
     let mut file = Pcapng::new(BufWriter::new(out), &args.iface, snaplen as u32)?;
+    let mut input = io::BufReader::with_capacity(256 << 10, &conn);
     let mut end = None;
-    while let Some(m) = read_message(&mut conn)? {
+    let mut cut = None;
+    let mut reader_gone = false;
+    loop {
+        // All that arrived is written out before waiting for more: a file
+        // grows as the capture goes, and a pipe gets each packet at once.
+        if input.buffer().is_empty() {
+            if let Err(e) = file.flush() {
+                reader_gone = e.kind() == io::ErrorKind::BrokenPipe;
+                if !reader_gone {
+                    return Err(e.into());
+                }
+                break;
+            }
+        }
+        let m = match read_message(&mut input) {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                cut = Some(e);
+                break;
+            }
+        };
         match m {
             Message::Packet(p) => {
-                file.packet(&p)?;
-                if to_stdout {
-                    file.flush()?;
+                if let Err(e) = file.packet(&p) {
+                    // `| head`: the reader has what it wanted.
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<io::Error>()
+                            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+                    }) {
+                        reader_gone = true;
+                        break;
+                    }
+                    return Err(e);
                 }
             }
             Message::Json(END, v) => {
@@ -180,15 +217,24 @@ pub fn capture(args: &CaptureArgs) -> anyhow::Result<()> {
             Message::Json(..) => {}
         }
     }
+    if reader_gone {
+        return Ok(());
+    }
     file.flush()?;
     if end.is_none() {
-        anyhow::bail!(
-            "the gateway on {} stopped during the capture; {} holds what came before",
-            args.iface,
-            args.write.display()
-        );
+        match cut {
+            Some(e) => anyhow::bail!(
+                "the capture ended before its reader took everything ({e}); {} holds what it took",
+                args.write.display()
+            ),
+            None => anyhow::bail!(
+                "the capture ended without the gateway's figures: the gateway on {} stopped, or the reader did not take what was queued within 2 s of the end; {} holds what came",
+                args.iface,
+                args.write.display()
+            ),
+        }
     }
-    eprintln!("{}", summary(end.as_ref(), "packets", &args.iface));
+    eprintln!("{}", summary(end.as_ref(), "packet", &args.iface));
     Ok(())
 }
 
@@ -248,6 +294,7 @@ impl<W: Write> Pcapng<W> {
     }
 
     fn packet(&mut self, p: &Packet) -> anyhow::Result<()> {
+        // (pcap-file's errors carry the writer's io::Error.)
         let id = self.interface(p.point, p.link)?;
         let mut comment = format!("point={}", p.point.name());
         if let Some(t) = &p.tunnel {
@@ -288,8 +335,9 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let mut conn = open(&args.iface, "trace", &ask)?;
     hello(&mut conn, &args.iface)?;
     eprintln!(
-        "tracing the next {} packets on the gateway of {}{}; Ctrl-C stops",
+        "tracing the next {} packet{} on the gateway of {}{}; Ctrl-C stops",
         args.count,
+        if args.count == 1 { "" } else { "s" },
         args.iface,
         args.filter
             .as_deref()
@@ -299,7 +347,9 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     let mut n = 0;
     let mut end = None;
-    while let Some(m) = read_message(&mut conn)? {
+    while let Some(m) = read_message(&mut conn)
+        .map_err(|e| anyhow::anyhow!("the trace ended before its reader took everything ({e})"))?
+    {
         match m {
             Message::Json(TRACE, v) => {
                 n += 1;
@@ -321,7 +371,7 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     if end.is_none() {
         anyhow::bail!("the gateway on {} stopped during the trace", args.iface);
     }
-    eprintln!("{}", summary(end.as_ref(), "traces", &args.iface));
+    eprintln!("{}", summary(end.as_ref(), "trace", &args.iface));
     Ok(())
 }
 

@@ -10,10 +10,14 @@ use super::Link;
 const DLT_RAW: i32 = 12;
 
 /// One expression compiled for Ethernet frames and for raw IP packets.
-/// Each worker holds its own (a program is `Send`, not `Sync`).
+/// Each worker holds its own (a program is `Send`, not `Sync`). An
+/// expression about Ethernet alone (`arp`, `ether host ...`, `vlan`)
+/// compiles for Ethernet only: it takes nothing at the points that carry
+/// raw IP (tun devices), as it could not match there.
 pub struct Filter {
-    ethernet: pcap::BpfProgram,
-    raw: pcap::BpfProgram,
+    /// `None`: the expression cannot match packets of this kind.
+    ethernet: Option<pcap::BpfProgram>,
+    raw: Option<pcap::BpfProgram>,
 }
 
 impl std::fmt::Debug for Filter {
@@ -24,7 +28,8 @@ impl std::fmt::Debug for Filter {
 
 impl Filter {
     /// Compiles `expr` (tcpdump's syntax, see pcap-filter(7)); the error
-    /// is libpcap's.
+    /// is libpcap's (for Ethernet frames), when it compiles for neither
+    /// kind of packet.
     pub fn compile(expr: &str) -> Result<Filter, String> {
         let one = |link: pcap::Linktype| -> Result<pcap::BpfProgram, String> {
             let dead = pcap::Capture::dead(link).map_err(|e| e.to_string())?;
@@ -33,19 +38,23 @@ impl Filter {
                 e => e.to_string(),
             })
         };
-        Ok(Filter {
-            ethernet: one(pcap::Linktype::ETHERNET)?,
-            raw: one(pcap::Linktype(DLT_RAW))?,
-        })
+        match (one(pcap::Linktype::ETHERNET), one(pcap::Linktype(DLT_RAW))) {
+            (Err(e), Err(_)) => Err(e),
+            (ethernet, raw) => Ok(Filter {
+                ethernet: ethernet.ok(),
+                raw: raw.ok(),
+            }),
+        }
     }
 
     /// Whether the packet `bytes` (starting as `link` says) matches.
     #[inline]
     pub fn matches(&self, link: Link, bytes: &[u8]) -> bool {
-        match link {
-            Link::Ethernet => self.ethernet.filter(bytes),
-            Link::Raw => self.raw.filter(bytes),
-        }
+        let program = match link {
+            Link::Ethernet => &self.ethernet,
+            Link::Raw => &self.raw,
+        };
+        program.as_ref().is_some_and(|p| p.filter(bytes))
     }
 }
 
@@ -84,6 +93,15 @@ mod tests {
             .unwrap()
             .matches(Link::Raw, &v6));
         assert!(!f.matches(Link::Raw, &v6));
+    }
+
+    #[test]
+    fn an_ethernet_expression_takes_frames_and_no_raw_packet() {
+        let f = Filter::compile("arp or ether src 02:00:00:00:00:02").unwrap();
+        let ip = udp4([10, 1, 1, 1], [10, 1, 1, 2], 53);
+        assert!(f.matches(Link::Ethernet, &eth(&ip)));
+        assert!(!f.matches(Link::Raw, &ip));
+        assert!(Filter::compile("vlan").is_ok());
     }
 
     #[test]

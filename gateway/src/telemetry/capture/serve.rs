@@ -114,7 +114,11 @@ fn session_of(trace: bool, ask: &Ask, taps: &Taps) -> Result<Session, String> {
     } else {
         ask.count
     };
-    let snaplen = ask.snaplen.unwrap_or(MAX_SNAPLEN).clamp(1, MAX_SNAPLEN);
+    // (0, as tcpdump's -s 0: all of it.)
+    let snaplen = match ask.snaplen {
+        None | Some(0) => MAX_SNAPLEN,
+        Some(n) => n.min(MAX_SNAPLEN),
+    };
     Session::new(
         kind,
         ask.filter.as_deref(),
@@ -227,14 +231,27 @@ pub fn serve_client(conn: UnixStream, trace: bool, body: &[u8], taps: &Taps, all
     while !session.settled() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    if alive && conn.set_nonblocking(false).is_ok() {
-        let _ = w.write_all(&out[at..]);
-        out.clear();
-        while let Some(item) = session.pop() {
+    // One message at a time, each within FINAL_WRITE: what a reader that
+    // does not take it in time (paused) never gets is counted lost.
+    alive = alive && conn.set_nonblocking(false).is_ok() && w.write_all(&out[at..]).is_ok();
+    while let Some(item) = session.pop() {
+        if alive {
+            out.clear();
             encode(item, &mut out, &mut body);
+            alive = w.write_all(&out).is_ok();
         }
-        let end = figures(&session);
-        let _ = write_message(&mut out, END, end.to_string().as_bytes());
+        if !alive {
+            session
+                .lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            session
+                .taken
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    if alive {
+        out.clear();
+        let _ = write_message(&mut out, END, figures(&session).to_string().as_bytes());
         let _ = w.write_all(&out);
     }
     taps.retire(&session);

@@ -66,6 +66,7 @@ pub struct TraceBuf {
     names: Arc<Vec<Arc<str>>>,
     /// The tunnel the packet belongs to, once known.
     pub(super) tunnel: Option<String>,
+    tunnel_id: Option<u16>,
 }
 
 impl TraceBuf {
@@ -79,6 +80,7 @@ impl TraceBuf {
             },
             names,
             tunnel: None,
+            tunnel_id: None,
         }
     }
 
@@ -99,7 +101,13 @@ impl TraceBuf {
             .get(t)
             .map_or_else(|| format!("#{t}"), |n| n.to_string());
         self.tunnel = Some(name.clone());
+        self.tunnel_id = u16::try_from(t).ok();
         name
+    }
+
+    /// The index of the packet's tunnel, once known.
+    pub fn tunnel_id(&self) -> Option<u16> {
+        self.tunnel_id
     }
 
     /// The packet was dropped for `reason`.
@@ -175,7 +183,7 @@ impl Notes for TraceBuf {
                 let name = self.tunnel(usize::from(id));
                 self.step(
                     "lookup",
-                    format!("tunnel {name}: endpoints, protocol and key match"),
+                    format!("tunnel {name}: chosen by the outer addresses and protocol (and the GRE key, if any)"),
                     json!({ "tunnel": name }),
                 )
             }
