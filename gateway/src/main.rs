@@ -3,7 +3,7 @@
 //! ```text
 //! gateway --iface ens0 [--config FILE]     run in the foreground
 //! gateway check [--config FILE]            validate and print the plan
-//! gateway stats | reload                   ask the running gateway
+//! gateway stats | reload | drain           ask the running gateway
 //! gateway capture -w FILE [FILTER]         copy its packets (pcapng)
 //! gateway trace -c N [FILTER]              follow packets stage by stage
 //! ```
@@ -22,7 +22,7 @@ use gateway::telemetry::capture;
     about = "GRE and IPIP tunnels on an XDP + AF_XDP + io_uring fast path",
     after_help = "Runs in the foreground and logs to stderr. Signals: SIGUSR1 prints the counters \
 (one JSON line on stdout, a summary on stderr); SIGHUP reads the configuration again and \
-applies it (as `gateway reload` does); SIGINT or SIGTERM stop cleanly (XDP detached, \
+applies it (as `gateway reload` does); SIGUSR2 drains it (as `gateway drain` does); SIGINT or SIGTERM stop cleanly (XDP detached, \
 created devices removed). The configuration is /etc/gateway/gateway.toml unless --config names \
 another; `gateway check` validates one.",
     args_conflicts_with_subcommands = true
@@ -125,6 +125,17 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// Take the gateway running on IFACE out of service with no loss: it
+    /// withdraws its [anycast] addresses (the routing daemon stops
+    /// announcing them), fails /readyz, carries what still arrives, and
+    /// stops once no tunnel packet has arrived for anycast.drain_quiet
+    /// seconds (at most anycast.drain_timeout). Waits until it has stopped.
+    /// SIGUSR2 starts the same drain.
+    Drain {
+        /// The running gateway's interface (default: gateway.iface of the config).
+        #[arg(long)]
+        iface: Option<String>,
+    },
 }
 
 fn load(path: Option<&Path>) -> Result<(Config, PathBuf), String> {
@@ -161,6 +172,25 @@ fn print_plan(cfg: &Config, path: &Path) {
         cfg.busy_poll_budget,
         cfg.spread_writes
     );
+    if let Some(a) = &cfg.anycast {
+        let list: Vec<String> = a.addresses.iter().map(|x| x.to_string()).collect();
+        let shared = cfg
+            .tunnels
+            .iter()
+            .filter(|t| a.addresses.contains(&t.local))
+            .count();
+        println!(
+            "anycast: {} on device {} while ready ({shared} tunnel{} on them); drain_quiet {} s drain_timeout {} s",
+            list.join(", "),
+            a.device,
+            if shared == 1 { "" } else { "s" },
+            a.drain_quiet.as_secs(),
+            a.drain_timeout.as_secs()
+        );
+        if shared == 0 {
+            println!("warning: no tunnel has an [anycast] address as its local; announcing them brings this gateway nothing");
+        }
+    }
     for t in &cfg.tunnels {
         let mut line = format!(
             "tunnel {}: mode {} local {} remote {}",
@@ -241,6 +271,7 @@ fn main() -> ExitCode {
     let control = match &cli.command {
         Some(Command::Stats { iface, format }) => Some((iface, format.as_str())),
         Some(Command::Reload { iface }) => Some((iface, "reload")),
+        Some(Command::Drain { iface }) => Some((iface, "drain")),
         Some(Command::Capture { iface, .. }) => Some((iface, "capture")),
         Some(Command::Trace { iface, .. }) => Some((iface, "trace")),
         _ => None,
@@ -301,6 +332,21 @@ fn main() -> ExitCode {
             })),
             _ => None,
         };
+        if format == "drain" {
+            return match gateway::telemetry::metrics::drain(&iface, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!(
+                        "error: the gateway closed the connection before saying it had stopped"
+                    );
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         if let Some(r) = watched {
             return match r {
                 Ok(()) => ExitCode::SUCCESS,
@@ -340,6 +386,7 @@ fn main() -> ExitCode {
         Some(
             Command::Stats { .. }
             | Command::Reload { .. }
+            | Command::Drain { .. }
             | Command::Capture { .. }
             | Command::Trace { .. },
         ) => unreachable!("handled above"),

@@ -104,6 +104,8 @@ const DEB_PACKAGES: &[&str] = &[
     "python3-scapy",
     // `gateway capture` compiles filter expressions with libpcap.
     "libpcap-dev",
+    // The anycast suite runs BIRD on a router and two gateway hosts.
+    "bird2",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -174,6 +176,14 @@ fn setup() -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        if missing.contains(&"bird2") {
+            // The package starts BIRD on the host with its sample
+            // configuration; the tests run their own, in namespaces.
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "bird"])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 
     // Nightly with rust-src: the XDP program is built with -Z build-std=core.

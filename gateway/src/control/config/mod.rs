@@ -18,7 +18,9 @@ pub use crate::engine::worker::PollMode;
 pub use crate::io::xdp::XdpAttach;
 pub use crate::io::xsk::XskBind;
 use crate::wire::{ethernet, ipv4, ipv6};
+pub use anycast::{Anycast, DEFAULT_DEVICE as DEFAULT_ANYCAST_DEVICE};
 
+mod anycast;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -282,4 +284,7 @@ pub struct Config {
     /// [`crate::engine::handover`]).
     pub spread_writes: bool,
     pub tunnels: Vec<TunnelConfig>,
+    /// Shared tunnel endpoint addresses, announced while the gateway can
+    /// carry traffic (`[anycast]`).
+    pub anycast: Option<Anycast>,
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::anycast::{check_tunnels, validate_anycast, RawAnycast};
 use super::tunnel::{validate_tunnel, RawTunnel};
 use super::{err, Config, ConfigError, Cores, PollMode, Queues, XdpAttach, XskBind};
 
@@ -20,6 +21,7 @@ struct RawFile {
     gateway: RawGlobal,
     #[serde(default)]
     tunnel: Vec<RawTunnel>,
+    anycast: Option<RawAnycast>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -291,6 +293,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let anycast = raw.anycast.map(validate_anycast).transpose()?;
+    if let Some(a) = &anycast {
+        check_tunnels(a, &tunnels)?;
+    }
     Ok(Config {
         iface: g.iface,
         queues,
@@ -304,6 +310,7 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         busy_poll_budget,
         spread_writes: g.spread_writes.unwrap_or(false),
         tunnels,
+        anycast,
     })
 }
 

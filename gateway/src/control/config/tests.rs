@@ -556,3 +556,107 @@ fn the_largest_outer_packet_fits_reassembly() {
         assert_eq!(frame[l4..len], sent[l4..], "{mode} {extra:?}");
     }
 }
+
+// ---------------------------------------------------------------- anycast
+
+const ANYCAST_TUNNEL: &str = r#"
+[anycast]
+addresses = ["192.0.2.1"]
+
+[[tunnel]]
+name = "a1"
+mode = "gre"
+local = "192.0.2.1"
+remote = "10.1.1.2"
+device = "tap1"
+"#;
+
+#[test]
+fn anycast_defaults_and_fields() {
+    let c = Config::parse(ANYCAST_TUNNEL).unwrap();
+    let a = c.anycast.unwrap();
+    assert_eq!(a.addresses, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(a.device, "gw-anycast");
+    assert_eq!(a.drain_quiet, std::time::Duration::from_secs(2));
+    assert_eq!(a.drain_timeout, std::time::Duration::from_secs(60));
+    assert!(Config::parse(
+        &ANYCAST_TUNNEL.replace("local = \"192.0.2.1\"", "local = \"192.0.2.9\"")
+    )
+    .unwrap()
+    .anycast
+    .is_some());
+}
+
+#[test]
+fn anycast_refuses_state_the_other_gateways_do_not_share() {
+    for (extra, field, says) in [
+        ("oseq = true", "tunnel \"a1\".oseq", "iseq refuses"),
+        ("seq = true", "tunnel \"a1\".oseq", "remove oseq (or seq)"),
+        (
+            "keepalive = [10, 3]",
+            "tunnel \"a1\".keepalive",
+            "whichever gateway",
+        ),
+        ("", "tunnel \"a1\".device", "[anycast]'s device"),
+    ] {
+        let text = if extra.is_empty() {
+            ANYCAST_TUNNEL.replace("\"tap1\"", "\"gw-anycast\"")
+        } else {
+            format!("{ANYCAST_TUNNEL}{extra}\n")
+        };
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.field, field, "{extra}: {e}");
+        assert!(e.message.contains(says), "{extra}: {e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+    // iseq is safe: a gateway takes a peer's first number, whatever it is,
+    // and the peer's numbers only grow when it moves back.
+    let c = Config::parse(&format!("{ANYCAST_TUNNEL}iseq = true\n")).unwrap();
+    assert!(c.tunnels[0].iseq);
+    // A tunnel on another local address may have them.
+    let other = ANYCAST_TUNNEL.replace("local = \"192.0.2.1\"", "local = \"192.0.2.9\"");
+    Config::parse(&format!("{other}oseq = true\nkeepalive = [10, 3]\n")).unwrap();
+}
+
+#[test]
+fn anycast_field_errors_name_the_field() {
+    for (table, field) in [
+        ("addresses = []", "anycast.addresses"),
+        ("device = \"x\"", "anycast.addresses"),
+        ("addresses = [\"banana\"]", "anycast.addresses[0]"),
+        ("addresses = [\"192.0.2.1/32\"]", "anycast.addresses[0]"),
+        ("addresses = [\"0.0.0.0\"]", "anycast.addresses[0]"),
+        (
+            "addresses = [\"192.0.2.1\", \"192.0.2.1\"]",
+            "anycast.addresses[1]",
+        ),
+        (
+            "addresses = [\"192.0.2.1\"]\ndevice = \"a/b\"",
+            "anycast.device",
+        ),
+        (
+            "addresses = [\"192.0.2.1\"]\ndrain_quiet = 0",
+            "anycast.drain_quiet",
+        ),
+        (
+            "addresses = [\"192.0.2.1\"]\ndrain_timeout = 5000",
+            "anycast.drain_timeout",
+        ),
+        (
+            "addresses = [\"192.0.2.1\"]\ndrain_quiet = 30\ndrain_timeout = 10",
+            "anycast.drain_timeout",
+        ),
+    ] {
+        let text = format!(
+            "[anycast]\n{table}\n\n[[tunnel]]\nname = \"a1\"\nmode = \"gre\"\nlocal = \"192.0.2.1\"\nremote = \"10.1.1.2\"\ndevice = \"tap1\"\n"
+        );
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.field, field, "{table}: {e}");
+        assert!(!e.message.is_empty() && !e.to_string().contains('\n'));
+    }
+    let e = Config::parse(&format!("{ANYCAST_TUNNEL}\n[anycast.extra]\n")).unwrap_err();
+    assert!(
+        e.to_string().contains("extra") || e.to_string().contains("anycast"),
+        "{e}"
+    );
+}

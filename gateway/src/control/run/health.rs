@@ -66,6 +66,30 @@ impl Gateway {
 
     fn ready_checks(&self) -> Vec<Check> {
         let mut checks = self.alive_checks();
+        if let Some(d) = &self.drain {
+            checks.push(Check {
+                ok: false,
+                what: format!(
+                    "drain: draining for {:.1} s; the gateway stops once traffic has moved",
+                    d.started().elapsed().as_secs_f64()
+                ),
+            });
+        }
+        if let Some(a) = &self.anycast {
+            let list: Vec<String> = a.addresses().iter().map(|x| x.to_string()).collect();
+            checks.push(Check {
+                ok: a.announced(),
+                what: format!(
+                    "anycast: {} {}",
+                    list.join(", "),
+                    if a.announced() {
+                        "announced"
+                    } else {
+                        "withdrawn"
+                    }
+                ),
+            });
+        }
         checks.push(Check {
             ok: self.underlay.up,
             what: format!(

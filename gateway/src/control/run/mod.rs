@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use gateway_common::EndpointKey;
 use serde_json::{json, Value};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 
 use crate::control::config::{Config, Cores, Queues, TunnelConfig};
 use crate::control::neighbour::{run_resolver, NextHops, Targets};
@@ -41,6 +41,7 @@ use crate::telemetry::metrics::{Format, Request};
 use crate::telemetry::snapshot::{print_stats, snapshot};
 use crate::telemetry::stats::WorkerStats;
 
+mod anycast;
 mod health;
 mod liveness;
 mod reload;
@@ -102,6 +103,10 @@ struct Gateway {
     liveness: Vec<Live>,
     /// The last `/readyz` answer and when it was made.
     readyz_cache: Option<(std::time::Instant, (bool, String))>,
+    /// The shared endpoint addresses' device (`[anycast]`).
+    anycast: Option<anycast::Announcer>,
+    /// A drain under way (`gateway drain`, SIGUSR2).
+    drain: Option<anycast::Drain>,
 }
 
 /// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
@@ -116,7 +121,7 @@ pub fn run(
     // Signals are taken from the start: one that arrives while the gateway
     // starts (SIGTERM, SIGUSR1) waits for the control loop rather than
     // killing the process half-way, its devices and XDP program left behind.
-    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
+    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP])
         .context("installing signal handlers")?;
     let nl = Netlink::new()?;
     let underlay = nl.link(iface)?.ok_or_else(|| {
@@ -318,6 +323,10 @@ pub fn run(
     drop(umems);
 
     let xdp_id = steering.program_id();
+    let anycast = match &cfg.anycast {
+        Some(a) => Some(anycast::Announcer::open(a, &nl)?),
+        None => None,
+    };
     let mut gw = Gateway {
         iface: iface.to_string(),
         taps,
@@ -338,10 +347,21 @@ pub fn run(
         xdp_seen: xdp_id.unwrap_or(0),
         liveness: Vec::new(),
         readyz_cache: None,
+        anycast,
+        drain: None,
     };
     gw.liveness = gw.new_liveness();
     let failure = gw.serve(config_path, metrics, signals, announce).err();
 
+    // The routers are told first, so that what they still send in the
+    // meantime finds the gateway running.
+    if let Some(a) = gw.anycast.as_mut() {
+        if a.announced() {
+            if let Err(e) = a.withdraw(&gw.nl) {
+                tracing::warn!("anycast: withdrawing at stop: {e:#}");
+            }
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     let mut failure = failure;
     let workers = std::mem::take(&mut gw.workers);
@@ -374,6 +394,8 @@ pub fn run(
         slots,
         orphans,
         steering,
+        drain,
+        anycast,
         ..
     } = gw;
     drop(steering);
@@ -383,7 +405,14 @@ pub fn run(
     for s in slots.iter().chain(&orphans) {
         s.release(&nl);
     }
+    drop(anycast);
     tracing::info!("XDP program detached; devices released");
+    if let Some(mut a) = drain.and_then(|d| d.audience) {
+        match &failure {
+            None => a.say("stopped: XDP program detached, devices released\n"),
+            Some(e) => a.say(&format!("error: the gateway stopped on a failure: {e:#}\n")),
+        }
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
@@ -428,13 +457,19 @@ impl Gateway {
         systemd: &mut health::Notifier,
     ) -> anyhow::Result<()> {
         let mut last_check = std::time::Instant::now();
+        let mut first = true;
         loop {
             crate::io::clock::tick();
             systemd.tick(|| self.alive());
-            if last_check.elapsed() >= Duration::from_millis(500) {
+            if first || last_check.elapsed() >= Duration::from_millis(500) {
+                first = false;
                 last_check = std::time::Instant::now();
                 self.watch()?;
                 self.watch_liveness();
+                self.steer_announcement();
+            }
+            if self.drain_over() {
+                return Ok(());
             }
             while let Ok(r) = req_rx.try_recv() {
                 match r {
@@ -454,11 +489,13 @@ impl Gateway {
                     Request::Health { ready, reply } => {
                         let _ = reply.send(self.health(ready));
                     }
+                    Request::Drain { audience } => self.start_drain(Some(audience)),
                 }
             }
             for sig in signals.pending() {
                 match sig {
                     SIGUSR1 => print_stats(&self.snapshot(), "stats"),
+                    SIGUSR2 => self.start_drain(None),
                     SIGHUP => {
                         self.reload_from(config_path)?;
                     }
@@ -502,6 +539,10 @@ impl Gateway {
                 "tunnel_up": self.events.tunnel_up,
             },
         });
+        if let Some(a) = &self.anycast {
+            v["gateway"]["anycast"] = a.to_json();
+        }
+        v["gateway"]["draining"] = self.drain.as_ref().map_or(Value::Null, |d| d.to_json());
         v["captures"] = self.taps.figures();
         self.liveness_into(&mut v);
         v

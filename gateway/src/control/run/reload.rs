@@ -138,6 +138,12 @@ impl Gateway {
             )
             .into());
         }
+        if self.cfg.anycast != new.anycast {
+            return Err(anyhow!(
+                "[anycast] changed, and it takes effect only when the gateway restarts (drain it first: gateway drain); restart it, or reload with the old value"
+            )
+            .into());
+        }
         // Which running tunnel each new one continues, by device.
         let mut reuse: Vec<Option<usize>> = Vec::with_capacity(new.tunnels.len());
         for t in &new.tunnels {

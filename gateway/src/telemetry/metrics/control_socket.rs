@@ -91,6 +91,10 @@ fn answer_control(mut conn: UnixStream, requests: &Sender<Request>, taps: &Taps)
             return;
         }
     }
+    if std::str::from_utf8(word).unwrap_or("").trim() == "drain" {
+        answer_drain(conn, requests);
+        return;
+    }
     let format = match std::str::from_utf8(word).unwrap_or("").trim() {
         "reload" => None,
         "json" => Some(Format::Json),
@@ -114,6 +118,81 @@ fn answer_control(mut conn: UnixStream, requests: &Sender<Request>, taps: &Taps)
         "error: the gateway gave no answer in time (it may be stopping, or a reload may still be running)\n".into()
     });
     let _ = write_by(&mut conn, body.as_bytes(), Instant::now() + CLIENT_TIMEOUT);
+}
+
+/// `gateway drain`: the request goes to the control thread with the
+/// connection.
+fn answer_drain(mut conn: UnixStream, requests: &Sender<Request>) {
+    if !may_reload(&conn) {
+        let _ = write_by(
+            &mut conn,
+            b"error: drain refused: only root or the gateway's own user may ask for one\n",
+            Instant::now() + CLIENT_TIMEOUT,
+        );
+        return;
+    }
+    // The control thread keeps the connection and says each step on it,
+    // the last after the gateway has stopped, just before it exits.
+    let _ = requests.send(Request::Drain {
+        audience: Audience(Some(conn)),
+    });
+}
+
+/// Whoever asked for a drain: told each step as it happens.
+pub struct Audience(Option<UnixStream>);
+
+impl Audience {
+    /// Says `line`, waiting at most a second for a client that does not
+    /// read; one that is gone or stalls is told nothing more.
+    pub fn say(&mut self, line: &str) {
+        if let Some(c) = &mut self.0 {
+            if write_by(c, line.as_bytes(), Instant::now() + Duration::from_secs(1)).is_err() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
+/// `gateway drain`: asks the gateway running on `iface` to drain, and
+/// writes what it says to `out` as it says it, until it has stopped.
+/// Returns whether it did stop (rather than refuse).
+pub fn drain(iface: &str, out: &mut dyn Write) -> anyhow::Result<bool> {
+    let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
+    let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
+        anyhow::anyhow!("no gateway answers for {iface} in this network namespace ({e}); is it running (gateway --iface {iface})?")
+    })?;
+    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    s.write_all(b"drain")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    // As long as the drain takes: the gateway closes when it has stopped
+    // (or the kernel does, when it dies).
+    let mut said = String::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e.into()),
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        said.push_str(&text);
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+    }
+    if said.is_empty() {
+        anyhow::bail!(
+            "the gateway on {iface} closed the connection unanswered; it may be stopping"
+        );
+    }
+    if let Some(e) = said.strip_prefix("error: ") {
+        anyhow::bail!("{}", e.trim_end());
+    }
+    if let Some((_, e)) = said.split_once("\nerror: ") {
+        anyhow::bail!("{}", e.trim_end());
+    }
+    Ok(said.contains("\nstopped"))
 }
 
 /// What a control client is told when [`CLIENT_THREADS`] others are being

@@ -19,7 +19,7 @@ mod prometheus;
 mod tests;
 
 pub use clients::CLIENT_TIMEOUT;
-pub use control_socket::{control_name, query, serve_control};
+pub use control_socket::{control_name, drain, query, serve_control, Audience};
 pub use http::serve_http;
 pub use prometheus::prometheus;
 
@@ -47,4 +47,8 @@ pub enum Request {
         ready: bool,
         reply: Sender<(bool, String)>,
     },
+    /// Withdraw the shared addresses and stop once traffic has moved
+    /// (`gateway drain`): each step told to `audience`, the last once the
+    /// gateway has stopped.
+    Drain { audience: Audience },
 }

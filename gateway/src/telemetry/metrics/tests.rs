@@ -65,6 +65,7 @@ fn fake_gateway() -> (Sender<Request>, std::sync::mpsc::Receiver<()>) {
                 Request::Health { ready, reply } => {
                     let _ = reply.send((!ready, format!("ready: {ready}\n")));
                 }
+                Request::Drain { mut audience } => audience.say("draining\n"),
             }
         }
     });
