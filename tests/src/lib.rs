@@ -10,7 +10,7 @@
 pub mod vm;
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -694,6 +694,22 @@ impl Drop for Gateway {
             let _ = c.wait();
         }
     }
+}
+
+/// A plain HTTP GET from inside `ns`: the status code and the body.
+pub fn http_status(ns: &NetNs, addr: &'static str, path: &'static str) -> Option<(u16, String)> {
+    ns.run(move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (head, body) = out.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    })
 }
 
 /// A raw AF_PACKET socket bound to one device of a namespace.

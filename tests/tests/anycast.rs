@@ -20,7 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gateway_tests::stats::tunnel_rx;
-use gateway_tests::{gateway_bin, require_root, sh, wait_until, Gateway, NetNs};
+use gateway_tests::{
+    gateway_bin, http_status, pkt, require_root, sh, wait_until, Gateway, NetNs, RawSocket, Wire,
+};
 
 const ANYCAST: &str = "192.0.2.1";
 const PEERS: usize = 4;
@@ -455,5 +457,138 @@ fn peers_move_between_anycast_gateways_on_kill_restart_and_drain() {
         drain_took.as_secs_f64(),
         results[0].0,
         said.lines().collect::<Vec<_>>().join(" / ")
+    );
+}
+
+/// One gateway with a shared address, no router: the address is on its
+/// device while it runs; SIGUSR2 drains it: the address goes, `/readyz`
+/// fails and says why, and the gateway keeps carrying packets for as long
+/// as they come, then stops by itself, its device gone.
+#[test]
+fn a_drain_withdraws_fails_readyz_and_waits_until_packets_stop() {
+    if !require_root("a_drain_withdraws_fails_readyz_and_waits_until_packets_stop") {
+        return;
+    }
+    let wire = Wire::new("acd", &[]);
+    let config = r#"
+[gateway]
+poll = "adaptive"
+xdp_mode = "native"
+
+[anycast]
+addresses = ["192.0.2.1"]
+drain_quiet = 2
+
+[[tunnel]]
+name = "t1"
+mode = "gre"
+local = "192.0.2.1"
+remote = "192.168.0.58"
+mtu = 1400
+device = "t1"
+device_kind = "tun"
+address = "10.1.1.1"
+peer = "10.1.1.2"
+"#;
+    let mut gw = Gateway::start_with(&wire.gw, config, &["--metrics", "127.0.0.1:9466"]);
+    let on_device = |ns: &NetNs| {
+        ns.exec(&["ip", "-o", "addr", "show", "dev", "gw-anycast"])
+            .1
+            .contains("inet 192.0.2.1/32")
+    };
+    wait_until(
+        "the shared address on gw-anycast",
+        Duration::from_secs(20),
+        || on_device(&wire.gw),
+    );
+    wait_until(
+        "/readyz to say the address is announced",
+        Duration::from_secs(20),
+        || match http_status(&wire.gw, "127.0.0.1:9466", "/readyz") {
+            Some((200, b)) if b.contains("[+] anycast: 192.0.2.1 announced") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    // A GRE packet to the shared address every 50 ms from the peer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, mac) = (stop.clone(), wire.gw.mac("ens0"));
+        let tx = RawSocket::open(&wire.peer, "ens0", 1 << 20);
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let inner = pkt::udp([10, 1, 1, 2], [10, 1, 1, 1], 4000, 9, b"drain");
+                tx.send(&pkt::outer(
+                    mac,
+                    [192, 168, 0, 58],
+                    [192, 0, 2, 1],
+                    47,
+                    &pkt::gre(0, 0x0800, 0, 0, &inner),
+                ));
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(50)); // the sending rate, not a wait
+            }
+            sent
+        })
+    };
+    wait_until("the packets to reach t1", Duration::from_secs(20), || {
+        tunnel_rx(&gw.stats(), "t1") > 0
+    });
+
+    gw.signal(libc::SIGUSR2);
+    wait_until("the shared address to go", Duration::from_secs(20), || {
+        !on_device(&wire.gw)
+    });
+    wait_until(
+        "/readyz to fail with the drain",
+        Duration::from_secs(20),
+        || match http_status(&wire.gw, "127.0.0.1:9466", "/readyz") {
+            Some((503, b))
+                if b.contains("[-] drain: draining")
+                    && b.contains("[-] anycast: 192.0.2.1 withdrawn") =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let s = gw.stats();
+    assert!(s["gateway"]["draining"].is_object(), "{s}");
+    assert_eq!(s["gateway"]["anycast"]["announced"], false, "{s}");
+    // Packets keep coming: the gateway keeps carrying them. (They come
+    // every 50 ms, well inside drain_quiet.)
+    let before = tunnel_rx(&gw.stats(), "t1");
+    wait_until(
+        "packets carried while draining",
+        Duration::from_secs(20),
+        || tunnel_rx(&gw.stats(), "t1") >= before + 10,
+    );
+    assert!(
+        gw.wait_exit(Duration::ZERO).is_none(),
+        "the gateway stopped while packets still came:\n{}",
+        gw.log()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let status = gw.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the drained gateway did not exit 0: {status:?}\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(log.contains("drained after"), "{log}");
+    assert!(
+        !wire.gw.exec(&["ip", "link", "show", "gw-anycast"]).0,
+        "gw-anycast is still there after the gateway stopped"
+    );
+    eprintln!(
+        "{sent} packets sent; {}",
+        log.lines()
+            .filter(|l| l.contains("drain"))
+            .collect::<Vec<_>>()
+            .join(" / ")
     );
 }

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway_tests::{gateway_bin, pkt, require_root, wait_until, Gateway, NetNs, RawSocket, Wire};
+use gateway_tests::{
+    gateway_bin, http_status, pkt, require_root, wait_until, Gateway, NetNs, RawSocket, Wire,
+};
 
 const CONFIG: &str = gateway_tests::ONE_GRE_TUNNEL;
 
@@ -165,22 +167,6 @@ fn prometheus_scrapes_the_metrics_endpoint() {
     };
     assert_eq!(value, "5", "Prometheus read the gateway's rx count back");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A plain HTTP GET from inside `ns`: the status code and the body.
-fn http_status(ns: &NetNs, addr: &'static str, path: &'static str) -> Option<(u16, String)> {
-    ns.run(move || {
-        let mut s =
-            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
-                .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let (head, body) = out.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, body.to_string()))
-    })
 }
 
 /// Waits until `path` answers `status` with a body containing `line`.

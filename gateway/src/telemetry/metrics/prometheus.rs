@@ -132,6 +132,34 @@ pub fn prometheus(s: &Value) -> String {
             "1 while the gateway's XDP program is the one attached to the underlay.",
             vec![(String::new(), b(&g["xdp_attached"]))],
         );
+        family(
+            "gateway_draining",
+            "gauge",
+            "1 while the gateway drains (gateway drain, SIGUSR2): it stops once traffic has moved.",
+            vec![(String::new(), u64::from(!g["draining"].is_null()))],
+        );
+        let a = &g["anycast"];
+        if a.is_object() {
+            let addresses = a["addresses"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .map(|x| {
+                            (
+                                format!("address=\"{}\"", x.as_str().unwrap_or("")),
+                                b(&a["announced"]),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            family(
+                "gateway_anycast_announced",
+                "gauge",
+                "1 while the shared endpoint address is on the gateway's device (announced by the routing daemon).",
+                addresses,
+            );
+        }
         let events = g["events"]
             .as_object()
             .map(|m| {

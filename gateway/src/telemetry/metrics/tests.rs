@@ -37,6 +37,38 @@ fn prometheus_text_has_every_family_with_labels() {
         assert!(name.starts_with("gateway_"), "{line}");
     }
 }
+#[test]
+fn prometheus_text_has_the_anycast_state_and_the_drain() {
+    let snap = json!({
+        "tunnels": [], "drops": {}, "xdp": {}, "workers": [],
+        "gateway": {"underlay_up": true, "xdp_attached": true, "events": {},
+            "anycast": {"device": "gw-anycast", "addresses": ["192.0.2.1", "2001:db8::1"], "announced": true},
+            "draining": null},
+    });
+    let text = prometheus(&snap);
+    assert!(
+        text.contains("gateway_anycast_announced{address=\"192.0.2.1\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway_anycast_announced{address=\"2001:db8::1\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("gateway_draining 0"), "{text}");
+    let mut snap = snap;
+    snap["gateway"]["anycast"]["announced"] = json!(false);
+    snap["gateway"]["draining"] = json!({"since_ms": 10});
+    let text = prometheus(&snap);
+    assert!(
+        text.contains("gateway_anycast_announced{address=\"192.0.2.1\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("gateway_draining 1"), "{text}");
+    // Without [anycast], no family for it.
+    snap["gateway"]["anycast"] = json!(null);
+    assert!(!prometheus(&snap).contains("gateway_anycast_announced"));
+}
+
 /// How long a test waits for what should take a few seconds at most.
 const PATIENCE: Duration = Duration::from_secs(20);
 
