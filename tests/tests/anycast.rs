@@ -57,6 +57,16 @@ impl Bird {
     }
 }
 
+impl Bird {
+    /// `birdc show ARGS...` on this BIRD's control socket.
+    fn show(&self, ns: &NetNs, args: &[&str]) -> String {
+        let ctl = self.log.with_extension("ctl");
+        let mut v = vec!["birdc", "-s", ctl.to_str().unwrap(), "show"];
+        v.extend_from_slice(args);
+        ns.exec(&v).1
+    }
+}
+
 impl Drop for Bird {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -246,7 +256,7 @@ fn peers_move_between_anycast_gateways_on_kill_restart_and_drain() {
 
     // BIRD everywhere, from the shipped files.
     let host_conf = shipped("gateway-host.conf");
-    let _bird_r = Bird::start(&router, &shipped("router.conf"));
+    let bird_r = Bird::start(&router, &shipped("router.conf"));
     let _bird_a = Bird::start(&ga, &host_conf);
     let host_b = set_line(&host_conf, "define HOST_ID", "define HOST_ID = 10.0.2.2;");
     let host_b = set_line(&host_b, "define HOST_AS", "define HOST_AS = 65002;");
@@ -272,6 +282,20 @@ fn peers_move_between_anycast_gateways_on_kill_restart_and_drain() {
                 Ok(())
             } else {
                 Err(format!("next hops {h:?}"))
+            }
+        },
+    );
+    // BFD runs on both sessions (the shipped files enable it: a dead host's
+    // routes go within a second).
+    wait_until(
+        "BFD up with both gateway hosts",
+        Duration::from_secs(30),
+        || {
+            let s = bird_r.show(&router, &["bfd", "sessions"]);
+            if s.matches(" Up ").count() == 2 {
+                Ok(())
+            } else {
+                Err(s)
             }
         },
     );
@@ -369,7 +393,9 @@ fn peers_move_between_anycast_gateways_on_kill_restart_and_drain() {
     drop(gw_a.take());
     all_answer(&peers);
 
-    // --- A restarted: it rejoins, and the hash gives it its peers back.
+    // --- A restarted: it rejoins, and the hash gives it its peers back,
+    // with no ping lost (it announces once it can answer).
+    let pings = Pings::start(&peers, 600);
     let restarted = Instant::now();
     let gw_a = Gateway::start(&ga, &config);
     wait_until(
@@ -384,11 +410,23 @@ fn peers_move_between_anycast_gateways_on_kill_restart_and_drain() {
             }
         },
     );
+    let rejoined = restarted.elapsed();
+    for (i, (sent, got)) in pings.finish().into_iter().enumerate() {
+        assert_eq!(
+            sent,
+            got,
+            "peer {} lost pings when A rejoined; A's stats: {}\nB's: {}\nA's links: {}\nA's ICMP: {}",
+            i + 1,
+            gw_a.stats(),
+            gw_b.stats(),
+            ga.exec(&["ip", "-s", "-s", "link"]).1,
+            ga.exec(&["nstat", "-az", "Icmp*", "Ip*"]).1,
+        );
+    }
     eprintln!(
-        "A restarted: announced again after {:.1} s",
-        restarted.elapsed().as_secs_f64()
+        "A restarted: announced again {:.1} s after its start, no ping lost",
+        rejoined.as_secs_f64()
     );
-    all_answer(&peers);
     let per_peer = served(Some(&gw_a), Some(&gw_b), || {
         Pings::start(&peers, 100).finish();
     });
@@ -509,6 +547,23 @@ peer = "10.1.1.2"
             other => Err(format!("{other:?}")),
         },
     );
+
+    // The underlay down: withdrawn; up again: announced again.
+    wire.gw.ip(&["link", "set", "ens0", "down"]);
+    wait_until(
+        "the address to go with the underlay",
+        Duration::from_secs(20),
+        || !on_device(&wire.gw),
+    );
+    wire.gw.ip(&["link", "set", "ens0", "up"]);
+    wait_until(
+        "the address to come back with the underlay",
+        Duration::from_secs(20),
+        || on_device(&wire.gw),
+    );
+    let s = gw.stats();
+    assert_eq!(s["gateway"]["anycast"]["withdrawals"], 1, "{s}");
+    assert_eq!(s["gateway"]["anycast"]["announcements"], 2, "{s}");
 
     // A GRE packet to the shared address every 50 ms from the peer.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

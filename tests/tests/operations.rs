@@ -728,3 +728,102 @@ fn no_af_xdp_or_no_interface_gets_one_clear_line_and_leaves_nothing_behind() {
     }
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// What a gateway killed with SIGKILL can leave: its device, with a queue
+/// still attached (the kernel does not always release a killed process's
+/// io_uring, and with it the queues registered there). A second program
+/// holding a queue of tap1 stands in for it. The gateway starting next
+/// deletes the device and creates it afresh: otherwise the kernel would
+/// send part of the device's flows to the dead queue, and they would be
+/// lost.
+#[test]
+fn a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow() {
+    if !require_root("a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow") {
+        return;
+    }
+    let wire = Wire::new("lq", &[]);
+    // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, as the gateway
+    // opens its queues; TUNSETIFF = 0x400454ca.
+    let holder = "import fcntl, os, struct, sys\n\
+        fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+        fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'tap1', 0x0002 | 0x1000 | 0x4000 | 0x0100))\n\
+        print('held', flush=True)\n\
+        sys.stdin.read()\n";
+    let mut held = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &wire.gw.name,
+            "/usr/bin/python3",
+            "-c",
+            holder,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    let before = wire.gw.ip(&["-o", "link", "show", "tap1"]);
+
+    let gw = start(&wire, ONE_GRE_TUNNEL);
+    assert!(
+        gw.log().contains("deleted, and created afresh"),
+        "{}",
+        gw.log()
+    );
+    let after = wire.gw.ip(&["-o", "link", "show", "tap1"]);
+    assert_ne!(
+        before.split(':').next(),
+        after.split(':').next(),
+        "same ifindex: not re-created"
+    );
+
+    // The peer's MAC on tap1 first (the gateway answers ARP): the kernel
+    // holds only so many packets while it resolves one.
+    wait_until("10.1.1.2 resolved on tap1", Duration::from_secs(20), || {
+        wire.gw.run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(b"arp", ("10.1.1.2", 7001));
+        });
+        let n = wire.gw.ip(&["neigh", "show", "10.1.1.2", "dev", "tap1"]);
+        if n.contains("lladdr") {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    });
+    // 64 flows out through tap1 (the kernel spreads flows over a device's
+    // queues by hash): every datagram reaches the wire.
+    let on_wire = RawSocket::open(&wire.peer, "ens0", 8 << 20);
+    wire.gw.run(|| {
+        for _ in 0..64 {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for i in 0u32..5 {
+                s.send_to(&i.to_be_bytes(), ("10.1.1.2", 7000)).unwrap();
+            }
+        }
+    });
+    let mut got = 0;
+    wait_until("every flow on the wire", Duration::from_secs(20), || {
+        let out: Vec<_> = on_wire
+            .receive(usize::MAX, Duration::from_millis(200))
+            .into_iter()
+            .filter(|f| f.len() > 38 && f[23] == 47)
+            .collect();
+        got += count_udp(&out, 38, 7000);
+        if got >= 320 {
+            Ok(())
+        } else {
+            Err(format!("{got} of 320 datagrams; {}", gw.stats()))
+        }
+    });
+    assert_eq!(got, 320);
+    let _ = held.kill();
+    let _ = held.wait();
+}

@@ -387,3 +387,73 @@ impl Netlink {
             })
     }
 }
+
+/// What the kernel says of a tun or tap device (`IFLA_INFO_DATA` of kind
+/// "tun").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunState {
+    /// Outlives its queues (`IFF_PERSIST`).
+    pub persistent: bool,
+    /// Queues attached now, by whoever holds them.
+    pub queues: u32,
+}
+
+impl Netlink {
+    /// The tun state of the device `name`; `None` when there is no such
+    /// device or it is not a tun or tap.
+    pub fn tun_state(&self, name: &str) -> Result<Option<TunState>, NetlinkError> {
+        use netlink_packet_core::Nla;
+        use netlink_packet_route::link::{InfoData, LinkInfo as Info};
+        // From linux/if_link.h.
+        const IFLA_TUN_PERSIST: u16 = 6;
+        const IFLA_TUN_NUM_QUEUES: u16 = 8;
+        let handle = self.handle.clone();
+        let res = self.rt.block_on(async move {
+            handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute()
+                .try_next()
+                .await
+        });
+        let msg = match res {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => {
+                return Err(NetlinkError::Request {
+                    what: format!("looking up interface {name}"),
+                    reason: describe(&e),
+                })
+            }
+        };
+        for a in &msg.attributes {
+            let LinkAttribute::LinkInfo(infos) = a else {
+                continue;
+            };
+            for i in infos {
+                let Info::Data(InfoData::Tun(nlas)) = i else {
+                    continue;
+                };
+                let mut st = TunState {
+                    persistent: false,
+                    queues: 0,
+                };
+                for n in nlas {
+                    let mut v = vec![0u8; n.value_len()];
+                    n.emit_value(&mut v);
+                    match n.kind() {
+                        IFLA_TUN_PERSIST => st.persistent = v.first().is_some_and(|&b| b != 0),
+                        IFLA_TUN_NUM_QUEUES if v.len() >= 4 => {
+                            st.queues = u32::from_ne_bytes([v[0], v[1], v[2], v[3]])
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(Some(st));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -59,6 +59,9 @@ pub struct WorkerStats {
     pub tx_sent: AtomicU64,
     pub tx_replies: AtomicU64,
     pub frames_total: AtomicU64,
+    /// Set once the worker has filled its fill ring and armed its device
+    /// reads: packets steered to it from then on are taken.
+    pub started: AtomicBool,
     pub frames_free: AtomicU64,
     pub frames_in_kernel: AtomicU64,
     pub frames_in_flight: AtomicU64,
@@ -249,6 +252,7 @@ impl WorkerStats {
             tx_sent: AtomicU64::new(0),
             tx_replies: AtomicU64::new(0),
             frames_total: AtomicU64::new(0),
+            started: AtomicBool::new(false),
             frames_free: AtomicU64::new(0),
             frames_in_kernel: AtomicU64::new(0),
             frames_in_flight: AtomicU64::new(0),

@@ -296,6 +296,12 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
     let anycast = raw.anycast.map(validate_anycast).transpose()?;
     if let Some(a) = &anycast {
         check_tunnels(a, &tunnels)?;
+        if g.iface.as_deref() == Some(a.device.as_str()) {
+            return Err(err(
+                "anycast.device",
+                format!("{:?} is gateway.iface, the underlay; give [anycast] a device of its own (the default is \"gw-anycast\")", a.device),
+            ));
+        }
     }
     Ok(Config {
         iface: g.iface,

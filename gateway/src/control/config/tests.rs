@@ -654,6 +654,12 @@ fn anycast_field_errors_name_the_field() {
         assert_eq!(e.field, field, "{table}: {e}");
         assert!(!e.message.is_empty() && !e.to_string().contains('\n'));
     }
+    let e = Config::parse(&format!(
+        "[gateway]\niface = \"ens0\"\n{}",
+        ANYCAST_TUNNEL.replace("[anycast]\n", "[anycast]\ndevice = \"ens0\"\n")
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "anycast.device", "{e}");
     let e = Config::parse(&format!("{ANYCAST_TUNNEL}\n[anycast.extra]\n")).unwrap_err();
     assert!(
         e.to_string().contains("extra") || e.to_string().contains("anycast"),

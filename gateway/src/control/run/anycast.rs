@@ -35,9 +35,17 @@ use crate::io::netlink::{LinkInfo, Netlink};
 use crate::io::tap;
 use crate::telemetry::metrics::Audience;
 
+/// How long a starting gateway waits for its tunnels' next hops before it
+/// announces anyway.
+const FIRST_ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
+
 /// The device that carries the shared addresses, and whether they are on it.
 pub(super) struct Announcer {
     cfg: Anycast,
+    /// Until the first announcement: when the gateway started. The routers
+    /// send it peers the moment it announces, so it first waits (a little)
+    /// for every tunnel's next hop, or its first answers would find none.
+    starting: Option<Instant>,
     /// The device's one queue: the device lives as long as this does.
     _queue: OwnedFd,
     link: LinkInfo,
@@ -62,6 +70,7 @@ impl Announcer {
             .ok_or_else(|| anyhow::anyhow!("[anycast] device {dev} vanished as it was made"))?;
         let mut a = Announcer {
             cfg: cfg.clone(),
+            starting: Some(Instant::now()),
             _queue: queue,
             link,
             announced: true,
@@ -96,6 +105,7 @@ impl Announcer {
             self.announcements += 1;
         }
         self.announced = true;
+        self.starting = None;
         Ok(())
     }
 
@@ -156,7 +166,14 @@ impl Gateway {
     /// Announces or withdraws the shared addresses as the gateway can
     /// carry traffic or not. Called every control tick.
     pub(super) fn steer_announcement(&mut self) {
-        let want = self.drain.is_none() && self.underlay.up && self.alive();
+        let mut want = self.drain.is_none() && self.underlay.up && self.alive();
+        let Some(a) = self.anycast.as_ref() else {
+            return;
+        };
+        if let Some(since) = a.starting {
+            let resolved = (0..self.slots.len()).all(|i| self.tunnels.next_hops.get(i).is_some());
+            want &= resolved || since.elapsed() >= FIRST_ANNOUNCE_WAIT;
+        }
         let Some(a) = self.anycast.as_mut() else {
             return;
         };

@@ -34,7 +34,10 @@ impl Gateway {
         let running = self
             .workers
             .iter()
-            .filter(|w| !w.thread.is_finished())
+            .filter(|w| {
+                !w.thread.is_finished()
+                    && w.stats.started.load(std::sync::atomic::Ordering::Acquire)
+            })
             .count();
         vec![
             Check {

@@ -324,6 +324,9 @@ pub fn run(
 
     let xdp_id = steering.program_id();
     let anycast = match &cfg.anycast {
+        Some(a) if a.device == iface => {
+            bail!("anycast.device: {iface} is the underlay; give [anycast] a device of its own (the default is gw-anycast)")
+        }
         Some(a) => Some(anycast::Announcer::open(a, &nl)?),
         None => None,
     };
@@ -466,8 +469,8 @@ impl Gateway {
                 last_check = std::time::Instant::now();
                 self.watch()?;
                 self.watch_liveness();
-                self.steer_announcement();
             }
+            self.steer_announcement();
             if self.drain_over() {
                 return Ok(());
             }

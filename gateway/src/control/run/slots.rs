@@ -67,7 +67,7 @@ pub(super) fn open_device(
     mtu: u16,
     workers: usize,
 ) -> anyhow::Result<Device> {
-    let existed = nl.link(&t.device)?.is_some();
+    let existed = nl.link(&t.device)?.is_some() && !clear_leftover(nl, t)?;
     let mut queues = Vec::with_capacity(workers);
     for _ in 0..workers {
         queues.push(tap::open_queue(&t.device, t.device_kind)?);
@@ -103,6 +103,45 @@ pub(super) fn open_device(
             Err(e)
         }
     }
+}
+
+/// A device that exists with queues attached before the gateway opens its
+/// own is held elsewhere: most often by a gateway that was killed (SIGKILL,
+/// a crash), whose io_uring the kernel never releases, so its queues stay
+/// attached and its device stays. The kernel would send part of the
+/// device's packets to those queues, and nobody reads them. A device that
+/// is not persistent is deleted, to be created afresh (returns true); a
+/// persistent one (its bridge ports and addresses are someone's
+/// configuration) is kept, and said to lose packets until it is deleted.
+fn clear_leftover(nl: &Netlink, t: &TunnelConfig) -> anyhow::Result<bool> {
+    let Some(state) = nl.tun_state(&t.device)? else {
+        return Ok(false);
+    };
+    if state.queues == 0 {
+        return Ok(false);
+    }
+    if state.persistent {
+        tracing::error!(
+            device = %t.device,
+            held = state.queues,
+            "device {} already has {} queue(s) attached by something else (a gateway that was killed, or another program); the kernel sends part of its packets there and they are lost: stop that program, or delete the device (ip link del {}) and restart",
+            t.device,
+            state.queues,
+            t.device
+        );
+        return Ok(false);
+    }
+    let Some(link) = nl.link(&t.device)? else {
+        return Ok(true);
+    };
+    nl.delete(&link)?;
+    tracing::warn!(
+        device = %t.device,
+        "device {} was left with {} queue(s) attached by something else (a gateway that was killed?); deleted, and created afresh",
+        t.device,
+        state.queues
+    );
+    Ok(true)
 }
 
 /// The tunnel MTU: configured, or the underlay's less the overhead.

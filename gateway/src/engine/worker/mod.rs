@@ -474,6 +474,10 @@ impl<S: Socket> Worker<S> {
         self.xsk
             .wake_fill_if_needed()
             .map_err(self.io_err("fill-ring wakeup"))?;
+        // From here packets are taken: the control thread may say so.
+        self.stats
+            .started
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(Running {
             rx: Vec::with_capacity(batch),
             done: Vec::with_capacity(entries as usize),
