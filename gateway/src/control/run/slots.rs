@@ -100,6 +100,11 @@ pub(super) fn open_device(
         let link = nl
             .link(&t.device)?
             .ok_or_else(|| anyhow!("device {} vanished right after it was opened", t.device))?;
+        if !existed && !link.up {
+            // No default qdisc over the device's 256 TX queues (see
+            // `set_noqueue`); a device the host made keeps its own.
+            nl.set_noqueue(&link)?;
+        }
         nl.set_up(&link, Some(u32::from(mtu)))?;
         if let (Some(a), Some(p)) = (t.address, t.peer) {
             nl.add_peer_address(&link, a, p)?;
