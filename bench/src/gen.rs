@@ -32,6 +32,9 @@ pub struct Template {
     pub icmp_at: Option<usize>,
     /// Offset of a 16-bit field varied per flow (ICMP id or UDP port).
     pub flow_at: usize,
+    /// Offset of an outer IPv4 header whose checksum covers the flow field
+    /// (the flow varies the outer source address): computed per packet.
+    pub ipv4_at: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -263,6 +266,11 @@ impl State {
                 buf[s + 8..s + 16].copy_from_slice(&self.seq.to_be_bytes());
                 let now = self.base.elapsed().as_nanos() as u64;
                 buf[s + 16..s + 24].copy_from_slice(&now.to_be_bytes());
+                if let Some(i) = tpl.ipv4_at {
+                    buf[i + 10..i + 12].copy_from_slice(&[0, 0]);
+                    let c = checksum::checksum(&buf[i..i + 20]);
+                    buf[i + 10..i + 12].copy_from_slice(&c.to_be_bytes());
+                }
                 if let Some(i) = tpl.icmp_at {
                     buf[i + 2..i + 4].copy_from_slice(&[0, 0]);
                     let c = checksum::checksum(&buf[i..len]);

@@ -34,12 +34,26 @@ pub(crate) struct GatewayProc {
 
 impl GatewayProc {
     pub(crate) fn start(ns: &NetNs, bin: &Path, config: &Path, log: &Path) -> Result<GatewayProc> {
+        Self::start_with(ns, bin, config, log, &[], Duration::from_secs(20))
+    }
+
+    /// As [`GatewayProc::start`], with more arguments and `patience` to
+    /// wait until it runs.
+    pub(crate) fn start_with(
+        ns: &NetNs,
+        bin: &Path,
+        config: &Path,
+        log: &Path,
+        extra: &[&str],
+        patience: Duration,
+    ) -> Result<GatewayProc> {
         let err = std::fs::File::create(log)?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(bin)
             .args(["--iface", "ens0", "--config"])
             .arg(config)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(err)
@@ -62,7 +76,7 @@ impl GatewayProc {
             lines: rx,
             log: log.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience;
         loop {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             if text.contains("gateway running") {

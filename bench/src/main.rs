@@ -18,7 +18,8 @@
 //!
 //! One module per section, run in this order by `main`: `ceiling` (the
 //! wire, the device, and later the bare veth's round trip), `decap`,
-//! `capture` (the cost of a capture attached), `round_trip`, `idle`, `tcp`, `spread`, then `report` (results, plot,
+//! `capture` (the cost of a capture attached), `round_trip`, `idle`, `tcp`, `spread`, `scale` (ten
+//! thousand tunnels), then `report` (results, plot,
 //! summary); `soak` and `two_hosts` are modes of their own. `harness` has
 //! what they share (the gateway process, trials, the no-drop search).
 
@@ -33,6 +34,7 @@ mod idle;
 mod ns;
 mod report;
 mod round_trip;
+mod scale;
 mod soak;
 mod spread;
 mod tcp;
@@ -120,6 +122,14 @@ struct Args {
     /// queue of two, the device writes spread over both workers or not.
     #[arg(long)]
     spread_only: bool,
+    /// Only the scale section: a gateway with --scale-tunnels tunnels
+    /// (check, start, memory, lookup, reloads, stats), beside one.
+    #[arg(long)]
+    scale_only: bool,
+    /// Tunnels of the scale section (half keyed between one pair of
+    /// hosts, half from distinct remotes); 0 leaves the section out.
+    #[arg(long, default_value_t = 10_000)]
+    scale_tunnels: usize,
 }
 
 fn main() -> Result<()> {
@@ -161,6 +171,13 @@ fn main() -> Result<()> {
 
     if args.spread_only {
         return spread::only(&args, &out_dir);
+    }
+
+    if args.scale_only {
+        if args.scale_tunnels == 0 {
+            bail!("--scale-only with --scale-tunnels 0 measures nothing; give a number of tunnels");
+        }
+        return scale::only(&args, &out_dir);
     }
 
     // Topology.
@@ -240,6 +257,11 @@ fn main() -> Result<()> {
     let gen_final = bench.gen;
     drop(gen_final);
     let spread = spread::section(&bench.args, bench.trial, &out_dir)?;
+    let scale = if bench.args.scale_tunnels > 0 {
+        scale::section(&bench.args, &out_dir)?
+    } else {
+        serde_json::Value::Null
+    };
 
     // Files.
     report::write(&report::Run {
@@ -257,6 +279,7 @@ fn main() -> Result<()> {
         idle,
         tcp,
         spread,
+        scale,
         gw_final,
     })?;
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));

@@ -278,6 +278,7 @@ pub(crate) struct Run<'a> {
     pub(crate) idle: Vec<(String, f64)>,
     pub(crate) tcp: Value,
     pub(crate) spread: Value,
+    pub(crate) scale: Value,
     pub(crate) gw_final: Value,
 }
 
@@ -361,6 +362,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
         },
         "tcp": tcp,
         "spread": spread,
+        "scale": run.scale,
         "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gateway_final_stats": gw_final,
         "elapsed_s": run.started.elapsed().as_secs_f64(),
@@ -534,6 +536,9 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
             t["offered_pps"].as_f64().unwrap_or(0.0),
             t["busy_ns_per_rx_packet_per_queue"]
         );
+    }
+    if !run.scale.is_null() {
+        crate::scale::summary(&run.scale);
     }
     println!(
         "\nfiles: {}/results.json, plot.svg, latency-*.hgrm, gateway.log",

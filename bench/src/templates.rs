@@ -90,6 +90,7 @@ pub fn tunnel_echo(
         stamp_at: icmp + 8,
         icmp_at: Some(icmp),
         flow_at: icmp + 4,
+        ipv4_at: None,
     }
 }
 
@@ -115,6 +116,7 @@ pub fn tunnel_udp(
         stamp_at: udp + 8,
         icmp_at: None,
         flow_at: udp,
+        ipv4_at: None,
     }
 }
 
@@ -132,6 +134,7 @@ pub fn bare_echo(a: &Addrs, dst_mac: [u8; 6], src_mac: [u8; 6], size: usize) -> 
         stamp_at: icmp + 8,
         icmp_at: Some(icmp),
         flow_at: icmp + 4,
+        ipv4_at: None,
     }
 }
 

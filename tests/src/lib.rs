@@ -464,6 +464,22 @@ impl Gateway {
     /// Like [`Gateway::start_with`], run through `prefix` (e.g. `setpriv`
     /// with a reduced set of capabilities).
     pub fn start_wrapped(ns: &NetNs, config: &str, prefix: &[&str], extra: &[&str]) -> Gateway {
+        Self::start_inner(ns, config, prefix, extra, Duration::from_secs(20))
+    }
+
+    /// Like [`Gateway::start`], waiting up to `patience` for it to run (a
+    /// configuration of thousands of tunnels).
+    pub fn start_patient(ns: &NetNs, config: &str, patience: Duration) -> Gateway {
+        Self::start_inner(ns, config, &[], &[], patience)
+    }
+
+    fn start_inner(
+        ns: &NetNs,
+        config: &str,
+        prefix: &[&str],
+        extra: &[&str],
+        patience: Duration,
+    ) -> Gateway {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let cfg_path = std::env::temp_dir().join(format!("gwt-{}-{n}.toml", std::process::id()));
         std::fs::write(&cfg_path, config).expect("write config");
@@ -501,7 +517,7 @@ impl Gateway {
             stderr_path,
             _config: tempfile_path::TempPath(cfg_path),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience;
         loop {
             let log = gw.log();
             if log.contains("gateway running") {

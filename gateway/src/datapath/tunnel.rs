@@ -200,16 +200,23 @@ fn to_v6(a: IpAddr) -> [u8; 16] {
 /// Index of a tunnel in the [`TunnelTable`].
 pub type TunnelId = u16;
 
-/// Most tunnels one gateway serves: one endpoint entry each in the XDP
-/// program's table, and one registered file each in a worker's io_uring.
+/// Most tunnels one gateway serves: one endpoint entry each at most in the
+/// XDP program's table, and one registered file each in a worker's
+/// io_uring. A tunnel's id also tags its device operations in io_uring
+/// below the worker's two reply bits, so no more than 2^14.
 pub const MAX_TUNNELS: usize = gateway_common::MAX_ENDPOINTS as usize;
+const _: () = assert!(MAX_TUNNELS <= 1 << 14 && MAX_TUNNELS <= TunnelId::MAX as usize);
 
-/// Tunnels indexed by their outer (local, remote, protocol); tunnels that
-/// share endpoints are told apart by key, as the kernel does.
+/// Tunnels indexed by their outer (local, remote, protocol) and key;
+/// tunnels that share endpoints are told apart by key, as the kernel does.
+/// A lookup is one hash probe whatever the number of tunnels.
 #[derive(Debug, Default, Clone)]
 pub struct TunnelTable {
     tunnels: Vec<TunnelRx>,
-    by_endpoint: FxHashMap<EndpointKey, Vec<TunnelId>>,
+    /// The first tunnel of each endpoint (the XDP program's keys).
+    by_endpoint: FxHashMap<EndpointKey, TunnelId>,
+    /// Each tunnel by endpoint and the key it takes (`None`: keyless).
+    by_key: FxHashMap<(EndpointKey, Option<u32>), TunnelId>,
 }
 
 /// Why a lookup found no tunnel.
@@ -220,17 +227,24 @@ pub enum LookupError {
 }
 
 impl TunnelTable {
+    /// The table of `tunnels`, in order (a tunnel's id is its index). Two
+    /// tunnels with the same endpoint and key (the configuration refuses
+    /// them): the first takes the packets.
     pub fn new(tunnels: Vec<TunnelRx>) -> Self {
-        let mut by_endpoint: FxHashMap<EndpointKey, Vec<TunnelId>> = FxHashMap::default();
+        let mut by_endpoint = FxHashMap::default();
+        let mut by_key = FxHashMap::default();
+        by_endpoint.reserve(tunnels.len());
+        by_key.reserve(tunnels.len());
         for (i, t) in tunnels.iter().enumerate() {
-            by_endpoint
-                .entry(t.endpoint_key())
-                .or_default()
-                .push(i as TunnelId);
+            let id = i as TunnelId;
+            let key = t.endpoint_key();
+            by_endpoint.entry(key).or_insert(id);
+            by_key.entry((key, t.ikey)).or_insert(id);
         }
         TunnelTable {
             tunnels,
             by_endpoint,
+            by_key,
         }
     }
 
@@ -255,27 +269,30 @@ impl TunnelTable {
         self.by_endpoint.keys()
     }
 
+    /// Whether any tunnel has this endpoint key.
+    pub fn has_endpoint(&self, key: &EndpointKey) -> bool {
+        self.by_endpoint.contains_key(key)
+    }
+
     /// The tunnel for a packet with these outer fields and GRE key (`None`
     /// for a keyless packet or IPIP). A keyed tunnel takes only its key; a
     /// keyless one only keyless packets.
     #[inline]
     pub fn lookup(&self, key: &EndpointKey, gre_key: Option<u32>) -> Result<TunnelId, LookupError> {
-        let ids = self
-            .by_endpoint
-            .get(key)
-            .ok_or(LookupError::UnknownEndpoint)?;
-        ids.iter()
-            .copied()
-            .find(|&id| self.tunnels[usize::from(id)].ikey == gre_key)
-            .ok_or(LookupError::KeyMismatch)
+        if let Some(&id) = self.by_key.get(&(*key, gre_key)) {
+            return Ok(id);
+        }
+        if self.by_endpoint.contains_key(key) {
+            Err(LookupError::KeyMismatch)
+        } else {
+            Err(LookupError::UnknownEndpoint)
+        }
     }
 
     /// Any tunnel with these outer endpoints and protocol, whatever its
     /// key (a path's MTU is the path's, not a key's).
     pub fn any_on_endpoint(&self, key: &EndpointKey) -> Option<TunnelId> {
-        self.by_endpoint
-            .get(key)
-            .and_then(|ids| ids.first().copied())
+        self.by_endpoint.get(key).copied()
     }
 }
 
@@ -334,6 +351,96 @@ mod tests {
         assert!(Prefix::parse("10.0.0.0/33").is_none());
         assert!(Prefix::parse("banana/8").is_none());
         assert_eq!(v6.to_string(), "fd00::/64");
+    }
+
+    fn tunnel(name: &str, remote: &str, mode: Mode, ikey: Option<u32>) -> TunnelRx {
+        TunnelRx {
+            name: name.into(),
+            mode,
+            local: "192.0.2.8".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            ikey,
+            icsum: false,
+            iseq: false,
+            device_kind: DeviceKind::Tun,
+            device_mac: [0; 6],
+            peer_mac: [0; 6],
+            mtu: 1400,
+            allowed_sources: Vec::new(),
+        }
+    }
+
+    fn key(remote: &str, proto: u8) -> EndpointKey {
+        endpoint_key("192.0.2.8".parse().unwrap(), remote.parse().unwrap(), proto)
+    }
+
+    #[test]
+    fn lookup_by_endpoint_and_key() {
+        let table = TunnelTable::new(vec![
+            tunnel("keyless", "192.0.2.58", Mode::Gre, None),
+            tunnel("k7", "192.0.2.58", Mode::Gre, Some(7)),
+            tunnel("k8", "192.0.2.58", Mode::Gretap, Some(8)),
+            tunnel("keyed-only", "192.0.2.59", Mode::Gre, Some(1)),
+            tunnel("ipip", "192.0.2.59", Mode::Ipip, None),
+        ]);
+        let a = key("192.0.2.58", IPPROTO_GRE);
+        let b = key("192.0.2.59", IPPROTO_GRE);
+        assert_eq!(
+            table.lookup(&a, None),
+            Ok(0),
+            "keyless packet, keyless tunnel"
+        );
+        assert_eq!(table.lookup(&a, Some(7)), Ok(1));
+        assert_eq!(
+            table.lookup(&a, Some(8)),
+            Ok(2),
+            "gretap shares protocol 47"
+        );
+        assert_eq!(table.lookup(&a, Some(9)), Err(LookupError::KeyMismatch));
+        assert_eq!(table.lookup(&b, Some(1)), Ok(3));
+        assert_eq!(
+            table.lookup(&b, None),
+            Err(LookupError::KeyMismatch),
+            "a keyed tunnel takes no keyless packet"
+        );
+        assert_eq!(table.lookup(&key("192.0.2.59", IPPROTO_IPIP), None), Ok(4));
+        assert_eq!(
+            table.lookup(&key("192.0.2.59", IPPROTO_IPIP), Some(1)),
+            Err(LookupError::KeyMismatch)
+        );
+        assert_eq!(
+            table.lookup(&key("192.0.2.60", IPPROTO_GRE), None),
+            Err(LookupError::UnknownEndpoint)
+        );
+        assert_eq!(
+            table.any_on_endpoint(&a),
+            Some(0),
+            "the first on the endpoint"
+        );
+        assert_eq!(table.any_on_endpoint(&b), Some(3));
+        assert_eq!(table.endpoint_keys().count(), 3);
+    }
+
+    #[test]
+    fn ten_thousand_keys_between_two_hosts() {
+        let mut tunnels: Vec<TunnelRx> = (0..10_000u32)
+            .map(|k| tunnel(&format!("k{k}"), "192.0.2.58", Mode::Gre, Some(k + 1)))
+            .collect();
+        tunnels.push(tunnel("other", "192.0.2.99", Mode::Gre, None));
+        let table = TunnelTable::new(tunnels);
+        let a = key("192.0.2.58", IPPROTO_GRE);
+        assert_eq!(table.lookup(&a, Some(1)), Ok(0));
+        assert_eq!(table.lookup(&a, Some(10_000)), Ok(9_999));
+        assert_eq!(
+            table.lookup(&a, Some(10_001)),
+            Err(LookupError::KeyMismatch)
+        );
+        assert_eq!(table.lookup(&a, None), Err(LookupError::KeyMismatch));
+        assert_eq!(
+            table.lookup(&key("192.0.2.99", IPPROTO_GRE), None),
+            Ok(10_000)
+        );
+        assert_eq!(table.endpoint_keys().count(), 2);
     }
 }
 

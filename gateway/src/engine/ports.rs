@@ -87,7 +87,7 @@ pub trait Devices<F> {
     fn submit(&mut self) -> io::Result<()>;
     /// Takes the completions that have arrived (a read that ends for good,
     /// for want of buffers or by a cancel, comes without a buffer and is
-    /// armed again by [`Devices::arm_read`]).
+    /// armed again by [`Devices::arm_reads`]).
     fn reap(&mut self, done: impl FnMut(Completed<F>)) -> usize;
     /// Cancels everything in flight (reads, and writes the kernel has not
     /// finished, which end with ECANCELED) and waits for every completion.
@@ -96,9 +96,11 @@ pub trait Devices<F> {
     fn read_data(&self, bid: u16, len: usize) -> &[u8];
     /// Gives read buffer `bid` back to the pool.
     fn release_read(&mut self, bid: u16);
-    /// Arms a read on device queue `file` unless one is armed. False: no
-    /// room to queue it.
-    fn arm_read(&mut self, file: u32) -> bool;
+    /// Arms a read on every device queue that has none, except the files
+    /// `gone` marks (or past its end), as far as there is room to queue
+    /// them (the rest on a later call). Costs the number of reads that
+    /// ended since the last call, not the number of devices.
+    fn arm_reads(&mut self, gone: &[bool]);
     /// Read buffers in the pool.
     fn reads_ready(&self) -> usize;
     /// Frames held by this worker's own writes, from their push to the
@@ -229,8 +231,8 @@ impl Devices<Frame> for DeviceIo {
         DeviceIo::release_read(self, bid)
     }
     #[inline]
-    fn arm_read(&mut self, file: u32) -> bool {
-        DeviceIo::arm_read(self, file)
+    fn arm_reads(&mut self, gone: &[bool]) {
+        DeviceIo::arm_reads(self, gone)
     }
     #[inline]
     fn reads_ready(&self) -> usize {

@@ -115,3 +115,30 @@ impl EventFd {
         let _ = unsafe { libc::read(self.fd(), (&mut v as *mut u64).cast(), 8) };
     }
 }
+
+/// Raises this process's soft limit on open files (RLIMIT_NOFILE) to its
+/// hard limit when `needed` is above the soft one (systemd and shells
+/// start processes at 1024, with a far higher hard limit). Returns the
+/// limit in force afterwards.
+pub fn raise_open_files(needed: u64) -> std::io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a live rlimit the call fills.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if r.rlim_cur >= needed || r.rlim_cur >= r.rlim_max {
+        return Ok(r.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: `raised` is a live rlimit the call reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r.rlim_max)
+}

@@ -89,6 +89,75 @@ impl Netlink {
         }
     }
 
+    /// Every interface's index by name, in one dump without statistics
+    /// (10,000 tunnel devices are one request, not 10,000).
+    pub fn link_indices(&self) -> Result<std::collections::HashMap<String, u32>, NetlinkError> {
+        use netlink_packet_route::link::LinkExtentMask;
+        let handle = self.handle.clone();
+        let res: Result<Vec<LinkMessage>, _> = self.rt.block_on(async move {
+            handle
+                .link()
+                .get()
+                .set_filter_mask(
+                    netlink_packet_route::AddressFamily::Unspec,
+                    vec![LinkExtentMask::SkipStats],
+                )
+                .execute()
+                .try_collect()
+                .await
+        });
+        let list = res.map_err(|e| NetlinkError::Request {
+            what: "listing the interfaces".into(),
+            reason: describe(&e),
+        })?;
+        Ok(list
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some((n.clone(), m.header.index)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Gives a device that is down the `noqueue` root qdisc, so that
+    /// bringing it up attaches no default one: a multi-queue tun or tap has
+    /// 256 TX queues, and the default (`mq` over a `pfifo_fast` per queue)
+    /// costs about 5 MiB of kernel memory and 15 ms per device, which
+    /// 10,000 devices cannot afford. The gateway reads the device's packets
+    /// as they come; a qdisc in front of its queues would only hold them.
+    pub fn set_noqueue(&self, link: &LinkInfo) -> Result<(), NetlinkError> {
+        use futures_util::StreamExt;
+        use rtnetlink::packet_core::{
+            NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+        };
+        use rtnetlink::packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+        let mut msg = TcMessage::with_index(link.index as i32);
+        msg.header.parent = TcHandle::ROOT;
+        msg.attributes.push(TcAttribute::Kind("noqueue".into()));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        let mut handle = self.handle.clone();
+        self.rt
+            .block_on(async move {
+                let mut resp = handle.request(req)?;
+                while let Some(m) = resp.next().await {
+                    if let NetlinkPayload::Error(e) = m.payload {
+                        if e.code.is_some() {
+                            return Err(rtnetlink::Error::NetlinkError(e));
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| NetlinkError::Request {
+                what: format!("setting {}'s qdisc to noqueue", link.name),
+                reason: describe(&e),
+            })
+    }
+
     /// Sets the MTU (when given) and brings the link up.
     pub fn set_up(&self, link: &LinkInfo, mtu: Option<u32>) -> Result<(), NetlinkError> {
         let mut b = LinkUnspec::new_with_index(link.index).up();
@@ -246,6 +315,9 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
     info
 }
 
+/// The neighbour table by (interface index, address): state and MAC.
+pub type Neighbours = std::collections::HashMap<(u32, IpAddr), (NeighState, Option<[u8; 6]>)>;
+
 /// Neighbour-table state of a next hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NeighState {
@@ -311,6 +383,17 @@ impl Netlink {
         index: u32,
         ip: IpAddr,
     ) -> Result<(NeighState, Option<[u8; 6]>), NetlinkError> {
+        Ok(self
+            .neighbours()?
+            .get(&(index, ip))
+            .copied()
+            .unwrap_or((NeighState::Missing, None)))
+    }
+
+    /// The whole neighbour table in one dump: each entry's state and MAC
+    /// by interface index and address (an entry without a MAC is
+    /// `Missing`).
+    pub fn neighbours(&self) -> Result<Neighbours, NetlinkError> {
         use netlink_packet_route::neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourState,
         };
@@ -322,10 +405,8 @@ impl Netlink {
             what: "reading the neighbour table".into(),
             reason: describe(&e),
         })?;
+        let mut table = Neighbours::with_capacity(list.len());
         for n in list {
-            if n.header.ifindex != index {
-                continue;
-            }
             let mut dst = None;
             let mut mac = None;
             for a in &n.attributes {
@@ -344,9 +425,7 @@ impl Netlink {
                     _ => {}
                 }
             }
-            if dst != Some(ip) {
-                continue;
-            }
+            let Some(dst) = dst else { continue };
             let state = match n.header.state {
                 NeighbourState::Reachable
                 | NeighbourState::Permanent
@@ -356,12 +435,14 @@ impl Netlink {
                 NeighbourState::Stale => NeighState::Stale,
                 _ => NeighState::Missing,
             };
-            if mac.is_none() {
-                return Ok((NeighState::Missing, None));
-            }
-            return Ok((state, mac));
+            let entry = match mac {
+                Some(m) => (state, Some(m)),
+                None => (NeighState::Missing, None),
+            };
+            // The first entry wins, as the lookup of one did.
+            table.entry((n.header.ifindex, dst)).or_insert(entry);
         }
-        Ok((NeighState::Missing, None))
+        Ok(table)
     }
 
     /// Asks the kernel to resolve (or re-confirm) `ip` on interface `index`,

@@ -2,7 +2,7 @@
 //! validation into a [`Config`]: the `[gateway]` table, and the checks
 //! across tunnels. Each problem is one line naming the field and the fix.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
@@ -246,9 +246,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
         return Err(err(
             "tunnel",
             format!(
-                "{} tunnels are configured; the gateway takes at most {}",
+                "{} tunnels are configured and one gateway serves at most {}; remove {} or split them over gateways on more hosts",
                 raw.tunnel.len(),
-                crate::datapath::tunnel::MAX_TUNNELS
+                crate::datapath::tunnel::MAX_TUNNELS,
+                raw.tunnel.len() - crate::datapath::tunnel::MAX_TUNNELS
             ),
         ));
     }
@@ -256,9 +257,11 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
     for (i, t) in raw.tunnel.into_iter().enumerate() {
         tunnels.push(validate_tunnel(i, t)?);
     }
-    let mut names = HashSet::new();
-    let mut devices = HashSet::new();
-    let mut endpoints = HashSet::new();
+    // One pass with hash sets: linear in the number of tunnels.
+    let mut names = HashSet::with_capacity(tunnels.len());
+    let mut devices = HashSet::with_capacity(tunnels.len());
+    let mut endpoints = HashSet::with_capacity(tunnels.len());
+    let mut peers: HashMap<IpAddr, &str> = HashMap::new();
     for t in &tunnels {
         let f = format!("tunnel {:?}", t.name);
         if !names.insert(t.name.clone()) {
@@ -274,13 +277,10 @@ fn validate(raw: RawFile) -> Result<Config, ConfigError> {
             ));
         }
         if let Some(p) = t.peer {
-            if let Some(other) = tunnels
-                .iter()
-                .find(|o| o.name != t.name && o.peer == Some(p))
-            {
+            if let Some(other) = peers.insert(p, &t.name) {
                 return Err(err(
                     format!("{f}.peer"),
-                    format!("{p} is also tunnel {:?}'s peer; one inner address can be routed into one device only", other.name),
+                    format!("{p} is also tunnel {other:?}'s peer; one inner address can be routed into one device only"),
                 ));
             }
         }

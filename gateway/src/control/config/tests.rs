@@ -666,3 +666,43 @@ fn anycast_field_errors_name_the_field() {
         "{e}"
     );
 }
+
+/// `n` keyed GRE tunnels between one pair of hosts, tun devices, each with
+/// its own inner peer.
+fn many(n: usize) -> String {
+    let mut s = String::from("[gateway]\niface = \"ens0\"\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "[[tunnel]]\nname = \"t{i}\"\nmode = \"gre\"\nlocal = \"192.168.0.8\"\nremote = \"192.168.0.58\"\nkey = {}\ndevice = \"d{i}\"\ndevice_kind = \"tun\"\naddress = \"10.{}.{}.1\"\npeer = \"10.{}.{}.2\"\n",
+            i + 1,
+            64 + i / 256,
+            i % 256,
+            64 + i / 256,
+            i % 256
+        ));
+    }
+    s
+}
+
+#[test]
+fn ten_thousand_tunnels_parse_and_more_than_the_limit_are_refused_in_one_line() {
+    let c = Config::parse(&many(10_000)).unwrap();
+    assert_eq!(c.tunnels.len(), 10_000);
+    let max = crate::datapath::tunnel::MAX_TUNNELS;
+    let e = error_of(&many(max + 1));
+    assert_eq!(
+        e,
+        format!("tunnel: {} tunnels are configured and one gateway serves at most {max}; remove 1 or split them over gateways on more hosts", max + 1)
+    );
+    assert!(!e.contains('\n'));
+}
+
+#[test]
+fn a_peer_used_twice_names_both_tunnels() {
+    let text = many(3).replace("peer = \"10.64.2.2\"", "peer = \"10.64.0.2\"");
+    let e = error_of(&text);
+    assert!(
+        e.contains("tunnel \"t2\".peer: 10.64.0.2 is also tunnel \"t0\"'s peer"),
+        "{e}"
+    );
+}

@@ -73,10 +73,12 @@ pub(super) fn carry_over(
     tunnels: &[crate::control::config::TunnelConfig],
     now: u32,
 ) -> Vec<Live> {
+    let by_name: std::collections::HashMap<&str, &Live> =
+        old.iter().map(|l| (l.name.as_str(), l)).collect();
     tunnels
         .iter()
         .map(|t| {
-            let before = old.iter().find(|l| l.name == t.name);
+            let before = by_name.get(t.name.as_str()).copied();
             match before {
                 Some(l) if l.identity == identity(t) => l.clone(),
                 Some(l) => Live {

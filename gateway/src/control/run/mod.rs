@@ -133,6 +133,7 @@ pub fn run(
     let queues = plan_queues(&cfg, iface)?;
     let cores = plan_cores(&cfg, queues.len())?;
     let nworkers = queues.len();
+    ensure_open_files(cfg.tunnels.len(), nworkers)?;
     let src_mac = underlay.mac.ok_or_else(|| {
         anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
     })?;

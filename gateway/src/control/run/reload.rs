@@ -3,6 +3,7 @@
 //! worker switched; on a failure before the switch, everything put back.
 
 use super::*;
+use std::collections::{HashMap, HashSet};
 
 /// A change a reload made to a device it carries over, and how to put it
 /// back.
@@ -144,14 +145,26 @@ impl Gateway {
             )
             .into());
         }
-        // Which running tunnel each new one continues, by device.
+        // Which running tunnel each new one continues, by device. (Maps
+        // by device and name keep a reload linear in the tunnels.)
+        let by_device: HashMap<&str, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (s.cfg.device.as_str(), j))
+            .collect();
+        let by_name: HashMap<String, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (s.cfg.name.clone(), j))
+            .collect();
         let mut reuse: Vec<Option<usize>> = Vec::with_capacity(new.tunnels.len());
         for t in &new.tunnels {
             tunnel_mtu(t, self.underlay.mtu)?;
-            let old = self
-                .slots
-                .iter()
-                .position(|s| s.cfg.device == t.device)
+            let old = by_device
+                .get(t.device.as_str())
+                .copied()
                 .filter(|&j| Some(j) != renew);
             if let Some(j) = old {
                 if self.slots[j].cfg.device_kind != t.device_kind {
@@ -167,6 +180,8 @@ impl Gateway {
 
         // Open the new devices; on failure close what was opened.
         let workers = self.workers.len();
+        let opening = reuse.iter().filter(|r| r.is_none()).count();
+        ensure_open_files(self.slots.len() + opening, workers)?;
         let mut opened: Vec<Option<(Slot, Vec<OwnedFd>)>> = Vec::new();
         let mut next_peer = self.next_peer;
         for (t, r) in new.tunnels.iter().zip(&reuse) {
@@ -258,7 +273,7 @@ impl Gateway {
         // Switch the workers, all of them, then tidy up.
         let counters_from: Vec<Option<usize>> = slots
             .iter()
-            .map(|s| self.slots.iter().position(|o| o.cfg.name == s.cfg.name))
+            .map(|s| by_name.get(s.cfg.name.as_str()).copied())
             .collect();
         let (done_tx, done_rx) = crossbeam::channel::unbounded();
         let mut fatal = None;
@@ -320,18 +335,23 @@ impl Gateway {
             };
         }
         let mut summary = Summary::default();
+        let mut reused = vec![false; self.slots.len()];
+        for &j in reuse.iter().flatten() {
+            reused[j] = true;
+        }
+        let new_names: HashSet<&str> = new.tunnels.iter().map(|t| t.name.as_str()).collect();
         for (j, old) in self.slots.iter().enumerate() {
-            if !reuse.contains(&Some(j)) {
+            if !reused[j] {
                 if Some(j) != renew {
                     old.release(&self.nl);
                 }
-                if !new.tunnels.iter().any(|t| t.name == old.cfg.name) {
+                if !new_names.contains(old.cfg.name.as_str()) {
                     summary.removed.push(old.cfg.name.clone());
                 }
             }
         }
         for s in &slots {
-            match self.slots.iter().find(|o| o.cfg.name == s.cfg.name) {
+            match by_name.get(s.cfg.name.as_str()).map(|&j| &self.slots[j]) {
                 None => summary.added.push(s.cfg.name.clone()),
                 Some(o) if o.cfg != s.cfg || o.link.index != s.link.index => {
                     summary.changed.push(s.cfg.name.clone())
@@ -368,19 +388,32 @@ impl Gateway {
         if let Some(m) = self.tunnels.next_hops.local() {
             next_hops.set_local(m);
         }
+        let mut by_remote: HashMap<IpAddr, usize> = HashMap::new();
+        for (j, o) in self.slots.iter().enumerate() {
+            by_remote.entry(o.cfg.remote).or_insert(j);
+        }
         for (i, s) in slots.iter().enumerate() {
-            if let Some(j) = self.slots.iter().position(|o| o.cfg.remote == s.cfg.remote) {
+            if let Some(&j) = by_remote.get(&s.cfg.remote) {
                 next_hops.set(i, self.tunnels.next_hops.get(j));
             }
         }
         let tunnels = tunnels_of(slots, next_hops);
-        let wanted: Vec<EndpointKey> = tunnels.rx.endpoint_keys().copied().collect();
-        let running: Vec<EndpointKey> = self.tunnels.rx.endpoint_keys().copied().collect();
-        for key in running.iter().filter(|k| !wanted.contains(k)) {
+        let (new_rx, old_rx) = (tunnels.rx.clone(), self.tunnels.rx.clone());
+        let stale: Vec<EndpointKey> = old_rx
+            .endpoint_keys()
+            .filter(|k| !new_rx.has_endpoint(k))
+            .copied()
+            .collect();
+        let wanted: Vec<EndpointKey> = new_rx
+            .endpoint_keys()
+            .filter(|k| !old_rx.has_endpoint(k))
+            .copied()
+            .collect();
+        for key in &stale {
             self.steering.remove_endpoint(key)?;
             undo.endpoints_removed.push(*key);
         }
-        for key in wanted.iter().filter(|k| !running.contains(k)) {
+        for key in &wanted {
             self.steering.add_endpoint(key)?;
             undo.endpoints_added.push(*key);
         }

@@ -15,6 +15,24 @@ pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
     Ok(n.max(1) as u32)
 }
 
+/// Files a gateway holds besides its device queues: sockets, rings,
+/// netlink, the XDP program's maps, the control socket and its clients.
+const SPARE_FILES: u64 = 256;
+
+/// Makes sure the process may open a queue of every device for every
+/// worker: raises the soft limit on open files to the hard one when
+/// needed, and says in one line what to do when even that is too low.
+pub(super) fn ensure_open_files(tunnels: usize, workers: usize) -> anyhow::Result<()> {
+    let needed = (tunnels * workers) as u64 + SPARE_FILES;
+    let have = crate::io::raise_open_files(needed).context("reading RLIMIT_NOFILE")?;
+    if have < needed {
+        bail!(
+            "{tunnels} tunnels with {workers} worker(s) need about {needed} open files (a queue of every device for every worker) and this process may open {have} (RLIMIT_NOFILE, hard limit); raise it (LimitNOFILE= in the service, `ulimit -n` as root), serve fewer queues (gateway.queues) or configure fewer tunnels"
+        );
+    }
+    Ok(())
+}
+
 /// The queues to serve.
 pub fn plan_queues(cfg: &Config, iface: &str) -> anyhow::Result<Vec<u32>> {
     let available = rx_queue_count(iface)?;
@@ -82,6 +100,11 @@ pub(super) fn open_device(
         let link = nl
             .link(&t.device)?
             .ok_or_else(|| anyhow!("device {} vanished right after it was opened", t.device))?;
+        if !existed && !link.up {
+            // No default qdisc over the device's 256 TX queues (see
+            // `set_noqueue`); a device the host made keeps its own.
+            nl.set_noqueue(&link)?;
+        }
         nl.set_up(&link, Some(u32::from(mtu)))?;
         if let (Some(a), Some(p)) = (t.address, t.peer) {
             nl.add_peer_address(&link, a, p)?;

@@ -71,12 +71,20 @@ impl Gateway {
                 })
                 .collect()
         };
+        // Every device's index in one dump (not one request per device).
+        let links = match self.nl.link_indices() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        };
         for (i, &failed) in failed.iter().enumerate() {
             let s = &self.slots[i];
-            let present = match self.nl.link(&s.cfg.device) {
-                Ok(l) => l.is_some_and(|l| l.index == s.link.index),
-                Err(_) => true,
-            };
+            let present = links.as_ref().is_none_or(|l| {
+                l.get(&s.cfg.device)
+                    .is_some_and(|&index| index == s.link.index)
+            });
             if present && !failed {
                 continue;
             }

@@ -19,11 +19,7 @@ impl<S: Socket> Worker<S> {
         if io.reads_ready() == 0 {
             return;
         }
-        for t in 0..self.devices.len() {
-            if !st.gone[t] && !io.arm_read(t as u32) {
-                return;
-            }
-        }
+        io.arm_reads(&st.gone);
     }
 
     pub(super) fn completed<D: Devices<S::Frame>>(

@@ -132,6 +132,14 @@ const READ_TAG: u64 = 1 << 62;
 /// `DeviceIo::foreign` below it).
 const FOREIGN_TAG: u64 = 1 << 61;
 
+/// The slots of `files` that hold a device (-1: none), last first.
+fn listed(files: &[RawFd]) -> Vec<u32> {
+    (0..files.len() as u32)
+        .rev()
+        .filter(|&i| files[i as usize] >= 0)
+        .collect()
+}
+
 /// One ring per worker.
 pub struct DeviceIo {
     ring: IoUring,
@@ -149,6 +157,9 @@ pub struct DeviceIo {
     /// Which file slots have a multishot read armed.
     armed: Vec<bool>,
     armed_count: usize,
+    /// File slots with a device and no read armed: those registered, and
+    /// those whose read ended since (see [`DeviceIo::arm_reads`]).
+    to_arm: Vec<u32>,
     spare_pieces: Vec<Vec<Piece>>,
     spare_iov: Vec<Vec<libc::iovec>>,
     /// Reads are multishot (else one plain read per queue at a time).
@@ -224,6 +235,7 @@ impl DeviceIo {
             pool,
             armed: vec![false; file_slots as usize],
             armed_count: 0,
+            to_arm: listed(files),
             spare_pieces: Vec::new(),
             spare_iov: Vec::new(),
             multishot,
@@ -243,6 +255,7 @@ impl DeviceIo {
         if !files.is_empty() {
             self.ring.submitter().register_files_update(0, files)?;
         }
+        self.to_arm = listed(files);
         Ok(())
     }
 
@@ -290,6 +303,7 @@ impl DeviceIo {
                         if *a {
                             *a = false;
                             self.armed_count -= 1;
+                            self.to_arm.push(file as u32);
                         }
                     }
                 }

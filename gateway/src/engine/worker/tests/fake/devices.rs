@@ -131,6 +131,21 @@ impl FakeDevices {
         }
     }
 
+    /// Arms a read on device queue `file` unless one is armed. False: no
+    /// room to queue it.
+    fn arm_read(&mut self, file: u32) -> bool {
+        let mut d = self.state.lock().unwrap();
+        if d.armed.contains(&file) {
+            return true;
+        }
+        if d.full() {
+            return false;
+        }
+        d.armed.insert(file);
+        d.queued_reads += 1;
+        true
+    }
+
     /// Finishes the oldest `n` writes submitted: written whole (`None`) or
     /// with this result.
     pub fn finish_writes(&self, n: usize, result: Option<i32>) -> usize {
@@ -432,17 +447,12 @@ impl Devices<FakeFrame> for FakeDevices {
         d.pool.push(bid);
     }
 
-    fn arm_read(&mut self, file: u32) -> bool {
-        let mut d = self.state.lock().unwrap();
-        if d.armed.contains(&file) {
-            return true;
+    fn arm_reads(&mut self, gone: &[bool]) {
+        for (file, &g) in gone.iter().enumerate() {
+            if !g && !self.arm_read(file as u32) {
+                return;
+            }
         }
-        if d.full() {
-            return false;
-        }
-        d.armed.insert(file);
-        d.queued_reads += 1;
-        true
     }
 
     fn reads_ready(&self) -> usize {
