@@ -322,6 +322,21 @@ pub fn run(
         });
     }
     drop(umems);
+    // "Running" once every worker takes packets (its fill ring filled, its
+    // device reads armed: with thousands of devices that takes a while),
+    // or once one has stopped (the control loop reports why).
+    let started = std::time::Instant::now();
+    while !workers.iter().all(|w| {
+        w.thread.is_finished() || w.stats.started.load(std::sync::atomic::Ordering::Acquire)
+    }) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        tracing::info!(
+            "workers took {:.1} s to arm their device reads",
+            started.elapsed().as_secs_f64()
+        );
+    }
 
     let xdp_id = steering.program_id();
     let anycast = match &cfg.anycast {
