@@ -111,10 +111,14 @@ pub trait Devices<F> {
     fn foreign_in_flight(&self) -> usize;
     /// The fd to wait on for completions (-1: none).
     fn fd(&self) -> RawFd;
-    /// Replaces the device queues (-1: none in that slot). Only with
-    /// nothing in flight or unreaped: no write (own or another worker's),
-    /// no armed read; an operation names its file by slot.
-    fn update_files(&mut self, files: &[RawFd]) -> io::Result<()>;
+    /// Ends the reads of file slots `slots` and waits until none is armed
+    /// and no write (own or another worker's) is in flight, handing back
+    /// what completes meanwhile; the reads of other slots go on.
+    fn settle(&mut self, slots: &[u32], done: impl FnMut(Completed<F>)) -> io::Result<()>;
+    /// Replaces the device queues of the slots given (-1: none there), and
+    /// arms reads on the new ones. Only after [`Devices::settle`] of those
+    /// slots: an operation names its file by slot.
+    fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()>;
 }
 
 impl Socket for Xsk {
@@ -249,7 +253,10 @@ impl Devices<Frame> for DeviceIo {
     fn fd(&self) -> RawFd {
         DeviceIo::fd(self)
     }
-    fn update_files(&mut self, files: &[RawFd]) -> io::Result<()> {
-        DeviceIo::update_files(self, files)
+    fn settle(&mut self, slots: &[u32], done: impl FnMut(Completed)) -> io::Result<()> {
+        DeviceIo::settle(self, slots, done)
+    }
+    fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()> {
+        DeviceIo::replace_files(self, changed)
     }
 }

@@ -30,12 +30,28 @@ impl<S: Socket> Worker<S> {
         st: &mut State<S::Frame>,
         r: Reconfig,
     ) -> Result<(), WorkerError> {
-        // Finish with the old devices. Reads cancelled with data in them
-        // are encapsulated and sent as usual, and answers they produce
-        // (ARP, ICMP) are written and waited for in the next round.
+        // A device that stays in its slot (the same queue, the same tunnel
+        // number) keeps its read armed through the switch: its packets are
+        // taken with the list in force when they are read. Every other slot
+        // (a device removed, new, or moved to another number) is finished
+        // with: its read cancelled, and packets read before the cancel
+        // encapsulated and sent with the old list. Every write is waited for
+        // (its completion counts against a tunnel by number); answers they
+        // produce (ARP, ICMP) are written and waited for in the next round.
         // Writes handed to other workers come back first (written, or to
         // be written here); what others hand over meanwhile is written
         // with the old list, and after the switch sent back to them.
+        let old_len = self.devices.len();
+        let ntun = r.devices.len();
+        let stays: Vec<bool> = (0..old_len.max(ntun))
+            .map(|i| {
+                matches!(r.devices.get(i), Some(DeviceQueue::Keep(j)) if *j == i)
+                    && self.devices.get(i).is_some_and(Option::is_some)
+            })
+            .collect();
+        let changed: Vec<u32> = (0..stays.len() as u32)
+            .filter(|&i| !stays[i as usize])
+            .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
             // Reads of the old devices are sent before the list changes.
@@ -43,8 +59,8 @@ impl<S: Socket> Worker<S> {
             self.spread_poll(io, st)?;
             self.spread_flush(st);
             let mut rest = Vec::new();
-            io.drain(|c| rest.push(c))
-                .map_err(self.io_err("draining io_uring"))?;
+            io.settle(&changed, |c| rest.push(c))
+                .map_err(self.io_err("finishing with the old devices"))?;
             let mut spread_done =
                 st.frames.at_peers == 0 && st.spread.as_ref().is_none_or(Link::sent);
             if !spread_done
@@ -62,17 +78,21 @@ impl<S: Socket> Worker<S> {
                 );
                 spread_done = true;
             }
-            if rest.is_empty() && st.deferred.is_empty() && spread_done {
-                break;
-            }
+            // Reads of devices that stay do not hold the switch up (their
+            // traffic may never pause); anything else must be seen to.
+            let holding = rest.iter().any(|c| {
+                !(c.op == Op::Read && stays.get(usize::from(c.tag)).copied().unwrap_or(false))
+            });
             for c in rest {
                 self.completed(c, io, st)?;
+            }
+            if !holding && spread_done {
+                break;
             }
             if !spread_done {
                 std::thread::yield_now();
             }
         }
-        let old_len = self.devices.len();
         let mut old = std::mem::take(&mut self.devices);
         self.devices = r
             .devices
@@ -83,9 +103,12 @@ impl<S: Socket> Worker<S> {
             })
             .collect();
         let ntun = self.devices.len();
-        let mut fds = raw_fds(&self.devices);
-        fds.resize(old_len.max(ntun), -1);
-        let result = io.update_files(&fds);
+        let fds = raw_fds(&self.devices);
+        let swap: Vec<(u32, RawFd)> = changed
+            .iter()
+            .map(|&s| (s, fds.get(s as usize).copied().unwrap_or(-1)))
+            .collect();
+        let result = io.replace_files(&swap);
         // The old queues not carried over close here.
         drop(old);
         if let Err(e) = result {

@@ -245,17 +245,55 @@ impl DeviceIo {
         })
     }
 
-    /// Puts `files` in the registered file table from slot 0 (-1 empties a
-    /// slot). Only with nothing in flight: an operation holds its file by
-    /// slot number.
-    pub fn update_files(&mut self, files: &[RawFd]) -> io::Result<()> {
-        if self.count > 0 || self.armed_count > 0 {
-            return Err(io::Error::other("files replaced with operations in flight"));
+    /// Ends the reads of file slots `slots` (one cancel each) and waits
+    /// until none of them has a read armed and no write is in flight,
+    /// handing back what completes meanwhile. The reads of the other slots
+    /// go on: a reload that touches one device of 10,000 cancels one read.
+    pub fn settle(&mut self, slots: &[u32], mut done: impl FnMut(Completed)) -> io::Result<()> {
+        self.submit()?;
+        let armed = |me: &Self, s: u32| me.armed.get(s as usize).copied().unwrap_or(false);
+        for &s in slots {
+            if armed(self, s) {
+                let cancel =
+                    opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(s)).all())
+                        .build()
+                        .user_data(CANCEL_TAG);
+                // SAFETY: a cancel request references no memory.
+                while unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                    self.ring.submit()?;
+                }
+                self.unsubmitted += 1;
+            }
         }
-        if !files.is_empty() {
-            self.ring.submitter().register_files_update(0, files)?;
+        while self.count > 0 || slots.iter().any(|&s| armed(self, s)) {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                // A signal for the process landed on this thread: wait again.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            self.reap(&mut done);
         }
-        self.to_arm = listed(files);
+        Ok(())
+    }
+
+    /// Puts each `(slot, fd)` in the registered file table (-1 empties the
+    /// slot) and arms reads on the new ones. Only once [`DeviceIo::settle`]
+    /// has ended the slots' reads and every write: an operation names its
+    /// file by slot, and its completion its tunnel by number.
+    pub fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()> {
+        let armed = |s: u32| self.armed.get(s as usize).copied().unwrap_or(false);
+        if self.count > 0 || changed.iter().any(|&(s, _)| armed(s)) {
+            return Err(io::Error::other(
+                "files replaced with operations on them in flight",
+            ));
+        }
+        for &(slot, fd) in changed {
+            self.ring.submitter().register_files_update(slot, &[fd])?;
+            if fd >= 0 {
+                self.to_arm.push(slot);
+            }
+        }
         Ok(())
     }
 

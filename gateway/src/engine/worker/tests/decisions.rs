@@ -212,12 +212,13 @@ fn a_reload_drains_before_it_switches() {
         v.extend(udp(8000, &[4; 20]));
         v
     }));
-    // The new list: tunnel 0 keeps its device and goes to another remote.
+    // The new list: tunnel 0 goes to another remote, with a new device
+    // (its old one is finished with: its read cancelled).
     let (done_tx, done_rx) = crossbeam::channel::bounded(1);
     h.control
         .send(Reconfig {
             tunnels: tunnels(vec![ipip("a", [192, 168, 0, 77])]),
-            devices: vec![DeviceQueue::Keep(0)],
+            devices: vec![DeviceQueue::New(device_fd())],
             counters_from: vec![Some(0)],
             done: done_tx,
         })
@@ -523,4 +524,55 @@ fn the_keepalive_worker_sends_probes_and_counts_the_replies() {
     );
     assert_eq!(l.delivered, 0, "nothing for the device");
     h.check_ledger();
+}
+
+#[test]
+fn a_reload_leaves_the_read_of_a_device_that_stays_armed() {
+    let mut h = Harness::new(Setup::default());
+    h.step(); // reads armed on both devices
+              // Tunnel 0 keeps its device in its place and goes to another remote;
+              // tunnel 1 gets a new device.
+    let (done_tx, done_rx) = crossbeam::channel::bounded(1);
+    h.control
+        .send(Reconfig {
+            tunnels: tunnels(vec![
+                ipip("a", [192, 168, 0, 77]),
+                ipip("b", [192, 168, 0, 59]),
+            ]),
+            devices: vec![DeviceQueue::Keep(0), DeviceQueue::New(device_fd())],
+            counters_from: vec![Some(0), Some(1)],
+            done: done_tx,
+        })
+        .unwrap();
+    for _ in 0..200 {
+        h.step();
+        if !done_rx.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(done_rx.try_recv().expect("answered"), Ok(()), "switched");
+    assert_eq!(
+        h.dev.state.lock().unwrap().cancelled,
+        vec![1],
+        "only the replaced device's read is cancelled"
+    );
+    // What the staying device sends now leaves with the new list.
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    read.extend(udp(4444, &[8; 50]));
+    assert!(h.dev.device_sends(0, &read), "its read is still armed");
+    h.settle();
+    h.sock.send(usize::MAX);
+    let sent = h.sock.state.lock().unwrap().sent.clone();
+    assert_eq!(sent.len(), 1);
+    let s = etherparse::SlicedPacket::from_ethernet(&sent[0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = s.net else {
+        panic!("IPv4")
+    };
+    assert_eq!(
+        ip.header().destination(),
+        [192, 168, 0, 77],
+        "the new list's remote"
+    );
+    h.check_ledger();
+    h.check_counts();
 }

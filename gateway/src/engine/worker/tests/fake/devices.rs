@@ -81,6 +81,8 @@ pub struct DevState {
     /// A read to finish with data when the reads are cancelled (the kernel
     /// had it before the cancel arrived).
     pub read_at_cancel: Option<(u32, Vec<u8>)>,
+    /// The file slots whose reads a reload cancelled, in order.
+    pub cancelled: Vec<u32>,
     /// Reads stay armed after a packet (Linux 6.7 on); otherwise each read
     /// ends with its packet, as the plain reads of older kernels do.
     pub multishot: bool,
@@ -119,6 +121,7 @@ impl FakeDevices {
             pool: (0..read_bufs).rev().collect(),
             events: Vec::new(),
             read_at_cancel: None,
+            cancelled: Vec::new(),
             multishot: true,
             drain_cancels_writes: false,
             own,
@@ -477,14 +480,58 @@ impl Devices<FakeFrame> for FakeDevices {
         -1
     }
 
-    fn update_files(&mut self, _files: &[RawFd]) -> io::Result<()> {
+    fn settle(
+        &mut self,
+        slots: &[u32],
+        mut done: impl FnMut(Completed<FakeFrame>),
+    ) -> io::Result<()> {
+        self.submit()?;
+        {
+            let mut d = self.state.lock().unwrap();
+            if let Some((file, bytes)) = d.read_at_cancel.take() {
+                if slots.contains(&file) {
+                    drop(d);
+                    self.device_sends(file, &bytes);
+                    d = self.state.lock().unwrap();
+                } else {
+                    d.read_at_cancel = Some((file, bytes));
+                }
+            }
+            // The cancel: the slots' armed reads end without data.
+            for &file in slots {
+                if d.armed.remove(&file) {
+                    d.cancelled.push(file);
+                    d.done.push_back(Completed {
+                        op: Op::Read,
+                        frame: None,
+                        buf: None,
+                        tag: file as u16,
+                        expected: 0,
+                        result: -libc::ECANCELED,
+                        packets: 1,
+                        rest: Vec::new(),
+                        peer: None,
+                    });
+                }
+            }
+            // The writes finish, as the kernel finishes them.
+            while let Some(w) = d.in_flight.pop_front() {
+                d.finish(w, None);
+            }
+        }
+        self.reap(&mut done);
+        Ok(())
+    }
+
+    fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()> {
         let mut d = self.state.lock().unwrap();
         if !d.queued.is_empty()
             || !d.in_flight.is_empty()
-            || !d.armed.is_empty()
-            || !d.done.is_empty()
+            || changed.iter().any(|(s, _)| d.armed.contains(s))
         {
-            return Err(io::Error::other("files replaced with operations in flight"));
+            return Err(io::Error::other(
+                "files replaced with operations on them in flight",
+            ));
         }
         d.events.push(Event::FilesUpdated);
         Ok(())
