@@ -61,7 +61,6 @@ fn carries(frames: &[Vec<u8>], tag: &[u8]) -> bool {
 }
 
 #[test]
-#[ignore = "not yet reliable: failed 2 of 10 runs on a shared 2-core machine (a packet right after the start not delivered within 500 ms; 1,660 of 9,980 packets lost across the reload, the worker pausing while it re-arms every device read); run with --ignored"]
 fn thousands_of_tunnels_each_packet_to_its_own_device_and_a_reload_loses_nothing() {
     if !require_root(
         "thousands_of_tunnels_each_packet_to_its_own_device_and_a_reload_loses_nothing",
@@ -95,14 +94,16 @@ fn thousands_of_tunnels_each_packet_to_its_own_device_and_a_reload_loses_nothing
         b"scale-last-keyed",
     ));
     tx.send(&frame(gw_mac, remote(last), None, b"scale-last-remote"));
-    let got = keyed_dev.receive(8, Duration::from_millis(500));
+    // (`receive` returns once nothing more came for this long: generous,
+    // so a slow machine still delivers in time.)
+    let got = keyed_dev.receive(8, Duration::from_secs(2));
     assert!(
         carries(&got, b"scale-last-keyed"),
         "the packet with key {} did not reach kd{last}: {got:?}",
         KEY_BASE + last as u32
     );
     assert!(!carries(&got, b"scale-last-remote"), "{got:?}");
-    let got = remote_dev.receive(8, Duration::from_millis(500));
+    let got = remote_dev.receive(8, Duration::from_secs(2));
     assert!(
         carries(&got, b"scale-last-remote"),
         "the packet from {:?} did not reach rd{last}: {got:?}",
@@ -131,9 +132,8 @@ fn thousands_of_tunnels_each_packet_to_its_own_device_and_a_reload_loses_nothing
 
     // A reload that adds a tunnel while packets flow on 10 keyed tunnels
     // and 10 remotes (about 10,000 packets a second): every one delivered.
-    // (The worker stops taking packets while it switches lists, for a time
-    // that grows with the number of devices: at 100,000 packets a second
-    // its socket's ring overflows here.)
+    // (The devices that stay keep their reads armed; only the new one is
+    // registered, so the worker's pause does not grow with the devices.)
     let before = gw.settled_stats();
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
