@@ -89,6 +89,8 @@ pub struct Completed<F = Frame> {
 
 struct InFlight {
     op: Op,
+    /// The device's file slot.
+    file: u32,
     frame: Frame,
     tag: u16,
     expected: u32,
@@ -157,6 +159,8 @@ pub struct DeviceIo {
     /// Which file slots have a multishot read armed.
     armed: Vec<bool>,
     armed_count: usize,
+    /// Writes in flight (own and other workers') per file slot.
+    writes_on: Vec<u32>,
     /// File slots with a device and no read armed: those registered, and
     /// those whose read ended since (see [`DeviceIo::arm_reads`]).
     to_arm: Vec<u32>,
@@ -234,6 +238,7 @@ impl DeviceIo {
             unsubmitted: 0,
             pool,
             armed: vec![false; file_slots as usize],
+            writes_on: vec![0; file_slots as usize],
             armed_count: 0,
             to_arm: listed(files),
             spare_pieces: Vec::new(),
@@ -246,9 +251,9 @@ impl DeviceIo {
     }
 
     /// Ends the reads of file slots `slots` (one cancel each) and waits
-    /// until none of them has a read armed and no write is in flight,
-    /// handing back what completes meanwhile. The reads of the other slots
-    /// go on: a reload that touches one device of 10,000 cancels one read.
+    /// until none of them has a read armed or a write in flight, handing
+    /// back what completes meanwhile. The other slots' reads and writes go
+    /// on: a reload that touches one device of 10,000 cancels one read.
     pub fn settle(&mut self, slots: &[u32], mut done: impl FnMut(Completed)) -> io::Result<()> {
         self.submit()?;
         let armed = |me: &Self, s: u32| me.armed.get(s as usize).copied().unwrap_or(false);
@@ -265,7 +270,10 @@ impl DeviceIo {
                 self.unsubmitted += 1;
             }
         }
-        while self.count > 0 || slots.iter().any(|&s| armed(self, s)) {
+        let busy = |me: &Self, s: u32| {
+            armed(me, s) || me.writes_on.get(s as usize).is_some_and(|&w| w > 0)
+        };
+        while slots.iter().any(|&s| busy(self, s)) {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => self.unsubmitted = 0,
                 // A signal for the process landed on this thread: wait again.
@@ -279,11 +287,15 @@ impl DeviceIo {
 
     /// Puts each `(slot, fd)` in the registered file table (-1 empties the
     /// slot) and arms reads on the new ones. Only once [`DeviceIo::settle`]
-    /// has ended the slots' reads and every write: an operation names its
-    /// file by slot, and its completion its tunnel by number.
+    /// has ended the slots' reads and writes: an operation names its file
+    /// by slot, and its completion its tunnel by number (which, for the
+    /// slots that stay, stays).
     pub fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()> {
-        let armed = |s: u32| self.armed.get(s as usize).copied().unwrap_or(false);
-        if self.count > 0 || changed.iter().any(|&(s, _)| armed(s)) {
+        let busy = |s: u32| {
+            self.armed.get(s as usize).copied().unwrap_or(false)
+                || self.writes_on.get(s as usize).is_some_and(|&w| w > 0)
+        };
+        if changed.iter().any(|&(s, _)| busy(s)) {
             return Err(io::Error::other(
                 "files replaced with operations on them in flight",
             ));
@@ -366,6 +378,9 @@ impl DeviceIo {
                 let slot = (ud & 0xffff_ffff) as usize;
                 if let Some((peer, f)) = self.foreign.get_mut(slot).and_then(Option::take) {
                     n += 1;
+                    if let Some(w) = self.writes_on.get_mut(f.file as usize) {
+                        *w -= 1;
+                    }
                     self.foreign_free.push(slot);
                     done(f.completed(cqe.result(), Some(peer), &mut self.spare_iov));
                 }
@@ -374,6 +389,9 @@ impl DeviceIo {
             let idx = ud as usize;
             if let Some(f) = in_flight.get_mut(idx).and_then(Option::take) {
                 n += 1;
+                if let Some(w) = self.writes_on.get_mut(f.file as usize) {
+                    *w -= 1;
+                }
                 self.write_frames -= 1 + f.rest.len();
                 done(f.completed(cqe.result(), None, &mut self.spare_iov));
             }

@@ -39,7 +39,7 @@ impl DeviceIo {
         // above) and belongs to `frame`, which `queue` hands to this writer
         // until the completion for `idx` arrives, so nothing else touches
         // the bytes; the UMEM handle held by `self` keeps them mapped.
-        unsafe { self.queue(&sqe, idx, Op::Write, frame, tag, len as u32) }
+        unsafe { self.queue(&sqe, idx, file, frame, tag, len as u32) }
     }
 
     /// An empty vector for the pieces of a coalesced write.
@@ -142,10 +142,14 @@ impl DeviceIo {
             }
             return Err((frame, rest));
         }
+        if let Some(w) = self.writes_on.get_mut(file as usize) {
+            *w += 1;
+        }
         self.foreign[slot] = Some((
             peer,
             InFlight {
                 op: Op::Write,
+                file,
                 frame,
                 tag,
                 expected: expected as u32,
@@ -216,8 +220,12 @@ impl DeviceIo {
             self.spare_iov.push(iov);
             return Err((frame, rest));
         }
+        if let Some(w) = self.writes_on.get_mut(file as usize) {
+            *w += 1;
+        }
         self.in_flight[idx] = Some(InFlight {
             op: Op::Write,
+            file,
             frame,
             tag,
             expected: expected as u32,
@@ -241,7 +249,7 @@ impl DeviceIo {
         &mut self,
         sqe: &io_uring::squeue::Entry,
         idx: usize,
-        op: Op,
+        file: u32,
         frame: Frame,
         tag: u16,
         expected: u32,
@@ -251,8 +259,12 @@ impl DeviceIo {
         if unsafe { self.ring.submission().push(sqe) }.is_err() {
             return Err(frame);
         }
+        if let Some(w) = self.writes_on.get_mut(file as usize) {
+            *w += 1;
+        }
         self.in_flight[idx] = Some(InFlight {
-            op,
+            op: Op::Write,
+            file,
             frame,
             tag,
             expected,

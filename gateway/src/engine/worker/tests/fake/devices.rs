@@ -514,8 +514,12 @@ impl Devices<FakeFrame> for FakeDevices {
                     });
                 }
             }
-            // The writes finish, as the kernel finishes them.
-            while let Some(w) = d.in_flight.pop_front() {
+            // The slots' writes finish, as the kernel finishes them (the
+            // others' too: the fake finishes in order).
+            while d.in_flight.iter().any(|w| slots.contains(&w.file)) {
+                let Some(w) = d.in_flight.pop_front() else {
+                    break;
+                };
                 d.finish(w, None);
             }
         }
@@ -525,10 +529,8 @@ impl Devices<FakeFrame> for FakeDevices {
 
     fn replace_files(&mut self, changed: &[(u32, RawFd)]) -> io::Result<()> {
         let mut d = self.state.lock().unwrap();
-        if !d.queued.is_empty()
-            || !d.in_flight.is_empty()
-            || changed.iter().any(|(s, _)| d.armed.contains(s))
-        {
+        let on = |s: u32| d.queued.iter().chain(&d.in_flight).any(|w| w.file == s);
+        if changed.iter().any(|&(s, _)| d.armed.contains(&s) || on(s)) {
             return Err(io::Error::other(
                 "files replaced with operations on them in flight",
             ));
