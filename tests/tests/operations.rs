@@ -730,12 +730,13 @@ fn no_af_xdp_or_no_interface_gets_one_clear_line_and_leaves_nothing_behind() {
 }
 
 /// What a gateway killed with SIGKILL can leave: its device, with a queue
-/// still attached (the kernel does not always release a killed process's
-/// io_uring, and with it the queues registered there). A second program
-/// holding a queue of tap1 stands in for it. The gateway starting next
-/// deletes the device and creates it afresh: otherwise the kernel would
-/// send part of the device's flows to the dead queue, and they would be
-/// lost.
+/// still attached that no process holds (the kernel does not always release
+/// a killed process's io_uring, and with it the queues registered there).
+/// Here a queue of tap1 is held only by a message in flight on a unix
+/// socket (SCM_RIGHTS; the sender closed its descriptor), which no process's
+/// file table shows either. The gateway starting next deletes the device
+/// and creates it afresh: otherwise the kernel would send part of the
+/// device's flows to the dead queue, and they would be lost.
 #[test]
 fn a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow() {
     if !require_root("a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow") {
@@ -744,9 +745,12 @@ fn a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow() {
     let wire = Wire::new("lq", &[]);
     // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, as the gateway
     // opens its queues; TUNSETIFF = 0x400454ca.
-    let holder = "import fcntl, os, struct, sys\n\
+    let holder = "import fcntl, os, socket, struct, sys\n\
         fd = os.open('/dev/net/tun', os.O_RDWR)\n\
         fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'tap1', 0x0002 | 0x1000 | 0x4000 | 0x0100))\n\
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        socket.send_fds(a, [b'q'], [fd])\n\
+        os.close(fd)\n\
         print('held', flush=True)\n\
         sys.stdin.read()\n";
     let mut held = std::process::Command::new("ip")
@@ -773,7 +777,7 @@ fn a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow() {
 
     let gw = start(&wire, ONE_GRE_TUNNEL);
     assert!(
-        gw.log().contains("deleted, and created afresh"),
+        gw.log().contains("deleted, to be created afresh"),
         "{}",
         gw.log()
     );
@@ -824,6 +828,55 @@ fn a_device_left_with_a_queue_attached_is_re_created_and_carries_every_flow() {
         }
     });
     assert_eq!(got, 320);
+    let _ = held.kill();
+    let _ = held.wait();
+}
+
+/// A device a running program holds a queue of is not deleted at start:
+/// the gateway attaches beside it, as it always did, and says so.
+#[test]
+fn a_device_a_running_program_holds_is_left_alone() {
+    if !require_root("a_device_a_running_program_holds_is_left_alone") {
+        return;
+    }
+    let wire = Wire::new("lh", &[]);
+    let holder = "import fcntl, os, struct, sys\n\
+        fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+        fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'tap1', 0x0002 | 0x1000 | 0x4000 | 0x0100))\n\
+        print('held', flush=True)\n\
+        sys.stdin.read()\n";
+    let mut held = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &wire.gw.name,
+            "/usr/bin/python3",
+            "-c",
+            holder,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    let before = wire.gw.ip(&["-o", "link", "show", "tap1"]);
+    let gw = start(&wire, ONE_GRE_TUNNEL);
+    let log = gw.log();
+    assert!(log.contains("held by a running process"), "{log}");
+    assert!(!log.contains("created afresh"), "{log}");
+    let after = wire.gw.ip(&["-o", "link", "show", "tap1"]);
+    assert_eq!(
+        before.split(':').next(),
+        after.split(':').next(),
+        "the running program's device was deleted"
+    );
+    drop(gw);
     let _ = held.kill();
     let _ = held.wait();
 }

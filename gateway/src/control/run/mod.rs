@@ -138,7 +138,11 @@ pub fn run(
         anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
     })?;
 
-    // Devices.
+    // Devices, after any left behind by a killed gateway.
+    let mut held = None;
+    for t in &cfg.tunnels {
+        clear_leftover(&nl, t, &mut held)?;
+    }
     let mut slots: Vec<Slot> = Vec::new();
     let mut device_queues = Vec::new();
     for (i, t) in cfg.tunnels.iter().enumerate() {

@@ -3,6 +3,7 @@
 //! workers get; which queues and cores the workers take.
 
 use super::*;
+use std::collections::HashSet;
 
 /// Number of RX queues of `iface`, from sysfs.
 pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
@@ -85,7 +86,7 @@ pub(super) fn open_device(
     mtu: u16,
     workers: usize,
 ) -> anyhow::Result<Device> {
-    let existed = nl.link(&t.device)?.is_some() && !clear_leftover(nl, t)?;
+    let existed = nl.link(&t.device)?.is_some();
     let mut queues = Vec::with_capacity(workers);
     for _ in 0..workers {
         queues.push(tap::open_queue(&t.device, t.device_kind)?);
@@ -128,43 +129,102 @@ pub(super) fn open_device(
     }
 }
 
-/// A device that exists with queues attached before the gateway opens its
-/// own is held elsewhere: most often by a gateway that was killed (SIGKILL,
-/// a crash), whose io_uring the kernel never releases, so its queues stay
-/// attached and its device stays. The kernel would send part of the
-/// device's packets to those queues, and nobody reads them. A device that
-/// is not persistent is deleted, to be created afresh (returns true); a
-/// persistent one (its bridge ports and addresses are someone's
-/// configuration) is kept, and said to lose packets until it is deleted.
-fn clear_leftover(nl: &Netlink, t: &TunnelConfig) -> anyhow::Result<bool> {
+/// At start, a device that exists with queues attached that no living
+/// process holds is a leftover: most often of a gateway killed with
+/// SIGKILL (or crashed), whose io_uring the kernel did not release, so its
+/// queues stay attached and its device stays. The kernel would send part
+/// of the device's flows to those queues, and nobody reads them. Such a
+/// device, not persistent, is deleted, to be created afresh; a persistent
+/// one (its bridge ports and addresses are someone's configuration) is
+/// kept, and said to lose packets until it is deleted. A device a living
+/// process holds (another program, another gateway) is left alone, as
+/// before: the gateway attaches beside it, and a warning says so.
+/// `held` is filled once, on the first device that needs it.
+pub(super) fn clear_leftover(
+    nl: &Netlink,
+    t: &TunnelConfig,
+    held: &mut Option<HashSet<String>>,
+) -> anyhow::Result<()> {
     let Some(state) = nl.tun_state(&t.device)? else {
-        return Ok(false);
+        return Ok(());
     };
     if state.queues == 0 {
-        return Ok(false);
+        return Ok(());
+    }
+    if held.get_or_insert_with(held_by_living).contains(&t.device) {
+        tracing::warn!(
+            device = %t.device,
+            "device {} has {} queue(s) held by a running process; the gateway attaches beside it, and the kernel may send part of the device's flows there",
+            t.device,
+            state.queues
+        );
+        return Ok(());
     }
     if state.persistent {
         tracing::error!(
             device = %t.device,
             held = state.queues,
-            "device {} already has {} queue(s) attached by something else (a gateway that was killed, or another program); the kernel sends part of its packets there and they are lost: stop that program, or delete the device (ip link del {}) and restart",
+            "device {} has {} queue(s) attached that no running process holds (a gateway that was killed?); the kernel sends part of its packets there and they are lost: delete the device (ip link del {}) and restart",
             t.device,
             state.queues,
             t.device
         );
-        return Ok(false);
+        return Ok(());
     }
-    let Some(link) = nl.link(&t.device)? else {
-        return Ok(true);
+    if let Some(link) = nl.link(&t.device)? {
+        nl.delete(&link)?;
+        tracing::warn!(
+            device = %t.device,
+            "device {} was left with {} queue(s) attached that no running process holds (a gateway that was killed?); deleted, to be created afresh",
+            t.device,
+            state.queues
+        );
+    }
+    Ok(())
+}
+
+/// The tun and tap devices some living process (in this PID namespace, and
+/// in this network namespace, where device names are ours) holds a queue
+/// of: its open `/dev/net/tun` files, whose fdinfo names the device
+/// (`iff:`).
+fn held_by_living() -> HashSet<String> {
+    let mut names = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return names;
     };
-    nl.delete(&link)?;
-    tracing::warn!(
-        device = %t.device,
-        "device {} was left with {} queue(s) attached by something else (a gateway that was killed?); deleted, and created afresh",
-        t.device,
-        state.queues
-    );
-    Ok(true)
+    let netns = |p: &Path| std::fs::read_link(p.join("ns/net")).ok();
+    let ours = netns(Path::new("/proc/self"));
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if ours.is_some() && netns(&p.path()) != ours {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if !std::fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/dev/net/tun")) {
+                continue;
+            }
+            let Ok(info) = std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name()))
+            else {
+                continue;
+            };
+            for line in info.lines() {
+                if let Some(name) = line.strip_prefix("iff:") {
+                    names.insert(name.trim().to_string());
+                }
+            }
+        }
+    }
+    names
 }
 
 /// The tunnel MTU: configured, or the underlay's less the overhead.
