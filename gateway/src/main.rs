@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gateway::control::config::{Config, DEFAULT_PATH};
 use gateway::telemetry::capture;
+use gateway::telemetry::metrics::DrainEnd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -334,8 +335,12 @@ fn main() -> ExitCode {
         };
         if format == "drain" {
             return match gateway::telemetry::metrics::drain(&iface, &mut std::io::stdout()) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => {
+                Ok(DrainEnd::Drained) => ExitCode::SUCCESS,
+                Ok(DrainEnd::TimedOut) => {
+                    eprintln!("error: the drain timed out with packets still arriving; the gateway stopped anyway");
+                    ExitCode::from(3)
+                }
+                Ok(DrainEnd::Unfinished) => {
                     eprintln!(
                         "error: the gateway closed the connection before saying it had stopped"
                     );

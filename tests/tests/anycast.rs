@@ -548,6 +548,21 @@ peer = "10.1.1.2"
         },
     );
 
+    // Taken away by someone else (an address flush, the device deleted):
+    // put back, and counted.
+    wire.gw.ip(&["addr", "flush", "dev", "gw-anycast"]);
+    wait_until("the flushed address back", Duration::from_secs(20), || {
+        on_device(&wire.gw)
+    });
+    wire.gw.ip(&["link", "del", "gw-anycast"]);
+    wait_until(
+        "the deleted device back, with the address",
+        Duration::from_secs(20),
+        || on_device(&wire.gw),
+    );
+    let s = gw.stats();
+    assert_eq!(s["gateway"]["anycast"]["restored"], 2, "{s}");
+
     // The underlay down: withdrawn; up again: announced again.
     wire.gw.ip(&["link", "set", "ens0", "down"]);
     wait_until(
@@ -562,8 +577,8 @@ peer = "10.1.1.2"
         || on_device(&wire.gw),
     );
     let s = gw.stats();
-    assert_eq!(s["gateway"]["anycast"]["withdrawals"], 1, "{s}");
-    assert_eq!(s["gateway"]["anycast"]["announcements"], 2, "{s}");
+    assert_eq!(s["gateway"]["anycast"]["withdrawals"], 2, "{s}");
+    assert_eq!(s["gateway"]["anycast"]["announcements"], 3, "{s}");
 
     // A GRE packet to the shared address every 50 ms from the peer.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -611,18 +626,22 @@ peer = "10.1.1.2"
     let s = gw.stats();
     assert!(s["gateway"]["draining"].is_object(), "{s}");
     assert_eq!(s["gateway"]["anycast"]["announced"], false, "{s}");
-    // Packets keep coming: the gateway keeps carrying them. (They come
-    // every 50 ms, well inside drain_quiet.)
+    // Packets keep coming (every 50 ms, well inside drain_quiet): the
+    // gateway keeps carrying them, and does not stop, for three times
+    // drain_quiet.
     let before = tunnel_rx(&gw.stats(), "t1");
-    wait_until(
-        "packets carried while draining",
-        Duration::from_secs(20),
-        || tunnel_rx(&gw.stats(), "t1") >= before + 10,
-    );
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(6) {
+        assert!(
+            gw.wait_exit(Duration::from_millis(200)).is_none(),
+            "the gateway stopped while packets still came:\n{}",
+            gw.log()
+        );
+    }
     assert!(
-        gw.wait_exit(Duration::ZERO).is_none(),
-        "the gateway stopped while packets still came:\n{}",
-        gw.log()
+        tunnel_rx(&gw.stats(), "t1") >= before + 60,
+        "{}",
+        gw.stats()
     );
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

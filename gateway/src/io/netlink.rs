@@ -121,6 +121,33 @@ impl Netlink {
             .collect())
     }
 
+    /// Every interface, by name, in one dump.
+    pub fn links(&self) -> Result<std::collections::HashMap<String, LinkInfo>, NetlinkError> {
+        use netlink_packet_route::link::LinkExtentMask;
+        let handle = self.handle.clone();
+        let res: Result<Vec<LinkMessage>, _> = self.rt.block_on(async move {
+            handle
+                .link()
+                .get()
+                .set_filter_mask(
+                    netlink_packet_route::AddressFamily::Unspec,
+                    vec![LinkExtentMask::SkipStats],
+                )
+                .execute()
+                .try_collect()
+                .await
+        });
+        let list = res.map_err(|e| NetlinkError::Request {
+            what: "listing the interfaces".into(),
+            reason: describe(&e),
+        })?;
+        Ok(list
+            .iter()
+            .map(link_info)
+            .map(|l| (l.name.clone(), l))
+            .collect())
+    }
+
     /// Gives a device that is down the `noqueue` root qdisc, so that
     /// bringing it up attaches no default one: a multi-queue tun or tap has
     /// 256 TX queues, and the default (`mq` over a `pfifo_fast` per queue)
@@ -536,5 +563,40 @@ impl Netlink {
             }
         }
         Ok(None)
+    }
+}
+
+impl Netlink {
+    /// Whether every one of `addresses` is on the link.
+    pub fn has_addresses(
+        &self,
+        link: &LinkInfo,
+        addresses: &[IpAddr],
+    ) -> Result<bool, NetlinkError> {
+        let handle = self.handle.clone();
+        let index = link.index;
+        let res = self.rt.block_on(async move {
+            let mut found = Vec::new();
+            let mut s = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            while let Some(m) = s.try_next().await? {
+                for a in &m.attributes {
+                    if let AddressAttribute::Local(l) | AddressAttribute::Address(l) = a {
+                        found.push(*l);
+                    }
+                }
+            }
+            Ok::<_, rtnetlink::Error>(found)
+        });
+        match res {
+            Ok(found) => Ok(addresses.iter().all(|a| found.contains(a))),
+            Err(e) => Err(NetlinkError::Request {
+                what: format!("listing the addresses of {}", link.name),
+                reason: describe(&e),
+            }),
+        }
     }
 }

@@ -80,6 +80,17 @@ pub fn open_queue(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
 }
 
 fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
+    open_with(name, kind, IFF_VNET_HDR | IFF_MULTI_QUEUE)
+}
+
+/// Opens the single-queue tun device `name` (creating it), no packet
+/// header: a device that carries nothing, only addresses. A second opener
+/// gets EBUSY.
+pub fn open_single_tun(name: &str) -> Result<OwnedFd, TapError> {
+    open_with(name, DeviceKind::Tun, 0)
+}
+
+fn open_with(name: &str, kind: DeviceKind, extra: libc::c_short) -> Result<OwnedFd, TapError> {
     let file: File = OpenOptions::new()
         .read(true)
         .write(true)
@@ -89,8 +100,7 @@ fn open_queue_once(name: &str, kind: DeviceKind) -> Result<OwnedFd, TapError> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: IFF_NO_PI
-            | IFF_VNET_HDR
-            | IFF_MULTI_QUEUE
+            | extra
             | match kind {
                 DeviceKind::Tap => IFF_TAP,
                 DeviceKind::Tun => IFF_TUN,

@@ -140,6 +140,15 @@ pub(super) fn check_tunnels(
                 ),
             ));
         }
+        if t.iseq {
+            return Err(err(
+                f("iseq"),
+                format!(
+                    "cannot be used on the anycast address {}: a gateway a peer comes back to remembers the number it last took, and refuses the peer's packets if more than 2^31 were sent meanwhile; remove iseq (or seq)",
+                    t.local
+                ),
+            ));
+        }
         if t.keepalive.is_some() {
             return Err(err(
                 f("keepalive"),

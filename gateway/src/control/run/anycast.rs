@@ -30,7 +30,6 @@ use serde_json::{json, Value};
 
 use super::Gateway;
 use crate::control::config::Anycast;
-use crate::datapath::tunnel::DeviceKind;
 use crate::io::netlink::{LinkInfo, Netlink};
 use crate::io::tap;
 use crate::telemetry::metrics::Audience;
@@ -52,6 +51,12 @@ pub(super) struct Announcer {
     announced: bool,
     announcements: u64,
     withdrawals: u64,
+    /// Times the device or its addresses were found gone while announced
+    /// (deleted or flushed by someone else) and put back.
+    restored: u64,
+    /// When a failure was last logged (failures are retried every tick,
+    /// and logged every 10 s).
+    complained: Option<Instant>,
 }
 
 impl Announcer {
@@ -59,8 +64,16 @@ impl Announcer {
     /// the addresses on it yet.
     pub(super) fn open(cfg: &Anycast, nl: &Netlink) -> anyhow::Result<Announcer> {
         let dev = &cfg.device;
-        let queue = tap::open_queue(dev, DeviceKind::Tun)
-            .map_err(|e| anyhow::anyhow!("[anycast] device {dev}: {e}"))?;
+        // Someone else's (another gateway's, with the same anycast.device)
+        // would be shared, and withdrawn under it: refused.
+        if let Some(st) = nl.tun_state(dev)? {
+            if st.queues > 0 {
+                anyhow::bail!("anycast.device: {dev} is held by another process (another gateway?); give each gateway in this network namespace its own anycast.device");
+            }
+        }
+        // Single-queue: a second opener gets EBUSY.
+        let queue =
+            tap::open_single_tun(dev).map_err(|e| anyhow::anyhow!("anycast.device: {dev}: {e}"))?;
         // A device left persistent by someone else would outlive us and
         // keep announcing: it goes with this process.
         tap::set_persistent(&queue, dev, false)
@@ -76,12 +89,77 @@ impl Announcer {
             announced: true,
             announcements: 0,
             withdrawals: 0,
+            restored: 0,
+            complained: None,
         };
         // Nothing announced until the gateway runs.
         a.withdraw(nl)?;
         a.withdrawals = 0;
         nl.set_up(&a.link, None)?;
         Ok(a)
+    }
+
+    /// Whether the device is still there with the addresses it should
+    /// have; puts back what someone else took away (an `ip link del`, an
+    /// `ip addr flush`), and says so. Called every half second.
+    pub(super) fn check(&mut self, nl: &Netlink) {
+        let dev = self.cfg.device.clone();
+        let link = match nl.link(&dev) {
+            Ok(l) => l,
+            Err(e) => return self.complain(&format!("anycast: looking at {dev}: {e}")),
+        };
+        if link.as_ref().is_none_or(|l| l.index != self.link.index) {
+            // Deleted (perhaps re-created by someone else): ours again.
+            let cfg = self.cfg.clone();
+            let was = self.announced;
+            match Announcer::open(&cfg, nl) {
+                Ok(fresh) => {
+                    tracing::warn!("anycast: {dev} was deleted by someone else; created again");
+                    let (a, w, r) = (self.announcements, self.withdrawals, self.restored);
+                    *self = fresh;
+                    (self.announcements, self.withdrawals, self.restored) = (a, w, r + 1);
+                    // Announced again by the next steering, if it should be.
+                    if was {
+                        self.withdrawals += 1;
+                    }
+                }
+                Err(e) => self.complain(&format!(
+                    "anycast: {dev} was deleted, and cannot be made again: {e:#}"
+                )),
+            }
+            return;
+        }
+        if !self.announced {
+            return;
+        }
+        match nl.has_addresses(&self.link, &self.cfg.addresses) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("anycast: an address was taken off {dev} by someone else; put back");
+                self.restored += 1;
+                if let Err(e) = self.put(nl) {
+                    self.complain(&format!("anycast: putting back {}: {e:#}", self.list()));
+                }
+            }
+            Err(e) => self.complain(&format!("anycast: looking at {dev}'s addresses: {e}")),
+        }
+    }
+
+    fn complain(&mut self, what: &str) {
+        if self
+            .complained
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.complained = Some(Instant::now());
+            tracing::error!("{what}");
+        }
+    }
+
+    fn put(&self, nl: &Netlink) -> anyhow::Result<()> {
+        for &a in &self.cfg.addresses {
+            nl.add_peer_address(&self.link, a, a)?;
+        }
+        Ok(())
     }
 
     pub(super) fn announced(&self) -> bool {
@@ -97,10 +175,10 @@ impl Announcer {
         v.join(", ")
     }
 
+    /// Puts every address on the device; announced only once all are (a
+    /// failure is tried again at the next tick).
     pub(super) fn announce(&mut self, nl: &Netlink) -> anyhow::Result<()> {
-        for &a in &self.cfg.addresses {
-            nl.add_peer_address(&self.link, a, a)?;
-        }
+        self.put(nl)?;
         if !self.announced {
             self.announcements += 1;
         }
@@ -109,15 +187,16 @@ impl Announcer {
         Ok(())
     }
 
+    /// Takes every address off the device; withdrawn only once all are (a
+    /// failure is tried again at the next tick, and at the stop).
     pub(super) fn withdraw(&mut self, nl: &Netlink) -> anyhow::Result<()> {
-        if self.announced {
-            self.withdrawals += 1;
-        }
-        // Marked first: a failure half-way leaves it to be tried again.
-        self.announced = false;
         for &a in &self.cfg.addresses {
             nl.del_peer_address(&self.link, a)?;
         }
+        if self.announced {
+            self.withdrawals += 1;
+        }
+        self.announced = false;
         Ok(())
     }
 
@@ -128,6 +207,7 @@ impl Announcer {
             "announced": self.announced,
             "announcements": self.announcements,
             "withdrawals": self.withdrawals,
+            "restored": self.restored,
         })
     }
 }
@@ -135,12 +215,13 @@ impl Announcer {
 /// A drain under way.
 pub(super) struct Drain {
     started: Instant,
-    /// Packets received on the drained tunnels, when last looked at, and
-    /// when that figure last moved.
+    /// Packets received on the drained tunnels, when last looked at (a
+    /// reload may carry fewer counters over: only growth counts), and when
+    /// that figure last moved.
     seen: u64,
     moved: Instant,
-    /// Of them, since the drain began.
-    first: u64,
+    /// Packets that arrived since the drain began.
+    since: u64,
     quiet: Duration,
     timeout: Duration,
     /// Whoever asked (`gateway drain`): told how it goes, and at the end
@@ -152,7 +233,7 @@ impl Drain {
     pub(super) fn to_json(&self) -> Value {
         json!({
             "since_ms": self.started.elapsed().as_millis() as u64,
-            "packets_since": self.seen - self.first,
+            "packets_since": self.since,
             "quiet_ms": self.moved.elapsed().as_millis() as u64,
         })
     }
@@ -200,8 +281,8 @@ impl Gateway {
                 self.cfg.anycast.as_ref().map_or("", |c| c.device.as_str())
             ),
             (Ok(()), false) => tracing::warn!("anycast: {list} withdrawn: {why}"),
-            (Err(e), true) => tracing::error!("anycast: cannot announce {list}: {e:#}"),
-            (Err(e), false) => tracing::error!("anycast: cannot withdraw {list}: {e:#}"),
+            (Err(e), true) => a.complain(&format!("anycast: cannot announce {list}: {e:#}")),
+            (Err(e), false) => a.complain(&format!("anycast: cannot withdraw {list}: {e:#}")),
         }
     }
 
@@ -246,11 +327,12 @@ impl Gateway {
             });
         let seen = self.drained_packets();
         let now = Instant::now();
+        self.readyz_cache = None;
         self.drain = Some(Drain {
             started: now,
             seen,
             moved: now,
-            first: seen,
+            since: 0,
             quiet,
             timeout,
             audience: None,
@@ -286,6 +368,7 @@ impl Gateway {
             return false;
         };
         if now_seen != d.seen {
+            d.since += now_seen.saturating_sub(d.seen);
             d.seen = now_seen;
             d.moved = Instant::now();
         }
@@ -294,14 +377,14 @@ impl Gateway {
             format!(
                 "drained after {:.1} s: {} packets arrived after the withdrawal, none for the last {} s; stopping",
                 since.as_secs_f64(),
-                d.seen - d.first,
+                d.since,
                 d.quiet.as_secs()
             )
         } else if since >= d.timeout {
             format!(
                 "drain timed out after {} s: packets still arrive ({} since the withdrawal); stopping anyway",
                 d.timeout.as_secs(),
-                d.seen - d.first
+                d.since
             )
         } else {
             return false;

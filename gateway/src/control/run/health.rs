@@ -101,9 +101,16 @@ impl Gateway {
                 if self.underlay.up { "up" } else { "down" }
             ),
         });
+        // One dump for every device (10,000 requests would hold the
+        // control thread for a second).
+        let links = self.nl.links();
         for (i, slot) in self.slots.iter().enumerate() {
             let (name, dev) = (&slot.cfg.name, &slot.cfg.device);
-            let device = match self.nl.link(dev) {
+            let found = match &links {
+                Ok(map) => Ok(map.get(dev.as_str())),
+                Err(e) => Err(e),
+            };
+            let device = match found {
                 Ok(Some(l)) if l.up => Check {
                     ok: true,
                     what: format!("tunnel {name}: device {dev} up"),

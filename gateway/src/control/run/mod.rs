@@ -138,6 +138,16 @@ pub fn run(
         anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
     })?;
 
+    // The shared addresses' device (nothing on it yet), before anything
+    // that a failure here would leave behind.
+    let anycast = match &cfg.anycast {
+        Some(a) if a.device == iface => {
+            bail!("anycast.device: {iface} is the underlay; give [anycast] a device of its own (the default is gw-anycast)")
+        }
+        Some(a) => Some(anycast::Announcer::open(a, &nl)?),
+        None => None,
+    };
+
     // Devices, after any left behind by a killed gateway.
     let mut held = None;
     for t in &cfg.tunnels {
@@ -343,13 +353,6 @@ pub fn run(
     }
 
     let xdp_id = steering.program_id();
-    let anycast = match &cfg.anycast {
-        Some(a) if a.device == iface => {
-            bail!("anycast.device: {iface} is the underlay; give [anycast] a device of its own (the default is gw-anycast)")
-        }
-        Some(a) => Some(anycast::Announcer::open(a, &nl)?),
-        None => None,
-    };
     let mut gw = Gateway {
         iface: iface.to_string(),
         taps,
@@ -377,12 +380,11 @@ pub fn run(
     let failure = gw.serve(config_path, metrics, signals, announce).err();
 
     // The routers are told first, so that what they still send in the
-    // meantime finds the gateway running.
-    if let Some(a) = gw.anycast.as_mut() {
-        if a.announced() {
-            if let Err(e) = a.withdraw(&gw.nl) {
-                tracing::warn!("anycast: withdrawing at stop: {e:#}");
-            }
+    // meantime finds the gateway running; the device goes with it (and
+    // with it any address a failed withdrawal left).
+    if let Some(mut a) = gw.anycast.take() {
+        if let Err(e) = a.withdraw(&gw.nl) {
+            tracing::warn!("anycast: withdrawing at stop: {e:#}");
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -418,7 +420,6 @@ pub fn run(
         orphans,
         steering,
         drain,
-        anycast,
         ..
     } = gw;
     drop(steering);
@@ -428,7 +429,6 @@ pub fn run(
     for s in slots.iter().chain(&orphans) {
         s.release(&nl);
     }
-    drop(anycast);
     tracing::info!("XDP program detached; devices released");
     if let Some(mut a) = drain.and_then(|d| d.audience) {
         match &failure {
@@ -489,6 +489,9 @@ impl Gateway {
                 last_check = std::time::Instant::now();
                 self.watch()?;
                 self.watch_liveness();
+                if let Some(a) = self.anycast.as_mut() {
+                    a.check(&self.nl);
+                }
             }
             self.steer_announcement();
             if self.drain_over() {

@@ -474,7 +474,11 @@ impl<S: Socket> Worker<S> {
         self.xsk
             .wake_fill_if_needed()
             .map_err(self.io_err("fill-ring wakeup"))?;
-        // From here packets are taken: the control thread may say so.
+        // The device reads armed (10,000 devices take a while) ...
+        let mut io = io;
+        self.post_reads(&mut io, &mut st);
+        io.submit().map_err(self.io_err("arming device reads"))?;
+        // ... and from here packets are taken: the control thread may say so.
         self.stats
             .started
             .store(true, std::sync::atomic::Ordering::Release);

@@ -153,10 +153,20 @@ impl Audience {
     }
 }
 
+/// How a drain ended, as the gateway said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Traffic moved, and the gateway stopped.
+    Drained,
+    /// The gateway stopped at `drain_timeout`, traffic still arriving.
+    TimedOut,
+    /// The connection closed before the gateway said it had stopped.
+    Unfinished,
+}
+
 /// `gateway drain`: asks the gateway running on `iface` to drain, and
 /// writes what it says to `out` as it says it, until it has stopped.
-/// Returns whether it did stop (rather than refuse).
-pub fn drain(iface: &str, out: &mut dyn Write) -> anyhow::Result<bool> {
+pub fn drain(iface: &str, out: &mut dyn Write) -> anyhow::Result<DrainEnd> {
     let addr = SocketAddr::from_abstract_name(control_name(iface).as_bytes())?;
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
         anyhow::anyhow!("no gateway answers for {iface} in this network namespace ({e}); is it running (gateway --iface {iface})?")
@@ -192,7 +202,13 @@ pub fn drain(iface: &str, out: &mut dyn Write) -> anyhow::Result<bool> {
     if let Some((_, e)) = said.split_once("\nerror: ") {
         anyhow::bail!("{}", e.trim_end());
     }
-    Ok(said.contains("\nstopped"))
+    Ok(if !said.contains("\nstopped") {
+        DrainEnd::Unfinished
+    } else if said.contains("drain timed out") {
+        DrainEnd::TimedOut
+    } else {
+        DrainEnd::Drained
+    })
 }
 
 /// What a control client is told when [`CLIENT_THREADS`] others are being

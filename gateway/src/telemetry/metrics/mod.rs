@@ -19,7 +19,7 @@ mod prometheus;
 mod tests;
 
 pub use clients::CLIENT_TIMEOUT;
-pub use control_socket::{control_name, drain, query, serve_control, Audience};
+pub use control_socket::{control_name, drain, query, serve_control, Audience, DrainEnd};
 pub use http::serve_http;
 pub use prometheus::prometheus;
 
