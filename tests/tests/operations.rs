@@ -880,3 +880,51 @@ fn a_device_a_running_program_holds_is_left_alone() {
     let _ = held.kill();
     let _ = held.wait();
 }
+
+/// A process that may open 1024 files (a Linux 6.1 guest's default) starts
+/// and carries traffic: io_uring refuses a table of registered files larger
+/// than RLIMIT_NOFILE, so each worker's table is sized to the limit. A
+/// reload past the limit is refused in one line that names it, and the
+/// running tunnels go on.
+#[test]
+fn a_low_open_file_limit_sizes_the_file_tables_and_a_reload_past_them_is_refused() {
+    if !require_root(
+        "a_low_open_file_limit_sizes_the_file_tables_and_a_reload_past_them_is_refused",
+    ) {
+        return;
+    }
+    let wire = Wire::new("nofile", &[]);
+    let gw = Gateway::start_wrapped(
+        &wire.gw,
+        TWO_TUNNELS,
+        &["prlimit", "--nofile=1024:1024", "--"],
+        &[],
+    );
+    wait_until("the next hop", Duration::from_secs(5), || {
+        gw.stats()["tunnels"][0]["next_hop"].is_string()
+    });
+    assert_both_ways(&wire, &gw, 7300);
+
+    let mut many = String::from(TWO_TUNNELS);
+    for i in 0..1098 {
+        many.push_str(&format!(
+            "[[tunnel]]\nname = \"n{i}\"\nmode = \"gre\"\nlocal = \"192.168.0.8\"\nremote = \"10.210.{}.{}\"\nmtu = 1400\ndevice = \"nd{i}\"\n",
+            i >> 8,
+            i & 255
+        ));
+    }
+    gw.write_config(&many);
+    let (ok, out) = gw.reload(&wire.gw);
+    assert!(!ok, "1100 tunnels accepted with 1024 files: {out}");
+    assert_eq!(out.trim().lines().count(), 1, "not one line: {out}");
+    assert!(
+        out.contains("RLIMIT_NOFILE") && out.contains("LimitNOFILE"),
+        "{out}"
+    );
+    assert_eq!(tunnel_names(&gw.stats()), ["tun100", "tun200"]);
+    assert!(
+        !wire.gw.exec(&["ip", "link", "show", "nd0"]).0,
+        "a device of the refused reload is there"
+    );
+    assert_both_ways(&wire, &gw, 7400);
+}

@@ -107,6 +107,9 @@ struct Gateway {
     anycast: Option<anycast::Announcer>,
     /// A drain under way (`gateway drain`, SIGUSR2).
     drain: Option<anycast::Drain>,
+    /// Device files each worker's io_uring has room for: a reload may
+    /// bring no more tunnels than this.
+    file_slots: u32,
 }
 
 /// Runs the gateway on `iface` until SIGINT or SIGTERM; with `metrics`,
@@ -134,6 +137,7 @@ pub fn run(
     let cores = plan_cores(&cfg, queues.len())?;
     let nworkers = queues.len();
     ensure_open_files(cfg.tunnels.len(), nworkers)?;
+    let file_slots = registered_file_slots()?;
     let src_mac = underlay.mac.ok_or_else(|| {
         anyhow!("{iface} has no MAC address; the gateway needs an Ethernet underlay")
     })?;
@@ -312,10 +316,10 @@ pub fn run(
             .spawn(move || {
                 // (The closure, and with it this hold on the other UMEMs,
                 // goes once the ring is set up: the ring holds its own.)
-                w.run(move |xsk, setup| {
+                let result = w.run(move |xsk, setup| {
                     let mut io = DeviceIo::new(
                         setup.entries,
-                        MAX_TUNNELS as u32,
+                        file_slots,
                         setup.files,
                         xsk,
                         setup.read_bufs,
@@ -326,7 +330,13 @@ pub fn run(
                         }
                     }
                     Ok(io)
-                })
+                });
+                // Said as it happens (the control thread reports the
+                // first failure only, and may be busy with another).
+                if let Err(e) = &result {
+                    tracing::error!("worker: {e}");
+                }
+                result
             })
             .context("spawning a worker thread")?;
         workers.push(WorkerHandle {
@@ -360,6 +370,7 @@ pub fn run(
         recreate_failed: slots.iter().map(|_| None).collect(),
         orphans: Vec::new(),
         next_peer: slots.len(),
+        file_slots,
         cfg,
         underlay,
         slots,
@@ -397,6 +408,9 @@ pub fn run(
     while workers.iter().any(|w| !w.thread.is_finished()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // A worker's own error is the cause of what the control loop saw (a
+    // worker gone, a reload it did not answer): it is the one reported.
+    let mut worker_failed = false;
     for w in workers {
         if !w.thread.is_finished() {
             failure.get_or_insert_with(|| anyhow!("a worker did not stop within 5 s"));
@@ -405,7 +419,10 @@ pub fn run(
         match w.thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                failure.get_or_insert_with(|| anyhow!(e));
+                if !worker_failed {
+                    failure = Some(anyhow!(e));
+                    worker_failed = true;
+                }
             }
             Err(_) => {
                 failure.get_or_insert_with(|| anyhow!("a worker panicked"));

@@ -145,6 +145,13 @@ impl Gateway {
             )
             .into());
         }
+        if new.tunnels.len() > self.file_slots as usize {
+            return Err(anyhow!(
+                "{} tunnels, and this gateway started with room for {} (RLIMIT_NOFILE was {} when it started); raise the limit (LimitNOFILE= in the service, `ulimit -n` as root) and restart, or configure fewer tunnels",
+                new.tunnels.len(), self.file_slots, self.file_slots
+            )
+            .into());
+        }
         // Which running tunnel each new one continues, by device. (Maps
         // by device and name keep a reload linear in the tunnels.)
         let by_device: HashMap<&str, usize> = self

@@ -34,6 +34,17 @@ pub(super) fn ensure_open_files(tunnels: usize, workers: usize) -> anyhow::Resul
     Ok(())
 }
 
+/// How many device files each worker's io_uring registers: room for every
+/// tunnel a reload may bring (`MAX_TUNNELS`), but no more than the process
+/// may open, for io_uring refuses a table larger than RLIMIT_NOFILE (a
+/// Linux 6.1 guest starts with 1024). Raises the soft limit to the hard
+/// one when that allows more.
+pub(super) fn registered_file_slots() -> anyhow::Result<u32> {
+    let want = MAX_TUNNELS as u64 + SPARE_FILES;
+    let have = crate::io::raise_open_files(want).context("reading RLIMIT_NOFILE")?;
+    Ok(have.min(MAX_TUNNELS as u64) as u32)
+}
+
 /// The queues to serve.
 pub fn plan_queues(cfg: &Config, iface: &str) -> anyhow::Result<Vec<u32>> {
     let available = rx_queue_count(iface)?;

@@ -144,7 +144,7 @@ struct OpenRun<F> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("queue {queue}: io_uring setup failed ({io}); the kernel must allow io_uring (sysctl kernel.io_uring_disabled=0)")]
+    #[error("queue {queue}: io_uring setup failed ({io}); {}", uring_hint(io))]
     Uring { queue: u32, io: std::io::Error },
     #[error("queue {queue}: {what} failed ({io})")]
     Io {
@@ -152,6 +152,19 @@ pub enum WorkerError {
         what: &'static str,
         io: std::io::Error,
     },
+}
+
+/// What to do about an io_uring that could not be set up.
+fn uring_hint(io: &std::io::Error) -> &'static str {
+    match io.raw_os_error() {
+        Some(libc::EMFILE) | Some(libc::ENFILE) => {
+            "the process may open too few files for its devices: raise RLIMIT_NOFILE (LimitNOFILE= in the service, `ulimit -n` as root)"
+        }
+        Some(libc::ENOMEM) => {
+            "the process may lock too little memory: raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the service, `ulimit -l` as root)"
+        }
+        _ => "the kernel must allow io_uring (sysctl kernel.io_uring_disabled=0)",
+    }
 }
 
 /// The tunnel list in force, in one piece: replaced whole on a reload.
