@@ -127,9 +127,18 @@ struct Args {
     #[arg(long)]
     scale_only: bool,
     /// Tunnels of the scale section (half keyed between one pair of
-    /// hosts, half from distinct remotes); 0 leaves the section out.
-    #[arg(long, default_value_t = 10_000)]
-    scale_tunnels: usize,
+    /// hosts, half from distinct remotes; 10,000 by default, 1,000 with
+    /// --quick); 0 leaves the section out.
+    #[arg(long)]
+    scale_tunnels: Option<usize>,
+}
+
+impl Args {
+    /// The scale section's tunnel count.
+    fn scale_tunnels(&self) -> usize {
+        self.scale_tunnels
+            .unwrap_or(if self.quick { 1_000 } else { 10_000 })
+    }
 }
 
 fn main() -> Result<()> {
@@ -174,7 +183,7 @@ fn main() -> Result<()> {
     }
 
     if args.scale_only {
-        if args.scale_tunnels == 0 {
+        if args.scale_tunnels() == 0 {
             bail!("--scale-only with --scale-tunnels 0 measures nothing; give a number of tunnels");
         }
         return scale::only(&args, &out_dir);
@@ -257,7 +266,7 @@ fn main() -> Result<()> {
     let gen_final = bench.gen;
     drop(gen_final);
     let spread = spread::section(&bench.args, bench.trial, &out_dir)?;
-    let scale = if bench.args.scale_tunnels > 0 {
+    let scale = if bench.args.scale_tunnels() > 0 {
         scale::section(&bench.args, &out_dir)?
     } else {
         serde_json::Value::Null

@@ -319,7 +319,26 @@ fn reload_under_traffic(
 
 /// The section, in namespaces of its own; returns its results.
 pub(crate) fn section(args: &Args, out_dir: &Path) -> Result<Value> {
-    let n = args.scale_tunnels;
+    // The gateway holds a queue of every device (one worker here) and
+    // about 256 files more; it raises its soft limit to the hard one, and
+    // the bench cannot raise the hard one without CAP_SYS_RESOURCE.
+    let hard = open_files_hard_limit();
+    let n = match hard {
+        Some(h) if (args.scale_tunnels() as u64) + 256 > h => {
+            let room = h.saturating_sub(256).max(1);
+            let fits = if room >= 1000 {
+                room / 1000 * 1000
+            } else {
+                room
+            };
+            say(&format!(
+                "scale: {} tunnels asked for, but this process may open {h} files (RLIMIT_NOFILE, hard limit): {fits} tunnels instead; raise the limit as root with CAP_SYS_RESOURCE (`ulimit -Hn`, prlimit) for more",
+                args.scale_tunnels()
+            ));
+            fits as usize
+        }
+        _ => args.scale_tunnels(),
+    };
     say(&format!(
         "scale: {n} tunnels ({} keyed between one pair of hosts, {} from distinct remotes), beside one",
         n.div_ceil(2),
@@ -506,6 +525,8 @@ pub(crate) fn section(args: &Args, out_dir: &Path) -> Result<Value> {
     drop(gw_ns);
     Ok(json!({
         "tunnels": n,
+        "tunnels_asked": args.scale_tunnels(),
+        "open_files_hard_limit": hard,
         "keyed_between_one_pair": n.div_ceil(2),
         "distinct_remotes": n / 2,
         "config_bytes": text.len(),
@@ -615,4 +636,12 @@ pub(crate) fn summary(v: &Value) {
         f(&v["metrics"]["seconds"]) * 1e3,
         v["metrics"]["bytes"]
     );
+}
+
+/// The hard limit on open files of this process (and so of the gateway it
+/// starts), from /proc/self/limits; `None` when unlimited or unreadable.
+fn open_files_hard_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(4)?.parse().ok()
 }
