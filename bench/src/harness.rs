@@ -119,6 +119,19 @@ impl Drop for GatewayProc {
     }
 }
 
+/// Waits (up to 10 s) until the gateway has resolved its first tunnel's
+/// next hop, so that a trial's first answers are not lost for want of it.
+pub(crate) fn wait_next_hop(gw: &GatewayProc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.stats()?["tunnels"][0]["next_hop"].is_string() {
+        if Instant::now() > deadline {
+            bail!("the gateway did not resolve its next hop within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Sums a per-worker field of a stats snapshot.
 pub(crate) fn workers(s: &Value, path: &[&str]) -> u64 {
     s["workers"]

@@ -25,6 +25,7 @@
 
 #![deny(unsafe_code)]
 
+mod breakdown;
 mod capture;
 mod ceiling;
 mod decap;
@@ -51,7 +52,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use crate::gen::{Capture, Generator};
-use crate::harness::{say, start_gateway, Bench, GEN_CORE};
+use crate::harness::{say, start_gateway, wait_next_hop, Bench, GEN_CORE};
 use crate::ns::topology;
 use crate::templates::Addrs;
 
@@ -122,6 +123,10 @@ struct Args {
     /// queue of two, the device writes spread over both workers or not.
     #[arg(long)]
     spread_only: bool,
+    /// Only the breakdown: the round trip at a low rate, stage by stage,
+    /// from the kernel's tracepoints (perf).
+    #[arg(long)]
+    breakdown_only: bool,
     /// Only the scale section: a gateway with --scale-tunnels tunnels
     /// (check, start, memory, lookup, reloads, stats), beside one.
     #[arg(long)]
@@ -222,6 +227,17 @@ fn main() -> Result<()> {
         out_dir.display()
     ));
 
+    if bench.args.breakdown_only {
+        let gw = start_gateway(&bench, &gw_ns, out_dir.as_path())?;
+        wait_next_hop(&gw)?;
+        let b = breakdown::section(&bench, &gw_ns, &gen_ns, &echo, &out_dir)?;
+        std::fs::write(
+            out_dir.join("results.json"),
+            serde_json::to_string_pretty(&serde_json::json!({ "breakdown": b }))?,
+        )?;
+        return Ok(());
+    }
+
     if let Some(secs) = bench.args.soak {
         let gw = start_gateway(&bench, &gw_ns, out_dir.as_path())?;
         std::thread::sleep(Duration::from_millis(1000));
@@ -242,12 +258,13 @@ fn main() -> Result<()> {
 
     // The gateway.
     let gw = start_gateway(&bench, &gw_ns, out_dir.as_path())?;
-    // Let the gateway resolve its next hop before measuring.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Its next hop resolved before measuring.
+    wait_next_hop(&gw)?;
 
     let decap = decap::section(&bench, &gw, &udp)?;
     let capture_cost = capture::section(&bench, &gw, &gw_ns, &udp)?;
     let rt = round_trip::run(&bench, &echo, Some(gw.child.id()))?;
+    let breakdown = breakdown::section(&bench, &gw_ns, &gen_ns, &echo, &out_dir)?;
     let gw_final = gw.stats()?;
     drop(gw);
 
@@ -289,6 +306,7 @@ fn main() -> Result<()> {
         tcp,
         spread,
         scale,
+        breakdown,
         gw_final,
     })?;
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));

@@ -279,6 +279,7 @@ pub(crate) struct Run<'a> {
     pub(crate) tcp: Value,
     pub(crate) spread: Value,
     pub(crate) scale: Value,
+    pub(crate) breakdown: Value,
     pub(crate) gw_final: Value,
 }
 
@@ -363,6 +364,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
         "tcp": tcp,
         "spread": spread,
         "scale": run.scale,
+        "breakdown": run.breakdown,
         "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gateway_final_stats": gw_final,
         "elapsed_s": run.started.elapsed().as_secs_f64(),
