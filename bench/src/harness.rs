@@ -152,12 +152,22 @@ impl Bench {
     }
 
     pub(crate) fn run(&self, template: &Template, rate: Option<f64>) -> Result<gen::Outcome> {
+        self.run_flows(template, rate, self.args.flows)
+    }
+
+    /// As [`Bench::run`], cycling through `flows` flows instead of `--flows`.
+    pub(crate) fn run_flows(
+        &self,
+        template: &Template,
+        rate: Option<f64>,
+        flows: u16,
+    ) -> Result<gen::Outcome> {
         self.check()?;
         self.gen.run(Trial {
             template: template.clone(),
             rate,
             duration: self.trial,
-            flows: self.args.flows,
+            flows,
         })
     }
 

@@ -352,6 +352,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
             "ratio_max_delivered_to_tap_write": dmax.delivered_pps / dev.write_pps.max(1.0),
             "ratio_max_delivered_to_tap_io_uring": dmax.delivered_pps / dev.uring_pps.max(1.0),
             "ratio_worker_cost_to_one_write": ns_per_pkt / write_ns,
+            "worker_cost_by_flows": crate::decap::by_flows_json(&run.decap, write_ns),
         },
         "capture_cost": run.capture_cost,
         "round_trip": {
@@ -492,6 +493,7 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
         ns_per_pkt,
         ns_per_pkt / write_ns
     );
+    crate::decap::by_flows_summary(&run.decap, write_ns);
     println!();
     println!(
         "{:<12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",

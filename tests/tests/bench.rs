@@ -62,6 +62,25 @@ fn quick_bench_writes_json_hgrm_and_plot() {
     assert!(json["decap"]["max_delivered_pps"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+    // The worker's cost per packet at 1, 16 and 256 flows, each beside one
+    // write(2).
+    let by_flows = json["decap"]["worker_cost_by_flows"].as_array().unwrap();
+    assert_eq!(
+        by_flows
+            .iter()
+            .map(|r| r["flows"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 16, 256],
+        "{by_flows:?}"
+    );
+    for r in by_flows {
+        assert!(
+            r["ratio_worker_cost_to_one_write"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{r}"
+        );
+    }
     // The capture cost: each case measured, and the capture of everything
     // took copies (the summary its client printed).
     for case in ["none", "all", "filter_matching_none"] {
