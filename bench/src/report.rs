@@ -277,6 +277,7 @@ pub(crate) struct Run<'a> {
     pub(crate) bare: BareRoundTrip,
     pub(crate) idle: Vec<(String, f64)>,
     pub(crate) tcp: Value,
+    pub(crate) app: Value,
     pub(crate) spread: Value,
     pub(crate) scale: Value,
     pub(crate) gw_final: Value,
@@ -362,6 +363,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
             "latency": lat_json,
         },
         "tcp": tcp,
+        "app": run.app,
         "spread": spread,
         "scale": run.scale,
         "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -530,6 +532,7 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
     for (poll, pct) in idle {
         println!("idle cost, poll {poll}: {pct:.1}% of a core");
     }
+    crate::app::summary(&run.app);
     for t in spread["trials"].as_array().into_iter().flatten() {
         println!(
             "2 queues, all on one, spread_writes {}: delivered {:.0} of {:.0} pps offered; busy ns per received packet per worker {}",

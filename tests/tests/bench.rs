@@ -47,6 +47,7 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         "decap",
         "capture_cost",
         "round_trip",
+        "app",
     ] {
         assert!(
             json[section].is_object(),
@@ -80,6 +81,36 @@ fn quick_bench_writes_json_hgrm_and_plot() {
                 .is_some_and(|v| v > 0.0),
             "{r}"
         );
+    }
+    // Application to application: the bare veth and the tunnel with both
+    // poll modes, each with blocking and busy-polling applications.
+    let cases = json["app"]["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "bare-blocking",
+            "bare-busy_poll",
+            "tunnel-busy-blocking",
+            "tunnel-busy-busy_poll",
+            "tunnel-adaptive-blocking",
+            "tunnel-adaptive-busy_poll",
+        ]
+    );
+    for c in cases {
+        assert!(c["round_trips"].as_u64().unwrap() > 0, "{c}");
+        assert!(
+            c["half_round_trip_us"]["p50"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{c}"
+        );
+        let name = c["round_trip_hgrm"].as_str().unwrap();
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(text.contains("#[Max"), "{name}: {text}");
+        if c["path"] == "tunnel" {
+            assert!(c["ratio_p50_to_bare"].as_f64().is_some(), "{c}");
+        }
     }
     // The capture cost: each case measured, and the capture of everything
     // took copies (the summary its client printed).
