@@ -165,12 +165,22 @@ impl Bench {
     }
 
     pub(crate) fn run(&self, template: &Template, rate: Option<f64>) -> Result<gen::Outcome> {
+        self.run_flows(template, rate, self.args.flows)
+    }
+
+    /// As [`Bench::run`], cycling through `flows` flows instead of `--flows`.
+    pub(crate) fn run_flows(
+        &self,
+        template: &Template,
+        rate: Option<f64>,
+        flows: u16,
+    ) -> Result<gen::Outcome> {
         self.check()?;
         self.gen.run(Trial {
             template: template.clone(),
             rate,
             duration: self.trial,
-            flows: self.args.flows,
+            flows,
         })
     }
 
@@ -235,6 +245,46 @@ pub(crate) fn start_gateway_polling(
         &config,
         &out_dir.join(format!("{name}.log")),
     )
+}
+
+/// A gateway in each of the two hosts of [`crate::ns::underlay_pair`]:
+/// tun100 (GRE, MTU 1400) into tap1, 10.1.1.1 in `a` and 10.1.1.2 in `b`,
+/// their workers pinned to `cores` (a TOML list's inside, for `a` and for
+/// `b`), polling `poll`; configurations and logs in `out_dir` named
+/// `{name}-gateway-{a,b}`. Returns once a ping from `a` to 10.1.1.2 has
+/// passed (next hops resolved, the path up), within 10 s.
+pub(crate) fn start_gateway_pair(
+    (a, b): (&NetNs, &NetNs),
+    bin: &Path,
+    poll: &str,
+    cores: [&str; 2],
+    out_dir: &Path,
+    name: &str,
+) -> Result<(GatewayProc, GatewayProc)> {
+    use crate::ns::{PAIR_A, PAIR_B};
+    let mut procs = Vec::new();
+    for (ns, cores, addrs, side) in [
+        (a, cores[0], [PAIR_A, PAIR_B, "10.1.1.1", "10.1.1.2"], "a"),
+        (b, cores[1], [PAIR_B, PAIR_A, "10.1.1.2", "10.1.1.1"], "b"),
+    ] {
+        let config = out_dir.join(format!("{name}-gateway-{side}.toml"));
+        std::fs::write(&config, gateway_config(poll, cores, "", "gre", addrs))?;
+        let log = out_dir.join(format!("{name}-gateway-{side}.log"));
+        procs.push(GatewayProc::start(ns, bin, &config, &log)?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::ns::sh(&[
+        "ip", "netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "10.1.1.2",
+    ])
+    .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("no ping through the tunnel between the two gateways");
+        }
+    }
+    let gb = procs.pop().expect("two");
+    let ga = procs.pop().expect("two");
+    Ok((ga, gb))
 }
 
 /// A gateway configuration with one tunnel, tun100 into tap1: `poll`,

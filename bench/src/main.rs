@@ -18,13 +18,16 @@
 //!
 //! One module per section, run in this order by `main`: `ceiling` (the
 //! wire, the device, and later the bare veth's round trip), `decap`,
-//! `capture` (the cost of a capture attached), `round_trip`, `idle`, `tcp`, `spread`, `scale` (ten
+//! `capture` (the cost of a capture attached), `round_trip`, `breakdown`
+//! (the round trip stage by stage), `idle`, `tcp`,
+//! `app` (application-to-application latency), `spread`, `scale` (ten
 //! thousand tunnels), then `report` (results, plot,
 //! summary); `soak` and `two_hosts` are modes of their own. `harness` has
 //! what they share (the gateway process, trials, the no-drop search).
 
 #![deny(unsafe_code)]
 
+mod app;
 mod breakdown;
 mod capture;
 mod ceiling;
@@ -111,6 +114,10 @@ struct Args {
     /// gateways, beside the bare veth with and without offloads.
     #[arg(long)]
     tcp_only: bool,
+    /// Only the application-to-application section: a UDP ping-pong
+    /// between two hosts through two gateways, beside the bare veth.
+    #[arg(long)]
+    app_only: bool,
     /// The gateway's `busy_poll_budget` (kernel busy polling of the NIC
     /// queue, 0 = off).
     #[arg(long, default_value_t = 0)]
@@ -181,6 +188,9 @@ fn main() -> Result<()> {
     let tcp_secs = if args.quick { 2 } else { 5 };
     if args.tcp_only {
         return tcp::only(&args, tcp_secs, &out_dir);
+    }
+    if args.app_only {
+        return app::only(&args, &out_dir, &interrupted);
     }
 
     if args.spread_only {
@@ -279,6 +289,7 @@ fn main() -> Result<()> {
         &out_dir,
         bench.args.tcp_queues,
     )?;
+    let app = app::section(&bench.args, &out_dir, &bench.interrupted)?;
     // Its own namespaces and generator: the others go first.
     let gen_final = bench.gen;
     drop(gen_final);
@@ -304,6 +315,7 @@ fn main() -> Result<()> {
         bare,
         idle,
         tcp,
+        app,
         spread,
         scale,
         breakdown,

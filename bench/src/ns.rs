@@ -1,7 +1,8 @@
 //! Network namespaces for the bench, removed on drop (also on Ctrl-C, via
 //! the caller's signal flag and normal unwinding), and running closures on
-//! threads that live inside a namespace; and the bench's own topology, the
-//! generator's namespace and the gateway's joined by a veth.
+//! threads that live inside a namespace; and the bench's own topologies:
+//! the generator's namespace and the gateway's joined by a veth, and two
+//! hosts' namespaces joined by one (the underlay of two gateways).
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -162,4 +163,23 @@ pub(crate) fn topology(
         "permanent",
     ])?;
     Ok((gen_ns, gw_ns, gen_mac, gw_mac))
+}
+
+/// Host A's underlay address in [`underlay_pair`] (its gateway's `local`).
+pub(crate) const PAIR_A: &str = "192.168.0.8";
+/// Host B's underlay address in [`underlay_pair`].
+pub(crate) const PAIR_B: &str = "192.168.0.58";
+
+/// Two hosts' namespaces `a` and `b` joined by a veth of `queues` queues
+/// each way, `ens0` at each end ([`PAIR_A`] and [`PAIR_B`], /24), up, MTU
+/// 1500 and veth's default offloads: the underlay of two gateways.
+pub(crate) fn underlay_pair(a: &str, b: &str, queues: usize) -> Result<(NetNs, NetNs)> {
+    let a = NetNs::new(a)?;
+    let b = NetNs::new(b)?;
+    veth(&a, "ens0", &b, "ens0", queues)?;
+    a.ip(&["addr", "add", &format!("{PAIR_A}/24"), "dev", "ens0"])?;
+    b.ip(&["addr", "add", &format!("{PAIR_B}/24"), "dev", "ens0"])?;
+    a.ip(&["link", "set", "ens0", "up"])?;
+    b.ip(&["link", "set", "ens0", "up"])?;
+    Ok((a, b))
 }

@@ -277,6 +277,7 @@ pub(crate) struct Run<'a> {
     pub(crate) bare: BareRoundTrip,
     pub(crate) idle: Vec<(String, f64)>,
     pub(crate) tcp: Value,
+    pub(crate) app: Value,
     pub(crate) spread: Value,
     pub(crate) scale: Value,
     pub(crate) breakdown: Value,
@@ -353,6 +354,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
             "ratio_max_delivered_to_tap_write": dmax.delivered_pps / dev.write_pps.max(1.0),
             "ratio_max_delivered_to_tap_io_uring": dmax.delivered_pps / dev.uring_pps.max(1.0),
             "ratio_worker_cost_to_one_write": ns_per_pkt / write_ns,
+            "worker_cost_by_flows": crate::decap::by_flows_json(&run.decap, write_ns),
         },
         "capture_cost": run.capture_cost,
         "round_trip": {
@@ -362,6 +364,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
             "latency": lat_json,
         },
         "tcp": tcp,
+        "app": run.app,
         "spread": spread,
         "scale": run.scale,
         "breakdown": run.breakdown,
@@ -494,6 +497,7 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
         ns_per_pkt,
         ns_per_pkt / write_ns
     );
+    crate::decap::by_flows_summary(&run.decap, write_ns);
     println!();
     println!(
         "{:<12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
@@ -530,6 +534,7 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
     for (poll, pct) in idle {
         println!("idle cost, poll {poll}: {pct:.1}% of a core");
     }
+    crate::app::summary(&run.app);
     for t in spread["trials"].as_array().into_iter().flatten() {
         println!(
             "2 queues, all on one, spread_writes {}: delivered {:.0} of {:.0} pps offered; busy ns per received packet per worker {}",

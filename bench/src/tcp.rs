@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::harness::{say, GatewayProc};
+use crate::harness::{say, start_gateway_pair};
 use crate::ns::{self, NetNs};
 use crate::Args;
 
@@ -33,9 +33,6 @@ pub struct TcpResults {
     pub gateway_a: Value,
     pub gateway_b: Value,
 }
-
-const A: &str = "192.168.0.8";
-const B: &str = "192.168.0.58";
 
 /// Runs iperf3 `secs` seconds from namespace `client` to `server_ip` in
 /// namespace `server`.
@@ -123,13 +120,7 @@ pub fn run(
     out_dir: &Path,
     queues: usize,
 ) -> Result<TcpResults> {
-    let a = NetNs::new("gwb-tcp-a")?;
-    let b = NetNs::new("gwb-tcp-b")?;
-    ns::veth(&a, "ens0", &b, "ens0", queues)?;
-    a.ip(&["addr", "add", &format!("{A}/24"), "dev", "ens0"])?;
-    b.ip(&["addr", "add", &format!("{B}/24"), "dev", "ens0"])?;
-    a.ip(&["link", "set", "ens0", "up"])?;
-    b.ip(&["link", "set", "ens0", "up"])?;
+    let (a, b) = ns::underlay_pair("gwb-tcp-a", "gwb-tcp-b", queues)?;
 
     // The bare veth at the tunnel's MTU, with the offloads veth has by
     // default (TSO, GSO), then with none.
@@ -137,40 +128,23 @@ pub fn run(
         n.ip(&["link", "set", "ens0", "mtu", "1400"])?;
         offloads(n, "ens0", true)?;
     }
-    let bare_offloads = iperf(&a, &b, B, secs, queues)?;
+    let bare_offloads = iperf(&a, &b, ns::PAIR_B, secs, queues)?;
     for n in [&a, &b] {
         offloads(n, "ens0", false)?;
     }
-    let bare_no_offloads = iperf(&a, &b, B, secs, queues)?;
+    let bare_no_offloads = iperf(&a, &b, ns::PAIR_B, secs, queues)?;
     // The underlay as a host has it: MTU 1500, default offloads.
     for n in [&a, &b] {
         n.ip(&["link", "set", "ens0", "mtu", "1500"])?;
         offloads(n, "ens0", true)?;
     }
 
-    let ca = out_dir.join("tcp-gateway-a.toml");
-    let cb = out_dir.join("tcp-gateway-b.toml");
-    let (ca_cores, cb_cores) = if queues > 1 {
-        ("0, 1", "1, 0")
+    let cores = if queues > 1 {
+        ["0, 1", "1, 0"]
     } else {
-        ("0", "1")
+        ["0", "1"]
     };
-    let config = |cores, addrs| crate::harness::gateway_config(poll, cores, "", "gre", addrs);
-    std::fs::write(&ca, config(ca_cores, [A, B, "10.1.1.1", "10.1.1.2"]))?;
-    std::fs::write(&cb, config(cb_cores, [B, A, "10.1.1.2", "10.1.1.1"]))?;
-    let ga = GatewayProc::start(&a, gateway, &ca, &out_dir.join("tcp-gateway-a.log"))?;
-    let gb = GatewayProc::start(&b, gateway, &cb, &out_dir.join("tcp-gateway-b.log"))?;
-    // Next hops resolved, and the path up, before measuring.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while ns::sh(&[
-        "ip", "netns", "exec", &a.name, "ping", "-c", "1", "-W", "1", "10.1.1.2",
-    ])
-    .is_err()
-    {
-        if std::time::Instant::now() > deadline {
-            bail!("no ping through the tunnel between the two gateways");
-        }
-    }
+    let (ga, gb) = start_gateway_pair((&a, &b), gateway, poll, cores, out_dir, "tcp")?;
     let tunnel = iperf(&a, &b, "10.1.1.2", secs, queues)?;
     let gateway_a = ga.stats()?;
     let gateway_b = gb.stats()?;

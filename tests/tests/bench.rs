@@ -47,6 +47,7 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         "decap",
         "capture_cost",
         "round_trip",
+        "app",
     ] {
         assert!(
             json[section].is_object(),
@@ -62,6 +63,55 @@ fn quick_bench_writes_json_hgrm_and_plot() {
     assert!(json["decap"]["max_delivered_pps"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+    // The worker's cost per packet at 1, 16 and 256 flows, each beside one
+    // write(2).
+    let by_flows = json["decap"]["worker_cost_by_flows"].as_array().unwrap();
+    assert_eq!(
+        by_flows
+            .iter()
+            .map(|r| r["flows"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 16, 256],
+        "{by_flows:?}"
+    );
+    for r in by_flows {
+        assert!(
+            r["ratio_worker_cost_to_one_write"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{r}"
+        );
+    }
+    // Application to application: the bare veth and the tunnel with both
+    // poll modes, each with blocking and busy-polling applications.
+    let cases = json["app"]["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "bare-blocking",
+            "bare-busy_poll",
+            "tunnel-busy-blocking",
+            "tunnel-busy-busy_poll",
+            "tunnel-adaptive-blocking",
+            "tunnel-adaptive-busy_poll",
+        ]
+    );
+    for c in cases {
+        assert!(c["round_trips"].as_u64().unwrap() > 0, "{c}");
+        assert!(
+            c["half_round_trip_us"]["p50"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{c}"
+        );
+        let name = c["round_trip_hgrm"].as_str().unwrap();
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(text.contains("#[Max"), "{name}: {text}");
+        if c["path"] == "tunnel" {
+            assert!(c["ratio_p50_to_bare"].as_f64().is_some(), "{c}");
+        }
+    }
     // The capture cost: each case measured, and the capture of everything
     // took copies (the summary its client printed).
     for case in ["none", "all", "filter_matching_none"] {
