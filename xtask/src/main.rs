@@ -106,6 +106,8 @@ const DEB_PACKAGES: &[&str] = &[
     "libpcap-dev",
     // The anycast suite runs BIRD on a router and two gateway hosts.
     "bird2",
+    // The bench's breakdown records the kernel's tracepoints with perf.
+    "linux-perf",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
