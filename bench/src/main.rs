@@ -18,7 +18,8 @@
 //!
 //! One module per section, run in this order by `main`: `ceiling` (the
 //! wire, the device, and later the bare veth's round trip), `decap`,
-//! `capture` (the cost of a capture attached), `round_trip`, `idle`, `tcp`, `spread`, `scale` (ten
+//! `capture` (the cost of a capture attached), `round_trip`, `xdp_cost` (the XDP program's run
+//! time beside libxdp's default program's), `idle`, `tcp`, `spread`, `scale` (ten
 //! thousand tunnels), then `report` (results, plot,
 //! summary); `soak` and `two_hosts` are modes of their own. `harness` has
 //! what they share (the gateway process, trials, the no-drop search).
@@ -40,6 +41,7 @@ mod spread;
 mod tcp;
 mod templates;
 mod two_hosts;
+mod xdp_cost;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -130,6 +132,10 @@ struct Args {
     /// hosts, half from distinct remotes); 0 leaves the section out.
     #[arg(long, default_value_t = 10_000)]
     scale_tunnels: usize,
+    /// Only the XDP run-time section: the gateway's XDP program and the
+    /// redirect-all program, run time per packet at a fixed rate.
+    #[arg(long)]
+    xdp_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -223,6 +229,14 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
+    if bench.args.xdp_only {
+        xdp_cost::only(&bench, &gw_ns, &udp, &out_dir)?;
+        drop(bench);
+        drop(gen_ns);
+        drop(gw_ns);
+        return Ok(());
+    }
+
     // Ceiling (a): the wire.
     let wire_pps = ceiling::wire_section(&bench, &gw_ns, &udp)?;
     bench.check()?;
@@ -240,7 +254,8 @@ fn main() -> Result<()> {
     let capture_cost = capture::section(&bench, &gw, &gw_ns, &udp)?;
     let rt = round_trip::run(&bench, &echo, Some(gw.child.id()))?;
     let gw_final = gw.stats()?;
-    drop(gw);
+    // Stops the gateway half way: its ceiling runs without it.
+    let xdp_cost = xdp_cost::section(&bench, gw, &gw_ns, &udp, Some(decap.ndr))?;
 
     // Ceiling (c): the bare veth's round trip at the same rates.
     let bare = ceiling::bare_round_trip(&bench, &bare, &rt.levels)?;
@@ -280,6 +295,7 @@ fn main() -> Result<()> {
         tcp,
         spread,
         scale,
+        xdp_cost,
         gw_final,
     })?;
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));

@@ -47,6 +47,7 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         "decap",
         "capture_cost",
         "round_trip",
+        "xdp_cost",
     ] {
         assert!(
             json[section].is_object(),
@@ -62,6 +63,16 @@ fn quick_bench_writes_json_hgrm_and_plot() {
     assert!(json["decap"]["max_delivered_pps"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+    // The XDP run time: both programs ran, and were timed.
+    for prog in ["steering", "redirect_all"] {
+        let p = &json["xdp_cost"][prog];
+        assert!(
+            p["runs"].as_u64().is_some_and(|v| v > 0)
+                && p["ns_per_run"].as_f64().is_some_and(|v| v > 0.0),
+            "xdp_cost.{prog}: {}",
+            json["xdp_cost"]
+        );
+    }
     // The capture cost: each case measured, and the capture of everything
     // took copies (the summary its client printed).
     for case in ["none", "all", "filter_matching_none"] {
