@@ -192,7 +192,7 @@ mod prog {
                 // Fragments go to the gateway too (every fragment's header
                 // has the addresses and protocol); it reassembles them.
                 let key = v4_key(ip, 16, 12, proto);
-                if ENDPOINTS_V4.get_ptr(&key.0).is_some() {
+                if has_v4(&key) {
                     Ok(())
                 } else {
                     Err(XdpCounter::PassNoEndpoint)
@@ -222,7 +222,7 @@ mod prog {
                     // so any tunnel between these endpoints takes it.
                     for proto in [IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6] {
                         key.0.proto = proto;
-                        if ENDPOINTS_V6.get_ptr(&key.0).is_some() {
+                        if has_v6(&key) {
                             return Ok(());
                         }
                     }
@@ -236,7 +236,7 @@ mod prog {
                         XdpCounter::PassOtherProto
                     });
                 }
-                if ENDPOINTS_V6.get_ptr(&key.0).is_some() {
+                if has_v6(&key) {
                     Ok(())
                 } else {
                     Err(XdpCounter::PassNoEndpoint)
@@ -271,7 +271,7 @@ mod prog {
             return Err(XdpCounter::PassOtherHost);
         }
         let key = v4_key(quoted, 12, 16, proto);
-        if ENDPOINTS_V4.get_ptr(&key.0).is_some() {
+        if has_v4(&key) {
             Ok(())
         } else {
             Err(XdpCounter::PassOtherProto)
@@ -299,7 +299,7 @@ mod prog {
         if *to != key.0.local {
             return Err(XdpCounter::PassOtherHost);
         }
-        if ENDPOINTS_V6.get_ptr(&key.0).is_some() {
+        if has_v6(&key) {
             Ok(())
         } else {
             Err(XdpCounter::PassOtherProto)
@@ -311,6 +311,22 @@ mod prog {
     /// the verifier takes only aligned stack accesses.
     #[repr(C, align(8))]
     struct Key<K>(K);
+
+    /// Whether the IPv4 endpoint table has `key`. By reference: passed by
+    /// value (as clippy suggests), the key would be moved to a stack slot
+    /// of the callee's choosing, aligned or not.
+    #[inline(always)]
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn has_v4(key: &Key<EndpointKeyV4>) -> bool {
+        ENDPOINTS_V4.get_ptr(&key.0).is_some()
+    }
+
+    /// Whether the IPv6 endpoint table has `key`, as [`has_v4`].
+    #[inline(always)]
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn has_v6(key: &Key<EndpointKeyV6>) -> bool {
+        ENDPOINTS_V6.get_ptr(&key.0).is_some()
+    }
 
     /// The 4 bytes of `hdr` at `at`, as one word in memory order.
     #[inline(always)]
