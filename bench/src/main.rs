@@ -19,7 +19,8 @@
 //! One module per section, run in this order by `main`: `ceiling` (the
 //! wire, the device, and later the bare veth's round trip), `decap`,
 //! `capture` (the cost of a capture attached), `round_trip`, `breakdown`
-//! (the round trip stage by stage), `idle`, `tcp`,
+//! (the round trip stage by stage), `xdp_cost` (the XDP program's run
+//! time beside libxdp's default program's), `idle`, `tcp`,
 //! `app` (application-to-application latency), `spread`, `scale` (ten
 //! thousand tunnels), then `report` (results, plot,
 //! summary); `soak` and `two_hosts` are modes of their own. `harness` has
@@ -44,6 +45,7 @@ mod spread;
 mod tcp;
 mod templates;
 mod two_hosts;
+mod xdp_cost;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -143,6 +145,10 @@ struct Args {
     /// --quick); 0 leaves the section out.
     #[arg(long)]
     scale_tunnels: Option<usize>,
+    /// Only the XDP run-time section: the gateway's XDP program and the
+    /// redirect-all program, run time per packet at a fixed rate.
+    #[arg(long)]
+    xdp_only: bool,
 }
 
 impl Args {
@@ -258,6 +264,14 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
+    if bench.args.xdp_only {
+        xdp_cost::only(&bench, &gw_ns, &udp, &out_dir)?;
+        drop(bench);
+        drop(gen_ns);
+        drop(gw_ns);
+        return Ok(());
+    }
+
     // Ceiling (a): the wire.
     let wire_pps = ceiling::wire_section(&bench, &gw_ns, &udp)?;
     bench.check()?;
@@ -276,7 +290,8 @@ fn main() -> Result<()> {
     let rt = round_trip::run(&bench, &echo, Some(gw.child.id()))?;
     let breakdown = breakdown::section(&bench, &gw_ns, &gen_ns, &echo, &out_dir)?;
     let gw_final = gw.stats()?;
-    drop(gw);
+    // Stops the gateway half way: its ceiling runs without it.
+    let xdp_cost = xdp_cost::section(&bench, gw, &gw_ns, &udp, Some(decap.ndr))?;
 
     // Ceiling (c): the bare veth's round trip at the same rates.
     let bare = ceiling::bare_round_trip(&bench, &bare, &rt.levels)?;
@@ -319,6 +334,7 @@ fn main() -> Result<()> {
         spread,
         scale,
         breakdown,
+        xdp_cost,
         gw_final,
     })?;
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));

@@ -281,6 +281,7 @@ pub(crate) struct Run<'a> {
     pub(crate) spread: Value,
     pub(crate) scale: Value,
     pub(crate) breakdown: Value,
+    pub(crate) xdp_cost: Value,
     pub(crate) gw_final: Value,
 }
 
@@ -368,6 +369,7 @@ pub(crate) fn write(run: &Run) -> Result<()> {
         "spread": spread,
         "scale": run.scale,
         "breakdown": run.breakdown,
+        "xdp_cost": run.xdp_cost,
         "idle_cpu_pct_of_core": idle.iter().map(|(p, v)| (p.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gateway_final_stats": gw_final,
         "elapsed_s": run.started.elapsed().as_secs_f64(),
@@ -546,6 +548,9 @@ fn summary(run: &Run, lat_json: &[Value], ns_per_pkt: f64, write_ns: f64) {
     }
     if !run.scale.is_null() {
         crate::scale::summary(&run.scale);
+    }
+    if !run.xdp_cost.is_null() {
+        crate::xdp_cost::summary(&run.xdp_cost);
     }
     println!(
         "\nfiles: {}/results.json, plot.svg, latency-*.hgrm, gateway.log",

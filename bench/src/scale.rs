@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use etherparse::{Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder};
+use gateway_common::maps;
 use serde_json::{json, Value};
 
 use crate::gen::{Capture, Generator, Outcome, Template, Trial, MAGIC};
@@ -170,23 +171,30 @@ fn fetch_metrics(ns: &NetNs) -> Result<(f64, usize)> {
     h.join().map_err(|_| anyhow::anyhow!("metrics thread"))?
 }
 
-/// Entries of the endpoint map of the XDP program `prog` (bpftool).
+/// Entries of the endpoint maps (IPv4 and IPv6) of the XDP program `prog`
+/// (bpftool).
 fn endpoint_entries(prog: u64) -> Result<usize> {
     let out = crate::ns::sh(&["bpftool", "-j", "prog", "show", "id", &prog.to_string()])?;
     let v: Value = serde_json::from_str(&out)?;
+    let names = [maps::ENDPOINTS_V4, maps::ENDPOINTS_V6];
+    let (mut found, mut entries) = (0, 0);
     for id in v["map_ids"].as_array().into_iter().flatten() {
         let id = id.as_u64().unwrap_or(0).to_string();
         let m: Value = serde_json::from_str(&crate::ns::sh(&[
             "bpftool", "-j", "map", "show", "id", &id,
         ])?)?;
-        if m["name"].as_str() == Some("ENDPOINTS") {
+        if names.iter().any(|n| m["name"].as_str() == Some(n)) {
             let d: Value = serde_json::from_str(&crate::ns::sh(&[
                 "bpftool", "-j", "map", "dump", "id", &id,
             ])?)?;
-            return Ok(d.as_array().map_or(0, Vec::len));
+            found += 1;
+            entries += d.as_array().map_or(0, Vec::len);
         }
     }
-    bail!("no ENDPOINTS map on XDP program {prog}")
+    if found != names.len() {
+        bail!("XDP program {prog} lacks one of the maps {names:?}");
+    }
+    Ok(entries)
 }
 
 /// The gateway's counters through its control socket.

@@ -17,17 +17,20 @@ pub const FAMILY_V4: u8 = 4;
 /// Address family tag in [`EndpointKey::family`].
 pub const FAMILY_V6: u8 = 6;
 
-/// Most tunnel endpoints the XDP program's table holds (and most tunnels
-/// one gateway serves: see the gateway's `MAX_TUNNELS`). 16384 entries of
-/// 40 bytes; measured with 10,000 tunnels (docs/performance.md).
+/// Most tunnel endpoints each of the XDP program's tables (IPv4 and IPv6)
+/// holds (and most tunnels one gateway serves: see the gateway's
+/// `MAX_TUNNELS`). 16384 entries of 12 bytes (IPv4) and of 36 (IPv6);
+/// measured with 10,000 tunnels (docs/performance.md).
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// Most AF_XDP sockets (one per NIC RX queue) the XSKMAP holds.
 pub const MAX_QUEUES: u32 = 64;
 
-/// Key of the XDP program's endpoint table: the outer addresses of a packet
-/// as it arrives (its destination is our `local`, its source the `remote`)
-/// and its IP protocol. IPv4 addresses sit in the first four bytes of the
-/// 16-byte fields, the rest zero.
+/// The gateway's key of a tunnel's endpoints: the outer addresses of a
+/// packet as it arrives (its destination is our `local`, its source the
+/// `remote`) and its IP protocol, either family in one type (the tunnel
+/// table's key). IPv4 addresses sit in the first four bytes of the 16-byte
+/// fields, the rest zero. The XDP program keeps one table per family, each
+/// with a key of its own size: [`EndpointKey::map_key`] says which.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointKey {
@@ -68,21 +71,103 @@ impl EndpointKey {
             pad: [0; 2],
         }
     }
+
+    /// The key of this endpoint in the XDP program's table of its family.
+    pub const fn map_key(&self) -> EndpointMapKey {
+        if self.family == FAMILY_V4 {
+            let (l, r) = (&self.local, &self.remote);
+            EndpointMapKey::V4(EndpointKeyV4::new(
+                [l[0], l[1], l[2], l[3]],
+                [r[0], r[1], r[2], r[3]],
+                self.proto,
+            ))
+        } else {
+            EndpointMapKey::V6(EndpointKeyV6::new(self.local, self.remote, self.proto))
+        }
+    }
 }
 
-// SAFETY: `EndpointKey` is `repr(C)`, has no padding the compiler adds (the
-// explicit `pad` fills it to a multiple of its alignment, 1) and every bit
+/// An [`EndpointKey`] as the XDP program's table of its family takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointMapKey {
+    V4(EndpointKeyV4),
+    V6(EndpointKeyV6),
+}
+
+/// Key of the XDP program's IPv4 endpoint table (`ENDPOINTS_V4`): 12 bytes,
+/// so the hash of the common case covers no more than the packet's own
+/// addresses and protocol.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKeyV4 {
+    /// The packet's destination: our address.
+    pub local: [u8; 4],
+    /// The packet's source: the tunnel's remote.
+    pub remote: [u8; 4],
+    pub proto: u8,
+    /// Zero: the kernel hashes and compares every byte of a key.
+    pub pad: [u8; 3],
+}
+
+impl EndpointKeyV4 {
+    #[inline(always)]
+    pub const fn new(local: [u8; 4], remote: [u8; 4], proto: u8) -> Self {
+        EndpointKeyV4 {
+            local,
+            remote,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Key of the XDP program's IPv6 endpoint table (`ENDPOINTS_V6`): 36 bytes.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKeyV6 {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub proto: u8,
+    /// Zero: the kernel hashes and compares every byte of a key.
+    pub pad: [u8; 3],
+}
+
+impl EndpointKeyV6 {
+    #[inline(always)]
+    pub const fn new(local: [u8; 16], remote: [u8; 16], proto: u8) -> Self {
+        EndpointKeyV6 {
+            local,
+            remote,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointKeyV4>() == 12);
+const _: () = assert!(core::mem::size_of::<EndpointKeyV6>() == 36);
+
+// SAFETY: both keys are `repr(C)` with only `u8` fields and explicit `pad`
+// bytes: no padding the compiler adds (12 and 36 bytes are multiples of
+// their alignment, 4, as the assertions above check), and every bit
 // pattern is valid, which is what `Pod` requires.
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
-unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for EndpointKeyV4 {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for EndpointKeyV6 {}
 
-/// Per-CPU counters kept by the XDP program: every packet it sees is counted
-/// as `Seen` and exactly once more under one of the other names.
+/// Counters kept by the XDP program, in one per-CPU slot
+/// ([`XdpCounters`]): every packet it sees is counted once, under the
+/// reason for its verdict. `Seen` is not counted by the steering program:
+/// userspace shows it as the sum of every slot (`Seen`'s own slot counts
+/// only packets of the bench's counting program, which have no verdict).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpCounter {
-    /// Every packet the program ran on.
+    /// Every packet the program ran on (the sum of the others).
     Seen = 0,
     /// Redirected into the AF_XDP socket of its RX queue.
     Redirected,
@@ -105,8 +190,12 @@ pub enum XdpCounter {
     PassOtherHost,
 }
 
-/// Number of [`XdpCounter`] values; the size of the counter array map.
+/// Number of [`XdpCounter`] values.
 pub const XDP_COUNTER_COUNT: u32 = 10;
+
+/// The value of the `COUNTERS` per-CPU array's one entry: a count per
+/// [`XdpCounter`], indexed by it. One lookup per packet finds them all.
+pub type XdpCounters = [u64; XDP_COUNTER_COUNT as usize];
 
 impl XdpCounter {
     pub const ALL: [XdpCounter; XDP_COUNTER_COUNT as usize] = [
@@ -141,7 +230,10 @@ impl XdpCounter {
 
 /// Names of the maps in the XDP object, shared so neither side spells them.
 pub mod maps {
-    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Configured IPv4 endpoints, [`crate::EndpointKeyV4`] keys.
+    pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
+    /// Configured IPv6 endpoints, [`crate::EndpointKeyV6`] keys.
+    pub const ENDPOINTS_V6: &str = "ENDPOINTS_V6";
     pub const XSKS: &str = "XSKS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SETTINGS: &str = "SETTINGS";
@@ -171,6 +263,8 @@ pub const PROGRAM_NAME: &str = "gateway_steer";
 pub mod bench_programs {
     /// Counts every packet as `Seen` and drops it: the wire's ceiling.
     pub const DROP: &str = "bench_drop";
-    /// Redirects every packet to the AF_XDP socket of its queue.
+    /// Redirects every packet to the AF_XDP socket of its queue and does
+    /// nothing else, as libxdp's default program: the generator's, and the
+    /// ceiling of the steering program's run time.
     pub const REDIRECT_ALL: &str = "bench_redirect_all";
 }

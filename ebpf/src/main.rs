@@ -4,8 +4,12 @@
 //! AF_XDP socket of the packet's RX queue only GRE (47) and IPIP (4) packets
 //! whose outer destination is a configured local endpoint and whose outer
 //! source is that endpoint's configured remote. Everything else is
-//! `XDP_PASS`, untouched. Every packet is counted as seen and once more under
-//! the reason for its verdict.
+//! `XDP_PASS`, untouched. Every packet is counted once, under the reason for
+//! its verdict (userspace adds them up as `seen`).
+//!
+//! The common case, IPv4 GRE or IPIP from a configured remote, costs one
+//! inlined array lookup (the interface's MAC), one hash lookup with a
+//! 12-byte key, the redirect, and one per-CPU counter lookup.
 //!
 //! Built for `bpfel-unknown-none` by `gateway/build.rs`; on the host it
 //! compiles to an empty binary so that workspace-wide lints work.
@@ -22,8 +26,8 @@ mod prog {
         programs::XdpContext,
     };
     use gateway_common::{
-        EndpointKey, Settings, XdpCounter, IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6, MAX_ENDPOINTS,
-        MAX_QUEUES, XDP_COUNTER_COUNT,
+        EndpointKeyV4, EndpointKeyV6, Settings, XdpCounter, XdpCounters, IPPROTO_GRE, IPPROTO_IPIP,
+        IPPROTO_IPV6, MAX_ENDPOINTS, MAX_QUEUES,
     };
 
     const ETH_HLEN: usize = 14;
@@ -39,89 +43,115 @@ mod prog {
     const IPPROTO_ICMPV6: u8 = 58;
     const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 
-    #[map(name = "ENDPOINTS")]
-    static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+    // The configured endpoints, one table per family: a key's presence is
+    // the answer, its value (1) is never read.
+    #[map(name = "ENDPOINTS_V4")]
+    static ENDPOINTS_V4: HashMap<EndpointKeyV4, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+    #[map(name = "ENDPOINTS_V6")]
+    static ENDPOINTS_V6: HashMap<EndpointKeyV6, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
     #[map(name = "XSKS")]
     static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 
+    /// One entry: every counter of this CPU, so a packet costs one lookup.
     #[map(name = "COUNTERS")]
-    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XDP_COUNTER_COUNT, 0);
+    static COUNTERS: PerCpuArray<XdpCounters> = PerCpuArray::with_max_entries(1, 0);
 
     #[map(name = "SETTINGS")]
     static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
+    /// Adds one to `counter` of this CPU. Called once per packet, with
+    /// its verdict's counter.
     #[inline(always)]
     fn count(counter: XdpCounter) {
-        if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-            // SAFETY: the pointer is this CPU's slot of a per-CPU array; XDP
-            // programs do not preempt each other on one CPU.
-            unsafe { *slot += 1 };
+        if let Some(slots) = COUNTERS.get_ptr_mut(0) {
+            // SAFETY: the pointer is this CPU's entry of a per-CPU array,
+            // valid while the program runs; XDP programs do not preempt
+            // each other on one CPU, so nothing else writes it meanwhile.
+            let slots = unsafe { &mut *slots };
+            if let Some(n) = slots.get_mut(counter as usize) {
+                *n += 1;
+            }
         }
     }
 
-    /// The `N` bytes at `offset` from the start of the packet, or `None` when
-    /// the packet is shorter. The check against `data_end` comes right before
-    /// the read, as the verifier wants.
-    #[inline(always)]
-    fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
-        let start = ctx.data();
-        let end = ctx.data_end();
-        if start + offset + N > end {
-            return None;
+    /// The packet's bounds, read from the context once.
+    #[derive(Clone, Copy)]
+    struct Packet {
+        start: usize,
+        end: usize,
+    }
+
+    impl Packet {
+        #[inline(always)]
+        fn of(ctx: &XdpContext) -> Packet {
+            Packet {
+                start: ctx.data(),
+                end: ctx.data_end(),
+            }
         }
-        // SAFETY: `start + offset .. start + offset + N` lies inside the
-        // packet, checked just above; `[u8; N]` has alignment 1.
-        Some(unsafe { &*((start + offset) as *const [u8; N]) })
+
+        /// The `N` bytes at `offset` from the start of the packet, or `None`
+        /// when the packet is shorter. The check against the end comes
+        /// right before the read, as the verifier wants.
+        #[inline(always)]
+        fn bytes<const N: usize>(&self, offset: usize) -> Option<&[u8; N]> {
+            if self.start + offset + N > self.end {
+                return None;
+            }
+            // SAFETY: `start + offset .. start + offset + N` lies inside the
+            // packet (the kernel's `data .. data_end`, valid while the
+            // program runs), checked just above; `[u8; N]` has alignment 1.
+            Some(unsafe { &*((self.start + offset) as *const [u8; N]) })
+        }
     }
 
     #[xdp]
     pub fn gateway_steer(ctx: XdpContext) -> u32 {
-        count(XdpCounter::Seen);
-        match classify(&ctx) {
+        let (action, counter) = match classify(Packet::of(&ctx)) {
             Ok(()) => to_socket(&ctx),
-            Err(reason) => {
-                count(reason);
-                xdp_action::XDP_PASS
-            }
-        }
+            Err(reason) => (xdp_action::XDP_PASS, reason),
+        };
+        count(counter);
+        action
     }
 
     /// Redirects to the AF_XDP socket of the packet's RX queue; a queue
-    /// without one passes the packet to the kernel.
+    /// without one passes the packet to the kernel. The action, and the
+    /// counter it goes under.
     #[inline(always)]
-    fn to_socket(ctx: &XdpContext) -> u32 {
+    fn to_socket(ctx: &XdpContext) -> (u32, XdpCounter) {
         match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
-            Ok(action) => {
-                count(XdpCounter::Redirected);
-                action
-            }
-            Err(_) => {
-                count(XdpCounter::PassNoSocket);
-                xdp_action::XDP_PASS
-            }
+            Ok(action) => (action, XdpCounter::Redirected),
+            Err(_) => (xdp_action::XDP_PASS, XdpCounter::PassNoSocket),
         }
     }
 
-    /// For the bench's wire ceiling: counts and drops everything.
+    /// For the bench's wire ceiling: counts (as `Seen`, the one counter it
+    /// touches) and drops everything.
     #[xdp]
     pub fn bench_drop(_ctx: XdpContext) -> u32 {
         count(XdpCounter::Seen);
         xdp_action::XDP_DROP
     }
 
-    /// For the bench's generator: every packet to its AF_XDP socket.
+    /// For the bench's generator, and the ceiling of the steering program's
+    /// run time: what libxdp's default program does, every packet to the
+    /// AF_XDP socket of its RX queue (or to the kernel when the queue has
+    /// none), nothing counted.
     #[xdp]
     pub fn bench_redirect_all(ctx: XdpContext) -> u32 {
-        count(XdpCounter::Seen);
-        to_socket(&ctx)
+        match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+            Ok(action) | Err(action) => action,
+        }
     }
 
     /// `Ok` when the packet belongs to a configured tunnel endpoint, else the
     /// reason it is passed to the kernel.
     #[inline(always)]
-    fn classify(ctx: &XdpContext) -> Result<(), XdpCounter> {
-        let eth = bytes::<ETH_HLEN>(ctx, 0).ok_or(XdpCounter::PassTruncated)?;
+    fn classify(pkt: Packet) -> Result<(), XdpCounter> {
+        let eth = pkt.bytes::<ETH_HLEN>(0).ok_or(XdpCounter::PassTruncated)?;
         // Unicast to another host: not ours, whatever it carries.
         if eth[0] & 1 == 0 {
             if let Some(s) = SETTINGS.get(0) {
@@ -133,13 +163,15 @@ mod prog {
         let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
         let mut l3 = ETH_HLEN;
         if ethertype == ETH_P_8021Q {
-            let tag = bytes::<VLAN_HLEN>(ctx, ETH_HLEN).ok_or(XdpCounter::PassTruncated)?;
+            let tag = pkt
+                .bytes::<VLAN_HLEN>(ETH_HLEN)
+                .ok_or(XdpCounter::PassTruncated)?;
             ethertype = u16::from_be_bytes([tag[2], tag[3]]);
             l3 = ETH_HLEN + VLAN_HLEN;
         }
-        let key = match ethertype {
+        match ethertype {
             ETH_P_IP => {
-                let ip = bytes::<20>(ctx, l3).ok_or(XdpCounter::PassTruncated)?;
+                let ip = pkt.bytes::<20>(l3).ok_or(XdpCounter::PassTruncated)?;
                 if ip[0] >> 4 != 4 || ip[0] & 0x0f < 5 {
                     return Err(XdpCounter::PassNotIp);
                 }
@@ -151,7 +183,7 @@ mod prog {
                         return Err(XdpCounter::PassFragment);
                     }
                     let to = [ip[16], ip[17], ip[18], ip[19]];
-                    return icmp_about_a_tunnel(ctx, l3, ip[0] & 0x0f, to);
+                    return icmp_about_a_tunnel(pkt, l3, ip[0] & 0x0f, to);
                 }
                 // GRE, IPIP, and IPv6 in IPv4 (sit).
                 if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
@@ -159,14 +191,15 @@ mod prog {
                 }
                 // Fragments go to the gateway too (every fragment's header
                 // has the addresses and protocol); it reassembles them.
-                EndpointKey::v4(
-                    [ip[16], ip[17], ip[18], ip[19]],
-                    [ip[12], ip[13], ip[14], ip[15]],
-                    proto,
-                )
+                let key = v4_key(ip, 16, 12, proto);
+                if has_v4(&key) {
+                    Ok(())
+                } else {
+                    Err(XdpCounter::PassNoEndpoint)
+                }
             }
             ETH_P_IPV6 => {
-                let ip = bytes::<40>(ctx, l3).ok_or(XdpCounter::PassTruncated)?;
+                let ip = pkt.bytes::<40>(l3).ok_or(XdpCounter::PassTruncated)?;
                 if ip[0] >> 4 != 6 {
                     return Err(XdpCounter::PassNotIp);
                 }
@@ -174,26 +207,22 @@ mod prog {
                 if next == IPPROTO_ICMPV6 {
                     let mut to = [0u8; 16];
                     to.copy_from_slice(&ip[24..40]);
-                    return icmpv6_about_a_tunnel(ctx, l3, &to);
+                    return icmpv6_about_a_tunnel(pkt, l3, &to);
                 }
                 // One destination-options header (RFC 2473's encapsulation
                 // limit, which ip6tnl and ip6gre send by default) is looked
                 // through; its first byte is the next header.
                 if next == IPV6_NEXTHDR_DSTOPTS {
-                    next = bytes::<1>(ctx, l3 + 40).ok_or(XdpCounter::PassTruncated)?[0];
+                    next = pkt.bytes::<1>(l3 + 40).ok_or(XdpCounter::PassTruncated)?[0];
                 }
-                let mut local = [0u8; 16];
-                let mut remote = [0u8; 16];
-                local.copy_from_slice(&ip[24..40]);
-                remote.copy_from_slice(&ip[8..24]);
+                let mut key = v6_key(ip, 24, 8, next);
                 if next == IPV6_NEXTHDR_FRAGMENT {
                     // A fragment: only the first says which tunnel protocol
                     // follows (the others may say "destination options"),
                     // so any tunnel between these endpoints takes it.
                     for proto in [IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6] {
-                        // SAFETY: as below: a plain value, not kept.
-                        if unsafe { ENDPOINTS.get(EndpointKey::v6(local, remote, proto)) }.is_some()
-                        {
+                        key.0.proto = proto;
+                        if has_v6(&key) {
                             return Ok(());
                         }
                     }
@@ -207,15 +236,13 @@ mod prog {
                         XdpCounter::PassOtherProto
                     });
                 }
-                EndpointKey::v6(local, remote, next)
+                if has_v6(&key) {
+                    Ok(())
+                } else {
+                    Err(XdpCounter::PassNoEndpoint)
+                }
             }
-            _ => return Err(XdpCounter::PassNotIp),
-        };
-        // SAFETY: the value is a plain `u32` that userspace only replaces
-        // whole; the reference does not outlive this lookup.
-        match unsafe { ENDPOINTS.get(key) } {
-            Some(_) => Ok(()),
-            None => Err(XdpCounter::PassNoEndpoint),
+            _ => Err(XdpCounter::PassNotIp),
         }
     }
 
@@ -226,20 +253,15 @@ mod prog {
     /// path's MTU; every other ICMP message, to the kernel. Only outer
     /// headers without options are looked into.
     #[inline(always)]
-    fn icmp_about_a_tunnel(
-        ctx: &XdpContext,
-        l3: usize,
-        ihl: u8,
-        to: [u8; 4],
-    ) -> Result<(), XdpCounter> {
+    fn icmp_about_a_tunnel(pkt: Packet, l3: usize, ihl: u8, to: [u8; 4]) -> Result<(), XdpCounter> {
         if ihl != 5 {
             return Err(XdpCounter::PassOtherProto);
         }
-        let icmp = bytes::<8>(ctx, l3 + 20).ok_or(XdpCounter::PassOtherProto)?;
+        let icmp = pkt.bytes::<8>(l3 + 20).ok_or(XdpCounter::PassOtherProto)?;
         if icmp[0] != ICMP_DEST_UNREACH || icmp[1] != ICMP_FRAG_NEEDED {
             return Err(XdpCounter::PassOtherProto);
         }
-        let quoted = bytes::<20>(ctx, l3 + 28).ok_or(XdpCounter::PassOtherProto)?;
+        let quoted = pkt.bytes::<20>(l3 + 28).ok_or(XdpCounter::PassOtherProto)?;
         let proto = quoted[9];
         if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
             return Err(XdpCounter::PassOtherProto);
@@ -248,15 +270,11 @@ mod prog {
         if to != [quoted[12], quoted[13], quoted[14], quoted[15]] {
             return Err(XdpCounter::PassOtherHost);
         }
-        let key = EndpointKey::v4(
-            [quoted[12], quoted[13], quoted[14], quoted[15]],
-            [quoted[16], quoted[17], quoted[18], quoted[19]],
-            proto,
-        );
-        // SAFETY: as in `classify`: a plain value, not kept.
-        match unsafe { ENDPOINTS.get(key) } {
-            Some(_) => Ok(()),
-            None => Err(XdpCounter::PassOtherProto),
+        let key = v4_key(quoted, 12, 16, proto);
+        if has_v4(&key) {
+            Ok(())
+        } else {
+            Err(XdpCounter::PassOtherProto)
         }
     }
 
@@ -264,31 +282,94 @@ mod prog {
     /// the gateway sent on a configured tunnel (looking through the
     /// encapsulation-limit header it sends) goes to the gateway.
     #[inline(always)]
-    fn icmpv6_about_a_tunnel(ctx: &XdpContext, l3: usize, to: &[u8; 16]) -> Result<(), XdpCounter> {
-        let icmp = bytes::<8>(ctx, l3 + 40).ok_or(XdpCounter::PassOtherProto)?;
+    fn icmpv6_about_a_tunnel(pkt: Packet, l3: usize, to: &[u8; 16]) -> Result<(), XdpCounter> {
+        let icmp = pkt.bytes::<8>(l3 + 40).ok_or(XdpCounter::PassOtherProto)?;
         if icmp[0] != ICMPV6_PACKET_TOO_BIG {
             return Err(XdpCounter::PassOtherProto);
         }
-        let quoted = bytes::<40>(ctx, l3 + 48).ok_or(XdpCounter::PassOtherProto)?;
+        let quoted = pkt.bytes::<40>(l3 + 48).ok_or(XdpCounter::PassOtherProto)?;
         let mut proto = quoted[6];
         if proto == IPV6_NEXTHDR_DSTOPTS {
-            proto = bytes::<1>(ctx, l3 + 88).ok_or(XdpCounter::PassOtherProto)?[0];
+            proto = pkt.bytes::<1>(l3 + 88).ok_or(XdpCounter::PassOtherProto)?[0];
         }
         if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
             return Err(XdpCounter::PassOtherProto);
         }
-        let mut local = [0u8; 16];
-        let mut remote = [0u8; 16];
-        local.copy_from_slice(&quoted[8..24]);
-        remote.copy_from_slice(&quoted[24..40]);
-        if *to != local {
+        let key = v6_key(quoted, 8, 24, proto);
+        if *to != key.0.local {
             return Err(XdpCounter::PassOtherHost);
         }
-        // SAFETY: as in `classify`: a plain value, not kept.
-        match unsafe { ENDPOINTS.get(EndpointKey::v6(local, remote, proto)) } {
-            Some(_) => Ok(()),
-            None => Err(XdpCounter::PassOtherProto),
+        if has_v6(&key) {
+            Ok(())
+        } else {
+            Err(XdpCounter::PassOtherProto)
         }
+    }
+
+    /// A lookup key on the stack, 8-aligned: with misaligned loads allowed
+    /// (ebpf/build.rs) the compiler may store a key in 8-byte words, and
+    /// the verifier takes only aligned stack accesses.
+    #[repr(C, align(8))]
+    struct Key<K>(K);
+
+    /// Whether the IPv4 endpoint table has `key`. By reference: passed by
+    /// value (as clippy suggests), the key would be moved to a stack slot
+    /// of the callee's choosing, aligned or not.
+    #[inline(always)]
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn has_v4(key: &Key<EndpointKeyV4>) -> bool {
+        ENDPOINTS_V4.get_ptr(&key.0).is_some()
+    }
+
+    /// Whether the IPv6 endpoint table has `key`, as [`has_v4`].
+    #[inline(always)]
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn has_v6(key: &Key<EndpointKeyV6>) -> bool {
+        ENDPOINTS_V6.get_ptr(&key.0).is_some()
+    }
+
+    /// The 4 bytes of `hdr` at `at`, as one word in memory order.
+    #[inline(always)]
+    fn word<const N: usize>(hdr: &[u8; N], at: usize) -> u32 {
+        u32::from_ne_bytes([hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]])
+    }
+
+    /// The IPv4 table's key of the addresses at `local` and `remote` in
+    /// the IPv4 header `hdr` (constant offsets), and `proto`. Built of
+    /// whole words: a key built field by field gets its 3 zero pad bytes
+    /// from a call to memset (the BPF backend expands no memset inline).
+    #[inline(always)]
+    fn v4_key(hdr: &[u8; 20], local: usize, remote: usize, proto: u8) -> Key<EndpointKeyV4> {
+        let words = [
+            word(hdr, local),
+            word(hdr, remote),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `EndpointKeyV4` is `repr(C)`, 12 bytes of `u8` fields
+        // (local, remote, proto, pad) with no padding, so any 12 bytes are
+        // a valid value; each word keeps its bytes in memory order, so
+        // these are local, remote, then proto and three zeros.
+        Key(unsafe { core::mem::transmute::<[u32; 3], EndpointKeyV4>(words) })
+    }
+
+    /// The IPv6 table's key, as [`v4_key`], from an IPv6 header.
+    #[inline(always)]
+    fn v6_key(hdr: &[u8; 40], local: usize, remote: usize, proto: u8) -> Key<EndpointKeyV6> {
+        let words = [
+            word(hdr, local),
+            word(hdr, local + 4),
+            word(hdr, local + 8),
+            word(hdr, local + 12),
+            word(hdr, remote),
+            word(hdr, remote + 4),
+            word(hdr, remote + 8),
+            word(hdr, remote + 12),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: as in `v4_key`: `EndpointKeyV6` is `repr(C)`, 36 bytes
+        // of `u8` fields with no padding; the words hold local, remote,
+        // then proto and three zeros.
+        Key(unsafe { core::mem::transmute::<[u32; 9], EndpointKeyV6>(words) })
     }
 
     /// IPv6 extension headers that may stand between the fixed header and a

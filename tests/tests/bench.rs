@@ -48,6 +48,7 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         "capture_cost",
         "round_trip",
         "app",
+        "xdp_cost",
     ] {
         assert!(
             json[section].is_object(),
@@ -111,6 +112,16 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         if c["path"] == "tunnel" {
             assert!(c["ratio_p50_to_bare"].as_f64().is_some(), "{c}");
         }
+    }
+    // The XDP run time: both programs ran, and were timed.
+    for prog in ["steering", "redirect_all"] {
+        let p = &json["xdp_cost"][prog];
+        assert!(
+            p["runs"].as_u64().is_some_and(|v| v > 0)
+                && p["ns_per_run"].as_f64().is_some_and(|v| v > 0.0),
+            "xdp_cost.{prog}: {}",
+            json["xdp_cost"]
+        );
     }
     // The capture cost: each case measured, and the capture of everything
     // took copies (the summary its client printed).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::stats::{
-    assert_accounting, drops, total_drops, total_tx_drops, tunnel_rx, worker_sum,
+    assert_accounting, drops, total_drops, total_tx_drops, tunnel_rx, u64_at, worker_sum,
 };
 use gateway_tests::{
     pkt, require_root, sh, wait_until, Gateway, NetNs, RawSocket, Wire, ONE_GRE_TUNNEL,
@@ -306,6 +306,20 @@ fn reload_adds_changes_and_removes_tunnels_while_traffic_flows_and_refuses_bad_c
     assert!(
         !wire.gw.exec(&["ip", "link", "show", "tun2"]).0,
         "tun2 still there"
+    );
+    // And its endpoint left the XDP program's table: IPIP from the same
+    // remote now passes to the kernel, while tun100's GRE still flows.
+    let before = gw.stats();
+    let ipip_after = stream(&wire, 50, 2000, move |i| ipip_udp(gw_mac, 6002, i));
+    assert_eq!(ipip_after.join().unwrap(), 50);
+    let passed = |s: &Value| u64_at(s, &["xdp", "pass_no_endpoint"]);
+    wait_until(
+        "the IPIP packets to pass to the kernel",
+        Duration::from_secs(10),
+        || match passed(&gw.stats()) - passed(&before) {
+            50 => Ok(()),
+            n => Err(format!("{n} of 50 passed")),
+        },
     );
 
     assert_eq!(inbound.join().unwrap(), N);

@@ -8,7 +8,10 @@ use std::os::fd::RawFd;
 use aya::maps::{Array, HashMap, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
-use gateway_common::{maps, EndpointKey, Settings, XdpCounter, PROGRAM_NAME, XDP_COUNTER_COUNT};
+use gateway_common::{
+    maps, EndpointKey, EndpointMapKey, Settings, XdpCounter, XdpCounters, PROGRAM_NAME,
+    XDP_COUNTER_COUNT,
+};
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
@@ -95,29 +98,37 @@ impl Steering {
     }
 
     /// Lets packets with this outer (local, remote, protocol) through to the
-    /// AF_XDP sockets.
+    /// AF_XDP sockets: into the program's table of the key's family.
     pub fn add_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
-        self.endpoints()?
-            .insert(key, 1, 0)
-            .map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
+        let r = match key.map_key() {
+            EndpointMapKey::V4(k) => self.endpoints(maps::ENDPOINTS_V4)?.insert(k, 1, 0),
+            EndpointMapKey::V6(k) => self.endpoints(maps::ENDPOINTS_V6)?.insert(k, 1, 0),
+        };
+        r.map_err(|e| XdpError::Map(map_of(key), chain(&e)))
     }
 
     /// Stops steering packets with this outer (local, remote, protocol).
     pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
-        match self.endpoints()?.remove(key) {
+        let r = match key.map_key() {
+            EndpointMapKey::V4(k) => self.endpoints(maps::ENDPOINTS_V4)?.remove(&k),
+            EndpointMapKey::V6(k) => self.endpoints(maps::ENDPOINTS_V6)?.remove(&k),
+        };
+        match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(XdpError::Map(maps::ENDPOINTS, chain(&e))),
+            Err(e) => Err(XdpError::Map(map_of(key), chain(&e))),
         }
     }
 
-    fn endpoints(
+    /// The endpoint table `name`, with keys of type `K`.
+    fn endpoints<K: aya::Pod>(
         &mut self,
-    ) -> Result<HashMap<&mut aya::maps::MapData, EndpointKey, u32>, XdpError> {
+        name: &'static str,
+    ) -> Result<HashMap<&mut aya::maps::MapData, K, u32>, XdpError> {
         let map = self
             .ebpf
-            .map_mut(maps::ENDPOINTS)
-            .ok_or(XdpError::Map(maps::ENDPOINTS, "missing".into()))?;
-        HashMap::try_from(map).map_err(|e| XdpError::Map(maps::ENDPOINTS, chain(&e)))
+            .map_mut(name)
+            .ok_or(XdpError::Map(name, "missing".into()))?;
+        HashMap::try_from(map).map_err(|e| XdpError::Map(name, chain(&e)))
     }
 
     /// The kernel's id of the loaded program (what `ip link` shows as
@@ -185,21 +196,43 @@ impl Steering {
     }
 
     /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].
-    pub fn counters(&self) -> [u64; XDP_COUNTER_COUNT as usize] {
+    /// The program counts each packet once, under its verdict; `Seen` is
+    /// the sum of every counter (see [`XdpCounter`]).
+    pub fn counters(&self) -> XdpCounters {
         let mut out = [0u64; XDP_COUNTER_COUNT as usize];
         let Some(map) = self.ebpf.map(maps::COUNTERS) else {
             return out;
         };
-        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
+        let Ok(arr) = PerCpuArray::<_, XdpCounters>::try_from(map) else {
             return out;
         };
-        for c in XdpCounter::ALL {
-            if let Ok(values) = arr.get(&(c as u32), 0) {
-                out[c as usize] = values.iter().sum();
-            }
+        if let Ok(per_cpu) = arr.get(&0, 0) {
+            out = sum_counters(per_cpu.iter());
         }
         out
     }
+}
+
+/// The name of the table `key` goes into.
+fn map_of(key: &EndpointKey) -> &'static str {
+    match key.map_key() {
+        EndpointMapKey::V4(_) => maps::ENDPOINTS_V4,
+        EndpointMapKey::V6(_) => maps::ENDPOINTS_V6,
+    }
+}
+
+/// The counters of every CPU added up, with `Seen` the sum of them all:
+/// the program counts each packet once, under its verdict (or, in the
+/// bench's counting program, under `Seen` alone).
+fn sum_counters<'a>(per_cpu: impl Iterator<Item = &'a XdpCounters>) -> XdpCounters {
+    let mut out = [0u64; XDP_COUNTER_COUNT as usize];
+    for cpu in per_cpu {
+        for (o, n) in out.iter_mut().zip(cpu) {
+            *o = o.wrapping_add(*n);
+        }
+    }
+    out[XdpCounter::Seen as usize] = out.iter().fold(0u64, |a, n| a.wrapping_add(*n));
+    out
 }
 
 /// How the XDP program is attached.
@@ -218,5 +251,59 @@ impl std::fmt::Display for XdpAttach {
             XdpAttach::Native => "native",
             XdpAttach::Generic => "generic",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_is_the_sum_of_every_verdict_over_every_cpu() {
+        let mut a = [0u64; XDP_COUNTER_COUNT as usize];
+        let mut b = [0u64; XDP_COUNTER_COUNT as usize];
+        a[XdpCounter::Redirected as usize] = 5;
+        a[XdpCounter::PassNotIp as usize] = 2;
+        b[XdpCounter::Redirected as usize] = 3;
+        b[XdpCounter::PassOtherHost as usize] = 1;
+        let sum = sum_counters([a, b].iter());
+        assert_eq!(sum[XdpCounter::Redirected as usize], 8);
+        assert_eq!(sum[XdpCounter::PassNotIp as usize], 2);
+        assert_eq!(sum[XdpCounter::PassOtherHost as usize], 1);
+        assert_eq!(sum[XdpCounter::Seen as usize], 11);
+    }
+
+    #[test]
+    fn the_bench_programs_seen_slot_is_added_too() {
+        let mut a = [0u64; XDP_COUNTER_COUNT as usize];
+        a[XdpCounter::Seen as usize] = 7;
+        assert_eq!(sum_counters([a].iter())[XdpCounter::Seen as usize], 7);
+    }
+
+    #[test]
+    fn each_family_goes_to_its_own_table() {
+        let v4 = EndpointKey::v4([192, 0, 2, 8], [192, 0, 2, 58], 47);
+        match v4.map_key() {
+            EndpointMapKey::V4(k) => {
+                assert_eq!(k.local, [192, 0, 2, 8]);
+                assert_eq!(k.remote, [192, 0, 2, 58]);
+                assert_eq!((k.proto, k.pad), (47, [0; 3]));
+            }
+            EndpointMapKey::V6(_) => panic!("an IPv4 key in the IPv6 table"),
+        }
+        assert_eq!(map_of(&v4), maps::ENDPOINTS_V4);
+        let mut l = [0u8; 16];
+        l[15] = 1;
+        let v6 = EndpointKey::v6(l, [0xfe; 16], 4);
+        match v6.map_key() {
+            EndpointMapKey::V6(k) => {
+                assert_eq!(
+                    (k.local, k.remote, k.proto, k.pad),
+                    (l, [0xfe; 16], 4, [0; 3])
+                );
+            }
+            EndpointMapKey::V4(_) => panic!("an IPv6 key in the IPv4 table"),
+        }
+        assert_eq!(map_of(&v6), maps::ENDPOINTS_V6);
     }
 }

@@ -1,0 +1,215 @@
+//! The XDP program's own cost: its run time per packet as the kernel
+//! measures it (BPF run-time statistics), for the gateway's steering
+//! program and, in the same run, for its ceiling: the program libxdp
+//! attaches by default, which redirects every packet to the AF_XDP socket
+//! of its queue and does nothing else (`bench_redirect_all`).
+//!
+//! The same small GRE (or IPIP) decapsulation traffic at the same fixed
+//! rate goes (a) into the running gateway's program, then (b), the gateway
+//! stopped, into the redirect-all program on the same interface, with an
+//! AF_XDP socket of the bench's own draining it. The figure is the delta
+//! of `run_time_ns` over the delta of `run_cnt` of each program, and their
+//! ratio (the issue's target: at most 1.3x). With the statistics on, every
+//! run also pays for the two clock reads that time it, both programs
+//! alike.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+
+use crate::gen::{Capture, Generator, Template, Trial};
+use crate::harness::{say, Bench, GatewayProc, GW_CORE};
+use crate::ns::NetNs;
+
+/// The rate when no decapsulation no-drop rate is known (`--xdp-only`),
+/// or the search found none: modest, well under what the gateway takes.
+const FIXED_RATE_PPS: f64 = 100_000.0;
+
+/// The ratio the issue sets as the target.
+const TARGET_RATIO: f64 = 1.3;
+
+/// The kernel's figures of one loaded program.
+#[derive(Clone, Copy, Debug)]
+struct ProgStats {
+    run_cnt: u64,
+    run_time_ns: u64,
+    verified_insns: Option<u32>,
+    xlated_bytes: Option<u32>,
+    jited_bytes: u32,
+}
+
+/// The figures of program `id` (every program on the host is listed; the
+/// one with this id is taken).
+fn prog_stats(id: u32) -> Result<ProgStats> {
+    let mut last_error = None;
+    for p in aya::programs::loaded_programs() {
+        // A program unloaded while the list is read fails alone: skip it.
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        if p.id() == id {
+            return Ok(ProgStats {
+                run_cnt: p.run_count(),
+                run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                verified_insns: p.verified_instruction_count(),
+                xlated_bytes: p.size_translated(),
+                jited_bytes: p.size_jitted(),
+            });
+        }
+    }
+    match last_error {
+        Some(e) => Err(anyhow!("no BPF program with id {id} (listing them: {e})")),
+        None => Err(anyhow!("no BPF program with id {id}")),
+    }
+}
+
+/// The id of the XDP program attached to `dev` in `ns` (iproute2's JSON).
+fn attached_program(ns: &NetNs, dev: &str) -> Result<u32> {
+    let out = ns.ip(&["-j", "-d", "link", "show", "dev", dev])?;
+    let v: Value = serde_json::from_str(out.trim())
+        .with_context(|| format!("ip -j -d link show {dev} said:\n{out}"))?;
+    let xdp = &v[0]["xdp"];
+    xdp["prog"]["id"]
+        .as_u64()
+        .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+        .and_then(|id| u32::try_from(id).ok())
+        .with_context(|| format!("no XDP program on {dev} in {}", ns.name))
+}
+
+/// Turns BPF run-time statistics on while the returned descriptor is held
+/// (the kernel counts its holders: another tool's own stays valid).
+fn enable_run_time_stats() -> Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+        anyhow!("enabling BPF run-time statistics (BPF_ENABLE_STATS) failed: {e}; it needs root (CAP_SYS_ADMIN) and Linux 5.8 or later")
+    })
+}
+
+/// One trial of `udp` at `rate` while program `id` runs on the gateway's
+/// interface: its runs and run time over the trial.
+fn measure(bench: &Bench, what: &str, id: u32, udp: &Template, rate: f64) -> Result<Value> {
+    let before = prog_stats(id)?;
+    let out = bench.run(udp, Some(rate))?;
+    let after = prog_stats(id)?;
+    let runs = after.run_cnt.saturating_sub(before.run_cnt);
+    let run_time_ns = after.run_time_ns.saturating_sub(before.run_time_ns);
+    let ns_per_run = run_time_ns as f64 / runs.max(1) as f64;
+    say(&format!(
+        "  {what} (program {id}): {runs} runs for {} packets sent, {ns_per_run:.1} ns per run",
+        out.sent
+    ));
+    Ok(json!({
+        "program_id": id,
+        "packets_sent": out.sent,
+        "offered_pps": out.sent as f64 / out.elapsed.as_secs_f64().max(1e-9),
+        "runs": runs,
+        "run_time_ns": run_time_ns,
+        "ns_per_run": ns_per_run,
+        "verified_insns": after.verified_insns,
+        "xlated_insns": after.xlated_bytes.map(|b| b / 8),
+        "jited_bytes": after.jited_bytes,
+    }))
+}
+
+/// The section: the gateway's program at a fixed rate (50% of the
+/// decapsulation no-drop rate `decap_ndr`, or a fixed modest rate without
+/// one), then the gateway stopped (`gw` is consumed) and the redirect-all
+/// program at the same rate. Leaves `ens0` in `gw_ns` with no program.
+pub(crate) fn section(
+    bench: &Bench,
+    gw: GatewayProc,
+    gw_ns: &NetNs,
+    udp: &Template,
+    decap_ndr: Option<f64>,
+) -> Result<Value> {
+    let (rate, rate_from) = match decap_ndr {
+        Some(ndr) if ndr > 0.0 => (ndr / 2.0, "50% of the decapsulation no-drop rate"),
+        _ => (FIXED_RATE_PPS, "fixed"),
+    };
+    say(&format!(
+        "XDP run time per packet: the gateway's program, then redirect-all, at {rate:.0} pps ({rate_from})"
+    ));
+    let _stats = enable_run_time_stats()?;
+    let steering = measure(
+        bench,
+        "gateway",
+        attached_program(gw_ns, "ens0")?,
+        udp,
+        rate,
+    )?;
+    // The gateway's program detaches as it stops.
+    drop(gw);
+    bench.check()?;
+    let sink = Generator::start(Some(gw_ns), "ens0", GW_CORE, Capture::All)
+        .context("the redirect-all program and its socket on the gateway's interface")?;
+    let id = attached_program(gw_ns, "ens0")?;
+    // The sink drains its socket during a trial of its own that sends
+    // nothing, a little longer than the generator's at both ends.
+    let sink_trial = Trial {
+        template: udp.clone(),
+        rate: Some(0.0),
+        duration: bench.trial + Duration::from_millis(400),
+        flows: 1,
+    };
+    let draining = std::thread::spawn(move || {
+        let r = sink.run(sink_trial);
+        drop(sink);
+        r
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let ceiling = measure(bench, "redirect-all", id, udp, rate);
+    let drained = draining
+        .join()
+        .map_err(|_| anyhow!("the redirect-all socket's thread panicked"))?;
+    let ceiling = ceiling?;
+    drained.context("the redirect-all socket")?;
+    let per = |v: &Value| v["ns_per_run"].as_f64().unwrap_or(0.0);
+    let ratio = per(&steering) / per(&ceiling).max(1e-9);
+    say(&format!(
+        "  gateway / redirect-all: {ratio:.2}x (target at most {TARGET_RATIO}x)"
+    ));
+    Ok(json!({
+        "rate_pps": rate,
+        "rate_from": rate_from,
+        "steering": steering,
+        "redirect_all": ceiling,
+        "ratio_steering_to_redirect_all": ratio,
+        "target_ratio": TARGET_RATIO,
+        "method": "BPF_ENABLE_STATS run time: delta run_time_ns / delta run_cnt per program over one trial each; both include the two clock reads that time every run",
+    }))
+}
+
+/// The section's line in the printed summary.
+pub(crate) fn summary(x: &Value) {
+    let per = |k: &str| x[k]["ns_per_run"].as_f64().unwrap_or(0.0);
+    println!(
+        "XDP run time per packet at {:.0} pps: gateway {:.1} ns, redirect-all {:.1} ns: {:.2}x (target at most {}x)",
+        x["rate_pps"].as_f64().unwrap_or(0.0),
+        per("steering"),
+        per("redirect_all"),
+        x["ratio_steering_to_redirect_all"].as_f64().unwrap_or(0.0),
+        TARGET_RATIO,
+    );
+}
+
+/// `--xdp-only`: a gateway started for it, the section at the fixed rate,
+/// its results in `results.json` and its summary line.
+pub(crate) fn only(bench: &Bench, gw_ns: &NetNs, udp: &Template, out_dir: &Path) -> Result<()> {
+    let gw = crate::harness::start_gateway(bench, gw_ns, out_dir)?;
+    // Let the gateway resolve its next hop before measuring.
+    std::thread::sleep(Duration::from_millis(1000));
+    let x = section(bench, gw, gw_ns, udp, None)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json!({ "xdp_cost": x }))?,
+    )?;
+    println!();
+    summary(&x);
+    Ok(())
+}
