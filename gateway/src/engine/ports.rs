@@ -85,6 +85,11 @@ pub trait Devices<F> {
     fn recycle(&mut self, v: Vec<Piece<F>>);
     /// Hands the kernel what is queued.
     fn submit(&mut self) -> io::Result<()>;
+    /// Lets completions the kernel holds for this thread land (io_uring's
+    /// task work, run at a system call); a no-op where there is none.
+    fn run_task_work(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     /// Takes the completions that have arrived (a read that ends for good,
     /// for want of buffers or by a cancel, comes without a buffer and is
     /// armed again by [`Devices::arm_reads`]).
@@ -218,6 +223,10 @@ impl Devices<Frame> for DeviceIo {
     #[inline]
     fn submit(&mut self) -> io::Result<()> {
         DeviceIo::submit(self)
+    }
+    #[inline]
+    fn run_task_work(&mut self) -> io::Result<()> {
+        DeviceIo::run_task_work(self)
     }
     #[inline]
     fn reap(&mut self, done: impl FnMut(Completed)) -> usize {

@@ -43,6 +43,7 @@ impl<S: Socket, D: Devices<S::Frame>> Running<S, D> {
         }
 
         // 1. io_uring completions: finished writes and reads.
+        io.run_task_work().map_err(w.io_err("io_uring task work"))?;
         io.reap(|c| done.push(c));
         let mut progressed = !done.is_empty();
         for c in done.drain(..) {

@@ -188,7 +188,16 @@ impl DeviceIo {
         xsk: &Xsk,
         read_bufs: u16,
     ) -> io::Result<DeviceIo> {
-        let ring = IoUring::builder().build(entries)?;
+        // Completions of device reads are task work the kernel queues for
+        // this thread. Without COOP_TASKRUN it interrupts the thread (an
+        // IPI, a VM exit under a hypervisor) to run it; with it, the work
+        // waits for this thread's next system call, and TASKRUN_FLAG says
+        // in the ring when some is waiting, which the loop looks at
+        // ([`DeviceIo::run_task_work`]). A sleeping thread is still woken.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)?;
         // Multishot reads came with Linux 6.7; before, one plain read per
         // device queue at a time, taking a buffer from the same ring
         // (Linux 5.19 on), armed again after each packet.
@@ -329,6 +338,18 @@ impl DeviceIo {
     #[inline]
     pub fn submit(&mut self) -> io::Result<()> {
         if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Enters the kernel when it has completions queued for this thread
+    /// to run (device reads that found a packet), so that they land in
+    /// the completion queue now rather than at the next system call.
+    #[inline]
+    pub fn run_task_work(&mut self) -> io::Result<()> {
+        if self.ring.submission().taskrun() {
             self.ring.submit()?;
             self.unsubmitted = 0;
         }
