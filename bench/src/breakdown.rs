@@ -287,7 +287,7 @@ pub(crate) fn section(
     let text = String::from_utf8_lossy(&script.stdout);
     let events: Vec<(u64, Event)> = text.lines().filter_map(parse_line).collect();
     let (trips, incomplete) = round_trips(&events, gw_prog, gen_prog);
-    // (kept while debugging) let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&file);
     if trips.is_empty() {
         bail!(
             "breakdown: no complete round trip among {} events ({incomplete} incomplete)",
