@@ -260,13 +260,14 @@ pub(crate) fn section(
     let gw_prog = xdp_prog_id(gw_ns, "ens0")?;
     let gen_prog = xdp_prog_id(gen_ns, "gen0")?;
     let file = out_dir.join("breakdown.perf.data");
-    let perf = start_perf(&file)?;
-    // perf is recording once its file has a header; then a little more for
-    // its buffers to be mapped on every CPU.
+    let mut perf = start_perf(&file)?;
+    // perf is recording once its file has a header.
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::metadata(&file).map_or(0, |m| m.len()) == 0 {
-        if Instant::now() > deadline {
-            bail!("perf record wrote nothing within 20 s");
+        if Instant::now() > deadline || perf.try_wait()?.is_some() {
+            let _ = perf.kill();
+            let _ = perf.wait();
+            bail!("perf record did not start recording within 20 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
