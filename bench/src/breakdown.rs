@@ -79,7 +79,10 @@ fn stage_of(e: &Event, gw_prog: u32, gen_prog: u32) -> Option<usize> {
         Event::Receive { dev } if dev == "tap1" => Some(3),
         Event::Xmit { dev } if dev == "tap1" => Some(4),
         // Reads carry bit 62 in their user data (the gateway's READ_TAG).
-        Event::Complete { user_data, result } if user_data & (1 << 62) != 0 && *result > 0 => {
+        // (u64::MAX is a cancel's.)
+        Event::Complete { user_data, result }
+            if user_data & (1 << 62) != 0 && *user_data != u64::MAX && *result > 0 =>
+        {
             Some(5)
         }
         Event::Send { comm } if comm.starts_with("gw-q") => Some(6),
@@ -88,16 +91,19 @@ fn stage_of(e: &Event, gw_prog: u32, gen_prog: u32) -> Option<usize> {
     }
 }
 
-/// Parses one line of `perf script --ns -F comm,time,event,trace`:
-/// `gw-q0  1234.567890123: net:net_dev_start_xmit: dev=ens0 ...`.
-pub(crate) fn parse_line(line: &str) -> Option<(u64, Event)> {
+/// Parses one line of `perf script --ns -F comm,pid,time,event,trace`:
+/// `gw-q0  4242 1234.567890123: net:net_dev_start_xmit: dev=ens0 ...`,
+/// into the time, the process and the event.
+pub(crate) fn parse_line(line: &str) -> Option<(u64, u32, Event)> {
     let (head, rest) = line.split_once(": ")?;
     let (event, trace) = rest
         .split_once(": ")
         .unwrap_or((rest.trim_end_matches(':'), ""));
     let mut words = head.split_whitespace();
     let time = words.next_back()?;
-    let comm = head[..head.rfind(time)?].trim().to_string();
+    let pid_text = words.next_back()?;
+    let pid: u32 = pid_text.parse().ok()?;
+    let comm = head[..head.rfind(pid_text)?].trim().to_string();
     let (s, ns) = time.split_once('.')?;
     let t = s.parse::<u64>().ok()? * 1_000_000_000 + ns.parse::<u64>().ok()?;
     let field = |name: &str| -> Option<&str> {
@@ -129,7 +135,7 @@ pub(crate) fn parse_line(line: &str) -> Option<(u64, Event)> {
         }
         _ => return None,
     };
-    Some((t, e))
+    Some((t, pid, e))
 }
 
 /// Every complete round trip's stage times (ns), in the order the events
@@ -238,6 +244,7 @@ pub(crate) fn section(
     bench: &Bench,
     gw_ns: &NetNs,
     gen_ns: &NetNs,
+    gw_pid: u32,
     echo: &Template,
     out_dir: &Path,
 ) -> Result<Value> {
@@ -275,7 +282,7 @@ pub(crate) fn section(
     stop_perf(perf, &file)?;
     let traced = traced?;
     let script = Command::new("perf")
-        .args(["script", "--ns", "-F", "comm,time,event,trace", "-i"])
+        .args(["script", "--ns", "-F", "comm,pid,time,event,trace", "-i"])
         .arg(&file)
         .output()
         .context("perf script")?;
@@ -286,7 +293,17 @@ pub(crate) fn section(
         );
     }
     let text = String::from_utf8_lossy(&script.stdout);
-    let events: Vec<(u64, Event)> = text.lines().filter_map(parse_line).collect();
+    // Only the gateway's and this bench's threads (other processes may
+    // have threads and devices of the same names in other namespaces);
+    // XDP redirects, which run in whichever thread's context, are told
+    // apart by program id.
+    let me = std::process::id();
+    let events: Vec<(u64, Event)> = text
+        .lines()
+        .filter_map(parse_line)
+        .filter(|(_, pid, e)| matches!(e, Event::Redirect { .. }) || *pid == gw_pid || *pid == me)
+        .map(|(t, _, e)| (t, e))
+        .collect();
     let (trips, incomplete) = round_trips(&events, gw_prog, gen_prog);
     let _ = std::fs::remove_file(&file);
     if trips.is_empty() {
@@ -324,9 +341,12 @@ pub(crate) fn section(
         q["stage"] = json!(name);
         rows.push(q);
     }
-    let rest = rtt_traced.saturating_sub(stages_sum);
+    // A difference of medians (of the generator's round trips, and of the
+    // sums of the traced stages), not a median of differences; it may be
+    // negative.
+    let rest = rtt_traced as i64 - stages_sum as i64;
     say(&format!(
-        "  {:<48} p50 {:>7.2} µs  (the traced round trip's p50 less the stages')",
+        "  {:<48} {:>7.2} µs  (the traced round trip's p50 less the p50 of the stages' sums)",
         "generator: stamp to send, XDP to its RX ring",
         rest as f64 / 1e3
     ));
@@ -350,39 +370,42 @@ mod tests {
 
     #[test]
     fn perf_script_lines_parse() {
-        let l = "         gw-q0 12345.000001234: net:net_dev_start_xmit: dev=ens0 queue_mapping=0 skbaddr=0xff len=98";
+        let l = "         gw-q0  4242 12345.000001234: net:net_dev_start_xmit: dev=ens0 queue_mapping=0 skbaddr=0xff len=98";
         assert_eq!(
             parse_line(l),
             Some((
                 12345 * 1_000_000_000 + 1234,
+                4242,
                 Event::Xmit { dev: "ens0".into() }
             ))
         );
-        let l = "bench-gen 2.000000003: syscalls:sys_enter_sendto: fd: 0x00000005, buff: 0x00000000, len: 0x00000000";
+        let l = "bench-gen 77 2.000000003: syscalls:sys_enter_sendto: fd: 0x00000005, buff: 0x00000000, len: 0x00000000";
         assert_eq!(
             parse_line(l),
             Some((
                 2_000_000_003,
+                77,
                 Event::Send {
                     comm: "bench-gen".into()
                 }
             ))
         );
-        let l = "bench-gen 7.000000010: io_uring:io_uring_complete: ring 0xff, req 0xee, user_data 0x4000000000000003, result 98, cflags 0x3 extra1 0 extra2 0 ";
+        let l = "bench-gen 77 7.000000010: io_uring:io_uring_complete: ring 0xff, req 0xee, user_data 0x4000000000000003, result 98, cflags 0x3 extra1 0 extra2 0 ";
         assert_eq!(
             parse_line(l),
             Some((
                 7_000_000_010,
+                77,
                 Event::Complete {
                     user_data: 0x4000_0000_0000_0003,
                     result: 98
                 }
             ))
         );
-        let l = "swapper 1.000000001: xdp:xdp_redirect: prog_id=42 action=REDIRECT ifindex=2 to_ifindex=0 err=0 map_id=7 map_index=0";
+        let l = "swapper 0 1.000000001: xdp:xdp_redirect: prog_id=42 action=REDIRECT ifindex=2 to_ifindex=0 err=0 map_id=7 map_index=0";
         assert_eq!(
             parse_line(l),
-            Some((1_000_000_001, Event::Redirect { prog_id: 42 }))
+            Some((1_000_000_001, 0, Event::Redirect { prog_id: 42 }))
         );
     }
 

@@ -246,7 +246,7 @@ fn main() -> Result<()> {
     if bench.args.breakdown_only {
         let gw = start_gateway(&bench, &gw_ns, out_dir.as_path())?;
         wait_next_hop(&gw)?;
-        let b = breakdown::section(&bench, &gw_ns, &gen_ns, &echo, &out_dir)?;
+        let b = breakdown::section(&bench, &gw_ns, &gen_ns, gw.child.id(), &echo, &out_dir)?;
         std::fs::write(
             out_dir.join("results.json"),
             serde_json::to_string_pretty(&serde_json::json!({ "breakdown": b }))?,
@@ -290,7 +290,7 @@ fn main() -> Result<()> {
     let rt = round_trip::run(&bench, &echo, Some(gw.child.id()))?;
     // A breakdown that cannot be had (no perf, no tracepoints, nothing
     // traced) is said, not fatal: the other sections stand without it.
-    let breakdown = breakdown::section(&bench, &gw_ns, &gen_ns, &echo, &out_dir)
+    let breakdown = breakdown::section(&bench, &gw_ns, &gen_ns, gw.child.id(), &echo, &out_dir)
         .unwrap_or_else(|e| {
             say(&format!("breakdown: not measured: {e:#}"));
             serde_json::json!({ "error": format!("{e:#}") })

@@ -113,6 +113,14 @@ fn quick_bench_writes_json_hgrm_and_plot() {
             assert!(c["ratio_p50_to_bare"].as_f64().is_some(), "{c}");
         }
     }
+    // The breakdown put round trips together from the traced events.
+    assert!(
+        json["breakdown"]["round_trips"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "breakdown: {}",
+        json["breakdown"]
+    );
     // The XDP run time: both programs ran, and were timed.
     for prog in ["steering", "redirect_all"] {
         let p = &json["xdp_cost"][prog];

@@ -116,10 +116,10 @@ impl EventFd {
     }
 }
 
-/// Raises this process's soft limit on open files (RLIMIT_NOFILE) to its
-/// hard limit when `needed` is above the soft one (systemd and shells
-/// start processes at 1024, with a far higher hard limit). Returns the
-/// limit in force afterwards.
+/// Raises this process's soft limit on open files (RLIMIT_NOFILE) to
+/// `needed`, or to the hard limit when that is lower, when `needed` is
+/// above the soft one (systemd and shells start processes at 1024, with a
+/// far higher hard limit). Returns the limit in force afterwards.
 pub fn raise_open_files(needed: u64) -> std::io::Result<u64> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -132,13 +132,14 @@ pub fn raise_open_files(needed: u64) -> std::io::Result<u64> {
     if r.rlim_cur >= needed || r.rlim_cur >= r.rlim_max {
         return Ok(r.rlim_cur);
     }
+    // As far as needed, within the hard limit (which may be a million).
     let raised = libc::rlimit {
-        rlim_cur: r.rlim_max,
+        rlim_cur: needed.min(r.rlim_max),
         rlim_max: r.rlim_max,
     };
     // SAFETY: `raised` is a live rlimit the call reads.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(r.rlim_max)
+    Ok(raised.rlim_cur)
 }

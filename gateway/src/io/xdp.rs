@@ -58,10 +58,29 @@ fn load_error(e: aya::programs::ProgramError) -> XdpError {
             "{why}; give the gateway CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (see gateway/dist/gateway.service)"
         ));
     }
-    // Anything else: the first lines of the verifier's log say enough.
-    let mut lines: Vec<&str> = text.lines().take(4).collect();
-    if text.lines().count() > 4 {
+    // The program reads headers at unaligned offsets (ebpf/build.rs), which
+    // the verifier refuses on architectures without efficient unaligned
+    // access.
+    if text.contains("misaligned") {
+        return XdpError::Load(format!(
+            "the kernel's verifier refuses the program's unaligned packet reads ({}): it is built for architectures with efficient unaligned access (x86-64, arm64); rebuild without +allows-misaligned-mem-access in ebpf/build.rs",
+            text.lines().find(|l| l.contains("misaligned")).unwrap_or("").trim()
+        ));
+    }
+    // Anything else: the verifier says why in the lines before its
+    // summary ("processed N insns"), at the end of a long log.
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let end = all
+        .iter()
+        .rposition(|l| l.starts_with("processed "))
+        .unwrap_or(all.len());
+    let mut lines: Vec<&str> = Vec::new();
+    if let Some(first) = all.first() {
+        lines.push(first);
+    }
+    if end > 1 {
         lines.push("...");
+        lines.extend(&all[end.saturating_sub(2).max(1)..end]);
     }
     XdpError::Load(format!(
         "{}; run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) on a kernel with BPF",

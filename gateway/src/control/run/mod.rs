@@ -420,7 +420,10 @@ pub fn run(
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 if !worker_failed {
-                    failure = Some(anyhow!(e));
+                    // What the control loop saw is said, not lost.
+                    if let Some(f) = failure.replace(anyhow!(e)) {
+                        tracing::error!("{f:#}");
+                    }
                     worker_failed = true;
                 }
             }
