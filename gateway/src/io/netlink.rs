@@ -89,39 +89,8 @@ impl Netlink {
         }
     }
 
-    /// Every interface's index by name, in one dump without statistics
-    /// (10,000 tunnel devices are one request, not 10,000).
-    pub fn link_indices(&self) -> Result<std::collections::HashMap<String, u32>, NetlinkError> {
-        use netlink_packet_route::link::LinkExtentMask;
-        let handle = self.handle.clone();
-        let res: Result<Vec<LinkMessage>, _> = self.rt.block_on(async move {
-            handle
-                .link()
-                .get()
-                .set_filter_mask(
-                    netlink_packet_route::AddressFamily::Unspec,
-                    vec![LinkExtentMask::SkipStats],
-                )
-                .execute()
-                .try_collect()
-                .await
-        });
-        let list = res.map_err(|e| NetlinkError::Request {
-            what: "listing the interfaces".into(),
-            reason: describe(&e),
-        })?;
-        Ok(list
-            .iter()
-            .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some((n.clone(), m.header.index)),
-                    _ => None,
-                })
-            })
-            .collect())
-    }
-
-    /// Every interface, by name, in one dump.
+    /// Every interface, by name, in one dump without statistics (10,000
+    /// tunnel devices are one request, not 10,000).
     pub fn links(&self) -> Result<std::collections::HashMap<String, LinkInfo>, NetlinkError> {
         use netlink_packet_route::link::LinkExtentMask;
         let handle = self.handle.clone();

@@ -21,8 +21,8 @@ pub fn rx_queue_count(iface: &str) -> anyhow::Result<u32> {
 const SPARE_FILES: u64 = 256;
 
 /// Makes sure the process may open a queue of every device for every
-/// worker: raises the soft limit on open files to the hard one when
-/// needed, and says in one line what to do when even that is too low.
+/// worker: raises the soft limit on open files as far as needed, up to
+/// the hard one, and says in one line what to do when even that is too low.
 pub(super) fn ensure_open_files(tunnels: usize, workers: usize) -> anyhow::Result<()> {
     let needed = (tunnels * workers) as u64 + SPARE_FILES;
     let have = crate::io::raise_open_files(needed).context("reading RLIMIT_NOFILE")?;
@@ -37,8 +37,8 @@ pub(super) fn ensure_open_files(tunnels: usize, workers: usize) -> anyhow::Resul
 /// How many device files each worker's io_uring registers: room for every
 /// tunnel a reload may bring (`MAX_TUNNELS`), but no more than the process
 /// may open, for io_uring refuses a table larger than RLIMIT_NOFILE (a
-/// Linux 6.1 guest starts with 1024). Raises the soft limit to the hard
-/// one when that allows more.
+/// Linux 6.1 guest starts with 1024). Raises the soft limit toward that
+/// room, up to the hard limit.
 pub(super) fn registered_file_slots() -> anyhow::Result<u32> {
     let want = MAX_TUNNELS as u64 + SPARE_FILES;
     let have = crate::io::raise_open_files(want).context("reading RLIMIT_NOFILE")?;

@@ -72,7 +72,7 @@ impl Gateway {
                 .collect()
         };
         // Every device's index in one dump (not one request per device).
-        let links = match self.nl.link_indices() {
+        let links = match self.nl.links() {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!("{e}");
@@ -83,7 +83,7 @@ impl Gateway {
             let s = &self.slots[i];
             let present = links.as_ref().is_none_or(|l| {
                 l.get(&s.cfg.device)
-                    .is_some_and(|&index| index == s.link.index)
+                    .is_some_and(|l| l.index == s.link.index)
             });
             if present && !failed {
                 continue;
