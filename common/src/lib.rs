@@ -144,6 +144,74 @@ impl EndpointKeyV6 {
     }
 }
 
+/// Slots of the XDP program's direct-mapped IPv4 endpoint table
+/// (`ENDPOINT_SLOTS_V4`), in front of the hash map: a power of two.
+pub const SLOTS_V4: u32 = 16384;
+
+/// Slot state: no configured IPv4 endpoint hashes to this slot.
+pub const SLOT_EMPTY: u8 = 0;
+/// Slot state: exactly one does, and the slot holds its key.
+pub const SLOT_ONE: u8 = 1;
+/// Slot state: more than one does; the hash map (`ENDPOINTS_V4`) answers.
+pub const SLOT_MANY: u8 = 2;
+
+/// One slot of `ENDPOINT_SLOTS_V4`: 16 bytes, so a slot never straddles
+/// a cache line, and with the interface's MAC in it, so the common
+/// packet's whole verdict comes from this one line.
+///
+/// The program compares the key (`local`, `remote`, `proto`) only when
+/// `state` is [`SLOT_ONE`]; userspace changes the key only while `state`
+/// is something else, and `state` only with the key unchanged (the
+/// gateway's `io/xdp.rs`), so a slot read while it is being written (a
+/// copy of 16 bytes, not atomic) gives a packet the verdict of its old or
+/// of its new value.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointSlotV4 {
+    pub local: [u8; 4],
+    pub remote: [u8; 4],
+    pub proto: u8,
+    pub state: u8,
+    /// The interface's MAC as [`Settings::mac`] (zeros before it is set):
+    /// a unicast frame to it needs no look at `SETTINGS`.
+    pub mac: [u8; 6],
+}
+
+impl EndpointSlotV4 {
+    /// Whether this slot's key is `key`.
+    pub const fn holds(&self, key: &EndpointKeyV4) -> bool {
+        u32::from_ne_bytes(self.local) == u32::from_ne_bytes(key.local)
+            && u32::from_ne_bytes(self.remote) == u32::from_ne_bytes(key.remote)
+            && self.proto == key.proto
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointSlotV4>() == 16);
+const _: () = assert!(SLOTS_V4.is_power_of_two());
+
+/// The slot of `ENDPOINT_SLOTS_V4` an IPv4 endpoint key goes in, from its
+/// three words as they lie in memory (`local`, `remote`, then `proto` and
+/// the zero pad): the XDP program and userspace both call this, so they
+/// agree on the slot by construction. A multiplicative hash: cheap in BPF
+/// (no loop, no helper); a hostile sender choosing its source address
+/// reaches at most a slot's compare or the hash map, as before.
+#[inline(always)]
+pub const fn slot_v4(local: u32, remote: u32, proto_word: u32) -> u32 {
+    let mixed = local ^ remote.rotate_left(16) ^ proto_word.rotate_left(7);
+    mixed.wrapping_mul(0x9e37_79b1) >> (32 - SLOTS_V4.trailing_zeros())
+}
+
+impl EndpointKeyV4 {
+    /// This key's slot of `ENDPOINT_SLOTS_V4` ([`slot_v4`] of its words).
+    pub const fn slot(&self) -> u32 {
+        slot_v4(
+            u32::from_ne_bytes(self.local),
+            u32::from_ne_bytes(self.remote),
+            u32::from_ne_bytes([self.proto, self.pad[0], self.pad[1], self.pad[2]]),
+        )
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<EndpointKeyV4>() == 12);
 const _: () = assert!(core::mem::size_of::<EndpointKeyV6>() == 36);
 
@@ -158,6 +226,11 @@ unsafe impl aya::Pod for EndpointKeyV4 {}
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for EndpointKeyV6 {}
+// SAFETY: `repr(C)`, `u8` fields only (16 bytes, no padding: the
+// assertion above), every bit pattern valid.
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for EndpointSlotV4 {}
 
 /// Counters kept by the XDP program, in one per-CPU slot
 /// ([`XdpCounters`]): every packet it sees is counted once, under the
@@ -232,6 +305,9 @@ impl XdpCounter {
 pub mod maps {
     /// Configured IPv4 endpoints, [`crate::EndpointKeyV4`] keys.
     pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
+    /// The direct-mapped table in front of `ENDPOINTS_V4`:
+    /// [`crate::SLOTS_V4`] slots of [`crate::EndpointSlotV4`].
+    pub const ENDPOINT_SLOTS_V4: &str = "ENDPOINT_SLOTS_V4";
     /// Configured IPv6 endpoints, [`crate::EndpointKeyV6`] keys.
     pub const ENDPOINTS_V6: &str = "ENDPOINTS_V6";
     pub const XSKS: &str = "XSKS";

@@ -7,9 +7,10 @@
 //! `XDP_PASS`, untouched. Every packet is counted once, under the reason for
 //! its verdict (userspace adds them up as `seen`).
 //!
-//! The common case, IPv4 GRE or IPIP from a configured remote, costs one
-//! inlined array lookup (the interface's MAC), one hash lookup with a
-//! 12-byte key, the redirect, and one per-CPU counter lookup.
+//! The common case, IPv4 GRE or IPIP from a configured remote, costs two
+//! inlined array lookups (the interface's MAC, the key's slot in the
+//! direct-mapped endpoint table), the redirect, and one per-CPU counter
+//! lookup; the hash map is looked up only for keys that share a slot.
 //!
 //! Built for `bpfel-unknown-none` by `gateway/build.rs`; on the host it
 //! compiles to an empty binary so that workspace-wide lints work.
@@ -26,8 +27,9 @@ mod prog {
         programs::XdpContext,
     };
     use gateway_common::{
-        EndpointKeyV4, EndpointKeyV6, Settings, XdpCounter, XdpCounters, IPPROTO_GRE, IPPROTO_IPIP,
-        IPPROTO_IPV6, MAX_ENDPOINTS, MAX_QUEUES,
+        slot_v4, EndpointKeyV4, EndpointKeyV6, EndpointSlotV4, Settings, XdpCounter, XdpCounters,
+        IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6, MAX_ENDPOINTS, MAX_QUEUES, SLOTS_V4, SLOT_MANY,
+        SLOT_ONE,
     };
 
     const ETH_HLEN: usize = 14;
@@ -42,6 +44,14 @@ mod prog {
     const ICMP_FRAG_NEEDED: u8 = 4;
     const IPPROTO_ICMPV6: u8 = 58;
     const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
+    // In front of ENDPOINTS_V4: a direct-mapped table of IPv4 endpoint
+    // keys (the kernel inlines an array's lookup into the program, where a
+    // hash map's costs a call, a hash and a few cache misses). A slot
+    // holding one key answers alone; one that more keys hash to sends the
+    // packet on to the hash map.
+    #[map(name = "ENDPOINT_SLOTS_V4")]
+    static ENDPOINT_SLOTS_V4: Array<EndpointSlotV4> = Array::with_max_entries(SLOTS_V4, 0);
 
     // The configured endpoints, one table per family: a key's presence is
     // the answer, its value (1) is never read.
@@ -109,12 +119,45 @@ mod prog {
 
     #[xdp]
     pub fn gateway_steer(ctx: XdpContext) -> u32 {
-        let (action, counter) = match classify(Packet::of(&ctx)) {
+        let pkt = Packet::of(&ctx);
+        // A frame unicast to another host is not ours, whatever it
+        // carries; that needs the interface's MAC from SETTINGS, unless
+        // the endpoint's slot already vouched for the destination.
+        let verdict = match classify(pkt) {
+            Ok(Vouched::Yes) => Ok(()),
+            r => for_this_host(pkt).and(r.map(|_| ())),
+        };
+        let (action, counter) = match verdict {
             Ok(()) => to_socket(&ctx),
             Err(reason) => (xdp_action::XDP_PASS, reason),
         };
         count(counter);
         action
+    }
+
+    /// Whether a packet `classify` took is known to be for this host.
+    enum Vouched {
+        /// Multicast, or unicast to the MAC its endpoint's slot holds.
+        Yes,
+        /// Not known: `SETTINGS` says.
+        Ask,
+    }
+
+    /// `Err(PassOtherHost)` for a frame unicast to a MAC other than the
+    /// interface's (once userspace has told the program its MAC).
+    #[inline(always)]
+    fn for_this_host(pkt: Packet) -> Result<(), XdpCounter> {
+        let Some(eth) = pkt.bytes::<6>(0) else {
+            return Ok(());
+        };
+        if eth[0] & 1 == 0 {
+            if let Some(s) = SETTINGS.get(0) {
+                if s.mac_set != 0 && *eth != s.mac {
+                    return Err(XdpCounter::PassOtherHost);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Redirects to the AF_XDP socket of the packet's RX queue; a queue
@@ -147,19 +190,12 @@ mod prog {
         }
     }
 
-    /// `Ok` when the packet belongs to a configured tunnel endpoint, else the
-    /// reason it is passed to the kernel.
+    /// `Ok` when the packet belongs to a configured tunnel endpoint (and
+    /// whether its destination MAC is known to be ours), else the reason
+    /// it is passed to the kernel, the destination MAC not yet looked at.
     #[inline(always)]
-    fn classify(pkt: Packet) -> Result<(), XdpCounter> {
+    fn classify(pkt: Packet) -> Result<Vouched, XdpCounter> {
         let eth = pkt.bytes::<ETH_HLEN>(0).ok_or(XdpCounter::PassTruncated)?;
-        // Unicast to another host: not ours, whatever it carries.
-        if eth[0] & 1 == 0 {
-            if let Some(s) = SETTINGS.get(0) {
-                if s.mac_set != 0 && eth[0..6] != s.mac {
-                    return Err(XdpCounter::PassOtherHost);
-                }
-            }
-        }
         let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
         let mut l3 = ETH_HLEN;
         if ethertype == ETH_P_8021Q {
@@ -183,7 +219,7 @@ mod prog {
                         return Err(XdpCounter::PassFragment);
                     }
                     let to = [ip[16], ip[17], ip[18], ip[19]];
-                    return icmp_about_a_tunnel(pkt, l3, ip[0] & 0x0f, to);
+                    return icmp_about_a_tunnel(pkt, l3, ip[0] & 0x0f, to).map(|()| Vouched::Ask);
                 }
                 // GRE, IPIP, and IPv6 in IPv4 (sit).
                 if proto != IPPROTO_GRE && proto != IPPROTO_IPIP && proto != IPPROTO_IPV6 {
@@ -192,10 +228,10 @@ mod prog {
                 // Fragments go to the gateway too (every fragment's header
                 // has the addresses and protocol); it reassembles them.
                 let key = v4_key(ip, 16, 12, proto);
-                if has_v4(&key) {
-                    Ok(())
-                } else {
-                    Err(XdpCounter::PassNoEndpoint)
+                match find_v4(&key) {
+                    Found::InSlot(mac) if eth[0] & 1 != 0 || eth[0..6] == mac => Ok(Vouched::Yes),
+                    Found::InSlot(_) | Found::InMap => Ok(Vouched::Ask),
+                    Found::No => Err(XdpCounter::PassNoEndpoint),
                 }
             }
             ETH_P_IPV6 => {
@@ -207,7 +243,7 @@ mod prog {
                 if next == IPPROTO_ICMPV6 {
                     let mut to = [0u8; 16];
                     to.copy_from_slice(&ip[24..40]);
-                    return icmpv6_about_a_tunnel(pkt, l3, &to);
+                    return icmpv6_about_a_tunnel(pkt, l3, &to).map(|()| Vouched::Ask);
                 }
                 // One destination-options header (RFC 2473's encapsulation
                 // limit, which ip6tnl and ip6gre send by default) is looked
@@ -223,7 +259,7 @@ mod prog {
                     for proto in [IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6] {
                         key.0.proto = proto;
                         if has_v6(&key) {
-                            return Ok(());
+                            return Ok(Vouched::Ask);
                         }
                     }
                     return Err(XdpCounter::PassFragment);
@@ -237,7 +273,7 @@ mod prog {
                     });
                 }
                 if has_v6(&key) {
-                    Ok(())
+                    Ok(Vouched::Ask)
                 } else {
                     Err(XdpCounter::PassNoEndpoint)
                 }
@@ -312,13 +348,44 @@ mod prog {
     #[repr(C, align(8))]
     struct Key<K>(K);
 
-    /// Whether the IPv4 endpoint table has `key`. By reference: passed by
-    /// value (as clippy suggests), the key would be moved to a stack slot
-    /// of the callee's choosing, aligned or not.
+    /// Whether `key` is a configured IPv4 endpoint: its slot of the
+    /// direct-mapped table answers, or, when more than one key hashes
+    /// there, the hash map. By reference: passed by value (as clippy
+    /// suggests), the key would be moved to a stack slot of the callee's
+    /// choosing, aligned or not.
     #[inline(always)]
     #[allow(clippy::needless_borrows_for_generic_args)]
     fn has_v4(key: &Key<EndpointKeyV4>) -> bool {
-        ENDPOINTS_V4.get_ptr(&key.0).is_some()
+        !matches!(find_v4(key), Found::No)
+    }
+
+    /// What the IPv4 tables say of a key.
+    enum Found {
+        No,
+        /// In its own slot, which holds the interface's MAC.
+        InSlot([u8; 6]),
+        /// In the hash map (its slot is shared).
+        InMap,
+    }
+
+    /// Looks `key` up: its slot of the direct-mapped table, and the hash
+    /// map only when more than one key hashes to that slot.
+    #[inline(always)]
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn find_v4(key: &Key<EndpointKeyV4>) -> Found {
+        let k = &key.0;
+        let at = slot_v4(
+            u32::from_ne_bytes(k.local),
+            u32::from_ne_bytes(k.remote),
+            u32::from_ne_bytes([k.proto, k.pad[0], k.pad[1], k.pad[2]]),
+        );
+        match ENDPOINT_SLOTS_V4.get(at) {
+            Some(slot) if slot.state == SLOT_ONE && slot.holds(k) => Found::InSlot(slot.mac),
+            Some(slot) if slot.state == SLOT_MANY && ENDPOINTS_V4.get_ptr(k).is_some() => {
+                Found::InMap
+            }
+            _ => Found::No,
+        }
     }
 
     /// Whether the IPv6 endpoint table has `key`, as [`has_v4`].

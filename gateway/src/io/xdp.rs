@@ -9,8 +9,8 @@ use aya::maps::{Array, HashMap, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use gateway_common::{
-    maps, EndpointKey, EndpointMapKey, Settings, XdpCounter, XdpCounters, PROGRAM_NAME,
-    XDP_COUNTER_COUNT,
+    maps, EndpointKey, EndpointKeyV4, EndpointMapKey, EndpointSlotV4, Settings, XdpCounter,
+    XdpCounters, PROGRAM_NAME, SLOT_EMPTY, SLOT_MANY, SLOT_ONE, XDP_COUNTER_COUNT,
 };
 
 /// The object built from `ebpf/` by `build.rs`.
@@ -31,6 +31,110 @@ pub enum XdpError {
 pub struct Steering {
     ebpf: Ebpf,
     program: &'static str,
+    /// What userspace last wrote to each non-empty slot of
+    /// `ENDPOINT_SLOTS_V4`, and the configured keys that hash there.
+    slots_v4: std::collections::HashMap<u32, SlotV4>,
+    /// The interface's MAC as last set (zeros before), kept in every slot.
+    mac: [u8; 6],
+}
+
+/// One slot of the direct-mapped IPv4 table as userspace keeps it.
+#[derive(Debug)]
+struct SlotV4 {
+    /// The slot's value in the map.
+    written: EndpointSlotV4,
+    /// The configured keys whose slot this is.
+    keys: Vec<EndpointKeyV4>,
+}
+
+impl Default for SlotV4 {
+    fn default() -> Self {
+        SlotV4 {
+            written: EMPTY_SLOT,
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// A slot as the kernel creates it: all zeros.
+const EMPTY_SLOT: EndpointSlotV4 = EndpointSlotV4 {
+    local: [0; 4],
+    remote: [0; 4],
+    proto: 0,
+    state: SLOT_EMPTY,
+    mac: [0; 6],
+};
+
+/// The value a slot holding `keys` should have, given its value now
+/// (`cur`): the one key and `SLOT_ONE`, or `SLOT_EMPTY` / `SLOT_MANY`
+/// with the key left as it is; `mac` in every case.
+fn slot_value(cur: EndpointSlotV4, keys: &[EndpointKeyV4], mac: [u8; 6]) -> EndpointSlotV4 {
+    match keys {
+        [] => EndpointSlotV4 {
+            state: SLOT_EMPTY,
+            mac,
+            ..cur
+        },
+        [one] => EndpointSlotV4 {
+            local: one.local,
+            remote: one.remote,
+            proto: one.proto,
+            state: SLOT_ONE,
+            mac,
+        },
+        _ => EndpointSlotV4 {
+            state: SLOT_MANY,
+            mac,
+            ..cur
+        },
+    }
+}
+
+/// Whether two slots hold the same key (local, remote, protocol).
+fn same_key(a: &EndpointSlotV4, b: &EndpointSlotV4) -> bool {
+    (a.local, a.remote, a.proto) == (b.local, b.remote, b.proto)
+}
+
+/// The writes that take a slot from `cur` to `want` such that the program,
+/// reading the slot at any moment (a write is a copy of 16 bytes, not
+/// atomic), never compares a key that is half old and half new: the key
+/// changes only while the state is not `SLOT_ONE` before and after, and
+/// the state only with the key unchanged. `SLOT_MANY` (ask the hash map,
+/// which holds every key being added or removed while its slot changes) is
+/// the safe state in between. The MAC goes with the first write.
+fn slot_writes(cur: EndpointSlotV4, want: EndpointSlotV4) -> Vec<EndpointSlotV4> {
+    let mut writes = Vec::with_capacity(3);
+    let mut now = cur;
+    let mut write = |w: EndpointSlotV4, now: &mut EndpointSlotV4| {
+        if w != *now {
+            writes.push(w);
+            *now = w;
+        }
+    };
+    if !same_key(&cur, &want) {
+        if now.state == SLOT_ONE {
+            write(
+                EndpointSlotV4 {
+                    state: SLOT_MANY,
+                    mac: want.mac,
+                    ..now
+                },
+                &mut now,
+            );
+        }
+        write(
+            EndpointSlotV4 {
+                local: want.local,
+                remote: want.remote,
+                proto: want.proto,
+                mac: want.mac,
+                ..now
+            },
+            &mut now,
+        );
+    }
+    write(want, &mut now);
+    writes
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -113,29 +217,88 @@ impl Steering {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(chain(&e)))?;
         prog.load().map_err(load_error)?;
-        Ok(Steering { ebpf, program })
+        Ok(Steering {
+            ebpf,
+            program,
+            slots_v4: std::collections::HashMap::new(),
+            mac: [0; 6],
+        })
     }
 
     /// Lets packets with this outer (local, remote, protocol) through to the
-    /// AF_XDP sockets: into the program's table of the key's family.
+    /// AF_XDP sockets: into the program's table of the key's family (for
+    /// IPv4, the hash map first, then the key's slot in front of it).
     pub fn add_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
         let r = match key.map_key() {
             EndpointMapKey::V4(k) => self.endpoints(maps::ENDPOINTS_V4)?.insert(k, 1, 0),
             EndpointMapKey::V6(k) => self.endpoints(maps::ENDPOINTS_V6)?.insert(k, 1, 0),
         };
-        r.map_err(|e| XdpError::Map(map_of(key), chain(&e)))
+        r.map_err(|e| XdpError::Map(map_of(key), chain(&e)))?;
+        if let EndpointMapKey::V4(k) = key.map_key() {
+            self.update_slot_v4(k, true)?;
+        }
+        Ok(())
     }
 
-    /// Stops steering packets with this outer (local, remote, protocol).
+    /// Stops steering packets with this outer (local, remote, protocol):
+    /// for IPv4, its slot first, then the hash map.
     pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), XdpError> {
         let r = match key.map_key() {
-            EndpointMapKey::V4(k) => self.endpoints(maps::ENDPOINTS_V4)?.remove(&k),
+            EndpointMapKey::V4(k) => {
+                self.update_slot_v4(k, false)?;
+                self.endpoints(maps::ENDPOINTS_V4)?.remove(&k)
+            }
             EndpointMapKey::V6(k) => self.endpoints(maps::ENDPOINTS_V6)?.remove(&k),
         };
         match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(XdpError::Map(map_of(key), chain(&e))),
         }
+    }
+
+    /// Adds `key` to (or removes it from) the keys of its slot in
+    /// `ENDPOINT_SLOTS_V4` and writes the slot's new value, in the order
+    /// [`slot_writes`] gives. The hash map holds `key` throughout.
+    fn update_slot_v4(&mut self, key: EndpointKeyV4, present: bool) -> Result<(), XdpError> {
+        let at = key.slot();
+        let mut keys = self
+            .slots_v4
+            .get(&at)
+            .map(|s| s.keys.clone())
+            .unwrap_or_default();
+        if keys.contains(&key) == present {
+            return Ok(());
+        }
+        if present {
+            keys.push(key);
+        } else {
+            keys.retain(|k| *k != key);
+        }
+        self.write_slot_v4(at, keys)
+    }
+
+    /// Brings slot `at` to the value `keys` (its keys from now on) and the
+    /// interface's MAC give it.
+    fn write_slot_v4(&mut self, at: u32, keys: Vec<EndpointKeyV4>) -> Result<(), XdpError> {
+        let cur = self.slots_v4.get(&at).map_or(EMPTY_SLOT, |s| s.written);
+        let want = slot_value(cur, &keys, self.mac);
+        let name = maps::ENDPOINT_SLOTS_V4;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(XdpError::Map(name, "missing".into()))?;
+        let mut arr: Array<_, EndpointSlotV4> =
+            Array::try_from(map).map_err(|e| XdpError::Map(name, chain(&e)))?;
+        for w in slot_writes(cur, want) {
+            let r = arr.set(at, w, 0);
+            if r.is_ok() {
+                self.slots_v4.entry(at).or_default().written = w;
+            }
+            r.map_err(|e| XdpError::Map(name, chain(&e)))?;
+        }
+        let slot = self.slots_v4.entry(at).or_default();
+        slot.keys = keys;
+        Ok(())
     }
 
     /// The endpoint table `name`, with keys of type `K`.
@@ -148,6 +311,62 @@ impl Steering {
             .map_mut(name)
             .ok_or(XdpError::Map(name, "missing".into()))?;
         HashMap::try_from(map).map_err(|e| XdpError::Map(name, chain(&e)))
+    }
+
+    /// Runs the loaded program once on `frame` with BPF_PROG_TEST_RUN (as
+    /// if received on RX queue 0) and returns its action.
+    #[cfg(test)]
+    #[allow(unsafe_code)]
+    fn test_run(&self, frame: &[u8]) -> u32 {
+        use std::os::fd::{AsFd, AsRawFd};
+        let prog: &Xdp = self
+            .ebpf
+            .program(self.program)
+            .expect("loaded")
+            .try_into()
+            .expect("an XDP program");
+        let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
+        // The leading fields of `union bpf_attr` for BPF_PROG_TEST_RUN
+        // (include/uapi/linux/bpf.h); the kernel zero-extends a shorter
+        // attribute.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+        }
+        let mut attr = TestRun {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: `attr` is a valid, initialised prefix of `bpf_attr` that
+        // outlives the call; `data_in` points at `frame`, `data_size_in`
+        // bytes long, which the kernel only reads (no `data_out`).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_PROG_TEST_RUN: {}",
+            std::io::Error::last_os_error()
+        );
+        attr.retval
     }
 
     /// The kernel's id of the loaded program (what `ip link` shows as
@@ -172,7 +391,19 @@ impl Steering {
             pad: 0,
         };
         arr.set(0, s, 0)
-            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))
+            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))?;
+        // Every slot in use carries the MAC too (slots written later take
+        // it from `self.mac`).
+        self.mac = mac;
+        let used: Vec<(u32, Vec<EndpointKeyV4>)> = self
+            .slots_v4
+            .iter()
+            .map(|(at, s)| (*at, s.keys.clone()))
+            .collect();
+        for (at, keys) in used {
+            self.write_slot_v4(at, keys)?;
+        }
+        Ok(())
     }
 
     /// Puts the AF_XDP socket of RX queue `queue` into the XSKMAP.
@@ -276,6 +507,170 @@ impl std::fmt::Display for XdpAttach {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etherparse::{IpNumber, PacketBuilder};
+    use gateway_common::SLOTS_V4;
+
+    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 8];
+    const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 9];
+
+    /// An IPv4 frame to `dst_mac` from `remote` to `local` with protocol
+    /// `proto`, built by etherparse, carrying a GRE base header (for 47)
+    /// or a few bytes.
+    fn frame(dst_mac: [u8; 6], remote: [u8; 4], local: [u8; 4], proto: u8) -> Vec<u8> {
+        let payload: &[u8] = if proto == 47 {
+            &[0, 0, 0x08, 0x00, 0x45, 0, 0, 20]
+        } else {
+            &[0x45, 0, 0, 20, 0, 0, 0, 0]
+        };
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 58], dst_mac)
+            .ipv4(remote, local, 64)
+            .write(&mut out, IpNumber(proto), payload)
+            .expect("frame");
+        out
+    }
+
+    /// The counter the real program counted `frame` under (one packet).
+    fn verdict(s: &Steering, frame: &[u8]) -> XdpCounter {
+        let before = s.counters();
+        assert_eq!(s.test_run(frame), 2, "XDP_PASS (no socket in the test)");
+        let after = s.counters();
+        let moved: Vec<XdpCounter> = XdpCounter::ALL[1..]
+            .iter()
+            .copied()
+            .filter(|c| after[*c as usize] != before[*c as usize])
+            .collect();
+        assert_eq!(moved.len(), 1, "one counter per packet: {moved:?}");
+        moved[0]
+    }
+
+    /// Whether the program took it (a match is redirected, or, with no
+    /// socket bound as here, counted as `pass_no_socket`).
+    fn taken(s: &Steering, f: &[u8]) -> bool {
+        match verdict(s, f) {
+            XdpCounter::PassNoSocket => true,
+            XdpCounter::PassNoEndpoint | XdpCounter::PassOtherHost => false,
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+
+    /// Remotes (192.0.2.x) whose GRE keys to `local` share one slot of the
+    /// direct-mapped table: the inputs are chosen with the slot function,
+    /// the verdicts come from the kernel running the program.
+    fn colliding(local: [u8; 4], n: usize) -> Vec<[u8; 4]> {
+        let first = EndpointKeyV4::new(local, [198, 51, 100, 1], 47).slot();
+        let mut out = vec![[198, 51, 100, 1]];
+        for i in 0..=u16::MAX {
+            let r = [203, 0, (i >> 8) as u8, i as u8];
+            if EndpointKeyV4::new(local, r, 47).slot() == first {
+                out.push(r);
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+        assert_eq!(out.len(), n, "{n} keys sharing a slot of {SLOTS_V4}");
+        out
+    }
+
+    /// The program and userspace agree on every slot state: one key in its
+    /// slot, keys sharing a slot (the hash map answers), a slot emptied, a
+    /// shared slot back to one key, and a key that merely shares a slot
+    /// with configured ones is passed. Needs root (it loads the program).
+    #[test]
+    fn the_direct_mapped_table_and_the_hash_map_agree_with_the_program() {
+        // SAFETY: geteuid has no preconditions.
+        #[allow(unsafe_code)]
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the XDP program needs root");
+            return;
+        }
+        let mut s = Steering::load().expect("load the program");
+        let local = [192, 0, 2, 8];
+        let r = colliding(local, 4);
+        let key = |remote: [u8; 4]| EndpointKey::v4(local, remote, 47);
+        let f = |remote: [u8; 4]| frame(MAC, remote, local, 47);
+
+        // Endpoints added before the MAC is known, and after.
+        s.add_endpoint(&key(r[0])).unwrap();
+        assert!(taken(&s, &f(r[0])));
+        s.set_mac(MAC).unwrap();
+        assert!(taken(&s, &f(r[0])), "one key alone in its slot");
+        assert!(!taken(&s, &f(r[1])), "same slot, not configured");
+        assert_eq!(
+            verdict(&s, &frame(OTHER_MAC, r[0], local, 47)),
+            XdpCounter::PassOtherHost
+        );
+        // A multicast destination is not another host's.
+        assert!(taken(&s, &frame([0x01, 0, 0x5e, 0, 0, 1], r[0], local, 47)));
+        // The same addresses with IPIP: another key.
+        assert!(!taken(&s, &frame(MAC, r[0], local, 4)));
+
+        // Three keys in one slot: the hash map answers.
+        s.add_endpoint(&key(r[1])).unwrap();
+        s.add_endpoint(&key(r[2])).unwrap();
+        for (i, remote) in r.iter().enumerate() {
+            assert_eq!(taken(&s, &f(*remote)), i < 3, "shared slot, remote {i}");
+        }
+        assert_eq!(
+            verdict(&s, &frame(OTHER_MAC, r[1], local, 47)),
+            XdpCounter::PassOtherHost
+        );
+
+        // Back to one key (not the first one), then to none.
+        s.remove_endpoint(&key(r[0])).unwrap();
+        s.remove_endpoint(&key(r[1])).unwrap();
+        assert!(!taken(&s, &f(r[0])));
+        assert!(!taken(&s, &f(r[1])));
+        assert!(taken(&s, &f(r[2])), "the one key left in the slot");
+        s.remove_endpoint(&key(r[2])).unwrap();
+        for remote in &r {
+            assert!(!taken(&s, &f(*remote)));
+        }
+        // And a new key in the emptied slot.
+        s.add_endpoint(&key(r[3])).unwrap();
+        assert!(taken(&s, &f(r[3])));
+        assert!(!taken(&s, &f(r[2])));
+    }
+
+    /// Each write sequence keeps the invariant the program relies on: the
+    /// key changes only while the state is not "one key", before and after
+    /// the write, and the state only with the key unchanged.
+    #[test]
+    fn slot_writes_never_change_key_and_state_together() {
+        let k = |n: u8| EndpointKeyV4::new([10, 0, 0, n], [10, 0, 1, n], 47);
+        let sets: Vec<Vec<EndpointKeyV4>> = vec![
+            vec![],
+            vec![k(1)],
+            vec![k(2)],
+            vec![k(1), k(2)],
+            vec![k(2), k(3)],
+            vec![k(1), k(2), k(3)],
+        ];
+        for mac in [[0; 6], MAC] {
+            for from in &sets {
+                for to in &sets {
+                    let cur = slot_value(EMPTY_SLOT, from, [0; 6]);
+                    let want = slot_value(cur, to, mac);
+                    let mut now = cur;
+                    for w in slot_writes(cur, want) {
+                        let key_moved = !same_key(&now, &w);
+                        let state_moved = now.state != w.state;
+                        assert!(!(key_moved && state_moved), "{now:?} -> {w:?}");
+                        if key_moved {
+                            assert!(
+                                now.state != SLOT_ONE && w.state != SLOT_ONE,
+                                "{now:?} -> {w:?}"
+                            );
+                        }
+                        now = w;
+                    }
+                    assert_eq!(now, want, "{from:?} -> {to:?}");
+                    assert_eq!(now.mac, mac);
+                }
+            }
+        }
+    }
 
     #[test]
     fn seen_is_the_sum_of_every_verdict_over_every_cpu() {
