@@ -148,29 +148,35 @@ impl EndpointKeyV6 {
 /// (`ENDPOINT_SLOTS_V4`), in front of the hash map: a power of two.
 pub const SLOTS_V4: u32 = 16384;
 
-/// Slot state: no configured IPv4 endpoint hashes to this slot.
+/// Slot kind: no configured IPv4 endpoint hashes to this slot.
 pub const SLOT_EMPTY: u8 = 0;
-/// Slot state: exactly one does, and the slot holds its key.
+/// Slot kind: exactly one does, and the slot holds its key.
 pub const SLOT_ONE: u8 = 1;
-/// Slot state: more than one does; the hash map (`ENDPOINTS_V4`) answers.
+/// Slot kind: more than one does; the hash map (`ENDPOINTS_V4`) answers.
 pub const SLOT_MANY: u8 = 2;
+/// The bits of [`EndpointSlotV4::state`] that hold the kind; the six above
+/// them count the slot's writes (a generation, modulo 64).
+pub const SLOT_KIND_MASK: u8 = 3;
 
 /// One slot of `ENDPOINT_SLOTS_V4`: 16 bytes, so a slot never straddles
 /// a cache line, and with the interface's MAC in it, so the common
 /// packet's whole verdict comes from this one line.
 ///
-/// The program compares the key (`local`, `remote`, `proto`) only when
-/// `state` is [`SLOT_ONE`]; userspace changes the key only while `state`
-/// is something else, and `state` only with the key unchanged (the
-/// gateway's `io/xdp.rs`), so a slot read while it is being written (a
-/// copy of 16 bytes, not atomic) gives a packet the verdict of its old or
-/// of its new value.
+/// Userspace rewrites a slot with a plain copy of 16 bytes while the
+/// program may be reading it, so the two keep to a protocol (the gateway's
+/// `io/xdp.rs`, the program's `find_v4`): userspace changes the key only
+/// while the kind is not [`SLOT_ONE`], the kind only with the key
+/// unchanged, and bumps the generation with every write; the program
+/// reads `state`, then the key and MAC, then `state` again, and trusts
+/// the key only when both reads agree (else it asks the hash map, which
+/// holds every key of a slot being rewritten).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointSlotV4 {
     pub local: [u8; 4],
     pub remote: [u8; 4],
     pub proto: u8,
+    /// Kind (low two bits, [`SLOT_KIND_MASK`]) and generation.
     pub state: u8,
     /// The interface's MAC as [`Settings::mac`] (zeros before it is set):
     /// a unicast frame to it needs no look at `SETTINGS`.
@@ -178,11 +184,9 @@ pub struct EndpointSlotV4 {
 }
 
 impl EndpointSlotV4 {
-    /// Whether this slot's key is `key`.
-    pub const fn holds(&self, key: &EndpointKeyV4) -> bool {
-        u32::from_ne_bytes(self.local) == u32::from_ne_bytes(key.local)
-            && u32::from_ne_bytes(self.remote) == u32::from_ne_bytes(key.remote)
-            && self.proto == key.proto
+    /// The slot's kind: [`SLOT_EMPTY`], [`SLOT_ONE`] or [`SLOT_MANY`].
+    pub const fn kind(&self) -> u8 {
+        self.state & SLOT_KIND_MASK
     }
 }
 

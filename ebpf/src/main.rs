@@ -7,10 +7,12 @@
 //! `XDP_PASS`, untouched. Every packet is counted once, under the reason for
 //! its verdict (userspace adds them up as `seen`).
 //!
-//! The common case, IPv4 GRE or IPIP from a configured remote, costs two
-//! inlined array lookups (the interface's MAC, the key's slot in the
-//! direct-mapped endpoint table), the redirect, and one per-CPU counter
-//! lookup; the hash map is looked up only for keys that share a slot.
+//! The common case, IPv4 GRE or IPIP from a configured remote to this
+//! host's MAC, costs one inlined array lookup (the key's slot in the
+//! direct-mapped endpoint table, which holds the MAC too), the redirect,
+//! and one per-CPU counter lookup; the hash map is looked up only for keys
+//! that share a slot, and the `SETTINGS` map (the MAC) only when the slot
+//! did not vouch for the destination.
 //!
 //! Built for `bpfel-unknown-none` by `gateway/build.rs`; on the host it
 //! compiles to an empty binary so that workspace-wide lints work.
@@ -27,9 +29,9 @@ mod prog {
         programs::XdpContext,
     };
     use gateway_common::{
-        slot_v4, EndpointKeyV4, EndpointKeyV6, EndpointSlotV4, Settings, XdpCounter, XdpCounters,
-        IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6, MAX_ENDPOINTS, MAX_QUEUES, SLOTS_V4, SLOT_MANY,
-        SLOT_ONE,
+        EndpointKeyV4, EndpointKeyV6, EndpointSlotV4, Settings, XdpCounter, XdpCounters,
+        IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6, MAX_ENDPOINTS, MAX_QUEUES, SLOTS_V4,
+        SLOT_KIND_MASK, SLOT_MANY, SLOT_ONE,
     };
 
     const ETH_HLEN: usize = 14;
@@ -54,7 +56,8 @@ mod prog {
     static ENDPOINT_SLOTS_V4: Array<EndpointSlotV4> = Array::with_max_entries(SLOTS_V4, 0);
 
     // The configured endpoints, one table per family: a key's presence is
-    // the answer, its value (1) is never read.
+    // the answer (for IPv4, asked only when the key's slot says so), its
+    // value (1) is never read.
     #[map(name = "ENDPOINTS_V4")]
     static ENDPOINTS_V4: HashMap<EndpointKeyV4, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
@@ -147,12 +150,13 @@ mod prog {
     /// interface's (once userspace has told the program its MAC).
     #[inline(always)]
     fn for_this_host(pkt: Packet) -> Result<(), XdpCounter> {
-        let Some(eth) = pkt.bytes::<6>(0) else {
+        // A runt (shorter than an Ethernet header) is `PassTruncated`.
+        let Some(eth) = pkt.bytes::<ETH_HLEN>(0) else {
             return Ok(());
         };
         if eth[0] & 1 == 0 {
             if let Some(s) = SETTINGS.get(0) {
-                if s.mac_set != 0 && *eth != s.mac {
+                if s.mac_set != 0 && eth[0..6] != s.mac {
                     return Err(XdpCounter::PassOtherHost);
                 }
             }
@@ -369,22 +373,51 @@ mod prog {
     }
 
     /// Looks `key` up: its slot of the direct-mapped table, and the hash
-    /// map only when more than one key hashes to that slot.
+    /// map only when more than one key hashes to that slot, or when the
+    /// slot changed while it was read (the protocol of
+    /// [`EndpointSlotV4`]: its state, then its key and MAC, then its state
+    /// again; volatile, so the compiler keeps that order).
     #[inline(always)]
-    #[allow(clippy::needless_borrows_for_generic_args)]
     fn find_v4(key: &Key<EndpointKeyV4>) -> Found {
         let k = &key.0;
-        let at = slot_v4(
-            u32::from_ne_bytes(k.local),
-            u32::from_ne_bytes(k.remote),
-            u32::from_ne_bytes([k.proto, k.pad[0], k.pad[1], k.pad[2]]),
-        );
-        match ENDPOINT_SLOTS_V4.get(at) {
-            Some(slot) if slot.state == SLOT_ONE && slot.holds(k) => Found::InSlot(slot.mac),
-            Some(slot) if slot.state == SLOT_MANY && ENDPOINTS_V4.get_ptr(k).is_some() => {
-                Found::InMap
+        let Some(slot) = ENDPOINT_SLOTS_V4.get(k.slot()) else {
+            return Found::No;
+        };
+        // The volatile reads below are of `slot`, a reference into the
+        // array map's value (valid while the program runs), at fields of
+        // plain bytes and words at their natural alignment.
+        // SAFETY: as just said.
+        let state = unsafe { core::ptr::read_volatile(&slot.state) };
+        let kind = state & SLOT_KIND_MASK;
+        if kind == SLOT_ONE {
+            // SAFETY: as above.
+            let (local, remote, proto, mac) = unsafe {
+                (
+                    core::ptr::read_volatile(&slot.local as *const [u8; 4] as *const u32),
+                    core::ptr::read_volatile(&slot.remote as *const [u8; 4] as *const u32),
+                    core::ptr::read_volatile(&slot.proto),
+                    core::ptr::read_volatile(&slot.mac),
+                )
+            };
+            // SAFETY: as above.
+            let again = unsafe { core::ptr::read_volatile(&slot.state) };
+            if again == state {
+                let matches = local == u32::from_ne_bytes(k.local)
+                    && remote == u32::from_ne_bytes(k.remote)
+                    && proto == k.proto;
+                return if matches {
+                    Found::InSlot(mac)
+                } else {
+                    Found::No
+                };
             }
-            _ => Found::No,
+        } else if kind != SLOT_MANY {
+            return Found::No;
+        }
+        if ENDPOINTS_V4.get_ptr(k).is_some() {
+            Found::InMap
+        } else {
+            Found::No
         }
     }
 

@@ -482,6 +482,75 @@ fn hundred_thousand_packets_are_all_accounted_for() {
     assert_accounting(&s);
 }
 
+/// The gateway's own underlay MAC changes while it runs: tunnel packets to
+/// the new MAC are taken, and one to the old MAC is another host's
+/// (`pass_other_host`), as the kernel would have it.
+#[test]
+fn the_xdp_program_follows_the_underlays_new_mac() {
+    if !require_root("the_xdp_program_follows_the_underlays_new_mac") {
+        return;
+    }
+    let l = lab("in5");
+    let inner = pkt::icmp_echo([10, 1, 1, 2], [10, 1, 1, 1], 1, b"mac change");
+    let to = |mac: [u8; 6]| pkt::outer(mac, REMOTE, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &inner));
+    let old = l.gw_mac;
+    let new = [0x02, 0, 0, 0, 0x0b, 0x08];
+    l.tx.send(&to(old));
+    wait_until(
+        "the first packet delivered",
+        Duration::from_secs(20),
+        || {
+            let s = l.gw.stats();
+            (worker_sum(&s, "delivered") == 1)
+                .then_some(())
+                .ok_or(s.to_string())
+        },
+    );
+    l.wire
+        .gw
+        .ip(&["link", "set", "ens0", "address", "02:00:00:00:0b:08"]);
+    l.wire.peer.ip(&["neigh", "flush", "dev", "ens0"]);
+    // Until the gateway has seen the change, a packet to the old MAC is
+    // still taken: send one now and then until one is not delivered. (The
+    // kernel's own frames to the old MAC count as another host's too, so
+    // that counter alone does not say the change was seen.)
+    let mut sent_old = 0;
+    wait_until(
+        "a packet to the old MAC no longer delivered",
+        Duration::from_secs(30),
+        || {
+            let before = l.gw.settled_stats();
+            l.tx.send(&to(old));
+            sent_old += 1;
+            let after = l.gw.settled_stats_after(&before);
+            let delivered = worker_sum(&after, "delivered") - worker_sum(&before, "delivered");
+            (delivered == 0)
+                .then_some(())
+                .ok_or(format!("{delivered} delivered: {after}"))
+        },
+    );
+    let before = l.gw.settled_stats();
+    for _ in 0..5 {
+        l.tx.send(&to(new));
+        l.tx.send(&to(old));
+    }
+    let after = l.gw.settled_stats_after(&before);
+    let d = |s: &serde_json::Value| {
+        (
+            worker_sum(s, "delivered"),
+            u64_at(s, &["xdp", "pass_other_host"]),
+        )
+    };
+    let ((d0, o0), (d1, o1)) = (d(&before), d(&after));
+    assert_eq!(
+        d1 - d0,
+        5,
+        "to the new MAC delivered, to the old one not ({sent_old} sent before): {after}"
+    );
+    assert!(o1 - o0 >= 5, "to the old MAC, another host's: {after}");
+    assert_accounting(&after);
+}
+
 fn underlay_answers(peer: &NetNs) -> bool {
     peer.exec(&["ping", "-c", "1", "-W", "2", "192.168.0.8"]).0
 }

@@ -10,7 +10,7 @@ use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use gateway_common::{
     maps, EndpointKey, EndpointKeyV4, EndpointMapKey, EndpointSlotV4, Settings, XdpCounter,
-    XdpCounters, PROGRAM_NAME, SLOT_EMPTY, SLOT_MANY, SLOT_ONE, XDP_COUNTER_COUNT,
+    XdpCounters, PROGRAM_NAME, SLOT_EMPTY, SLOT_KIND_MASK, SLOT_MANY, SLOT_ONE, XDP_COUNTER_COUNT,
 };
 
 /// The object built from `ebpf/` by `build.rs`.
@@ -31,8 +31,9 @@ pub enum XdpError {
 pub struct Steering {
     ebpf: Ebpf,
     program: &'static str,
-    /// What userspace last wrote to each non-empty slot of
-    /// `ENDPOINT_SLOTS_V4`, and the configured keys that hash there.
+    /// What userspace last wrote to each slot of `ENDPOINT_SLOTS_V4` it
+    /// has written (an emptied slot stays, with its generation), and the
+    /// configured keys that hash there.
     slots_v4: std::collections::HashMap<u32, SlotV4>,
     /// The interface's MAC as last set (zeros before), kept in every slot.
     mac: [u8; 6],
@@ -67,11 +68,13 @@ const EMPTY_SLOT: EndpointSlotV4 = EndpointSlotV4 {
 
 /// The value a slot holding `keys` should have, given its value now
 /// (`cur`): the one key and `SLOT_ONE`, or `SLOT_EMPTY` / `SLOT_MANY`
-/// with the key left as it is; `mac` in every case.
+/// with the key left as it is; `mac` in every case; the generation as
+/// `cur`'s ([`slot_writes`] bumps it).
 fn slot_value(cur: EndpointSlotV4, keys: &[EndpointKeyV4], mac: [u8; 6]) -> EndpointSlotV4 {
+    let generation = cur.state & !SLOT_KIND_MASK;
     match keys {
         [] => EndpointSlotV4 {
-            state: SLOT_EMPTY,
+            state: generation | SLOT_EMPTY,
             mac,
             ..cur
         },
@@ -79,11 +82,11 @@ fn slot_value(cur: EndpointSlotV4, keys: &[EndpointKeyV4], mac: [u8; 6]) -> Endp
             local: one.local,
             remote: one.remote,
             proto: one.proto,
-            state: SLOT_ONE,
+            state: generation | SLOT_ONE,
             mac,
         },
         _ => EndpointSlotV4 {
-            state: SLOT_MANY,
+            state: generation | SLOT_MANY,
             mac,
             ..cur
         },
@@ -95,24 +98,36 @@ fn same_key(a: &EndpointSlotV4, b: &EndpointSlotV4) -> bool {
     (a.local, a.remote, a.proto) == (b.local, b.remote, b.proto)
 }
 
-/// The writes that take a slot from `cur` to `want` such that the program,
-/// reading the slot at any moment (a write is a copy of 16 bytes, not
-/// atomic), never compares a key that is half old and half new: the key
-/// changes only while the state is not `SLOT_ONE` before and after, and
-/// the state only with the key unchanged. `SLOT_MANY` (ask the hash map,
-/// which holds every key being added or removed while its slot changes) is
-/// the safe state in between. The MAC goes with the first write.
+/// Whether two slots are alike but for their generation.
+fn alike(a: &EndpointSlotV4, b: &EndpointSlotV4) -> bool {
+    same_key(a, b) && a.kind() == b.kind() && a.mac == b.mac
+}
+
+/// The writes that take a slot from `cur` to `want` (kind, key and MAC)
+/// by the protocol of [`EndpointSlotV4`]: the key changes only while the
+/// kind is not `SLOT_ONE` before and after the write, the kind only with
+/// the key unchanged, and every write bumps the generation, so the
+/// program, which compares a key only when it read the same state before
+/// and after it, never trusts a half-written one. `SLOT_MANY` (ask the
+/// hash map, which holds every key being added or removed while its slot
+/// changes) is the safe kind in between. The MAC goes with the first
+/// write.
 fn slot_writes(cur: EndpointSlotV4, want: EndpointSlotV4) -> Vec<EndpointSlotV4> {
     let mut writes = Vec::with_capacity(3);
     let mut now = cur;
     let mut write = |w: EndpointSlotV4, now: &mut EndpointSlotV4| {
-        if w != *now {
+        if !alike(&w, now) {
+            let generation = (now.state & !SLOT_KIND_MASK).wrapping_add(SLOT_KIND_MASK + 1);
+            let w = EndpointSlotV4 {
+                state: generation | w.kind(),
+                ..w
+            };
             writes.push(w);
             *now = w;
         }
     };
     if !same_key(&cur, &want) {
-        if now.state == SLOT_ONE {
+        if now.kind() == SLOT_ONE {
             write(
                 EndpointSlotV4 {
                     state: SLOT_MANY,
@@ -235,7 +250,14 @@ impl Steering {
         };
         r.map_err(|e| XdpError::Map(map_of(key), chain(&e)))?;
         if let EndpointMapKey::V4(k) = key.map_key() {
-            self.update_slot_v4(k, true)?;
+            if let Err(e) = self.update_slot_v4(k, true) {
+                // Not half added: out of the hash map again (a shared
+                // slot would otherwise let it in).
+                let _ = self
+                    .endpoints::<EndpointKeyV4>(maps::ENDPOINTS_V4)?
+                    .remove(&k);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -246,7 +268,13 @@ impl Steering {
         let r = match key.map_key() {
             EndpointMapKey::V4(k) => {
                 self.update_slot_v4(k, false)?;
-                self.endpoints(maps::ENDPOINTS_V4)?.remove(&k)
+                let r = self.endpoints(maps::ENDPOINTS_V4)?.remove(&k);
+                if !matches!(r, Ok(()) | Err(aya::maps::MapError::KeyNotFound)) {
+                    // Still in the hash map, so still configured: back in
+                    // its slot too.
+                    let _ = self.update_slot_v4(k, true);
+                }
+                r
             }
             EndpointMapKey::V6(k) => self.endpoints(maps::ENDPOINTS_V6)?.remove(&k),
         };
@@ -350,8 +378,10 @@ impl Steering {
         };
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
         // SAFETY: `attr` is a valid, initialised prefix of `bpf_attr` that
-        // outlives the call; `data_in` points at `frame`, `data_size_in`
-        // bytes long, which the kernel only reads (no `data_out`).
+        // outlives the call, and writable: the kernel writes `retval`,
+        // `data_size_out` and `duration` back into it; `data_in` points at
+        // `frame`, `data_size_in` bytes long, which the kernel only reads
+        // (no `data_out`, no context).
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -379,6 +409,20 @@ impl Steering {
     /// Tells the program the interface's MAC, so frames unicast to other
     /// hosts are left to the kernel.
     pub fn set_mac(&mut self, mac: [u8; 6]) -> Result<(), XdpError> {
+        // The slots in use first (slots written later take the MAC from
+        // `self.mac`), then SETTINGS: once SETTINGS says the new MAC, so
+        // does every slot. Meanwhile a frame to the old MAC may still be
+        // taken, and one to the new MAC at a slot already rewritten; the
+        // gateway's own outer headers use the new one from the start.
+        self.mac = mac;
+        let used: Vec<(u32, Vec<EndpointKeyV4>)> = self
+            .slots_v4
+            .iter()
+            .map(|(at, s)| (*at, s.keys.clone()))
+            .collect();
+        for (at, keys) in used {
+            self.write_slot_v4(at, keys)?;
+        }
         let map = self
             .ebpf
             .map_mut(maps::SETTINGS)
@@ -391,19 +435,7 @@ impl Steering {
             pad: 0,
         };
         arr.set(0, s, 0)
-            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))?;
-        // Every slot in use carries the MAC too (slots written later take
-        // it from `self.mac`).
-        self.mac = mac;
-        let used: Vec<(u32, Vec<EndpointKeyV4>)> = self
-            .slots_v4
-            .iter()
-            .map(|(at, s)| (*at, s.keys.clone()))
-            .collect();
-        for (at, keys) in used {
-            self.write_slot_v4(at, keys)?;
-        }
-        Ok(())
+            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))
     }
 
     /// Puts the AF_XDP socket of RX queue `queue` into the XSKMAP.
@@ -554,7 +586,7 @@ mod tests {
         }
     }
 
-    /// Remotes (192.0.2.x) whose GRE keys to `local` share one slot of the
+    /// Remotes (198.51.100.1, then 203.0.x.x) whose GRE keys to `local` share one slot of the
     /// direct-mapped table: the inputs are chosen with the slot function,
     /// the verdicts come from the kernel running the program.
     fn colliding(local: [u8; 4], n: usize) -> Vec<[u8; 4]> {
@@ -573,16 +605,75 @@ mod tests {
         out
     }
 
+    /// The slot `key` is in, as the map holds it.
+    fn slot_of(s: &Steering, key: &EndpointKeyV4) -> EndpointSlotV4 {
+        let map = s.ebpf.map(maps::ENDPOINT_SLOTS_V4).expect("slots");
+        let arr: Array<_, EndpointSlotV4> = Array::try_from(map).expect("an array");
+        arr.get(&key.slot(), 0).expect("a slot")
+    }
+
+    /// Writes the `SETTINGS` entry alone, as a program that disagreed
+    /// with its slots would see it.
+    fn settings_mac(s: &mut Steering, mac: [u8; 6]) {
+        let map = s.ebpf.map_mut(maps::SETTINGS).expect("settings");
+        let mut arr: Array<_, Settings> = Array::try_from(map).expect("an array");
+        let v = Settings {
+            mac,
+            mac_set: 1,
+            pad: 0,
+        };
+        arr.set(0, v, 0).expect("settings written");
+    }
+
+    /// A slot that holds its key and the interface's MAC vouches for the
+    /// destination without `SETTINGS`; `set_mac` rewrites every slot in
+    /// use. Needs root.
+    #[test]
+    fn a_slot_vouches_for_its_mac_and_set_mac_rewrites_the_slots() {
+        if !am_root("a_slot_vouches_for_its_mac_and_set_mac_rewrites_the_slots") {
+            return;
+        }
+        let mut s = Steering::load().expect("load the program");
+        let local = [192, 0, 2, 8];
+        let remote = [198, 51, 100, 1];
+        let k4 = EndpointKeyV4::new(local, remote, 47);
+        s.add_endpoint(&EndpointKey::v4(local, remote, 47)).unwrap();
+        assert_eq!(slot_of(&s, &k4).mac, [0; 6]);
+        s.set_mac(OTHER_MAC).unwrap();
+        assert_eq!(slot_of(&s, &k4).mac, OTHER_MAC);
+        s.set_mac(MAC).unwrap();
+        let slot = slot_of(&s, &k4);
+        assert_eq!((slot.mac, slot.kind()), (MAC, SLOT_ONE));
+        // SETTINGS now says another MAC: a frame to the slot's MAC is
+        // still taken (the slot vouched), one to a third MAC is not.
+        settings_mac(&mut s, OTHER_MAC);
+        assert!(taken(&s, &frame(MAC, remote, local, 47)));
+        assert_eq!(
+            verdict(&s, &frame([0x02, 0, 0, 0, 0, 0x77], remote, local, 47)),
+            XdpCounter::PassOtherHost
+        );
+        // (A runt, shorter than an Ethernet header, cannot be run here:
+        // BPF_PROG_TEST_RUN refuses frames under 14 bytes.)
+    }
+
+    /// Whether the tests run as root; says so when they do not.
+    fn am_root(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        #[allow(unsafe_code)]
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("SKIPPED {test}: loading the XDP program needs root");
+        }
+        root
+    }
+
     /// The program and userspace agree on every slot state: one key in its
     /// slot, keys sharing a slot (the hash map answers), a slot emptied, a
     /// shared slot back to one key, and a key that merely shares a slot
     /// with configured ones is passed. Needs root (it loads the program).
     #[test]
     fn the_direct_mapped_table_and_the_hash_map_agree_with_the_program() {
-        // SAFETY: geteuid has no preconditions.
-        #[allow(unsafe_code)]
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the XDP program needs root");
+        if !am_root("the_direct_mapped_table_and_the_hash_map_agree_with_the_program") {
             return;
         }
         let mut s = Steering::load().expect("load the program");
@@ -633,11 +724,15 @@ mod tests {
         assert!(!taken(&s, &f(r[2])));
     }
 
-    /// Each write sequence keeps the invariant the program relies on: the
-    /// key changes only while the state is not "one key", before and after
-    /// the write, and the state only with the key unchanged.
+    /// Each write keeps the protocol the program relies on: the key
+    /// changes only while the kind is not "one key", before and after the
+    /// write, the kind only with the key unchanged, and the generation with
+    /// every write; the last write is what was wanted. Over a walk through
+    /// every pair of key sets, each starting where the last one ended (so
+    /// from emptied and shared slots still holding an earlier key), with
+    /// the MAC changing on the way.
     #[test]
-    fn slot_writes_never_change_key_and_state_together() {
+    fn slot_writes_keep_the_protocol_over_any_walk() {
         let k = |n: u8| EndpointKeyV4::new([10, 0, 0, n], [10, 0, 1, n], 47);
         let sets: Vec<Vec<EndpointKeyV4>> = vec![
             vec![],
@@ -647,29 +742,42 @@ mod tests {
             vec![k(2), k(3)],
             vec![k(1), k(2), k(3)],
         ];
-        for mac in [[0; 6], MAC] {
-            for from in &sets {
-                for to in &sets {
-                    let cur = slot_value(EMPTY_SLOT, from, [0; 6]);
-                    let want = slot_value(cur, to, mac);
-                    let mut now = cur;
-                    for w in slot_writes(cur, want) {
-                        let key_moved = !same_key(&now, &w);
-                        let state_moved = now.state != w.state;
-                        assert!(!(key_moved && state_moved), "{now:?} -> {w:?}");
-                        if key_moved {
-                            assert!(
-                                now.state != SLOT_ONE && w.state != SLOT_ONE,
-                                "{now:?} -> {w:?}"
-                            );
-                        }
-                        now = w;
+        let mut now = EMPTY_SLOT;
+        let mut writes_seen = 0;
+        for (step, (from, to)) in sets
+            .iter()
+            .flat_map(|a| sets.iter().map(move |b| (a, b)))
+            .enumerate()
+        {
+            let mac = if step % 7 < 3 { [0; 6] } else { MAC };
+            for keys in [from, to] {
+                let want = slot_value(now, keys, mac);
+                for w in slot_writes(now, want) {
+                    let key_moved = !same_key(&now, &w);
+                    assert!(!(key_moved && now.kind() != w.kind()), "{now:?} -> {w:?}");
+                    if key_moved {
+                        assert!(
+                            now.kind() != SLOT_ONE && w.kind() != SLOT_ONE,
+                            "{now:?} -> {w:?}"
+                        );
                     }
-                    assert_eq!(now, want, "{from:?} -> {to:?}");
-                    assert_eq!(now.mac, mac);
+                    assert_ne!(now.state, w.state, "every write a new generation");
+                    now = w;
+                    writes_seen += 1;
+                }
+                assert!(alike(&now, &want), "{keys:?}: {now:?} against {want:?}");
+                assert_eq!(now.mac, mac);
+                if let [one] = keys.as_slice() {
+                    assert!(
+                        now.kind() == SLOT_ONE && same_key(&now, &slot_value(now, &[*one], mac))
+                    );
                 }
             }
         }
+        assert!(
+            writes_seen > 36,
+            "the walk wrote slots ({writes_seen} writes)"
+        );
     }
 
     #[test]

@@ -18,15 +18,21 @@ impl Gateway {
         };
         // The underlay's MAC: the outer source, and what the XDP program
         // takes as ours.
-        if let (Some(m), old) = (link.mac, self.underlay.mac) {
-            if Some(m) != old {
+        let old_mac = self.underlay.mac;
+        let mut mac_pending = false;
+        if let Some(m) = link.mac {
+            if Some(m) != old_mac {
                 tracing::info!(
                     "{iface} changed its MAC to {}",
                     crate::control::neighbour::format_mac(&m)
                 );
                 self.tunnels.next_hops.set_local(m);
                 if let Err(e) = self.steering.set_mac(m) {
-                    tracing::warn!("{e}");
+                    // Tried again at the next look (it is idempotent): a
+                    // slot left with the old MAC would take frames sent to
+                    // it.
+                    tracing::warn!("{e}; trying again");
+                    mac_pending = true;
                 }
             }
         }
@@ -57,6 +63,9 @@ impl Gateway {
             self.xdp_seen = link.xdp_prog;
         }
         self.underlay = link;
+        if mac_pending {
+            self.underlay.mac = old_mac;
+        }
 
         // Devices deleted from under us (or failing) come back.
         let failed: Vec<bool> = {
