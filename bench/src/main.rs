@@ -297,7 +297,7 @@ fn main() -> Result<()> {
         });
     let gw_final = gw.stats()?;
     // Stops the gateway half way: its ceiling runs without it.
-    let xdp_cost = xdp_cost::section(&bench, gw, &gw_ns, &udp, Some(decap.ndr))?;
+    let xdp_cost = xdp_cost::section(&bench, gw, &gw_ns, &udp, Some(decap.ndr), &out_dir)?;
 
     // Ceiling (c): the bare veth's round trip at the same rates.
     let bare = ceiling::bare_round_trip(&bench, &bare, &rt.levels)?;

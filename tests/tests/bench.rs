@@ -121,12 +121,28 @@ fn quick_bench_writes_json_hgrm_and_plot() {
         "breakdown: {}",
         json["breakdown"]
     );
-    // The XDP run time: both programs ran, and were timed.
+    // The XDP run time: both programs ran, and were timed, in every round.
+    let rounds = json["xdp_cost"]["rounds"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rounds.len(), 3, "xdp_cost: {}", json["xdp_cost"]);
+    for round in &rounds {
+        for prog in ["steering", "redirect_all"] {
+            let p = &round[prog];
+            assert!(
+                p["runs"].as_u64().is_some_and(|v| v > 0)
+                    && p["ns_per_run"].as_f64().is_some_and(|v| v > 0.0),
+                "xdp_cost.{prog}: {}",
+                json["xdp_cost"]
+            );
+        }
+    }
     for prog in ["steering", "redirect_all"] {
-        let p = &json["xdp_cost"][prog];
         assert!(
-            p["runs"].as_u64().is_some_and(|v| v > 0)
-                && p["ns_per_run"].as_f64().is_some_and(|v| v > 0.0),
+            json["xdp_cost"][prog]["ns_per_run"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
             "xdp_cost.{prog}: {}",
             json["xdp_cost"]
         );
