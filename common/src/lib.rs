@@ -158,18 +158,23 @@ pub const SLOT_MANY: u8 = 2;
 /// them count the slot's writes (a generation, modulo 64).
 pub const SLOT_KIND_MASK: u8 = 3;
 
-/// One slot of `ENDPOINT_SLOTS_V4`: 16 bytes, so a slot never straddles
-/// a cache line, and with the interface's MAC in it, so the common
-/// packet's whole verdict comes from this one line.
+/// One slot of `ENDPOINT_SLOTS_V4`: 16 bytes (one cache line, the kernel
+/// placing array values at least 8-aligned: at worst two), with the
+/// interface's MAC in it, so the common packet's whole verdict comes from
+/// this one slot.
 ///
 /// Userspace rewrites a slot with a plain copy of 16 bytes while the
 /// program may be reading it, so the two keep to a protocol (the gateway's
-/// `io/xdp.rs`, the program's `find_v4`): userspace changes the key only
-/// while the kind is not [`SLOT_ONE`], the kind only with the key
-/// unchanged, and bumps the generation with every write; the program
-/// reads `state`, then the key and MAC, then `state` again, and trusts
-/// the key only when both reads agree (else it asks the hash map, which
-/// holds every key of a slot being rewritten).
+/// `io/xdp.rs`, the program's `find_v4`): userspace changes the key and
+/// the MAC only while the kind is not [`SLOT_ONE`], the kind only with key
+/// and MAC unchanged, and bumps the generation with every write; the
+/// program reads `state`, then the key and MAC, then `state` again, and
+/// trusts them only when both reads agree (else it asks the hash map,
+/// which holds every key of a slot being rewritten). The order of the
+/// program's reads is kept by the compiler (volatile) and, on x86-64, by
+/// the CPU; on arm64, which may reorder loads, a key being added or
+/// removed at that moment may be misjudged for that one packet (never
+/// one that stays configured, whose slot's key does not change).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointSlotV4 {

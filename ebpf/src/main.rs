@@ -11,8 +11,9 @@
 //! host's MAC, costs one inlined array lookup (the key's slot in the
 //! direct-mapped endpoint table, which holds the MAC too), the redirect,
 //! and one per-CPU counter lookup; the hash map is looked up only for keys
-//! that share a slot, and the `SETTINGS` map (the MAC) only when the slot
-//! did not vouch for the destination.
+//! that share a slot (or when the slot changed while it was read), and the
+//! `SETTINGS` map (the MAC) only when the slot did not vouch for the
+//! destination.
 //!
 //! Built for `bpfel-unknown-none` by `gateway/build.rs`; on the host it
 //! compiles to an empty binary so that workspace-wide lints work.
@@ -233,8 +234,14 @@ mod prog {
                 // has the addresses and protocol); it reassembles them.
                 let key = v4_key(ip, 16, 12, proto);
                 match find_v4(&key) {
-                    Found::InSlot(mac) if eth[0] & 1 != 0 || eth[0..6] == mac => Ok(Vouched::Yes),
-                    Found::InSlot(_) | Found::InMap => Ok(Vouched::Ask),
+                    Found::InSlot(lo, hi)
+                        if eth[0] & 1 != 0
+                            || (u16::from_ne_bytes([eth[0], eth[1]]) == lo
+                                && u32::from_ne_bytes([eth[2], eth[3], eth[4], eth[5]]) == hi) =>
+                    {
+                        Ok(Vouched::Yes)
+                    }
+                    Found::InSlot(..) | Found::InMap => Ok(Vouched::Ask),
                     Found::No => Err(XdpCounter::PassNoEndpoint),
                 }
             }
@@ -366,8 +373,9 @@ mod prog {
     /// What the IPv4 tables say of a key.
     enum Found {
         No,
-        /// In its own slot, which holds the interface's MAC.
-        InSlot([u8; 6]),
+        /// In its own slot, which holds the interface's MAC: its first two
+        /// bytes and its last four, each as one word in memory order.
+        InSlot(u16, u32),
         /// In the hash map (its slot is shared).
         InMap,
     }
@@ -376,37 +384,42 @@ mod prog {
     /// map only when more than one key hashes to that slot, or when the
     /// slot changed while it was read (the protocol of
     /// [`EndpointSlotV4`]: its state, then its key and MAC, then its state
-    /// again; volatile, so the compiler keeps that order).
+    /// again; volatile, so the compiler keeps that order, and through a raw
+    /// pointer, as userspace may be writing the slot meanwhile).
     #[inline(always)]
     fn find_v4(key: &Key<EndpointKeyV4>) -> Found {
         let k = &key.0;
-        let Some(slot) = ENDPOINT_SLOTS_V4.get(k.slot()) else {
+        let Some(slot) = ENDPOINT_SLOTS_V4.get_ptr(k.slot()) else {
             return Found::No;
         };
-        // The volatile reads below are of `slot`, a reference into the
-        // array map's value (valid while the program runs), at fields of
-        // plain bytes and words at their natural alignment.
+        // The reads below are of `slot`, a pointer into the array map's
+        // value (valid while the program runs, 8-aligned by the kernel),
+        // each at a field offset aligned for its width: 4-byte words at 0,
+        // 4 and 12, a 2-byte one at 10, bytes at 8 and 9.
         // SAFETY: as just said.
-        let state = unsafe { core::ptr::read_volatile(&slot.state) };
+        let state = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).state)) };
         let kind = state & SLOT_KIND_MASK;
         if kind == SLOT_ONE {
-            // SAFETY: as above.
-            let (local, remote, proto, mac) = unsafe {
+            let base = slot as *const u8;
+            // SAFETY: as above; the MAC's bytes 10..16 read as a 2-byte
+            // and a 4-byte word at their own alignment.
+            let (local, remote, proto, mac_lo, mac_hi) = unsafe {
                 (
-                    core::ptr::read_volatile(&slot.local as *const [u8; 4] as *const u32),
-                    core::ptr::read_volatile(&slot.remote as *const [u8; 4] as *const u32),
-                    core::ptr::read_volatile(&slot.proto),
-                    core::ptr::read_volatile(&slot.mac),
+                    core::ptr::read_volatile(base as *const u32),
+                    core::ptr::read_volatile(base.add(4) as *const u32),
+                    core::ptr::read_volatile(core::ptr::addr_of!((*slot).proto)),
+                    core::ptr::read_volatile(base.add(10) as *const u16),
+                    core::ptr::read_volatile(base.add(12) as *const u32),
                 )
             };
             // SAFETY: as above.
-            let again = unsafe { core::ptr::read_volatile(&slot.state) };
+            let again = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).state)) };
             if again == state {
                 let matches = local == u32::from_ne_bytes(k.local)
                     && remote == u32::from_ne_bytes(k.remote)
                     && proto == k.proto;
                 return if matches {
-                    Found::InSlot(mac)
+                    Found::InSlot(mac_lo, mac_hi)
                 } else {
                     Found::No
                 };

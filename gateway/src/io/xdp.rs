@@ -37,6 +37,9 @@ pub struct Steering {
     slots_v4: std::collections::HashMap<u32, SlotV4>,
     /// The interface's MAC as last set (zeros before), kept in every slot.
     mac: [u8; 6],
+    /// The MAC every slot and SETTINGS hold: `None` from the start of a
+    /// [`Steering::set_mac`] until it has written them all.
+    mac_applied: Option<[u8; 6]>,
 }
 
 /// One slot of the direct-mapped IPv4 table as userspace keeps it.
@@ -104,14 +107,14 @@ fn alike(a: &EndpointSlotV4, b: &EndpointSlotV4) -> bool {
 }
 
 /// The writes that take a slot from `cur` to `want` (kind, key and MAC)
-/// by the protocol of [`EndpointSlotV4`]: the key changes only while the
-/// kind is not `SLOT_ONE` before and after the write, the kind only with
-/// the key unchanged, and every write bumps the generation, so the
-/// program, which compares a key only when it read the same state before
-/// and after it, never trusts a half-written one. `SLOT_MANY` (ask the
-/// hash map, which holds every key being added or removed while its slot
-/// changes) is the safe kind in between. The MAC goes with the first
-/// write.
+/// by the protocol of [`EndpointSlotV4`]: the key and the MAC change only
+/// while the kind is not `SLOT_ONE` before and after the write, the kind
+/// only with key and MAC unchanged, and every write bumps the generation,
+/// so the program, which trusts a slot's key and MAC only when it read the
+/// same state before and after them, never trusts half-written ones (the
+/// kernel copies a value with a plain memcpy, in no promised order).
+/// `SLOT_MANY` (ask the hash map, which holds every key being added or
+/// removed while its slot changes) is the safe kind in between.
 fn slot_writes(cur: EndpointSlotV4, want: EndpointSlotV4) -> Vec<EndpointSlotV4> {
     let mut writes = Vec::with_capacity(3);
     let mut now = cur;
@@ -126,17 +129,18 @@ fn slot_writes(cur: EndpointSlotV4, want: EndpointSlotV4) -> Vec<EndpointSlotV4>
             *now = w;
         }
     };
-    if !same_key(&cur, &want) {
+    if !same_key(&cur, &want) || cur.mac != want.mac {
         if now.kind() == SLOT_ONE {
+            // The kind alone first.
             write(
                 EndpointSlotV4 {
                     state: SLOT_MANY,
-                    mac: want.mac,
                     ..now
                 },
                 &mut now,
             );
         }
+        // Then key and MAC, the kind as it is (not `SLOT_ONE`).
         write(
             EndpointSlotV4 {
                 local: want.local,
@@ -237,6 +241,7 @@ impl Steering {
             program,
             slots_v4: std::collections::HashMap::new(),
             mac: [0; 6],
+            mac_applied: None,
         })
     }
 
@@ -272,7 +277,9 @@ impl Steering {
                 if !matches!(r, Ok(()) | Err(aya::maps::MapError::KeyNotFound)) {
                     // Still in the hash map, so still configured: back in
                     // its slot too.
-                    let _ = self.update_slot_v4(k, true);
+                    if let Err(e) = self.update_slot_v4(k, true) {
+                        tracing::error!("{e}: an endpoint still configured is refused by the XDP program until the gateway restarts");
+                    }
                 }
                 r
             }
@@ -415,6 +422,7 @@ impl Steering {
         // taken, and one to the new MAC at a slot already rewritten; the
         // gateway's own outer headers use the new one from the start.
         self.mac = mac;
+        self.mac_applied = None;
         let used: Vec<(u32, Vec<EndpointKeyV4>)> = self
             .slots_v4
             .iter()
@@ -435,7 +443,16 @@ impl Steering {
             pad: 0,
         };
         arr.set(0, s, 0)
-            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))
+            .map_err(|e| XdpError::Map(maps::SETTINGS, chain(&e)))?;
+        self.mac_applied = Some(mac);
+        Ok(())
+    }
+
+    /// The MAC the program has everywhere (its slots and SETTINGS), or
+    /// `None` when a [`Steering::set_mac`] has not finished: the caller
+    /// sets it again until this says the underlay's MAC.
+    pub fn mac_applied(&self) -> Option<[u8; 6]> {
+        self.mac_applied
     }
 
     /// Puts the AF_XDP socket of RX queue `queue` into the XSKMAP.
@@ -753,7 +770,8 @@ mod tests {
             for keys in [from, to] {
                 let want = slot_value(now, keys, mac);
                 for w in slot_writes(now, want) {
-                    let key_moved = !same_key(&now, &w);
+                    let key_moved = (now.local, now.remote, now.proto, now.mac)
+                        != (w.local, w.remote, w.proto, w.mac);
                     assert!(!(key_moved && now.kind() != w.kind()), "{now:?} -> {w:?}");
                     if key_moved {
                         assert!(
@@ -765,8 +783,11 @@ mod tests {
                     now = w;
                     writes_seen += 1;
                 }
-                assert!(alike(&now, &want), "{keys:?}: {now:?} against {want:?}");
-                assert_eq!(now.mac, mac);
+                assert_eq!(
+                    (now.local, now.remote, now.proto, now.kind(), now.mac),
+                    (want.local, want.remote, want.proto, want.kind(), mac),
+                    "{keys:?}"
+                );
                 if let [one] = keys.as_slice() {
                     assert!(
                         now.kind() == SLOT_ONE && same_key(&now, &slot_value(now, &[*one], mac))

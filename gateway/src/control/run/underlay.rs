@@ -18,21 +18,20 @@ impl Gateway {
         };
         // The underlay's MAC: the outer source, and what the XDP program
         // takes as ours.
-        let old_mac = self.underlay.mac;
-        let mut mac_pending = false;
         if let Some(m) = link.mac {
-            if Some(m) != old_mac {
+            if Some(m) != self.underlay.mac {
                 tracing::info!(
                     "{iface} changed its MAC to {}",
                     crate::control::neighbour::format_mac(&m)
                 );
                 self.tunnels.next_hops.set_local(m);
+            }
+            // Until the program holds it everywhere (a failed set_mac is
+            // tried again at the next look, whatever the MAC is by then):
+            // a slot left with another MAC would take frames sent to it.
+            if self.steering.mac_applied() != Some(m) {
                 if let Err(e) = self.steering.set_mac(m) {
-                    // Tried again at the next look (it is idempotent): a
-                    // slot left with the old MAC would take frames sent to
-                    // it.
                     tracing::warn!("{e}; trying again");
-                    mac_pending = true;
                 }
             }
         }
@@ -63,9 +62,6 @@ impl Gateway {
             self.xdp_seen = link.xdp_prog;
         }
         self.underlay = link;
-        if mac_pending {
-            self.underlay.mac = old_mac;
-        }
 
         // Devices deleted from under us (or failing) come back.
         let failed: Vec<bool> = {
