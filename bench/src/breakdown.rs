@@ -184,16 +184,6 @@ pub(crate) fn round_trips(
     (done, incomplete)
 }
 
-/// The id of the XDP program attached to `dev` in `ns`.
-fn xdp_prog_id(ns: &NetNs, dev: &str) -> Result<u32> {
-    let out = ns.ip(&["-j", "link", "show", dev])?;
-    let v: Value = serde_json::from_str(&out)?;
-    v[0]["xdp"]["prog"]["id"]
-        .as_u64()
-        .map(|id| id as u32)
-        .with_context(|| format!("no XDP program on {dev}"))
-}
-
 /// `perf record` on the path's tracepoints, all CPUs, into `file`.
 fn start_perf(file: &Path) -> Result<Child> {
     let child = Command::new("perf")
@@ -264,8 +254,8 @@ pub(crate) fn section(
     };
     bench.check()?;
     let plain = bench.gen.run(trial(duration))?;
-    let gw_prog = xdp_prog_id(gw_ns, "ens0")?;
-    let gen_prog = xdp_prog_id(gen_ns, "gen0")?;
+    let gw_prog = gw_ns.xdp_prog_id("ens0")?;
+    let gen_prog = gen_ns.xdp_prog_id("gen0")?;
     let file = out_dir.join("breakdown.perf.data");
     let mut perf = start_perf(&file)?;
     // perf is recording once its file has a header.

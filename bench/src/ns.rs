@@ -41,6 +41,20 @@ impl NetNs {
         sh(&v)
     }
 
+    /// The id of the XDP program attached to `dev` here (iproute2's JSON:
+    /// one program, or the first of several attached).
+    pub fn xdp_prog_id(&self, dev: &str) -> Result<u32> {
+        let out = self.ip(&["-j", "-d", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("ip -j -d link show {dev} said:\n{out}"))?;
+        let xdp = &v[0]["xdp"];
+        xdp["prog"]["id"]
+            .as_u64()
+            .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+            .and_then(|id| u32::try_from(id).ok())
+            .with_context(|| format!("no XDP program on {dev} in {}", self.name))
+    }
+
     pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
         let out = self.ip(&["-br", "link", "show", dev])?;
         let s = out.split_whitespace().nth(2).context("no MAC")?;

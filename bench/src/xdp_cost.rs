@@ -72,19 +72,6 @@ fn prog_stats(id: u32) -> Result<ProgStats> {
     }
 }
 
-/// The id of the XDP program attached to `dev` in `ns` (iproute2's JSON).
-fn attached_program(ns: &NetNs, dev: &str) -> Result<u32> {
-    let out = ns.ip(&["-j", "-d", "link", "show", "dev", dev])?;
-    let v: Value = serde_json::from_str(out.trim())
-        .with_context(|| format!("ip -j -d link show {dev} said:\n{out}"))?;
-    let xdp = &v[0]["xdp"];
-    xdp["prog"]["id"]
-        .as_u64()
-        .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
-        .and_then(|id| u32::try_from(id).ok())
-        .with_context(|| format!("no XDP program on {dev} in {}", ns.name))
-}
-
 /// Turns BPF run-time statistics on while the returned descriptor is held
 /// (the kernel counts its holders: another tool's own stays valid).
 fn enable_run_time_stats() -> Result<OwnedFd> {
@@ -182,13 +169,7 @@ pub(crate) fn section(
                 }
             }
         };
-        let steering = measure(
-            bench,
-            "gateway",
-            attached_program(gw_ns, "ens0")?,
-            udp,
-            rate,
-        )?;
+        let steering = measure(bench, "gateway", gw_ns.xdp_prog_id("ens0")?, udp, rate)?;
         // The gateway's program detaches as it stops.
         drop(g);
         bench.check()?;
@@ -249,7 +230,7 @@ pub(crate) fn section(
 fn redirect_all(bench: &Bench, gw_ns: &NetNs, udp: &Template, rate: f64) -> Result<Value> {
     let sink = Generator::start(Some(gw_ns), "ens0", GW_CORE, Capture::All)
         .context("the redirect-all program and its socket on the gateway's interface")?;
-    let id = attached_program(gw_ns, "ens0")?;
+    let id = gw_ns.xdp_prog_id("ens0")?;
     // The sink drains its socket during a trial of its own that sends
     // nothing, a little longer than the generator's at both ends.
     let sink_trial = Trial {

@@ -361,11 +361,9 @@ mod prog {
 
     /// Whether `key` is a configured IPv4 endpoint: its slot of the
     /// direct-mapped table answers, or, when more than one key hashes
-    /// there, the hash map. By reference: passed by value (as clippy
-    /// suggests), the key would be moved to a stack slot of the callee's
-    /// choosing, aligned or not.
+    /// there, the hash map. By reference: passed by value, the key would
+    /// be moved to a stack slot of the callee's choosing, aligned or not.
     #[inline(always)]
-    #[allow(clippy::needless_borrows_for_generic_args)]
     fn has_v4(key: &Key<EndpointKeyV4>) -> bool {
         !matches!(find_v4(key), Found::No)
     }

@@ -258,9 +258,15 @@ impl Steering {
             if let Err(e) = self.update_slot_v4(k, true) {
                 // Not half added: out of the hash map again (a shared
                 // slot would otherwise let it in).
-                let _ = self
+                if let Err(undo) = self
                     .endpoints::<EndpointKeyV4>(maps::ENDPOINTS_V4)?
-                    .remove(&k);
+                    .remove(&k)
+                {
+                    tracing::error!(
+                        "{}: an endpoint half added stays in the XDP program's hash map",
+                        chain(&undo)
+                    );
+                }
                 return Err(e);
             }
         }
