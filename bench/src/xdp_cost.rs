@@ -110,10 +110,15 @@ fn measure(bench: &Bench, what: &str, id: u32, udp: &Template, rate: f64) -> Res
 /// is too noisy here (run to run, 1.2x to 1.6x for the same binaries).
 const ROUNDS: usize = 3;
 
-/// The middle value (the upper middle of an even count).
+/// The middle value (of an even count, when a round could not run, the
+/// mean of the two middle ones).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The section: [`ROUNDS`] rounds, each the gateway's program at a fixed
@@ -282,4 +287,16 @@ pub(crate) fn only(bench: &Bench, gw_ns: &NetNs, udp: &Template, out_dir: &Path)
     println!();
     summary(&x);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![1.41, 1.31, 1.35]), 1.35);
+        assert_eq!(median(vec![1.5, 1.25]), 1.375);
+        assert_eq!(median(vec![]), 0.0);
+    }
 }

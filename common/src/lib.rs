@@ -172,9 +172,10 @@ pub const SLOT_KIND_MASK: u8 = 3;
 /// trusts them only when both reads agree (else it asks the hash map,
 /// which holds every key of a slot being rewritten). The order of the
 /// program's reads is kept by the compiler (volatile) and, on x86-64, by
-/// the CPU; on arm64, which may reorder loads, a key being added or
-/// removed at that moment may be misjudged for that one packet (never
-/// one that stays configured, whose slot's key does not change).
+/// the CPU, which also keeps userspace's successive writes in order. CPUs
+/// that reorder loads or stores (arm64) give no such order, so there
+/// userspace never writes [`SLOT_ONE`]: every slot in use says
+/// [`SLOT_MANY`] and the hash map answers.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointSlotV4 {

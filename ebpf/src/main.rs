@@ -393,7 +393,13 @@ mod prog {
         // The reads below are of `slot`, a pointer into the array map's
         // value (valid while the program runs, 8-aligned by the kernel),
         // each at a field offset aligned for its width: 4-byte words at 0,
-        // 4 and 12, a 2-byte one at 10, bytes at 8 and 9.
+        // 4 and 12, a 2-byte one at 10, bytes at 8 and 9. Userspace may be
+        // writing the slot meanwhile (through the kernel's map update): in
+        // Rust's memory model that is a race volatile does not make
+        // defined; what this relies on is what the BPF target makes of
+        // these reads, one plain load each, in this order, that may see
+        // old or new bytes and nothing else, which the state read twice
+        // then judges.
         // SAFETY: as just said.
         let state = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).state)) };
         let kind = state & SLOT_KIND_MASK;

@@ -69,10 +69,20 @@ const EMPTY_SLOT: EndpointSlotV4 = EndpointSlotV4 {
     mac: [0; 6],
 };
 
+/// Whether a slot may answer alone (`SLOT_ONE`). The program's reads of a
+/// slot (state, key and MAC, state again) have no barrier between them, and
+/// neither have userspace's successive writes: their order holds on x86-64,
+/// whose loads are not reordered with other loads nor stores with other
+/// stores, and not on weaker CPUs (arm64), where a reader could pair a new
+/// state with an old key and refuse a key that stays configured. There,
+/// every slot in use says `SLOT_MANY` and the hash map answers: correct, at
+/// the hash lookup's cost.
+const SLOTS_ANSWER_ALONE: bool = cfg!(target_arch = "x86_64");
+
 /// The value a slot holding `keys` should have, given its value now
-/// (`cur`): the one key and `SLOT_ONE`, or `SLOT_EMPTY` / `SLOT_MANY`
-/// with the key left as it is; `mac` in every case; the generation as
-/// `cur`'s ([`slot_writes`] bumps it).
+/// (`cur`): the one key and `SLOT_ONE` (where [`SLOTS_ANSWER_ALONE`]), or
+/// `SLOT_EMPTY` / `SLOT_MANY` with the key left as it is; `mac` in every
+/// case; the generation as `cur`'s ([`slot_writes`] bumps it).
 fn slot_value(cur: EndpointSlotV4, keys: &[EndpointKeyV4], mac: [u8; 6]) -> EndpointSlotV4 {
     let generation = cur.state & !SLOT_KIND_MASK;
     match keys {
@@ -81,7 +91,7 @@ fn slot_value(cur: EndpointSlotV4, keys: &[EndpointKeyV4], mac: [u8; 6]) -> Endp
             mac,
             ..cur
         },
-        [one] => EndpointSlotV4 {
+        [one] if SLOTS_ANSWER_ALONE => EndpointSlotV4 {
             local: one.local,
             remote: one.remote,
             proto: one.proto,
@@ -258,13 +268,15 @@ impl Steering {
             if let Err(e) = self.update_slot_v4(k, true) {
                 // Not half added: out of the hash map again (a shared
                 // slot would otherwise let it in).
-                if let Err(undo) = self
-                    .endpoints::<EndpointKeyV4>(maps::ENDPOINTS_V4)?
-                    .remove(&k)
-                {
+                let undo = self
+                    .endpoints::<EndpointKeyV4>(maps::ENDPOINTS_V4)
+                    .and_then(|mut m| {
+                        m.remove(&k)
+                            .map_err(|e| XdpError::Map(maps::ENDPOINTS_V4, chain(&e)))
+                    });
+                if let Err(undo) = undo {
                     tracing::error!(
-                        "{}: an endpoint half added stays in the XDP program's hash map",
-                        chain(&undo)
+                        "{undo}: an endpoint half added stays in the XDP program's hash map"
                     );
                 }
                 return Err(e);
@@ -650,8 +662,12 @@ mod tests {
 
     /// A slot that holds its key and the interface's MAC vouches for the
     /// destination without `SETTINGS`; `set_mac` rewrites every slot in
-    /// use. Needs root.
+    /// use. Needs root; only where a slot answers alone.
     #[test]
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        ignore = "slots answer alone only on x86-64 (SLOTS_ANSWER_ALONE)"
+    )]
     fn a_slot_vouches_for_its_mac_and_set_mac_rewrites_the_slots() {
         if !am_root("a_slot_vouches_for_its_mac_and_set_mac_rewrites_the_slots") {
             return;
@@ -795,9 +811,15 @@ mod tests {
                     "{keys:?}"
                 );
                 if let [one] = keys.as_slice() {
-                    assert!(
-                        now.kind() == SLOT_ONE && same_key(&now, &slot_value(now, &[*one], mac))
-                    );
+                    if SLOTS_ANSWER_ALONE {
+                        assert!(
+                            now.kind() == SLOT_ONE
+                                && (now.local, now.remote, now.proto)
+                                    == (one.local, one.remote, one.proto)
+                        );
+                    } else {
+                        assert_eq!(now.kind(), SLOT_MANY, "the hash map answers");
+                    }
                 }
             }
         }

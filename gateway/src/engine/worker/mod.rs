@@ -164,7 +164,7 @@ fn uring_hint(io: &std::io::Error) -> &'static str {
             "the process may lock too little memory: raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the service, `ulimit -l` as root)"
         }
         Some(libc::EINVAL) => {
-            "the kernel lacks what the gateway asks of io_uring (COOP_TASKRUN, buffer rings): it needs Linux 5.19 or later"
+            "the kernel refused an io_uring setting; the gateway asks for COOP_TASKRUN and buffer rings, which need Linux 5.19 or later"
         }
         _ => "the kernel must allow io_uring (sysctl kernel.io_uring_disabled=0)",
     }
