@@ -254,7 +254,7 @@ pub enum XdpCounter {
     Seen = 0,
     /// Redirected into the AF_XDP socket of its RX queue.
     Redirected,
-    /// Passed: not IPv4 or IPv6 (ARP, LLDP, a second VLAN tag, ...).
+    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
     PassNotIp,
     /// Passed: IP, but not GRE or IPIP.
     PassOtherProto,
@@ -271,10 +271,13 @@ pub enum XdpCounter {
     /// Passed: unicast to another host's MAC (a NIC in promiscuous mode, or
     /// a bridge flooding); the kernel drops these too.
     PassOtherHost,
+    /// Passed: VLAN-tagged (802.1Q, 802.1ad). The underlay carries tunnels
+    /// untagged; a VLAN's frames are its VLAN device's, as in the kernel.
+    PassVlan,
 }
 
 /// Number of [`XdpCounter`] values.
-pub const XDP_COUNTER_COUNT: u32 = 10;
+pub const XDP_COUNTER_COUNT: u32 = 11;
 
 /// The value of the `COUNTERS` per-CPU array's one entry: a count per
 /// [`XdpCounter`], indexed by it. One lookup per packet finds them all.
@@ -292,6 +295,7 @@ impl XdpCounter {
         XdpCounter::PassIpv6ExtHeader,
         XdpCounter::PassNoSocket,
         XdpCounter::PassOtherHost,
+        XdpCounter::PassVlan,
     ];
 
     /// Stable name used in logs, stats output and metrics.
@@ -307,6 +311,7 @@ impl XdpCounter {
             XdpCounter::PassIpv6ExtHeader => "pass_ipv6_ext_header",
             XdpCounter::PassNoSocket => "pass_no_socket",
             XdpCounter::PassOtherHost => "pass_other_host",
+            XdpCounter::PassVlan => "pass_vlan",
         }
     }
 }

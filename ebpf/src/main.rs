@@ -36,10 +36,10 @@ mod prog {
     };
 
     const ETH_HLEN: usize = 14;
-    const VLAN_HLEN: usize = 4;
     const ETH_P_IP: u16 = 0x0800;
     const ETH_P_IPV6: u16 = 0x86dd;
     const ETH_P_8021Q: u16 = 0x8100;
+    const ETH_P_8021AD: u16 = 0x88a8;
     const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
     const IPV6_NEXTHDR_DSTOPTS: u8 = 60;
     const IPPROTO_ICMP: u8 = 1;
@@ -201,15 +201,16 @@ mod prog {
     #[inline(always)]
     fn classify(pkt: Packet) -> Result<Vouched, XdpCounter> {
         let eth = pkt.bytes::<ETH_HLEN>(0).ok_or(XdpCounter::PassTruncated)?;
-        let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
-        let mut l3 = ETH_HLEN;
-        if ethertype == ETH_P_8021Q {
-            let tag = pkt
-                .bytes::<VLAN_HLEN>(ETH_HLEN)
-                .ok_or(XdpCounter::PassTruncated)?;
-            ethertype = u16::from_be_bytes([tag[2], tag[3]]);
-            l3 = ETH_HLEN + VLAN_HLEN;
+        let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+        // The tunnels' endpoints are on the underlay itself, untagged: a
+        // VLAN-tagged frame is its VLAN's (the kernel hands it to that
+        // VLAN's device, or drops it), never a tunnel packet of this
+        // underlay's. (A NIC that strips tags in hardware shows them
+        // untagged: see the README's limitations.)
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            return Err(XdpCounter::PassVlan);
         }
+        let l3 = ETH_HLEN;
         match ethertype {
             ETH_P_IP => {
                 let ip = pkt.bytes::<20>(l3).ok_or(XdpCounter::PassTruncated)?;

@@ -231,6 +231,17 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
     let v6_in_ipip = pkt::udp6([0xfd; 16], [0xfe; 16], 1, 2, b"x");
     let mut bad_outer_sum = pkt::outer(m, REMOTE, LOCAL, 47, &pkt::gre(0, 0x0800, 0, 0, &inner));
     bad_outer_sum[14 + 10] ^= 0x55;
+    // The configured tunnel's packet, tagged for VLAN 100: that VLAN's.
+    let mut tagged = Vec::new();
+    etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x58], m)
+        .single_vlan(etherparse::VlanId::try_new(100).unwrap())
+        .ipv4(REMOTE, LOCAL, 64)
+        .write(
+            &mut tagged,
+            etherparse::IpNumber(47),
+            &pkt::gre(0, 0x0800, 0, 0, &inner),
+        )
+        .unwrap();
 
     let sends: Vec<(&str, Vec<u8>)> = vec![
         // Unconfigured remote: the XDP program passes it to the kernel.
@@ -312,6 +323,7 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
             ),
         ),
         ("outer_checksum", bad_outer_sum),
+        ("xdp:pass_vlan", tagged),
         // A good packet, but unicast to another host's MAC.
         (
             "xdp:pass_other_host",
@@ -350,8 +362,9 @@ fn unwanted_packets_arrive_nowhere_and_are_counted_by_reason() {
     }
     assert_eq!(u64_at(&s, &["xdp", "pass_no_endpoint"]), 1, "{s}");
     assert_eq!(u64_at(&s, &["xdp", "pass_other_host"]), 1, "{s}");
+    assert_eq!(u64_at(&s, &["xdp", "pass_vlan"]), 1, "{s}");
     assert_eq!(worker_sum(&s, "delivered"), 0);
-    assert_eq!(worker_sum(&s, "rx_frames"), sends.len() as u64 - 2);
+    assert_eq!(worker_sum(&s, "rx_frames"), sends.len() as u64 - 3);
     assert_accounting(&s);
 
     // The kernel still gets everything that is not a tunnel's: ARP and

@@ -695,6 +695,38 @@ mod tests {
         // BPF_PROG_TEST_RUN refuses frames under 14 bytes.)
     }
 
+    /// A configured endpoint's tunnel packet, VLAN-tagged (802.1Q and
+    /// 802.1ad, built by etherparse), is its VLAN's: passed as
+    /// `pass_vlan`; untagged, taken. Needs root.
+    #[test]
+    fn a_vlan_tagged_frame_is_passed_to_the_kernel() {
+        if !am_root("a_vlan_tagged_frame_is_passed_to_the_kernel") {
+            return;
+        }
+        let mut s = Steering::load().expect("load the program");
+        let (local, remote) = ([192, 0, 2, 8], [198, 51, 100, 1]);
+        s.add_endpoint(&EndpointKey::v4(local, remote, 47)).unwrap();
+        s.set_mac(MAC).unwrap();
+        let untagged = frame(MAC, remote, local, 47);
+        assert!(taken(&s, &untagged));
+        for tpid in [
+            etherparse::EtherType::VLAN_TAGGED_FRAME,
+            etherparse::EtherType::PROVIDER_BRIDGING,
+        ] {
+            let mut f = untagged[..12].to_vec();
+            f.extend_from_slice(&tpid.0.to_be_bytes());
+            etherparse::SingleVlanHeader {
+                vlan_id: etherparse::VlanId::try_new(100).unwrap(),
+                ether_type: etherparse::EtherType::IPV4,
+                ..Default::default()
+            }
+            .write(&mut f)
+            .unwrap();
+            f.extend_from_slice(&untagged[14..]);
+            assert_eq!(verdict(&s, &f), XdpCounter::PassVlan, "{tpid:?}");
+        }
+    }
+
     /// Whether the tests run as root; says so when they do not.
     fn am_root(test: &str) -> bool {
         // SAFETY: geteuid has no preconditions.

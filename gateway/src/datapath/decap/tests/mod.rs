@@ -159,6 +159,35 @@ fn gre_to_tap_gets_ethernet_header() {
     assert_eq!(&out[14..], &inner[..]);
 }
 
+/// The same tunnel packet, tagged for VLAN 100 (802.1Q, then 802.1ad):
+/// a VLAN's frame, not the underlay's, dropped as `not_ip`.
+#[test]
+fn a_vlan_tagged_tunnel_packet_is_not_the_underlays() {
+    let inner = inner_v4();
+    let good = outer_v4(47, &gre(&[0, 0], 0x0800, &inner));
+    assert!(decap(&mut good.clone(), &lab(), &mut RxState::new(8)).is_ok());
+    for tpid in [
+        etherparse::EtherType::VLAN_TAGGED_FRAME,
+        etherparse::EtherType::PROVIDER_BRIDGING,
+    ] {
+        let mut f = good[..12].to_vec();
+        f.extend_from_slice(&tpid.0.to_be_bytes());
+        etherparse::SingleVlanHeader {
+            vlan_id: etherparse::VlanId::try_new(100).unwrap(),
+            ether_type: etherparse::EtherType::IPV4,
+            ..Default::default()
+        }
+        .write(&mut f)
+        .unwrap();
+        f.extend_from_slice(&good[14..]);
+        assert_eq!(
+            decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.len),
+            Err(DropReason::NotIp),
+            "{tpid:?}"
+        );
+    }
+}
+
 #[test]
 fn ipip_to_tun_is_bare_packet() {
     let inner = inner_v4();
