@@ -8,7 +8,7 @@
 pub enum DropReason {
     /// Shorter than its Ethernet or outer IP header.
     Truncated,
-    /// Neither IPv4 nor IPv6 (or a second VLAN tag).
+    /// Neither IPv4 nor IPv6, or VLAN-tagged (the outer frame comes untagged).
     NotIp,
     /// Outer IP header with a bad version, header length or total length.
     OuterMalformed,

@@ -725,6 +725,51 @@ mod tests {
             f.extend_from_slice(&untagged[14..]);
             assert_eq!(verdict(&s, &f), XdpCounter::PassVlan, "{tpid:?}");
         }
+        // Two tags (802.1ad, then 802.1Q), and an ICMP "fragmentation
+        // needed" about the tunnel's packet (which untagged would go to
+        // the gateway), tagged.
+        let mut qinq = Vec::new();
+        etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 58], MAC)
+            .double_vlan(
+                etherparse::VlanId::try_new(10).unwrap(),
+                etherparse::VlanId::try_new(100).unwrap(),
+            )
+            .ipv4(remote, local, 64)
+            .write(&mut qinq, IpNumber(47), &untagged[34..])
+            .unwrap();
+        assert_eq!(
+            u16::from_be_bytes([qinq[12], qinq[13]]),
+            0x88a8,
+            "an 802.1ad outer tag"
+        );
+        assert_eq!(verdict(&s, &qinq), XdpCounter::PassVlan);
+        let mut quoted = Vec::new();
+        etherparse::Ipv4Header::new(28, 64, IpNumber(47), local, remote)
+            .unwrap()
+            .write(&mut quoted)
+            .unwrap();
+        quoted.extend_from_slice(&[0; 8]);
+        let icmp_type = etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 },
+        );
+        let frag_needed = |vlan: bool| {
+            let mut f = Vec::new();
+            let b = etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 1], MAC);
+            let r = if vlan {
+                b.single_vlan(etherparse::VlanId::try_new(100).unwrap())
+                    .ipv4([192, 0, 2, 1], local, 64)
+                    .icmpv4(icmp_type.clone())
+                    .write(&mut f, &quoted)
+            } else {
+                b.ipv4([192, 0, 2, 1], local, 64)
+                    .icmpv4(icmp_type.clone())
+                    .write(&mut f, &quoted)
+            };
+            r.unwrap();
+            f
+        };
+        assert!(taken(&s, &frag_needed(false)), "untagged, the gateway's");
+        assert_eq!(verdict(&s, &frag_needed(true)), XdpCounter::PassVlan);
     }
 
     /// Whether the tests run as root; says so when they do not.

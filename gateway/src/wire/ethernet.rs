@@ -12,7 +12,10 @@ pub type Address = [u8; 6];
 pub enum EtherType {
     Ipv4,
     Arp,
+    /// An 802.1Q tag follows.
     Vlan,
+    /// An 802.1ad (service, "QinQ" outer) tag follows.
+    ServiceVlan,
     Ipv6,
     /// Transparent Ethernet bridging, GRE's protocol type for gretap.
     TransparentEthernet,
@@ -25,6 +28,7 @@ impl From<u16> for EtherType {
             0x0800 => EtherType::Ipv4,
             0x0806 => EtherType::Arp,
             0x8100 => EtherType::Vlan,
+            0x88a8 => EtherType::ServiceVlan,
             0x86dd => EtherType::Ipv6,
             0x6558 => EtherType::TransparentEthernet,
             n => EtherType::Unknown(n),
@@ -38,6 +42,7 @@ impl From<EtherType> for u16 {
             EtherType::Ipv4 => 0x0800,
             EtherType::Arp => 0x0806,
             EtherType::Vlan => 0x8100,
+            EtherType::ServiceVlan => 0x88a8,
             EtherType::Ipv6 => 0x86dd,
             EtherType::TransparentEthernet => 0x6558,
             EtherType::Unknown(n) => n,
@@ -103,7 +108,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     /// (a VLAN's frames are its VLAN device's, as in the kernel).
     pub fn network(&self) -> Result<(EtherType, usize), Error> {
         match self.ethertype() {
-            EtherType::Vlan | EtherType::Unknown(0x88a8) => Err(Error::Malformed),
+            EtherType::Vlan | EtherType::ServiceVlan => Err(Error::Malformed),
             t => Ok((t, HEADER_LEN)),
         }
     }

@@ -133,6 +133,16 @@ pub fn run(
     if !underlay.up {
         tracing::warn!("{iface} is down; the gateway will receive nothing until it is up");
     }
+    let vlans = vlans_on(
+        iface,
+        &std::fs::read_to_string(VLAN_CONFIG).unwrap_or_default(),
+    );
+    if !vlans.is_empty() {
+        tracing::warn!(
+            "{iface} carries VLANs ({}): the XDP program passes tagged frames to the kernel, but a tag the NIC strips in hardware is not seen, and a tunnel packet on such a VLAN is taken as {iface}'s; turn tag stripping off (ethtool -K {iface} rxvlan off)",
+            vlans.join(", ")
+        );
+    }
     let queues = plan_queues(&cfg, iface)?;
     let cores = plan_cores(&cfg, queues.len())?;
     let nworkers = queues.len();
@@ -595,8 +605,39 @@ impl Gateway {
     }
 }
 
+/// The kernel's list of VLAN devices (present once the 8021q module is
+/// loaded, i.e. once there is one).
+const VLAN_CONFIG: &str = "/proc/net/vlan/config";
+
+/// The VLAN devices on `iface`, from the text of [`VLAN_CONFIG`]: after
+/// two header lines, `name | VID | parent` per device.
+fn vlans_on(iface: &str, config: &str) -> Vec<String> {
+    config
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let mut f = l.split('|').map(str::trim);
+            let (name, vid, parent) = (f.next()?, f.next()?, f.next()?);
+            (parent == iface).then(|| format!("{name}, VLAN {vid}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The kernel's format (net/8021q/vlanproc.c: two header lines, then
+    /// `"%-15s| %d  | %s\n"` per device).
+    #[test]
+    fn vlans_on_reads_the_kernels_list() {
+        let config = "VLAN Dev name\t | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\nens0.100       | 100  | ens0\nbond0.7        | 7  | bond0\nens0.2000      | 2000  | ens0\n";
+        assert_eq!(
+            vlans_on("ens0", config),
+            ["ens0.100, VLAN 100", "ens0.2000, VLAN 2000"]
+        );
+        assert!(vlans_on("ens1", config).is_empty());
+        assert!(vlans_on("ens0", "").is_empty());
+    }
     use super::*;
 
     #[test]
