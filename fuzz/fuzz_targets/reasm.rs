@@ -11,6 +11,9 @@
 //! - otherwise: a train, one datagram cut in pieces sent in the order the
 //!   input says, pieces repeated (duplicates), widened into their
 //!   neighbours (overlaps), some with next header 44.
+//!
+//! Built fragments (and trains) sometimes carry a VLAN tag: each of those
+//! must be refused as `not_ip`, the underlay's frames coming untagged.
 #![no_main]
 
 use std::cell::RefCell;
@@ -125,15 +128,12 @@ fn build(f: &Frag, out: &mut Vec<u8>) {
     out.extend((0..f.len).map(|i| (f.offset + i) as u8 ^ 0x5a));
 }
 
-/// Where the IP header of `frame` starts, and whether it is IPv6.
+/// Where the IP header of `frame` (untagged) starts, and whether it is
+/// IPv6.
 fn network(frame: &[u8]) -> Option<(bool, usize)> {
-    let (et, l3) = match frame.get(12..14)? {
-        [0x81, 0] => (frame.get(16..18)?, 18),
-        et => (et, 14),
-    };
-    match et {
-        [8, 0] => Some((false, l3)),
-        [0x86, 0xdd] => Some((true, l3)),
+    match frame.get(12..14)? {
+        [8, 0] => Some((false, 14)),
+        [0x86, 0xdd] => Some((true, 14)),
         _ => None,
     }
 }
@@ -173,10 +173,22 @@ struct State {
 
 impl State {
     /// Adds `frame`; `nested` when it was built as an IPv6 fragment whose
-    /// next header is a fragment header.
-    fn add(&mut self, r: &mut Reassembler, nested: bool) {
+    /// next header is a fragment header, `tagged` when with a VLAN tag
+    /// (a VLAN's frame, refused first: the underlay's come untagged).
+    fn add(&mut self, r: &mut Reassembler, nested: bool, tagged: bool) {
         let outcome = r.add(&self.frame, self.now);
-        if nested {
+        if tagged {
+            assert!(
+                matches!(
+                    outcome,
+                    Outcome::Dropped {
+                        reason: DropReason::NotIp,
+                        also: 0
+                    }
+                ),
+                "tagged fragment {outcome:?}"
+            );
+        } else if nested {
             assert!(
                 matches!(
                     outcome,
@@ -225,7 +237,7 @@ fn run(r: &mut Reassembler, data: &[u8]) {
                 let n = usize::from(input.byte()) * 8;
                 st.frame.clear();
                 st.frame.extend_from_slice(input.bytes(n));
-                st.add(r, false);
+                st.add(r, false, false);
             }
             1 => {
                 let flags = input.byte();
@@ -245,7 +257,7 @@ fn run(r: &mut Reassembler, data: &[u8]) {
                     len: usize::from(input.byte()) * 8 + usize::from(flags >> 5),
                 };
                 build(&f, &mut st.frame);
-                st.add(r, f.v6 && f.next == FRAGMENT_HEADER);
+                st.add(r, f.v6 && f.next == FRAGMENT_HEADER, f.vlan);
             }
             _ => train(r, &mut st, &mut input, op),
         }
@@ -299,6 +311,6 @@ fn train(r: &mut Reassembler, st: &mut State, input: &mut Input, op: u8) {
             more: end < total,
         };
         build(&f, &mut st.frame);
-        st.add(r, nested);
+        st.add(r, nested, vlan);
     }
 }
