@@ -713,16 +713,7 @@ mod tests {
             etherparse::EtherType::VLAN_TAGGED_FRAME,
             etherparse::EtherType::PROVIDER_BRIDGING,
         ] {
-            let mut f = untagged[..12].to_vec();
-            f.extend_from_slice(&tpid.0.to_be_bytes());
-            etherparse::SingleVlanHeader {
-                vlan_id: etherparse::VlanId::try_new(100).unwrap(),
-                ether_type: etherparse::EtherType::IPV4,
-                ..Default::default()
-            }
-            .write(&mut f)
-            .unwrap();
-            f.extend_from_slice(&untagged[14..]);
+            let f = crate::wire::ethernet::tagged_by_etherparse(&untagged, tpid, 100);
             assert_eq!(verdict(&s, &f), XdpCounter::PassVlan, "{tpid:?}");
         }
         // Two tags (802.1ad, then 802.1Q), and an ICMP "fragmentation

@@ -153,6 +153,28 @@ impl Repr {
     }
 }
 
+/// For tests: `untagged` (an Ethernet II frame carrying IPv4) with a tag
+/// of protocol `tpid` (802.1Q or 802.1ad) for VLAN `vid` after its
+/// addresses, the tag written by etherparse.
+#[cfg(test)]
+pub(crate) fn tagged_by_etherparse(
+    untagged: &[u8],
+    tpid: etherparse::EtherType,
+    vid: u16,
+) -> Vec<u8> {
+    let mut f = untagged[..12].to_vec();
+    f.extend_from_slice(&tpid.0.to_be_bytes());
+    etherparse::SingleVlanHeader {
+        vlan_id: etherparse::VlanId::try_new(vid).unwrap(),
+        ether_type: etherparse::EtherType::IPV4,
+        ..Default::default()
+    }
+    .write(&mut f)
+    .unwrap();
+    f.extend_from_slice(&untagged[14..]);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,18 +215,12 @@ mod tests {
             etherparse::Ethernet2Header {
                 source: [2, 0, 0, 0, 0, 2],
                 destination: [2, 0, 0, 0, 0, 1],
-                ether_type: outer,
-            }
-            .write(&mut b)
-            .unwrap();
-            etherparse::SingleVlanHeader {
-                vlan_id: etherparse::VlanId::try_new(100).unwrap(),
                 ether_type: etherparse::EtherType::IPV4,
-                ..Default::default()
             }
             .write(&mut b)
             .unwrap();
             b.extend_from_slice(&[0x45; 20]);
+            let b = super::tagged_by_etherparse(&b, outer, 100);
             let f = Frame::new_checked(&b[..]).unwrap();
             assert_eq!(f.network(), Err(Error::Malformed), "{outer:?}");
         }

@@ -605,8 +605,8 @@ impl Gateway {
     }
 }
 
-/// The kernel's list of VLAN devices (present once the 8021q module is
-/// loaded, i.e. once there is one).
+/// The kernel's list of VLAN devices of this network namespace (absent
+/// until the 8021q module is loaded).
 const VLAN_CONFIG: &str = "/proc/net/vlan/config";
 
 /// The VLAN devices on `iface`, from the text of [`VLAN_CONFIG`]: after
@@ -625,7 +625,6 @@ fn vlans_on(iface: &str, config: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-
     /// The kernel's format (net/8021q/vlanproc.c: two header lines, then
     /// `"%-15s| %d  | %s\n"` per device).
     #[test]

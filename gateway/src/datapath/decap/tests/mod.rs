@@ -170,16 +170,7 @@ fn a_vlan_tagged_tunnel_packet_is_not_the_underlays() {
         etherparse::EtherType::VLAN_TAGGED_FRAME,
         etherparse::EtherType::PROVIDER_BRIDGING,
     ] {
-        let mut f = good[..12].to_vec();
-        f.extend_from_slice(&tpid.0.to_be_bytes());
-        etherparse::SingleVlanHeader {
-            vlan_id: etherparse::VlanId::try_new(100).unwrap(),
-            ether_type: etherparse::EtherType::IPV4,
-            ..Default::default()
-        }
-        .write(&mut f)
-        .unwrap();
-        f.extend_from_slice(&good[14..]);
+        let mut f = crate::wire::ethernet::tagged_by_etherparse(&good, tpid, 100);
         assert_eq!(
             decap(&mut f, &lab(), &mut RxState::new(8)).map(|d| d.len),
             Err(DropReason::NotIp),
